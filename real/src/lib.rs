@@ -1,0 +1,5 @@
+//! The real ftvm executor: drives a stock QEMU and runs the `ftvm-model` protocol with real effects.
+
+pub mod dirty;
+pub mod qemu;
+pub mod transport;
