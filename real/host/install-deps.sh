@@ -1,0 +1,30 @@
+#!/usr/bin/env bash
+# Installs the Debian packages that ftvm's real executor, demo and tests need.
+# Idempotent: packages already present are left alone. Needs root (apt-get).
+set -euo pipefail
+
+packages=(
+  qemu-system-x86   # the hypervisor we protect (stock, unpatched)
+  busybox-static    # guest initramfs userland
+  cpio              # packs the initramfs
+  gcc libc6-dev     # builds the static guest service
+  iproute2          # ip netns / veth / bridge for the local host pair
+  curl              # drives the guest service by hand
+  procps            # pgrep/ps for scripts
+)
+
+missing=()
+for p in "${packages[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "install-deps: missing packages ${missing[*]} and not root; run as root" >&2
+    exit 1
+  fi
+  echo "install-deps: installing ${missing[*]}" >&2
+  export DEBIAN_FRONTEND=noninteractive
+  apt-get update -qq
+  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+echo "install-deps: ok" >&2

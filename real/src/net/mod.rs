@@ -1,0 +1,6 @@
+//! The VM's network path: QEMU's stream netdev on one side, a tap device on the other, and the
+//! output gate in between.
+
+pub mod frame;
+pub mod output;
+pub mod tap;
