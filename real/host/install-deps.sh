@@ -11,6 +11,7 @@ packages=(
   iproute2          # ip netns / veth / bridge for the local host pair
   curl              # drives the guest service by hand
   procps            # pgrep/ps for scripts
+  iputils-ping      # reachability checks in topology tests
 )
 
 missing=()
