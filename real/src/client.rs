@@ -1,0 +1,169 @@
+//! A client of the guest's counter service (real/guest): one persistent HTTP/1.1 connection
+//! sending `GET /incr`, checking that the counter never goes back — a reply that shows a value
+//! at or below one already seen means the VM lost state a client was told about.
+
+use std::net::SocketAddr;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::TcpStream;
+
+/// Errors of one request.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The connection failed or closed.
+    #[error("connection: {0}")]
+    Io(#[from] std::io::Error),
+    /// The reply was not what the service sends.
+    #[error("bad reply: {0}")]
+    BadReply(String),
+    /// No reply within the timeout.
+    #[error("no reply within {0:?}")]
+    Timeout(Duration),
+}
+
+/// What a client run saw.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct ClientReport {
+    /// Replies received.
+    pub replies: u64,
+    /// Requests that failed (timeout, reset) and were retried on a new connection.
+    pub errors: u64,
+    /// Connections opened (1 when the TCP connection survived failover).
+    pub connections: u64,
+    /// Replies whose counter was not above every counter seen before: state went back.
+    pub lost: u64,
+    /// Highest counter seen.
+    pub max_seen: u64,
+    /// Longest time between two consecutive replies, in microseconds (the pause a client saw).
+    pub longest_gap_us: u64,
+    /// Median and 99th percentile response time, in microseconds.
+    pub p50_us: u64,
+    /// 99th percentile response time, in microseconds.
+    pub p99_us: u64,
+    /// Mean response time, in microseconds.
+    pub mean_us: u64,
+}
+
+/// One open connection to the service.
+pub struct Connection {
+    reader: BufReader<TcpStream>,
+}
+
+impl Connection {
+    /// Connects to the service.
+    pub async fn open(addr: SocketAddr, timeout: Duration) -> Result<Self, ClientError> {
+        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))??;
+        stream.set_nodelay(true)?;
+        Ok(Connection {
+            reader: BufReader::new(stream),
+        })
+    }
+
+    /// Sends `GET path` and returns the reply body.
+    pub async fn get(&mut self, path: &str, timeout: Duration) -> Result<String, ClientError> {
+        tokio::time::timeout(timeout, self.get_inner(path))
+            .await
+            .map_err(|_| ClientError::Timeout(timeout))?
+    }
+
+    async fn get_inner(&mut self, path: &str) -> Result<String, ClientError> {
+        let req = format!("GET {path} HTTP/1.1\r\nHost: vm\r\nConnection: keep-alive\r\n\r\n");
+        self.reader.get_mut().write_all(req.as_bytes()).await?;
+        let mut status = String::new();
+        if self.reader.read_line(&mut status).await? == 0 {
+            return Err(ClientError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+        }
+        if !status.starts_with("HTTP/1.") || !status.contains(" 200") {
+            return Err(ClientError::BadReply(status.trim().to_string()));
+        }
+        let mut length = None;
+        loop {
+            let mut line = String::new();
+            if self.reader.read_line(&mut line).await? == 0 {
+                return Err(ClientError::Io(std::io::ErrorKind::UnexpectedEof.into()));
+            }
+            let line = line.trim_end();
+            if line.is_empty() {
+                break;
+            }
+            if let Some((k, v)) = line.split_once(':') {
+                if k.eq_ignore_ascii_case("content-length") {
+                    length = v.trim().parse::<usize>().ok();
+                }
+            }
+        }
+        let length = length.ok_or_else(|| ClientError::BadReply("no Content-Length".into()))?;
+        if length > 1 << 20 {
+            return Err(ClientError::BadReply(format!("body of {length} bytes")));
+        }
+        let mut body = vec![0u8; length];
+        self.reader.read_exact(&mut body).await?;
+        String::from_utf8(body).map_err(|_| ClientError::BadReply("body is not UTF-8".into()))
+    }
+}
+
+/// Drives `GET /incr` until `deadline` passes, reconnecting after errors.
+pub async fn run_counter_client(
+    addr: SocketAddr,
+    request_timeout: Duration,
+    deadline: Instant,
+    mut on_reply: impl FnMut(u64),
+) -> ClientReport {
+    let mut report = ClientReport::default();
+    let mut conn: Option<Connection> = None;
+    let mut last_reply = Instant::now();
+    let mut latencies: Vec<u64> = Vec::new();
+    while Instant::now() < deadline {
+        if conn.is_none() {
+            match Connection::open(addr, request_timeout).await {
+                Ok(c) => {
+                    report.connections += 1;
+                    conn = Some(c);
+                }
+                Err(_) => {
+                    report.errors += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            }
+        }
+        let Some(c) = conn.as_mut() else { continue };
+        let sent = Instant::now();
+        match c.get("/incr", request_timeout).await {
+            Ok(body) => {
+                let now = Instant::now();
+                latencies.push(now.duration_since(sent).as_micros() as u64);
+                let gap = now.duration_since(last_reply).as_micros() as u64;
+                if report.replies > 0 {
+                    report.longest_gap_us = report.longest_gap_us.max(gap);
+                }
+                last_reply = now;
+                report.replies += 1;
+                match body.trim().parse::<u64>() {
+                    Ok(v) => {
+                        if v <= report.max_seen {
+                            report.lost += 1;
+                        }
+                        report.max_seen = report.max_seen.max(v);
+                        on_reply(v);
+                    }
+                    Err(_) => report.errors += 1,
+                }
+            }
+            Err(_) => {
+                report.errors += 1;
+                conn = None;
+            }
+        }
+    }
+    if !latencies.is_empty() {
+        latencies.sort_unstable();
+        report.p50_us = latencies[latencies.len() / 2];
+        report.p99_us = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
+        report.mean_us = latencies.iter().sum::<u64>() / latencies.len() as u64;
+    }
+    report
+}
