@@ -5,4 +5,5 @@ pub mod dirty;
 pub mod host;
 pub mod net;
 pub mod qemu;
+pub mod replica;
 pub mod transport;

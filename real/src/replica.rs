@@ -1,0 +1,413 @@
+//! The backup's replica: the guest RAM file QEMU will map at failover plus the device-state blob
+//! and the (generation, epoch) they belong to. A checkpoint is committed through a redo journal so
+//! that a crash at any moment leaves either the previous or the new checkpoint, never a mix:
+//!
+//! 1. write the staged checkpoint to `journal.tmp`, then `rename` it to `journal` — the commit
+//!    point (rename is atomic within a file system);
+//! 2. apply its pages to the RAM file and write the device blob and `committed` metadata (each via
+//!    a temporary file and `rename`);
+//! 3. delete `journal`.
+//!
+//! [`Replica::open`] replays a `journal` left by a crash between 1 and 3; a torn `journal.tmp` is
+//! discarded (it never reached the commit point).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+
+use xxhash_rust::xxh3::xxh3_64;
+
+/// Errors of the replica store.
+#[derive(Debug, thiserror::Error)]
+pub enum ReplicaError {
+    /// A file operation failed.
+    #[error("replica {path}: {what}: {source}")]
+    Io {
+        /// File involved.
+        path: PathBuf,
+        /// Step that failed.
+        what: &'static str,
+        /// OS error.
+        source: std::io::Error,
+    },
+    /// A page index lies outside guest RAM, or a page has the wrong size.
+    #[error("checkpoint page {index} does not fit a RAM of {pages} pages of {page_size} bytes")]
+    BadPage {
+        /// Offending page index.
+        index: u64,
+        /// Pages in RAM.
+        pages: u64,
+        /// Page size.
+        page_size: usize,
+    },
+    /// The replica on disk belongs to another RAM size.
+    #[error("replica RAM file is {found} bytes, expected {expected}")]
+    SizeMismatch {
+        /// Size found.
+        found: u64,
+        /// Size configured.
+        expected: u64,
+    },
+    /// A journal or metadata file is corrupt.
+    #[error("replica {0} is corrupt")]
+    Corrupt(PathBuf),
+}
+
+/// A checkpoint fully received and verified, not yet applied.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StagedCheckpoint {
+    /// Generation it belongs to.
+    pub generation: u64,
+    /// Epoch it captures.
+    pub epoch: u64,
+    /// Page indices, in the order of `data`.
+    pub indices: Vec<u64>,
+    /// Page contents, `indices.len() * page_size` bytes.
+    pub data: Vec<u8>,
+    /// QEMU device state (migration stream without shared RAM).
+    pub device: Vec<u8>,
+}
+
+/// What the replica holds: the last committed checkpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Committed {
+    /// Generation.
+    pub generation: u64,
+    /// Epoch.
+    pub epoch: u64,
+}
+
+/// The replica directory plus the RAM file.
+pub struct Replica {
+    dir: PathBuf,
+    ram_path: PathBuf,
+    ram: File,
+    ram_bytes: u64,
+    page_size: usize,
+    committed: Option<Committed>,
+}
+
+fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> ReplicaError {
+    let path = path.to_path_buf();
+    move |source| ReplicaError::Io { path, what, source }
+}
+
+/// Writes `bytes` to `path` through a temporary file and an atomic rename.
+fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReplicaError> {
+    let tmp = path.with_extension("tmp");
+    let mut f = File::create(&tmp).map_err(io(&tmp, "create"))?;
+    f.write_all(bytes).map_err(io(&tmp, "write"))?;
+    f.sync_data().map_err(io(&tmp, "sync"))?;
+    fs::rename(&tmp, path).map_err(io(path, "rename"))
+}
+
+impl Replica {
+    /// Opens (creating if absent) the replica in `dir` with its RAM file at `ram_path` of
+    /// `ram_bytes`, replaying a journal that a crash left behind.
+    pub fn open(
+        dir: &Path,
+        ram_path: &Path,
+        ram_bytes: u64,
+        page_size: usize,
+    ) -> Result<Replica, ReplicaError> {
+        fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
+        let ram = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(ram_path)
+            .map_err(io(ram_path, "open RAM file"))?;
+        let found = ram.metadata().map_err(io(ram_path, "stat"))?.len();
+        if found == 0 {
+            // A sparse file: pages never written read as zeroes, as fresh guest RAM does.
+            ram.set_len(ram_bytes)
+                .map_err(io(ram_path, "size RAM file"))?;
+        } else if found != ram_bytes {
+            return Err(ReplicaError::SizeMismatch {
+                found,
+                expected: ram_bytes,
+            });
+        }
+        let mut r = Replica {
+            dir: dir.to_path_buf(),
+            ram_path: ram_path.to_path_buf(),
+            ram,
+            ram_bytes,
+            page_size,
+            committed: None,
+        };
+        let _ = fs::remove_file(r.dir.join("journal.tmp"));
+        let journal = r.dir.join("journal");
+        if journal.exists() {
+            let staged = read_journal(&journal)?;
+            r.apply(&staged)?;
+        }
+        r.committed = r.read_committed()?;
+        Ok(r)
+    }
+
+    /// Forgets everything: the replica must be filled by a full checkpoint before use.
+    pub fn reset(&mut self) -> Result<(), ReplicaError> {
+        for name in ["journal", "committed", "device"] {
+            let _ = fs::remove_file(self.dir.join(name));
+        }
+        // Punch the whole file back to zeroes.
+        self.ram
+            .set_len(0)
+            .map_err(io(&self.ram_path, "truncate"))?;
+        self.ram
+            .set_len(self.ram_bytes)
+            .map_err(io(&self.ram_path, "size RAM file"))?;
+        self.committed = None;
+        Ok(())
+    }
+
+    /// The last committed checkpoint, if any.
+    pub fn committed(&self) -> Option<Committed> {
+        self.committed
+    }
+
+    /// Path of the RAM file (QEMU maps it at failover).
+    pub fn ram_path(&self) -> &Path {
+        &self.ram_path
+    }
+
+    /// The committed device state.
+    pub fn device_state(&self) -> Result<Vec<u8>, ReplicaError> {
+        let p = self.dir.join("device");
+        fs::read(&p).map_err(io(&p, "read device state"))
+    }
+
+    /// Commits `staged` atomically (see the module docs).
+    pub fn commit(&mut self, staged: &StagedCheckpoint) -> Result<(), ReplicaError> {
+        self.check(staged)?;
+        let journal = self.dir.join("journal");
+        write_atomic(&journal, &encode_journal(staged))?;
+        self.apply(staged)?;
+        self.committed = Some(Committed {
+            generation: staged.generation,
+            epoch: staged.epoch,
+        });
+        Ok(())
+    }
+
+    fn check(&self, staged: &StagedCheckpoint) -> Result<(), ReplicaError> {
+        let pages = self.ram_bytes / self.page_size as u64;
+        if staged.data.len() != staged.indices.len() * self.page_size {
+            return Err(ReplicaError::BadPage {
+                index: u64::MAX,
+                pages,
+                page_size: self.page_size,
+            });
+        }
+        if let Some(&index) = staged.indices.iter().find(|&&i| i >= pages) {
+            return Err(ReplicaError::BadPage {
+                index,
+                pages,
+                page_size: self.page_size,
+            });
+        }
+        Ok(())
+    }
+
+    fn apply(&mut self, staged: &StagedCheckpoint) -> Result<(), ReplicaError> {
+        use std::os::unix::fs::FileExt;
+        self.check(staged)?;
+        for (i, &index) in staged.indices.iter().enumerate() {
+            let page = &staged.data[i * self.page_size..(i + 1) * self.page_size];
+            self.ram
+                .write_all_at(page, index * self.page_size as u64)
+                .map_err(io(&self.ram_path, "write page"))?;
+        }
+        write_atomic(&self.dir.join("device"), &staged.device)?;
+        let meta = format!("{} {}\n", staged.generation, staged.epoch);
+        write_atomic(&self.dir.join("committed"), meta.as_bytes())?;
+        let journal = self.dir.join("journal");
+        fs::remove_file(&journal)
+            .or_else(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => Ok(()),
+                _ => Err(e),
+            })
+            .map_err(io(&journal, "remove journal"))
+    }
+
+    fn read_committed(&self) -> Result<Option<Committed>, ReplicaError> {
+        let p = self.dir.join("committed");
+        let text = match fs::read_to_string(&p) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(io(&p, "read")(e)),
+        };
+        let mut it = text.split_whitespace().map(str::parse::<u64>);
+        match (it.next(), it.next()) {
+            (Some(Ok(generation)), Some(Ok(epoch))) => Ok(Some(Committed { generation, epoch })),
+            _ => Err(ReplicaError::Corrupt(p)),
+        }
+    }
+}
+
+const JOURNAL_MAGIC: &[u8; 8] = b"FTVMJRN1";
+
+fn encode_journal(s: &StagedCheckpoint) -> Vec<u8> {
+    let mut b = Vec::with_capacity(48 + s.indices.len() * 8 + s.data.len() + s.device.len());
+    b.extend_from_slice(JOURNAL_MAGIC);
+    for v in [
+        s.generation,
+        s.epoch,
+        s.indices.len() as u64,
+        s.data.len() as u64,
+        s.device.len() as u64,
+    ] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    for i in &s.indices {
+        b.extend_from_slice(&i.to_le_bytes());
+    }
+    b.extend_from_slice(&s.data);
+    b.extend_from_slice(&s.device);
+    let sum = xxh3_64(&b);
+    b.extend_from_slice(&sum.to_le_bytes());
+    b
+}
+
+fn read_journal(path: &Path) -> Result<StagedCheckpoint, ReplicaError> {
+    let mut b = Vec::new();
+    File::open(path)
+        .and_then(|mut f| f.read_to_end(&mut b))
+        .map_err(io(path, "read journal"))?;
+    decode_journal(&b).ok_or_else(|| ReplicaError::Corrupt(path.to_path_buf()))
+}
+
+fn decode_journal(b: &[u8]) -> Option<StagedCheckpoint> {
+    let (body, sum) = b.split_at_checked(b.len().checked_sub(8)?)?;
+    if xxh3_64(body) != u64::from_le_bytes(sum.try_into().ok()?) {
+        return None;
+    }
+    let rest = body.strip_prefix(JOURNAL_MAGIC)?;
+    let word = |i: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            rest.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+        ))
+    };
+    let (generation, epoch) = (word(0)?, word(1)?);
+    let (n, data_len, dev_len) = (word(2)? as usize, word(3)? as usize, word(4)? as usize);
+    let mut off = 40;
+    let mut indices = Vec::with_capacity(n.min(1 << 24));
+    for _ in 0..n {
+        indices.push(u64::from_le_bytes(rest.get(off..off + 8)?.try_into().ok()?));
+        off += 8;
+    }
+    let data = rest.get(off..off.checked_add(data_len)?)?.to_vec();
+    off += data_len;
+    let device = rest.get(off..off.checked_add(dev_len)?)?.to_vec();
+    Some(StagedCheckpoint {
+        generation,
+        epoch,
+        indices,
+        data,
+        device,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PS: usize = 4096;
+
+    fn staged(epoch: u64, pages: &[(u64, u8)]) -> StagedCheckpoint {
+        StagedCheckpoint {
+            generation: 1,
+            epoch,
+            indices: pages.iter().map(|p| p.0).collect(),
+            data: pages.iter().flat_map(|p| vec![p.1; PS]).collect(),
+            device: vec![epoch as u8; 100],
+        }
+    }
+
+    fn page(r: &Replica, index: u64) -> Vec<u8> {
+        use std::os::unix::fs::FileExt;
+        let mut b = vec![0; PS];
+        r.ram.read_exact_at(&mut b, index * PS as u64).unwrap();
+        b
+    }
+
+    #[test]
+    fn commit_applies_pages_device_and_metadata() {
+        let d = tempfile::tempdir().unwrap();
+        let ram = d.path().join("ram");
+        let mut r = Replica::open(d.path(), &ram, 16 * PS as u64, PS).unwrap();
+        assert_eq!(r.committed(), None);
+        r.commit(&staged(1, &[(0, 1), (15, 2)])).unwrap();
+        r.commit(&staged(2, &[(15, 3)])).unwrap();
+        assert_eq!(page(&r, 0), vec![1; PS]);
+        assert_eq!(page(&r, 15), vec![3; PS]);
+        assert_eq!(page(&r, 7), vec![0; PS]);
+        assert_eq!(r.device_state().unwrap(), vec![2; 100]);
+        drop(r);
+        let r = Replica::open(d.path(), &ram, 16 * PS as u64, PS).unwrap();
+        assert_eq!(
+            r.committed(),
+            Some(Committed {
+                generation: 1,
+                epoch: 2
+            })
+        );
+    }
+
+    #[test]
+    fn a_journal_left_by_a_crash_is_replayed_and_a_torn_one_ignored() {
+        let d = tempfile::tempdir().unwrap();
+        let ram = d.path().join("ram");
+        let mut r = Replica::open(d.path(), &ram, 8 * PS as u64, PS).unwrap();
+        r.commit(&staged(1, &[(1, 1)])).unwrap();
+        drop(r);
+        // Crash after the commit point, before the pages were applied.
+        fs::write(
+            d.path().join("journal"),
+            encode_journal(&staged(2, &[(1, 9)])),
+        )
+        .unwrap();
+        // And a torn temporary journal of a later epoch that never reached the commit point.
+        fs::write(
+            d.path().join("journal.tmp"),
+            &encode_journal(&staged(3, &[(1, 7)]))[..50],
+        )
+        .unwrap();
+        let r = Replica::open(d.path(), &ram, 8 * PS as u64, PS).unwrap();
+        assert_eq!(
+            r.committed(),
+            Some(Committed {
+                generation: 1,
+                epoch: 2
+            })
+        );
+        assert_eq!(page(&r, 1), vec![9; PS]);
+        assert!(!d.path().join("journal").exists());
+    }
+
+    #[test]
+    fn corrupt_journal_and_bad_pages_are_errors() {
+        let d = tempfile::tempdir().unwrap();
+        let ram = d.path().join("ram");
+        let mut r = Replica::open(d.path(), &ram, 8 * PS as u64, PS).unwrap();
+        assert!(matches!(
+            r.commit(&staged(1, &[(8, 1)])),
+            Err(ReplicaError::BadPage { index: 8, .. })
+        ));
+        assert_eq!(r.committed(), None);
+        drop(r);
+        let mut j = encode_journal(&staged(2, &[(1, 9)]));
+        j[20] ^= 1;
+        fs::write(d.path().join("journal"), j).unwrap();
+        assert!(matches!(
+            Replica::open(d.path(), &ram, 8 * PS as u64, PS),
+            Err(ReplicaError::Corrupt(_))
+        ));
+        assert!(matches!(
+            Replica::open(d.path(), &ram, 4 * PS as u64, PS),
+            Err(ReplicaError::Corrupt(_)) | Err(ReplicaError::SizeMismatch { .. })
+        ));
+    }
+}
