@@ -1,1 +1,108 @@
-//! placeholder
+//! # ftvm-model: the ftvm checkpoint protocol as sans-IO state machines
+//!
+//! This crate decides everything and does nothing: no sockets, clocks, threads or randomness.
+//! A driver (the turmoil simulator in `ftvm-sim`, the tokio executor in `ftvm-real`) feeds
+//! [`Input`]s with the current [`Time`] and carries out the returned [`Action`]s. Same inputs in
+//! the same order ⇒ same actions. These docs are the authoritative API description.
+//!
+//! ## Driving a node
+//!
+//! ```
+//! use ftvm_model::{Action, Config, Input, Node, NodeId, Start, Time, VmId};
+//!
+//! let cfg = Config::new(VmId(7), 1024, NodeId(0)); // vm, RAM pages, witness
+//! let mut primary = Node::new(cfg, NodeId(1), Start::Primary);
+//! // The first handle() call (any input) emits the start actions.
+//! let actions = primary.handle(Time::ZERO, Input::Timeout);
+//! assert!(actions.contains(&Action::ResumeVm { epoch: ftvm_model::Epoch(1) }));
+//! // Then: call handle(now, Input::Timeout) whenever now >= primary.poll_timeout().
+//! ```
+//!
+//! * [`Node::new`]`(config, me, start)`, [`Node::handle`]`(now, input) -> Vec<Action>`,
+//!   [`Node::poll_timeout`]` -> Option<Time>`, [`Node::status`]` -> Status`.
+//! * [`Witness::new`]`(vm, primary)`, [`Witness::handle`]`(now, request) -> WitnessReply`,
+//!   [`Witness::state`] (persist it before replying), [`Witness::from_state`].
+//! * [`wire`]: versioned binary frames for [`PeerMsg`], witness requests/replies and
+//!   checkpoints, with typed [`wire::WireError`]s.
+//! * [`OutputGate`]: the reference semantics of `ResumeVm` tags, `ReleaseOutput`,
+//!   `SetOutputGate` and `Fence` for frames, usable by drivers and checkers.
+//!
+//! ## Roles and phases
+//!
+//! A [`Node`] holds one [`Role`]: `Primary` (phases `Waiting`, `Syncing`, `Registering`,
+//! `Protected`, `Dropping`, `Degraded`), `Backup` (`Joining`, `Syncing`, `Protecting`,
+//! `TakingOver`, `Restoring`), `Joiner` (`Locating`: asking the witness whom to join) or
+//! `Fenced`. A backup whose takeover is granted becomes a primary with `failed_over` set
+//! (the contract's "Active").
+//!
+//! ## Deviations from the protocol contract (docs/PROTOCOL.md describes the final protocol)
+//!
+//! 1. **Registration tokens.** A backup registration is `Registration { node, since }` where
+//!    `since` is the epoch of the full sync the replica came from. `RegisterBackup`,
+//!    `DropBackup` and `Takeover` carry one, and the witness register has a `floor` (tokens
+//!    `<= floor` are void) and `promoted`. Without them a late duplicate `RegisterBackup`
+//!    could re-register a dropped backup behind a degraded primary's back (split brain and
+//!    lost output); see [`witness`] for the argument. Field `gen` is spelled `generation`
+//!    (`gen` is reserved in Rust 2024).
+//! 2. **Joiner vanishing with `RegisterBackup` outstanding**: the primary does not wait for
+//!    the reply; it sends `DropBackup` with that token at once. The drop raises `floor`, so the
+//!    outstanding register can no longer apply, whatever order they arrive in.
+//! 3. **Replies carry their request** (`WitnessReply { request, granted, state }`) so nodes
+//!    ignore stale replies. Nodes resend a request every `witness_retry` until answered.
+//! 4. **Start actions** come out of the first `handle` call; `poll_timeout` is `Time::ZERO`
+//!    before it.
+//! 5. **Extra inputs**: `Heard { from }` (bytes arrived: liveness only, so a long full sync
+//!    does not look like silence) and `CheckpointStarted { epoch }` (always accepted; the
+//!    `AckBeforeCommit` mutant acks on it).
+//! 6. **`SendCheckpoint` carries `generation`** (for the frame header); `Join` carries `known`,
+//!    the newest generation the joiner heard of; `Reject` carries the sender's generation.
+//! 7. **Extra primary phases** `Waiting` (no backup yet, gate held), `Registering`, `Dropping`.
+//! 8. **Release needs registration**: acks of a joiner release output only once its
+//!    `RegisterBackup` is granted (before that, a takeover by it is impossible).
+//! 9. **Fenced nodes rejoin** as joiners after `Config::rejoin_after_fence` (default: the
+//!    failure timeout); `None` keeps them fenced. A joiner refused for a permanent reason
+//!    (wrong VM, RAM or page size) is fenced for good.
+//! 10. `StartVm { from, generation }` starts the VM with frames tagged `from + 1`; the model
+//!     does not emit a `ResumeVm` after it. The gate is set `Open` just before `StartVm`.
+//!
+//! ## Mutants
+//!
+//! With the cargo feature `mutants`, `Config::mutant: Option<Mutant>` switches on one
+//! deliberate bug (see [`mutants`]); without the feature neither the field nor the enum exist.
+
+#![forbid(unsafe_code)]
+#![warn(missing_docs)]
+
+mod action;
+mod backup;
+mod config;
+mod ctx;
+mod fenced;
+mod ids;
+mod input;
+mod joiner;
+mod msg;
+pub mod mutants;
+mod node;
+mod primary;
+mod status;
+mod time;
+pub mod witness;
+mod witness_msg;
+
+pub use action::{Action, Event, Gate};
+pub use backup::Backup;
+pub use config::{Config, ConfigError, Start};
+pub use fenced::{FenceReason, Fenced};
+pub use ids::{Epoch, Generation, NodeId, VmId};
+pub use input::Input;
+pub use joiner::Joiner;
+pub use msg::{PeerMsg, RejectReason};
+#[cfg(feature = "mutants")]
+pub use mutants::Mutant;
+pub use node::{Node, Role};
+pub use primary::Primary;
+pub use status::{Phase, RoleKind, Status};
+pub use time::Time;
+pub use witness::Witness;
+pub use witness_msg::{Registration, WitnessReply, WitnessRequest, WitnessState};

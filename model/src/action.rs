@@ -1,0 +1,139 @@
+//! What a [`crate::Node`] asks its driver to do.
+
+use crate::ids::{Epoch, Generation, NodeId};
+use crate::msg::{PeerMsg, RejectReason};
+use crate::status::Phase;
+use crate::witness_msg::WitnessRequest;
+
+/// State of the host's network output gate for the VM.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Gate {
+    /// Frames wait until a `ReleaseOutput` covers their epoch tag.
+    Held,
+    /// Release everything held now, then pass new frames straight through (allowed only while
+    /// the witness records no backup for our generation and we know it).
+    Open,
+}
+
+/// An effect the driver must carry out, in the order given.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Action {
+    /// Pause the VM (a `Capture` follows).
+    PauseVm,
+    /// While paused: capture dirty pages since the last capture (all RAM when `full`) plus device
+    /// state as checkpoint `epoch`; answer with `Input::CaptureDone`.
+    Capture {
+        /// Epoch being closed.
+        epoch: Epoch,
+        /// All of RAM rather than the dirty pages.
+        full: bool,
+    },
+    /// Run the VM; the frames it emits from now on are tagged `epoch`. A driver in
+    /// `paused-send` mode may delay the resume until the checkpoint is sent.
+    ResumeVm {
+        /// Tag of the frames emitted from now on.
+        epoch: Epoch,
+    },
+    /// Transmit the captured checkpoint `epoch` (wire header carries `generation`); answer
+    /// with `Input::CheckpointSent`.
+    SendCheckpoint {
+        /// Receiver.
+        to: NodeId,
+        /// Checkpoint epoch.
+        epoch: Epoch,
+        /// Full checkpoint (sync) or incremental.
+        full: bool,
+        /// Generation for the frame header.
+        generation: Generation,
+    },
+    /// Send a control message on the checkpoint link to `to`.
+    Send {
+        /// Receiver.
+        to: NodeId,
+        /// Message.
+        msg: PeerMsg,
+    },
+    /// Open the checkpoint link to `to`; answer `Connected` or `Disconnected`.
+    Connect {
+        /// Peer.
+        to: NodeId,
+    },
+    /// Close the checkpoint link to `peer` (no `Disconnected` needs to follow).
+    Disconnect {
+        /// Peer.
+        peer: NodeId,
+    },
+    /// Send a request to the witness (`Config::witness`); feed the answer back as
+    /// `Input::WitnessReply`. The node resends on its own until answered.
+    ToWitness(WitnessRequest),
+    /// Frames tagged `<= through` may leave the host.
+    ReleaseOutput {
+        /// Highest releasable tag.
+        through: Epoch,
+    },
+    /// Switch the output gate.
+    SetOutputGate(Gate),
+    /// Backup: atomically apply staged checkpoint `epoch` to the replica; answer `Committed`.
+    Commit {
+        /// Epoch to apply.
+        epoch: Epoch,
+    },
+    /// Backup: throw away every staged, uncommitted checkpoint (a commit already under way
+    /// completes and is answered).
+    DiscardStaged,
+    /// Backup, failover: restore replica + device state of `from` and run the VM as primary of
+    /// `generation`; frames it emits are tagged `from + 1`. Answer `Input::VmStarted`.
+    StartVm {
+        /// Committed epoch to resume from.
+        from: Epoch,
+        /// Generation the VM now runs in.
+        generation: Generation,
+    },
+    /// Stop the VM for good and drop held output; never release again.
+    Fence,
+    /// Structured trace event; drivers may ignore it.
+    Log(Event),
+}
+
+/// Events worth a trace line.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Event {
+    /// The node's phase changed.
+    Phase {
+        /// Old phase.
+        from: Phase,
+        /// New phase.
+        to: Phase,
+    },
+    /// A join was refused (`peer` is the other side).
+    Rejected {
+        /// Other side.
+        peer: NodeId,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// The peer fell silent or its link dropped.
+    PeerLost {
+        /// The peer.
+        peer: NodeId,
+    },
+    /// A checkpoint arrived bad or out of order; the stream restarts with a full sync.
+    BadCheckpoint {
+        /// Its epoch.
+        epoch: Epoch,
+    },
+    /// A message from an older generation was ignored.
+    StaleMessage {
+        /// Sender.
+        from: NodeId,
+        /// Its generation.
+        generation: Generation,
+    },
+    /// The witness refused a request.
+    WitnessDenied(WitnessRequest),
+    /// Evidence that this node was deposed (a newer generation exists).
+    Deposed {
+        /// The newer generation.
+        by: Generation,
+    },
+}

@@ -1,0 +1,100 @@
+//! The fenced role: the VM on this host is stopped for good. A deposed primary may come back
+//! as a joiner (and so re-protect the new primary) after `Config::rejoin_after_fence`.
+
+use crate::action::Action;
+use crate::ctx::Ctx;
+use crate::ids::{Generation, NodeId};
+use crate::input::Input;
+use crate::joiner::Joiner;
+use crate::msg::{PeerMsg, RejectReason};
+use crate::node::Role;
+use crate::status::{Phase, RoleKind, Status};
+use crate::time::Time;
+
+/// Why a node is fenced.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FenceReason {
+    /// The witness (or a peer) showed a newer generation: another node took over.
+    Deposed {
+        /// Newest generation seen.
+        by: Generation,
+    },
+    /// A primary refused this node's join for a reason retrying cannot fix.
+    Misconfigured(RejectReason),
+}
+
+/// A fenced node.
+#[derive(Clone, Debug)]
+pub struct Fenced {
+    reason: FenceReason,
+    generation: Generation,
+    rejoin_at: Option<Time>,
+}
+
+impl Fenced {
+    /// Enter the fenced role: emits `Fence` and schedules the rejoin if allowed.
+    pub(crate) fn enter(ctx: &mut Ctx<'_>, reason: FenceReason, generation: Generation) -> Fenced {
+        ctx.act(Action::Fence);
+        let rejoin_at = match reason {
+            FenceReason::Deposed { .. } => ctx.cfg.rejoin_after_fence.map(|d| ctx.now + d),
+            FenceReason::Misconfigured(_) => None,
+        };
+        Fenced {
+            reason,
+            generation,
+            rejoin_at,
+        }
+    }
+
+    /// Why this node is fenced.
+    pub fn reason(&self) -> FenceReason {
+        self.reason
+    }
+
+    pub(crate) fn handle(&mut self, ctx: &mut Ctx<'_>, input: Input) -> Option<Role> {
+        match input {
+            Input::Timeout => {
+                if self.rejoin_at.is_some_and(|t| ctx.now >= t) {
+                    let mut j = Joiner::new();
+                    j.start(ctx);
+                    return Some(Role::Joiner(j));
+                }
+            }
+            Input::Message {
+                from,
+                msg: PeerMsg::Join { .. },
+            } => {
+                let generation = self.generation;
+                let reason = RejectReason::NotPrimary;
+                ctx.act(Action::Send {
+                    to: from,
+                    msg: PeerMsg::Reject { generation, reason },
+                });
+            }
+            _ => {}
+        }
+        None
+    }
+
+    pub(crate) fn poll_timeout(&self) -> Option<Time> {
+        self.rejoin_at
+    }
+
+    pub(crate) fn status(&self, me: NodeId) -> Status {
+        Status {
+            node: me,
+            role: RoleKind::Fenced,
+            phase: Phase::Fenced,
+            generation: self.generation,
+            failed_over: false,
+            peer: None,
+            gate: None,
+            running_epoch: Default::default(),
+            captured: Default::default(),
+            acked: Default::default(),
+            released: Default::default(),
+            committed: None,
+            registration: None,
+        }
+    }
+}

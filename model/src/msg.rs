@@ -1,0 +1,173 @@
+//! Messages between the primary and its backup/joiner on the checkpoint link.
+//! (Checkpoint data itself travels as a separate frame kind, see [`crate::wire`].)
+
+use std::fmt;
+
+use crate::ids::{Epoch, Generation, NodeId, VmId};
+
+/// A control message on the checkpoint link.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum PeerMsg {
+    /// Joiner → primary: "make me your backup". `known` is the newest generation the joiner has
+    /// heard of (from the witness), `Generation::UNKNOWN` for a fresh backup; a primary that sees
+    /// a newer generation than its own learns it was deposed.
+    Join {
+        /// The VM the joiner wants to protect.
+        vm: VmId,
+        /// The joiner.
+        node: NodeId,
+        /// Joiner's replica size in pages.
+        ram_pages: u64,
+        /// Joiner's page size in bytes.
+        page_size: u32,
+        /// Newest generation the joiner knows of.
+        known: Generation,
+    },
+    /// Primary → joiner: join refused.
+    Reject {
+        /// Sender's generation.
+        generation: Generation,
+        /// Why.
+        reason: RejectReason,
+    },
+    /// Primary → joiner: join accepted; the full checkpoint of `epoch` follows. Its commit
+    /// starts the joiner's replica, and `epoch` is the replica's registration token.
+    SyncStart {
+        /// Primary's generation, which the joiner adopts.
+        generation: Generation,
+        /// Epoch of the full checkpoint that follows.
+        epoch: Epoch,
+    },
+    /// Backup → primary: checkpoint `epoch` is durably committed in the replica.
+    Ack {
+        /// Generation the backup follows.
+        generation: Generation,
+        /// Committed epoch.
+        epoch: Epoch,
+    },
+    /// Either way: "I am alive". From the primary `epoch` is the last captured epoch, from the
+    /// backup the last committed one.
+    Heartbeat {
+        /// Sender's generation.
+        generation: Generation,
+        /// See above.
+        epoch: Epoch,
+    },
+}
+
+impl PeerMsg {
+    /// The generation the frame header carries for this message.
+    pub fn generation(&self) -> Generation {
+        match *self {
+            PeerMsg::Join { known, .. } => known,
+            PeerMsg::Reject { generation, .. }
+            | PeerMsg::SyncStart { generation, .. }
+            | PeerMsg::Ack { generation, .. }
+            | PeerMsg::Heartbeat { generation, .. } => generation,
+        }
+    }
+}
+
+/// Why a primary refused a join.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum RejectReason {
+    /// The joiner asked for another VM. Permanent.
+    WrongVm,
+    /// Replica RAM size differs from the VM's. Permanent.
+    RamSizeMismatch,
+    /// Page size differs. Permanent.
+    PageSizeMismatch,
+    /// The primary already has a backup (at most one). Retry later.
+    HaveBackup,
+    /// The primary is busy (settling a lost backup with the witness, or mid-capture). Retry.
+    Busy,
+    /// The addressee is not (or no longer) a primary. Ask the witness again.
+    NotPrimary,
+}
+
+impl RejectReason {
+    /// True when retrying cannot help (a configuration mismatch).
+    pub fn is_permanent(self) -> bool {
+        matches!(
+            self,
+            RejectReason::WrongVm | RejectReason::RamSizeMismatch | RejectReason::PageSizeMismatch
+        )
+    }
+
+    /// Wire code.
+    pub(crate) fn code(self) -> u8 {
+        match self {
+            RejectReason::WrongVm => 1,
+            RejectReason::RamSizeMismatch => 2,
+            RejectReason::PageSizeMismatch => 3,
+            RejectReason::HaveBackup => 4,
+            RejectReason::Busy => 5,
+            RejectReason::NotPrimary => 6,
+        }
+    }
+
+    /// Inverse of [`RejectReason::code`].
+    pub(crate) fn from_code(code: u8) -> Option<RejectReason> {
+        Some(match code {
+            1 => RejectReason::WrongVm,
+            2 => RejectReason::RamSizeMismatch,
+            3 => RejectReason::PageSizeMismatch,
+            4 => RejectReason::HaveBackup,
+            5 => RejectReason::Busy,
+            6 => RejectReason::NotPrimary,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for RejectReason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            RejectReason::WrongVm => "wrong VM",
+            RejectReason::RamSizeMismatch => "RAM size mismatch",
+            RejectReason::PageSizeMismatch => "page size mismatch",
+            RejectReason::HaveBackup => "primary already has a backup",
+            RejectReason::Busy => "primary busy",
+            RejectReason::NotPrimary => "not the primary",
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reject_codes_round_trip_and_classify() {
+        for r in [
+            RejectReason::WrongVm,
+            RejectReason::RamSizeMismatch,
+            RejectReason::PageSizeMismatch,
+            RejectReason::HaveBackup,
+            RejectReason::Busy,
+            RejectReason::NotPrimary,
+        ] {
+            assert_eq!(RejectReason::from_code(r.code()), Some(r));
+            assert_eq!(r.is_permanent(), r.code() <= 3);
+        }
+        assert_eq!(RejectReason::from_code(0), None);
+        assert_eq!(RejectReason::from_code(7), None);
+    }
+
+    #[test]
+    fn generation_of_each_message() {
+        let j = PeerMsg::Join {
+            vm: VmId(1),
+            node: NodeId(2),
+            ram_pages: 3,
+            page_size: 4096,
+            known: Generation(5),
+        };
+        assert_eq!(j.generation(), Generation(5));
+        let h = PeerMsg::Heartbeat {
+            generation: Generation(7),
+            epoch: Epoch(1),
+        };
+        assert_eq!(h.generation(), Generation(7));
+    }
+}

@@ -1,0 +1,168 @@
+//! The witness: the fencing party that decides, per VM, who may run it.
+//!
+//! # The register
+//!
+//! One linearizable compare-and-set register per VM, [`WitnessState`]:
+//! `{ generation, primary, backup: Option<Registration>, floor, promoted }`, initially
+//! `{ 1, P, None, 0, None }`. A [`Registration`] is a backup node plus its *token* `since`, the
+//! epoch of the full checkpoint its replica was synced from. Requests:
+//!
+//! * `RegisterBackup { g, P, (B, e) }` — granted iff `g == generation`, `P == primary`, and either
+//!   `backup == (B, e)` already (a resend) or `backup == None && e > floor`. Sets `backup`.
+//! * `DropBackup { g, P, (B, e) }` — granted iff `g == generation`, `P == primary` and the current
+//!   registration (if any) has `since <= e`. Sets `backup = None`, `floor = max(floor, e)`.
+//! * `Takeover { g, (B, e) }` — granted iff `g == generation && backup == (B, e)`: sets
+//!   `generation = g + 1, primary = B, backup = None, floor = 0, promoted = (B, e)`. A resend
+//!   after that is granted again (`generation == g + 1 && promoted == (B, e)`). Denied with
+//!   `g == generation` it raises `floor` to `e`: the backup gives its replica up on a denial,
+//!   so its token must never become registrable later.
+//! * `Query` — always granted, changes nothing.
+//!
+//! Every reply carries the request it answers, `granted`, and the state after it. Handling is
+//! a pure function of (state, request): [`Witness::handle`] is the linearization point, and a
+//! driver that persists [`Witness::state`] before it sends the reply keeps the register
+//! linearizable across witness restarts.
+//!
+//! # Why the rule is safe
+//!
+//! The properties that matter (DESIGN §5) and why they hold, assuming only that the driver
+//! calls `handle` one request at a time, persists the state before replying, and that the
+//! network may delay, drop, duplicate and reorder requests and replies arbitrarily:
+//!
+//! 1. **At most one primary may release output per generation.** A node acts as primary of
+//!    generation `g` only if it started `g` (generation 1's initial primary) or holds a granted
+//!    `Takeover { g - 1, .. }`, and a takeover of `g - 1` is granted for exactly one
+//!    registration: the grant moves `generation` to `g`, so no other request naming `g - 1`
+//!    can succeed afterwards. Generations only grow.
+//!
+//! 2. **Only the registered backup can take over, and the primary knows whenever none can.**
+//!    The primary opens its gate (releases unacked output) only after a reply showing
+//!    `{ its generation, itself, backup: None }` *and* with its newest token `e_max` dropped
+//!    (granted `DropBackup(e_max)` ⇒ `floor >= e_max`), or right after its own takeover (no
+//!    registration of the new generation exists yet). From then on no `RegisterBackup` it ever
+//!    sent can apply: each carries a token `<= e_max <= floor`, so a late duplicate is refused.
+//!    And no `Takeover { g, .. }` can succeed while `backup == None`. The backup can therefore
+//!    never resume from an epoch older than what the open gate let out. Conversely, if a
+//!    `Takeover` won the race, the primary's `DropBackup` is refused (generation moved on),
+//!    and the primary fences itself instead of opening the gate.
+//!
+//! 3. **What a client saw is never lost by a failover.** While a backup is (or may be)
+//!    registered, the primary releases epoch `N` only after that backup acked `N`, and the
+//!    backup acks only after `N` is durably committed; after a granted takeover it resumes
+//!    from its last committed epoch, which is `>= N`. A backup whose takeover is denied throws
+//!    its replica away, and the denial voids its token (`floor`), so the primary's possibly
+//!    still travelling `RegisterBackup` for that token cannot later name a backup that has no
+//!    replica — which would otherwise let nobody take over while the primary believes it is
+//!    protected.
+//!
+//! 4. **Stale and duplicate requests are harmless.** `RegisterBackup` applies once (equality or
+//!    `since > floor`), `DropBackup` never removes a newer registration (`since` comparison),
+//!    `Takeover` needs the exact registration of the current generation. A resend of a request
+//!    that already took effect is answered "granted" without changing anything, so a node that
+//!    lost the first reply learns the truth. Tokens are unique within a generation because
+//!    every sync uses a fresh epoch, and requests of older generations never match.
+//!
+//! Liveness needs the witness reachable: a primary that cannot reach it keeps output held
+//! (its VM keeps running), and a backup that cannot reach it does not fail over. That is the
+//! price of never needing a lease or synchronized clocks.
+
+use crate::ids::{Epoch, NodeId, VmId};
+use crate::time::Time;
+use crate::witness_msg::{WitnessReply, WitnessRequest, WitnessState};
+
+/// The fencing party for one VM (a driver serving several VMs keeps one per `VmId`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Witness {
+    state: WitnessState,
+}
+
+impl Witness {
+    /// A fresh VM whose first primary is `primary`: `{1, primary, None}`.
+    pub fn new(vm: VmId, primary: NodeId) -> Witness {
+        Witness {
+            state: WitnessState::initial(vm, primary),
+        }
+    }
+
+    /// Resume from a persisted register.
+    pub fn from_state(state: WitnessState) -> Witness {
+        Witness { state }
+    }
+
+    /// The register; persist it after every `handle` that changed it, before replying.
+    pub fn state(&self) -> &WitnessState {
+        &self.state
+    }
+
+    /// Apply one request atomically and answer it. `now` is unused: the rule needs no clock.
+    pub fn handle(&mut self, _now: Time, request: WitnessRequest) -> WitnessReply {
+        let granted = self.apply(request);
+        WitnessReply {
+            request,
+            granted,
+            state: self.state,
+        }
+    }
+
+    fn apply(&mut self, request: WitnessRequest) -> bool {
+        let s = &mut self.state;
+        match request {
+            WitnessRequest::Query => true,
+            WitnessRequest::RegisterBackup {
+                generation,
+                primary,
+                backup,
+            } => {
+                if generation != s.generation || primary != s.primary {
+                    false
+                } else if s.backup == Some(backup) {
+                    true
+                } else if s.backup.is_none() && backup.since > s.floor {
+                    s.backup = Some(backup);
+                    true
+                } else {
+                    false
+                }
+            }
+            WitnessRequest::DropBackup {
+                generation,
+                primary,
+                backup,
+            } => {
+                if generation != s.generation || primary != s.primary {
+                    false
+                } else if s.backup.is_some_and(|r| r.since > backup.since) {
+                    // A registration newer than anything this request knows of: a stale drop.
+                    false
+                } else {
+                    s.backup = None;
+                    s.floor = s.floor.max(backup.since);
+                    true
+                }
+            }
+            WitnessRequest::Takeover { generation, backup } => {
+                if generation == s.generation
+                    && s.backup == Some(backup)
+                    && generation.next() != generation
+                {
+                    s.generation = generation.next();
+                    s.primary = backup.node;
+                    s.backup = None;
+                    s.floor = Epoch::NONE;
+                    s.promoted = Some(backup);
+                    true
+                } else if s.generation == generation.next()
+                    && s.generation != generation
+                    && s.promoted == Some(backup)
+                {
+                    true
+                } else {
+                    if generation == s.generation {
+                        s.floor = s.floor.max(backup.since);
+                    }
+                    false
+                }
+            }
+        }
+    }
+}
