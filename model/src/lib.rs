@@ -87,6 +87,7 @@ mod node;
 mod primary;
 mod status;
 mod time;
+pub mod wire;
 pub mod witness;
 mod witness_msg;
 
