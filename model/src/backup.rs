@@ -1,53 +1,507 @@
-//! The backup role (placeholder while the logic lands).
+//! The backup role: joins a primary, commits its checkpoints strictly in order and acks them,
+//! and takes over (only with the witness's grant) when the primary falls silent.
+//!
+//! The replica and its *token* (generation + epoch of the full sync it descends from) survive
+//! link losses: a reconnect starts with a fresh `Join` and full sync, but until that sync is
+//! committed the old replica is still a valid prefix of the primary's history, and the token
+//! is what the witness checks at takeover.
 
+use std::collections::VecDeque;
+
+use crate::action::{Action, Event, Gate};
 use crate::config::Config;
 use crate::ctx::Ctx;
-use crate::ids::{Generation, NodeId};
+use crate::fenced::{FenceReason, Fenced};
+use crate::ids::{Epoch, Generation, NodeId};
 use crate::input::Input;
+use crate::joiner::Joiner;
+use crate::msg::{PeerMsg, RejectReason};
+use crate::mutants::mutant;
 use crate::node::Role;
+use crate::primary::Primary;
 use crate::status::{Phase, RoleKind, Status};
 use crate::time::Time;
+use crate::witness_msg::{Registration, WitnessReply, WitnessRequest};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum JoinStep {
+    /// Link down; reconnect at `retry_at`.
+    Idle { retry_at: Time },
+    /// `Connect` issued.
+    Connecting { deadline: Time },
+    /// `Join` sent, waiting for `SyncStart` or `Reject`.
+    AwaitSync { deadline: Time },
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum BPhase {
+    Joining(JoinStep),
+    Syncing,
+    Protecting,
+    TakingOver,
+    Restoring { from: Epoch, generation: Generation },
+}
+
+/// A received, verified checkpoint waiting for (or under) commit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Staged {
+    epoch: Epoch,
+    /// The full checkpoint that starts a replica (its epoch becomes the token).
+    sync: bool,
+    generation: Generation,
+    /// Which connection's stream it came from (acks go only to the current one).
+    stream: u64,
+}
+
+/// What the replica descends from: the full sync `since` of `generation`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Token {
+    generation: Generation,
+    since: Epoch,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    request: WitnessRequest,
+    retry_at: Time,
+}
 
 /// A node following a primary.
 #[derive(Clone, Debug)]
 pub struct Backup {
     primary: NodeId,
+    /// Generation of the stream we follow (from `SyncStart`), or the newest we know of.
     generation: Generation,
+    phase: BPhase,
+    /// Last sign of life from the primary.
+    last_heard: Time,
+    committed: Option<Epoch>,
+    token: Option<Token>,
+    stream: u64,
+    sync: Option<Epoch>,
+    next_expected: Option<Epoch>,
+    staged: VecDeque<Staged>,
+    committing: Option<Staged>,
+    /// Highest epoch acked on the current stream.
+    acked: Epoch,
+    heartbeat_at: Time,
+    takeover: Option<Pending>,
+    /// Silence detected while a commit was under way: ask for the takeover once it lands.
+    takeover_wanted: bool,
 }
 
 impl Backup {
+    /// An empty replica that will join `primary`; `known` is the newest generation we know of.
     pub(crate) fn new(primary: NodeId, known: Generation) -> Backup {
         Backup {
             primary,
             generation: known,
+            phase: BPhase::Joining(JoinStep::Idle {
+                retry_at: Time::ZERO,
+            }),
+            last_heard: Time::ZERO,
+            committed: None,
+            token: None,
+            stream: 0,
+            sync: None,
+            next_expected: None,
+            staged: VecDeque::new(),
+            committing: None,
+            acked: Epoch::NONE,
+            heartbeat_at: Time::ZERO,
+            takeover: None,
+            takeover_wanted: false,
         }
     }
 
-    pub(crate) fn start(&mut self, _ctx: &mut Ctx<'_>) {}
+    /// Start following: the failure detector runs from now; connect.
+    pub(crate) fn start(&mut self, ctx: &mut Ctx<'_>) {
+        self.last_heard = ctx.now;
+        self.connect(ctx);
+    }
 
-    pub(crate) fn handle(&mut self, _ctx: &mut Ctx<'_>, _input: Input) -> Option<Role> {
+    fn connect(&mut self, ctx: &mut Ctx<'_>) {
+        ctx.act(Action::Connect { to: self.primary });
+        let deadline = ctx.now + ctx.cfg.failure_timeout;
+        self.phase = BPhase::Joining(JoinStep::Connecting { deadline });
+    }
+
+    pub(crate) fn handle(&mut self, ctx: &mut Ctx<'_>, input: Input) -> Option<Role> {
+        match input {
+            Input::Timeout => return self.on_timeout(ctx),
+            Input::Connected { peer } if peer == self.primary => {
+                if let BPhase::Joining(JoinStep::Connecting { .. }) = self.phase {
+                    let msg = PeerMsg::Join {
+                        vm: ctx.cfg.vm,
+                        node: ctx.me,
+                        ram_pages: ctx.cfg.ram_pages,
+                        page_size: ctx.cfg.page_size,
+                        known: self.generation,
+                    };
+                    ctx.act(Action::Send {
+                        to: self.primary,
+                        msg,
+                    });
+                    let deadline = ctx.now + ctx.cfg.failure_timeout;
+                    self.phase = BPhase::Joining(JoinStep::AwaitSync { deadline });
+                }
+            }
+            Input::Disconnected { peer } if peer == self.primary => self.link_down(ctx, false),
+            Input::Heard { from } if from == self.primary => self.alive(ctx),
+            Input::Message { from, msg } => return self.on_message(ctx, from, msg),
+            Input::WitnessReply(reply) => return self.on_reply(ctx, reply),
+            Input::CheckpointStarted { epoch } => {
+                self.alive(ctx);
+                let next = self.next_expected == Some(epoch);
+                if mutant!(ctx.cfg, AckBeforeCommit) && self.phase == BPhase::Protecting && next {
+                    self.ack(ctx, epoch);
+                }
+            }
+            Input::CheckpointReceived { epoch, ok } => self.on_received(ctx, epoch, ok),
+            Input::Committed { epoch } => return self.on_committed(ctx, epoch),
+            Input::VmStarted => {
+                if let BPhase::Restoring { from, generation } = self.phase {
+                    return Some(Role::Primary(Primary::after_takeover(generation, from)));
+                }
+            }
+            _ => {}
+        }
         None
     }
 
-    pub(crate) fn poll_timeout(&self, _cfg: &Config) -> Option<Time> {
+    fn following(&self) -> bool {
+        !matches!(self.phase, BPhase::TakingOver | BPhase::Restoring { .. })
+    }
+
+    fn alive(&mut self, ctx: &Ctx<'_>) {
+        if self.following() {
+            self.last_heard = ctx.now;
+        }
+    }
+
+    /// The stream is gone (link dropped, bad checkpoint, refused join, join timeout): throw
+    /// away what is staged, keep the replica, reconnect later with a fresh join.
+    fn link_down(&mut self, ctx: &mut Ctx<'_>, close: bool) {
+        if !self.following() {
+            return;
+        }
+        if close {
+            ctx.act(Action::Disconnect { peer: self.primary });
+        }
+        self.discard_stream(ctx);
+        let retry_at = ctx.now + ctx.cfg.join_retry;
+        self.phase = BPhase::Joining(JoinStep::Idle { retry_at });
+    }
+
+    fn discard_stream(&mut self, ctx: &mut Ctx<'_>) {
+        if matches!(self.phase, BPhase::Syncing | BPhase::Protecting) || !self.staged.is_empty() {
+            ctx.act(Action::DiscardStaged);
+        }
+        self.staged.clear();
+        self.sync = None;
+        self.next_expected = None;
+        self.acked = Epoch::NONE;
+    }
+
+    fn on_message(&mut self, ctx: &mut Ctx<'_>, from: NodeId, msg: PeerMsg) -> Option<Role> {
+        if from != self.primary {
+            if let PeerMsg::Join { .. } = msg {
+                let reason = RejectReason::NotPrimary;
+                let msg = PeerMsg::Reject {
+                    generation: self.generation,
+                    reason,
+                };
+                ctx.act(Action::Send { to: from, msg });
+            }
+            return None;
+        }
+        match msg {
+            PeerMsg::SyncStart { generation, epoch } => {
+                let awaiting = matches!(self.phase, BPhase::Joining(JoinStep::AwaitSync { .. }));
+                if awaiting && generation >= self.generation {
+                    self.generation = generation;
+                    self.stream += 1;
+                    self.sync = Some(epoch);
+                    self.next_expected = Some(epoch);
+                    self.acked = Epoch::NONE;
+                    self.phase = BPhase::Syncing;
+                    self.heartbeat_at = ctx.now;
+                    self.alive(ctx);
+                }
+            }
+            PeerMsg::Heartbeat { generation, .. } if generation >= self.generation => {
+                self.alive(ctx)
+            }
+            PeerMsg::Heartbeat { generation, .. } => {
+                ctx.log(Event::StaleMessage { from, generation });
+            }
+            PeerMsg::Reject { reason, .. } => {
+                if let BPhase::Joining(_) = self.phase {
+                    return self.rejected(ctx, reason);
+                }
+            }
+            PeerMsg::Ack { .. } | PeerMsg::Join { .. } => {}
+        }
         None
+    }
+
+    fn rejected(&mut self, ctx: &mut Ctx<'_>, reason: RejectReason) -> Option<Role> {
+        ctx.log(Event::Rejected {
+            peer: self.primary,
+            reason,
+        });
+        ctx.act(Action::Disconnect { peer: self.primary });
+        if reason.is_permanent() {
+            let fenced = Fenced::enter(ctx, FenceReason::Misconfigured(reason), self.generation);
+            return Some(Role::Fenced(fenced));
+        }
+        if reason == RejectReason::NotPrimary && self.token.is_none() {
+            // Nothing to take over with: find the real primary.
+            return Some(self.become_joiner(ctx));
+        }
+        // Keep the replica: if the host we follow is really gone, the failure detector fires
+        // and the witness decides whether our replica may take over.
+        let retry_at = ctx.now + ctx.cfg.join_retry;
+        self.phase = BPhase::Joining(JoinStep::Idle { retry_at });
+        None
+    }
+
+    fn become_joiner(&mut self, ctx: &mut Ctx<'_>) -> Role {
+        let mut j = Joiner::new();
+        j.start(ctx);
+        Role::Joiner(j)
+    }
+
+    fn on_received(&mut self, ctx: &mut Ctx<'_>, epoch: Epoch, ok: bool) {
+        if !matches!(self.phase, BPhase::Syncing | BPhase::Protecting) {
+            return;
+        }
+        self.alive(ctx);
+        let in_order = self.next_expected == Some(epoch);
+        if in_order && (ok || mutant!(ctx.cfg, CommitPartial)) {
+            self.staged.push_back(Staged {
+                epoch,
+                sync: self.sync == Some(epoch),
+                generation: self.generation,
+                stream: self.stream,
+            });
+            self.next_expected = Some(epoch.next());
+            self.try_commit(ctx);
+        } else {
+            // Damaged or out of order: later incrementals cannot apply. Restart the stream.
+            ctx.log(Event::BadCheckpoint { epoch });
+            self.link_down(ctx, true);
+        }
+    }
+
+    fn try_commit(&mut self, ctx: &mut Ctx<'_>) {
+        if self.committing.is_none() && !self.takeover_wanted {
+            if let Some(s) = self.staged.pop_front() {
+                ctx.act(Action::Commit { epoch: s.epoch });
+                self.committing = Some(s);
+            }
+        }
+    }
+
+    fn ack(&mut self, ctx: &mut Ctx<'_>, epoch: Epoch) {
+        if epoch > self.acked {
+            self.acked = epoch;
+            let msg = PeerMsg::Ack {
+                generation: self.generation,
+                epoch,
+            };
+            ctx.act(Action::Send {
+                to: self.primary,
+                msg,
+            });
+        }
+    }
+
+    fn on_committed(&mut self, ctx: &mut Ctx<'_>, epoch: Epoch) -> Option<Role> {
+        let c = self.committing.filter(|c| c.epoch == epoch)?;
+        self.committing = None;
+        self.committed = Some(epoch);
+        if c.sync {
+            self.token = Some(Token {
+                generation: c.generation,
+                since: epoch,
+            });
+        }
+        let current = c.stream == self.stream;
+        if current && c.sync && self.phase == BPhase::Syncing {
+            self.phase = BPhase::Protecting;
+        }
+        if current && self.phase == BPhase::Protecting {
+            self.ack(ctx, epoch);
+        }
+        if self.takeover_wanted {
+            return self.begin_takeover(ctx);
+        }
+        self.try_commit(ctx);
+        None
+    }
+
+    fn on_timeout(&mut self, ctx: &mut Ctx<'_>) -> Option<Role> {
+        match self.phase {
+            BPhase::TakingOver => {
+                if let Some(p) = self.takeover.as_mut() {
+                    if ctx.now >= p.retry_at {
+                        ctx.act(Action::ToWitness(p.request));
+                        p.retry_at = ctx.now + ctx.cfg.witness_retry;
+                    }
+                }
+                return None;
+            }
+            BPhase::Restoring { .. } => return None,
+            _ => {}
+        }
+        if ctx.now >= self.last_heard + ctx.cfg.failure_timeout {
+            return self.on_silence(ctx);
+        }
+        match self.phase {
+            BPhase::Joining(JoinStep::Idle { retry_at }) if ctx.now >= retry_at => {
+                self.connect(ctx)
+            }
+            BPhase::Joining(
+                JoinStep::Connecting { deadline } | JoinStep::AwaitSync { deadline },
+            ) if ctx.now >= deadline => self.link_down(ctx, true),
+            BPhase::Syncing | BPhase::Protecting if ctx.now >= self.heartbeat_at => {
+                let epoch = self.committed.unwrap_or(Epoch::NONE);
+                let msg = PeerMsg::Heartbeat {
+                    generation: self.generation,
+                    epoch,
+                };
+                ctx.act(Action::Send {
+                    to: self.primary,
+                    msg,
+                });
+                self.heartbeat_at = ctx.now + ctx.cfg.heartbeat_interval;
+            }
+            _ => {}
+        }
+        None
+    }
+
+    /// The primary said nothing for `failure_timeout`.
+    fn on_silence(&mut self, ctx: &mut Ctx<'_>) -> Option<Role> {
+        ctx.log(Event::PeerLost { peer: self.primary });
+        if !matches!(self.phase, BPhase::Joining(JoinStep::Idle { .. })) {
+            ctx.act(Action::Disconnect { peer: self.primary });
+        }
+        self.discard_stream(ctx);
+        let sync_landing = self.committing.is_some_and(|c| c.sync);
+        if self.token.is_none() && !sync_landing {
+            return Some(self.become_joiner(ctx));
+        }
+        self.phase = BPhase::TakingOver;
+        if self.committing.is_some() {
+            // Take over from the replica as it will be once this commit lands.
+            self.takeover_wanted = true;
+            return None;
+        }
+        self.begin_takeover(ctx)
+    }
+
+    fn begin_takeover(&mut self, ctx: &mut Ctx<'_>) -> Option<Role> {
+        self.takeover_wanted = false;
+        let (Some(token), Some(_)) = (self.token, self.committed) else {
+            return Some(self.become_joiner(ctx));
+        };
+        if mutant!(ctx.cfg, FailoverWithoutWitness) {
+            self.granted(ctx, token.generation.next());
+            return None;
+        }
+        let backup = Registration {
+            node: ctx.me,
+            since: token.since,
+        };
+        let request = WitnessRequest::Takeover {
+            generation: token.generation,
+            backup,
+        };
+        ctx.act(Action::ToWitness(request));
+        self.takeover = Some(Pending {
+            request,
+            retry_at: ctx.now + ctx.cfg.witness_retry,
+        });
+        None
+    }
+
+    fn on_reply(&mut self, ctx: &mut Ctx<'_>, reply: WitnessReply) -> Option<Role> {
+        if reply.state.vm != ctx.cfg.vm || self.takeover.map(|p| p.request) != Some(reply.request) {
+            return None;
+        }
+        self.takeover = None;
+        if reply.granted {
+            self.granted(ctx, reply.state.generation);
+            None
+        } else {
+            // Dropped by the primary (or it never registered us): the replica may be older
+            // than output already released, so it must never run. Start over as a joiner.
+            ctx.log(Event::WitnessDenied(reply.request));
+            self.token = None;
+            self.committed = None;
+            Some(self.become_joiner(ctx))
+        }
+    }
+
+    fn granted(&mut self, ctx: &mut Ctx<'_>, new_generation: Generation) {
+        let (Some(from), Some(token)) = (self.committed, self.token) else {
+            return;
+        };
+        let generation = if mutant!(ctx.cfg, ReuseGeneration) {
+            token.generation
+        } else {
+            new_generation
+        };
+        self.generation = generation;
+        ctx.act(Action::SetOutputGate(Gate::Open));
+        ctx.act(Action::StartVm { from, generation });
+        self.phase = BPhase::Restoring { from, generation };
+    }
+
+    pub(crate) fn poll_timeout(&self, cfg: &Config) -> Option<Time> {
+        match self.phase {
+            BPhase::TakingOver => return self.takeover.map(|p| p.retry_at),
+            BPhase::Restoring { .. } => return None,
+            _ => {}
+        }
+        let silence = self.last_heard + cfg.failure_timeout;
+        let other = match self.phase {
+            BPhase::Joining(JoinStep::Idle { retry_at }) => retry_at,
+            BPhase::Joining(
+                JoinStep::Connecting { deadline } | JoinStep::AwaitSync { deadline },
+            ) => deadline,
+            _ => self.heartbeat_at,
+        };
+        Some(silence.min(other))
     }
 
     pub(crate) fn status(&self, me: NodeId) -> Status {
+        let phase = match self.phase {
+            BPhase::Joining(_) => Phase::Joining,
+            BPhase::Syncing => Phase::Syncing,
+            BPhase::Protecting => Phase::Protecting,
+            BPhase::TakingOver => Phase::TakingOver,
+            BPhase::Restoring { .. } => Phase::Restoring,
+        };
         Status {
             node: me,
             role: RoleKind::Backup,
-            phase: Phase::Joining,
+            phase,
             generation: self.generation,
             failed_over: false,
             peer: Some(self.primary),
             gate: None,
-            running_epoch: Default::default(),
-            captured: Default::default(),
-            acked: Default::default(),
-            released: Default::default(),
-            committed: None,
-            registration: None,
+            running_epoch: Epoch::NONE,
+            captured: Epoch::NONE,
+            acked: self.acked,
+            released: Epoch::NONE,
+            committed: self.committed,
+            registration: self.token.map(|t| Registration {
+                node: me,
+                since: t.since,
+            }),
         }
     }
 }

@@ -53,12 +53,10 @@ impl Fenced {
 
     pub(crate) fn handle(&mut self, ctx: &mut Ctx<'_>, input: Input) -> Option<Role> {
         match input {
-            Input::Timeout => {
-                if self.rejoin_at.is_some_and(|t| ctx.now >= t) {
-                    let mut j = Joiner::new();
-                    j.start(ctx);
-                    return Some(Role::Joiner(j));
-                }
+            Input::Timeout if self.rejoin_at.is_some_and(|t| ctx.now >= t) => {
+                let mut j = Joiner::new();
+                j.start(ctx);
+                return Some(Role::Joiner(j));
             }
             Input::Message {
                 from,

@@ -1,54 +1,529 @@
-//! The primary role (placeholder while the logic lands).
+//! The primary role: runs the VM's epoch loop, syncs joiners, registers/drops its backup with
+//! the witness, and gates output on the backup's acks.
+//!
+//! Output rule (see [`crate::witness`] for why it is safe): the gate is `Held` whenever a backup
+//! is, or may be, registered with the witness, and frames of epoch `N` leave only after that
+//! backup acked `N`. It opens only after the witness confirmed that no backup is registered
+//! for our generation (a granted `DropBackup` of our newest token), or right after a takeover,
+//! and never at a fresh start before the first backup was protecting.
 
-use crate::action::Gate;
+use crate::action::{Action, Event, Gate};
 use crate::config::Config;
 use crate::ctx::Ctx;
+use crate::fenced::{FenceReason, Fenced};
 use crate::ids::{Epoch, Generation, NodeId};
 use crate::input::Input;
+use crate::msg::{PeerMsg, RejectReason};
+use crate::mutants::mutant;
 use crate::node::Role;
 use crate::status::{Phase, RoleKind, Status};
 use crate::time::Time;
+use crate::witness_msg::{Registration, WitnessReply, WitnessRequest};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum PPhase {
+    Waiting,
+    Syncing,
+    Registering,
+    Protected,
+    Dropping,
+    Degraded,
+}
+
+/// The backup or joiner this primary streams to.
+#[derive(Clone, Copy, Debug)]
+struct Peer {
+    node: NodeId,
+    /// Epoch of its full sync: its registration token.
+    sync: Epoch,
+    last_heard: Time,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Pending {
+    request: WitnessRequest,
+    retry_at: Time,
+}
 
 /// A node running the VM.
 #[derive(Clone, Debug)]
 pub struct Primary {
     generation: Generation,
-    epoch: Epoch,
+    failed_over: bool,
+    phase: PPhase,
+    gate: Gate,
+    /// Tag of the frames the VM emits now.
+    running: Epoch,
+    /// Capture issued, `CaptureDone` outstanding (the VM is paused).
+    capturing: Option<Epoch>,
+    /// `SendCheckpoint` issued, `CheckpointSent` outstanding.
+    sending: Option<Epoch>,
+    captured: Epoch,
+    acked: Epoch,
+    released: Epoch,
+    next_capture_at: Time,
+    peer: Option<Peer>,
+    /// Newest registration asked of the witness in this generation and not yet dropped.
+    token: Option<Registration>,
+    pending: Option<Pending>,
+    /// May run unprotected with the gate open once the witness confirms no backup: true after
+    /// the first protection or a takeover; false at a fresh start (output waits for a backup).
+    may_open: bool,
+    heartbeat_at: Time,
 }
 
 impl Primary {
+    /// A fresh VM in generation 1, waiting for its first backup with output held.
     pub(crate) fn fresh() -> Primary {
         Primary {
             generation: Generation::FIRST,
-            epoch: Epoch::FIRST,
-        }
-    }
-
-    pub(crate) fn start(&mut self, _ctx: &mut Ctx<'_>) {}
-
-    pub(crate) fn handle(&mut self, _ctx: &mut Ctx<'_>, _input: Input) -> Option<Role> {
-        None
-    }
-
-    pub(crate) fn poll_timeout(&self, _cfg: &Config) -> Option<Time> {
-        None
-    }
-
-    pub(crate) fn status(&self, me: NodeId) -> Status {
-        Status {
-            node: me,
-            role: RoleKind::Primary,
-            phase: Phase::Waiting,
-            generation: self.generation,
             failed_over: false,
-            peer: None,
-            gate: Some(Gate::Held),
-            running_epoch: self.epoch,
+            phase: PPhase::Waiting,
+            gate: Gate::Held,
+            running: Epoch::FIRST,
+            capturing: None,
+            sending: None,
             captured: Epoch::NONE,
             acked: Epoch::NONE,
             released: Epoch::NONE,
+            next_capture_at: Time::ZERO,
+            peer: None,
+            token: None,
+            pending: None,
+            may_open: false,
+            heartbeat_at: Time::ZERO,
+        }
+    }
+
+    /// The backup that won `Takeover` and restored epoch `from`: primary of `generation`,
+    /// gate already open (no backup can be registered in a brand-new generation), frames
+    /// tagged `from + 1`.
+    pub(crate) fn after_takeover(generation: Generation, from: Epoch) -> Primary {
+        Primary {
+            generation,
+            failed_over: true,
+            phase: PPhase::Degraded,
+            gate: Gate::Open,
+            running: from.next(),
+            captured: from,
+            may_open: true,
+            ..Primary::fresh()
+        }
+    }
+
+    /// Fresh start: hold output, run the VM.
+    pub(crate) fn start(&mut self, ctx: &mut Ctx<'_>) {
+        ctx.act(Action::SetOutputGate(Gate::Held));
+        ctx.act(Action::ResumeVm {
+            epoch: self.running,
+        });
+    }
+
+    pub(crate) fn handle(&mut self, ctx: &mut Ctx<'_>, input: Input) -> Option<Role> {
+        let next = match input {
+            Input::Timeout => self.on_timeout(ctx),
+            Input::Message { from, msg } => self.on_message(ctx, from, msg),
+            Input::WitnessReply(reply) => self.on_reply(ctx, reply),
+            Input::Disconnected { peer } => {
+                if self.peer.is_some_and(|p| p.node == peer) {
+                    self.peer_lost(ctx);
+                }
+                None
+            }
+            Input::Heard { from } => {
+                self.heard(ctx, from);
+                None
+            }
+            Input::CaptureDone { epoch, .. } => {
+                self.on_capture_done(ctx, epoch);
+                None
+            }
+            Input::CheckpointSent { epoch } => {
+                if self.sending == Some(epoch) {
+                    self.sending = None;
+                }
+                None
+            }
+            // Backup-side inputs and link-up notices mean nothing to a primary.
+            Input::Connected { .. }
+            | Input::CheckpointStarted { .. }
+            | Input::CheckpointReceived { .. }
+            | Input::Committed { .. }
+            | Input::VmStarted => None,
+        };
+        if next.is_none() {
+            self.maybe_capture(ctx);
+        }
+        next
+    }
+
+    fn heard(&mut self, ctx: &Ctx<'_>, from: NodeId) {
+        if let Some(p) = self.peer.as_mut().filter(|p| p.node == from) {
+            p.last_heard = ctx.now;
+        }
+    }
+
+    fn on_timeout(&mut self, ctx: &mut Ctx<'_>) -> Option<Role> {
+        if let Some(p) = self.peer {
+            if ctx.now >= p.last_heard + ctx.cfg.failure_timeout {
+                self.peer_lost(ctx);
+            } else if ctx.now >= self.heartbeat_at {
+                let msg = PeerMsg::Heartbeat {
+                    generation: self.generation,
+                    epoch: self.captured,
+                };
+                ctx.act(Action::Send { to: p.node, msg });
+                self.heartbeat_at = ctx.now + ctx.cfg.heartbeat_interval;
+            }
+        }
+        if let Some(p) = self.pending.as_mut() {
+            if ctx.now >= p.retry_at {
+                ctx.act(Action::ToWitness(p.request));
+                p.retry_at = ctx.now + ctx.cfg.witness_retry;
+            }
+        }
+        None
+    }
+
+    /// A message showing a newer generation means a takeover happened: we are deposed.
+    fn deposed_by(&self, generation: Generation) -> bool {
+        generation > self.generation
+    }
+
+    fn fence(&mut self, ctx: &mut Ctx<'_>, by: Generation) -> Option<Role> {
+        ctx.log(Event::Deposed { by });
+        if let Some(p) = self.peer.take() {
+            ctx.act(Action::Disconnect { peer: p.node });
+        }
+        let fenced = Fenced::enter(ctx, FenceReason::Deposed { by }, self.generation);
+        Some(Role::Fenced(fenced))
+    }
+
+    fn on_message(&mut self, ctx: &mut Ctx<'_>, from: NodeId, msg: PeerMsg) -> Option<Role> {
+        if self.deposed_by(msg.generation()) {
+            return self.fence(ctx, msg.generation());
+        }
+        match msg {
+            PeerMsg::Join {
+                vm,
+                node,
+                ram_pages,
+                page_size,
+                ..
+            } => {
+                self.on_join(ctx, from, vm, node, ram_pages, page_size);
+            }
+            PeerMsg::Ack { generation, epoch } => {
+                if generation < self.generation {
+                    ctx.log(Event::StaleMessage { from, generation });
+                } else {
+                    self.on_ack(ctx, from, epoch);
+                }
+            }
+            PeerMsg::Heartbeat { generation, .. } => {
+                if generation < self.generation {
+                    ctx.log(Event::StaleMessage { from, generation });
+                } else {
+                    self.heard(ctx, from);
+                }
+            }
+            // A primary never follows anyone; older-generation noise is ignored.
+            PeerMsg::SyncStart { .. } | PeerMsg::Reject { .. } => {}
+        }
+        None
+    }
+
+    fn reject(&self, ctx: &mut Ctx<'_>, to: NodeId, reason: RejectReason) {
+        ctx.log(Event::Rejected { peer: to, reason });
+        let msg = PeerMsg::Reject {
+            generation: self.generation,
+            reason,
+        };
+        ctx.act(Action::Send { to, msg });
+    }
+
+    fn on_join(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        from: NodeId,
+        vm: crate::ids::VmId,
+        node: NodeId,
+        ram_pages: u64,
+        page_size: u32,
+    ) {
+        if vm != ctx.cfg.vm {
+            return self.reject(ctx, from, RejectReason::WrongVm);
+        }
+        if ram_pages != ctx.cfg.ram_pages {
+            return self.reject(ctx, from, RejectReason::RamSizeMismatch);
+        }
+        if page_size != ctx.cfg.page_size {
+            return self.reject(ctx, from, RejectReason::PageSizeMismatch);
+        }
+        if from == ctx.me || node != from {
+            return; // a confused or spoofed join; nothing sane to answer
+        }
+        if let Some(p) = self.peer {
+            if p.node == from {
+                // Our own backup joins afresh: its old stream is gone. Settle that first.
+                self.peer_lost(ctx);
+                return self.reject(ctx, from, RejectReason::Busy);
+            }
+            return self.reject(ctx, from, RejectReason::HaveBackup);
+        }
+        if self.pending.is_some() || self.capturing.is_some() || self.sending.is_some() {
+            return self.reject(ctx, from, RejectReason::Busy);
+        }
+        // Accept. Hold output *before* the sync capture, so every frame emitted after the sync
+        // point waits for this backup's ack.
+        if self.gate == Gate::Open {
+            self.gate = Gate::Held;
+            ctx.act(Action::SetOutputGate(Gate::Held));
+        }
+        let sync = self.running;
+        self.peer = Some(Peer {
+            node: from,
+            sync,
+            last_heard: ctx.now,
+        });
+        self.acked = Epoch::NONE;
+        self.phase = PPhase::Syncing;
+        self.heartbeat_at = ctx.now + ctx.cfg.heartbeat_interval;
+        let msg = PeerMsg::SyncStart {
+            generation: self.generation,
+            epoch: sync,
+        };
+        ctx.act(Action::Send { to: from, msg });
+        self.capture(ctx, true);
+    }
+
+    fn capture(&mut self, ctx: &mut Ctx<'_>, full: bool) {
+        let epoch = self.running;
+        ctx.act(Action::PauseVm);
+        ctx.act(Action::Capture { epoch, full });
+        self.capturing = Some(epoch);
+        self.next_capture_at = ctx.now + ctx.cfg.epoch_interval;
+    }
+
+    fn on_capture_done(&mut self, ctx: &mut Ctx<'_>, epoch: Epoch) {
+        if self.capturing != Some(epoch) {
+            return;
+        }
+        self.capturing = None;
+        self.captured = epoch;
+        self.running = epoch.next();
+        ctx.act(Action::ResumeVm {
+            epoch: self.running,
+        });
+        let Some(p) = self.peer else { return };
+        let full = epoch == p.sync;
+        let generation = self.generation;
+        ctx.act(Action::SendCheckpoint {
+            to: p.node,
+            epoch,
+            full,
+            generation,
+        });
+        self.sending = Some(epoch);
+        if mutant!(ctx.cfg, ReleaseBeforeAck) && self.phase == PPhase::Protected {
+            self.release(ctx, epoch);
+        }
+    }
+
+    fn on_ack(&mut self, ctx: &mut Ctx<'_>, from: NodeId, epoch: Epoch) {
+        let Some(p) = self.peer.as_mut().filter(|p| p.node == from) else {
+            return;
+        };
+        p.last_heard = ctx.now;
+        // Acks are cumulative and must name something we sent to this backup.
+        if epoch < p.sync || epoch > self.captured || epoch <= self.acked {
+            return;
+        }
+        let p = *p;
+        self.acked = epoch;
+        match self.phase {
+            PPhase::Syncing => {
+                // The joiner holds a full replica: ask the witness to let it take over.
+                let backup = Registration {
+                    node: p.node,
+                    since: p.sync,
+                };
+                self.token = Some(backup);
+                self.phase = PPhase::Registering;
+                let generation = self.generation;
+                let request = WitnessRequest::RegisterBackup {
+                    generation,
+                    primary: ctx.me,
+                    backup,
+                };
+                self.ask(ctx, request);
+            }
+            PPhase::Protected => self.release(ctx, epoch),
+            _ => {}
+        }
+    }
+
+    fn release(&mut self, ctx: &mut Ctx<'_>, through: Epoch) {
+        if self.gate == Gate::Held && through > self.released {
+            self.released = through;
+            ctx.act(Action::ReleaseOutput { through });
+        }
+    }
+
+    fn ask(&mut self, ctx: &mut Ctx<'_>, request: WitnessRequest) {
+        ctx.act(Action::ToWitness(request));
+        self.pending = Some(Pending {
+            request,
+            retry_at: ctx.now + ctx.cfg.witness_retry,
+        });
+    }
+
+    /// The backup/joiner fell silent, its link dropped, or it rejoined afresh.
+    /// Also used when the witness refused its registration (then the peer may be gone already).
+    fn peer_lost(&mut self, ctx: &mut Ctx<'_>) {
+        if let Some(p) = self.peer.take() {
+            ctx.log(Event::PeerLost { peer: p.node });
+            ctx.act(Action::Disconnect { peer: p.node });
+        }
+        // The driver may abandon a send to a closed link; never wait for its completion.
+        self.sending = None;
+        self.acked = Epoch::NONE;
+        match self.token {
+            // A registration may exist (granted, or still travelling): revoke it, output held.
+            // Our token is the newest we ever asked for, so the drop also voids any late
+            // duplicate of our RegisterBackup.
+            Some(backup) => {
+                self.phase = PPhase::Dropping;
+                let generation = self.generation;
+                let request = WitnessRequest::DropBackup {
+                    generation,
+                    primary: ctx.me,
+                    backup,
+                };
+                self.ask(ctx, request);
+            }
+            // Lost mid-sync, before any RegisterBackup: the witness still has no backup.
+            None => self.unprotected(ctx),
+        }
+    }
+
+    /// The witness is known to hold no backup for us.
+    fn unprotected(&mut self, ctx: &mut Ctx<'_>) {
+        if self.may_open {
+            self.phase = PPhase::Degraded;
+            if self.gate == Gate::Held {
+                self.gate = Gate::Open;
+                ctx.act(Action::SetOutputGate(Gate::Open));
+            }
+        } else {
+            self.phase = PPhase::Waiting;
+        }
+    }
+
+    fn on_reply(&mut self, ctx: &mut Ctx<'_>, reply: WitnessReply) -> Option<Role> {
+        let s = reply.state;
+        if s.vm != ctx.cfg.vm {
+            return None;
+        }
+        // Any reply is a snapshot of the register: if it names a newer generation, or another
+        // primary for ours, we were deposed, whatever request it answers.
+        if s.generation > self.generation
+            || (s.generation == self.generation && s.primary != ctx.me)
+        {
+            return self.fence(ctx, s.generation);
+        }
+        if self.pending.map(|p| p.request) != Some(reply.request) {
+            return None; // an answer to something we no longer wait for
+        }
+        self.pending = None;
+        if !reply.granted {
+            ctx.log(Event::WitnessDenied(reply.request));
+        }
+        match (reply.request, reply.granted) {
+            (WitnessRequest::RegisterBackup { .. }, true) => {
+                self.may_open = true;
+                self.phase = PPhase::Protected;
+                self.release(ctx, self.acked);
+            }
+            (WitnessRequest::RegisterBackup { .. }, false) => {
+                // Still our generation, so our token was voided (the backup gave up): it cannot
+                // take over. Revoke explicitly to be sure, output stays held meanwhile.
+                self.peer_lost(ctx);
+            }
+            (WitnessRequest::DropBackup { .. }, true) => {
+                self.token = None;
+                self.unprotected(ctx);
+            }
+            (WitnessRequest::DropBackup { .. }, false) => {
+                // Only a registration newer than our newest token refuses a drop, and only we
+                // register in our generation: the register is not what we believe. Stop.
+                return self.fence(ctx, s.generation);
+            }
+            _ => {}
+        }
+        None
+    }
+
+    /// Whether the next incremental capture waits only for its time to come.
+    fn can_capture(&self, cfg: &Config) -> bool {
+        let streaming = matches!(
+            self.phase,
+            PPhase::Syncing | PPhase::Registering | PPhase::Protected
+        );
+        let Some(p) = self.peer.filter(|_| streaming) else {
+            return false;
+        };
+        // The sync epoch itself counts as unacked until acked.
+        let acked_floor = self.acked.0.max(p.sync.0.saturating_sub(1));
+        let unacked = self.captured.0.saturating_sub(acked_floor);
+        self.capturing.is_none() && self.sending.is_none() && unacked < cfg.max_unacked
+    }
+
+    fn maybe_capture(&mut self, ctx: &mut Ctx<'_>) {
+        if self.can_capture(ctx.cfg) && ctx.now >= self.next_capture_at {
+            self.capture(ctx, false);
+        }
+    }
+
+    pub(crate) fn poll_timeout(&self, cfg: &Config) -> Option<Time> {
+        let mut t: Option<Time> = None;
+        let mut at = |x: Time| t = Some(t.map_or(x, |t| t.min(x)));
+        if let Some(p) = self.peer {
+            at(p.last_heard + cfg.failure_timeout);
+            at(self.heartbeat_at);
+        }
+        if let Some(p) = self.pending {
+            at(p.retry_at);
+        }
+        if self.can_capture(cfg) {
+            at(self.next_capture_at);
+        }
+        t
+    }
+
+    pub(crate) fn status(&self, me: NodeId) -> Status {
+        let phase = match self.phase {
+            PPhase::Waiting => Phase::Waiting,
+            PPhase::Syncing => Phase::Syncing,
+            PPhase::Registering => Phase::Registering,
+            PPhase::Protected => Phase::Protected,
+            PPhase::Dropping => Phase::Dropping,
+            PPhase::Degraded => Phase::Degraded,
+        };
+        Status {
+            node: me,
+            role: RoleKind::Primary,
+            phase,
+            generation: self.generation,
+            failed_over: self.failed_over,
+            peer: self.peer.map(|p| p.node),
+            gate: Some(self.gate),
+            running_epoch: self.running,
+            captured: self.captured,
+            acked: self.acked,
+            released: self.released,
             committed: None,
-            registration: None,
+            registration: self.token,
         }
     }
 }

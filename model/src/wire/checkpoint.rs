@@ -211,13 +211,13 @@ pub struct Checkpoint {
 }
 
 /// Encode a whole checkpoint into one buffer (copies; for tests and the simulator).
-pub fn encode_checkpoint<'p>(
+pub fn encode_checkpoint(
     vm: VmId,
     generation: Generation,
     epoch: Epoch,
     full: bool,
     page_size: u32,
-    pages: &[(u64, &'p [u8])],
+    pages: &[(u64, &[u8])],
     device: &[u8],
 ) -> Result<Vec<u8>, WireError> {
     let meta = CheckpointMeta {
