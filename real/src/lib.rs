@@ -1,5 +1,6 @@
 //! The real ftvm executor: drives a stock QEMU and runs the `ftvm-model` protocol with real effects.
 
+pub mod agent;
 pub mod client;
 pub mod dirty;
 pub mod host;

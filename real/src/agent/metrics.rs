@@ -1,0 +1,131 @@
+//! Per-epoch metrics as JSON lines (DESIGN §8), plus a run summary with the VM idle rate.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::path::Path;
+use std::time::Instant;
+
+/// What one epoch cost. Times in microseconds.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct EpochMetrics {
+    /// Epoch number.
+    pub epoch: u64,
+    /// Generation.
+    pub generation: u64,
+    /// VM paused time: stop → cont.
+    pub pause_us: u64,
+    /// Dirty pages captured.
+    pub dirty_pages: u64,
+    /// Checkpoint bytes on the wire.
+    pub bytes: u64,
+    /// Finding dirty pages.
+    pub scan_us: u64,
+    /// Copying them to the staging area.
+    pub copy_us: u64,
+    /// Saving device state.
+    pub device_us: u64,
+    /// Send updated states: capture done → checkpoint handed over and buffers released.
+    pub send_us: u64,
+    /// Checkpoint sent → acked by the backup.
+    pub ack_us: u64,
+    /// Frames released at the ack.
+    pub frames_released: u64,
+    /// Longest time a released frame was held.
+    pub longest_hold_us: u64,
+}
+
+/// The summary of a run.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct RunSummary {
+    /// Epochs acked.
+    pub epochs: u64,
+    /// Wall time covered, microseconds.
+    pub wall_us: u64,
+    /// Sum of pause times, microseconds.
+    pub paused_us: u64,
+    /// Share of wall time the VM was paused.
+    pub idle_rate: f64,
+    /// Median and 99th percentile pause.
+    pub pause_p50_us: u64,
+    /// 99th percentile pause.
+    pub pause_p99_us: u64,
+    /// Median send-updated-states time.
+    pub send_p50_us: u64,
+    /// 99th percentile send-updated-states time.
+    pub send_p99_us: u64,
+    /// Mean send-updated-states time.
+    pub send_mean_us: u64,
+}
+
+/// Writes epoch lines and accumulates the summary.
+pub struct MetricsSink {
+    out: Option<BufWriter<File>>,
+    started: Instant,
+    pauses: Vec<u64>,
+    sends: Vec<u64>,
+}
+
+fn percentile(sorted: &[u64], p: usize) -> u64 {
+    if sorted.is_empty() {
+        return 0;
+    }
+    sorted[(sorted.len() * p / 100).min(sorted.len() - 1)]
+}
+
+impl MetricsSink {
+    /// A sink writing to `path` (or only summarising when `None`).
+    pub fn new(path: Option<&Path>) -> std::io::Result<MetricsSink> {
+        let out = match path {
+            Some(p) => Some(BufWriter::new(File::create(p)?)),
+            None => None,
+        };
+        Ok(MetricsSink {
+            out,
+            started: Instant::now(),
+            pauses: Vec::new(),
+            sends: Vec::new(),
+        })
+    }
+
+    /// Records one acked epoch.
+    pub fn record(&mut self, m: &EpochMetrics) {
+        self.pauses.push(m.pause_us);
+        self.sends.push(m.send_us);
+        if let Some(out) = self.out.as_mut() {
+            if let Ok(line) = serde_json::to_string(m) {
+                // Metrics are best effort: a full disk must not stop the protection.
+                let _ = writeln!(out, "{line}");
+                let _ = out.flush();
+            }
+        }
+    }
+
+    /// The summary so far.
+    pub fn summary(&self) -> RunSummary {
+        let wall_us = self.started.elapsed().as_micros() as u64;
+        let paused_us: u64 = self.pauses.iter().sum();
+        let mut p = self.pauses.clone();
+        p.sort_unstable();
+        let mut s = self.sends.clone();
+        s.sort_unstable();
+        RunSummary {
+            epochs: p.len() as u64,
+            wall_us,
+            paused_us,
+            idle_rate: if wall_us == 0 {
+                0.0
+            } else {
+                paused_us as f64 / wall_us as f64
+            },
+            pause_p50_us: percentile(&p, 50),
+            pause_p99_us: percentile(&p, 99),
+            send_p50_us: percentile(&s, 50),
+            send_p99_us: percentile(&s, 99),
+            send_mean_us: if s.is_empty() {
+                0
+            } else {
+                s.iter().sum::<u64>() / s.len() as u64
+            },
+        }
+    }
+}

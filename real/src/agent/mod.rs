@@ -1,0 +1,712 @@
+//! The real executor: one event loop per host that feeds `ftvm_model::Node` with what happens
+//! (connections, messages, checkpoints, witness replies, timers) and carries out the actions it
+//! returns on a real VM, real sockets and a real replica. Every decision is the model's; this
+//! module only moves bytes and measures.
+
+pub mod event;
+pub mod link;
+pub mod mem_vm;
+pub mod metrics;
+pub mod netio;
+pub mod vm;
+pub mod witness;
+
+use std::collections::{BTreeMap, HashMap, VecDeque};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ftvm_model::{Action, Epoch, Gate, Input, Node, NodeId, Phase, Start, Status, Time};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+
+use self::event::{ConnId, Event};
+use self::link::{Link, Outgoing};
+use self::metrics::{EpochMetrics, MetricsSink, RunSummary};
+use self::netio::NetIo;
+use self::vm::{RestorePoint, Vm, VmError, VmLauncher};
+use crate::net::output::OutputGate;
+use crate::replica::{Replica, ReplicaError, StagedCheckpoint};
+use crate::transport::TransportKind;
+
+/// Errors that stop an agent.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// The checkpoint listener could not be opened.
+    #[error("listen on {addr}: {source}")]
+    Listen {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: std::io::Error,
+    },
+    /// The VM failed or died on its own.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The replica could not be opened or committed.
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    /// A commit failed: the replica keeps its previous checkpoint, but this backup is unusable.
+    #[error("commit of epoch {epoch} failed: {detail}")]
+    Commit {
+        /// Epoch.
+        epoch: u64,
+        /// Cause.
+        detail: String,
+    },
+    /// The model refused the configuration.
+    #[error("configuration: {0}")]
+    Config(String),
+}
+
+/// Everything an agent needs to know.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// This host's node id.
+    pub node: NodeId,
+    /// How it starts.
+    pub start: Start,
+    /// Protocol parameters.
+    pub model: ftvm_model::Config,
+    /// Where this agent accepts checkpoint links.
+    pub listen: SocketAddr,
+    /// Checkpoint-link addresses of the other agents.
+    pub peers: BTreeMap<NodeId, SocketAddr>,
+    /// The witness's address.
+    pub witness: SocketAddr,
+    /// Directory of the replica (journal, device state, metadata).
+    pub replica_dir: PathBuf,
+    /// The replica's RAM file (on tmpfs: the restored QEMU maps it as guest RAM).
+    pub replica_ram: PathBuf,
+    /// How checkpoints leave this host.
+    pub transport: TransportKind,
+    /// Per-epoch metrics (JSON lines).
+    pub metrics: Option<PathBuf>,
+    /// Status file (JSON), rewritten at every phase change.
+    pub status_file: Option<PathBuf>,
+    /// Log protocol events to stderr.
+    pub verbose: bool,
+}
+
+/// Why an agent loop ended without an error.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AgentExit {
+    /// Asked to stop.
+    Shutdown,
+    /// Fenced for good (no rejoin configured).
+    Fenced,
+}
+
+/// A status line for files and logs.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StatusReport {
+    /// Node id.
+    pub node: u32,
+    /// Role and phase.
+    pub role: String,
+    /// Phase name.
+    pub phase: String,
+    /// Generation.
+    pub generation: u64,
+    /// True after this node took over.
+    pub failed_over: bool,
+    /// Last committed epoch (backup).
+    pub committed: Option<u64>,
+    /// Last acked epoch (primary).
+    pub acked: u64,
+    /// Microseconds from this node's takeover request to its VM running, if it failed over.
+    pub failover_us: Option<u64>,
+    /// Metrics summary so far.
+    pub summary: RunSummary,
+}
+
+static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
+
+fn new_conn() -> ConnId {
+    ConnId(NEXT_CONN.fetch_add(1, Ordering::Relaxed))
+}
+
+/// One host's agent.
+pub struct Agent<L: VmLauncher> {
+    cfg: AgentConfig,
+    node: Node,
+    origin: Instant,
+    launcher: L,
+    vm: Option<L::Vm>,
+    tx: UnboundedSender<Event>,
+    rx: UnboundedReceiver<Event>,
+    links: HashMap<ConnId, Link>,
+    conn_peer: HashMap<ConnId, NodeId>,
+    peer_conn: HashMap<NodeId, ConnId>,
+    replica: Arc<Mutex<Replica>>,
+    staged: BTreeMap<u64, StagedCheckpoint>,
+    spare: Option<StagedCheckpoint>,
+    captured: Option<StagedCheckpoint>,
+    gate: OutputGate,
+    net: Option<NetIo>,
+    metrics: MetricsSink,
+    open_epochs: BTreeMap<u64, (EpochMetrics, Option<Instant>)>,
+    paused_at: Option<Instant>,
+    last_status: Option<Status>,
+    takeover_started: Option<Instant>,
+    failover_us: Option<u64>,
+}
+
+impl<L: VmLauncher> Agent<L> {
+    /// An agent; `net` is the VM's network path (None for tests without networking).
+    pub fn new(cfg: AgentConfig, launcher: L) -> Result<Self, AgentError> {
+        cfg.model
+            .validate()
+            .map_err(|e| AgentError::Config(e.to_string()))?;
+        let ram_bytes = cfg.model.ram_pages * u64::from(cfg.model.page_size);
+        let replica = Replica::open(
+            &cfg.replica_dir,
+            &cfg.replica_ram,
+            ram_bytes,
+            cfg.model.page_size as usize,
+        )?;
+        let metrics = MetricsSink::new(cfg.metrics.as_deref()).map_err(|e| AgentError::Commit {
+            epoch: 0,
+            detail: format!("metrics file: {e}"),
+        })?;
+        let (tx, rx) = unbounded_channel();
+        Ok(Agent {
+            node: Node::new(cfg.model.clone(), cfg.node, cfg.start),
+            cfg,
+            origin: Instant::now(),
+            launcher,
+            vm: None,
+            tx,
+            rx,
+            links: HashMap::new(),
+            conn_peer: HashMap::new(),
+            peer_conn: HashMap::new(),
+            replica: Arc::new(Mutex::new(replica)),
+            staged: BTreeMap::new(),
+            spare: None,
+            captured: None,
+            gate: OutputGate::new(),
+            net: None,
+            metrics,
+            open_epochs: BTreeMap::new(),
+            paused_at: None,
+            last_status: None,
+            takeover_started: None,
+            failover_us: None,
+        })
+    }
+
+    /// The channel helper tasks report on (to build a [`NetIo`] before [`Agent::run`]).
+    pub fn events(&self) -> UnboundedSender<Event> {
+        self.tx.clone()
+    }
+
+    /// Attaches the VM's network path.
+    pub fn attach_net(&mut self, net: NetIo) {
+        self.net = Some(net);
+    }
+
+    fn now(&self) -> Time {
+        Time::from_duration(self.origin.elapsed())
+    }
+
+    fn deadline(&self) -> tokio::time::Instant {
+        let now = self.now();
+        let wait = self
+            .node
+            .poll_timeout()
+            .map(|t| t.saturating_since(now))
+            .unwrap_or(Duration::from_secs(3600));
+        tokio::time::Instant::now() + wait
+    }
+
+    /// Runs until `shutdown` resolves, the node is fenced for good, or a fatal error.
+    pub async fn run(
+        mut self,
+        shutdown: impl std::future::Future<Output = ()>,
+    ) -> Result<AgentExit, AgentError> {
+        self.listen()?;
+        let mut pending = VecDeque::from([Input::Timeout]);
+        tokio::pin!(shutdown);
+        loop {
+            while let Some(input) = pending.pop_front() {
+                let now = self.now();
+                let actions = self.node.handle(now, input);
+                for a in actions {
+                    self.execute(a, &mut pending).await?;
+                }
+                self.note_status();
+            }
+            if self.node.status().phase == Phase::Fenced
+                && self.cfg.model.rejoin_after_fence.is_none()
+            {
+                return Ok(AgentExit::Fenced);
+            }
+            let deadline = self.deadline();
+            let Agent { rx, vm, .. } = &mut self;
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                _ = tokio::time::sleep_until(deadline) => {
+                    pending.push_back(Input::Timeout);
+                    continue;
+                }
+                err = vm_died(vm) => return Err(AgentError::Vm(err)),
+                _ = &mut shutdown => return Ok(AgentExit::Shutdown),
+            };
+            if let Some(ev) = ev {
+                self.on_event(ev, &mut pending).await?;
+            }
+        }
+    }
+
+    fn listen(&mut self) -> Result<(), AgentError> {
+        let addr = self.cfg.listen;
+        let listener =
+            TcpListener::bind(addr).map_err(|source| AgentError::Listen { addr, source })?;
+        let tx = self.tx.clone();
+        let (vm, ps, kind) = (
+            self.cfg.model.vm,
+            self.cfg.model.page_size,
+            self.cfg.transport,
+        );
+        std::thread::Builder::new()
+            .name("accept".into())
+            .spawn(move || {
+                for stream in listener.incoming().flatten() {
+                    let conn = new_conn();
+                    match link::spawn(stream, conn, vm, ps, kind, tx.clone()) {
+                        Ok(link) => {
+                            if tx.send(Event::Accepted { conn, link }).is_err() {
+                                return;
+                            }
+                        }
+                        Err(e) => eprintln!("ftvm: accepting a checkpoint link: {e}"),
+                    }
+                }
+            })
+            .map_err(|source| AgentError::Listen { addr, source })?;
+        Ok(())
+    }
+
+    fn drop_conn(&mut self, conn: ConnId) -> Option<NodeId> {
+        self.links.remove(&conn);
+        let peer = self.conn_peer.remove(&conn)?;
+        if self.peer_conn.get(&peer) == Some(&conn) {
+            self.peer_conn.remove(&peer);
+        }
+        Some(peer)
+    }
+
+    fn peer_of(&self, conn: ConnId) -> Option<NodeId> {
+        self.conn_peer.get(&conn).copied()
+    }
+
+    async fn on_event(
+        &mut self,
+        ev: Event,
+        pending: &mut VecDeque<Input>,
+    ) -> Result<(), AgentError> {
+        match ev {
+            Event::Accepted { conn, link } => {
+                self.links.insert(conn, link);
+            }
+            Event::Connected { peer, conn, link } => {
+                if let Some(old) = self.peer_conn.insert(peer, conn) {
+                    self.links.remove(&old);
+                    self.conn_peer.remove(&old);
+                }
+                self.links.insert(conn, link);
+                self.conn_peer.insert(conn, peer);
+                pending.push_back(Input::Connected { peer });
+            }
+            Event::ConnectFailed { peer, why } => {
+                self.log(format_args!("connect to {peer} failed: {why}"));
+                pending.push_back(Input::Disconnected { peer });
+            }
+            Event::Heard { conn } => {
+                if let Some(from) = self.peer_of(conn) {
+                    pending.push_back(Input::Heard { from });
+                }
+            }
+            Event::Message { conn, msg } => {
+                let from = match (self.peer_of(conn), msg) {
+                    (Some(p), _) => p,
+                    (None, ftvm_model::PeerMsg::Join { node, .. }) => {
+                        // An accepted connection names its peer in its Join. A newer connection
+                        // of the same peer replaces the old one, which the model hears closing.
+                        if let Some(old) = self.peer_conn.insert(node, conn) {
+                            self.links.remove(&old);
+                            self.conn_peer.remove(&old);
+                            pending.push_back(Input::Disconnected { peer: node });
+                        }
+                        self.conn_peer.insert(conn, node);
+                        node
+                    }
+                    (None, _) => return Ok(()),
+                };
+                pending.push_back(Input::Message { from, msg });
+            }
+            Event::CheckpointStarted { conn, epoch } => {
+                if self.peer_of(conn).is_some() {
+                    pending.push_back(Input::CheckpointStarted { epoch });
+                }
+            }
+            Event::CheckpointReceived {
+                conn,
+                epoch,
+                staged,
+            } => {
+                if self.peer_of(conn).is_some() {
+                    self.staged.insert(epoch.0, staged);
+                    pending.push_back(Input::CheckpointReceived { epoch, ok: true });
+                }
+            }
+            Event::CheckpointSent {
+                epoch,
+                bytes,
+                send_us,
+                stats,
+                staged,
+            } => {
+                self.spare = Some(staged);
+                if let Some((m, sent)) = self.open_epochs.get_mut(&epoch.0) {
+                    m.bytes = bytes;
+                    m.send_us = send_us;
+                    *sent = Some(Instant::now());
+                }
+                if stats.copied_completions > 0 && stats.zerocopy_active {
+                    self.log(format_args!(
+                        "transport: kernel copied {} zero-copy sends (loopback/veth path?)",
+                        stats.copied_completions
+                    ));
+                }
+                pending.push_back(Input::CheckpointSent { epoch });
+            }
+            Event::LinkClosed { conn, why } => {
+                if let Some(peer) = self.drop_conn(conn) {
+                    self.log(format_args!("link to {peer} closed: {why}"));
+                    pending.push_back(Input::Disconnected { peer });
+                }
+            }
+            Event::Witness(reply) => pending.push_back(Input::WitnessReply(reply)),
+            Event::Committed { epoch, error } => match error {
+                None => pending.push_back(Input::Committed { epoch }),
+                Some(detail) => {
+                    return Err(AgentError::Commit {
+                        epoch: epoch.0,
+                        detail,
+                    })
+                }
+            },
+            Event::VmFrame(frame) => {
+                if let Some(f) = self.gate.push(frame, Instant::now()) {
+                    if let Some(net) = &self.net {
+                        net.to_wire(vec![f]).await;
+                    }
+                }
+            }
+            Event::WireFrame(frame) => {
+                if let Some(net) = &self.net {
+                    net.to_vm(&frame).await;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn execute(
+        &mut self,
+        action: Action,
+        pending: &mut VecDeque<Input>,
+    ) -> Result<(), AgentError> {
+        match action {
+            Action::PauseVm => {
+                self.paused_at = Some(Instant::now());
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.pause().await?;
+                }
+            }
+            Action::Capture { epoch, full } => {
+                let mut buf = self
+                    .spare
+                    .take()
+                    .or_else(|| self.captured.take())
+                    .unwrap_or_default();
+                let stats = match self.vm.as_mut() {
+                    Some(vm) => vm.capture(full, &mut buf).await?,
+                    None => return Err(VmError::failed("capture", "no VM is running").into()),
+                };
+                buf.generation = self.node.status().generation.0;
+                buf.epoch = epoch.0;
+                let bytes = buf.data.len() as u64 + buf.device.len() as u64;
+                let m = EpochMetrics {
+                    epoch: epoch.0,
+                    generation: buf.generation,
+                    dirty_pages: stats.pages,
+                    scan_us: stats.scan_us,
+                    copy_us: stats.copy_us,
+                    device_us: stats.device_us,
+                    ..EpochMetrics::default()
+                };
+                self.open_epochs.insert(epoch.0, (m, None));
+                self.captured = Some(buf);
+                pending.push_back(Input::CaptureDone {
+                    epoch,
+                    pages: stats.pages,
+                    bytes,
+                });
+            }
+            Action::ResumeVm { epoch } => {
+                match self.vm.as_mut() {
+                    Some(vm) => vm.resume().await?,
+                    // A fresh primary's first action: boot the VM.
+                    None => self.vm = Some(self.launcher.boot().await?),
+                }
+                if let Some(paused) = self.paused_at.take() {
+                    let us = paused.elapsed().as_micros() as u64;
+                    if let Some((m, _)) = self.open_epochs.get_mut(&(epoch.0.saturating_sub(1))) {
+                        m.pause_us = us;
+                    }
+                }
+                self.gate.begin_epoch(epoch.0);
+            }
+            Action::SendCheckpoint {
+                to,
+                epoch,
+                full,
+                generation,
+            } => {
+                let link = self.peer_conn.get(&to).and_then(|c| self.links.get(c));
+                match (link, self.captured.take()) {
+                    (Some(link), Some(staged)) if staged.epoch == epoch.0 => {
+                        link.send(Outgoing::Checkpoint {
+                            generation,
+                            full,
+                            staged,
+                        });
+                    }
+                    (_, staged) => {
+                        // No link (its loss is already reported) or nothing captured: keep the
+                        // buffer for reuse; the model hears of the link loss.
+                        self.spare = staged;
+                    }
+                }
+            }
+            Action::Send { to, msg } => {
+                if let Some(link) = self.peer_conn.get(&to).and_then(|c| self.links.get(c)) {
+                    link.send(Outgoing::Peer(msg));
+                }
+            }
+            Action::Connect { to } => self.connect(to),
+            Action::Disconnect { peer } => {
+                if let Some(conn) = self.peer_conn.get(&peer).copied() {
+                    self.drop_conn(conn);
+                }
+            }
+            Action::ToWitness(req) => {
+                let (addr, vm, tx) = (self.cfg.witness, self.cfg.model.vm, self.tx.clone());
+                let timeout = self.cfg.model.witness_retry;
+                if matches!(req, ftvm_model::WitnessRequest::Takeover { .. })
+                    && self.takeover_started.is_none()
+                {
+                    self.takeover_started = Some(Instant::now());
+                }
+                tokio::spawn(async move {
+                    // No reply is fine: the node resends after `witness_retry`.
+                    if let Ok(reply) = witness::request(addr, vm, req, timeout).await {
+                        let _ = tx.send(Event::Witness(reply));
+                    }
+                });
+            }
+            Action::ReleaseOutput { through } => {
+                let now = Instant::now();
+                let frames = self.gate.release_through(through.0, now);
+                let stats = self.gate.take_stats();
+                self.close_epochs(through, frames.len() as u64, stats.longest_hold_us);
+                if let Some(net) = &self.net {
+                    net.to_wire(frames).await;
+                }
+            }
+            Action::SetOutputGate(g) => {
+                let frames = self.gate.set_open(g == Gate::Open, Instant::now());
+                if let Some(net) = &self.net {
+                    net.to_wire(frames).await;
+                }
+            }
+            Action::Commit { epoch } => {
+                // Older staged checkpoints were superseded; the model commits in order.
+                let staged = self.staged.remove(&epoch.0);
+                self.staged.retain(|&e, _| e > epoch.0);
+                let replica = self.replica.clone();
+                let tx = self.tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let error = match staged {
+                        None => Some("no staged checkpoint of that epoch".to_string()),
+                        Some(s) => match replica.lock() {
+                            Ok(mut r) => r.commit(&s).err().map(|e| e.to_string()),
+                            Err(_) => Some("replica lock poisoned".to_string()),
+                        },
+                    };
+                    let _ = tx.send(Event::Committed { epoch, error });
+                });
+            }
+            Action::DiscardStaged => self.staged.clear(),
+            Action::StartVm { from, generation } => {
+                let point = {
+                    let r = self
+                        .replica
+                        .lock()
+                        .map_err(|_| AgentError::Config("replica lock poisoned".into()))?;
+                    RestorePoint {
+                        ram_file: r.ram_path().to_path_buf(),
+                        device: r.device_state()?,
+                    }
+                };
+                self.log(format_args!(
+                    "failover: restoring epoch {from} as generation {generation}"
+                ));
+                self.vm = Some(self.launcher.restore(point).await?);
+                self.gate.begin_epoch(from.0 + 1);
+                if let Some(t) = self.takeover_started.take() {
+                    let us = t.elapsed().as_micros() as u64;
+                    self.failover_us = Some(us);
+                    self.log(format_args!(
+                        "failover: VM running {us} us after the takeover request"
+                    ));
+                }
+                pending.push_back(Input::VmStarted);
+            }
+            Action::Fence => {
+                self.log(format_args!(
+                    "fenced: stopping the VM, dropping held output"
+                ));
+                if let Some(mut vm) = self.vm.take() {
+                    vm.kill().await;
+                }
+                self.gate.fence();
+            }
+            Action::Log(e) => self.log(format_args!("{e:?}")),
+        }
+        Ok(())
+    }
+
+    fn connect(&mut self, to: NodeId) {
+        let tx = self.tx.clone();
+        let Some(addr) = self.cfg.peers.get(&to).copied() else {
+            let _ = tx.send(Event::ConnectFailed {
+                peer: to,
+                why: "no address configured for that node".into(),
+            });
+            return;
+        };
+        let (vm, ps, kind) = (
+            self.cfg.model.vm,
+            self.cfg.model.page_size,
+            self.cfg.transport,
+        );
+        tokio::task::spawn_blocking(move || {
+            let ev = match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                Ok(stream) => {
+                    let conn = new_conn();
+                    match link::spawn(stream, conn, vm, ps, kind, tx.clone()) {
+                        Ok(link) => Event::Connected {
+                            peer: to,
+                            conn,
+                            link,
+                        },
+                        Err(e) => Event::ConnectFailed {
+                            peer: to,
+                            why: e.to_string(),
+                        },
+                    }
+                }
+                Err(e) => Event::ConnectFailed {
+                    peer: to,
+                    why: format!("{addr}: {e}"),
+                },
+            };
+            let _ = tx.send(ev);
+        });
+    }
+
+    /// Epochs up to `through` are acked: finish and record their metrics.
+    fn close_epochs(&mut self, through: Epoch, frames: u64, longest_hold_us: u64) {
+        let now = Instant::now();
+        let done: Vec<u64> = self
+            .open_epochs
+            .range(..=through.0)
+            .map(|(&e, _)| e)
+            .collect();
+        for e in done {
+            if let Some((mut m, sent)) = self.open_epochs.remove(&e) {
+                m.ack_us = sent
+                    .map(|s| now.duration_since(s).as_micros() as u64)
+                    .unwrap_or(0);
+                if e == through.0 {
+                    m.frames_released = frames;
+                    m.longest_hold_us = longest_hold_us;
+                }
+                self.metrics.record(&m);
+            }
+        }
+    }
+
+    fn note_status(&mut self) {
+        let st = self.node.status();
+        let changed = self
+            .last_status
+            .map(|l| l.phase != st.phase || l.generation != st.generation || l.role != st.role)
+            .unwrap_or(true);
+        if !changed {
+            return;
+        }
+        self.last_status = Some(st);
+        eprintln!(
+            "ftvm[{}]: {:?}/{} generation {}",
+            st.node, st.role, st.phase, st.generation
+        );
+        self.write_status();
+    }
+
+    /// The current status report.
+    pub fn status_report(&self) -> StatusReport {
+        let st = self.node.status();
+        StatusReport {
+            node: st.node.0,
+            role: format!("{:?}", st.role),
+            phase: st.phase.name().to_string(),
+            generation: st.generation.0,
+            failed_over: st.failed_over,
+            committed: st.committed.map(|e| e.0),
+            acked: st.acked.0,
+            failover_us: self.failover_us,
+            summary: self.metrics.summary(),
+        }
+    }
+
+    fn write_status(&self) {
+        let Some(path) = &self.cfg.status_file else {
+            return;
+        };
+        if let Ok(json) = serde_json::to_vec(&self.status_report()) {
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, json).is_ok() {
+                let _ = std::fs::rename(&tmp, path);
+            }
+        }
+    }
+
+    fn log(&self, args: std::fmt::Arguments<'_>) {
+        if self.cfg.verbose {
+            eprintln!("ftvm[{}]: {args}", self.cfg.node);
+        }
+    }
+}
+
+async fn vm_died<V: Vm>(vm: &mut Option<V>) -> VmError {
+    match vm {
+        Some(v) => v.died().await,
+        None => std::future::pending().await,
+    }
+}
