@@ -166,3 +166,223 @@ impl Witness {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ids::Generation;
+    use crate::witness_msg::Registration;
+
+    const VM: VmId = VmId(7);
+    const P: NodeId = NodeId(1);
+    const B: NodeId = NodeId(2);
+    const C: NodeId = NodeId(3);
+    const T: Time = Time::ZERO;
+
+    fn reg(node: NodeId, since: u64) -> Registration {
+        Registration {
+            node,
+            since: Epoch(since),
+        }
+    }
+    fn register(g: u64, primary: NodeId, backup: Registration) -> WitnessRequest {
+        WitnessRequest::RegisterBackup {
+            generation: Generation(g),
+            primary,
+            backup,
+        }
+    }
+    fn drop_(g: u64, primary: NodeId, backup: Registration) -> WitnessRequest {
+        WitnessRequest::DropBackup {
+            generation: Generation(g),
+            primary,
+            backup,
+        }
+    }
+    fn takeover(g: u64, backup: Registration) -> WitnessRequest {
+        WitnessRequest::Takeover {
+            generation: Generation(g),
+            backup,
+        }
+    }
+
+    #[test]
+    fn initial_state_and_query() {
+        let mut w = Witness::new(VM, P);
+        let r = w.handle(T, WitnessRequest::Query);
+        assert!(r.granted);
+        assert_eq!(r.request, WitnessRequest::Query);
+        assert_eq!(r.state, WitnessState::initial(VM, P));
+        assert_eq!(r.state.generation, Generation(1));
+        assert_eq!(r.state.backup, None);
+    }
+
+    #[test]
+    fn register_then_takeover_bumps_generation() {
+        let mut w = Witness::new(VM, P);
+        assert!(w.handle(T, register(1, P, reg(B, 5))).granted);
+        assert_eq!(w.state().backup, Some(reg(B, 5)));
+        let r = w.handle(T, takeover(1, reg(B, 5)));
+        assert!(r.granted);
+        assert_eq!(r.state.generation, Generation(2));
+        assert_eq!(r.state.primary, B);
+        assert_eq!(r.state.backup, None);
+        assert_eq!(r.state.promoted, Some(reg(B, 5)));
+        // The old primary is now refused everything.
+        assert!(!w.handle(T, drop_(1, P, reg(B, 5))).granted);
+        assert!(!w.handle(T, register(1, P, reg(C, 9))).granted);
+    }
+
+    #[test]
+    fn only_the_current_primary_registers_and_only_one_backup() {
+        let mut w = Witness::new(VM, P);
+        assert!(
+            !w.handle(T, register(1, B, reg(C, 5))).granted,
+            "not the primary"
+        );
+        assert!(
+            !w.handle(T, register(2, P, reg(C, 5))).granted,
+            "wrong generation"
+        );
+        assert!(w.handle(T, register(1, P, reg(B, 5))).granted);
+        assert!(
+            w.handle(T, register(1, P, reg(B, 5))).granted,
+            "a resend is idempotent"
+        );
+        assert!(
+            !w.handle(T, register(1, P, reg(C, 6))).granted,
+            "a second backup"
+        );
+        assert_eq!(w.state().backup, Some(reg(B, 5)));
+    }
+
+    #[test]
+    fn takeover_needs_the_exact_registration() {
+        let mut w = Witness::new(VM, P);
+        assert!(
+            !w.handle(T, takeover(1, reg(B, 5))).granted,
+            "nobody registered"
+        );
+        assert!(w.handle(T, register(1, P, reg(B, 6))).granted);
+        assert!(!w.handle(T, takeover(1, reg(C, 6))).granted, "other node");
+        assert!(
+            !w.handle(T, takeover(0, reg(B, 6))).granted,
+            "other generation"
+        );
+        assert_eq!(w.state().generation, Generation(1));
+        assert!(w.handle(T, takeover(1, reg(B, 6))).granted);
+    }
+
+    #[test]
+    fn takeover_resend_is_granted_again_but_not_after_a_further_failover() {
+        let mut w = Witness::new(VM, P);
+        w.handle(T, register(1, P, reg(B, 5)));
+        assert!(w.handle(T, takeover(1, reg(B, 5))).granted);
+        let again = w.handle(T, takeover(1, reg(B, 5)));
+        assert!(again.granted);
+        assert_eq!(again.state.generation, Generation(2));
+        // B (primary of 2) registers C, C takes over: B's old request is now history.
+        assert!(w.handle(T, register(2, B, reg(C, 40))).granted);
+        assert!(w.handle(T, takeover(2, reg(C, 40))).granted);
+        assert!(!w.handle(T, takeover(1, reg(B, 5))).granted);
+        assert_eq!(w.state().generation, Generation(3));
+        assert_eq!(w.state().primary, C);
+    }
+
+    #[test]
+    fn drop_wins_the_race_against_takeover() {
+        let mut w = Witness::new(VM, P);
+        w.handle(T, register(1, P, reg(B, 5)));
+        assert!(w.handle(T, drop_(1, P, reg(B, 5))).granted);
+        let r = w.handle(T, takeover(1, reg(B, 5)));
+        assert!(!r.granted);
+        assert_eq!(r.state.primary, P);
+        assert_eq!(r.state.generation, Generation(1));
+    }
+
+    #[test]
+    fn takeover_wins_the_race_against_drop() {
+        let mut w = Witness::new(VM, P);
+        w.handle(T, register(1, P, reg(B, 5)));
+        assert!(w.handle(T, takeover(1, reg(B, 5))).granted);
+        let r = w.handle(T, drop_(1, P, reg(B, 5)));
+        assert!(!r.granted);
+        assert_eq!(
+            r.state.generation,
+            Generation(2),
+            "the reply shows the primary it is deposed"
+        );
+    }
+
+    #[test]
+    fn late_duplicate_register_cannot_resurrect_a_dropped_backup() {
+        let mut w = Witness::new(VM, P);
+        assert!(w.handle(T, register(1, P, reg(B, 5))).granted);
+        assert!(w.handle(T, drop_(1, P, reg(B, 5))).granted);
+        assert_eq!(w.state().floor, Epoch(5));
+        // A copy of the register that was held up in the network arrives now.
+        assert!(!w.handle(T, register(1, P, reg(B, 5))).granted);
+        assert_eq!(w.state().backup, None);
+        // A newer sync of the same node registers fine.
+        assert!(w.handle(T, register(1, P, reg(B, 9))).granted);
+    }
+
+    #[test]
+    fn drop_before_its_register_arrives_voids_the_register() {
+        let mut w = Witness::new(VM, P);
+        // The joiner vanished while the register was travelling; the primary drops at once.
+        assert!(w.handle(T, drop_(1, P, reg(B, 5))).granted);
+        assert!(!w.handle(T, register(1, P, reg(B, 5))).granted);
+        assert_eq!(w.state().backup, None);
+    }
+
+    #[test]
+    fn stale_drop_leaves_a_newer_registration_alone() {
+        let mut w = Witness::new(VM, P);
+        w.handle(T, register(1, P, reg(B, 5)));
+        w.handle(T, drop_(1, P, reg(B, 5)));
+        assert!(w.handle(T, register(1, P, reg(B, 9))).granted);
+        assert!(!w.handle(T, drop_(1, P, reg(B, 5))).granted);
+        assert_eq!(w.state().backup, Some(reg(B, 9)));
+        assert!(
+            w.handle(T, drop_(1, P, reg(B, 9))).granted,
+            "a drop naming the newest token"
+        );
+        assert!(
+            w.handle(T, drop_(1, P, reg(B, 9))).granted,
+            "and its resend"
+        );
+    }
+
+    #[test]
+    fn denied_takeover_voids_its_token() {
+        let mut w = Witness::new(VM, P);
+        // B asks before P's register (for the same sync) reached the witness: denied ...
+        assert!(!w.handle(T, takeover(1, reg(B, 5))).granted);
+        // ... and B throws its replica away, so the register must not make it the backup.
+        assert!(!w.handle(T, register(1, P, reg(B, 5))).granted);
+        // Nor can a duplicate of the takeover succeed later.
+        assert!(!w.handle(T, takeover(1, reg(B, 5))).granted);
+        assert_eq!(w.state().generation, Generation(1));
+    }
+
+    #[test]
+    fn denied_takeover_of_an_old_generation_changes_nothing() {
+        let mut w = Witness::new(VM, P);
+        w.handle(T, register(1, P, reg(B, 5)));
+        w.handle(T, takeover(1, reg(B, 5)));
+        let before = *w.state();
+        assert!(!w.handle(T, takeover(1, reg(C, 50))).granted);
+        assert_eq!(*w.state(), before);
+    }
+
+    #[test]
+    fn state_survives_a_restart() {
+        let mut w = Witness::new(VM, P);
+        w.handle(T, register(1, P, reg(B, 5)));
+        let saved = *w.state();
+        let mut w2 = Witness::from_state(saved);
+        assert!(w2.handle(T, takeover(1, reg(B, 5))).granted);
+        assert_eq!(w2.state().primary, B);
+    }
+}

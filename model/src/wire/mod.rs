@@ -142,3 +142,6 @@ pub fn decode(bytes: &[u8], expect: &Expect) -> Result<(Frame, usize), WireError
         }
     }
 }
+
+#[cfg(test)]
+mod tests;
