@@ -78,6 +78,7 @@ mod backup;
 mod config;
 mod ctx;
 mod fenced;
+mod gate;
 mod ids;
 mod input;
 mod joiner;
@@ -85,7 +86,11 @@ mod msg;
 pub mod mutants;
 mod node;
 mod primary;
+#[cfg(test)]
+mod scenarios;
 mod status;
+#[cfg(test)]
+mod testkit;
 mod time;
 pub mod wire;
 pub mod witness;
@@ -95,6 +100,7 @@ pub use action::{Action, Event, Gate};
 pub use backup::Backup;
 pub use config::{Config, ConfigError, Start};
 pub use fenced::{FenceReason, Fenced};
+pub use gate::OutputGate;
 pub use ids::{Epoch, Generation, NodeId, VmId};
 pub use input::Input;
 pub use joiner::Joiner;
