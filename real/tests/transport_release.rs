@@ -128,3 +128,16 @@ fn a_peer_that_stops_reading_stalls_the_send_instead_of_hanging() {
         );
     }
 }
+
+#[test]
+fn zero_bytes_per_call_is_rejected() {
+    let (tx, _rx) = tcp_pair(None);
+    let opts = TransportOptions {
+        max_bytes_per_call: 0,
+        ..TransportOptions::default()
+    };
+    let err = transport::open(TransportKind::Copy, tx, opts)
+        .err()
+        .unwrap();
+    assert!(matches!(err, TransportError::BadOptions(_)), "{err}");
+}

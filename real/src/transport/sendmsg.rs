@@ -91,14 +91,10 @@ impl SendmsgTransport {
     /// Applies one completion: kernel ids are our operation numbers modulo 2^32.
     fn apply(&mut self, c: ZcCompletion) -> u64 {
         self.stats.notifications += 1;
-        let base = self.tracker.base();
-        let ahead = c.last.wrapping_sub(base as u32);
-        if ahead >= 1 << 31 {
-            return 0; // entirely before `base`: already complete
-        }
-        let last = base + u64::from(ahead);
-        let first = last.saturating_sub(c.calls() - 1);
-        let newly = self.tracker.complete(first, last - first + 1);
+        let Some((first, count)) = ops_of(self.tracker.base(), c) else {
+            return 0;
+        };
+        let newly = self.tracker.complete(first, count);
         if c.copied {
             self.stats.copied_completions += newly;
             self.tell_copied();
@@ -169,7 +165,11 @@ impl SendmsgTransport {
                 .queue
                 .window(&mut self.window, IOV_MAX, self.opts.max_bytes_per_call);
             let zc = self.zerocopy && !plain_once && want >= self.opts.zerocopy_min_bytes;
-            match socket::sendmsg(self.fd(), &self.window, zc) {
+            // Only the send's last call pushes its tail out; earlier ones say more follows, so
+            // a short segment does not go out between calls (costly on loopback, whose MSS is
+            // just under 64 KiB).
+            let more = want < self.queue.remaining();
+            match socket::sendmsg(self.fd(), &self.window, zc, more) {
                 Ok(n) => {
                     plain_once = false;
                     last_progress = Instant::now();
@@ -212,6 +212,13 @@ impl SendmsgTransport {
                     if self.reap()? > 0 {
                         last_progress = Instant::now();
                     } else if self.tracker.outstanding() == 0 {
+                        if self.stats.fallbacks == 0 {
+                            tracing::warn!(
+                                "transport {}: ENOBUFS with no zero-copy send outstanding \
+                                 (net.core.optmem_max too small?): sending plainly",
+                                self.kind
+                            );
+                        }
                         self.stats.fallbacks += 1;
                         plain_once = true;
                     } else {
@@ -229,6 +236,19 @@ impl SendmsgTransport {
         }
         Ok(())
     }
+}
+
+/// The operations (first, count) a completion covers, given that every operation below `base`
+/// is complete: kernel ids are operation numbers modulo 2^32, and a completion never reaches
+/// more than 2^31 calls back. `None` if it lies entirely below `base`.
+fn ops_of(base: u64, c: ZcCompletion) -> Option<(u64, u64)> {
+    let ahead = c.last.wrapping_sub(base as u32);
+    if ahead >= 1 << 31 {
+        return None;
+    }
+    let last = base + u64::from(ahead);
+    let first = last.saturating_sub(c.calls() - 1).max(base);
+    Some((first, last - first + 1))
 }
 
 impl Transport for SendmsgTransport {
@@ -306,5 +326,31 @@ impl Drop for SendmsgTransport {
                 break;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn c(first: u32, last: u32) -> ZcCompletion {
+        ZcCompletion {
+            first,
+            last,
+            copied: false,
+        }
+    }
+
+    #[test]
+    fn kernel_ids_map_to_operations_across_the_u32_wrap() {
+        assert_eq!(ops_of(0, c(0, 9)), Some((0, 10)));
+        assert_eq!(ops_of(5, c(5, 5)), Some((5, 1)));
+        // Ids wrap after 2^32 calls; operation numbers keep counting.
+        let base = (1u64 << 32) - 3;
+        assert_eq!(ops_of(base, c(u32::MAX - 2, 4)), Some((base, 8)));
+        assert_eq!(ops_of(1 << 32, c(0, 0)), Some((1 << 32, 1)));
+        // Entirely old, or straddling `base`: only the part at or above `base` counts.
+        assert_eq!(ops_of(100, c(10, 20)), None);
+        assert_eq!(ops_of(100, c(90, 104)), Some((100, 5)));
     }
 }

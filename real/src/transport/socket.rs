@@ -53,8 +53,9 @@ pub(crate) fn enable_zerocopy(fd: RawFd) -> io::Result<()> {
 
 /// One non-blocking `sendmsg` of the iovecs in `iov`; returns the bytes the kernel took.
 /// `MSG_DONTWAIT` (not `O_NONBLOCK`) so a clone of the socket used for reading acks keeps
-/// blocking reads; `MSG_NOSIGNAL` so a dead peer is an EPIPE error, not a SIGPIPE.
-pub(crate) fn sendmsg(fd: RawFd, iov: &IovBuf, zerocopy: bool) -> io::Result<usize> {
+/// blocking reads; `MSG_NOSIGNAL` so a dead peer is an EPIPE error, not a SIGPIPE; `more` adds
+/// `MSG_MORE` (more of the same send follows: do not push a short tail segment yet).
+pub(crate) fn sendmsg(fd: RawFd, iov: &IovBuf, zerocopy: bool, more: bool) -> io::Result<usize> {
     // SAFETY: msghdr is plain data; zeroed means no address and no control messages.
     let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
     msg.msg_iov = iov.0.as_ptr() as *mut libc::iovec;
@@ -62,6 +63,9 @@ pub(crate) fn sendmsg(fd: RawFd, iov: &IovBuf, zerocopy: bool) -> io::Result<usi
     let mut flags = libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL;
     if zerocopy {
         flags |= libc::MSG_ZEROCOPY;
+    }
+    if more {
+        flags |= libc::MSG_MORE;
     }
     // SAFETY: `msg` points at `iov`, alive for the call; the iovecs point at memory the caller of
     // `Transport::send` keeps mapped (the kernel fails with EFAULT rather than touching anything

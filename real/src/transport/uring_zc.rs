@@ -156,12 +156,15 @@ impl UringZc {
 
     /// Sends the current window as one `SENDMSG_ZC` and waits for its result; returns the bytes
     /// sent (0 after a retryable failure).
-    fn send_op(&mut self) -> Result<usize, TransportError> {
+    fn send_op(&mut self, more: bool) -> Result<usize, TransportError> {
         let op = self.tracker.add_op();
         self.msg.0.msg_iov = self.window.0.as_mut_ptr();
         self.msg.0.msg_iovlen = self.window.0.len();
         let sqe = opcode::SendMsgZc::new(types::Fd(self.fd()), &*self.msg.0)
-            .flags((libc::MSG_WAITALL | libc::MSG_NOSIGNAL) as u32)
+            .flags(
+                (libc::MSG_WAITALL | libc::MSG_NOSIGNAL | if more { libc::MSG_MORE } else { 0 })
+                    as u32,
+            )
             .ioprio(IORING_SEND_ZC_REPORT_USAGE)
             .build()
             .user_data(op);
@@ -219,11 +222,11 @@ impl UringZc {
     }
 
     /// Sends the current window with a plain `sendmsg` (small calls), waiting for room.
-    fn send_plain(&mut self) -> Result<usize, TransportError> {
+    fn send_plain(&mut self, more: bool) -> Result<usize, TransportError> {
         let stall = self.opts.stall_timeout;
         let start = Instant::now();
         loop {
-            match socket::sendmsg(self.fd(), &self.window, false) {
+            match socket::sendmsg(self.fd(), &self.window, false, more) {
                 Ok(n) => {
                     self.stats.calls += 1;
                     return Ok(n);
@@ -254,10 +257,12 @@ impl UringZc {
             let want = self
                 .queue
                 .window(&mut self.window, IOV_MAX, self.opts.max_bytes_per_call);
+            // As in `sendmsg.rs`: only the send's last call pushes its tail out.
+            let more = want < self.queue.remaining();
             let n = if want >= self.opts.zerocopy_min_bytes {
-                self.send_op()?
+                self.send_op(more)?
             } else {
-                self.send_plain()?
+                self.send_plain(more)?
             };
             self.stats.bytes += n as u64;
             if n > 0 && n < want {

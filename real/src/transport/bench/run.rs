@@ -4,7 +4,11 @@
 use std::io::{IoSlice, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::time::Instant;
+use std::thread::{Scope, ScopedJoinHandle};
+use std::time::{Duration, Instant};
+
+use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
+use nix::unistd::Pid;
 
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
@@ -18,6 +22,8 @@ use crate::transport::{self, SendTicket, TransportKind, TransportOptions, Transp
 const GIB: f64 = (1u64 << 30) as f64;
 /// Largest read the receiver asks for.
 const RECV_BUF: usize = 1 << 20;
+/// How long the receiver waits for its sender to connect.
+const ACCEPT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What one case sends with.
 #[derive(Debug, Clone, Copy)]
@@ -30,6 +36,8 @@ enum Case {
 /// Where the two ends run.
 struct PathEnv<'a> {
     veth: Option<&'a VethPair>,
+    /// CPUs to pin the sender and the receiver to.
+    cpus: Option<(usize, usize)>,
 }
 
 impl PathEnv<'_> {
@@ -50,7 +58,9 @@ pub(super) fn page_order(opts: &BenchOptions) -> Vec<usize> {
         .collect()
 }
 
-/// Measures raw TCP and every transport × batch size on `path`.
+/// Measures raw TCP and every transport × batch size on `path`. Every case keeps one connection
+/// (as the agent would) and the repetitions are interleaved round by round, so a slow moment on
+/// the machine hits every case alike instead of one.
 pub(super) fn measure_path(
     path: BenchPath,
     opts: &BenchOptions,
@@ -73,6 +83,7 @@ pub(super) fn measure_path(
     };
     let env = PathEnv {
         veth: veth.as_ref(),
+        cpus: if opts.pin_threads { two_cpus() } else { None },
     };
     let raw_batch = opts
         .batch_bytes
@@ -81,20 +92,29 @@ pub(super) fn measure_path(
         .max()
         .unwrap_or(PAGE)
         .min(region.as_slice().len());
-    let raw_tcp = Some(run_case(&env, Case::RawTcp, raw_batch, opts, region, order));
-    let mut cases = Vec::new();
+    let mut specs = vec![(Case::RawTcp, raw_batch)];
     for &kind in &opts.transports {
         for &batch in &opts.batch_bytes {
-            cases.push(run_case(
-                &env,
-                Case::Transport(kind),
-                batch,
-                opts,
-                region,
-                order,
-            ));
+            specs.push((Case::Transport(kind), batch));
         }
     }
+    let mut cases = std::thread::scope(|s| {
+        let mut sessions: Vec<Session<'_, '_>> = specs
+            .iter()
+            .map(|&(case, batch)| Session::start(s, &env, case, batch, opts, region, order))
+            .collect();
+        // Round 0 warms every connection up and is not kept.
+        for round in 0..=opts.repetitions {
+            for session in &mut sessions {
+                session.run_once(round > 0);
+            }
+        }
+        sessions
+            .into_iter()
+            .map(|sess| sess.finish(opts))
+            .collect::<Vec<_>>()
+    });
+    let raw_tcp = Some(cases.remove(0));
     BenchPathReport {
         path,
         skipped: None,
@@ -103,61 +123,142 @@ pub(super) fn measure_path(
     }
 }
 
-fn run_case(
-    env: &PathEnv<'_>,
+/// The first two CPUs this process may run on: sender and receiver get one each, so the
+/// scheduler does not move them around mid-measurement.
+fn two_cpus() -> Option<(usize, usize)> {
+    let set = sched_getaffinity(Pid::from_raw(0)).ok()?;
+    let mut allowed = (0..CpuSet::count()).filter(|&c| set.is_set(c).unwrap_or(false));
+    Some((allowed.next()?, allowed.next()?))
+}
+
+fn pin(cpu: Option<usize>) -> Result<(), String> {
+    let Some(cpu) = cpu else { return Ok(()) };
+    let mut set = CpuSet::new();
+    set.set(cpu).map_err(|e| format!("cpu {cpu}: {e}"))?;
+    // pid 0: the calling thread only.
+    sched_setaffinity(Pid::from_raw(0), &set).map_err(|e| format!("pin to cpu {cpu}: {e}"))
+}
+
+type SenderResult = Result<Option<TransportStats>, String>;
+
+/// One case: a connected sender thread and receiver thread, driven one repetition at a time.
+struct Session<'scope, 'env> {
     case: Case,
     batch: usize,
-    opts: &BenchOptions,
-    region: &MappedRegion,
-    order: &[usize],
-) -> BenchCase {
-    let name = match case {
-        Case::RawTcp => "raw-tcp".to_string(),
-        Case::Transport(k) => k.to_string(),
-    };
-    let reps = opts.repetitions + 1; // the first is a warm-up
-    let (addr_tx, addr_rx) = channel();
-    let (done_tx, done_rx) = channel();
-    let outcome = std::thread::scope(|s| {
-        let rx = s.spawn(|| receive(env, reps, opts.bytes_per_rep, addr_tx, done_tx));
-        let tx = s.spawn(|| send(env, case, batch, reps, region, order, addr_rx, done_rx));
-        let sent = tx
-            .join()
-            .unwrap_or_else(|_| Err("sender thread panicked".into()));
-        let received = rx
-            .join()
-            .unwrap_or_else(|_| Err("receiver thread panicked".into()));
-        // The sender's error explains a receiver's EOF, so it wins.
-        sent.and_then(|r| received.map(|()| r))
-    });
-    let mut out = BenchCase {
-        transport: name,
-        batch_bytes: batch,
-        gib_per_s: 0.0,
-        sender_cpu_s_per_gib: 0.0,
-        receiver_cpu_s_per_gib: 0.0,
-        process_cpu_s_per_gib: 0.0,
-        us_per_batch: 0.0,
-        stats: None,
-        samples: Vec::new(),
-        error: None,
-    };
-    match outcome {
-        Err(e) => out.error = Some(e),
-        Ok((samples, stats)) => {
-            let gib = opts.bytes_per_rep as f64 / GIB;
-            let batches = opts.bytes_per_rep.div_ceil(batch) as f64;
-            let measured = &samples[1..];
-            out.gib_per_s = median(measured.iter().map(|s| gib / s.seconds));
-            out.sender_cpu_s_per_gib = median(measured.iter().map(|s| s.sender_cpu_s / gib));
-            out.receiver_cpu_s_per_gib = median(measured.iter().map(|s| s.receiver_cpu_s / gib));
-            out.process_cpu_s_per_gib = median(measured.iter().map(|s| s.process_cpu_s / gib));
-            out.us_per_batch = median(measured.iter().map(|s| s.seconds / batches * 1e6));
-            out.stats = stats;
-            out.samples = measured.to_vec();
+    go: Option<Sender<()>>,
+    results: Receiver<Result<BenchSample, String>>,
+    sender: ScopedJoinHandle<'scope, SenderResult>,
+    receiver: ScopedJoinHandle<'scope, Result<(), String>>,
+    samples: Vec<BenchSample>,
+    error: Option<String>,
+    _env: std::marker::PhantomData<&'env ()>,
+}
+
+impl<'scope, 'env> Session<'scope, 'env> {
+    fn start(
+        s: &'scope Scope<'scope, 'env>,
+        env: &'env PathEnv<'env>,
+        case: Case,
+        batch: usize,
+        opts: &'env BenchOptions,
+        region: &'env MappedRegion,
+        order: &'env [usize],
+    ) -> Self {
+        let (addr_tx, addr_rx) = channel();
+        let (done_tx, done_rx) = channel();
+        let (go_tx, go_rx) = channel();
+        let (res_tx, res_rx) = channel();
+        let bytes = opts.bytes_per_rep;
+        let receiver = s.spawn(move || receive(env, bytes, addr_tx, done_tx));
+        let sender = s.spawn(move || {
+            let ends = SenderEnds {
+                addr_rx,
+                done_rx,
+                go_rx,
+                res_tx,
+            };
+            send(env, case, batch, region, order, ends)
+        });
+        Session {
+            case,
+            batch,
+            go: Some(go_tx),
+            results: res_rx,
+            sender,
+            receiver,
+            samples: Vec::new(),
+            error: None,
+            _env: std::marker::PhantomData,
         }
     }
-    out
+
+    /// Runs one repetition; keeps its sample if `keep`.
+    fn run_once(&mut self, keep: bool) {
+        if self.error.is_some() {
+            return;
+        }
+        let Some(go) = &self.go else { return };
+        let outcome = go
+            .send(())
+            .map_err(|_| "sender thread ended".to_string())
+            .and_then(|()| {
+                self.results
+                    .recv()
+                    .map_err(|_| "sender thread ended".to_string())?
+            });
+        match outcome {
+            Ok(sample) if keep => self.samples.push(sample),
+            Ok(_) => {}
+            Err(e) => self.error = Some(e),
+        }
+    }
+
+    fn finish(mut self, opts: &BenchOptions) -> BenchCase {
+        drop(self.go.take()); // the sender closes its connection, the receiver sees EOF
+        let sent = self
+            .sender
+            .join()
+            .unwrap_or_else(|_| Err("sender thread panicked".into()));
+        let received = self
+            .receiver
+            .join()
+            .unwrap_or_else(|_| Err("receiver thread panicked".into()));
+        let mut out = BenchCase {
+            transport: match self.case {
+                Case::RawTcp => "raw-tcp".to_string(),
+                Case::Transport(k) => k.to_string(),
+            },
+            batch_bytes: self.batch,
+            gib_per_s: 0.0,
+            best_gib_per_s: 0.0,
+            sender_cpu_s_per_gib: 0.0,
+            receiver_cpu_s_per_gib: 0.0,
+            process_cpu_s_per_gib: 0.0,
+            us_per_batch: 0.0,
+            stats: None,
+            samples: Vec::new(),
+            error: None,
+        };
+        // A thread's own error explains the "thread ended" the driver saw; the sender's error
+        // explains a receiver's early EOF.
+        match (sent, received, self.error) {
+            (Err(e), _, _) | (Ok(_), Err(e), _) | (Ok(_), Ok(()), Some(e)) => out.error = Some(e),
+            (Ok(stats), Ok(()), None) => {
+                let gib = opts.bytes_per_rep as f64 / GIB;
+                let batches = opts.bytes_per_rep.div_ceil(self.batch) as f64;
+                let m = &self.samples;
+                out.gib_per_s = median(m.iter().map(|s| gib / s.seconds));
+                out.best_gib_per_s = m.iter().map(|s| gib / s.seconds).fold(0.0, f64::max);
+                out.sender_cpu_s_per_gib = median(m.iter().map(|s| s.sender_cpu_s / gib));
+                out.receiver_cpu_s_per_gib = median(m.iter().map(|s| s.receiver_cpu_s / gib));
+                out.process_cpu_s_per_gib = median(m.iter().map(|s| s.process_cpu_s / gib));
+                out.us_per_batch = median(m.iter().map(|s| s.seconds / batches * 1e6));
+                out.stats = stats;
+                out.samples = self.samples;
+            }
+        }
+        out
+    }
 }
 
 fn median(values: impl Iterator<Item = f64>) -> f64 {
@@ -174,11 +275,10 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
     }
 }
 
-/// Accepts one connection and reads `reps` × `bytes`, reporting when each repetition's last
-/// byte arrived and the CPU it took.
+/// Accepts one connection and reads `bytes` per repetition until the sender closes, reporting
+/// when each repetition's last byte arrived and the CPU it took.
 fn receive(
     env: &PathEnv<'_>,
-    reps: usize,
     bytes: usize,
     addr_tx: Sender<Result<SocketAddr, String>>,
     done_tx: Sender<(Instant, CpuTime)>,
@@ -187,6 +287,7 @@ fn receive(
         if let Some(v) = env.veth {
             v.enter_receiver()?;
         }
+        pin(env.cpus.map(|c| c.1))?;
         let l = TcpListener::bind((env.receiver_ip(), 0)).map_err(|e| format!("bind: {e}"))?;
         let a = l.local_addr().map_err(|e| format!("local_addr: {e}"))?;
         Ok::<_, String>((l, a))
@@ -201,17 +302,21 @@ fn receive(
             return Err(e);
         }
     };
-    let (mut s, _) = listener.accept().map_err(|e| format!("accept: {e}"))?;
+    let mut s = accept_within(&listener, ACCEPT_TIMEOUT)?;
+    drop(listener);
     let mut buf = vec![0u8; RECV_BUF];
     let mut prev = cpu::thread();
-    for _ in 0..reps {
+    loop {
         let mut left = bytes;
         while left > 0 {
             let n = s
                 .read(&mut buf[..left.min(RECV_BUF)])
                 .map_err(|e| format!("receive: {e}"))?;
+            if n == 0 && left == bytes {
+                return Ok(()); // closed between repetitions: done
+            }
             if n == 0 {
-                return Err("receiver: connection closed early".into());
+                return Err("receiver: connection closed mid-repetition".into());
             }
             left -= n;
         }
@@ -222,26 +327,55 @@ fn receive(
         }
         prev = c;
     }
-    Ok(())
 }
 
-type SendOutcome = Result<(Vec<BenchSample>, Option<TransportStats>), String>;
+/// Accepts one connection, giving up after `timeout` (a sender that failed to set up never
+/// connects, and the receiver must not wait for it forever).
+fn accept_within(l: &TcpListener, timeout: Duration) -> Result<TcpStream, String> {
+    l.set_nonblocking(true)
+        .map_err(|e| format!("listener O_NONBLOCK: {e}"))?;
+    let deadline = Instant::now() + timeout;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)
+                    .map_err(|e| format!("socket blocking mode: {e}"))?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                if Instant::now() >= deadline {
+                    return Err(format!("no connection within {timeout:?}"));
+                }
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            Err(e) => return Err(format!("accept: {e}")),
+        }
+    }
+}
 
-#[allow(clippy::too_many_arguments)]
+/// The sender thread's channels.
+struct SenderEnds {
+    addr_rx: Receiver<Result<SocketAddr, String>>,
+    done_rx: Receiver<(Instant, CpuTime)>,
+    go_rx: Receiver<()>,
+    res_tx: Sender<Result<BenchSample, String>>,
+}
+
+/// Connects, then runs one repetition per message on `go_rx` until it closes.
 fn send(
     env: &PathEnv<'_>,
     case: Case,
     batch: usize,
-    reps: usize,
     region: &MappedRegion,
     order: &[usize],
-    addr_rx: Receiver<Result<SocketAddr, String>>,
-    done_rx: Receiver<(Instant, CpuTime)>,
-) -> SendOutcome {
+    ends: SenderEnds,
+) -> SenderResult {
     if let Some(v) = env.veth {
         v.enter_sender()?;
     }
-    let addr = addr_rx
+    pin(env.cpus.map(|c| c.0))?;
+    let addr = ends
+        .addr_rx
         .recv()
         .map_err(|_| "receiver thread ended".to_string())??;
     let mut stream = TcpStream::connect(addr).map_err(|e| format!("connect {addr}: {e}"))?;
@@ -249,7 +383,6 @@ fn send(
     stream
         .set_nodelay(true)
         .map_err(|e| format!("TCP_NODELAY: {e}"))?;
-    let bytes = order.len() * PAGE;
     let pages: Vec<IoSlice<'_>> = order
         .iter()
         .map(|&p| IoSlice::new(region.page(p)))
@@ -261,48 +394,56 @@ fn send(
             Some(transport::open(k, s, TransportOptions::default()).map_err(|e| e.to_string())?)
         }
     };
-    let mut samples = Vec::with_capacity(reps);
-    for _ in 0..reps {
-        let t0 = Instant::now();
-        let c0 = cpu::thread();
-        let p0 = cpu::process();
-        match transport.as_mut() {
-            None => {
-                let chunk = &region.as_slice()[..batch];
-                let mut left = bytes;
-                while left > 0 {
-                    let n = left.min(batch);
-                    stream
-                        .write_all(&chunk[..n])
-                        .map_err(|e| format!("write: {e}"))?;
-                    left -= n;
+    for () in ends.go_rx.iter() {
+        let sample = (|| {
+            let t0 = Instant::now();
+            let c0 = cpu::thread();
+            let p0 = cpu::process();
+            match transport.as_mut() {
+                None => {
+                    let chunk = &region.as_slice()[..batch];
+                    let mut left = pages.len() * PAGE;
+                    while left > 0 {
+                        let n = left.min(batch);
+                        stream
+                            .write_all(&chunk[..n])
+                            .map_err(|e| format!("write: {e}"))?;
+                        left -= n;
+                    }
+                }
+                Some(t) => {
+                    let mut last = SendTicket::NONE;
+                    for b in pages.chunks(batch / PAGE) {
+                        // SAFETY: the region is never written during the benchmark and
+                        // outlives the transport (dropped when this thread ends, inside the
+                        // scope that borrows the region).
+                        last = unsafe { t.send(b) }.map_err(|e| e.to_string())?;
+                    }
+                    t.wait_released(last).map_err(|e| e.to_string())?;
                 }
             }
-            Some(t) => {
-                let mut last = SendTicket::NONE;
-                for b in pages.chunks(batch / PAGE) {
-                    // SAFETY: the region is never written during the benchmark and outlives the
-                    // transport (dropped at the end of this function, before the region).
-                    last = unsafe { t.send(b) }.map_err(|e| e.to_string())?;
-                }
-                t.wait_released(last).map_err(|e| e.to_string())?;
-            }
+            let sender_end = Instant::now();
+            let sender_cpu = cpu::thread().since(c0);
+            let (recv_end, recv_cpu) = ends
+                .done_rx
+                .recv()
+                .map_err(|_| "receiver ended early".to_string())?;
+            let process_cpu = cpu::process().since(p0);
+            Ok(BenchSample {
+                seconds: secs(sender_end.max(recv_end) - t0),
+                sender_cpu_s: secs(sender_cpu.total()),
+                sender_sys_s: secs(sender_cpu.system),
+                receiver_cpu_s: secs(recv_cpu.total()),
+                process_cpu_s: secs(process_cpu.total()),
+            })
+        })();
+        let failed = sample.as_ref().err().cloned();
+        let _ = ends.res_tx.send(sample);
+        if let Some(e) = failed {
+            return Err(e);
         }
-        let sender_end = Instant::now();
-        let sender_cpu = cpu::thread().since(c0);
-        let (recv_end, recv_cpu) = done_rx
-            .recv()
-            .map_err(|_| "receiver ended early".to_string())?;
-        let process_cpu = cpu::process().since(p0);
-        samples.push(BenchSample {
-            seconds: secs(sender_end.max(recv_end) - t0),
-            sender_cpu_s: secs(sender_cpu.total()),
-            sender_sys_s: secs(sender_cpu.system),
-            receiver_cpu_s: secs(recv_cpu.total()),
-            process_cpu_s: secs(process_cpu.total()),
-        });
     }
-    Ok((samples, transport.map(|t| t.stats())))
+    Ok(transport.map(|t| t.stats()))
 }
 
 #[cfg(test)]
