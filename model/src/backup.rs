@@ -235,7 +235,13 @@ impl Backup {
             PeerMsg::Heartbeat { generation, .. } => {
                 ctx.log(Event::StaleMessage { from, generation });
             }
-            PeerMsg::Reject { reason, .. } => {
+            PeerMsg::Reject { generation, reason } => {
+                // A primary of our generation that answers "busy" is alive: no failover for
+                // that (a needless takeover would race its own drop of us).
+                let busy = matches!(reason, RejectReason::Busy | RejectReason::HaveBackup);
+                if busy && generation >= self.generation {
+                    self.alive(ctx);
+                }
                 if let BPhase::Joining(_) = self.phase {
                     return self.rejected(ctx, reason);
                 }
