@@ -2,7 +2,9 @@
 //!
 //! `cargo bench -p ftvm-real --bench transport` runs the defaults (about a minute). Environment:
 //! `FTVM_BENCH_REPS` (repetitions), `FTVM_BENCH_MIB` (MiB per repetition and region size),
-//! `FTVM_BENCH_PATHS` (`loopback`, `veth` or `loopback,veth`). `ftvm bench transport` calls the
+//! `FTVM_BENCH_PATHS` (`loopback`, `veth` or `loopback,veth`), `FTVM_BENCH_BATCH_KIB` (e.g.
+//! `64,1024`), `FTVM_BENCH_TRANSPORTS` (e.g. `copy,auto`), `FTVM_BENCH_PIN=1` (pin the sender and
+//! receiver threads to one CPU each). `ftvm bench transport` calls the
 //! same library function.
 
 use ftvm_real::transport::bench::{bench_transports, BenchOptions, BenchPath};
@@ -39,6 +41,9 @@ fn main() {
     }
     if let Ok(t) = std::env::var("FTVM_BENCH_TRANSPORTS") {
         opts.transports = t.split(',').filter_map(|v| v.trim().parse().ok()).collect();
+    }
+    if std::env::var("FTVM_BENCH_PIN").is_ok_and(|v| v == "1") {
+        opts.pin_threads = true;
     }
     // `cargo bench` passes `--bench`; nothing else is accepted.
     match bench_transports(&opts) {

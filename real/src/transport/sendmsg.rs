@@ -190,7 +190,7 @@ impl SendmsgTransport {
                 }
                 Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
                     // Socket buffer full: reap what completed meanwhile, then wait for room.
-                    if self.zerocopy && self.reap()? > 0 {
+                    if self.tracker.outstanding() > 0 && self.reap()? > 0 {
                         last_progress = Instant::now();
                     }
                     let left = stall.saturating_sub(last_progress.elapsed());
@@ -201,7 +201,7 @@ impl SendmsgTransport {
                         .map_err(|e| TransportError::io("poll", e))?;
                     if !ready.writable
                         && (ready.error || ready.hangup)
-                        && (!self.zerocopy || self.reap()? == 0)
+                        && (self.tracker.outstanding() == 0 || self.reap()? == 0)
                     {
                         self.check_socket()?;
                     }
