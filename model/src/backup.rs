@@ -511,3 +511,7 @@ impl Backup {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "backup_tests.rs"]
+mod tests;

@@ -527,3 +527,7 @@ impl Primary {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "primary_tests.rs"]
+mod tests;

@@ -615,3 +615,46 @@ impl Cluster {
         }
     }
 }
+
+/// Direct driving of one node for transition tests.
+pub(crate) struct One {
+    pub node: Node,
+    pub now: Time,
+}
+
+impl One {
+    pub fn new(me: NodeId, start: Start) -> One {
+        One::with(config(), me, start)
+    }
+
+    pub fn with(cfg: Config, me: NodeId, start: Start) -> One {
+        One {
+            node: Node::new(cfg, me, start),
+            now: Time::ZERO,
+        }
+    }
+
+    /// Handle `input` at the current time; actions without the `Log` noise.
+    pub fn on(&mut self, input: Input) -> Vec<Action> {
+        self.node
+            .handle(self.now, input)
+            .into_iter()
+            .filter(|a| !matches!(a, Action::Log(_)))
+            .collect()
+    }
+
+    /// Advance to `t` and fire the timer if due.
+    pub fn at(&mut self, t: Time) -> Vec<Action> {
+        self.now = t;
+        self.on(Input::Timeout)
+    }
+
+    /// Advance by `d` and fire the timer.
+    pub fn after(&mut self, d: Duration) -> Vec<Action> {
+        self.at(self.now + d)
+    }
+
+    pub fn status(&self) -> Status {
+        self.node.status()
+    }
+}

@@ -1,0 +1,386 @@
+//! Transition tests of the backup role (and its hand-over to primary or joiner), input by input.
+
+use std::time::Duration;
+
+use crate::action::{Action, Gate};
+use crate::config::Start;
+use crate::ids::{Epoch, Generation, NodeId};
+use crate::input::Input;
+use crate::msg::{PeerMsg, RejectReason};
+use crate::status::{Phase, RoleKind};
+use crate::testkit::{config, One};
+use crate::witness::Witness;
+use crate::witness_msg::{Registration, WitnessRequest};
+
+const P: NodeId = NodeId(1);
+const B: NodeId = NodeId(2);
+const G1: Generation = Generation(1);
+
+fn from_p(msg: PeerMsg) -> Input {
+    Input::Message { from: P, msg }
+}
+
+fn ack(e: u64) -> Action {
+    Action::Send {
+        to: P,
+        msg: PeerMsg::Ack {
+            generation: G1,
+            epoch: Epoch(e),
+        },
+    }
+}
+
+fn no_hb(actions: Vec<Action>) -> Vec<Action> {
+    let hb = |a: &Action| {
+        matches!(
+            a,
+            Action::Send {
+                msg: PeerMsg::Heartbeat { .. },
+                ..
+            }
+        )
+    };
+    actions.into_iter().filter(|a| !hb(a)).collect()
+}
+
+/// Backup B synced at epoch `sync` (committed, acked): Protecting.
+fn protecting(sync: u64) -> One {
+    let mut b = One::new(B, Start::Backup { primary: P });
+    b.on(Input::Timeout);
+    b.on(Input::Connected { peer: P });
+    b.on(from_p(PeerMsg::SyncStart {
+        generation: G1,
+        epoch: Epoch(sync),
+    }));
+    b.on(Input::CheckpointReceived {
+        epoch: Epoch(sync),
+        ok: true,
+    });
+    b.on(Input::Committed { epoch: Epoch(sync) });
+    assert_eq!(b.status().phase, Phase::Protecting);
+    b
+}
+
+/// A witness where P registered B with token `sync`.
+fn witness_with_b(sync: u64) -> Witness {
+    let mut w = Witness::new(config().vm, P);
+    let backup = Registration {
+        node: B,
+        since: Epoch(sync),
+    };
+    let req = WitnessRequest::RegisterBackup {
+        generation: G1,
+        primary: P,
+        backup,
+    };
+    assert!(w.handle(crate::time::Time::ZERO, req).granted);
+    w
+}
+
+#[test]
+fn joins_syncs_commits_and_acks_in_order() {
+    let cfg = config();
+    let mut b = One::new(B, Start::Backup { primary: P });
+    assert_eq!(b.on(Input::Timeout), vec![Action::Connect { to: P }]);
+    assert_eq!(b.status().phase, Phase::Joining);
+    let join = PeerMsg::Join {
+        vm: cfg.vm,
+        node: B,
+        ram_pages: cfg.ram_pages,
+        page_size: cfg.page_size,
+        known: Generation::UNKNOWN,
+    };
+    assert_eq!(
+        b.on(Input::Connected { peer: P }),
+        vec![Action::Send { to: P, msg: join }]
+    );
+    assert!(b
+        .on(from_p(PeerMsg::SyncStart {
+            generation: G1,
+            epoch: Epoch(5)
+        }))
+        .is_empty());
+    assert_eq!(b.status().phase, Phase::Syncing);
+    assert_eq!(b.status().generation, G1);
+    let a = b.on(Input::CheckpointReceived {
+        epoch: Epoch(5),
+        ok: true,
+    });
+    assert_eq!(a, vec![Action::Commit { epoch: Epoch(5) }]);
+    // The next one arrives while 5 commits: it waits its turn.
+    assert!(b
+        .on(Input::CheckpointReceived {
+            epoch: Epoch(6),
+            ok: true
+        })
+        .is_empty());
+    let a = b.on(Input::Committed { epoch: Epoch(5) });
+    assert_eq!(a, vec![ack(5), Action::Commit { epoch: Epoch(6) }]);
+    let s = b.status();
+    assert_eq!(s.phase, Phase::Protecting);
+    assert_eq!(
+        s.registration,
+        Some(Registration {
+            node: B,
+            since: Epoch(5)
+        })
+    );
+    assert_eq!(b.on(Input::Committed { epoch: Epoch(6) }), vec![ack(6)]);
+    assert_eq!(b.status().committed, Some(Epoch(6)));
+    assert!(
+        b.on(Input::Committed { epoch: Epoch(6) }).is_empty(),
+        "duplicate completion"
+    );
+}
+
+#[test]
+fn damaged_or_out_of_order_checkpoint_restarts_the_stream() {
+    for (epoch, ok) in [(2u64, false), (3, true), (1, true)] {
+        let mut b = protecting(1);
+        let a = b.on(Input::CheckpointReceived {
+            epoch: Epoch(epoch),
+            ok,
+        });
+        assert_eq!(
+            a,
+            vec![Action::Disconnect { peer: P }, Action::DiscardStaged],
+            "{epoch} {ok}"
+        );
+        let s = b.status();
+        assert_eq!(s.phase, Phase::Joining);
+        assert_eq!(s.committed, Some(Epoch(1)), "the replica is kept");
+        // Reconnect after join_retry with a fresh Join.
+        assert_eq!(
+            b.after(config().join_retry),
+            vec![Action::Connect { to: P }]
+        );
+    }
+}
+
+#[test]
+fn link_loss_discards_staged_but_keeps_the_replica() {
+    let mut b = protecting(1);
+    b.on(Input::CheckpointReceived {
+        epoch: Epoch(2),
+        ok: true,
+    });
+    b.on(Input::CheckpointReceived {
+        epoch: Epoch(3),
+        ok: true,
+    });
+    let a = b.on(Input::Disconnected { peer: P });
+    assert_eq!(a, vec![Action::DiscardStaged]);
+    // The commit already under way still lands, but nothing more is committed or acked.
+    assert!(b.on(Input::Committed { epoch: Epoch(2) }).is_empty());
+    assert_eq!(b.status().committed, Some(Epoch(2)));
+    assert_eq!(b.status().phase, Phase::Joining);
+}
+
+#[test]
+fn takeover_granted_restores_and_becomes_primary_of_the_next_generation() {
+    let mut w = witness_with_b(1);
+    let mut b = protecting(1);
+    b.on(Input::CheckpointReceived {
+        epoch: Epoch(2),
+        ok: true,
+    });
+    b.on(Input::Committed { epoch: Epoch(2) });
+    let t0 = b.now;
+    let timeout = config().failure_timeout;
+    assert!(no_hb(b.at(t0 + (timeout - Duration::from_millis(1)))).is_empty());
+    let a = b.at(t0 + timeout);
+    let takeover = WitnessRequest::Takeover {
+        generation: G1,
+        backup: Registration {
+            node: B,
+            since: Epoch(1),
+        },
+    };
+    assert_eq!(
+        a,
+        vec![
+            Action::Disconnect { peer: P },
+            Action::DiscardStaged,
+            Action::ToWitness(takeover)
+        ]
+    );
+    assert_eq!(b.status().phase, Phase::TakingOver);
+    // Heartbeats of the old primary no longer matter; resend until answered.
+    assert!(b
+        .on(from_p(PeerMsg::Heartbeat {
+            generation: G1,
+            epoch: Epoch(9)
+        }))
+        .is_empty());
+    assert_eq!(
+        b.after(config().witness_retry),
+        vec![Action::ToWitness(takeover)]
+    );
+    let a = b.on(Input::WitnessReply(w.handle(b.now, takeover)));
+    let g2 = Generation(2);
+    assert_eq!(
+        a,
+        vec![
+            Action::SetOutputGate(Gate::Open),
+            Action::StartVm {
+                from: Epoch(2),
+                generation: g2
+            }
+        ]
+    );
+    assert_eq!(b.status().phase, Phase::Restoring);
+    assert!(b.on(Input::VmStarted).is_empty());
+    let s = b.status();
+    assert_eq!(
+        (s.role, s.phase, s.generation),
+        (RoleKind::Primary, Phase::Degraded, g2)
+    );
+    assert!(s.failed_over);
+    assert_eq!((s.gate, s.running_epoch), (Some(Gate::Open), Epoch(3)));
+}
+
+#[test]
+fn takeover_denied_gives_the_replica_up_and_rejoins() {
+    let mut w = Witness::new(config().vm, P); // P dropped B (or never registered it)
+    let mut b = protecting(1);
+    let a = b.after(config().failure_timeout);
+    let Some(Action::ToWitness(req)) = a.last().copied() else {
+        panic!("{a:?}")
+    };
+    let a = b.on(Input::WitnessReply(w.handle(b.now, req)));
+    assert_eq!(a, vec![Action::ToWitness(WitnessRequest::Query)]);
+    let s = b.status();
+    assert_eq!((s.role, s.committed), (RoleKind::Joiner, None));
+    // The witness still names P: join it again (full sync).
+    let a = b.on(Input::WitnessReply(w.handle(b.now, WitnessRequest::Query)));
+    assert_eq!(a, vec![Action::Connect { to: P }]);
+    assert_eq!(b.status().role, RoleKind::Backup);
+}
+
+#[test]
+fn silence_during_a_commit_waits_for_it_then_takes_over_with_the_new_replica() {
+    let mut w = witness_with_b(1);
+    let mut b = protecting(1);
+    b.on(Input::CheckpointReceived {
+        epoch: Epoch(2),
+        ok: true,
+    }); // Commit { 2 } under way
+    let a = b.after(config().failure_timeout);
+    assert_eq!(
+        a,
+        vec![Action::Disconnect { peer: P }, Action::DiscardStaged]
+    );
+    assert_eq!(b.status().phase, Phase::TakingOver);
+    assert_eq!(b.node.poll_timeout(), None, "waiting for the commit");
+    let a = b.on(Input::Committed { epoch: Epoch(2) });
+    let Some(Action::ToWitness(req)) = a.first().copied() else {
+        panic!("{a:?}")
+    };
+    assert_eq!(a.len(), 1, "no ack to a silent primary: {a:?}");
+    let a = b.on(Input::WitnessReply(w.handle(b.now, req)));
+    assert!(a.contains(&Action::StartVm {
+        from: Epoch(2),
+        generation: Generation(2)
+    }));
+}
+
+#[test]
+fn no_replica_no_takeover() {
+    let mut b = One::new(B, Start::Backup { primary: P });
+    b.on(Input::Timeout);
+    b.on(Input::Connected { peer: P });
+    b.on(from_p(PeerMsg::SyncStart {
+        generation: G1,
+        epoch: Epoch(1),
+    }));
+    // The primary dies mid-sync: nothing committed, so ask the witness whom to join.
+    let a = b.after(config().failure_timeout);
+    assert_eq!(
+        a,
+        vec![
+            Action::Disconnect { peer: P },
+            Action::DiscardStaged,
+            Action::ToWitness(WitnessRequest::Query)
+        ]
+    );
+    assert_eq!(b.status().role, RoleKind::Joiner);
+}
+
+#[test]
+fn streaming_bytes_keep_a_slow_sync_alive() {
+    let mut b = One::new(B, Start::Backup { primary: P });
+    b.on(Input::Timeout);
+    b.on(Input::Connected { peer: P });
+    b.on(from_p(PeerMsg::SyncStart {
+        generation: G1,
+        epoch: Epoch(1),
+    }));
+    for _ in 0..10 {
+        b.after(Duration::from_millis(100));
+        b.on(Input::Heard { from: P });
+    }
+    assert_eq!(
+        b.status().phase,
+        Phase::Syncing,
+        "a 1 s transfer is not a dead primary"
+    );
+}
+
+#[test]
+fn permanent_reject_fences_transient_reject_retries() {
+    let mut b = One::new(B, Start::Backup { primary: P });
+    b.on(Input::Timeout);
+    b.on(Input::Connected { peer: P });
+    let msg = PeerMsg::Reject {
+        generation: G1,
+        reason: RejectReason::Busy,
+    };
+    assert_eq!(b.on(from_p(msg)), vec![Action::Disconnect { peer: P }]);
+    assert_eq!(b.status().phase, Phase::Joining);
+    assert_eq!(
+        b.after(config().join_retry),
+        vec![Action::Connect { to: P }]
+    );
+    b.on(Input::Connected { peer: P });
+    let msg = PeerMsg::Reject {
+        generation: G1,
+        reason: RejectReason::RamSizeMismatch,
+    };
+    assert_eq!(
+        b.on(from_p(msg)),
+        vec![Action::Disconnect { peer: P }, Action::Fence]
+    );
+    assert_eq!(b.status().role, RoleKind::Fenced);
+    assert_eq!(b.node.poll_timeout(), None, "misconfigured: never retries");
+}
+
+#[test]
+fn a_backup_refuses_joiners() {
+    let mut b = protecting(1);
+    let cfg = config();
+    let c = NodeId(3);
+    let join = PeerMsg::Join {
+        vm: cfg.vm,
+        node: c,
+        ram_pages: cfg.ram_pages,
+        page_size: cfg.page_size,
+        known: G1,
+    };
+    let a = b.on(Input::Message { from: c, msg: join });
+    let reject = PeerMsg::Reject {
+        generation: G1,
+        reason: RejectReason::NotPrimary,
+    };
+    assert_eq!(a, vec![Action::Send { to: c, msg: reject }]);
+}
+
+#[test]
+fn heartbeats_flow_both_while_syncing_and_protecting() {
+    let mut b = protecting(4);
+    let a = b.after(config().heartbeat_interval);
+    let hb = PeerMsg::Heartbeat {
+        generation: G1,
+        epoch: Epoch(4),
+    };
+    assert_eq!(a, vec![Action::Send { to: P, msg: hb }]);
+}

@@ -1,0 +1,546 @@
+//! Transition tests of the primary role, input by input.
+
+use std::time::Duration;
+
+use crate::action::{Action, Gate};
+use crate::config::Start;
+use crate::ids::{Epoch, Generation, NodeId, VmId};
+use crate::input::Input;
+use crate::msg::{PeerMsg, RejectReason};
+use crate::status::{Phase, RoleKind};
+use crate::testkit::{config, One};
+use crate::witness::Witness;
+use crate::witness_msg::{Registration, WitnessRequest};
+
+const P: NodeId = NodeId(1);
+const B: NodeId = NodeId(2);
+const C: NodeId = NodeId(3);
+const G1: Generation = Generation(1);
+
+fn join(from: NodeId) -> Input {
+    let cfg = config();
+    Input::Message {
+        from,
+        msg: PeerMsg::Join {
+            vm: cfg.vm,
+            node: from,
+            ram_pages: cfg.ram_pages,
+            page_size: cfg.page_size,
+            known: Generation::UNKNOWN,
+        },
+    }
+}
+
+fn ack(from: NodeId, e: u64) -> Input {
+    Input::Message {
+        from,
+        msg: PeerMsg::Ack {
+            generation: G1,
+            epoch: Epoch(e),
+        },
+    }
+}
+
+fn reject(to: NodeId, reason: RejectReason) -> Action {
+    Action::Send {
+        to,
+        msg: PeerMsg::Reject {
+            generation: G1,
+            reason,
+        },
+    }
+}
+
+/// Actions other than heartbeats (which go out on their own timer).
+fn no_hb(actions: Vec<Action>) -> Vec<Action> {
+    let hb = |a: &Action| {
+        matches!(
+            a,
+            Action::Send {
+                msg: PeerMsg::Heartbeat { .. },
+                ..
+            }
+        )
+    };
+    actions.into_iter().filter(|a| !hb(a)).collect()
+}
+
+fn reg(e: u64) -> Registration {
+    Registration {
+        node: B,
+        since: Epoch(e),
+    }
+}
+
+/// A primary with backup B registered (sync epoch 1 acked) and a witness that agrees.
+fn protected() -> (One, Witness) {
+    let mut w = Witness::new(config().vm, P);
+    let mut p = One::new(P, Start::Primary);
+    p.on(Input::Timeout);
+    p.on(join(B));
+    p.on(Input::CaptureDone {
+        epoch: Epoch(1),
+        pages: 256,
+        bytes: 1 << 20,
+    });
+    p.on(Input::CheckpointSent { epoch: Epoch(1) });
+    let a = p.on(ack(B, 1));
+    let Some(Action::ToWitness(req)) = a.first().copied() else {
+        panic!("{a:?}")
+    };
+    let reply = w.handle(p.now, req);
+    p.on(Input::WitnessReply(reply));
+    assert_eq!(p.status().phase, Phase::Protected);
+    (p, w)
+}
+
+#[test]
+fn fresh_start_holds_output_and_runs_the_vm() {
+    let mut p = One::new(P, Start::Primary);
+    assert_eq!(p.node.poll_timeout(), Some(crate::time::Time::ZERO));
+    let a = p.on(Input::Timeout);
+    assert_eq!(
+        a,
+        vec![
+            Action::SetOutputGate(Gate::Held),
+            Action::ResumeVm { epoch: Epoch(1) }
+        ]
+    );
+    let s = p.status();
+    assert_eq!(
+        (s.role, s.phase, s.generation),
+        (RoleKind::Primary, Phase::Waiting, G1)
+    );
+    assert_eq!(
+        p.node.poll_timeout(),
+        None,
+        "nothing to do until someone joins"
+    );
+}
+
+#[test]
+fn sync_then_register_then_release_on_acks() {
+    let mut w = Witness::new(config().vm, P);
+    let mut p = One::new(P, Start::Primary);
+    p.on(Input::Timeout);
+    let a = p.on(join(B));
+    assert_eq!(
+        a,
+        vec![
+            Action::Send {
+                to: B,
+                msg: PeerMsg::SyncStart {
+                    generation: G1,
+                    epoch: Epoch(1)
+                }
+            },
+            Action::PauseVm,
+            Action::Capture {
+                epoch: Epoch(1),
+                full: true
+            },
+        ]
+    );
+    assert_eq!(p.status().phase, Phase::Syncing);
+    let a = p.on(Input::CaptureDone {
+        epoch: Epoch(1),
+        pages: 256,
+        bytes: 1 << 20,
+    });
+    assert_eq!(
+        a,
+        vec![
+            Action::ResumeVm { epoch: Epoch(2) },
+            Action::SendCheckpoint {
+                to: B,
+                epoch: Epoch(1),
+                full: true,
+                generation: G1
+            },
+        ]
+    );
+    assert!(p.on(Input::CheckpointSent { epoch: Epoch(1) }).is_empty());
+    // The next incremental waits for its epoch time.
+    let a = no_hb(p.after(config().epoch_interval));
+    assert_eq!(
+        a,
+        vec![
+            Action::PauseVm,
+            Action::Capture {
+                epoch: Epoch(2),
+                full: false
+            }
+        ]
+    );
+    let a = p.on(ack(B, 1));
+    let register = WitnessRequest::RegisterBackup {
+        generation: G1,
+        primary: P,
+        backup: reg(1),
+    };
+    assert_eq!(a, vec![Action::ToWitness(register)]);
+    assert_eq!(p.status().phase, Phase::Registering);
+    // Acks before the grant release nothing.
+    p.on(Input::CaptureDone {
+        epoch: Epoch(2),
+        pages: 3,
+        bytes: 1,
+    });
+    p.on(Input::CheckpointSent { epoch: Epoch(2) });
+    assert!(p.on(ack(B, 2)).is_empty());
+    let a = p.on(Input::WitnessReply(w.handle(p.now, register)));
+    assert_eq!(a, vec![Action::ReleaseOutput { through: Epoch(2) }]);
+    let s = p.status();
+    assert_eq!(
+        (s.phase, s.released, s.registration),
+        (Phase::Protected, Epoch(2), Some(reg(1)))
+    );
+    // Steady state: capture, send, ack, release.
+    let a = no_hb(p.after(config().epoch_interval));
+    assert_eq!(
+        a,
+        vec![
+            Action::PauseVm,
+            Action::Capture {
+                epoch: Epoch(3),
+                full: false
+            }
+        ]
+    );
+    p.on(Input::CaptureDone {
+        epoch: Epoch(3),
+        pages: 3,
+        bytes: 1,
+    });
+    assert_eq!(
+        p.on(ack(B, 3)),
+        vec![Action::ReleaseOutput { through: Epoch(3) }]
+    );
+    assert!(p.on(ack(B, 3)).is_empty(), "duplicate ack");
+    assert!(
+        p.on(ack(B, 9)).is_empty(),
+        "ack of something never captured"
+    );
+}
+
+#[test]
+fn slow_link_stretches_epochs_and_unacked_checkpoints_are_bounded() {
+    let (mut p, _w) = protected();
+    let step = config().epoch_interval;
+    // Not sent yet: no new capture however late it gets.
+    let a = no_hb(p.after(step));
+    assert!(
+        matches!(
+            a[..],
+            [
+                Action::PauseVm,
+                Action::Capture {
+                    epoch: Epoch(2),
+                    ..
+                }
+            ]
+        ),
+        "{a:?}"
+    );
+    p.on(Input::CaptureDone {
+        epoch: Epoch(2),
+        pages: 1,
+        bytes: 1,
+    });
+    assert!(p
+        .after(step * 3)
+        .iter()
+        .all(|a| !matches!(a, Action::Capture { .. })));
+    // Sent: the overdue capture happens at once.
+    let a = p.on(Input::CheckpointSent { epoch: Epoch(2) });
+    assert!(
+        matches!(
+            a[..],
+            [
+                Action::PauseVm,
+                Action::Capture {
+                    epoch: Epoch(3),
+                    ..
+                }
+            ]
+        ),
+        "{a:?}"
+    );
+    p.on(Input::CaptureDone {
+        epoch: Epoch(3),
+        pages: 1,
+        bytes: 1,
+    });
+    p.on(Input::CheckpointSent { epoch: Epoch(3) });
+    // max_unacked = 2 (epochs 2 and 3 outstanding): capturing stops, heartbeats go on.
+    let alive = PeerMsg::Heartbeat {
+        generation: G1,
+        epoch: Epoch(1),
+    };
+    p.on(Input::Message {
+        from: B,
+        msg: alive,
+    });
+    let a = p.after(step * 2);
+    assert!(
+        a.iter().all(|a| !matches!(a, Action::Capture { .. })),
+        "{a:?}"
+    );
+    assert!(a.iter().any(|a| matches!(
+        a,
+        Action::Send {
+            msg: PeerMsg::Heartbeat { .. },
+            ..
+        }
+    )));
+    let a = p.on(ack(B, 2));
+    assert!(a.contains(&Action::ReleaseOutput { through: Epoch(2) }));
+    assert!(a.contains(&Action::Capture {
+        epoch: Epoch(4),
+        full: false
+    }));
+}
+
+#[test]
+fn bad_joins_are_rejected() {
+    let cfg = config();
+    let mut p = One::new(P, Start::Primary);
+    p.on(Input::Timeout);
+    let bad = |vm: VmId, ram_pages: u64, page_size: u32| Input::Message {
+        from: C,
+        msg: PeerMsg::Join {
+            vm,
+            node: C,
+            ram_pages,
+            page_size,
+            known: G1,
+        },
+    };
+    let a = p.on(bad(VmId(99), cfg.ram_pages, cfg.page_size));
+    assert_eq!(a, vec![reject(C, RejectReason::WrongVm)]);
+    let a = p.on(bad(cfg.vm, cfg.ram_pages + 1, cfg.page_size));
+    assert_eq!(a, vec![reject(C, RejectReason::RamSizeMismatch)]);
+    let a = p.on(bad(cfg.vm, cfg.ram_pages, 2 * cfg.page_size));
+    assert_eq!(a, vec![reject(C, RejectReason::PageSizeMismatch)]);
+    assert_eq!(p.status().phase, Phase::Waiting);
+    // A second backup while one is syncing.
+    p.on(join(B));
+    assert_eq!(p.on(join(C)), vec![reject(C, RejectReason::HaveBackup)]);
+    assert_eq!(p.status().peer, Some(B));
+}
+
+#[test]
+fn busy_while_settling_a_lost_backup() {
+    let (mut p, _w) = protected();
+    p.on(Input::Disconnected { peer: B });
+    assert_eq!(p.status().phase, Phase::Dropping);
+    assert_eq!(p.on(join(C)), vec![reject(C, RejectReason::Busy)]);
+}
+
+#[test]
+fn lost_backup_is_dropped_then_the_gate_opens() {
+    let (mut p, mut w) = protected();
+    let a = p.on(Input::Disconnected { peer: B });
+    let drop = WitnessRequest::DropBackup {
+        generation: G1,
+        primary: P,
+        backup: reg(1),
+    };
+    assert_eq!(
+        a,
+        vec![Action::Disconnect { peer: B }, Action::ToWitness(drop)]
+    );
+    let s = p.status();
+    assert_eq!((s.phase, s.gate), (Phase::Dropping, Some(Gate::Held)));
+    // Witness unreachable: resend every witness_retry, output stays held.
+    assert_eq!(
+        p.after(config().witness_retry),
+        vec![Action::ToWitness(drop)]
+    );
+    let a = p.on(Input::WitnessReply(w.handle(p.now, drop)));
+    assert_eq!(a, vec![Action::SetOutputGate(Gate::Open)]);
+    assert_eq!(p.status().phase, Phase::Degraded);
+    assert_eq!(p.node.poll_timeout(), None);
+}
+
+#[test]
+fn silent_backup_is_lost_after_the_failure_timeout() {
+    let (mut p, _w) = protected();
+    let t0 = p.now;
+    let timeout = config().failure_timeout;
+    // Heartbeats keep going out; just before the timeout nothing is lost.
+    p.at(t0 + (timeout - Duration::from_millis(1)));
+    assert_eq!(p.status().phase, Phase::Protected);
+    let a = p.at(t0 + timeout);
+    assert!(a.contains(&Action::Disconnect { peer: B }), "{a:?}");
+    assert_eq!(p.status().phase, Phase::Dropping);
+}
+
+#[test]
+fn degraded_primary_holds_output_before_the_sync_capture() {
+    let (mut p, mut w) = protected();
+    let drop = WitnessRequest::DropBackup {
+        generation: G1,
+        primary: P,
+        backup: reg(1),
+    };
+    p.on(Input::Disconnected { peer: B });
+    p.on(Input::WitnessReply(w.handle(p.now, drop)));
+    let a = p.on(join(C));
+    let running = p.status().captured; // the sync epoch was the running one
+    assert_eq!(
+        a[0],
+        Action::SetOutputGate(Gate::Held),
+        "held before anything else: {a:?}"
+    );
+    assert_eq!(
+        a[1],
+        Action::Send {
+            to: C,
+            msg: PeerMsg::SyncStart {
+                generation: G1,
+                epoch: Epoch(2)
+            }
+        }
+    );
+    assert_eq!(
+        &a[2..],
+        &[
+            Action::PauseVm,
+            Action::Capture {
+                epoch: Epoch(2),
+                full: true
+            }
+        ]
+    );
+    assert_eq!(running, Epoch(1));
+    // Joiner lost before its registration was asked: back to degraded without the witness.
+    let a = p.on(Input::Disconnected { peer: C });
+    assert_eq!(
+        a,
+        vec![
+            Action::Disconnect { peer: C },
+            Action::SetOutputGate(Gate::Open)
+        ]
+    );
+}
+
+#[test]
+fn joiner_lost_with_register_outstanding_drops_at_once() {
+    let mut p = One::new(P, Start::Primary);
+    p.on(Input::Timeout);
+    p.on(join(B));
+    p.on(Input::CaptureDone {
+        epoch: Epoch(1),
+        pages: 1,
+        bytes: 1,
+    });
+    p.on(ack(B, 1));
+    assert_eq!(p.status().phase, Phase::Registering);
+    let a = p.on(Input::Disconnected { peer: B });
+    let drop = WitnessRequest::DropBackup {
+        generation: G1,
+        primary: P,
+        backup: reg(1),
+    };
+    assert_eq!(
+        a,
+        vec![Action::Disconnect { peer: B }, Action::ToWitness(drop)]
+    );
+    // A late "granted" for the register is not what we wait for any more.
+    let mut w = Witness::new(config().vm, P);
+    let register = WitnessRequest::RegisterBackup {
+        generation: G1,
+        primary: P,
+        backup: reg(1),
+    };
+    assert!(p
+        .on(Input::WitnessReply(w.handle(p.now, register)))
+        .is_empty());
+    assert_eq!(p.status().phase, Phase::Dropping);
+    assert!(
+        p.on(Input::WitnessReply(w.handle(p.now, drop))).is_empty(),
+        "never protected"
+    );
+    assert_eq!(p.status().phase, Phase::Waiting);
+    assert_eq!(p.status().gate, Some(Gate::Held));
+}
+
+#[test]
+fn denied_drop_means_deposed_and_fenced_then_rejoins() {
+    let (mut p, mut w) = protected();
+    // B took over meanwhile.
+    assert!(
+        w.handle(
+            p.now,
+            WitnessRequest::Takeover {
+                generation: G1,
+                backup: reg(1)
+            }
+        )
+        .granted
+    );
+    let drop = WitnessRequest::DropBackup {
+        generation: G1,
+        primary: P,
+        backup: reg(1),
+    };
+    p.on(Input::Disconnected { peer: B });
+    let a = p.on(Input::WitnessReply(w.handle(p.now, drop)));
+    assert_eq!(a, vec![Action::Fence]);
+    let s = p.status();
+    assert_eq!((s.role, s.phase), (RoleKind::Fenced, Phase::Fenced));
+    // After the rejoin delay it asks the witness whom to follow.
+    let a = p.after(config().failure_timeout);
+    assert_eq!(a, vec![Action::ToWitness(WitnessRequest::Query)]);
+    let a = p.on(Input::WitnessReply(w.handle(p.now, WitnessRequest::Query)));
+    assert_eq!(a, vec![Action::Connect { to: B }]);
+    assert_eq!(p.status().role, RoleKind::Backup);
+    assert_eq!(p.status().generation, Generation(2));
+}
+
+#[test]
+fn newer_generation_in_any_message_fences() {
+    let (mut p, _w) = protected();
+    let cfg = config();
+    let msg = PeerMsg::Join {
+        vm: cfg.vm,
+        node: C,
+        ram_pages: cfg.ram_pages,
+        page_size: cfg.page_size,
+        known: Generation(2),
+    };
+    let a = p.on(Input::Message { from: C, msg });
+    assert_eq!(a, vec![Action::Disconnect { peer: B }, Action::Fence]);
+    assert_eq!(p.status().role, RoleKind::Fenced);
+}
+
+#[test]
+fn stale_messages_are_ignored() {
+    let (mut p, _w) = protected();
+    let old = PeerMsg::Ack {
+        generation: Generation::UNKNOWN,
+        epoch: Epoch(1),
+    };
+    assert!(p.on(Input::Message { from: B, msg: old }).is_empty());
+    assert!(p.on(ack(C, 1)).is_empty(), "ack from a stranger");
+}
+
+#[test]
+fn same_backup_joining_afresh_is_treated_as_lost() {
+    let (mut p, _w) = protected();
+    let a = p.on(join(B));
+    let drop = WitnessRequest::DropBackup {
+        generation: G1,
+        primary: P,
+        backup: reg(1),
+    };
+    assert_eq!(
+        a,
+        vec![
+            Action::Disconnect { peer: B },
+            Action::ToWitness(drop),
+            reject(B, RejectReason::Busy)
+        ]
+    );
+}
