@@ -173,6 +173,23 @@ impl Replica {
         &self.ram_path
     }
 
+    /// A digest (xxh3-64) of the whole RAM file, comparable with the primary's RAM digest.
+    pub fn ram_digest(&self) -> Result<u64, ReplicaError> {
+        use std::os::unix::fs::FileExt;
+        let mut h = xxhash_rust::xxh3::Xxh3::new();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        while off < self.ram_bytes {
+            let n = ((self.ram_bytes - off) as usize).min(buf.len());
+            self.ram
+                .read_exact_at(&mut buf[..n], off)
+                .map_err(io(&self.ram_path, "read RAM file"))?;
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        Ok(h.digest())
+    }
+
     /// The committed device state.
     pub fn device_state(&self) -> Result<Vec<u8>, ReplicaError> {
         let p = self.dir.join("device");

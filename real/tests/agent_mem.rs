@@ -66,6 +66,7 @@ fn host(
             metrics: Some(d.join("metrics.jsonl")),
             status_file: Some(d.join("status.json")),
             verbose: true,
+            verify_every: Some(5),
         },
         launched: Arc::new(Mutex::new(Vec::new())),
     }
@@ -126,6 +127,30 @@ async fn protects_then_fails_over_to_the_replica() {
         .lines()
         .count();
     assert!(acked >= 20, "only {acked} epochs acked in 1.5 s");
+
+    // At every 5th checkpoint both sides recorded a RAM digest: primary while paused at the
+    // capture, backup after the commit. They must agree.
+    let digests = |n: &str| -> BTreeMap<u64, u64> {
+        std::fs::read_to_string(dir.path().join(n).join("replica/verify.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .map(|v| (v["epoch"].as_u64().unwrap(), v["digest"].as_u64().unwrap()))
+            .collect()
+    };
+    let (pd, bd) = (digests("n1"), digests("n2"));
+    let common: Vec<u64> = pd.keys().filter(|e| bd.contains_key(e)).copied().collect();
+    assert!(
+        common.len() >= 4,
+        "only {} verified checkpoints",
+        common.len()
+    );
+    for e in &common {
+        assert_eq!(
+            pd[e], bd[e],
+            "replica differs from the primary at epoch {e}"
+        );
+    }
 
     // Freeze the guest: after the next acked epochs the replica must equal its RAM.
     let pram = p.launched.lock().unwrap()[0].clone();

@@ -161,6 +161,10 @@ impl Vm for MemVm {
         })
     }
 
+    fn ram_digest(&mut self) -> Result<u64, VmError> {
+        self.with(|s| xxhash_rust::xxh3::xxh3_64(&s.ram))
+    }
+
     async fn kill(&mut self) {
         if let Ok(mut s) = self.state.lock() {
             s.dead = true;

@@ -59,6 +59,8 @@ pub trait Vm: Send {
         full: bool,
         out: &mut StagedCheckpoint,
     ) -> impl Future<Output = Result<CaptureStats, VmError>> + Send;
+    /// While paused: a digest (xxh3-64) of all of guest RAM, for verifying the replica.
+    fn ram_digest(&mut self) -> Result<u64, VmError>;
     /// Stops the VM for good (fencing, shutdown).
     fn kill(&mut self) -> impl Future<Output = ()> + Send;
     /// Resolves when the VM dies on its own (never, for a VM that is still running).
