@@ -615,7 +615,7 @@ impl<L: VmLauncher> Agent<L> {
     fn verify_due(&self, epoch: Epoch) -> bool {
         self.cfg
             .verify_every
-            .is_some_and(|k| k > 0 && epoch.0 % k == 0)
+            .is_some_and(|k| k > 0 && epoch.0.is_multiple_of(k))
     }
 
     fn verify_path(&self) -> PathBuf {
