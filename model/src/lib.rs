@@ -64,6 +64,30 @@
 //!    (wrong VM, RAM or page size) is fenced for good.
 //! 10. `StartVm { from, generation }` starts the VM with frames tagged `from + 1`; the model
 //!     does not emit a `ResumeVm` after it. The gate is set `Open` just before `StartVm`.
+//! 11. **A denied `Takeover` voids its token** at the witness (raises `floor`): the backup
+//!     throws its replica away on a denial, so a `RegisterBackup` for that token still in
+//!     flight must not later name a backup that has nothing to resume from.
+//! 12. **Deposition by evidence**: a primary fences itself on *any* message or witness reply
+//!     showing a newer generation (or another primary for its own), not only on a denied drop.
+//! 13. A primary's own backup sending a fresh `Join` counts as that backup lost (drop it, then
+//!     `Reject { Busy }`; the joiner retries). A backup treats `Reject { Busy | HaveBackup }`
+//!     of its primary's generation as a sign of life (no needless takeover).
+//! 14. Wire: a `Join` frame travels under the joiner's VM and known generation; `Join` and
+//!     witness frames are exempt from the stale-generation check (see [`wire::Expect`]).
+//!
+//! ## What a driver must guarantee
+//!
+//! * Carry out actions in order. Answer every `Capture` with `CaptureDone`, every `Commit`
+//!   with `Committed` (even after a disconnect: a commit is local and atomic), `StartVm` with
+//!   `VmStarted`; `Connect` with `Connected` or `Disconnected`.
+//! * Per connection, deliver messages and checkpoint inputs in order, after its `Connected` and
+//!   before its `Disconnected` (see [`Input`]). After the model emits `Disconnect` or the link
+//!   drops, a `CheckpointSent` is optional (the primary stops waiting for it), but capture
+//!   buffers still in flight must not be reused before the kernel is done with them.
+//! * Witness: call [`Witness::handle`] one request at a time and persist [`Witness::state`]
+//!   before sending the reply; requests/replies may be lost, delayed or duplicated.
+//! * Tag frames with the epoch of the last `ResumeVm` (or `from + 1` after `StartVm`) and gate
+//!   them exactly as [`OutputGate`] does.
 //!
 //! ## Mutants
 //!

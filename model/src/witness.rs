@@ -4,7 +4,7 @@
 //!
 //! One linearizable compare-and-set register per VM, [`WitnessState`]:
 //! `{ generation, primary, backup: Option<Registration>, floor, promoted }`, initially
-//! `{ 1, P, None, 0, None }`. A [`Registration`] is a backup node plus its *token* `since`, the
+//! `{ 1, P, None, 0, None }`. A [`Registration`](crate::Registration) is a backup node plus its *token* `since`, the
 //! epoch of the full checkpoint its replica was synced from. Requests:
 //!
 //! * `RegisterBackup { g, P, (B, e) }` — granted iff `g == generation`, `P == primary`, and either
