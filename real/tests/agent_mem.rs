@@ -189,3 +189,45 @@ async fn protects_then_fails_over_to_the_replica() {
     btask.abort();
     wtask.abort();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_with_the_wrong_ram_size_is_refused_with_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let waddr = free_addr();
+    let addrs: BTreeMap<NodeId, SocketAddr> =
+        [(NodeId(1), free_addr()), (NodeId(2), free_addr())].into();
+    let w = witness::load_state(&dir.path().join("witness.json"), VmId(7), NodeId(1)).unwrap();
+    let wtask = tokio::spawn(witness::serve(
+        waddr,
+        dir.path().join("witness.json"),
+        w,
+        false,
+    ));
+    let p = host(dir.path(), 1, Start::Primary, &addrs, waddr);
+    let mut b = host(
+        dir.path(),
+        2,
+        Start::Backup { primary: NodeId(1) },
+        &addrs,
+        waddr,
+    );
+    b.cfg.model.ram_pages = PAGES * 2;
+    let primary = Agent::new(p.cfg.clone(), launcher(&p)).unwrap();
+    let mut bl = launcher(&b);
+    bl.ram_bytes *= 2;
+    let backup = Agent::new(b.cfg.clone(), bl).unwrap();
+    let ptask = tokio::spawn(primary.run(std::future::pending()));
+    let err = tokio::time::timeout(Duration::from_secs(10), backup.run(std::future::pending()))
+        .await
+        .expect("the backup should give up, not retry forever")
+        .expect_err("a mismatched backup must fail");
+    let msg = err.to_string();
+    assert!(msg.contains("RAM size"), "unclear error: {msg}");
+    // The primary is unharmed and still waiting for a proper backup.
+    assert_eq!(
+        status(&p.cfg.status_file.clone().unwrap())["phase"],
+        "waiting"
+    );
+    ptask.abort();
+    wtask.abort();
+}

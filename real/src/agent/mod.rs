@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use ftvm_model::{Action, Epoch, Gate, Input, Node, NodeId, Phase, Start, Status, Time};
+use ftvm_model::{Action, Epoch, Gate, Input, Node, NodeId, Start, Status, Time};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use self::event::{ConnId, Event};
@@ -55,6 +55,9 @@ pub enum AgentError {
         /// Cause.
         detail: String,
     },
+    /// The primary refused this host for a reason retrying cannot fix.
+    #[error("refused by the primary: {0}")]
+    Refused(String),
     /// The model refused the configuration.
     #[error("configuration: {0}")]
     Config(String),
@@ -243,10 +246,13 @@ impl<L: VmLauncher> Agent<L> {
                 }
                 self.note_status();
             }
-            if self.node.status().phase == Phase::Fenced
-                && self.cfg.model.rejoin_after_fence.is_none()
-            {
-                return Ok(AgentExit::Fenced);
+            if let ftvm_model::Role::Fenced(f) = self.node.role() {
+                if let ftvm_model::FenceReason::Misconfigured(r) = f.reason() {
+                    return Err(AgentError::Refused(r.to_string()));
+                }
+                if self.cfg.model.rejoin_after_fence.is_none() {
+                    return Ok(AgentExit::Fenced);
+                }
             }
             let deadline = self.deadline();
             let Agent { rx, vm, .. } = &mut self;
