@@ -136,8 +136,8 @@ pub(crate) struct Cluster {
     next_link: u64,
     cut: BTreeSet<(NodeId, NodeId)>,
     pub latency: Duration,
-    /// Extra random delay (ms, exclusive bound) of witness requests: makes them arrive late,
-    /// out of order, after their resends.
+    /// Extra random delay (ms, exclusive bound) of witness requests and replies: makes them
+    /// arrive late, out of order, after their resends.
     pub witness_jitter_ms: u64,
     /// Probability (per mille) that a checkpoint arrives damaged.
     pub corrupt_per_mille: u64,
@@ -313,7 +313,8 @@ impl Cluster {
                         input: Input::WitnessReply(reply),
                         link: None,
                     };
-                    self.schedule(self.latency, ev);
+                    let jitter = Duration::from_millis(self.rng.below(self.witness_jitter_ms));
+                    self.schedule(self.latency + jitter, ev);
                 }
             }
         }
