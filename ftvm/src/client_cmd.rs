@@ -43,6 +43,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             }
         },
     ));
-    println!("{}", serde_json::to_string(&report).context("encoding the report")?);
+    println!(
+        "{}",
+        serde_json::to_string(&report).context("encoding the report")?
+    );
     Ok(if report.lost > 0 { 2 } else { 0 })
 }

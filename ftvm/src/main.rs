@@ -6,10 +6,17 @@
 
 use clap::{Parser, Subcommand};
 
+mod agent_cmd;
 mod client_cmd;
+mod demo_cmd;
+mod witness_cmd;
 
 #[derive(Parser)]
-#[command(name = "ftvm", version, about = "Fault tolerance for unmodified QEMU VMs")]
+#[command(
+    name = "ftvm",
+    version,
+    about = "Fault tolerance for unmodified QEMU VMs"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -17,6 +24,14 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run the protected VM on this host and ship its checkpoints to a backup.
+    Primary(agent_cmd::Args),
+    /// Hold a replica of the VM and take over when the primary dies.
+    Backup(agent_cmd::Args),
+    /// Serve the witness (fencing party) both agents consult before changing roles.
+    Witness(witness_cmd::Args),
+    /// Protect a demo VM with a local primary+backup pair in network namespaces, then fail over.
+    Demo(demo_cmd::Args),
     /// Drive the demo guest's counter service and report what a client saw (JSON on stdout).
     Client(client_cmd::Args),
 }
@@ -24,6 +39,10 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Primary(args) => agent_cmd::run(agent_cmd::Role::Primary, args),
+        Command::Backup(args) => agent_cmd::run(agent_cmd::Role::Backup, args),
+        Command::Witness(args) => witness_cmd::run(args),
+        Command::Demo(args) => demo_cmd::run(args),
         Command::Client(args) => client_cmd::run(args),
     };
     match result {

@@ -8,6 +8,7 @@ pub mod link;
 pub mod mem_vm;
 pub mod metrics;
 pub mod netio;
+pub mod qemu_vm;
 pub mod vm;
 pub mod witness;
 

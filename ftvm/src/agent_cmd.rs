@@ -1,0 +1,238 @@
+//! `ftvm primary` / `ftvm backup`: one host's agent protecting a QEMU VM.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use ftvm_model::{Config, NodeId, Start, VmId};
+use ftvm_real::agent::netio::NetIo;
+use ftvm_real::agent::qemu_vm::{QemuLauncher, Tracking};
+use ftvm_real::agent::{Agent, AgentConfig, AgentExit};
+use ftvm_real::qemu::{Accel, BootOptions, GuestImage, NetBackend, NetConfig, QemuConfig};
+use ftvm_real::transport::TransportKind;
+
+/// Arguments shared by `ftvm primary` and `ftvm backup`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// This host's node id.
+    #[arg(long)]
+    node: u32,
+    /// Where this agent accepts checkpoint links.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// Another agent: `ID=ADDR` (repeat for each).
+    #[arg(long = "peer", value_parser = parse_peer)]
+    peers: Vec<(u32, SocketAddr)>,
+    /// For `backup`: the node it first protects (default: the only peer).
+    #[arg(long)]
+    primary: Option<u32>,
+    /// For `backup`: this host restarted — ask the witness who the primary is, then join it.
+    #[arg(long)]
+    rejoin: bool,
+    /// The witness's address.
+    #[arg(long)]
+    witness: SocketAddr,
+    /// The protected VM's id (same on every host).
+    #[arg(long, default_value_t = 1)]
+    vm: u64,
+    /// Directory with the guest's `vmlinuz`, `initrd.img` and `cmdline` (real/guest/build.sh).
+    #[arg(long)]
+    guest_dir: PathBuf,
+    /// Guest RAM in MiB (same on every host).
+    #[arg(long, default_value_t = 256)]
+    ram_mb: u64,
+    /// QEMU accelerator: tcg, or kvm on hosts whose /dev/kvm runs stock guests.
+    #[arg(long, default_value = "tcg")]
+    accel: String,
+    /// The VM's MAC address (same on every host).
+    #[arg(long, default_value = "52:54:00:f7:00:0a")]
+    mac: String,
+    /// The VM's address and prefix, passed to the guest on its kernel command line.
+    #[arg(long)]
+    vm_ip: Option<String>,
+    /// Pages per second the guest's dirtying workload rewrites (0: idle).
+    #[arg(long, default_value_t = 0)]
+    dirty_pages: u64,
+    /// State directory: replica, QEMU sockets and logs, metrics, status.
+    #[arg(long)]
+    state_dir: PathBuf,
+    /// Directory for guest RAM files (must be tmpfs-like: QEMU maps them shared).
+    #[arg(long, default_value = "/dev/shm")]
+    ram_dir: PathBuf,
+    /// Tap device carrying the VM's network on this host (absent: released frames are dropped).
+    #[arg(long)]
+    tap: Option<String>,
+    /// Epoch length in milliseconds.
+    #[arg(long, default_value_t = 25)]
+    epoch_ms: u64,
+    /// Heartbeat interval in milliseconds.
+    #[arg(long, default_value_t = 20)]
+    heartbeat_ms: u64,
+    /// Silence after which the peer is presumed dead, in milliseconds.
+    #[arg(long, default_value_t = 500)]
+    failure_timeout_ms: u64,
+    /// Checkpoint transport: copy, msg-zerocopy, uring-zc or auto.
+    #[arg(long, default_value = "copy")]
+    transport: String,
+    /// Dirty-page tracking: pagemap (userfaultfd + PAGEMAP_SCAN) or hash (cross-check).
+    #[arg(long, default_value = "pagemap")]
+    tracking: String,
+    /// Every N epochs record a digest of guest RAM (primary: paused at capture; backup: after
+    /// commit) in <state-dir>/replica/verify.jsonl, to prove the replica matches. For tests.
+    #[arg(long)]
+    verify_every: Option<u64>,
+    /// Log protocol events.
+    #[arg(long)]
+    verbose: bool,
+}
+
+fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
+    let (id, addr) = s
+        .split_once('=')
+        .ok_or_else(|| format!("peer {s:?} is not ID=ADDR"))?;
+    let id = id
+        .parse()
+        .map_err(|_| format!("peer id {id:?} is not a number"))?;
+    let addr = addr
+        .parse()
+        .map_err(|_| format!("peer address {addr:?} is not IP:PORT"))?;
+    Ok((id, addr))
+}
+
+/// Which role the command starts in.
+#[derive(Debug, Clone, Copy)]
+pub enum Role {
+    /// `ftvm primary`.
+    Primary,
+    /// `ftvm backup`.
+    Backup,
+}
+
+/// Runs an agent until it is killed or fenced for good.
+pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
+    let peers: BTreeMap<NodeId, SocketAddr> =
+        args.peers.iter().map(|&(id, a)| (NodeId(id), a)).collect();
+    if peers.contains_key(&NodeId(args.node)) {
+        bail!("--peer lists this node ({}) itself", args.node);
+    }
+    let start = match role {
+        Role::Primary => Start::Primary,
+        Role::Backup if args.rejoin => Start::Rejoin,
+        Role::Backup => {
+            let primary = match (args.primary, peers.len()) {
+                (Some(p), _) => p,
+                (None, 1) => peers.keys().next().map(|n| n.0).unwrap_or_default(),
+                (None, _) => bail!("backup: say which node is primary with --primary"),
+            };
+            Start::Backup {
+                primary: NodeId(primary),
+            }
+        }
+    };
+    if args.ram_mb == 0 {
+        bail!("--ram-mb must be positive");
+    }
+    let accel: Accel = args.accel.parse().context("--accel")?;
+    let transport: TransportKind = args.transport.parse().context("--transport")?;
+    let tracking: Tracking = args
+        .tracking
+        .parse()
+        .map_err(|e: String| anyhow::anyhow!(e))
+        .context("--tracking")?;
+    let guest = GuestImage::from_dir(&args.guest_dir).context("reading the guest directory")?;
+    std::fs::create_dir_all(&args.state_dir)
+        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    let page_size = 4096u32;
+    let ram_bytes = args.ram_mb << 20;
+
+    let mut model = Config::new(VmId(args.vm), ram_bytes / u64::from(page_size), NodeId(0));
+    model.epoch_interval = Duration::from_millis(args.epoch_ms);
+    model.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
+    model.failure_timeout = Duration::from_millis(args.failure_timeout_ms);
+    model.validate().context("protocol parameters")?;
+
+    let stem = format!("ftvm-vm{}-n{}", args.vm, args.node);
+    let ram_file = args.ram_dir.join(format!("{stem}.ram"));
+    let replica_ram = args.ram_dir.join(format!("{stem}-replica.ram"));
+    // The primary boots a fresh VM: never over an old RAM file.
+    let _ = std::fs::remove_file(&ram_file);
+    let netdev_socket = args.state_dir.join("netdev.sock");
+
+    let mut base = QemuConfig::new(
+        &guest.kernel,
+        &ram_file,
+        ram_bytes,
+        args.state_dir.join("qemu"),
+    );
+    std::fs::create_dir_all(args.state_dir.join("qemu")).context("creating the QEMU directory")?;
+    guest.apply(&mut base);
+    base.accel = accel;
+    if let Some(ip) = &args.vm_ip {
+        base.append.push_str(&format!(" ftvm.ip={ip}"));
+    }
+    if args.dirty_pages > 0 {
+        base.append
+            .push_str(&format!(" ftvm.dirty={}", args.dirty_pages));
+    }
+    base.net = Some(NetConfig {
+        mac: args.mac.clone(),
+        backend: NetBackend::Stream {
+            socket: netdev_socket.clone(),
+        },
+    });
+    let preload = match tracking {
+        Tracking::Pagemap => Some(
+            ftvm_real::dirty::preload_library_path()
+                .context("locating the dirty-tracking library")?,
+        ),
+        Tracking::Hash => None,
+    };
+    let launcher = QemuLauncher {
+        base,
+        restore_dir: args.state_dir.join("qemu-restored"),
+        tracking,
+        preload,
+        boot: BootOptions::default(),
+        page_size: page_size as usize,
+    };
+    let cfg = AgentConfig {
+        node: NodeId(args.node),
+        start,
+        model,
+        listen: args.listen,
+        peers,
+        witness: args.witness,
+        replica_dir: args.state_dir.join("replica"),
+        replica_ram,
+        transport,
+        metrics: Some(args.state_dir.join("metrics.jsonl")),
+        status_file: Some(args.state_dir.join("status.json")),
+        verbose: args.verbose,
+        verify_every: args.verify_every,
+    };
+    // One thread runs the loop and spawns QEMU: PR_SET_PDEATHSIG ties QEMU to that thread, so a
+    // killed agent takes its QEMU with it (a dead host's VM must not linger).
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let exit = rt.block_on(async move {
+        let mut agent = Agent::new(cfg, launcher).context("starting the agent")?;
+        let net = NetIo::start(&netdev_socket, args.tap.as_deref(), agent.events())
+            .context("setting up the VM's network path")?;
+        agent.attach_net(net);
+        let shutdown = async {
+            let _ = tokio::signal::ctrl_c().await;
+        };
+        agent.run(shutdown).await.context("agent")
+    })?;
+    match exit {
+        AgentExit::Shutdown => Ok(0),
+        AgentExit::Fenced => {
+            eprintln!("ftvm: fenced: another host runs the VM now");
+            Ok(3)
+        }
+    }
+}

@@ -1,0 +1,153 @@
+//! The real thing: QEMU guests protected by ftvm agents in network namespaces (root, TCG), driven
+//! by a client over one TCP connection, through `ftvm demo`. Each run boots the guest, protects
+//! it, kills a host with SIGKILL and checks what the client saw.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Builds (or reuses the cached) guest and returns its directory.
+fn guest_dir() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo().join("real/guest/build.sh"))
+        .output()
+        .expect("running real/guest/build.sh");
+    assert!(
+        out.status.success(),
+        "guest build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("build.sh printed its directory")
+            .trim(),
+    )
+}
+
+fn demo(name: &str, subnet: u8, extra: &[&str]) -> serde_json::Value {
+    let work = std::env::temp_dir().join(format!("ftvm-test-{name}"));
+    let summary = work.with_extension("json");
+    let _ = std::fs::remove_file(&summary);
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ftvm"));
+    cmd.args(["demo", "--guest-dir"])
+        .arg(guest_dir())
+        .arg("--work-dir")
+        .arg(&work)
+        .arg("--summary")
+        .arg(&summary)
+        .args([
+            "--prefix",
+            &format!("ftt{subnet}"),
+            "--subnet",
+            &subnet.to_string(),
+        ])
+        .args(["--ram-mb", "128"])
+        .args(extra);
+    let out = cmd.output().expect("running ftvm demo");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ftvm demo {name} failed ({}); logs in {}",
+        out.status,
+        work.display()
+    );
+    let s: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&summary).expect("demo summary")).unwrap();
+    s
+}
+
+#[test]
+fn primary_killed_at_random_moments_loses_nothing() {
+    let seed = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(1);
+    eprintln!("kill moments seed: {seed}");
+    let mut x = seed | 1;
+    let mut takeovers = Vec::new();
+    for run in 0..5u8 {
+        // xorshift: a kill moment between 2 and 6 s into the client's run.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let before = 2.0 + (x % 4000) as f64 / 1000.0;
+        let verify = if run == 0 {
+            vec!["--verify-every", "5"]
+        } else {
+            vec![]
+        };
+        let before_s = before.to_string();
+        let mut args = vec![
+            "--kill",
+            "primary",
+            "--before-kill",
+            &before_s,
+            "--after-kill",
+            "5",
+            "--dirty-pages",
+            "2000",
+        ];
+        args.extend(verify);
+        let s = demo(&format!("kill-primary-{run}"), 40 + run, &args);
+        let client = &s["client"];
+        assert_eq!(
+            client["lost"], 0,
+            "run {run}: the client saw state go back: {s}"
+        );
+        assert!(client["replies"].as_u64().unwrap() > 10, "run {run}: {s}");
+        assert_eq!(
+            client["connections"], 1,
+            "run {run}: the TCP connection did not survive: {s}"
+        );
+        assert!(
+            client["longest_gap_us"].as_u64().unwrap() < 4_000_000,
+            "run {run}: service did not resume: {s}"
+        );
+        assert_eq!(s["survivor"]["generation"], 2, "run {run}: {s}");
+        let t = s["takeover_ms"].as_f64().unwrap();
+        assert!(
+            t < 1000.0,
+            "run {run}: backup ran the VM only {t} ms after the kill"
+        );
+        takeovers.push(t);
+        if run == 0 {
+            let n = s["verified_checkpoints"].as_u64().unwrap();
+            assert!(
+                n >= 10,
+                "only {n} checkpoints verified (need ≥ 50 epochs at every 5th)"
+            );
+        }
+    }
+    eprintln!("takeover after kill (ms): {takeovers:?}");
+}
+
+#[test]
+fn backup_killed_primary_degrades_then_is_reprotected() {
+    let s = demo(
+        "kill-backup",
+        50,
+        &[
+            "--kill",
+            "backup",
+            "--before-kill",
+            "3",
+            "--after-kill",
+            "4",
+            "--dirty-pages",
+            "2000",
+        ],
+    );
+    assert_eq!(s["client"]["lost"], 0, "{s}");
+    assert_eq!(s["client"]["connections"], 1, "{s}");
+    assert!(s["reprotect_ms"].as_f64().is_some(), "{s}");
+    assert_eq!(s["survivor"]["phase"], "protected", "{s}");
+    assert_eq!(s["survivor"]["generation"], 1, "{s}");
+}
