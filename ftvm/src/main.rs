@@ -7,6 +7,7 @@
 use clap::{Parser, Subcommand};
 
 mod agent_cmd;
+mod bench_cmd;
 mod client_cmd;
 mod demo_cmd;
 mod witness_cmd;
@@ -32,6 +33,8 @@ enum Command {
     Witness(witness_cmd::Args),
     /// Protect a demo VM with a local primary+backup pair in network namespaces, then fail over.
     Demo(demo_cmd::Args),
+    /// Benchmarks (JSON + Markdown).
+    Bench(bench_cmd::Args),
     /// Drive the demo guest's counter service and report what a client saw (JSON on stdout).
     Client(client_cmd::Args),
 }
@@ -44,6 +47,7 @@ fn main() {
         Command::Witness(args) => witness_cmd::run(args),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Client(args) => client_cmd::run(args),
+        Command::Bench(args) => bench_cmd::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

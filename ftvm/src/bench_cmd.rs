@@ -1,0 +1,94 @@
+//! `ftvm bench`: benchmarks that write JSON and a Markdown table.
+
+use std::path::PathBuf;
+
+use anyhow::Context;
+use ftvm_real::transport::bench::{bench_transports, BenchOptions, BenchPath};
+use ftvm_real::transport::TransportKind;
+
+/// Arguments of `ftvm bench`.
+#[derive(clap::Args)]
+pub struct Args {
+    #[command(subcommand)]
+    what: What,
+}
+
+#[derive(clap::Subcommand)]
+enum What {
+    /// Checkpoint transports: scattered 4 KiB pages over loopback and veth, with raw TCP as the
+    /// reference, every transport and batch size in one run.
+    Transport(TransportArgs),
+}
+
+#[derive(clap::Args)]
+struct TransportArgs {
+    /// Output directory for `transport.json` and `transport.md`.
+    #[arg(long, default_value = "docs/bench")]
+    out: PathBuf,
+    /// Measured repetitions per case (medians are reported).
+    #[arg(long, default_value_t = 9)]
+    repetitions: usize,
+    /// MiB sent per repetition.
+    #[arg(long, default_value_t = 128)]
+    mib_per_rep: usize,
+    /// Batch sizes in KiB (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "64,256,1024,4096")]
+    batch_kib: Vec<usize>,
+    /// Transports (comma separated).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "copy,msg-zerocopy,uring-zc,auto"
+    )]
+    transports: Vec<String>,
+    /// Skip the veth path (it needs root and iproute2).
+    #[arg(long)]
+    loopback_only: bool,
+}
+
+/// Runs a benchmark.
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    match args.what {
+        What::Transport(a) => transport(a),
+    }
+}
+
+fn transport(a: TransportArgs) -> anyhow::Result<i32> {
+    if a.repetitions == 0 || a.mib_per_rep == 0 || a.batch_kib.iter().any(|&b| b == 0 || b % 4 != 0)
+    {
+        anyhow::bail!("repetitions and MiB per repetition must be positive; batch sizes positive multiples of 4 KiB");
+    }
+    let transports = a
+        .transports
+        .iter()
+        .map(|t| t.parse::<TransportKind>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("--transports")?;
+    let opts = BenchOptions {
+        bytes_per_rep: a.mib_per_rep << 20,
+        batch_bytes: a.batch_kib.iter().map(|k| k << 10).collect(),
+        transports,
+        paths: if a.loopback_only {
+            vec![BenchPath::Loopback]
+        } else {
+            vec![BenchPath::Loopback, BenchPath::Veth]
+        },
+        repetitions: a.repetitions,
+        ..BenchOptions::default()
+    };
+    eprintln!(
+        "ftvm bench transport: {} repetitions per case; this takes a minute or two",
+        opts.repetitions
+    );
+    let report = bench_transports(&opts).context("running the transport benchmark")?;
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let json = a.out.join("transport.json");
+    let md = a.out.join("transport.md");
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let table = report.to_markdown();
+    std::fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
+    println!("{table}");
+    eprintln!("wrote {} and {}", json.display(), md.display());
+    Ok(0)
+}
