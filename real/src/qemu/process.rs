@@ -1,0 +1,327 @@
+//! One running QEMU: the child process, its QMP connection, and how it ended.
+//!
+//! A task owns the child and reaps it; the exit status is published on a watch channel so any
+//! number of waiters (and `select!` loops) can learn that QEMU is gone. Killing goes through the
+//! same task, so we never signal a pid that was already reaped and reused.
+
+use std::fs::File;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use tokio::process::Command;
+use tokio::sync::{oneshot, watch};
+
+use super::config::QemuConfig;
+use super::devstate;
+use super::error::{QemuError, Result};
+use super::qmp::{Qmp, VmStatus, DEFAULT_TIMEOUT};
+use super::serial::SerialLog;
+
+/// How long QEMU gets to create its QMP socket and greet us.
+const QMP_STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// How long to wait for the exit status once QMP reported the connection gone.
+const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// Lines of stderr quoted in [`QemuError::Died`].
+const STDERR_TAIL_LINES: usize = 4;
+
+/// A clonable view of a QEMU's exit: resolves once the process has ended.
+#[derive(Debug, Clone)]
+pub struct ExitWatch(watch::Receiver<Option<ExitStatus>>);
+
+impl ExitWatch {
+    /// The exit status if QEMU has ended.
+    pub fn status(&self) -> Option<ExitStatus> {
+        *self.0.borrow()
+    }
+
+    /// Waits until QEMU has ended.
+    pub async fn ended(&mut self) -> ExitStatus {
+        loop {
+            if let Some(st) = *self.0.borrow_and_update() {
+                return st;
+            }
+            if self.0.changed().await.is_err() {
+                // The reaper task is gone without publishing: only possible at runtime shutdown.
+                if let Some(st) = *self.0.borrow() {
+                    return st;
+                }
+                std::future::pending::<()>().await;
+            }
+        }
+    }
+}
+
+/// A running QEMU with its QMP connection. Dropping it kills QEMU.
+#[derive(Debug)]
+pub struct Qemu {
+    pid: u32,
+    config: QemuConfig,
+    qmp: Qmp,
+    exit: ExitWatch,
+    kill_tx: Option<oneshot::Sender<()>>,
+    killed_by_us: bool,
+}
+
+impl Qemu {
+    /// Starts QEMU as configured and connects to its QMP socket.
+    pub async fn spawn(config: QemuConfig) -> Result<Qemu> {
+        let binary = config.validate()?;
+        let args = config.args()?;
+        match std::fs::remove_file(&config.qmp_socket) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => return Err(QemuError::io("remove stale QMP socket", e)),
+        }
+        let stderr = File::create(&config.stderr_log)
+            .map_err(|e| QemuError::io(format!("create {:?}", config.stderr_log), e))?;
+        let stdout = stderr
+            .try_clone()
+            .map_err(|e| QemuError::io("dup stderr log", e))?;
+
+        let mut cmd = Command::new(&binary);
+        cmd.args(&args)
+            .envs(config.env.iter().map(|(k, v)| (k, v)))
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(stdout))
+            .stderr(Stdio::from(stderr))
+            .kill_on_drop(true);
+        // SAFETY: the closure runs in the forked child before exec and only calls prctl(2),
+        // which is async-signal-safe.
+        unsafe {
+            cmd.pre_exec(|| {
+                // prctl(PR_SET_PDEATHSIG): if the agent dies, QEMU gets SIGKILL instead of running
+                // on as an orphan (a VM whose output nobody gates). The signal follows the
+                // spawning *thread*: spawn from a long-lived runtime thread.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| QemuError::io(format!("start {binary:?}"), e))?;
+        let pid = child
+            .id()
+            .ok_or_else(|| QemuError::Protocol("QEMU exited before it got a pid".into()))?;
+
+        let (status_tx, status_rx) = watch::channel(None);
+        let (kill_tx, kill_rx) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let status = tokio::select! {
+                st = child.wait() => st,
+                // A kill request, or the Qemu handle was dropped.
+                _ = kill_rx => {
+                    let _ = child.start_kill();
+                    child.wait().await
+                }
+            };
+            match status {
+                Ok(st) => {
+                    let _ = status_tx.send(Some(st));
+                }
+                Err(e) => tracing::error!(pid, "waiting for QEMU failed: {e}"),
+            }
+        });
+        let exit = ExitWatch(status_rx);
+        tracing::debug!(pid, ?binary, "QEMU started");
+
+        let qmp = match connect_qmp(&config, exit.clone()).await {
+            Ok(q) => q,
+            Err(e) => {
+                let _ = kill_tx.send(());
+                let mut exit = exit;
+                let _ = tokio::time::timeout(EXIT_GRACE, exit.ended()).await;
+                return Err(died_or(e, pid, &config, &exit, false));
+            }
+        };
+        Ok(Qemu {
+            pid,
+            config,
+            qmp,
+            exit,
+            kill_tx: Some(kill_tx),
+            killed_by_us: false,
+        })
+    }
+
+    /// Starts the same machine waiting for a device-state restore (`-incoming defer`).
+    pub async fn spawn_incoming(mut config: QemuConfig) -> Result<Qemu> {
+        config.incoming_defer = true;
+        Qemu::spawn(config).await
+    }
+
+    /// Process id (for `/proc/<pid>/pagemap`).
+    pub fn pid(&self) -> u32 {
+        self.pid
+    }
+
+    /// The configuration it was started with.
+    pub fn config(&self) -> &QemuConfig {
+        &self.config
+    }
+
+    /// Its QMP connection, for commands this wrapper has no method for.
+    pub fn qmp(&mut self) -> &mut Qmp {
+        &mut self.qmp
+    }
+
+    /// A handle that resolves when QEMU ends; usable while `self` is borrowed elsewhere.
+    pub fn exit_watch(&self) -> ExitWatch {
+        self.exit.clone()
+    }
+
+    /// A reader of its serial console log.
+    pub fn serial(&self) -> SerialLog {
+        SerialLog::new(&self.config.serial_log)
+    }
+
+    /// `Ok` while QEMU runs; [`QemuError::Died`] (with QEMU's last stderr lines) once it ended.
+    pub fn check_alive(&self) -> Result<()> {
+        match self.exit.status() {
+            None => Ok(()),
+            Some(_) => Err(self.died_error()),
+        }
+    }
+
+    /// Pauses the VM.
+    pub async fn stop(&mut self) -> Result<()> {
+        let r = self.qmp.stop().await;
+        self.explain(r).await
+    }
+
+    /// Resumes the VM.
+    pub async fn cont(&mut self) -> Result<()> {
+        let r = self.qmp.cont().await;
+        self.explain(r).await
+    }
+
+    /// The VM's run state.
+    pub async fn query_status(&mut self) -> Result<VmStatus> {
+        let r = self.qmp.query_status().await;
+        self.explain(r).await
+    }
+
+    /// [`devstate::capture_device_state`], with QEMU's death reported as such.
+    pub async fn capture_device_state(&mut self) -> Result<Vec<u8>> {
+        let r = devstate::capture_device_state(&mut self.qmp).await;
+        self.explain(r).await
+    }
+
+    /// [`devstate::load_device_state`] (leaves the VM paused), with QEMU's death reported.
+    pub async fn load_device_state(&mut self, blob: &[u8]) -> Result<()> {
+        let r = devstate::load_device_state(&mut self.qmp, blob).await;
+        self.explain(r).await
+    }
+
+    /// [`devstate::restore_device_state`] (load, then resume), with QEMU's death reported.
+    pub async fn restore_device_state(&mut self, blob: &[u8]) -> Result<()> {
+        let r = devstate::restore_device_state(&mut self.qmp, blob).await;
+        self.explain(r).await
+    }
+
+    /// Kills QEMU with SIGKILL and waits for it to be reaped.
+    pub async fn kill(&mut self) -> Result<ExitStatus> {
+        self.killed_by_us = true;
+        if let Some(tx) = self.kill_tx.take() {
+            let _ = tx.send(());
+        }
+        self.wait_timeout(EXIT_GRACE * 5).await
+    }
+
+    /// Waits for QEMU to end by itself (after `quit`, a guest shutdown, a crash).
+    pub async fn wait_timeout(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        tokio::time::timeout(timeout, self.exit.ended())
+            .await
+            .map_err(|_| QemuError::Timeout {
+                what: format!("QEMU pid {} to exit", self.pid),
+                after: timeout,
+            })
+    }
+
+    /// Turns "QMP connection gone" into "QEMU died: <status>; stderr: <its last words>".
+    pub async fn explain<T>(&mut self, r: Result<T>) -> Result<T> {
+        match r {
+            Err(e) if e.is_gone() => {
+                let _ = tokio::time::timeout(EXIT_GRACE, self.exit.ended()).await;
+                Err(died_or(
+                    e,
+                    self.pid,
+                    &self.config,
+                    &self.exit,
+                    self.killed_by_us,
+                ))
+            }
+            other => other,
+        }
+    }
+
+    fn died_error(&self) -> QemuError {
+        died_error(self.pid, &self.config, self.exit.status())
+    }
+}
+
+/// Connects to QMP once the socket appears, giving up if QEMU exits first.
+async fn connect_qmp(config: &QemuConfig, mut exit: ExitWatch) -> Result<Qmp> {
+    let start = Instant::now();
+    let mut delay = Duration::from_millis(1);
+    loop {
+        match tokio::net::UnixStream::connect(&config.qmp_socket).await {
+            Ok(stream) => return Qmp::handshake(stream, DEFAULT_TIMEOUT).await,
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::NotFound | std::io::ErrorKind::ConnectionRefused
+                ) =>
+            {
+                if start.elapsed() > QMP_STARTUP_TIMEOUT {
+                    return Err(QemuError::Timeout {
+                        what: format!("QMP socket {:?}", config.qmp_socket),
+                        after: QMP_STARTUP_TIMEOUT,
+                    });
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(delay) => {}
+                    _ = exit.ended() => return Err(QemuError::QmpClosed),
+                }
+                delay = (delay * 2).min(Duration::from_millis(20));
+            }
+            Err(e) => return Err(QemuError::io("connect to QMP socket", e)),
+        }
+    }
+}
+
+/// `e` unless QEMU has ended, in which case the reason it ended.
+fn died_or(
+    e: QemuError,
+    pid: u32,
+    config: &QemuConfig,
+    exit: &ExitWatch,
+    killed: bool,
+) -> QemuError {
+    match exit.status() {
+        Some(_) if !killed => died_error(pid, config, exit.status()),
+        _ => e,
+    }
+}
+
+fn died_error(pid: u32, config: &QemuConfig, status: Option<ExitStatus>) -> QemuError {
+    QemuError::Died {
+        pid,
+        status: status.map_or_else(|| "unknown status".to_owned(), |s| s.to_string()),
+        stderr_tail: stderr_tail(config),
+    }
+}
+
+/// The last few non-empty lines of QEMU's stderr log, joined with " | ".
+fn stderr_tail(config: &QemuConfig) -> String {
+    let Ok(text) = std::fs::read(&config.stderr_log) else {
+        return String::new();
+    };
+    let text = String::from_utf8_lossy(&text);
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = lines[lines.len().saturating_sub(STDERR_TAIL_LINES)..].join(" | ");
+    tail.chars().take(600).collect()
+}
