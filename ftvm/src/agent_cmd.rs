@@ -194,7 +194,12 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         restore_dir: args.state_dir.join("qemu-restored"),
         tracking,
         preload,
-        boot: BootOptions::default(),
+        // A TCG boot takes 3-5 s here; one that printed nothing for 15 s has hung (it happens:
+        // DESIGN §9) and is retried.
+        boot: BootOptions {
+            timeout: Duration::from_secs(15),
+            ..BootOptions::default()
+        },
         page_size: page_size as usize,
     };
     let cfg = AgentConfig {

@@ -287,13 +287,11 @@ impl<L: VmLauncher> Agent<L> {
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
                     let conn = new_conn();
-                    match link::spawn(stream, conn, vm, ps, kind, tx.clone()) {
-                        Ok(link) => {
-                            if tx.send(Event::Accepted { conn, link }).is_err() {
-                                return;
-                            }
-                        }
-                        Err(e) => eprintln!("ftvm: accepting a checkpoint link: {e}"),
+                    let announce = |link| {
+                        let _ = tx.send(Event::Accepted { conn, link });
+                    };
+                    if let Err(e) = link::spawn(stream, conn, vm, ps, kind, tx.clone(), announce) {
+                        eprintln!("ftvm: accepting a checkpoint link: {e}");
                     }
                 }
             })
@@ -653,27 +651,25 @@ impl<L: VmLauncher> Agent<L> {
             self.cfg.transport,
         );
         tokio::task::spawn_blocking(move || {
-            let ev = match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+            let failed = match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
                 Ok(stream) => {
                     let conn = new_conn();
-                    match link::spawn(stream, conn, vm, ps, kind, tx.clone()) {
-                        Ok(link) => Event::Connected {
+                    let announce = |link| {
+                        let _ = tx.send(Event::Connected {
                             peer: to,
                             conn,
                             link,
-                        },
-                        Err(e) => Event::ConnectFailed {
-                            peer: to,
-                            why: e.to_string(),
-                        },
-                    }
+                        });
+                    };
+                    link::spawn(stream, conn, vm, ps, kind, tx.clone(), announce)
+                        .err()
+                        .map(|e| e.to_string())
                 }
-                Err(e) => Event::ConnectFailed {
-                    peer: to,
-                    why: format!("{addr}: {e}"),
-                },
+                Err(e) => Some(format!("{addr}: {e}")),
             };
-            let _ = tx.send(ev);
+            if let Some(why) = failed {
+                let _ = tx.send(Event::ConnectFailed { peer: to, why });
+            }
         });
     }
 
