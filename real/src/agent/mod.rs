@@ -235,8 +235,8 @@ impl<L: VmLauncher> Agent<L> {
         mut self,
         shutdown: impl std::future::Future<Output = ()>,
     ) -> Result<AgentExit, AgentError> {
-        self.listen()?;
         let mut pending = VecDeque::from([Input::Timeout]);
+        let mut listening = false;
         tokio::pin!(shutdown);
         loop {
             while let Some(input) = pending.pop_front() {
@@ -246,6 +246,12 @@ impl<L: VmLauncher> Agent<L> {
                     self.execute(a, &mut pending).await?;
                 }
                 self.note_status();
+            }
+            // Listen only once the start actions ran (a fresh primary boots its VM in them):
+            // joiners that call earlier are refused at once instead of queueing stale joins.
+            if !listening {
+                self.listen()?;
+                listening = true;
             }
             if let ftvm_model::Role::Fenced(f) = self.node.role() {
                 if let ftvm_model::FenceReason::Misconfigured(r) = f.reason() {
