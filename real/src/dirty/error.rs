@@ -70,6 +70,17 @@ pub enum DirtyError {
         /// The page size.
         page_size: usize,
     },
+    /// A userfaultfd call on a handed-over uffd failed.
+    #[error("userfaultfd {what}: {source}")]
+    Uffd {
+        /// The call.
+        what: &'static str,
+        /// The OS error.
+        source: std::io::Error,
+    },
+    /// The preload library's uffd handover message was malformed or missing its fd.
+    #[error("uffd handover: {0}")]
+    Handoff(String),
 }
 
 impl DirtyError {

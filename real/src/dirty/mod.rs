@@ -6,6 +6,7 @@
 //!   previous one and re-arms tracking.
 //! - [`HashTracker`]: compares page hashes; slow, needs nothing from QEMU, a cross-check.
 //! - [`GuestRam`] / [`GuestRamMut`]: the RAM file mapped into the agent.
+//! - [`HandedUffd`]: the blocking write-protect uffd QEMU hands over for copy-on-write capture.
 //!
 //! Page indices are relative to the start of the RAM file. The first scan reports all RAM
 //! (pages never touched count as written): treat it as the full copy. Pages are reported when
@@ -18,6 +19,7 @@ mod pagemap_scan;
 mod pages;
 mod preload_path;
 mod ram;
+mod uffd_handoff;
 
 pub use error::DirtyError;
 pub use hash::HashTracker;
@@ -26,6 +28,7 @@ pub use pagemap_scan::{PagemapScanner, ScanStats};
 pub use pages::DirtyPages;
 pub use preload_path::{preload_library_path, PRELOAD_ENV, PRELOAD_FILE_NAME};
 pub use ram::{page_size, GuestRam, GuestRamMut};
+pub use uffd_handoff::{HandedUffd, WpFault, UFFD_MODE_ENV, UFFD_SOCK_ENV};
 
 /// A source of "pages written since the last scan".
 pub trait DirtyTracker {

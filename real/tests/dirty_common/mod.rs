@@ -25,6 +25,8 @@ pub struct ChildOpts<'a> {
     pub preload: bool,
     /// What `FTVM_RAM_FILE` says (defaults to the real RAM file).
     pub ram_env: Option<&'a str>,
+    /// More environment for the child.
+    pub env: Vec<(&'a str, String)>,
 }
 
 impl Default for ChildOpts<'_> {
@@ -33,6 +35,7 @@ impl Default for ChildOpts<'_> {
             via: "mmap64",
             preload: true,
             ram_env: None,
+            env: Vec::new(),
         }
     }
 }
@@ -42,6 +45,8 @@ pub struct FakeQemu {
     child: Child,
     stdin: ChildStdin,
     stdout: BufReader<ChildStdout>,
+    /// Address of the RAM mapping in the child.
+    pub base: u64,
 }
 
 impl FakeQemu {
@@ -63,18 +68,24 @@ impl FakeQemu {
                 .map(str::to_owned)
                 .unwrap_or_else(|| ram.display().to_string()),
         );
+        cmd.envs(opts.env.iter().map(|(k, v)| (k, v)));
         let mut child = cmd.spawn().unwrap();
         let stdin = child.stdin.take().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap());
         let mut line = String::new();
         stdout.read_line(&mut line).unwrap();
+        let base = line
+            .trim()
+            .strip_prefix("ready 0x")
+            .and_then(|a| u64::from_str_radix(a, 16).ok());
         let mut q = FakeQemu {
             child,
             stdin,
             stdout,
+            base: base.unwrap_or(0),
         };
         assert!(
-            line.starts_with("ready "),
+            base.is_some(),
             "child did not start: {line:?} {}",
             q.stderr()
         );
@@ -87,6 +98,12 @@ impl FakeQemu {
 
     /// Sends one command and waits for its `ok`.
     pub fn cmd(&mut self, cmd: &str, pages: &[u64]) {
+        self.send(cmd, pages);
+        self.wait_ok();
+    }
+
+    /// Sends one command without waiting for its answer.
+    pub fn send(&mut self, cmd: &str, pages: &[u64]) {
         let mut line = String::from(cmd);
         for p in pages {
             line.push(' ');
@@ -95,9 +112,13 @@ impl FakeQemu {
         line.push('\n');
         self.stdin.write_all(line.as_bytes()).unwrap();
         self.stdin.flush().unwrap();
+    }
+
+    /// Waits for the answer to the last command sent.
+    pub fn wait_ok(&mut self) {
         let mut reply = String::new();
         self.stdout.read_line(&mut reply).unwrap();
-        assert_eq!(reply.trim(), "ok", "child failed on {cmd}");
+        assert_eq!(reply.trim(), "ok", "child failed");
     }
 
     /// Writes new content (derived from `tag`) into each page.
