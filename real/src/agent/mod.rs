@@ -160,6 +160,7 @@ pub struct Agent<L: VmLauncher> {
     last_status: Option<Status>,
     takeover_started: Option<Instant>,
     failover_us: Option<u64>,
+    status_written: Instant,
 }
 
 impl<L: VmLauncher> Agent<L> {
@@ -203,6 +204,7 @@ impl<L: VmLauncher> Agent<L> {
             last_status: None,
             takeover_started: None,
             failover_us: None,
+            status_written: Instant::now(),
         })
     }
 
@@ -707,7 +709,11 @@ impl<L: VmLauncher> Agent<L> {
             .last_status
             .map(|l| l.phase != st.phase || l.generation != st.generation || l.role != st.role)
             .unwrap_or(true);
+        // Rewrite the status file on every change, and twice a second for the counters.
         if !changed {
+            if self.status_written.elapsed() >= Duration::from_millis(500) {
+                self.write_status();
+            }
             return;
         }
         self.last_status = Some(st);
@@ -734,7 +740,8 @@ impl<L: VmLauncher> Agent<L> {
         }
     }
 
-    fn write_status(&self) {
+    fn write_status(&mut self) {
+        self.status_written = Instant::now();
         let Some(path) = &self.cfg.status_file else {
             return;
         };
