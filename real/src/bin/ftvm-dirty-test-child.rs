@@ -28,7 +28,8 @@ fn main() {
         .parse()
         .unwrap_or_else(|e| fail(format!("bytes: {e}")));
     let base = map_like_qemu(&args[1], bytes, &args[3]);
-    let ps = 4096usize;
+    // SAFETY: sysconf has no preconditions.
+    let ps = unsafe { libc::sysconf(libc::_SC_PAGESIZE) }.max(4096) as usize;
     let pages = bytes / ps;
     println!("ready {:#x}", base as usize);
 
