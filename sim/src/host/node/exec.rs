@@ -1,0 +1,246 @@
+//! Carrying out the model's actions. Actions whose effect completes at once in the simulation
+//! (capture, commit) push their answering input onto `queue`, which `feed` handles next.
+
+use std::collections::VecDeque;
+
+use ftvm_model::wire::{encode_checkpoint, HEADER_LEN, META_LEN, RECORD_HEADER_LEN};
+use ftvm_model::{Action, Epoch, Generation, Input, NodeId, OutputGate, Time, WitnessRequest};
+use tokio::task::spawn_local;
+use turmoil::net::TcpStream;
+
+use super::event::HostEvent;
+use super::{witness_call, Conn, NodeHost};
+use crate::invariant::Invariant;
+use crate::net::{Job, PEER_PORT};
+use crate::trace::{HostId, TraceKind};
+use crate::vm::SimVm;
+
+impl NodeHost {
+    pub(super) fn exec(&mut self, t: Time, action: Action, queue: &mut VecDeque<Input>) {
+        match action {
+            Action::PauseVm => {
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.pause(t);
+                }
+            }
+            Action::Capture { epoch, full } => self.capture(t, epoch, full, queue),
+            Action::ResumeVm { .. } => {
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.resume(t);
+                }
+                self.gate.apply(&action);
+            }
+            Action::SendCheckpoint {
+                to,
+                epoch,
+                full,
+                generation,
+            } => self.send_checkpoint(t, to, epoch, full, generation, queue),
+            Action::Send { to, msg } => {
+                let bytes = ftvm_model::wire::encode_peer(self.vm_id, &msg);
+                if let Some(w) = self.peers.get(&to).and_then(|c| c.writer.as_ref()) {
+                    let _ = w.send(Job::Bytes(bytes));
+                }
+            }
+            Action::Connect { to } => self.connect(to),
+            Action::Disconnect { peer } => {
+                self.peers.remove(&peer);
+            }
+            Action::ToWitness(request) => self.ask_witness(request),
+            Action::ReleaseOutput { .. } | Action::SetOutputGate(_) => {
+                let frames = self.gate.apply(&action);
+                self.release(t, frames);
+            }
+            Action::Commit { epoch } => self.commit(t, epoch, queue),
+            Action::DiscardStaged => self.staged.clear(),
+            Action::StartVm { from, generation } => self.start_vm(t, from, generation, &action),
+            Action::Fence => {
+                self.gate.apply(&action);
+                self.gate = OutputGate::new();
+                self.vm = None;
+                self.instance = 0;
+                self.captured.clear();
+                self.restore_at = None;
+            }
+            Action::Log(_) => {}
+        }
+    }
+
+    fn driver_error(&self, t: Time, detail: String) {
+        self.w
+            .borrow_mut()
+            .obs
+            .fail(Invariant::Driver, t, Some(self.me), detail);
+    }
+
+    fn capture(&mut self, t: Time, epoch: Epoch, full: bool, queue: &mut VecDeque<Input>) {
+        let Some(vm) = self.vm.as_mut() else {
+            return self.driver_error(t, format!("Capture {{ {epoch} }} but no VM runs here"));
+        };
+        vm.pause(t);
+        let cap = vm.capture(full);
+        let hash = vm.state_hash();
+        let pages = cap.pages.len() as u64;
+        let bytes = pages * u64::from(self.spec.page_size) + cap.device.len() as u64;
+        {
+            let mut world = self.w.borrow_mut();
+            world
+                .obs
+                .captured(t, self.me, self.instance, self.vm_generation, epoch, hash);
+            world.note(t, self.host, TraceKind::Captured { epoch, hash });
+        }
+        self.captured.insert(epoch, cap);
+        queue.push_back(Input::CaptureDone {
+            epoch,
+            pages,
+            bytes,
+        });
+    }
+
+    fn send_checkpoint(
+        &mut self,
+        t: Time,
+        to: NodeId,
+        epoch: Epoch,
+        full: bool,
+        generation: Generation,
+        queue: &mut VecDeque<Input>,
+    ) {
+        // Older captures can never be sent any more.
+        self.captured.retain(|e, _| *e >= epoch);
+        let Some(cap) = self.captured.remove(&epoch) else {
+            return self.driver_error(t, format!("SendCheckpoint of {epoch}, never captured"));
+        };
+        let Some(writer) = self.peers.get(&to).and_then(|c| c.writer.clone()) else {
+            // The link is already gone; tell the model the way a dead socket would.
+            queue.push_back(Input::Disconnected { peer: to });
+            return;
+        };
+        let pages: Vec<(u64, &[u8])> = cap.pages.iter().map(|(i, d)| (*i, &d[..])).collect();
+        let page_size = self.spec.page_size;
+        let mut bytes = match encode_checkpoint(
+            self.vm_id,
+            generation,
+            epoch,
+            full,
+            page_size,
+            &pages,
+            &cap.device,
+        ) {
+            Ok(b) => b,
+            Err(e) => return self.driver_error(t, format!("cannot encode {epoch}: {e}")),
+        };
+        let corrupt = self
+            .w
+            .borrow_mut()
+            .shaper
+            .take_corruption(self.host, HostId::Node(to));
+        if corrupt {
+            // First byte of the first page record's data, or of the device state.
+            let at = HEADER_LEN
+                + META_LEN
+                + if pages.is_empty() {
+                    0
+                } else {
+                    RECORD_HEADER_LEN
+                };
+            if let Some(b) = bytes.get_mut(at) {
+                *b ^= 0x5A;
+            }
+            self.note(
+                t,
+                TraceKind::Note(format!("damaged checkpoint {epoch} on the wire")),
+            );
+        }
+        let _ = writer.send(Job::Checkpoint { epoch, bytes });
+    }
+
+    fn connect(&mut self, to: NodeId) {
+        let id = self.new_conn_id();
+        let tx = self.tx.clone();
+        let name = format!("n{}", to.0);
+        let task = spawn_local(async move {
+            let ev = match TcpStream::connect((name.as_str(), PEER_PORT)).await {
+                Ok(stream) => HostEvent::Connected {
+                    conn: id,
+                    peer: to,
+                    stream,
+                },
+                Err(_) => HostEvent::ConnectFailed { conn: id, peer: to },
+            };
+            let _ = tx.send(ev);
+        });
+        // Replaces (and so closes) any previous link to `to`.
+        self.peers.insert(
+            to,
+            Conn {
+                id,
+                writer: None,
+                tasks: vec![task],
+            },
+        );
+    }
+
+    fn ask_witness(&mut self, request: WitnessRequest) {
+        // A call outliving a few resends is stale; the model has resent it by then.
+        let limit = self.node.config().witness_retry * 4;
+        spawn_local(witness_call::call_witness(
+            self.w.clone(),
+            self.me,
+            self.vm_id,
+            request,
+            limit,
+            self.tx.clone(),
+        ));
+    }
+
+    fn commit(&mut self, t: Time, epoch: Epoch, queue: &mut VecDeque<Input>) {
+        let Some(cp) = self.staged.remove(&epoch) else {
+            return self.driver_error(t, format!("Commit of {epoch}, which is not staged"));
+        };
+        self.replica.apply(&cp);
+        let hash = self.replica.state_hash();
+        let origin = self.replica.committed;
+        {
+            let mut world = self.w.borrow_mut();
+            if let Some(origin) = origin {
+                world
+                    .obs
+                    .committed(t, self.me, origin, self.replica.since, hash);
+            }
+            world.note(t, self.host, TraceKind::Committed { epoch, hash });
+        }
+        queue.push_back(Input::Committed { epoch });
+    }
+
+    fn start_vm(&mut self, t: Time, from: Epoch, generation: Generation, action: &Action) {
+        let Some(origin) = self.replica.committed.filter(|o| o.epoch == from) else {
+            return self.driver_error(
+                t,
+                format!(
+                    "StartVm from {from}, but the replica holds {:?}",
+                    self.replica.committed.map(|o| o.epoch)
+                ),
+            );
+        };
+        let vm = SimVm::restore(&self.spec, self.replica.ram.clone(), &self.replica.device);
+        let restore = {
+            let mut world = self.w.borrow_mut();
+            let instance = world.obs.new_instance(self.me);
+            world.obs.restored(
+                t,
+                self.me,
+                instance,
+                origin.generation,
+                from,
+                &vm.counters(),
+            );
+            self.instance = instance;
+            world.scenario.timing.restore
+        };
+        self.vm = Some(vm);
+        self.vm_generation = generation;
+        self.gate.apply(action);
+        self.restore_at = Some(t + restore);
+    }
+}

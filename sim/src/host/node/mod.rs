@@ -1,0 +1,364 @@
+//! A protocol node's host: the thin driver around `ftvm_model::Node`. It owns the sockets,
+//! the simulated VM, the replica and the output gate; it turns socket and VM events into model
+//! inputs, and the model's actions into effects (see `exec`). Every decision is the model's.
+
+mod accept;
+mod event;
+mod exec;
+mod peer_io;
+mod witness_call;
+
+use std::collections::{BTreeMap, VecDeque};
+
+use ftvm_model::{Epoch, Generation, Input, Node, NodeId, OutputGate, Start, Time, VmId};
+use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
+use tokio::task::{spawn_local, JoinHandle};
+use turmoil::net::TcpStream;
+
+use crate::net::{write_loop, Job, WriterNote, PEER_PORT, SERVICE_PORT};
+use crate::observer::Instance;
+use crate::scenario::{VmSpec, VM_ID};
+use crate::trace::{HostId, TraceKind};
+use crate::vm::replica::{Replica, Staged};
+use crate::vm::service::Reply;
+use crate::vm::{Captured, SimVm};
+use crate::world::{now, Shared};
+use event::{ConnId, HostEvent};
+
+/// A reply waiting at (or passing) the output gate.
+#[derive(Clone, Debug)]
+pub(crate) struct OutFrame {
+    conn: ConnId,
+    reply: Reply,
+    instance: Instance,
+    generation: Generation,
+    tag: Epoch,
+}
+
+/// One connection: its writer and the tasks to stop when it is dropped.
+struct Conn {
+    id: ConnId,
+    writer: Option<UnboundedSender<Job>>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Conn {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+pub(crate) struct NodeHost {
+    w: Shared,
+    me: NodeId,
+    host: HostId,
+    spec: VmSpec,
+    vm_id: VmId,
+    node: Node,
+    vm: Option<SimVm>,
+    instance: Instance,
+    vm_generation: Generation,
+    gate: OutputGate<OutFrame>,
+    restore_at: Option<Time>,
+    captured: BTreeMap<Epoch, Captured>,
+    replica: Replica,
+    staged: BTreeMap<Epoch, Staged>,
+    peers: BTreeMap<NodeId, Conn>,
+    clients: BTreeMap<ConnId, Conn>,
+    next_conn: ConnId,
+    tx: UnboundedSender<HostEvent>,
+}
+
+/// The software of node `me` (called again at every restart).
+pub(crate) async fn run_node(w: Shared, me: NodeId) -> turmoil::Result {
+    let (start, config, spec, seed) = {
+        let mut world = w.borrow_mut();
+        let starts = world.starts.entry(me).or_insert(0);
+        *starts += 1;
+        let start = match (*starts, me.0) {
+            (1, 1) => Start::Primary,
+            (1, _) => Start::Backup { primary: NodeId(1) },
+            _ => Start::Rejoin,
+        };
+        let t = now();
+        world.note(t, HostId::Node(me), TraceKind::Start(start));
+        (
+            start,
+            world.config.clone(),
+            world.scenario.vm.clone(),
+            world.seed,
+        )
+    };
+    let peer_listener = accept::bind(PEER_PORT).await?;
+    let service_listener = accept::bind(SERVICE_PORT).await?;
+    let (tx, rx) = unbounded_channel();
+    spawn_local(accept::accept_peers(peer_listener, tx.clone()));
+    spawn_local(accept::accept_clients(service_listener, tx.clone()));
+    let mut host = NodeHost {
+        w: w.clone(),
+        me,
+        host: HostId::Node(me),
+        replica: Replica::empty(&spec),
+        spec,
+        vm_id: VM_ID,
+        node: Node::new(config, me, start),
+        vm: None,
+        instance: 0,
+        vm_generation: Generation::UNKNOWN,
+        gate: OutputGate::new(),
+        restore_at: None,
+        captured: BTreeMap::new(),
+        staged: BTreeMap::new(),
+        peers: BTreeMap::new(),
+        clients: BTreeMap::new(),
+        next_conn: 0,
+        tx,
+    };
+    if start == Start::Primary {
+        host.vm = Some(SimVm::fresh(&host.spec, seed));
+        host.instance = w.borrow_mut().obs.new_instance(me);
+        host.vm_generation = Generation::FIRST;
+    }
+    host.run(rx).await;
+    Ok(())
+}
+
+impl NodeHost {
+    async fn run(&mut self, mut rx: UnboundedReceiver<HostEvent>) {
+        self.feed(Input::Timeout);
+        loop {
+            let t = now();
+            let event = match self.next_due() {
+                Some(due) if due <= t => None,
+                Some(due) => {
+                    tokio::select! {
+                        biased;
+                        ev = rx.recv() => ev,
+                        _ = tokio::time::sleep(due.saturating_since(t)) => None,
+                    }
+                }
+                None => rx.recv().await,
+            };
+            match event {
+                Some(ev) => self.on_event(ev),
+                None => self.on_due(),
+            }
+        }
+    }
+
+    fn next_due(&self) -> Option<Time> {
+        match (self.node.poll_timeout(), self.restore_at) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    fn on_due(&mut self) {
+        let t = now();
+        if self.restore_at.is_some_and(|r| r <= t) {
+            self.restore_at = None;
+            if let Some(vm) = self.vm.as_mut() {
+                vm.resume(t);
+            }
+            self.feed(Input::VmStarted);
+        }
+        if self.node.poll_timeout().is_some_and(|d| d <= t) {
+            self.feed(Input::Timeout);
+        }
+    }
+
+    /// Feed one input, carry out the actions, and feed the inputs they produce at once.
+    fn feed(&mut self, input: Input) {
+        let mut queue = VecDeque::from([input]);
+        while let Some(input) = queue.pop_front() {
+            let t = now();
+            self.note(t, TraceKind::Input(input));
+            for action in self.node.handle(t, input) {
+                self.note(t, TraceKind::Action(action));
+                self.exec(t, action, &mut queue);
+            }
+            let running = self.vm.as_ref().is_some_and(SimVm::is_running);
+            let status = self.node.status();
+            self.w.borrow_mut().obs.status(t, self.me, status, running);
+        }
+    }
+
+    fn note(&self, t: Time, what: TraceKind) {
+        self.w.borrow_mut().note(t, self.host, what);
+    }
+
+    fn conn_peer(&self, conn: ConnId) -> Option<NodeId> {
+        self.peers
+            .iter()
+            .find(|(_, c)| c.id == conn && c.writer.is_some())
+            .map(|(p, _)| *p)
+    }
+
+    fn new_conn_id(&mut self) -> ConnId {
+        self.next_conn += 1;
+        self.next_conn
+    }
+
+    /// Start the reader and writer of an established checkpoint link.
+    fn attach(&mut self, id: ConnId, peer: NodeId, stream: TcpStream) -> Conn {
+        let (rd, wr) = stream.into_split();
+        let (jobs, job_rx) = unbounded_channel();
+        let tx = self.tx.clone();
+        let reader = spawn_local(peer_io::read_peer(rd, id, peer, self.vm_id, tx.clone()));
+        let writer = spawn_local(write_loop(
+            self.w.clone(),
+            wr,
+            job_rx,
+            self.host,
+            HostId::Node(peer),
+            move |n| {
+                let ev = match n {
+                    WriterNote::Sent(epoch) => HostEvent::CheckpointSent { conn: id, epoch },
+                    WriterNote::Failed => HostEvent::Closed { conn: id },
+                };
+                let _ = tx.send(ev);
+            },
+        ));
+        Conn {
+            id,
+            writer: Some(jobs),
+            tasks: vec![reader, writer],
+        }
+    }
+
+    fn on_event(&mut self, ev: HostEvent) {
+        match ev {
+            HostEvent::PeerAccepted { peer, stream } => {
+                let id = self.new_conn_id();
+                let conn = self.attach(id, peer, stream);
+                self.peers.insert(peer, conn);
+            }
+            HostEvent::Connected { conn, peer, stream } => {
+                let pending = self
+                    .peers
+                    .get(&peer)
+                    .is_some_and(|c| c.id == conn && c.writer.is_none());
+                if pending {
+                    let c = self.attach(conn, peer, stream);
+                    self.peers.insert(peer, c);
+                    self.feed(Input::Connected { peer });
+                }
+            }
+            HostEvent::ConnectFailed { conn, peer } => {
+                if self.peers.get(&peer).is_some_and(|c| c.id == conn) {
+                    self.peers.remove(&peer);
+                    self.feed(Input::Disconnected { peer });
+                }
+            }
+            HostEvent::Peer { conn, msg } => {
+                if let Some(from) = self.conn_peer(conn) {
+                    self.feed(Input::Message { from, msg });
+                }
+            }
+            HostEvent::Heard { conn } => {
+                if let Some(from) = self.conn_peer(conn) {
+                    self.feed(Input::Heard { from });
+                }
+            }
+            HostEvent::CheckpointStarted { conn, epoch } => {
+                if self.conn_peer(conn).is_some() {
+                    self.feed(Input::CheckpointStarted { epoch });
+                }
+            }
+            HostEvent::CheckpointDone { conn, cp } => {
+                if self.conn_peer(conn).is_some() {
+                    let (epoch, ok) = (cp.epoch, cp.complete);
+                    self.staged.insert(epoch, *cp);
+                    self.feed(Input::CheckpointReceived { epoch, ok });
+                }
+            }
+            HostEvent::CheckpointSent { conn, epoch } => {
+                if self.conn_peer(conn).is_some() {
+                    self.feed(Input::CheckpointSent { epoch });
+                }
+            }
+            HostEvent::Closed { conn } => {
+                if let Some(peer) = self.conn_peer(conn) {
+                    self.peers.remove(&peer);
+                    self.feed(Input::Disconnected { peer });
+                }
+            }
+            HostEvent::Witness(reply) => self.feed(Input::WitnessReply(reply)),
+            HostEvent::ClientAccepted { stream } => self.accept_client(stream),
+            HostEvent::Request { client_conn, req } => self.serve(client_conn, req),
+            HostEvent::ClientClosed { client_conn } => {
+                self.clients.remove(&client_conn);
+            }
+        }
+    }
+
+    fn accept_client(&mut self, stream: TcpStream) {
+        let id = self.new_conn_id();
+        let (rd, wr) = stream.into_split();
+        let (jobs, job_rx) = unbounded_channel();
+        let reader = spawn_local(accept::read_client(rd, id, self.tx.clone()));
+        let writer = spawn_local(write_loop(
+            self.w.clone(),
+            wr,
+            job_rx,
+            self.host,
+            HostId::Clients,
+            |_| {},
+        ));
+        self.clients.insert(
+            id,
+            Conn {
+                id,
+                writer: Some(jobs),
+                tasks: vec![reader, writer],
+            },
+        );
+    }
+
+    /// The VM handles a request if it runs here; otherwise the connection is refused (the
+    /// client then tries another host).
+    fn serve(&mut self, client_conn: ConnId, req: crate::vm::service::Request) {
+        let t = now();
+        let Some(vm) = self.vm.as_mut().filter(|vm| vm.is_running()) else {
+            self.clients.remove(&client_conn);
+            return;
+        };
+        let reply = vm.serve(t, &req);
+        let frame = OutFrame {
+            conn: client_conn,
+            reply,
+            instance: self.instance,
+            generation: self.vm_generation,
+            tag: self.gate.tag(),
+        };
+        if let Some(f) = self.gate.emit(frame) {
+            self.release(t, vec![f]);
+        }
+    }
+
+    /// Frames the gate let out: report them, then send them to their clients.
+    fn release(&mut self, t: Time, frames: Vec<OutFrame>) {
+        for f in frames {
+            {
+                let mut world = self.w.borrow_mut();
+                world
+                    .obs
+                    .released(t, self.me, f.instance, f.generation, f.tag, &f.reply);
+                world.note(
+                    t,
+                    self.host,
+                    TraceKind::Released {
+                        reply: f.reply,
+                        generation: f.generation,
+                        tag: f.tag,
+                    },
+                );
+            }
+            if let Some(w) = self.clients.get(&f.conn).and_then(|c| c.writer.as_ref()) {
+                let _ = w.send(Job::Bytes(f.reply.encode().to_vec()));
+            }
+        }
+    }
+}

@@ -1,0 +1,117 @@
+//! Simulated sockets: well-known ports, and the shaped writer every host uses so bandwidth,
+//! loss and corruption faults apply to all traffic alike.
+
+pub(crate) mod shaper;
+
+use std::time::Duration;
+
+use ftvm_model::{Epoch, NodeId};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::mpsc::UnboundedReceiver;
+use turmoil::net::tcp::OwnedWriteHalf;
+
+use crate::trace::HostId;
+use crate::world::{now, Shared};
+
+/// Checkpoint links (nodes listen, backups/joiners connect).
+pub(crate) const PEER_PORT: u16 = 7000;
+/// The witness.
+pub(crate) const WITNESS_PORT: u16 = 7100;
+/// The VM's counter service on every node host (answered only where the VM runs).
+pub(crate) const SERVICE_PORT: u16 = 8000;
+
+/// Something to write on a connection, in order.
+pub(crate) enum Job {
+    /// Plain bytes (frames).
+    Bytes(Vec<u8>),
+    /// A whole checkpoint frame; its end is reported as [`WriterNote::Sent`].
+    Checkpoint { epoch: Epoch, bytes: Vec<u8> },
+}
+
+/// What a writer reports back.
+pub(crate) enum WriterNote {
+    /// The checkpoint's last byte went to the socket.
+    Sent(Epoch),
+    /// A write failed: the connection is gone.
+    Failed,
+}
+
+/// Counts a node's checkpoint in flight for as long as it lives (so a writer cancelled
+/// mid-checkpoint by a crash or a disconnect does not leave the count up).
+struct Sending {
+    w: Shared,
+    node: NodeId,
+}
+
+impl Sending {
+    fn start(w: &Shared, from: HostId) -> Option<Sending> {
+        let HostId::Node(node) = from else {
+            return None;
+        };
+        *w.borrow_mut().sending.entry(node).or_insert(0) += 1;
+        Some(Sending { w: w.clone(), node })
+    }
+}
+
+impl Drop for Sending {
+    fn drop(&mut self) {
+        if let Ok(mut world) = self.w.try_borrow_mut() {
+            if let Some(n) = world.sending.get_mut(&self.node) {
+                *n = n.saturating_sub(1);
+            }
+        }
+    }
+}
+
+/// Write `bytes` in segments of at most `chunk` bytes, each when the shaper lets it go.
+pub(crate) async fn write_shaped(
+    w: &Shared,
+    wr: &mut OwnedWriteHalf,
+    from: HostId,
+    to: HostId,
+    bytes: &[u8],
+) -> std::io::Result<()> {
+    let chunk = w.borrow().shaper.chunk;
+    for c in bytes.chunks(chunk) {
+        let t = now();
+        let at = {
+            let mut world = w.borrow_mut();
+            world.bytes_sent += c.len() as u64;
+            world.shaper.plan(from, to, t, c.len())
+        };
+        // Sub-millisecond waits are below the simulation's timer resolution; the shaper still
+        // counts them, so a busy link falls behind and waits in whole milliseconds.
+        let wait = at.saturating_since(t);
+        if wait >= Duration::from_millis(1) {
+            tokio::time::sleep(wait).await;
+        }
+        wr.write_all(c).await?;
+    }
+    Ok(())
+}
+
+/// Drain `rx` onto the connection until it closes or a write fails.
+pub(crate) async fn write_loop(
+    w: Shared,
+    mut wr: OwnedWriteHalf,
+    mut rx: UnboundedReceiver<Job>,
+    from: HostId,
+    to: HostId,
+    mut note: impl FnMut(WriterNote),
+) {
+    while let Some(job) = rx.recv().await {
+        let (bytes, epoch) = match job {
+            Job::Bytes(b) => (b, None),
+            Job::Checkpoint { epoch, bytes } => (bytes, Some(epoch)),
+        };
+        let sending = epoch.and_then(|_| Sending::start(&w, from));
+        if write_shaped(&w, &mut wr, from, to, &bytes).await.is_err() {
+            note(WriterNote::Failed);
+            return;
+        }
+        drop(sending);
+        if let Some(e) = epoch {
+            note(WriterNote::Sent(e));
+        }
+    }
+}

@@ -1,0 +1,264 @@
+//! The shared observer: every host reports what it does (captures, commits, restores,
+//! releases, witness decisions, client replies, model status) the moment it does it, and the
+//! invariant checkers run on each report. The first broken invariant is kept and stops the run.
+//!
+//! The observer sees the whole simulated world at once (all replicas, the witness register),
+//! which no real node can; that global view is what makes the checks exact.
+
+mod liveness;
+mod release;
+mod view;
+
+use ftvm_model::{
+    Epoch, Generation, NodeId, Registration, Status, Time, WitnessReply, WitnessState,
+};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use crate::invariant::{Invariant, Violation};
+use crate::vm::replica::Origin;
+use liveness::Watch;
+pub(crate) use view::NodeView;
+
+/// One VM incarnation: a fresh start or a takeover on some host.
+pub(crate) type Instance = u64;
+
+/// Counts for the run report.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct ObservedStats {
+    /// Checkpoints captured by primaries (simulated epochs).
+    pub epochs: u64,
+    /// Checkpoints committed by replicas.
+    pub commits: u64,
+    /// Takeovers (VMs started from a replica).
+    pub failovers: u64,
+    /// Highest generation the witness granted.
+    pub max_generation: u64,
+    /// Reply frames that left a host.
+    pub released: u64,
+    /// Replies clients received.
+    pub replies_seen: u64,
+    /// Primary lost → VM serving again, per armed liveness watch (milliseconds).
+    pub outages_ms: Vec<u64>,
+}
+
+pub(crate) struct Observer {
+    enabled: BTreeSet<Invariant>,
+    violation: Option<Violation>,
+    witness: WitnessState,
+    /// Generation → the node the witness made its primary.
+    granted: BTreeMap<Generation, NodeId>,
+    /// Generation → the registration whose takeover ended it.
+    promoted: BTreeMap<Generation, Registration>,
+    /// (primary, generation, epoch) → state hash at capture.
+    snapshots: HashMap<(NodeId, Generation, Epoch), u64>,
+    last_capture: BTreeMap<Instance, Epoch>,
+    /// (backup, generation, sync epoch) → highest epoch it ever committed on that replica.
+    committed_max: HashMap<(NodeId, Generation, Epoch), Epoch>,
+    instances: BTreeMap<Instance, NodeId>,
+    /// Generation → the one instance that released output in it.
+    releasers: BTreeMap<Generation, Instance>,
+    /// Generation followed by a backup → (instance it started, epoch it resumed from).
+    takeovers: BTreeMap<Generation, (Instance, Epoch)>,
+    /// (counter, value) → (client, request) it was handed to.
+    handed: HashMap<(u32, u64), (u32, u64)>,
+    max_released: BTreeMap<u32, u64>,
+    nodes: BTreeMap<NodeId, NodeView>,
+    watch: Option<Watch>,
+    pub stats: ObservedStats,
+}
+
+impl Observer {
+    pub fn new(enabled: BTreeSet<Invariant>, initial: WitnessState) -> Observer {
+        let mut granted = BTreeMap::new();
+        granted.insert(initial.generation, initial.primary);
+        Observer {
+            enabled,
+            violation: None,
+            witness: initial,
+            granted,
+            promoted: BTreeMap::new(),
+            snapshots: HashMap::new(),
+            last_capture: BTreeMap::new(),
+            committed_max: HashMap::new(),
+            instances: BTreeMap::new(),
+            releasers: BTreeMap::new(),
+            takeovers: BTreeMap::new(),
+            handed: HashMap::new(),
+            max_released: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            watch: None,
+            stats: ObservedStats {
+                max_generation: initial.generation.0,
+                ..ObservedStats::default()
+            },
+        }
+    }
+
+    pub fn violation(&self) -> Option<&Violation> {
+        self.violation.as_ref()
+    }
+
+    /// Record a broken invariant (the first enabled one wins).
+    pub fn fail(&mut self, inv: Invariant, at: Time, node: Option<NodeId>, detail: String) {
+        let on = inv == Invariant::Driver || self.enabled.contains(&inv);
+        if on && self.violation.is_none() {
+            self.violation = Some(Violation {
+                invariant: inv,
+                at,
+                node,
+                detail,
+            });
+        }
+    }
+
+    // ---- node views --------------------------------------------------------------------
+
+    pub fn status(&mut self, now: Time, node: NodeId, s: Status, vm_running: bool) {
+        self.nodes
+            .entry(node)
+            .or_insert_with(NodeView::new)
+            .update(now, s, vm_running);
+    }
+
+    pub fn set_alive(&mut self, node: NodeId, alive: bool) {
+        let v = self.nodes.entry(node).or_insert_with(NodeView::new);
+        v.alive = alive;
+        if !alive {
+            // A restarted host reports afresh; its old role must not linger meanwhile.
+            v.vm_running = false;
+            v.status = None;
+        }
+    }
+
+    pub fn view(&self, node: NodeId) -> Option<&NodeView> {
+        self.nodes.get(&node)
+    }
+
+    /// The up, unfenced primary of the highest generation (ties: lowest node id).
+    pub fn active_primary(&self) -> Option<(NodeId, Generation)> {
+        self.nodes
+            .values()
+            .filter_map(NodeView::as_primary)
+            .max_by_key(|(n, g)| (*g, std::cmp::Reverse(*n)))
+    }
+
+    pub fn witness(&self) -> &WitnessState {
+        &self.witness
+    }
+
+    // ---- witness -----------------------------------------------------------------------
+
+    pub fn witness_handled(&mut self, reply: &WitnessReply) {
+        let old = self.witness;
+        let new = reply.state;
+        if new.generation > old.generation {
+            if let Some(p) = new.promoted {
+                self.promoted.insert(old.generation, p);
+            }
+            self.granted.insert(new.generation, new.primary);
+            self.stats.max_generation = self.stats.max_generation.max(new.generation.0);
+        }
+        self.witness = new;
+    }
+
+    // ---- VM instances and prefix consistency -------------------------------------------
+
+    /// A VM starts on `node` (fresh primary or takeover).
+    pub fn new_instance(&mut self, node: NodeId) -> Instance {
+        let id = self.instances.len() as Instance + 1;
+        self.instances.insert(id, node);
+        id
+    }
+
+    pub fn captured(
+        &mut self,
+        now: Time,
+        node: NodeId,
+        instance: Instance,
+        generation: Generation,
+        epoch: Epoch,
+        hash: u64,
+    ) {
+        self.stats.epochs += 1;
+        if let Some(prev) = self.last_capture.insert(instance, epoch) {
+            if epoch <= prev {
+                self.fail(
+                    Invariant::PrefixConsistency,
+                    now,
+                    Some(node),
+                    format!("captured {epoch} after {prev}: epochs must strictly increase"),
+                );
+            }
+        }
+        self.snapshots.insert((node, generation, epoch), hash);
+    }
+
+    /// A replica on `node` committed `origin`; `since` is its sync epoch, `hash` its new state.
+    pub fn committed(
+        &mut self,
+        now: Time,
+        node: NodeId,
+        origin: Origin,
+        since: Option<Epoch>,
+        hash: u64,
+    ) {
+        self.stats.commits += 1;
+        let key = (origin.primary, origin.generation, origin.epoch);
+        match self.snapshots.get(&key) {
+            Some(h) if *h == hash => {}
+            Some(h) => self.fail(
+                Invariant::PrefixConsistency,
+                now,
+                Some(node),
+                format!(
+                    "replica after committing {} {} from {} has state {hash:016x}, but the \
+                     primary's VM at the end of that epoch was {h:016x} (partial or mixed epochs)",
+                    origin.generation, origin.epoch, origin.primary
+                ),
+            ),
+            None => self.fail(
+                Invariant::PrefixConsistency,
+                now,
+                Some(node),
+                format!(
+                    "replica committed {} {} from {}, an epoch that primary never captured",
+                    origin.generation, origin.epoch, origin.primary
+                ),
+            ),
+        }
+        if let Some(since) = since {
+            let e = self
+                .committed_max
+                .entry((node, origin.generation, since))
+                .or_insert(Epoch::NONE);
+            *e = (*e).max(origin.epoch);
+        }
+    }
+
+    /// A backup on `node` resumes the VM as `instance` from its replica: committed `from` of
+    /// the stream of generation `lineage`, holding `counters`.
+    pub fn restored(
+        &mut self,
+        now: Time,
+        node: NodeId,
+        instance: Instance,
+        lineage: Generation,
+        from: Epoch,
+        counters: &[u64],
+    ) {
+        self.stats.failovers += 1;
+        self.takeovers.insert(lineage, (instance, from));
+        for (k, max) in &self.max_released {
+            let have = counters.get(*k as usize).copied().unwrap_or(0);
+            if have < *max {
+                let detail = format!(
+                    "VM resumed from {lineage} {from} with counter {k} = {have}, but a reply \
+                     carrying {k} = {max} already left a host"
+                );
+                self.fail(Invariant::NoLostCommitments, now, Some(node), detail);
+                return;
+            }
+        }
+    }
+}

@@ -1,0 +1,85 @@
+//! End-of-run judgement: the invariant verdict from the observer, then the scenario's
+//! expectations (failover happened, generation reached, re-protected, replies seen...).
+
+use std::time::Duration;
+
+use ftvm_model::Phase;
+
+use crate::report::{RunReport, RunStats, Verdict};
+use crate::scenario::Scenario;
+use crate::world::World;
+
+pub(super) fn judge(s: &Scenario, seed: u64, world: World, wall: Duration) -> RunReport {
+    let o = &world.obs.stats;
+    let e = &s.expect;
+    let mut unmet = Vec::new();
+    if let Some(want) = e.failover {
+        if want && o.failovers == 0 {
+            unmet.push("expected a failover, none happened".to_string());
+        }
+        if !want && o.failovers > 0 {
+            unmet.push(format!("expected no failover, saw {}", o.failovers));
+        }
+    }
+    if let Some(g) = e.min_generation.filter(|g| o.max_generation < *g) {
+        unmet.push(format!(
+            "expected generation >= {g}, reached {}",
+            o.max_generation
+        ));
+    }
+    if e.reprotected == Some(true) {
+        let primary = world.obs.active_primary();
+        let phase = primary
+            .and_then(|(n, _)| world.obs.view(n))
+            .and_then(|v| v.status)
+            .map(|s| s.phase);
+        if phase != Some(Phase::Protected) {
+            unmet.push(format!(
+                "expected the primary to be protected at the end, it is {}",
+                phase.map_or("absent".to_string(), |p| p.to_string())
+            ));
+        }
+    }
+    if let Some(n) = e.min_replies.filter(|n| o.replies_seen < *n) {
+        unmet.push(format!(
+            "expected >= {n} replies, clients saw {}",
+            o.replies_seen
+        ));
+    }
+    if let Some(n) = e.max_replies.filter(|n| o.replies_seen > *n) {
+        unmet.push(format!(
+            "expected <= {n} replies, clients saw {}",
+            o.replies_seen
+        ));
+    }
+    if let Some(max) = e.max_outage {
+        let max_ms = max.as_millis() as u64;
+        if let Some(worst) = o.outages_ms.iter().copied().filter(|m| *m > max_ms).max() {
+            unmet.push(format!("an outage lasted {worst} ms (> {max_ms} ms)"));
+        }
+    }
+    for f in &world.unfired {
+        unmet.push(format!("fault never fired: {f}"));
+    }
+    let violation = world.obs.violation().cloned();
+    let verdict = match (&violation, unmet.is_empty()) {
+        (Some(_), _) => Verdict::Violation,
+        (None, false) => Verdict::Unmet,
+        (None, true) => Verdict::Pass,
+    };
+    let stats = RunStats {
+        sim_ms: world.elapsed.as_millis() as u64,
+        wall_s: wall.as_secs_f64(),
+        observed: o.clone(),
+        bytes_sent: world.bytes_sent,
+    };
+    RunReport {
+        scenario: s.name.clone(),
+        seed,
+        verdict,
+        violation,
+        unmet,
+        trace: world.trace.into_events(),
+        stats,
+    }
+}

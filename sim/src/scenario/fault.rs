@@ -1,0 +1,235 @@
+//! Typed faults: what happens, to which hosts or links, and when.
+
+use std::fmt;
+use std::time::Duration;
+
+/// A host named in a fault. `Primary`/`Backup` are resolved when the fault fires (the active
+/// primary, and the backup following it), so "crash the new primary" needs no node name.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum HostRef {
+    /// Node `n<k>` (protocol node id `k`, 1-based).
+    Node(u32),
+    /// The witness host.
+    Witness,
+    /// The host running every client.
+    Clients,
+    /// The active primary when the fault fires.
+    Primary,
+    /// The backup following the active primary when the fault fires.
+    Backup,
+}
+
+impl HostRef {
+    /// Parse `n1`, `witness`, `clients`, `primary`, `backup`.
+    pub fn parse(s: &str) -> Option<HostRef> {
+        match s {
+            "witness" => Some(HostRef::Witness),
+            "clients" => Some(HostRef::Clients),
+            "primary" => Some(HostRef::Primary),
+            "backup" => Some(HostRef::Backup),
+            _ => {
+                let k: u32 = s.strip_prefix('n')?.parse().ok()?;
+                (k >= 1).then_some(HostRef::Node(k))
+            }
+        }
+    }
+}
+
+impl fmt::Display for HostRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            HostRef::Node(k) => write!(f, "n{k}"),
+            HostRef::Witness => f.write_str("witness"),
+            HostRef::Clients => f.write_str("clients"),
+            HostRef::Primary => f.write_str("primary"),
+            HostRef::Backup => f.write_str("backup"),
+        }
+    }
+}
+
+/// Extra condition a fault waits for once its time has come.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Trigger {
+    /// Fire at the time.
+    At,
+    /// Wait until the active primary is in the middle of writing a checkpoint.
+    Sending,
+    /// Wait until the active primary has no checkpoint in flight (mid-epoch).
+    BetweenCheckpoints,
+    /// Wait until the active primary is fully syncing a joiner.
+    Syncing,
+    /// Wait until the active primary is protected by a registered backup.
+    Protected,
+}
+
+impl Trigger {
+    pub(crate) fn parse(s: &str) -> Option<Trigger> {
+        Some(match s {
+            "at" => Trigger::At,
+            "sending" => Trigger::Sending,
+            "between_checkpoints" => Trigger::BetweenCheckpoints,
+            "syncing" => Trigger::Syncing,
+            "protected" => Trigger::Protected,
+            _ => return None,
+        })
+    }
+}
+
+/// What a fault does.
+#[derive(Clone, Debug, PartialEq)]
+pub enum FaultAction {
+    /// Kill the host's software. `silent`: its links go dark first (a power cut: peers hear
+    /// nothing, not even a FIN); otherwise the process dies and its sockets close.
+    Crash {
+        /// Host.
+        host: HostRef,
+        /// Power cut rather than process death.
+        silent: bool,
+    },
+    /// Start a crashed host again. A node comes back as `Start::Rejoin` with an empty replica;
+    /// the witness comes back with its persisted register.
+    Restart {
+        /// Host.
+        host: HostRef,
+    },
+    /// Drop every message from `a` to `b` (and `b` to `a` unless `oneway`).
+    Partition {
+        /// One side.
+        a: HostRef,
+        /// Other side.
+        b: HostRef,
+        /// Only `a → b`.
+        oneway: bool,
+    },
+    /// Undo a partition (`a → b` only if `oneway`).
+    Repair {
+        /// One side.
+        a: HostRef,
+        /// Other side.
+        b: HostRef,
+        /// Only `a → b`.
+        oneway: bool,
+    },
+    /// Partition `host` from every other host.
+    Isolate {
+        /// Host.
+        host: HostRef,
+    },
+    /// Repair every partition and release every hold.
+    Heal,
+    /// Hold messages between `a` and `b` (delivered at `Release`).
+    Hold {
+        /// One side.
+        a: HostRef,
+        /// Other side.
+        b: HostRef,
+    },
+    /// Deliver held messages and stop holding.
+    Release {
+        /// One side.
+        a: HostRef,
+        /// Other side.
+        b: HostRef,
+    },
+    /// Segment loss with TCP retransmission on the link (every link when `None`).
+    Loss {
+        /// Link, or all links.
+        link: Option<(HostRef, HostRef)>,
+        /// Probability that a segment is lost (and resent after the RTO).
+        rate: f64,
+    },
+    /// Message latency range on a link.
+    Latency {
+        /// One side.
+        a: HostRef,
+        /// Other side.
+        b: HostRef,
+        /// Lowest latency.
+        min: Duration,
+        /// Highest latency.
+        max: Duration,
+    },
+    /// Bandwidth of a link in bytes per millisecond (`None`: unlimited).
+    Bandwidth {
+        /// One side.
+        a: HostRef,
+        /// Other side.
+        b: HostRef,
+        /// Bytes per millisecond.
+        bytes_per_ms: Option<u64>,
+    },
+    /// Flip one byte of page data in the next checkpoint sent from `from` to `to`.
+    Corrupt {
+        /// Sender.
+        from: HostRef,
+        /// Receiver.
+        to: HostRef,
+    },
+}
+
+impl fmt::Display for FaultAction {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let dir = |oneway: bool| if oneway { "->" } else { "<->" };
+        match self {
+            FaultAction::Crash { host, silent } => {
+                write!(f, "crash {host}{}", if *silent { " (silent)" } else { "" })
+            }
+            FaultAction::Restart { host } => write!(f, "restart {host}"),
+            FaultAction::Partition { a, b, oneway } => {
+                write!(f, "partition {a} {} {b}", dir(*oneway))
+            }
+            FaultAction::Repair { a, b, oneway } => write!(f, "repair {a} {} {b}", dir(*oneway)),
+            FaultAction::Isolate { host } => write!(f, "isolate {host}"),
+            FaultAction::Heal => f.write_str("heal"),
+            FaultAction::Hold { a, b } => write!(f, "hold {a} <-> {b}"),
+            FaultAction::Release { a, b } => write!(f, "release {a} <-> {b}"),
+            FaultAction::Loss { link: None, rate } => write!(f, "loss {rate} on every link"),
+            FaultAction::Loss {
+                link: Some((a, b)),
+                rate,
+            } => write!(f, "loss {rate} on {a} <-> {b}"),
+            FaultAction::Latency { a, b, min, max } => {
+                write!(
+                    f,
+                    "latency {a} <-> {b} {}..{} ms",
+                    min.as_millis(),
+                    max.as_millis()
+                )
+            }
+            FaultAction::Bandwidth {
+                a,
+                b,
+                bytes_per_ms: Some(bw),
+            } => write!(f, "bandwidth {a} <-> {b} {bw} B/ms"),
+            FaultAction::Bandwidth { a, b, .. } => write!(f, "bandwidth {a} <-> {b} unlimited"),
+            FaultAction::Corrupt { from, to } => {
+                write!(f, "corrupt next checkpoint {from} -> {to}")
+            }
+        }
+    }
+}
+
+/// One timed fault.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Fault {
+    /// Earliest time (simulated, from the start of the run).
+    pub at: Duration,
+    /// A per-seed random delay in `0..=jitter` added to `at`, so seeds explore timings.
+    pub jitter: Duration,
+    /// Condition waited for after `at`.
+    pub when: Trigger,
+    /// What happens.
+    pub action: FaultAction,
+}
+
+impl Fault {
+    /// A fault firing exactly at `at_ms`.
+    pub fn at_ms(at_ms: u64, action: FaultAction) -> Fault {
+        Fault {
+            at: Duration::from_millis(at_ms),
+            jitter: Duration::ZERO,
+            when: Trigger::At,
+            action,
+        }
+    }
+}

@@ -1,0 +1,143 @@
+use super::*;
+
+fn parse(text: &str) -> Result<Scenario, ScenarioError> {
+    Scenario::from_toml(text, "t.toml")
+}
+
+fn err(text: &str) -> String {
+    match parse(text) {
+        Ok(_) => panic!("accepted a bad scenario:\n{text}"),
+        Err(e) => e.to_string(),
+    }
+}
+
+#[test]
+fn minimal_file_gets_defaults() {
+    let s = parse("name = \"x\"\nduration_ms = 500\n").unwrap();
+    assert_eq!(s.duration, Duration::from_millis(500));
+    assert_eq!(s.topology.nodes, 2);
+    assert_eq!(s.timing.epoch, Duration::from_millis(25));
+    assert_eq!(s.expect.invariants.len(), Invariant::ALL.len());
+    assert!(s.faults.is_empty());
+    assert_eq!(s.model_config().page_size, s.vm.page_size);
+}
+
+#[test]
+fn faults_parse_into_actions() {
+    let s = parse(
+        r#"
+name = "f"
+duration_ms = 2000
+[[fault]]
+kind = "crash"
+host = "primary"
+at_ms = 100
+when = "sending"
+[[fault]]
+kind = "partition"
+a = "n1"
+b = "witness"
+oneway = true
+at_ms = 200
+[[fault]]
+kind = "flap"
+a = "n1"
+b = "n2"
+period_ms = 50
+count = 2
+at_ms = 300
+[[fault]]
+kind = "loss"
+rate = 0.05
+at_ms = 0
+"#,
+    )
+    .unwrap();
+    assert_eq!(s.faults.len(), 2 + 4 + 1 - 1 + 1);
+    assert_eq!(
+        s.faults[0].action,
+        FaultAction::Crash {
+            host: HostRef::Primary,
+            silent: true
+        }
+    );
+    assert_eq!(s.faults[0].when, Trigger::Sending);
+    assert_eq!(s.faults[3].at, Duration::from_millis(350));
+    assert_eq!(
+        s.faults[5].action,
+        FaultAction::Repair {
+            a: HostRef::Node(1),
+            b: HostRef::Node(2),
+            oneway: false
+        }
+    );
+    assert_eq!(
+        s.faults[6].action,
+        FaultAction::Loss {
+            link: None,
+            rate: 0.05
+        }
+    );
+}
+
+#[test]
+fn errors_are_one_line_and_name_the_problem() {
+    let cases: &[(&str, &str)] = &[
+        ("name = \"x\"\n", "duration_ms"),
+        ("name = \"x\"\nduration_ms = 5\nbogus = 1\n", "bogus"),
+        ("name = \"x\"\nduration_ms = \"long\"\n", "line 2"),
+        ("name = \"x\"\nduration_ms = 0\n", "duration_ms"),
+        ("name = \"x\"\nduration_ms = 5\n[vm]\npage_size = 1000\n", "page_size"),
+        ("name = \"x\"\nduration_ms = 5\n[timing]\nheartbeat_ms = 0\n", "heartbeat"),
+        ("name = \"x\"\nduration_ms = 5\n[network]\nloss = 1.5\n", "loss"),
+        (
+            "name = \"x\"\nduration_ms = 5\n[expect]\ninvariants = [\"nope\"]\n",
+            "unknown invariant `nope`",
+        ),
+        (
+            "name = \"x\"\nduration_ms = 5\n[[fault]]\nkind = \"explode\"\nat_ms = 1\n",
+            "unknown kind",
+        ),
+        (
+            "name = \"x\"\nduration_ms = 5\n[[fault]]\nkind = \"crash\"\nat_ms = 1\n",
+            "missing field `host`",
+        ),
+        (
+            "name = \"x\"\nduration_ms = 5\n[[fault]]\nkind = \"crash\"\nhost = \"n7\"\nat_ms = 1\n",
+            "n7 does not exist",
+        ),
+        (
+            "name = \"x\"\nduration_ms = 5\n[[fault]]\nkind = \"crash\"\nhost = \"mars\"\nat_ms = 1\n",
+            "unknown host `mars`",
+        ),
+        (
+            "name = \"x\"\nduration_ms = 5\n[[fault]]\nkind = \"crash\"\nhost = \"n1\"\nrate = 0.1\nat_ms = 1\n",
+            "`rate` does not apply",
+        ),
+        (
+            "name = \"x\"\nduration_ms = 5\n[[fault]]\nkind = \"partition\"\na = \"n1\"\nb = \"n1\"\nat_ms = 1\n",
+            "two different hosts",
+        ),
+        (
+            "name = \"x\"\nduration_ms = 5\n[[fault]]\nkind = \"crash\"\nhost = \"n1\"\nwhen = \"later\"\nat_ms = 1\n",
+            "unknown trigger",
+        ),
+        ("this is = = not toml", "bad scenario file"),
+    ];
+    for (text, needle) in cases {
+        let e = err(text);
+        assert!(e.contains(needle), "error `{e}` lacks `{needle}`");
+        assert!(
+            e.starts_with("t.toml: "),
+            "error `{e}` does not name the file"
+        );
+        assert!(!e.contains('\n'), "error `{e}` spans lines");
+    }
+}
+
+#[test]
+fn missing_file_is_an_io_error() {
+    let e = Scenario::load(Path::new("/nonexistent/x.toml")).unwrap_err();
+    assert!(matches!(e, ScenarioError::Io { .. }));
+    assert!(e.to_string().contains("/nonexistent/x.toml"));
+}

@@ -1,0 +1,78 @@
+//! The backup's replica (RAM + device state of its last committed epoch) and the checkpoints
+//! staged beside it until the model says commit.
+
+use ftvm_model::{Epoch, Generation, NodeId};
+
+use super::ram::{state_hash, Ram};
+use crate::scenario::VmSpec;
+
+/// One received checkpoint (possibly truncated or damaged when `complete` is false).
+#[derive(Clone, Debug)]
+pub(crate) struct Staged {
+    /// Primary that sent it.
+    pub from: NodeId,
+    /// Generation in its frame header.
+    pub generation: Generation,
+    pub epoch: Epoch,
+    pub full: bool,
+    pub pages: Vec<(u64, Vec<u8>)>,
+    pub device: Vec<u8>,
+    /// Fully received and checksum-verified.
+    pub complete: bool,
+}
+
+/// Where a replica's contents come from: the primary, its generation, and the epoch.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Origin {
+    pub primary: NodeId,
+    pub generation: Generation,
+    pub epoch: Epoch,
+}
+
+#[derive(Clone, Debug)]
+pub(crate) struct Replica {
+    pub ram: Ram,
+    pub device: Vec<u8>,
+    /// Last committed checkpoint.
+    pub committed: Option<Origin>,
+    /// Epoch of the full checkpoint the replica descends from.
+    pub since: Option<Epoch>,
+}
+
+impl Replica {
+    /// An empty replica (zeroed pages, no device state).
+    pub fn empty(spec: &VmSpec) -> Replica {
+        Replica {
+            ram: Ram::new(spec.pages, spec.page_size),
+            device: Vec::new(),
+            committed: None,
+            since: None,
+        }
+    }
+
+    /// Apply a staged checkpoint in one step (the simulated commit is atomic). Page records
+    /// outside the RAM are skipped; a short device state overwrites only its prefix (which is
+    /// exactly the damage a partial commit does).
+    pub fn apply(&mut self, cp: &Staged) {
+        for (index, data) in &cp.pages {
+            self.ram.set_page(*index, data);
+        }
+        if self.device.len() < cp.device.len() {
+            self.device.resize(cp.device.len(), 0);
+        }
+        self.device[..cp.device.len()].copy_from_slice(&cp.device);
+        self.committed = Some(Origin {
+            primary: cp.from,
+            generation: cp.generation,
+            epoch: cp.epoch,
+        });
+        if cp.full {
+            self.since = Some(cp.epoch);
+        }
+    }
+
+    /// Hash of RAM + device state, comparable with [`super::SimVm::state_hash`].
+    pub fn state_hash(&self) -> u64 {
+        state_hash(&self.ram, &self.device)
+    }
+}
