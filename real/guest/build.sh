@@ -1,0 +1,278 @@
+#!/usr/bin/env bash
+# Builds the ftvm test guest: Debian's cloud kernel (downloaded and unpacked, not installed) and a
+# busybox initramfs that loads the virtio modules, configures eth0 and runs ftvm-guestd (our small
+# static HTTP counter service, see service/). Debian packages and our own C sources only.
+#
+# Output: a directory holding vmlinuz, initrd.img and cmdline (default kernel arguments). Its path
+# is the LAST line on stdout; everything else goes to stderr. The directory is cached under
+# ${FTVM_CACHE:-/var/cache/ftvm}/guest/<inputs hash>/ and reused until an input changes: this
+# script, init.sh, service/*, the kernel package version, busybox-static's and gcc's versions.
+#
+# Environment:
+#   FTVM_CACHE             cache root (default /var/cache/ftvm)
+#   FTVM_GUEST_KERNEL_PKG  kernel package (default: what linux-image-cloud-amd64 depends on)
+#   FTVM_GUEST_KERNEL_FORMAT  pvh (default: uncompressed ELF, falls back to bzImage) or bzimage
+#   FTVM_GUEST_TSC_KHZ     TSC rate for the guest's tsc_early_khz= (default: measured here)
+#   FTVM_GUEST_REBUILD=1   rebuild even if a cached build matches
+#
+# The measured TSC rate makes a build specific to this host's CPU (the cache is machine-local).
+set -euo pipefail
+
+here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+cache=${FTVM_CACHE:-/var/cache/ftvm}/guest
+# Modules the guest needs (their dependencies are added from the modules' own metadata):
+# virtio-mmio transport (microvm's devices) and the network card.
+root_modules=(virtio_mmio virtio_net)
+# Default kernel arguments (tsc_early_khz=<this host's TSC rate> is added at build time, see
+# tools/tsc-khz.c). tsc=reliable keeps the clocksource watchdog from swapping the TSC for
+# jiffies, which lose ticks under TCG. The rest only shortens the boot (~15% of its CPU time):
+# no crypto self-tests, no audit, no LSMs — nothing this throwaway guest needs.
+cmdline="console=ttyS0 quiet panic=-1 tsc=reliable cryptomgr.notests audit=0 apparmor=0 security=none"
+
+log() { echo "guest-build: $*" >&2; }
+die() {
+  echo "guest-build: error: $*" >&2
+  exit 1
+}
+
+# --- packages ---------------------------------------------------------------------------------
+
+apt_updated=
+apt_update_once() {
+  [[ -n $apt_updated ]] && return 0
+  log "apt-get update"
+  apt-get update -qq >&2 || die "apt-get update failed"
+  apt_updated=1
+}
+
+ensure_packages() {
+  local missing=() p
+  for p in "$@"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+  done
+  ((${#missing[@]})) || return 0
+  [[ $(id -u) -eq 0 ]] || die "missing packages ${missing[*]}; install them or run as root"
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  if ! apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2; then
+    apt_update_once
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >&2 ||
+      die "apt-get install ${missing[*]} failed"
+  fi
+}
+
+pkg_version() { dpkg-query -W -f='${Version}' "$1"; }
+
+# The concrete kernel package (linux-image-<abi>-cloud-amd64) and its candidate version.
+resolve_kernel() {
+  kernel_pkg=${FTVM_GUEST_KERNEL_PKG:-}
+  if [[ -z $kernel_pkg ]]; then
+    kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+      sed -n 's/^ *Depends: \(linux-image-[^ ]*-cloud-amd64\)$/\1/p' | head -n 1)
+    if [[ -z $kernel_pkg ]]; then
+      apt_update_once
+      kernel_pkg=$(apt-cache depends linux-image-cloud-amd64 2>/dev/null |
+        sed -n 's/^ *Depends: \(linux-image-[^ ]*-cloud-amd64\)$/\1/p' | head -n 1)
+    fi
+    [[ -n $kernel_pkg ]] || die "apt knows no linux-image-cloud-amd64 (is this Debian 12 amd64?)"
+  fi
+  kernel_version=$(apt-cache policy "$kernel_pkg" 2>/dev/null | sed -n 's/^ *Candidate: //p')
+  [[ -n $kernel_version && $kernel_version != "(none)" ]] ||
+    die "no installable version of $kernel_pkg in apt's lists"
+}
+
+# --- building blocks --------------------------------------------------------------------------
+
+# Prints the modules a .ko depends on (its .modinfo "depends=" entry), one per line.
+module_depends() {
+  tr '\0' '\n' <"$1" | sed -n 's/^depends=//p' | head -n 1 | tr ',' '\n' | sed '/^$/d'
+}
+
+# Copies a module, decompressed, to $2 (Debian 12 ships plain .ko; later releases compress).
+copy_module() {
+  case $1 in
+    *.ko) cp "$1" "$2" ;;
+    *.ko.xz) xz -dc "$1" >"$2" ;;
+    *.ko.zst) zstd -qdc "$1" >"$2" ;;
+    *.ko.gz) gzip -dc "$1" >"$2" ;;
+    *) die "unknown module format: $1" ;;
+  esac
+}
+
+# Adds module $1 and, first, its dependencies to load_order (depth first, each once).
+declare -A module_seen=()
+load_order=()
+add_module() {
+  local name=${1//-/_} file dep
+  [[ -n ${module_seen[$name]:-} ]] && return 0
+  module_seen[$name]=1
+  file=$(find "$moddir/kernel" \( -name "$name.ko*" -o -name "${name//_/-}.ko*" \) | head -n 1)
+  if [[ -z $file ]]; then
+    if grep -Eq "/(${name}|${name//_/-})\.ko\$" "$moddir/modules.builtin"; then
+      log "module $name is built into the kernel"
+      return 0
+    fi
+    die "module $name not found in $kernel_pkg"
+  fi
+  copy_module "$file" "$work/mod.tmp"
+  for dep in $(module_depends "$work/mod.tmp"); do
+    add_module "$dep"
+  done
+  copy_module "$file" "$rootfs/lib/modules/$name.ko"
+  load_order+=("$name")
+}
+
+# Extracts the kernel ELF (vmlinux) from a bzImage into $2, if it can be booted through PVH (its
+# Xen PHYS32_ENTRY note, type 0x12). QEMU then loads it directly and the guest skips decompressing
+# itself, which under TCG costs ~0.3-0.6 s of every boot. Returns 1 if not possible.
+extract_pvh_kernel() {
+  local bz=$1 out=$2 magic tool off
+  local -a specs=('\x02\x21\x4c\x18|lz4 -dc' '\x28\xb5\x2f\xfd|zstd -qdc'
+    '\xfd\x37\x7a\x58\x5a\x00|xz -dc' '\x1f\x8b\x08|gzip -dc')
+  for spec in "${specs[@]}"; do
+    magic=${spec%%|*}
+    tool=${spec#*|}
+    command -v "${tool%% *}" >/dev/null || continue
+    for off in $(grep -obUaP "$magic" "$bz" | cut -d : -f 1 | head -n 5); do
+      # Trailing bytes after the payload make the decompressor complain: judge the output.
+      tail -c +$((off + 1)) "$bz" | $tool >"$out" 2>/dev/null || true
+      if readelf -h "$out" 2>/dev/null | grep -q 'Type:.*EXEC' &&
+        readelf -n "$out" 2>/dev/null | grep -q 'note type: (0x00000012)'; then
+        return 0
+      fi
+    done
+  done
+  rm -f "$out"
+  return 1
+}
+
+# Writes a newc cpio archive holding /dev and /dev/console, so the kernel can open the console
+# for /init before devtmpfs is mounted (GNU cpio can only archive nodes that exist, which would
+# need mknod and root).
+dev_archive() {
+  local ino=900000
+  newc() { # name mode rdevmajor rdevminor
+    local name=$1 namesize=$((${#1} + 1)) pad
+    printf '070701%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X%08X' \
+      "$ino" "$2" 0 0 1 0 0 0 0 "$3" "$4" "$namesize" 0
+    printf '%s\0' "$name"
+    pad=$(((4 - (110 + namesize) % 4) % 4))
+    ((pad)) && head -c "$pad" /dev/zero
+    ino=$((ino + 1))
+  }
+  newc dev $((0040755)) 0 0
+  newc dev/console $((0020600)) 5 1
+  newc TRAILER!!! 0 0 0
+}
+
+# --- main -------------------------------------------------------------------------------------
+
+# lz4: Debian 12's kernels are LZ4-compressed bzImages (see extract_pvh_kernel); binutils: readelf.
+ensure_packages busybox-static cpio gcc libc6-dev binutils lz4
+resolve_kernel
+busybox=$(dpkg -L busybox-static | grep -m 1 '/busybox$') || die "busybox-static has no busybox binary"
+
+key=$(
+  {
+    cat "$here/build.sh" "$here/init.sh"
+    for d in service tools; do
+      (cd "$here/$d" && for f in $(ls | LC_ALL=C sort); do echo "== $d/$f"; cat "$f"; done)
+    done
+    echo "kernel $kernel_pkg $kernel_version"
+    echo "busybox-static $(pkg_version busybox-static)"
+    echo "gcc $(gcc -dumpfullversion) libc6-dev $(pkg_version libc6-dev)"
+  } | sha256sum | cut -c 1-16
+)
+out=$cache/$key
+
+if [[ -z ${FTVM_GUEST_REBUILD:-} && -f $out/stamp ]]; then
+  log "cached: $out"
+  echo "$out"
+  exit 0
+fi
+
+mkdir -p "$cache" || die "cannot create $cache"
+# One build at a time; whoever waited may find the work done.
+exec 9>"$cache/.lock"
+flock 9
+if [[ -z ${FTVM_GUEST_REBUILD:-} && -f $out/stamp ]]; then
+  log "cached: $out"
+  echo "$out"
+  exit 0
+fi
+
+work=$(mktemp -d "$cache/.build.XXXXXX")
+trap 'rm -rf "$work"' EXIT
+rootfs=$work/rootfs
+dest=$work/out
+mkdir -p "$rootfs"/{bin,lib/modules} "$dest" "$cache/debs"
+
+# Kernel: download once (kept in the cache), unpack, never install.
+deb=$cache/debs/${kernel_pkg}_${kernel_version//:/%3a}_amd64.deb
+if [[ ! -f $deb ]]; then
+  log "downloading $kernel_pkg $kernel_version"
+  # As root apt drops to the _apt user for downloads, which cannot write here: stay root.
+  (cd "$cache/debs" && apt-get download -q -o APT::Sandbox::User=root "$kernel_pkg=$kernel_version" >&2) ||
+    die "apt-get download $kernel_pkg=$kernel_version failed"
+  [[ -f $deb ]] || die "apt-get download did not produce $(basename "$deb")"
+fi
+log "unpacking $(basename "$deb")"
+dpkg-deb -x "$deb" "$work/kernel" || die "cannot unpack $deb"
+vmlinuz=$(find "$work/kernel/boot" -name 'vmlinuz-*' | head -n 1)
+[[ -n $vmlinuz ]] || die "$deb has no /boot/vmlinuz-*"
+moddir=$(find "$work/kernel/lib/modules" -mindepth 1 -maxdepth 1 -type d | head -n 1)
+[[ -n $moddir ]] || die "$deb has no /lib/modules/<version>"
+if [[ ${FTVM_GUEST_KERNEL_FORMAT:-pvh} == pvh ]] && extract_pvh_kernel "$vmlinuz" "$dest/vmlinuz"; then
+  kernel_format="ELF vmlinux (PVH entry)"
+else
+  cp "$vmlinuz" "$dest/vmlinuz"
+  kernel_format=bzImage
+fi
+log "kernel: $kernel_format"
+
+for m in "${root_modules[@]}"; do
+  add_module "$m"
+done
+rm -f "$work/mod.tmp"
+printf '%s\n' "${load_order[@]}" >"$rootfs/lib/modules/load.list"
+log "modules: ${load_order[*]}"
+
+# Userland: busybox (static), /init, and the service built static by the host's gcc.
+cp "$busybox" "$rootfs/bin/busybox"
+cp "$here/init.sh" "$rootfs/init"
+chmod 755 "$rootfs/init" "$rootfs/bin/busybox"
+log "compiling ftvm-guestd"
+gcc -static -O2 -s -pthread -Wall -Wextra -o "$rootfs/bin/ftvm-guestd" \
+  "$here"/service/*.c >&2 || die "compiling the guest service failed"
+
+# The initramfs stays uncompressed: decompressing it under TCG would only slow the boot.
+(cd "$rootfs" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$dest/initrd.img" ||
+  die "cpio failed"
+dev_archive >>"$dest/initrd.img"
+
+# Under TCG the guest's TSC runs at the host's rate; telling the guest kernel that rate skips its
+# calibration against the emulated PIT, which fails on a loaded host and then hangs the boot.
+tsc_khz=${FTVM_GUEST_TSC_KHZ:-}
+if [[ -z $tsc_khz ]]; then
+  gcc -O2 -o "$work/tsc-khz" "$here/tools/tsc-khz.c" >&2 || die "compiling tools/tsc-khz.c failed"
+  tsc_khz=$("$work/tsc-khz") || die "cannot measure the host's TSC rate (set FTVM_GUEST_TSC_KHZ)"
+fi
+[[ $tsc_khz =~ ^[0-9]+$ ]] || die "bad TSC rate '$tsc_khz' (kHz expected)"
+log "host TSC ${tsc_khz} kHz"
+echo "$cmdline tsc_early_khz=$tsc_khz" >"$dest/cmdline"
+{
+  echo "kernel $kernel_pkg $kernel_version ($(basename "$moddir")), $kernel_format"
+  echo "busybox-static $(pkg_version busybox-static)"
+  echo "modules ${load_order[*]}"
+  echo "key $key"
+} >"$dest/stamp"
+
+rm -rf "$out"
+mv "$dest" "$out"
+# Older builds are dead weight (the kernel .deb stays, keyed by its version).
+for d in "$cache"/*; do
+  [[ -d $d && $d != "$out" && $(basename "$d") =~ ^[0-9a-f]{16}$ ]] && rm -rf "$d"
+done
+find "$cache/debs" -name '*.deb' ! -name "$(basename "$deb")" -delete
+log "built $out ($(du -sh "$out" | cut -f 1))"
+echo "$out"
