@@ -18,6 +18,9 @@ enum What {
     /// Checkpoint transports: scattered 4 KiB pages over loopback and veth, with raw TCP as the
     /// reference, every transport and batch size in one run.
     Transport(TransportArgs),
+    /// End to end: client response times, checkpoint pauses, send-updated-states time and VM
+    /// idle rate for an unprotected VM and for each epoch × load × transport × capture mode.
+    E2e(crate::bench_e2e::E2eArgs),
 }
 
 #[derive(clap::Args)]
@@ -50,6 +53,7 @@ struct TransportArgs {
 pub fn run(args: Args) -> anyhow::Result<i32> {
     match args.what {
         What::Transport(a) => transport(a),
+        What::E2e(a) => crate::bench_e2e::run(a),
     }
 }
 

@@ -8,8 +8,11 @@ use clap::{Parser, Subcommand};
 
 mod agent_cmd;
 mod bench_cmd;
+mod bench_e2e;
 mod client_cmd;
 mod demo_cmd;
+mod deploy;
+mod vm_cmd;
 mod witness_cmd;
 
 #[derive(Parser)]
@@ -33,6 +36,8 @@ enum Command {
     Witness(witness_cmd::Args),
     /// Protect a demo VM with a local primary+backup pair in network namespaces, then fail over.
     Demo(demo_cmd::Args),
+    /// Boot the demo guest unprotected, its network straight on a tap (the benchmark baseline).
+    Vm(vm_cmd::Args),
     /// Benchmarks (JSON + Markdown).
     Bench(bench_cmd::Args),
     /// Drive the demo guest's counter service and report what a client saw (JSON on stdout).
@@ -48,6 +53,7 @@ fn main() {
         Command::Demo(args) => demo_cmd::run(args),
         Command::Client(args) => client_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
+        Command::Vm(args) => vm_cmd::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

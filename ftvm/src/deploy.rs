@@ -1,0 +1,342 @@
+//! A local deployment: witness, primary and backup agents (and a client) as processes in network
+//! namespaces, one per host. Shared by `ftvm demo`, `ftvm bench e2e` and the real tests.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ftvm_real::host::topology::{Host, Topology};
+
+/// How to deploy.
+#[derive(Debug, Clone)]
+pub struct DeployOpts {
+    /// Guest directory (vmlinuz, initrd.img, cmdline).
+    pub guest_dir: PathBuf,
+    /// Work directory (recreated).
+    pub work_dir: PathBuf,
+    /// Guest RAM in MiB.
+    pub ram_mb: u64,
+    /// Epoch in ms.
+    pub epoch_ms: u64,
+    /// Guest dirtying rate, pages/s.
+    pub dirty_pages: u64,
+    /// QEMU accelerator.
+    pub accel: String,
+    /// Checkpoint transport.
+    pub transport: String,
+    /// Capture mode (None: the agent's default).
+    pub capture: Option<String>,
+    /// Failure timeout in ms.
+    pub failure_timeout_ms: u64,
+    /// Namespace prefix.
+    pub prefix: String,
+    /// Subnet number.
+    pub subnet: u8,
+    /// RAM digests every N epochs.
+    pub verify_every: Option<u64>,
+    /// Leave namespaces behind.
+    pub keep: bool,
+}
+
+/// A child process that is killed when dropped.
+pub struct Proc {
+    /// What it is, for messages.
+    pub name: &'static str,
+    /// The process.
+    pub child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `ftvm ARGS` inside `host`'s namespace, output to `log`.
+pub fn spawn_in(
+    topo: &Topology,
+    host: Host,
+    name: &'static str,
+    args: &[String],
+    log: &Path,
+) -> anyhow::Result<Proc> {
+    let exe = std::env::current_exe().context("locating the ftvm binary")?;
+    let log_file =
+        std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let child = Command::new("ip")
+        .args(["netns", "exec", &topo.ns(host)])
+        .arg(exe)
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(log_file.try_clone()?)
+        .stderr(log_file)
+        .spawn()
+        .with_context(|| format!("starting the {name}"))?;
+    Ok(Proc { name, child })
+}
+
+/// An agent's status file, or Null.
+pub fn status(dir: &Path) -> serde_json::Value {
+    std::fs::read(dir.join("status.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Polls `ok` until it holds, failing early if one of `procs` exits.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    procs: &mut [&mut Proc],
+    mut ok: impl FnMut() -> bool,
+) -> anyhow::Result<()> {
+    let t0 = Instant::now();
+    while !ok() {
+        for p in procs.iter_mut() {
+            if let Some(st) = p.child.try_wait()? {
+                bail!(
+                    "the {} exited ({st}) while waiting for {what}; see its log",
+                    p.name
+                );
+            }
+        }
+        if t0.elapsed() > timeout {
+            bail!("timed out after {timeout:?} waiting for {what}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// True when running as root.
+pub fn is_root() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|u| u == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// A running deployment.
+pub struct Deployment {
+    /// The hosts.
+    pub topo: Topology,
+    /// Options it runs with.
+    pub opts: DeployOpts,
+    /// The witness process.
+    pub witness: Proc,
+    /// The backup agent.
+    pub backup: Proc,
+    /// The primary agent.
+    pub primary: Proc,
+    /// Arguments the backup agent was started with (to restart it).
+    pub backup_args: Vec<String>,
+}
+
+impl Deployment {
+    /// Creates the hosts and starts witness, backup and primary (not waiting for protection).
+    pub fn start(opts: DeployOpts) -> anyhow::Result<Deployment> {
+        if !is_root() {
+            bail!("deployments create network namespaces and tap devices: run as root");
+        }
+        let _ = std::fs::remove_dir_all(&opts.work_dir);
+        std::fs::create_dir_all(&opts.work_dir)
+            .with_context(|| format!("creating {}", opts.work_dir.display()))?;
+        let mut topo = Topology::create(&opts.prefix, opts.subnet).context("creating the hosts")?;
+        if opts.keep {
+            topo.keep();
+        }
+        let w = opts.work_dir.clone();
+        let witness_addr = format!("{}:7100", topo.addr(Host::Switch));
+        let witness = spawn_in(
+            &topo,
+            Host::Switch,
+            "witness",
+            &[
+                "witness".into(),
+                "--listen".into(),
+                witness_addr.clone(),
+                "--state".into(),
+                w.join("witness.json").display().to_string(),
+                "--verbose".into(),
+            ],
+            &w.join("witness.log"),
+        )?;
+        let mut backup_args: Vec<String> = vec!["backup".into()];
+        backup_args.extend(agent_args(
+            &topo,
+            &opts,
+            2,
+            Host::Backup,
+            Host::Primary,
+            1,
+            "backup",
+        ));
+        let backup = spawn_in(
+            &topo,
+            Host::Backup,
+            "backup agent",
+            &backup_args,
+            &w.join("backup.log"),
+        )?;
+        let mut pargs: Vec<String> = vec!["primary".into()];
+        pargs.extend(agent_args(
+            &topo,
+            &opts,
+            1,
+            Host::Primary,
+            Host::Backup,
+            2,
+            "primary",
+        ));
+        let primary = spawn_in(
+            &topo,
+            Host::Primary,
+            "primary agent",
+            &pargs,
+            &w.join("primary.log"),
+        )?;
+        Ok(Deployment {
+            topo,
+            opts,
+            witness,
+            backup,
+            primary,
+            backup_args,
+        })
+    }
+
+    /// State directory of the primary host.
+    pub fn primary_dir(&self) -> PathBuf {
+        self.opts.work_dir.join("primary")
+    }
+
+    /// State directory of the backup host.
+    pub fn backup_dir(&self) -> PathBuf {
+        self.opts.work_dir.join("backup")
+    }
+
+    /// Waits until the primary reports `protected`.
+    pub fn wait_protected(&mut self, timeout: Duration) -> anyhow::Result<()> {
+        let pdir = self.primary_dir();
+        wait_until(
+            "the primary to be protected",
+            timeout,
+            &mut [&mut self.witness, &mut self.backup, &mut self.primary],
+            || status(&pdir)["phase"] == "protected",
+        )
+    }
+
+    /// Starts the client for `seconds`; its JSON report goes to `out`.
+    pub fn client(&self, seconds: f64, out: &Path) -> anyhow::Result<Proc> {
+        spawn_in(
+            &self.topo,
+            Host::Client,
+            "client",
+            &[
+                "client".into(),
+                "--addr".into(),
+                format!("{}:80", self.topo.vm_addr()),
+                "--seconds".into(),
+                seconds.to_string(),
+            ],
+            out,
+        )
+    }
+}
+
+/// Reads the last JSON line a client wrote.
+pub fn client_report(out: &Path) -> serde_json::Value {
+    std::fs::read_to_string(out)
+        .ok()
+        .and_then(|s| s.lines().last().and_then(|l| serde_json::from_str(l).ok()))
+        .unwrap_or(serde_json::Value::Null)
+}
+
+fn agent_args(
+    topo: &Topology,
+    o: &DeployOpts,
+    node: u32,
+    host: Host,
+    peer: Host,
+    peer_node: u32,
+    dir: &str,
+) -> Vec<String> {
+    let mut a: Vec<String> = vec![
+        "--node".into(),
+        node.to_string(),
+        "--listen".into(),
+        format!("{}:7000", topo.addr(host)),
+        "--peer".into(),
+        format!("{peer_node}={}:7000", topo.addr(peer)),
+        "--witness".into(),
+        format!("{}:7100", topo.addr(Host::Switch)),
+        "--guest-dir".into(),
+        o.guest_dir.display().to_string(),
+        "--ram-mb".into(),
+        o.ram_mb.to_string(),
+        "--accel".into(),
+        o.accel.clone(),
+        "--vm-ip".into(),
+        format!("{}/24", topo.vm_addr()),
+        "--dirty-pages".into(),
+        o.dirty_pages.to_string(),
+        "--state-dir".into(),
+        o.work_dir.join(dir).display().to_string(),
+        "--tap".into(),
+        topo.tap_name().into(),
+        "--epoch-ms".into(),
+        o.epoch_ms.to_string(),
+        "--transport".into(),
+        o.transport.clone(),
+        "--failure-timeout-ms".into(),
+        o.failure_timeout_ms.to_string(),
+        "--verbose".into(),
+    ];
+    if let Some(c) = &o.capture {
+        a.push("--capture".into());
+        a.push(c.clone());
+    }
+    if let Some(k) = o.verify_every {
+        a.push("--verify-every".into());
+        a.push(k.to_string());
+    }
+    a
+}
+
+/// Compares the RAM digests both hosts recorded; returns how many checkpoints were compared.
+pub fn compare_digests(pdir: &Path, bdir: &Path) -> anyhow::Result<usize> {
+    let read = |dir: &Path| -> std::collections::BTreeMap<(u64, u64), u64> {
+        std::fs::read_to_string(dir.join("replica/verify.jsonl"))
+            .unwrap_or_default()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+            .filter_map(|v| {
+                Some((
+                    (v["generation"].as_u64()?, v["epoch"].as_u64()?),
+                    v["digest"].as_u64()?,
+                ))
+            })
+            .collect()
+    };
+    let (p, b) = (read(pdir), read(bdir));
+    let mut n = 0;
+    for (key, d) in &p {
+        if let Some(bd) = b.get(key) {
+            if bd != d {
+                bail!(
+                    "replica differs from the primary's RAM at generation {} epoch {}",
+                    key.0,
+                    key.1
+                );
+            }
+            n += 1;
+        }
+    }
+    Ok(n)
+}
