@@ -128,7 +128,9 @@ wait_ready() {
     fi
     sleep 0.02
   done
-  result="no $marker within ${timeout_s}s; last console line: $(tail -n 1 "$serial" 2>/dev/null | tr -d '\r' | cut -c 1-160)"
+  local last
+  last=$(tail -n 1 "$serial" 2>/dev/null | tr -d '\r' | cut -c 1-160)
+  result="no $marker within ${timeout_s}s; last console line: ${last:-none (quiet kernel: hung before /init)}"
 }
 
 # Checks the service through the forwarded port. Prints nothing if fine, else the failure.
@@ -154,10 +156,11 @@ check_service() {
   out=$(curl -sS --max-time 10 "$base/status") || { echo "curl /status failed"; return 0; }
   w1=$(echo "$out" | sed -n 's/^dirty_written=//p')
   t1=$(echo "$out" | sed -n 's/^uptime=//p')
-  # 2000 pages/s for the guest's elapsed time; allow for ticks in flight.
+  # 2000 pages/s for the guest's elapsed time. A starved vCPU may lag (the dirtier drops backlog
+  # over 1 s) or catch up a backlog from before the first sample (at most 1 s = 2000 pages).
   local want
   want=$(awk -v a="$t0" -v b="$t1" 'BEGIN { printf "%d", (b - a) * 2000 }')
-  if ((w1 - w0 < want * 9 / 10 || w1 - w0 > want * 11 / 10 + 50)); then
+  if ((w1 - w0 < want / 2 || w1 - w0 > want + 2000 + 50)); then
     echo "dirtier wrote $((w1 - w0)) pages in $t0..$t1 s of guest time, want ~$want"
     return 0
   fi

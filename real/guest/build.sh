@@ -26,8 +26,9 @@ root_modules=(virtio_mmio virtio_net)
 # Default kernel arguments (tsc_early_khz=<this host's TSC rate> is added at build time, see
 # tools/tsc-khz.c). tsc=reliable keeps the clocksource watchdog from swapping the TSC for
 # jiffies, which lose ticks under TCG. The rest only shortens the boot (~15% of its CPU time):
-# no crypto self-tests, no audit, no LSMs — nothing this throwaway guest needs.
-cmdline="console=ttyS0 quiet panic=-1 tsc=reliable cryptomgr.notests audit=0 apparmor=0 security=none"
+# no crypto self-tests, no audit, no LSMs — nothing this throwaway guest needs. pci=off: microvm
+# has no PCI; it only silences a "PCI: Fatal" line.
+cmdline="console=ttyS0 quiet panic=-1 pci=off tsc=reliable cryptomgr.notests audit=0 apparmor=0 security=none"
 
 log() { echo "guest-build: $*" >&2; }
 die() {
@@ -170,6 +171,9 @@ dev_archive() {
 # lz4: Debian 12's kernels are LZ4-compressed bzImages (see extract_pvh_kernel); binutils: readelf.
 ensure_packages busybox-static cpio gcc libc6-dev binutils lz4
 resolve_kernel
+kernel_format_wanted=${FTVM_GUEST_KERNEL_FORMAT:-pvh}
+[[ $kernel_format_wanted == pvh || $kernel_format_wanted == bzimage ]] ||
+  die "FTVM_GUEST_KERNEL_FORMAT must be pvh or bzimage, not '$kernel_format_wanted'"
 busybox=$(dpkg -L busybox-static | grep -m 1 '/busybox$') || die "busybox-static has no busybox binary"
 
 key=$(
@@ -178,7 +182,7 @@ key=$(
     for d in service tools; do
       (cd "$here/$d" && for f in $(ls | LC_ALL=C sort); do echo "== $d/$f"; cat "$f"; done)
     done
-    echo "kernel $kernel_pkg $kernel_version"
+    echo "kernel $kernel_pkg $kernel_version $kernel_format_wanted"
     echo "busybox-static $(pkg_version busybox-static)"
     echo "gcc $(gcc -dumpfullversion) libc6-dev $(pkg_version libc6-dev)"
   } | sha256sum | cut -c 1-16
@@ -222,7 +226,7 @@ vmlinuz=$(find "$work/kernel/boot" -name 'vmlinuz-*' | head -n 1)
 [[ -n $vmlinuz ]] || die "$deb has no /boot/vmlinuz-*"
 moddir=$(find "$work/kernel/lib/modules" -mindepth 1 -maxdepth 1 -type d | head -n 1)
 [[ -n $moddir ]] || die "$deb has no /lib/modules/<version>"
-if [[ ${FTVM_GUEST_KERNEL_FORMAT:-pvh} == pvh ]] && extract_pvh_kernel "$vmlinuz" "$dest/vmlinuz"; then
+if [[ $kernel_format_wanted == pvh ]] && extract_pvh_kernel "$vmlinuz" "$dest/vmlinuz"; then
   kernel_format="ELF vmlinux (PVH entry)"
 else
   cp "$vmlinuz" "$dest/vmlinuz"
