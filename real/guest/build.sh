@@ -180,7 +180,7 @@ key=$(
   {
     cat "$here/build.sh" "$here/init.sh"
     for d in service tools; do
-      (cd "$here/$d" && for f in $(ls | LC_ALL=C sort); do echo "== $d/$f"; cat "$f"; done)
+      (cd "$here/$d" && for f in $(find . -maxdepth 1 -type f | LC_ALL=C sort); do echo "== $d/$f"; cat "$f"; done)
     done
     echo "kernel $kernel_pkg $kernel_version $kernel_format_wanted"
     echo "busybox-static $(pkg_version busybox-static)"
