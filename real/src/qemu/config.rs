@@ -165,7 +165,7 @@ impl QemuConfig {
 
     /// Checks the configuration and the files it names; returns the binary's full path.
     pub fn validate(&self) -> Result<PathBuf> {
-        if self.ram_bytes == 0 || self.ram_bytes % MIB != 0 {
+        if self.ram_bytes == 0 || !self.ram_bytes.is_multiple_of(MIB) {
             return Err(QemuError::InvalidConfig(format!(
                 "RAM size {} is not a positive multiple of 1 MiB",
                 self.ram_bytes

@@ -68,6 +68,10 @@ pub enum QemuError {
     /// A migration (device-state capture or restore) ended in a state other than `completed`.
     #[error("migration {0}")]
     MigrationFailed(String),
+    /// QEMU's stream netdev failed to connect to the agent's socket. QEMU 7.2 keeps running
+    /// without a network in that case and never retries.
+    #[error("QEMU netdev could not connect to {0:?} (is the agent listening?)")]
+    NetdevNotConnected(PathBuf),
     /// Every boot attempt failed; the last reason is attached.
     #[error("guest did not boot in {tries} tries; last: {last_reason}")]
     BootFailed {

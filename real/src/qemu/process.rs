@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use tokio::process::Command;
 use tokio::sync::{oneshot, watch};
 
-use super::config::QemuConfig;
+use super::config::{NetBackend, NetConfig, QemuConfig};
 use super::devstate;
 use super::error::{QemuError, Result};
 use super::qmp::{Qmp, VmStatus, DEFAULT_TIMEOUT};
@@ -22,6 +22,9 @@ const QMP_STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// How long to wait for the exit status once QMP reported the connection gone.
 const EXIT_GRACE: Duration = Duration::from_secs(2);
+
+/// How long the stream netdev may take to connect to the agent.
+const NETDEV_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Lines of stderr quoted in [`QemuError::Died`].
 const STDERR_TAIL_LINES: usize = 4;
@@ -137,14 +140,68 @@ impl Qemu {
                 return Err(died_or(e, pid, &config, &exit, false));
             }
         };
-        Ok(Qemu {
+        let mut qemu = Qemu {
             pid,
             config,
             qmp,
             exit,
             kill_tx: Some(kill_tx),
             killed_by_us: false,
-        })
+        };
+        if let Some(NetConfig {
+            backend: NetBackend::Stream { socket },
+            ..
+        }) = &qemu.config.net
+        {
+            let socket = socket.clone();
+            qemu.wait_netdev_connected(&socket).await?;
+        }
+        Ok(qemu)
+    }
+
+    /// Waits until the stream netdev reports its connection (`...,type=stream,unix:PATH`;
+    /// blank while connecting, `connection error` on failure). QEMU 7.2 prints nothing on
+    /// stderr and runs on with a dead network when the connect fails: refuse that here.
+    async fn wait_netdev_connected(&mut self, socket: &std::path::Path) -> Result<()> {
+        let start = Instant::now();
+        loop {
+            let info = self.netdev_info().await?;
+            if info.contains("connection error") {
+                let _ = self.kill().await;
+                return Err(QemuError::NetdevNotConnected(socket.to_path_buf()));
+            }
+            if info.contains("unix:") {
+                return Ok(());
+            }
+            if start.elapsed() > NETDEV_CONNECT_TIMEOUT {
+                let _ = self.kill().await;
+                return Err(QemuError::Timeout {
+                    what: format!("netdev to connect to {socket:?} (state {info:?})"),
+                    after: NETDEV_CONNECT_TIMEOUT,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    /// QEMU's description of the guest's netdev (`n0`) from `info network`, e.g.
+    /// `index=0,type=stream,connection error` or `index=0,type=user,net=10.0.2.0,...`.
+    pub async fn netdev_info(&mut self) -> Result<String> {
+        let r = self
+            .qmp
+            .execute(
+                "human-monitor-command",
+                Some(serde_json::json!({"command-line": "info network"})),
+            )
+            .await;
+        let text = self.explain(r).await?;
+        let text = text.as_str().unwrap_or_default();
+        Ok(text
+            .lines()
+            .find_map(|l| l.trim_start_matches([' ', '\\']).strip_prefix("n0: "))
+            .unwrap_or_default()
+            .trim()
+            .to_owned())
     }
 
     /// Starts the same machine waiting for a device-state restore (`-incoming defer`).

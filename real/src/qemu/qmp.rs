@@ -55,8 +55,8 @@ pub struct Qmp {
     version: String,
     /// Set when a write was cut short: the stream may hold half a command.
     broken: bool,
-    /// `x-ignore-shared` already enabled on this QEMU.
-    pub(crate) ignore_shared_on: bool,
+    /// Migration capabilities `x-ignore-shared` and `events` already enabled on this QEMU.
+    pub(crate) migration_caps_on: bool,
 }
 
 impl Qmp {
@@ -78,7 +78,7 @@ impl Qmp {
             timeout,
             version: String::new(),
             broken: false,
-            ignore_shared_on: false,
+            migration_caps_on: false,
         };
         let greeting = with_timeout("QMP greeting", timeout, qmp.read_message()).await?;
         let v = greeting
@@ -174,7 +174,7 @@ impl Qmp {
         with_timeout(&what, timeout, async {
             loop {
                 if let Some(pos) = self.events.iter().position(|e| e.name == name) {
-                    let ev = self.events.drain(..=pos).last();
+                    let ev = self.events.drain(..=pos).next_back();
                     return ev.ok_or_else(|| QemuError::Protocol("event queue raced".into()));
                 }
                 let msg = self.read_message().await?;
@@ -190,6 +190,20 @@ impl Qmp {
         args: Option<Value>,
         fd: Option<BorrowedFd<'_>>,
     ) -> Result<Value> {
+        let id = self.send_command(command, args, fd).await?;
+        self.recv_reply(command, id).await
+    }
+
+    /// Sends a command without waiting for its answer; returns its id for [`Qmp::recv_reply`].
+    /// Several commands may be in flight: QEMU answers them in order. (Without OOB, QEMU's
+    /// monitor stops reading while a command is queued, so an fd sent with one command cannot
+    /// be dropped by the read of the next.)
+    pub(crate) async fn send_command(
+        &mut self,
+        command: &str,
+        args: Option<Value>,
+        fd: Option<BorrowedFd<'_>>,
+    ) -> Result<u64> {
         if self.broken {
             return Err(QemuError::Protocol(
                 "connection unusable after a command was cut off mid-write".into(),
@@ -212,24 +226,54 @@ impl Qmp {
         bytes.push(b'\n');
 
         let timeout = self.timeout;
-        let what = format!("QMP {command}");
-        // The write is guarded separately: a timeout there leaves half a command in the stream.
+        // A write cut short leaves half a command in the stream: the connection is unusable.
         let written = tokio::time::timeout(timeout, self.write_command(&bytes, fd)).await;
         match written {
             Err(_) => {
                 self.broken = true;
-                return Err(QemuError::Timeout {
-                    what,
+                Err(QemuError::Timeout {
+                    what: format!("QMP {command} to be sent"),
                     after: timeout,
-                });
+                })
             }
             Ok(Err(e)) => {
                 self.broken = true;
-                return Err(e);
+                Err(e)
             }
-            Ok(Ok(())) => {}
+            Ok(Ok(())) => Ok(id),
         }
-        with_timeout(&what, timeout, self.read_reply(command, id)).await
+    }
+
+    /// Waits for the answer to command `id` sent by [`Qmp::send_command`].
+    pub(crate) async fn recv_reply(&mut self, command: &str, id: u64) -> Result<Value> {
+        let what = format!("QMP {command}");
+        with_timeout(&what, self.timeout, self.read_reply(command, id)).await
+    }
+
+    /// Waits for the first event (queued or new) that `pred` accepts and removes it from the
+    /// queue; other events stay queued.
+    pub(crate) async fn wait_event_where(
+        &mut self,
+        what: &str,
+        timeout: Duration,
+        pred: impl Fn(&QmpEvent) -> bool,
+    ) -> Result<QmpEvent> {
+        with_timeout(what, timeout, async {
+            loop {
+                if let Some(pos) = self.events.iter().position(&pred) {
+                    let ev = self.events.remove(pos);
+                    return ev.ok_or_else(|| QemuError::Protocol("event queue raced".into()));
+                }
+                let msg = self.read_message().await?;
+                self.dispatch_unsolicited(msg)?;
+            }
+        })
+        .await
+    }
+
+    /// Drops queued events named `name`.
+    pub(crate) fn discard_events(&mut self, name: &str) {
+        self.events.retain(|e| e.name != name);
     }
 
     async fn write_command(&mut self, bytes: &[u8], fd: Option<BorrowedFd<'_>>) -> Result<()> {
