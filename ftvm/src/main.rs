@@ -12,6 +12,7 @@ mod bench_e2e;
 mod client_cmd;
 mod demo_cmd;
 mod deploy;
+mod scenario_cmd;
 mod vm_cmd;
 mod witness_cmd;
 
@@ -38,6 +39,8 @@ enum Command {
     Demo(demo_cmd::Args),
     /// Boot the demo guest unprotected, its network straight on a tap (the benchmark baseline).
     Vm(vm_cmd::Args),
+    /// Run a scenario file on real hosts (`--real`) or once in the simulator.
+    Scenario(scenario_cmd::Args),
     /// Benchmarks (JSON + Markdown).
     Bench(bench_cmd::Args),
     /// Drive the demo guest's counter service and report what a client saw (JSON on stdout).
@@ -54,6 +57,7 @@ fn main() {
         Command::Client(args) => client_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),
         Command::Vm(args) => vm_cmd::run(args),
+        Command::Scenario(args) => scenario_cmd::run(args),
     };
     match result {
         Ok(code) => std::process::exit(code),

@@ -221,6 +221,35 @@ impl Topology {
         Ok(())
     }
 
+    /// Blocks (`up == false`) or unblocks host-to-host traffic from `from` to `to` with a
+    /// blackhole route in `from`'s namespace (VM traffic is bridged and unaffected).
+    pub fn set_route(&self, from: Host, to: Host, up: bool) -> Result<(), TopologyError> {
+        let verb = if up { "del" } else { "add" };
+        let dst = format!("{}/32", self.addr(to));
+        match ip(&["-n", &self.ns(from), "route", verb, "blackhole", &dst]) {
+            // Deleting a route that is not there, or adding one twice, changes nothing.
+            Err(TopologyError::Command { stderr, .. })
+                if stderr.contains("No such process") || stderr.contains("File exists") =>
+            {
+                Ok(())
+            }
+            r => r,
+        }
+    }
+
+    /// Removes every blackhole route set by [`Topology::set_route`] or
+    /// [`Topology::set_pair_link`].
+    pub fn clear_routes(&self) -> Result<(), TopologyError> {
+        for from in [Host::Primary, Host::Backup, Host::Switch] {
+            for to in [Host::Primary, Host::Backup, Host::Switch, Host::Client] {
+                if from != to {
+                    self.set_route(from, to, true)?;
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// Leaves the namespaces in place when dropped (for debugging a failed run).
     pub fn keep(&mut self) {
         self.keep = true;
