@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 use ftvm_model::{Config, NodeId, Start, VmId};
+use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::netio::NetIo;
 use ftvm_real::agent::qemu_vm::{QemuLauncher, Tracking};
 use ftvm_real::agent::{Agent, AgentConfig, AgentExit};
@@ -76,6 +77,10 @@ pub struct Args {
     /// Checkpoint transport: copy, msg-zerocopy, uring-zc or auto.
     #[arg(long, default_value = "copy")]
     transport: String,
+    /// Checkpoint capture: paused-send (VM paused while pages go out from guest RAM) or staged
+    /// (pages copied while paused, sent while the VM runs).
+    #[arg(long, default_value = "staged")]
+    capture: String,
     /// Dirty-page tracking: pagemap (userfaultfd + PAGEMAP_SCAN) or hash (cross-check).
     #[arg(long, default_value = "pagemap")]
     tracking: String,
@@ -136,6 +141,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
     }
     let accel: Accel = args.accel.parse().context("--accel")?;
     let transport: TransportKind = args.transport.parse().context("--transport")?;
+    let capture: CaptureMode = args.capture.parse().context("--capture")?;
     let tracking: Tracking = args
         .tracking
         .parse()
@@ -218,6 +224,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         replica_dir: args.state_dir.join("replica"),
         replica_ram,
         transport,
+        capture,
         metrics: Some(args.state_dir.join("metrics.jsonl")),
         status_file: Some(args.state_dir.join("status.json")),
         verbose: args.verbose,

@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ftvm_model::{Config, NodeId, Start, VmId};
+use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::mem_vm::{MemLauncher, MemRam};
 use ftvm_real::agent::{witness, Agent, AgentConfig};
 use ftvm_real::transport::TransportKind;
@@ -63,6 +64,7 @@ fn host(
             replica_dir: d.join("replica"),
             replica_ram: d.join("replica.ram"),
             transport: TransportKind::Copy,
+            capture: CaptureMode::Staged,
             metrics: Some(d.join("metrics.jsonl")),
             status_file: Some(d.join("status.json")),
             verbose: true,

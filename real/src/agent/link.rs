@@ -5,22 +5,27 @@
 
 use std::io::{IoSlice, Read};
 use std::net::{Shutdown, TcpStream};
-use std::sync::mpsc;
+use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
-use ftvm_model::wire::{self, CheckpointEncoder, CheckpointMeta, Expect, Item, StreamDecoder};
+use ftvm_model::wire::{
+    self, CheckpointEncoder, CheckpointMeta, CheckpointPrefix, Expect, Item, StreamDecoder,
+    RECORD_HEADER_LEN, TRAILER_LEN,
+};
 use ftvm_model::{Epoch, Generation, PeerMsg, VmId};
 use tokio::sync::mpsc::UnboundedSender;
 
 use super::event::{ConnId, Event};
+use crate::dirty::GuestRam;
 use crate::replica::StagedCheckpoint;
-use crate::transport::{self, TransportKind, TransportOptions};
+use crate::transport::{self, Transport, TransportKind, TransportOptions};
 
 /// Something to send on a link.
 pub enum Outgoing {
     /// A control message.
     Peer(PeerMsg),
-    /// A captured checkpoint; the buffer comes back in [`Event::CheckpointSent`].
+    /// A captured checkpoint with its pages in the staging buffer; the buffer comes back in
+    /// [`Event::CheckpointSent`].
     Checkpoint {
         /// Generation for the frame header.
         generation: Generation,
@@ -29,6 +34,55 @@ pub enum Outgoing {
         /// Pages and device state.
         staged: StagedCheckpoint,
     },
+    /// A checkpoint whose pages are sent straight from guest RAM (paused-send).
+    PausedSend(PausedPages),
+}
+
+impl Outgoing {
+    /// The checkpoint buffer inside, for reuse when the link refused it.
+    pub fn into_staged(self) -> Option<StagedCheckpoint> {
+        match self {
+            Outgoing::Peer(_) => None,
+            Outgoing::Checkpoint { staged, .. } => Some(staged),
+            Outgoing::PausedSend(p) => Some(p.staged),
+        }
+    }
+}
+
+/// A checkpoint of a paused VM whose pages are read from the guest RAM mapping at send time.
+/// `staged` holds the page indices and the device state (its `data` is unused); it comes back
+/// in [`Event::CheckpointSent`].
+pub struct PausedPages {
+    generation: Generation,
+    full: bool,
+    staged: StagedCheckpoint,
+    ram: Arc<GuestRam>,
+}
+
+impl PausedPages {
+    /// A checkpoint of the pages `staged.indices` of `ram`.
+    ///
+    /// # Safety
+    /// Those pages must not change from now until the link reports this checkpoint done:
+    /// [`Event::CheckpointSent`] for its epoch (the writer sends it only after the transport
+    /// released every buffer), or the link is gone ([`Event::LinkClosed`], or its [`Link`]
+    /// dropped, which shuts the socket down). In practice: the VM stays paused until then. A
+    /// change earlier ships bytes the checkpoint's checksum does not cover, so the backup
+    /// rejects the frame; this process's memory is not at risk either way (the mapping is kept
+    /// alive by the `Arc`).
+    pub unsafe fn new(
+        generation: Generation,
+        full: bool,
+        staged: StagedCheckpoint,
+        ram: Arc<GuestRam>,
+    ) -> PausedPages {
+        PausedPages {
+            generation,
+            full,
+            staged,
+            ram,
+        }
+    }
 }
 
 /// The agent's handle on a link. Dropping it closes the connection.
@@ -41,7 +95,13 @@ impl Link {
     /// Queues `out` for the writer thread. A closed link drops it silently: the reader reports
     /// the closure.
     pub fn send(&self, out: Outgoing) {
-        let _ = self.tx.send(out);
+        let _ = self.try_send(out);
+    }
+
+    /// Queues `out` for the writer thread, or gives it back if the writer is gone (then no
+    /// event will ever report on it; a [`Event::LinkClosed`] was or will be sent).
+    pub fn try_send(&self, out: Outgoing) -> Result<(), Outgoing> {
+        self.tx.send(out).map_err(|e| e.0)
     }
 }
 
@@ -79,6 +139,14 @@ pub fn spawn(
     Ok(())
 }
 
+/// The small buffers of a checkpoint frame that a transport may read until release. They live
+/// in the writer, outside [`serve`], so they outlive the transport on every path.
+struct FrameBufs {
+    prefix: CheckpointPrefix,
+    records: Vec<[u8; RECORD_HEADER_LEN]>,
+    trailer: [u8; TRAILER_LEN],
+}
+
 fn writer(
     stream: TcpStream,
     conn: ConnId,
@@ -88,100 +156,181 @@ fn writer(
     rx: mpsc::Receiver<Outgoing>,
     events: UnboundedSender<Event>,
 ) {
-    let closed = |why: String| {
-        let _ = events.send(Event::LinkClosed { conn, why });
+    let mut bufs = FrameBufs {
+        prefix: [0; std::mem::size_of::<CheckpointPrefix>()],
+        records: Vec::new(),
+        trailer: [0; TRAILER_LEN],
     };
-    let mut t = match transport::open(kind, stream, TransportOptions::default()) {
-        Ok(t) => t,
-        Err(e) => return closed(format!("transport: {e}")),
+    let why = match transport::open(kind, stream, TransportOptions::default()) {
+        Ok(t) => serve(t, vm, page_size, &rx, &events, &mut bufs),
+        Err(e) => format!("transport: {e}"),
     };
+    // Only now, with the transport dropped (it waits for outstanding releases), may the loop
+    // treat this link's buffers as free.
+    let _ = events.send(Event::LinkClosed { conn, why });
+}
+
+/// Drops the transport — waiting (bounded) for its outstanding releases — before the caller's
+/// buffers go away, and returns why the link ends.
+fn fail(t: Box<dyn Transport>, why: String) -> String {
+    drop(t);
+    why
+}
+
+/// Sends what the loop queues until the link fails or the loop drops it; returns why it ended.
+fn serve(
+    mut t: Box<dyn Transport>,
+    vm: VmId,
+    page_size: u32,
+    rx: &mpsc::Receiver<Outgoing>,
+    events: &UnboundedSender<Event>,
+    bufs: &mut FrameBufs,
+) -> String {
     while let Ok(out) = rx.recv() {
-        match out {
+        let (generation, full, staged, ram) = match out {
             Outgoing::Peer(msg) => {
                 let frame = wire::encode_peer(vm, &msg);
                 if let Err(e) = t.send_and_wait(&[IoSlice::new(&frame)]) {
-                    return closed(format!("send: {e}"));
+                    return fail(t, format!("send: {e}"));
                 }
+                continue;
             }
             Outgoing::Checkpoint {
                 generation,
                 full,
                 staged,
-            } => {
-                let started = Instant::now();
-                match send_checkpoint(t.as_mut(), vm, generation, full, page_size, &staged) {
-                    Ok(bytes) => {
-                        let _ = events.send(Event::CheckpointSent {
-                            epoch: Epoch(staged.epoch),
-                            bytes,
-                            send_us: started.elapsed().as_micros() as u64,
-                            stats: t.stats(),
-                            staged,
-                        });
-                    }
-                    Err(e) => return closed(format!("checkpoint send: {e}")),
-                }
+            } => (generation, full, staged, None),
+            Outgoing::PausedSend(p) => (p.generation, p.full, p.staged, Some(p.ram)),
+        };
+        let pages = match &ram {
+            None => Pages::Staged(&staged.data),
+            Some(ram) => Pages::Ram(ram),
+        };
+        let started = Instant::now();
+        let frame = Frame {
+            vm,
+            generation,
+            full,
+            page_size,
+        };
+        match send_checkpoint(t.as_mut(), &frame, &staged, pages, bufs) {
+            Ok(bytes) => {
+                // Everything is released: the buffer may be reused and the VM may run.
+                drop(ram);
+                let _ = events.send(Event::CheckpointSent {
+                    epoch: Epoch(staged.epoch),
+                    bytes,
+                    send_us: started.elapsed().as_micros() as u64,
+                    stats: t.stats(),
+                    staged,
+                });
             }
+            // `staged` and `ram` are dropped after the transport.
+            Err(e) => return fail(t, format!("checkpoint send: {e}")),
+        }
+    }
+    "dropped by the agent".to_string()
+}
+
+/// Where a checkpoint's page contents are.
+enum Pages<'a> {
+    /// Copied into the staging buffer, in the order of the indices.
+    Staged(&'a [u8]),
+    /// In guest RAM, held still by the paused VM ([`PausedPages::new`]).
+    Ram(&'a GuestRam),
+}
+
+impl Pages<'_> {
+    /// The `i`-th page of the checkpoint, whose index is `index`.
+    fn get(&self, i: usize, index: u64, ps: usize) -> Result<&[u8], String> {
+        match self {
+            Pages::Staged(data) => data
+                .get(i * ps..(i + 1) * ps)
+                .ok_or_else(|| "staged page data shorter than its index list".to_string()),
+            Pages::Ram(ram) => ram
+                .page(index)
+                .filter(|p| p.len() == ps)
+                .ok_or_else(|| format!("page {index} is not a {ps}-byte page of guest RAM")),
         }
     }
 }
 
-/// Sends one checkpoint frame: prefix, page records pointing into the staging buffer, device
-/// state, trailer — as few vectored calls as the transport allows. Returns bytes sent.
-fn send_checkpoint(
-    t: &mut dyn transport::Transport,
+/// The frame header fields of a checkpoint.
+struct Frame {
     vm: VmId,
     generation: Generation,
     full: bool,
     page_size: u32,
+}
+
+/// Sends one checkpoint frame — prefix, page records each followed by its page, device state,
+/// trailer — as a pipeline of vectored sends, then waits until the transport released all of
+/// it. Returns bytes sent. On error the transport is broken and must be dropped before the page
+/// memory and `bufs` are released (see [`fail`]).
+fn send_checkpoint(
+    t: &mut dyn Transport,
+    frame: &Frame,
     staged: &StagedCheckpoint,
+    pages: Pages<'_>,
+    bufs: &mut FrameBufs,
 ) -> Result<u64, String> {
-    let ps = page_size as usize;
+    let ps = frame.page_size as usize;
+    let n = staged.indices.len();
     let meta = CheckpointMeta {
         epoch: Epoch(staged.epoch),
-        full,
-        page_size,
-        page_count: staged.indices.len() as u64,
+        full: frame.full,
+        page_size: frame.page_size,
+        page_count: n as u64,
         device_len: staged.device.len() as u64,
     };
     let bytes = meta.frame_len().ok_or("checkpoint too large")?;
     let (mut enc, prefix) =
-        CheckpointEncoder::new(vm, generation, meta).map_err(|e| e.to_string())?;
-    t.send_and_wait(&[IoSlice::new(&prefix)])
-        .map_err(|e| e.to_string())?;
+        CheckpointEncoder::new(frame.vm, frame.generation, meta).map_err(|e| e.to_string())?;
+    bufs.prefix = prefix;
+    // Every record gets its own slot, written once before it is sent and never moved while the
+    // frame is in flight (the vector is sized here, before the first send).
+    bufs.records.clear();
+    bufs.records.resize(n, [0; RECORD_HEADER_LEN]);
+    let send = |t: &mut dyn Transport, segs: &[IoSlice<'_>]| {
+        // SAFETY: every segment points into memory that stays mapped and unchanged until the
+        // wait_released below (or, on error, until the transport is dropped, which `serve`
+        // does before releasing anything): `bufs` is owned by the writer and each slot is written
+        // only before its own send; the staging buffer is owned by this frame's `Outgoing`; guest
+        // RAM pages are held still by the paused VM, as `PausedPages::new` requires of its
+        // caller, and mapped as long as the `Outgoing`'s `Arc<GuestRam>` lives.
+        unsafe { t.send(segs) }.map_err(|e| e.to_string())
+    };
+    send(t, &[IoSlice::new(&bufs.prefix)])?;
     // Pages go out in batches as the checksum runs over them, so bytes start flowing at once
-    // (the receiver counts them as signs of life) instead of after a pass over every page.
-    let mut records = Vec::with_capacity(PAGES_PER_BATCH);
-    for (b, batch) in staged.indices.chunks(PAGES_PER_BATCH).enumerate() {
-        records.clear();
-        let first = b * PAGES_PER_BATCH;
-        for (i, &index) in batch.iter().enumerate() {
-            let page = page_at(staged, first + i, ps)?;
-            records.push(enc.page(index, page).map_err(|e| e.to_string())?);
+    // (the receiver counts them as signs of life) instead of after a pass over every page; no
+    // batch waits for the previous one to be released.
+    for first in (0..n).step_by(PAGES_PER_BATCH) {
+        let last = (first + PAGES_PER_BATCH).min(n);
+        for i in first..last {
+            let index = staged.indices[i];
+            bufs.records[i] = enc
+                .page(index, pages.get(i, index, ps)?)
+                .map_err(|e| e.to_string())?;
         }
-        let mut segs = Vec::with_capacity(2 * batch.len());
-        for (i, rec) in records.iter().enumerate() {
-            segs.push(IoSlice::new(rec));
-            segs.push(IoSlice::new(page_at(staged, first + i, ps)?));
+        let mut segs = Vec::with_capacity(2 * (last - first));
+        for i in first..last {
+            segs.push(IoSlice::new(&bufs.records[i]));
+            segs.push(IoSlice::new(pages.get(i, staged.indices[i], ps)?));
         }
-        t.send_and_wait(&segs).map_err(|e| e.to_string())?;
+        send(t, &segs)?;
     }
     enc.device(&staged.device).map_err(|e| e.to_string())?;
-    let trailer = enc.finish().map_err(|e| e.to_string())?;
-    t.send_and_wait(&[IoSlice::new(&staged.device), IoSlice::new(&trailer)])
-        .map_err(|e| e.to_string())?;
+    bufs.trailer = enc.finish().map_err(|e| e.to_string())?;
+    let last = send(
+        t,
+        &[IoSlice::new(&staged.device), IoSlice::new(&bufs.trailer)],
+    )?;
+    t.wait_released(last).map_err(|e| e.to_string())?;
     Ok(bytes)
 }
 
 /// Pages per vectored send of a checkpoint (2 iovecs each, within IOV_MAX).
 const PAGES_PER_BATCH: usize = 256;
-
-fn page_at(staged: &StagedCheckpoint, i: usize, ps: usize) -> Result<&[u8], String> {
-    staged
-        .data
-        .get(i * ps..(i + 1) * ps)
-        .ok_or_else(|| "staged page data shorter than its index list".to_string())
-}
 
 /// Minimum spacing of `Heard` events: liveness needs no more.
 const HEARD_EVERY: Duration = Duration::from_millis(5);

@@ -1,19 +1,35 @@
-//! An in-memory VM for agent tests: RAM is a byte vector, a "guest" task rewrites random pages
-//! while the VM runs, and every write marks its page dirty. It stands in for QEMU so the agent's
-//! protocol plumbing (links, witness, replica, failover) can be tested in seconds.
+//! An in-memory VM for agent tests. Its RAM is a memfd mapped twice, like QEMU's guest RAM file:
+//! writable for its "guest" (a thread that rewrites random pages while the VM runs, marking each
+//! page dirty) and read-only as the [`GuestRam`] the agent sends pages from in paused-send mode.
+//! It stands in for QEMU so the agent's protocol plumbing (links, witness, replica, failover,
+//! capture modes) can be tested in seconds.
+//!
+//! Pausing is exact: the guest writes only while holding the state lock and seeing `running`, so
+//! once [`Vm::pause`] returned no guest write happens until [`Vm::resume`].
 
 use std::collections::BTreeSet;
+use std::fs::File;
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use rand::{Rng, SeedableRng};
 
+use super::capture::CaptureMode;
 use super::vm::{CaptureStats, RestorePoint, Vm, VmError, VmLauncher};
+use crate::dirty::{GuestRam, GuestRamMut};
 use crate::replica::StagedCheckpoint;
+
+/// Guest writes per turn of the state lock: short enough that a pause never waits long.
+const WRITES_PER_LOCK: u32 = 16;
 
 #[derive(Debug)]
 struct State {
-    ram: Vec<u8>,
+    /// The guest's writable view of RAM.
+    ram: GuestRamMut,
     dirty: BTreeSet<u64>,
     running: bool,
     /// Test knob: the guest stops writing (the VM keeps running).
@@ -23,104 +39,207 @@ struct State {
     writes: u64,
 }
 
+#[derive(Debug)]
+struct Shared {
+    state: Mutex<State>,
+    /// Hint for the guest thread: `running && !frozen && !dead`. It is re-checked under the lock;
+    /// it only keeps an idle guest from taking the lock (and a pause from queueing behind it).
+    active: AtomicBool,
+    /// Read-only view of the same RAM, for the agent's sender.
+    ram: Arc<GuestRam>,
+}
+
+impl Shared {
+    /// Runs `f` on the state. The guest is told to stand back first: a thread that re-takes a
+    /// lock right after releasing it would otherwise starve a pause on a busy machine.
+    fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> Result<T, VmError> {
+        self.active.store(false, Ordering::Release);
+        let mut s = self
+            .state
+            .lock()
+            .map_err(|_| VmError::Died("state poisoned".into()))?;
+        let r = f(&mut s);
+        self.active
+            .store(s.running && !s.frozen && !s.dead, Ordering::Release);
+        Ok(r)
+    }
+}
+
 /// Shared view of an in-memory VM's RAM (for tests to compare against the replica).
 #[derive(Clone, Debug)]
-pub struct MemRam(Arc<Mutex<State>>);
+pub struct MemRam(Arc<Shared>);
 
 impl MemRam {
     /// A copy of guest RAM.
     pub fn snapshot(&self) -> Vec<u8> {
-        self.0.lock().map(|s| s.ram.clone()).unwrap_or_default()
+        self.0
+            .with(|s| s.ram.as_slice().to_vec())
+            .unwrap_or_default()
     }
 
     /// Stops (or restarts) the guest's writes, so RAM holds still for a comparison.
     pub fn set_frozen(&self, frozen: bool) {
-        if let Ok(mut s) = self.0.lock() {
-            s.frozen = frozen;
-        }
+        let _ = self.0.with(|s| s.frozen = frozen);
     }
 
     /// Guest writes so far.
     pub fn writes(&self) -> u64 {
-        self.0.lock().map(|s| s.writes).unwrap_or(0)
+        self.0.with(|s| s.writes).unwrap_or(0)
     }
 }
 
 /// An in-memory VM.
 pub struct MemVm {
-    state: Arc<Mutex<State>>,
+    shared: Arc<Shared>,
     page_size: usize,
-    guest: tokio::task::JoinHandle<()>,
+}
+
+/// A memfd of `contents.len()` bytes holding `contents`, mapped writable and read-only.
+fn memfd_ram(contents: &[u8]) -> Result<(GuestRamMut, GuestRam), VmError> {
+    let failed = |e: std::io::Error| VmError::failed("create in-memory RAM", e);
+    // memfd_create: anonymous shared memory, like QEMU's RAM file in /dev/shm.
+    // SAFETY: a valid NUL-terminated name and flags; no memory is passed to the kernel.
+    let fd = unsafe { libc::memfd_create(c"ftvm-mem-vm".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(failed(std::io::Error::last_os_error()));
+    }
+    // SAFETY: memfd_create returned a new descriptor that nothing else owns.
+    let mut file = unsafe { File::from_raw_fd(fd) };
+    file.set_len(contents.len() as u64).map_err(failed)?;
+    if contents.iter().any(|&b| b != 0) {
+        file.write_all(contents).map_err(failed)?;
+    }
+    // Reopening through /proc maps the same memfd; the mappings keep it alive after `file`
+    // is closed.
+    let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
+    let bytes = contents.len() as u64;
+    let rw = GuestRamMut::open(&path, bytes).map_err(|e| VmError::failed("map RAM", e))?;
+    let ro = GuestRam::open(&path, bytes).map_err(|e| VmError::failed("map RAM", e))?;
+    Ok((rw, ro))
 }
 
 impl MemVm {
-    /// A VM with `ram` as its memory; its guest writes `pages_per_ms` random pages per ms.
-    pub fn start(ram: Vec<u8>, page_size: usize, pages_per_ms: u32, seed: u64) -> MemVm {
-        let pages = (ram.len() / page_size) as u64;
+    /// A running VM with `ram` as its memory (a whole number of host pages); its guest rewrites
+    /// `pages_per_ms` random pages per millisecond (`u32::MAX`: as fast as it can).
+    pub fn start(
+        ram: Vec<u8>,
+        page_size: usize,
+        pages_per_ms: u32,
+        seed: u64,
+    ) -> Result<MemVm, VmError> {
+        if page_size != crate::dirty::page_size() {
+            return Err(VmError::failed(
+                "start in-memory VM",
+                format!(
+                    "page size {page_size} is not the host's {}",
+                    crate::dirty::page_size()
+                ),
+            ));
+        }
         let writes = ram
             .get(..8)
             .and_then(|b| b.try_into().ok())
             .map(u64::from_le_bytes)
             .unwrap_or(0);
-        let state = Arc::new(Mutex::new(State {
-            ram,
-            dirty: (0..pages).collect(),
-            running: true,
-            frozen: false,
-            dead: false,
-            writes,
-        }));
-        let s = state.clone();
-        let guest = tokio::spawn(async move {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-            loop {
-                tokio::time::sleep(Duration::from_millis(1)).await;
-                let Ok(mut st) = s.lock() else { return };
-                if !st.running || st.frozen {
-                    continue;
-                }
-                for _ in 0..pages_per_ms {
-                    let page = rng.gen_range(1..pages.max(2)) as usize;
-                    let byte = rng.gen::<u8>();
-                    let off = page * page_size;
-                    if let Some(p) = st.ram.get_mut(off..off + page_size) {
-                        p.fill(byte);
-                        st.dirty.insert(page as u64);
-                    }
-                    st.writes += 1;
-                    let w = st.writes.to_le_bytes();
-                    st.ram[..8].copy_from_slice(&w);
-                    st.dirty.insert(0);
-                }
-            }
+        let (rw, ro) = memfd_ram(&ram)?;
+        let pages = ro.pages();
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State {
+                ram: rw,
+                dirty: (0..pages).collect(),
+                running: true,
+                frozen: false,
+                dead: false,
+                writes,
+            }),
+            active: AtomicBool::new(true),
+            ram: Arc::new(ro),
         });
-        MemVm {
-            state,
-            page_size,
-            guest,
-        }
+        let s = shared.clone();
+        std::thread::Builder::new()
+            .name("mem-vm-guest".into())
+            .spawn(move || guest(&s, pages, pages_per_ms, seed))
+            .map_err(|e| VmError::failed("start the guest thread", e))?;
+        Ok(MemVm { shared, page_size })
     }
 
     /// Shared view of this VM's RAM.
     pub fn ram(&self) -> MemRam {
-        MemRam(self.state.clone())
+        MemRam(self.shared.clone())
     }
 
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> Result<T, VmError> {
-        let mut st = self
-            .state
-            .lock()
-            .map_err(|_| VmError::Died("state poisoned".into()))?;
-        if st.dead {
-            return Err(VmError::Died("killed".into()));
+        self.shared.with(|s| {
+            if s.dead {
+                Err(VmError::Died("killed".into()))
+            } else {
+                Ok(f(s))
+            }
+        })?
+    }
+
+    fn stop_guest(&self) {
+        let _ = self.shared.with(|s| {
+            s.dead = true;
+            s.running = false;
+        });
+    }
+}
+
+/// The guest: rewrites random pages (each filled with one random byte) and bumps the write
+/// counter in page 0, at most `pages_per_ms` per millisecond, while the VM runs.
+fn guest(shared: &Shared, pages: u64, pages_per_ms: u32, seed: u64) {
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let tick = Duration::from_millis(1);
+    let (mut tick_start, mut done) = (Instant::now(), 0u32);
+    loop {
+        if !shared.active.load(Ordering::Acquire) {
+            let Ok(s) = shared.state.lock() else { return };
+            if s.dead {
+                return;
+            }
+            drop(s);
+            std::thread::sleep(Duration::from_micros(200));
+            continue;
         }
-        Ok(f(&mut st))
+        if tick_start.elapsed() >= tick {
+            (tick_start, done) = (Instant::now(), 0);
+        }
+        if done >= pages_per_ms {
+            std::thread::sleep(tick.saturating_sub(tick_start.elapsed()));
+            continue;
+        }
+        let Ok(mut s) = shared.state.lock() else {
+            return;
+        };
+        if s.dead {
+            return;
+        }
+        if !s.running || s.frozen {
+            continue;
+        }
+        let n = WRITES_PER_LOCK.min(pages_per_ms - done);
+        for _ in 0..n {
+            let page = rng.gen_range(1..pages.max(2));
+            let byte = rng.gen::<u8>();
+            if let Some(p) = s.ram.page_mut(page) {
+                p.fill(byte);
+                s.dirty.insert(page);
+            }
+            s.writes += 1;
+            let w = s.writes.to_le_bytes();
+            if let Some(p0) = s.ram.page_mut(0) {
+                p0[..8].copy_from_slice(&w);
+                s.dirty.insert(0);
+            }
+        }
+        done += n;
     }
 }
 
 impl Drop for MemVm {
     fn drop(&mut self) {
-        self.guest.abort();
+        self.stop_guest();
     }
 }
 
@@ -136,41 +255,47 @@ impl Vm for MemVm {
     async fn capture(
         &mut self,
         full: bool,
+        mode: CaptureMode,
         out: &mut StagedCheckpoint,
     ) -> Result<CaptureStats, VmError> {
         let ps = self.page_size;
         self.with(|s| {
+            if s.running {
+                return Err(VmError::failed("capture", "the VM is running"));
+            }
             let pages: Vec<u64> = if full {
-                (0..(s.ram.len() / ps) as u64).collect()
+                (0..s.ram.pages()).collect()
             } else {
                 s.dirty.iter().copied().collect()
             };
             s.dirty.clear();
-            out.indices.clear();
             out.data.clear();
-            for p in &pages {
-                let off = *p as usize * ps;
-                out.data.extend_from_slice(&s.ram[off..off + ps]);
+            if mode.copies_pages() {
+                out.data.reserve(pages.len() * ps);
+                for &p in &pages {
+                    out.data
+                        .extend_from_slice(s.ram.page(p).unwrap_or_default());
+                }
             }
             out.indices = pages;
             out.device = s.writes.to_le_bytes().to_vec();
-            CaptureStats {
+            Ok(CaptureStats {
                 pages: out.indices.len() as u64,
                 ..CaptureStats::default()
-            }
-        })
+            })
+        })?
+    }
+
+    fn guest_ram(&self) -> Arc<GuestRam> {
+        self.shared.ram.clone()
     }
 
     fn ram_digest(&mut self) -> Result<u64, VmError> {
-        self.with(|s| xxhash_rust::xxh3::xxh3_64(&s.ram))
+        self.with(|s| xxhash_rust::xxh3::xxh3_64(s.ram.as_slice()))
     }
 
     async fn kill(&mut self) {
-        if let Ok(mut s) = self.state.lock() {
-            s.dead = true;
-            s.running = false;
-        }
-        self.guest.abort();
+        self.stop_guest();
     }
 
     async fn died(&mut self) -> VmError {
@@ -182,9 +307,9 @@ impl Vm for MemVm {
 pub struct MemLauncher {
     /// RAM size in bytes.
     pub ram_bytes: usize,
-    /// Page size.
+    /// Page size (the host's).
     pub page_size: usize,
-    /// Guest write rate.
+    /// Guest write rate (`u32::MAX`: as fast as it can).
     pub pages_per_ms: u32,
     /// RNG seed of the guest.
     pub seed: u64,
@@ -201,7 +326,7 @@ impl VmLauncher for MemLauncher {
             self.page_size,
             self.pages_per_ms,
             self.seed,
-        );
+        )?;
         if let Ok(mut l) = self.launched.lock() {
             l.push(vm.ram());
         }
@@ -221,7 +346,7 @@ impl VmLauncher for MemLauncher {
                 ),
             ));
         }
-        let vm = MemVm::start(ram, self.page_size, self.pages_per_ms, self.seed ^ 0x5a5a);
+        let vm = MemVm::start(ram, self.page_size, self.pages_per_ms, self.seed ^ 0x5a5a)?;
         if let Ok(mut l) = self.launched.lock() {
             l.push(vm.ram());
         }

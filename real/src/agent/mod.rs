@@ -3,12 +3,14 @@
 //! returns on a real VM, real sockets and a real replica. Every decision is the model's; this
 //! module only moves bytes and measures.
 
+pub mod capture;
 pub mod event;
 pub mod link;
 pub mod mem_vm;
 pub mod metrics;
 pub mod netio;
 pub mod qemu_vm;
+mod resume_gate;
 pub mod vm;
 pub mod witness;
 
@@ -22,10 +24,12 @@ use std::time::{Duration, Instant};
 use ftvm_model::{Action, Epoch, Gate, Input, Node, NodeId, Start, Status, Time};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
+use self::capture::CaptureMode;
 use self::event::{ConnId, Event};
-use self::link::{Link, Outgoing};
+use self::link::{Link, Outgoing, PausedPages};
 use self::metrics::{EpochMetrics, MetricsSink, RunSummary};
 use self::netio::NetIo;
+use self::resume_gate::ResumeGate;
 use self::vm::{RestorePoint, Vm, VmError, VmLauncher};
 use crate::net::output::OutputGate;
 use crate::replica::{Replica, ReplicaError, StagedCheckpoint};
@@ -85,6 +89,8 @@ pub struct AgentConfig {
     pub replica_ram: PathBuf,
     /// How checkpoints leave this host.
     pub transport: TransportKind,
+    /// How checkpoints are captured, and when the VM resumes.
+    pub capture: CaptureMode,
     /// Per-epoch metrics (JSON lines).
     pub metrics: Option<PathBuf>,
     /// Status file (JSON), rewritten at every phase change.
@@ -157,6 +163,8 @@ pub struct Agent<L: VmLauncher> {
     metrics: MetricsSink,
     open_epochs: BTreeMap<u64, (EpochMetrics, Option<Instant>)>,
     paused_at: Option<Instant>,
+    /// paused-send: the resume held until the checkpoint is out.
+    resume: ResumeGate,
     last_status: Option<Status>,
     takeover_started: Option<Instant>,
     failover_us: Option<u64>,
@@ -201,6 +209,7 @@ impl<L: VmLauncher> Agent<L> {
             metrics,
             open_epochs: BTreeMap::new(),
             paused_at: None,
+            resume: ResumeGate::default(),
             last_status: None,
             takeover_started: None,
             failover_us: None,
@@ -247,6 +256,7 @@ impl<L: VmLauncher> Agent<L> {
                 for a in actions {
                     self.execute(a, &mut pending).await?;
                 }
+                self.resume_if_due().await?;
                 self.note_status();
             }
             // Listen only once the start actions ran (a fresh primary boots its VM in them):
@@ -276,6 +286,7 @@ impl<L: VmLauncher> Agent<L> {
             };
             if let Some(ev) = ev {
                 self.on_event(ev, &mut pending).await?;
+                self.resume_if_due().await?;
             }
         }
     }
@@ -309,6 +320,7 @@ impl<L: VmLauncher> Agent<L> {
 
     fn drop_conn(&mut self, conn: ConnId) -> Option<NodeId> {
         self.links.remove(&conn);
+        self.resume.link_gone(conn);
         let peer = self.conn_peer.remove(&conn)?;
         if self.peer_conn.get(&peer) == Some(&conn) {
             self.peer_conn.remove(&peer);
@@ -388,6 +400,7 @@ impl<L: VmLauncher> Agent<L> {
                 staged,
             } => {
                 self.spare = Some(staged);
+                self.resume.sent(epoch);
                 if let Some((m, sent)) = self.open_epochs.get_mut(&epoch.0) {
                     m.bytes = bytes;
                     m.send_us = send_us;
@@ -452,7 +465,7 @@ impl<L: VmLauncher> Agent<L> {
                     .or_else(|| self.captured.take())
                     .unwrap_or_default();
                 let stats = match self.vm.as_mut() {
-                    Some(vm) => vm.capture(full, &mut buf).await?,
+                    Some(vm) => vm.capture(full, self.cfg.capture, &mut buf).await?,
                     None => return Err(VmError::failed("capture", "no VM is running").into()),
                 };
                 buf.generation = self.node.status().generation.0;
@@ -463,7 +476,8 @@ impl<L: VmLauncher> Agent<L> {
                         self.record_digest(epoch, digest);
                     }
                 }
-                let bytes = buf.data.len() as u64 + buf.device.len() as u64;
+                let page_bytes = buf.indices.len() as u64 * u64::from(self.cfg.model.page_size);
+                let bytes = page_bytes + buf.device.len() as u64;
                 let m = EpochMetrics {
                     epoch: epoch.0,
                     generation: buf.generation,
@@ -483,17 +497,16 @@ impl<L: VmLauncher> Agent<L> {
             }
             Action::ResumeVm { epoch } => {
                 match self.vm.as_mut() {
+                    // The checkpoint just captured goes out from guest RAM first.
+                    Some(_) if self.cfg.capture == CaptureMode::PausedSend => {
+                        self.resume.defer(epoch);
+                        return Ok(());
+                    }
                     Some(vm) => vm.resume().await?,
                     // A fresh primary's first action: boot the VM.
                     None => self.vm = Some(self.launcher.boot().await?),
                 }
-                if let Some(paused) = self.paused_at.take() {
-                    let us = paused.elapsed().as_micros() as u64;
-                    if let Some((m, _)) = self.open_epochs.get_mut(&(epoch.0.saturating_sub(1))) {
-                        m.pause_us = us;
-                    }
-                }
-                self.gate.begin_epoch(epoch.0);
+                self.resumed(epoch);
             }
             Action::SendCheckpoint {
                 to,
@@ -501,14 +514,30 @@ impl<L: VmLauncher> Agent<L> {
                 full,
                 generation,
             } => {
-                let link = self.peer_conn.get(&to).and_then(|c| self.links.get(c));
+                let conn = self.peer_conn.get(&to).copied();
+                let link = conn.and_then(|c| self.links.get(&c).map(|l| (c, l)));
                 match (link, self.captured.take()) {
-                    (Some(link), Some(staged)) if staged.epoch == epoch.0 => {
-                        link.send(Outgoing::Checkpoint {
-                            generation,
-                            full,
-                            staged,
-                        });
+                    (Some((conn, link)), Some(staged)) if staged.epoch == epoch.0 => {
+                        let paused = self.cfg.capture == CaptureMode::PausedSend;
+                        let out = match self.vm.as_ref().filter(|_| paused) {
+                            // SAFETY: the VM stays paused until this link reports the checkpoint
+                            // sent or goes away: its ResumeVm is held in `self.resume`, which
+                            // hears of both (CheckpointSent, drop_conn).
+                            Some(vm) => Outgoing::PausedSend(unsafe {
+                                PausedPages::new(generation, full, staged, vm.guest_ram())
+                            }),
+                            None => Outgoing::Checkpoint {
+                                generation,
+                                full,
+                                staged,
+                            },
+                        };
+                        match link.try_send(out) {
+                            Ok(()) if paused => self.resume.sending(conn, epoch),
+                            Ok(()) => {}
+                            // The writer is gone; its LinkClosed tells the model.
+                            Err(out) => self.spare = out.into_staged(),
+                        }
                     }
                     (_, staged) => {
                         // No link (its loss is already reported) or nothing captured: keep the
@@ -618,9 +647,33 @@ impl<L: VmLauncher> Agent<L> {
                 if let Some(mut vm) = self.vm.take() {
                     vm.kill().await;
                 }
+                self.resume.clear();
                 self.gate.fence();
             }
             Action::Log(e) => self.log(format_args!("{e:?}")),
+        }
+        Ok(())
+    }
+
+    /// The VM runs again from `epoch` on: record the pause, tag frames with `epoch`.
+    fn resumed(&mut self, epoch: Epoch) {
+        if let Some(paused) = self.paused_at.take() {
+            let us = paused.elapsed().as_micros() as u64;
+            if let Some((m, _)) = self.open_epochs.get_mut(&(epoch.0.saturating_sub(1))) {
+                m.pause_us = us;
+            }
+        }
+        self.gate.begin_epoch(epoch.0);
+    }
+
+    /// paused-send: resumes the VM once its checkpoint is out (see [`ResumeGate`]).
+    async fn resume_if_due(&mut self) -> Result<(), AgentError> {
+        let Some(epoch) = self.resume.due() else {
+            return Ok(());
+        };
+        if let Some(vm) = self.vm.as_mut() {
+            vm.resume().await?;
+            self.resumed(epoch);
         }
         Ok(())
     }

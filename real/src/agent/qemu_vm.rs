@@ -1,10 +1,13 @@
 //! The agent's VM backed by a stock QEMU: pause/resume over QMP, dirty pages from the
 //! LD_PRELOAD + PAGEMAP_SCAN tracker (or the hash-diff cross-check), page contents read from the
-//! shared RAM file, device state through the migration stream with `x-ignore-shared`.
+//! shared RAM file (copied at capture, or sent straight from it in paused-send mode), device
+//! state through the migration stream with `x-ignore-shared`.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::capture::CaptureMode;
 use super::vm::{CaptureStats, RestorePoint, Vm, VmError, VmLauncher};
 use crate::dirty::{self, DirtyTracker, GuestRam};
 use crate::qemu::{self, BootOptions, ExitWatch, Qemu, QemuConfig};
@@ -36,7 +39,7 @@ impl std::str::FromStr for Tracking {
 pub struct QemuVm {
     qemu: Qemu,
     exit: ExitWatch,
-    ram: GuestRam,
+    ram: Arc<GuestRam>,
     tracker: Box<dyn DirtyTracker + Send>,
     page_size: usize,
     first: bool,
@@ -56,6 +59,7 @@ impl QemuVm {
     fn new(qemu: Qemu, tracking: Tracking, page_size: usize) -> Result<QemuVm, VmError> {
         let cfg = qemu.config();
         let ram = GuestRam::open(&cfg.ram_file, cfg.ram_bytes)
+            .map(Arc::new)
             .map_err(|e| VmError::failed("map guest RAM", e))?;
         let tracker: Box<dyn DirtyTracker + Send> = match tracking {
             Tracking::Pagemap => Box::new(
@@ -95,6 +99,7 @@ impl Vm for QemuVm {
     async fn capture(
         &mut self,
         full: bool,
+        mode: CaptureMode,
         out: &mut StagedCheckpoint,
     ) -> Result<CaptureStats, VmError> {
         let t0 = Instant::now();
@@ -110,15 +115,16 @@ impl Vm for QemuVm {
         };
         self.first = false;
         let t1 = Instant::now();
-        out.indices.clear();
+        if let Some(&p) = pages.iter().find(|&&p| p >= self.ram.pages()) {
+            return Err(VmError::failed("capture", format!("page {p} out of range")));
+        }
         out.data.clear();
-        out.data.reserve(pages.len() * self.page_size);
-        for &p in &pages {
-            let page = self
-                .ram
-                .page(p)
-                .ok_or_else(|| VmError::failed("copy page", format!("page {p} out of range")))?;
-            out.data.extend_from_slice(page);
+        if mode.copies_pages() {
+            out.data.reserve(pages.len() * self.page_size);
+            for &p in &pages {
+                out.data
+                    .extend_from_slice(self.ram.page(p).unwrap_or_default());
+            }
         }
         out.indices = pages;
         let t2 = Instant::now();
@@ -134,6 +140,10 @@ impl Vm for QemuVm {
             copy_us: (t2 - t1).as_micros() as u64,
             device_us: (t3 - t2).as_micros() as u64,
         })
+    }
+
+    fn guest_ram(&self) -> Arc<GuestRam> {
+        self.ram.clone()
     }
 
     fn ram_digest(&mut self) -> Result<u64, VmError> {

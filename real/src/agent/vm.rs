@@ -4,7 +4,10 @@
 
 use std::future::Future;
 use std::path::PathBuf;
+use std::sync::Arc;
 
+use super::capture::CaptureMode;
+use crate::dirty::GuestRam;
 use crate::replica::StagedCheckpoint;
 
 /// Errors of a VM backend.
@@ -54,11 +57,17 @@ pub trait Vm: Send {
     fn resume(&mut self) -> impl Future<Output = Result<(), VmError>> + Send;
     /// While paused: fills `out` with the pages written since the last capture (every page
     /// when `full`) and the device state. `out.generation`/`epoch` are set by the caller.
+    /// [`CaptureMode::Staged`] copies the pages into `out.data`; [`CaptureMode::PausedSend`]
+    /// lists them in `out.indices` and leaves `out.data` empty: they are sent from
+    /// [`Vm::guest_ram`] while the VM stays paused.
     fn capture(
         &mut self,
         full: bool,
+        mode: CaptureMode,
         out: &mut StagedCheckpoint,
     ) -> impl Future<Output = Result<CaptureStats, VmError>> + Send;
+    /// The guest RAM mapping, for sending pages straight from it while paused (paused-send).
+    fn guest_ram(&self) -> Arc<GuestRam>;
     /// While paused: a digest (xxh3-64) of all of guest RAM, for verifying the replica.
     fn ram_digest(&mut self) -> Result<u64, VmError>;
     /// Stops the VM for good (fencing, shutdown).
