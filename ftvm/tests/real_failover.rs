@@ -31,7 +31,11 @@ fn guest_dir() -> PathBuf {
     )
 }
 
+/// Real deployments share the namespace names and the machine's two cores: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn demo(name: &str, subnet: u8, extra: &[&str]) -> serde_json::Value {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let work = std::env::temp_dir().join(format!("ftvm-test-{name}"));
     let summary = work.with_extension("json");
     let _ = std::fs::remove_file(&summary);

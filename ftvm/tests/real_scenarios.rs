@@ -19,7 +19,11 @@ fn guest_dir() -> PathBuf {
     PathBuf::from(stdout.lines().last().expect("a directory").trim())
 }
 
+/// Real deployments share the namespace names and the machine's two cores: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn run_real(name: &str) -> serde_json::Value {
+    let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let summary = std::env::temp_dir().join(format!("ftvm-scenario-{name}.json"));
     let _ = std::fs::remove_file(&summary);
     let out = Command::new(env!("CARGO_BIN_EXE_ftvm"))
