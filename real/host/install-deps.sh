@@ -10,6 +10,7 @@ packages=(
   gcc libc6-dev     # builds the static guest service
   iproute2          # ip netns / veth / bridge for the local host pair
   curl              # drives the guest service by hand
+  lz4 binutils      # the guest build unpacks and inspects kernel modules
   procps            # pgrep/ps for scripts
   iputils-ping      # reachability checks in topology tests
 )
