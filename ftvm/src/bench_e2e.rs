@@ -69,7 +69,7 @@ fn u(v: &serde_json::Value) -> u64 {
 
 /// Runs the end-to-end benchmark.
 pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
-    if !(a.seconds > 0.0) || a.epochs.iter().any(|&e| e == 0) {
+    if a.seconds.is_nan() || a.seconds <= 0.0 || a.epochs.contains(&0) {
         anyhow::bail!("--seconds and every epoch must be positive");
     }
     let work = std::env::temp_dir().join("ftvm-bench-e2e");
