@@ -353,3 +353,64 @@ impl VmLauncher for MemLauncher {
         Ok(vm)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_paused_vm_holds_still_and_paused_send_leaves_pages_in_ram() {
+        let ps = crate::dirty::page_size();
+        let mut vm = MemVm::start(vec![0; 64 * ps], ps, u32::MAX, 1).unwrap();
+        let ram = vm.guest_ram();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        vm.pause().await.unwrap();
+        let at_pause = vm.ram_digest().unwrap();
+        let writes = vm.ram().writes();
+        assert!(writes > 0, "the guest never wrote");
+        std::thread::sleep(Duration::from_millis(20));
+        assert_eq!(
+            vm.ram_digest().unwrap(),
+            at_pause,
+            "RAM changed while paused"
+        );
+        assert_eq!(vm.ram().writes(), writes);
+
+        let mut out = StagedCheckpoint::default();
+        vm.capture(true, CaptureMode::PausedSend, &mut out)
+            .await
+            .unwrap();
+        assert_eq!(out.indices.len(), 64);
+        assert!(out.data.is_empty(), "paused-send must not copy pages");
+        // The read-only mapping the sender uses shows the guest's writes.
+        assert_eq!(xxhash_rust::xxh3::xxh3_64(ram.as_slice()), at_pause);
+        assert_eq!(ram.page(0).unwrap()[..8], writes.to_le_bytes());
+
+        vm.resume().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        vm.pause().await.unwrap();
+        assert!(vm.ram().writes() > writes, "the guest did not run again");
+        let mut staged = StagedCheckpoint::default();
+        vm.capture(false, CaptureMode::Staged, &mut staged)
+            .await
+            .unwrap();
+        assert!(!staged.indices.is_empty());
+        assert_eq!(staged.data.len(), staged.indices.len() * ps);
+        for (i, &p) in staged.indices.iter().enumerate() {
+            assert_eq!(&staged.data[i * ps..(i + 1) * ps], ram.page(p).unwrap());
+        }
+    }
+
+    #[tokio::test]
+    async fn capture_of_a_running_vm_is_refused() {
+        let ps = crate::dirty::page_size();
+        let mut vm = MemVm::start(vec![0; 4 * ps], ps, 1, 1).unwrap();
+        let mut out = StagedCheckpoint::default();
+        let e = vm
+            .capture(false, CaptureMode::Staged, &mut out)
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("running"), "{e}");
+        assert!(MemVm::start(vec![0; 4 * ps], ps / 2, 1, 1).is_err());
+    }
+}
