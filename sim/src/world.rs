@@ -28,8 +28,9 @@ pub(crate) struct World {
     pub witness_disk: WitnessState,
     /// How many times each node's software has started.
     pub starts: BTreeMap<NodeId, u32>,
-    /// Checkpoints being written right now, per sending node (fault triggers use it).
-    pub sending: BTreeMap<NodeId, u32>,
+    /// The checkpoint each node is writing right now: (bytes written, frame length). Fault
+    /// triggers use it.
+    pub sending: BTreeMap<NodeId, (u64, u64)>,
     /// Bytes handed to the simulated network.
     pub bytes_sent: u64,
     /// Faults that never fired (set at the end of the run).

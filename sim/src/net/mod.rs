@@ -36,19 +36,19 @@ pub(crate) enum WriterNote {
     Failed,
 }
 
-/// Counts a node's checkpoint in flight for as long as it lives (so a writer cancelled
-/// mid-checkpoint by a crash or a disconnect does not leave the count up).
+/// Publishes a node's checkpoint progress for as long as it lives (so a writer cancelled
+/// mid-checkpoint by a crash or a disconnect does not leave it behind).
 struct Sending {
     w: Shared,
     node: NodeId,
 }
 
 impl Sending {
-    fn start(w: &Shared, from: HostId) -> Option<Sending> {
+    fn start(w: &Shared, from: HostId, total: usize) -> Option<Sending> {
         let HostId::Node(node) = from else {
             return None;
         };
-        *w.borrow_mut().sending.entry(node).or_insert(0) += 1;
+        w.borrow_mut().sending.insert(node, (0, total as u64));
         Some(Sending { w: w.clone(), node })
     }
 }
@@ -56,9 +56,7 @@ impl Sending {
 impl Drop for Sending {
     fn drop(&mut self) {
         if let Ok(mut world) = self.w.try_borrow_mut() {
-            if let Some(n) = world.sending.get_mut(&self.node) {
-                *n = n.saturating_sub(1);
-            }
+            world.sending.remove(&self.node);
         }
     }
 }
@@ -86,6 +84,11 @@ pub(crate) async fn write_shaped(
             tokio::time::sleep(wait).await;
         }
         wr.write_all(c).await?;
+        if let HostId::Node(n) = from {
+            if let Some(p) = w.borrow_mut().sending.get_mut(&n) {
+                p.0 += c.len() as u64;
+            }
+        }
     }
     Ok(())
 }
@@ -104,7 +107,7 @@ pub(crate) async fn write_loop(
             Job::Bytes(b) => (b, None),
             Job::Checkpoint { epoch, bytes } => (bytes, Some(epoch)),
         };
-        let sending = epoch.and_then(|_| Sending::start(&w, from));
+        let sending = epoch.and_then(|_| Sending::start(&w, from, bytes.len()));
         if write_shaped(&w, &mut wr, from, to, &bytes).await.is_err() {
             note(WriterNote::Failed);
             return;

@@ -13,7 +13,7 @@ use ftvm_model::{
     Epoch, Generation, NodeId, Registration, Status, Time, WitnessReply, WitnessState,
 };
 use serde::Serialize;
-use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet};
 
 use crate::invariant::{Invariant, Violation};
 use crate::vm::replica::Origin;
@@ -51,17 +51,17 @@ pub(crate) struct Observer {
     /// Generation → the registration whose takeover ended it.
     promoted: BTreeMap<Generation, Registration>,
     /// (primary, generation, epoch) → state hash at capture.
-    snapshots: HashMap<(NodeId, Generation, Epoch), u64>,
+    snapshots: BTreeMap<(NodeId, Generation, Epoch), u64>,
     last_capture: BTreeMap<Instance, Epoch>,
     /// (backup, generation, sync epoch) → highest epoch it ever committed on that replica.
-    committed_max: HashMap<(NodeId, Generation, Epoch), Epoch>,
+    committed_max: BTreeMap<(NodeId, Generation, Epoch), Epoch>,
     instances: BTreeMap<Instance, NodeId>,
     /// Generation → the one instance that released output in it.
     releasers: BTreeMap<Generation, Instance>,
     /// Generation followed by a backup → (instance it started, epoch it resumed from).
     takeovers: BTreeMap<Generation, (Instance, Epoch)>,
     /// (counter, value) → (client, request) it was handed to.
-    handed: HashMap<(u32, u64), (u32, u64)>,
+    handed: BTreeMap<(u32, u64), (u32, u64)>,
     max_released: BTreeMap<u32, u64>,
     nodes: BTreeMap<NodeId, NodeView>,
     watch: Option<Watch>,
@@ -78,13 +78,13 @@ impl Observer {
             witness: initial,
             granted,
             promoted: BTreeMap::new(),
-            snapshots: HashMap::new(),
+            snapshots: BTreeMap::new(),
             last_capture: BTreeMap::new(),
-            committed_max: HashMap::new(),
+            committed_max: BTreeMap::new(),
             instances: BTreeMap::new(),
             releasers: BTreeMap::new(),
             takeovers: BTreeMap::new(),
-            handed: HashMap::new(),
+            handed: BTreeMap::new(),
             max_released: BTreeMap::new(),
             nodes: BTreeMap::new(),
             watch: None,

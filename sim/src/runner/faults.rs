@@ -315,11 +315,14 @@ fn trigger_holds(w: &Shared, when: Trigger) -> bool {
         return false;
     };
     let world = w.borrow();
-    let sending = world.sending.get(&p).copied().unwrap_or(0) > 0;
+    let progress = world.sending.get(&p).copied();
+    let sending = progress.is_some();
+    // Mid-transfer: at least half of the checkpoint is on the wire, not all of it.
+    let half_sent = progress.is_some_and(|(done, total)| done * 2 >= total && done < total);
     let phase = world.obs.view(p).and_then(|v| v.status).map(|s| s.phase);
     match when {
         Trigger::At => true,
-        Trigger::Sending => sending,
+        Trigger::Sending => half_sent,
         Trigger::BetweenCheckpoints => !sending,
         Trigger::Syncing => phase == Some(Phase::Syncing),
         Trigger::Protected => phase == Some(Phase::Protected),

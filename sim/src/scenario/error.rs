@@ -6,12 +6,12 @@ use std::path::PathBuf;
 #[derive(Debug, thiserror::Error)]
 pub enum ScenarioError {
     /// The file could not be read.
-    #[error("{path}: cannot read scenario: {source}")]
+    #[error("{path}: cannot read scenario: {cause}")]
     Io {
         /// The file.
         path: PathBuf,
-        /// Why.
-        source: std::io::Error,
+        /// Why (already part of the message, so not a `source`).
+        cause: std::io::Error,
     },
     /// Not valid TOML, or fields of the wrong type, or unknown fields.
     #[error("{origin}: bad scenario file: {message}")]

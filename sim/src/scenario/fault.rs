@@ -52,7 +52,8 @@ impl fmt::Display for HostRef {
 pub enum Trigger {
     /// Fire at the time.
     At,
-    /// Wait until the active primary is in the middle of writing a checkpoint.
+    /// Wait until the active primary is in the middle of writing a checkpoint (at least
+    /// half of it handed to the network, not all).
     Sending,
     /// Wait until the active primary has no checkpoint in flight (mid-epoch).
     BetweenCheckpoints,

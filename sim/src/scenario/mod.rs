@@ -172,9 +172,9 @@ impl Scenario {
 
     /// Read, parse and check a scenario file.
     pub fn load(path: &Path) -> Result<Scenario, ScenarioError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ScenarioError::Io {
+        let text = std::fs::read_to_string(path).map_err(|cause| ScenarioError::Io {
             path: path.to_path_buf(),
-            source,
+            cause,
         })?;
         Scenario::from_toml(&text, &path.display().to_string())
     }

@@ -1,0 +1,176 @@
+//! `ftvm sim`: run a scenario in the deterministic simulator over one seed or a range of
+//! seeds, print a one-line verdict per seed, and on a violation the seed, the invariant and
+//! the event trace. `--bench` measures simulated epochs per wall-clock second.
+
+use std::ops::Range;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::Context;
+use ftvm_sim::{run_scenario, RunOptions, RunReport, Scenario, Verdict};
+use serde::Serialize;
+
+/// Arguments of `ftvm sim`.
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// Scenario file (TOML; the format is described in scenarios/README.md).
+    pub scenario: PathBuf,
+    /// Run this one seed (default 0).
+    #[arg(long, conflicts_with = "seeds")]
+    pub seed: Option<u64>,
+    /// Run every seed of a range, e.g. `0..200` (end excluded).
+    #[arg(long, value_name = "A..B", value_parser = parse_range)]
+    pub seeds: Option<Range<u64>>,
+    /// Print the whole event trace of every run (a failing run's trace is always printed).
+    #[arg(long)]
+    pub trace: bool,
+    /// Report simulated epochs per wall-clock second over all runs (also as JSON).
+    #[arg(long)]
+    pub bench: bool,
+    /// With --bench: also write the JSON figures to this file.
+    #[arg(long, value_name = "FILE", requires = "bench")]
+    pub json: Option<PathBuf>,
+}
+
+fn parse_range(s: &str) -> Result<Range<u64>, String> {
+    let (a, b) = s
+        .split_once("..")
+        .ok_or_else(|| format!("`{s}` is not a range like 0..200"))?;
+    let a: u64 = a
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad range start `{a}`"))?;
+    let b: u64 = b
+        .trim()
+        .parse()
+        .map_err(|_| format!("bad range end `{b}`"))?;
+    if a >= b {
+        return Err(format!("empty range {a}..{b}"));
+    }
+    Ok(a..b)
+}
+
+/// Benchmark figures written by `--bench`.
+#[derive(Serialize)]
+struct Bench {
+    scenario: String,
+    seeds: [u64; 2],
+    runs: u64,
+    passed: u64,
+    epoch_ms: u64,
+    epochs: u64,
+    sim_s: f64,
+    wall_s: f64,
+    epochs_per_wall_s: f64,
+    speedup: f64,
+}
+
+/// Run the command; returns the process exit code (0: every seed passed).
+pub fn run(args: Args) -> anyhow::Result<i32> {
+    let scenario = Scenario::load(&args.scenario)?;
+    let seeds = match (args.seed, &args.seeds) {
+        (_, Some(r)) => r.clone(),
+        (Some(s), None) => s..s.saturating_add(1),
+        (None, None) => 0..1,
+    };
+    let opts = RunOptions::default().traced(args.trace && !args.bench);
+    let (mut epochs, mut sim_ms, mut wall_s, mut passed, mut failed) =
+        (0u64, 0u64, 0f64, 0u64, 0u64);
+    let started = Instant::now();
+    for seed in seeds.clone() {
+        let report = run_scenario(&scenario, seed, &opts);
+        epochs += report.stats.observed.epochs;
+        sim_ms += report.stats.sim_ms;
+        wall_s += report.stats.wall_s;
+        println!("{}", report.summary());
+        if args.trace && !args.bench {
+            print_trace(&report);
+        }
+        if report.verdict == Verdict::Pass {
+            passed += 1;
+        } else {
+            failed += 1;
+            explain(&scenario, &report, args.trace && !args.bench);
+        }
+    }
+    let n = seeds.end - seeds.start;
+    if n > 1 {
+        println!(
+            "{}: {passed}/{n} seeds passed in {:.1} s",
+            scenario.name,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    if args.bench {
+        let b = Bench {
+            scenario: scenario.name.clone(),
+            seeds: [seeds.start, seeds.end],
+            runs: n,
+            passed,
+            epoch_ms: scenario.timing.epoch.as_millis() as u64,
+            epochs,
+            sim_s: sim_ms as f64 / 1000.0,
+            wall_s,
+            epochs_per_wall_s: epochs as f64 / wall_s.max(1e-9),
+            speedup: sim_ms as f64 / 1000.0 / wall_s.max(1e-9),
+        };
+        println!(
+            "bench: {} epochs ({:.1} s simulated) in {:.3} s wall: {:.0} epochs/s, {:.0}x real time",
+            b.epochs, b.sim_s, b.wall_s, b.epochs_per_wall_s, b.speedup
+        );
+        let json = serde_json::to_string(&b)?;
+        println!("{json}");
+        if let Some(path) = &args.json {
+            std::fs::write(path, json + "\n")
+                .with_context(|| format!("writing {}", path.display()))?;
+        }
+    }
+    Ok(if failed == 0 { 0 } else { 1 })
+}
+
+fn print_trace(report: &RunReport) {
+    for e in &report.trace {
+        println!("  {e}");
+    }
+}
+
+/// A failing run: the seed, the broken invariant, and the trace (replayed in full: the run
+/// is deterministic, so the same seed gives the same events).
+fn explain(scenario: &Scenario, report: &RunReport, already_printed: bool) {
+    println!(
+        "--- seed {} of {} failed: {}",
+        report.seed, scenario.name, report.verdict
+    );
+    if let Some(v) = &report.violation {
+        println!("invariant: {}", v.invariant);
+        println!("violation: {v}");
+    }
+    for u in &report.unmet {
+        println!("unmet: {u}");
+    }
+    if report.verdict == Verdict::Unmet || already_printed {
+        return;
+    }
+    let full = run_scenario(scenario, report.seed, &RunOptions::default().traced(true));
+    println!(
+        "trace of seed {} ({} events):",
+        report.seed,
+        full.trace.len()
+    );
+    print_trace(&full);
+    println!("--- end of seed {}", report.seed);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ranges() {
+        assert_eq!(parse_range("0..200"), Ok(0..200));
+        assert_eq!(parse_range(" 5 .. 7"), Ok(5..7));
+        assert!(parse_range("7..7").is_err());
+        assert!(parse_range("7").is_err());
+        assert!(parse_range("a..3").is_err());
+    }
+}
