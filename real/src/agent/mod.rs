@@ -481,6 +481,7 @@ impl<L: VmLauncher> Agent<L> {
                 let m = EpochMetrics {
                     epoch: epoch.0,
                     generation: buf.generation,
+                    full,
                     dirty_pages: stats.pages,
                     scan_us: stats.scan_us,
                     copy_us: stats.copy_us,
