@@ -13,6 +13,7 @@ mod client_cmd;
 mod demo_cmd;
 mod deploy;
 mod scenario_cmd;
+mod sim_cmd;
 mod vm_cmd;
 mod witness_cmd;
 
@@ -29,6 +30,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Run a scenario in the deterministic simulator over one seed or a range of seeds.
+    Sim(sim_cmd::Args),
     /// Run the protected VM on this host and ship its checkpoints to a backup.
     Primary(agent_cmd::Args),
     /// Hold a replica of the VM and take over when the primary dies.
@@ -50,6 +53,7 @@ enum Command {
 fn main() {
     let cli = Cli::parse();
     let result = match cli.command {
+        Command::Sim(args) => sim_cmd::run(args),
         Command::Primary(args) => agent_cmd::run(agent_cmd::Role::Primary, args),
         Command::Backup(args) => agent_cmd::run(agent_cmd::Role::Backup, args),
         Command::Witness(args) => witness_cmd::run(args),
