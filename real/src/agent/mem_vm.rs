@@ -37,6 +37,20 @@ struct State {
     dead: bool,
     /// Writes done by the guest (page 0 holds this counter, so progress is visible in RAM).
     writes: u64,
+    /// Benchmark knob: after each resume the guest writes exactly this many distinct pages
+    /// (besides page 0), then idles until the next resume. `None`: it writes at its rate.
+    burst: Option<u64>,
+    /// Writes left in the current burst.
+    burst_left: u64,
+    /// Position of the next burst write in a walk over pages 1.. that visits each page once.
+    cursor: u64,
+}
+
+impl State {
+    /// Whether the guest has writes to do.
+    fn busy(&self) -> bool {
+        self.running && !self.frozen && !self.dead && (self.burst.is_none() || self.burst_left > 0)
+    }
 }
 
 #[derive(Debug)]
@@ -59,8 +73,7 @@ impl Shared {
             .lock()
             .map_err(|_| VmError::Died("state poisoned".into()))?;
         let r = f(&mut s);
-        self.active
-            .store(s.running && !s.frozen && !s.dead, Ordering::Release);
+        self.active.store(s.busy(), Ordering::Release);
         Ok(r)
     }
 }
@@ -85,6 +98,16 @@ impl MemRam {
     /// Guest writes so far.
     pub fn writes(&self) -> u64 {
         self.0.with(|s| s.writes).unwrap_or(0)
+    }
+
+    /// Benchmark knob: from the next resume on, the guest writes exactly `pages` distinct pages
+    /// besides page 0 after each resume (as fast as its rate allows), then idles until the next
+    /// resume; `None` restores writing at its rate.
+    pub fn set_writes_per_resume(&self, pages: Option<u64>) {
+        let _ = self.0.with(|s| {
+            s.burst = pages;
+            s.burst_left = 0;
+        });
     }
 }
 
@@ -151,6 +174,9 @@ impl MemVm {
                 frozen: false,
                 dead: false,
                 writes,
+                burst: None,
+                burst_left: 0,
+                cursor: 0,
             }),
             active: AtomicBool::new(true),
             ram: Arc::new(ro),
@@ -190,6 +216,12 @@ impl MemVm {
 /// counter in page 0, at most `pages_per_ms` per millisecond, while the VM runs.
 fn guest(shared: &Shared, pages: u64, pages_per_ms: u32, seed: u64) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    // Bursts walk pages 1.. with a stride coprime to their count: distinct and scattered.
+    let others = pages.saturating_sub(1).max(1);
+    let mut stride = (others * 5 / 8).max(1);
+    while gcd(stride, others) != 1 {
+        stride += 1;
+    }
     let tick = Duration::from_millis(1);
     let (mut tick_start, mut done) = (Instant::now(), 0u32);
     loop {
@@ -218,9 +250,22 @@ fn guest(shared: &Shared, pages: u64, pages_per_ms: u32, seed: u64) {
         if !s.running || s.frozen {
             continue;
         }
-        let n = WRITES_PER_LOCK.min(pages_per_ms - done);
+        let mut n = WRITES_PER_LOCK.min(pages_per_ms - done);
+        if s.burst.is_some() {
+            if s.burst_left == 0 {
+                shared.active.store(false, Ordering::Release);
+                continue;
+            }
+            n = n.min(s.burst_left.try_into().unwrap_or(u32::MAX));
+            s.burst_left -= u64::from(n);
+        }
         for _ in 0..n {
-            let page = rng.gen_range(1..pages.max(2));
+            let page = if s.burst.is_some() {
+                s.cursor = (s.cursor + stride) % others;
+                1 + s.cursor
+            } else {
+                rng.gen_range(1..pages.max(2))
+            };
             let byte = rng.gen::<u8>();
             if let Some(p) = s.ram.page_mut(page) {
                 p.fill(byte);
@@ -237,6 +282,13 @@ fn guest(shared: &Shared, pages: u64, pages_per_ms: u32, seed: u64) {
     }
 }
 
+fn gcd(mut a: u64, mut b: u64) -> u64 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
 impl Drop for MemVm {
     fn drop(&mut self) {
         self.stop_guest();
@@ -249,7 +301,10 @@ impl Vm for MemVm {
     }
 
     async fn resume(&mut self) -> Result<(), VmError> {
-        self.with(|s| s.running = true)
+        self.with(|s| {
+            s.running = true;
+            s.burst_left = s.burst.unwrap_or(0);
+        })
     }
 
     async fn capture(
@@ -399,6 +454,39 @@ mod tests {
         for (i, &p) in staged.indices.iter().enumerate() {
             assert_eq!(&staged.data[i * ps..(i + 1) * ps], ram.page(p).unwrap());
         }
+    }
+
+    #[tokio::test]
+    async fn a_burst_writes_exactly_that_many_distinct_pages_per_resume() {
+        let ps = crate::dirty::page_size();
+        let mut vm = MemVm::start(vec![0; 1000 * ps], ps, u32::MAX, 1).unwrap();
+        vm.pause().await.unwrap();
+        let mut out = StagedCheckpoint::default();
+        vm.capture(true, CaptureMode::PausedSend, &mut out)
+            .await
+            .unwrap();
+        vm.ram().set_writes_per_resume(Some(700));
+        let mut seen = BTreeSet::new();
+        for _ in 0..3 {
+            vm.resume().await.unwrap();
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            vm.pause().await.unwrap();
+            vm.capture(false, CaptureMode::PausedSend, &mut out)
+                .await
+                .unwrap();
+            assert_eq!(out.indices.len(), 701, "700 pages and page 0");
+            seen.extend(out.indices.iter().copied());
+        }
+        // Consecutive bursts move on through RAM rather than rewriting the same pages.
+        assert_eq!(seen.len(), 1000);
+        vm.ram().set_writes_per_resume(Some(0));
+        vm.resume().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        vm.pause().await.unwrap();
+        vm.capture(false, CaptureMode::PausedSend, &mut out)
+            .await
+            .unwrap();
+        assert!(out.indices.is_empty());
     }
 
     #[tokio::test]
