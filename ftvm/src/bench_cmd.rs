@@ -1,4 +1,4 @@
-//! `ftvm bench`: benchmarks that write JSON and a Markdown table.
+//! `ftvm bench`: benchmarks that write JSON, a Markdown table and a PNG plot.
 
 use std::path::PathBuf;
 
@@ -21,6 +21,18 @@ enum What {
     /// End to end: client response times, checkpoint pauses, send-updated-states time and VM
     /// idle rate for an unprotected VM and for each epoch × load × transport × capture mode.
     E2e(crate::bench_e2e::E2eArgs),
+    /// Capture modes: checkpoint pause and send-updated-states time against the dirty set, with
+    /// the in-memory VM and real agents, transports and replica over loopback.
+    Capture(crate::bench_capture::CaptureArgs),
+    /// Re-render the PNG plots from the JSON files a benchmark wrote.
+    Plot(PlotArgs),
+}
+
+#[derive(clap::Args)]
+struct PlotArgs {
+    /// Directory holding `capture.json`, `transport.json` and/or `e2e.json`.
+    #[arg(long, default_value = "docs/bench")]
+    dir: PathBuf,
 }
 
 #[derive(clap::Args)]
@@ -54,6 +66,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     match args.what {
         What::Transport(a) => transport(a),
         What::E2e(a) => crate::bench_e2e::run(a),
+        What::Capture(a) => crate::bench_capture::run(a),
+        What::Plot(a) => {
+            for p in crate::plot::all(&a.dir)? {
+                eprintln!("wrote {}", p.display());
+            }
+            Ok(0)
+        }
     }
 }
 
@@ -93,6 +112,12 @@ fn transport(a: TransportArgs) -> anyhow::Result<i32> {
     let table = report.to_markdown();
     std::fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
     println!("{table}");
-    eprintln!("wrote {} and {}", json.display(), md.display());
+    let png = crate::plot::transport(&a.out).context("plotting transport.png")?;
+    eprintln!(
+        "wrote {}, {} and {}",
+        json.display(),
+        md.display(),
+        png.display()
+    );
     Ok(0)
 }

@@ -134,6 +134,13 @@ pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
     let mdp = a.out.join("e2e.md");
     std::fs::write(&mdp, &md).with_context(|| format!("writing {}", mdp.display()))?;
     println!("{md}");
+    let png = crate::plot::e2e(&a.out).context("plotting e2e.png")?;
+    eprintln!(
+        "wrote {}, {} and {}",
+        json.display(),
+        mdp.display(),
+        png.display()
+    );
     Ok(0)
 }
 

@@ -7,11 +7,13 @@
 use clap::{Parser, Subcommand};
 
 mod agent_cmd;
+mod bench_capture;
 mod bench_cmd;
 mod bench_e2e;
 mod client_cmd;
 mod demo_cmd;
 mod deploy;
+mod plot;
 mod scenario_cmd;
 mod sim_cmd;
 mod vm_cmd;
@@ -44,7 +46,7 @@ enum Command {
     Vm(vm_cmd::Args),
     /// Run a scenario file on real hosts (`--real`) or once in the simulator.
     Scenario(scenario_cmd::Args),
-    /// Benchmarks (JSON + Markdown).
+    /// Benchmarks (JSON + Markdown + PNG plots).
     Bench(bench_cmd::Args),
     /// Drive the demo guest's counter service and report what a client saw (JSON on stdout).
     Client(client_cmd::Args),

@@ -1,0 +1,573 @@
+//! `ftvm bench capture`: checkpoint pause against the dirty set, per capture mode. A witness, a
+//! primary and a backup agent run in this process over loopback with the real transports and a
+//! real replica; the protected VM is the in-memory VM, whose guest writes exactly the requested
+//! number of distinct pages after each resume. Every capture mode × transport × dirty-set size
+//! runs in one go, interleaved, so the ratios between them are fair.
+
+use std::collections::BTreeMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use ftvm_model::{Config, NodeId, Start, VmId};
+use ftvm_real::agent::capture::CaptureMode;
+use ftvm_real::agent::mem_vm::{MemLauncher, MemRam};
+use ftvm_real::agent::{witness, Agent, AgentConfig, AgentError, AgentExit};
+use ftvm_real::transport::TransportKind;
+
+const VM: VmId = VmId(41);
+
+/// Arguments of `ftvm bench capture`.
+#[derive(clap::Args)]
+pub struct CaptureArgs {
+    /// Output directory for `capture.json`, `capture.md` and `capture.png`.
+    #[arg(long, default_value = "docs/bench")]
+    out: PathBuf,
+    /// Pages the guest writes per epoch (comma separated; 4 KiB pages, the write counter in
+    /// page 0 included).
+    #[arg(
+        long,
+        value_delimiter = ',',
+        default_value = "0,1000,2500,5000,10000,20000"
+    )]
+    dirty_pages: Vec<u64>,
+    /// Measured epochs per case (after the warm-up).
+    #[arg(long, default_value_t = 150)]
+    epochs: u64,
+    /// Incremental epochs left out at the start of each case.
+    #[arg(long, default_value_t = 10)]
+    warmup: u64,
+    /// Transports (comma separated).
+    #[arg(long, value_delimiter = ',', default_value = "copy")]
+    transport: Vec<String>,
+    /// Capture modes (comma separated; default: every implemented mode).
+    #[arg(long, value_delimiter = ',')]
+    capture: Vec<String>,
+    /// Guest RAM in MiB.
+    #[arg(long, default_value_t = 256)]
+    ram_mb: u64,
+    /// Epoch length in ms.
+    #[arg(long, default_value_t = 25)]
+    epoch_ms: u64,
+    /// Scratch directory for the replicas and metrics (on tmpfs, like a real replica).
+    #[arg(long, default_value = "/dev/shm/ftvm-bench-capture")]
+    work_dir: PathBuf,
+}
+
+/// One capture mode × transport × dirty-set size.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CaptureCase {
+    /// Capture mode.
+    pub capture: String,
+    /// Transport.
+    pub transport: String,
+    /// Pages the guest was asked to write per epoch.
+    pub target_pages: u64,
+    /// Epochs measured.
+    pub epochs: u64,
+    /// Median dirty pages per checkpoint, as captured.
+    pub dirty_p50: u64,
+    /// Median pause (stop → cont), µs.
+    pub pause_p50_us: u64,
+    /// 99th percentile pause, µs.
+    pub pause_p99_us: u64,
+    /// Median send-updated-states time, µs.
+    pub send_p50_us: u64,
+    /// 99th percentile send-updated-states time, µs.
+    pub send_p99_us: u64,
+    /// Median copy-to-staging time, µs.
+    pub copy_p50_us: u64,
+    /// Median checkpoint sent → acked, µs.
+    pub ack_p50_us: u64,
+    /// Share of wall time the VM was paused over the measured epochs.
+    pub idle_rate: f64,
+}
+
+/// The whole run.
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct CaptureReport {
+    /// Guest RAM, MiB.
+    pub ram_mb: u64,
+    /// Epoch length, ms.
+    pub epoch_ms: u64,
+    /// Incremental epochs skipped per case.
+    pub warmup: u64,
+    /// Every case, in the order run.
+    pub cases: Vec<CaptureCase>,
+}
+
+/// The fields of a `metrics.jsonl` line this benchmark reads.
+#[derive(Debug, Clone, Default, serde::Deserialize)]
+#[serde(default)]
+struct EpochLine {
+    full: bool,
+    pause_us: u64,
+    dirty_pages: u64,
+    send_us: u64,
+    copy_us: u64,
+    ack_us: u64,
+}
+
+/// Median of `v` (the mean of the two middle values for an even count); 0 when empty.
+pub fn median(v: &[u64]) -> u64 {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    match s.len() {
+        0 => 0,
+        n if n % 2 == 1 => s[n / 2],
+        n => (s[n / 2 - 1] + s[n / 2]) / 2,
+    }
+}
+
+/// The `p`-th percentile of `v` by nearest rank (the smallest value with at least `p`% of the
+/// values at or below it); 0 when empty.
+pub fn percentile(v: &[u64], p: u32) -> u64 {
+    let mut s = v.to_vec();
+    s.sort_unstable();
+    if s.is_empty() {
+        return 0;
+    }
+    let rank = (s.len() * p.min(100) as usize).div_ceil(100).max(1);
+    s[rank - 1]
+}
+
+/// Parses metrics lines; the incremental epochs after `warmup` of them, at most `epochs`.
+fn measured(text: &str, warmup: u64, epochs: u64) -> anyhow::Result<Vec<EpochLine>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let l: EpochLine = serde_json::from_str(line)
+            .with_context(|| format!("metrics line {}: {line:?}", i + 1))?;
+        if !l.full {
+            out.push(l);
+        }
+    }
+    Ok(out
+        .into_iter()
+        .skip(warmup as usize)
+        .take(epochs as usize)
+        .collect())
+}
+
+/// Aggregates the measured epochs of one case.
+fn aggregate(
+    capture: &str,
+    transport: &str,
+    target_pages: u64,
+    lines: &[EpochLine],
+    wall: Duration,
+) -> CaptureCase {
+    let col = |f: fn(&EpochLine) -> u64| lines.iter().map(f).collect::<Vec<u64>>();
+    let pauses = col(|l| l.pause_us);
+    let sends = col(|l| l.send_us);
+    let paused: u64 = pauses.iter().sum();
+    CaptureCase {
+        capture: capture.to_string(),
+        transport: transport.to_string(),
+        target_pages,
+        epochs: lines.len() as u64,
+        dirty_p50: median(&col(|l| l.dirty_pages)),
+        pause_p50_us: median(&pauses),
+        pause_p99_us: percentile(&pauses, 99),
+        send_p50_us: median(&sends),
+        send_p99_us: percentile(&sends, 99),
+        copy_p50_us: median(&col(|l| l.copy_us)),
+        ack_p50_us: median(&col(|l| l.ack_us)),
+        idle_rate: if wall.is_zero() {
+            0.0
+        } else {
+            (paused as f64 / wall.as_micros() as f64).min(1.0)
+        },
+    }
+}
+
+/// The Markdown table of a report.
+pub fn markdown(r: &CaptureReport) -> String {
+    let mut s = format!(
+        "Capture benchmark: in-memory VM with {} MiB RAM, {} ms epochs, primary and backup \
+         agents over loopback; {} warm-up epochs left out per case.\n\n\
+         | capture | transport | pages written/epoch | dirty p50 | epochs | pause p50 µs | \
+         pause p99 µs | send p50 µs | send p99 µs | copy p50 µs | ack p50 µs | VM idle rate |\n\
+         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+        r.ram_mb, r.epoch_ms, r.warmup
+    );
+    for c in &r.cases {
+        s += &format!(
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} |\n",
+            c.capture,
+            c.transport,
+            c.target_pages,
+            c.dirty_p50,
+            c.epochs,
+            c.pause_p50_us,
+            c.pause_p99_us,
+            c.send_p50_us,
+            c.send_p99_us,
+            c.copy_p50_us,
+            c.ack_p50_us,
+            c.idle_rate
+        );
+    }
+    s
+}
+
+/// Parses the capture-mode list (empty: every implemented mode).
+fn capture_modes(names: &[String]) -> anyhow::Result<Vec<CaptureMode>> {
+    if names.is_empty() {
+        return Ok(CaptureMode::ALL.to_vec());
+    }
+    names
+        .iter()
+        .map(|n| {
+            n.parse::<CaptureMode>()
+                .with_context(|| "--capture".to_string())
+        })
+        .collect()
+}
+
+/// Runs the capture benchmark.
+pub fn run(a: CaptureArgs) -> anyhow::Result<i32> {
+    let page = ftvm_real::dirty::page_size() as u64;
+    if a.epochs == 0 || a.epoch_ms == 0 || a.ram_mb == 0 {
+        anyhow::bail!("--epochs, --epoch-ms and --ram-mb must be positive");
+    }
+    let ram_pages = (a.ram_mb << 20) / page;
+    if a.dirty_pages.is_empty() {
+        anyhow::bail!("--dirty-pages needs at least one size");
+    }
+    for &d in &a.dirty_pages {
+        if d == 1 {
+            anyhow::bail!(
+                "--dirty-pages 1 cannot be produced: every guest write also bumps the counter in \
+                 page 0, so an epoch dirties 0 or at least 2 pages"
+            );
+        }
+        if d >= ram_pages {
+            anyhow::bail!(
+                "--dirty-pages {d} does not fit in {} MiB of RAM ({ram_pages} pages)",
+                a.ram_mb
+            );
+        }
+    }
+    let modes = capture_modes(&a.capture)?;
+    let transports = a
+        .transport
+        .iter()
+        .map(|t| t.parse::<TransportKind>())
+        .collect::<Result<Vec<_>, _>>()
+        .context("--transport")?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    let total = a.dirty_pages.len() * modes.len() * transports.len();
+    eprintln!(
+        "ftvm bench capture: {total} cases of {} epochs × {} ms; this takes about {} s",
+        a.epochs + a.warmup,
+        a.epoch_ms,
+        total as u64 * ((a.epochs + a.warmup) * a.epoch_ms / 1000 + 2)
+    );
+    let mut cases = Vec::new();
+    for &dirty in &a.dirty_pages {
+        for &t in &transports {
+            for &mode in &modes {
+                eprintln!(
+                    "[{}/{total}] capture {mode}, transport {t}, {dirty} pages per epoch",
+                    cases.len() + 1
+                );
+                let _ = std::fs::remove_dir_all(&a.work_dir);
+                let case = runtime
+                    .block_on(one_case(&a, mode, t, dirty, ram_pages))
+                    .with_context(|| format!("capture {mode}, transport {t}, {dirty} pages"))?;
+                eprintln!(
+                    "      dirty p50 {}, pause p50 {} µs p99 {} µs, send p50 {} µs, idle {:.3}",
+                    case.dirty_p50,
+                    case.pause_p50_us,
+                    case.pause_p99_us,
+                    case.send_p50_us,
+                    case.idle_rate
+                );
+                cases.push(case);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&a.work_dir);
+    let report = CaptureReport {
+        ram_mb: a.ram_mb,
+        epoch_ms: a.epoch_ms,
+        warmup: a.warmup,
+        cases,
+    };
+    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
+    let json = a.out.join("capture.json");
+    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
+        .with_context(|| format!("writing {}", json.display()))?;
+    let md = markdown(&report);
+    let mdp = a.out.join("capture.md");
+    std::fs::write(&mdp, &md).with_context(|| format!("writing {}", mdp.display()))?;
+    println!("{md}");
+    let png = crate::plot::capture(&report, &a.out).context("plotting capture.png")?;
+    eprintln!(
+        "wrote {}, {} and {}",
+        json.display(),
+        mdp.display(),
+        png.display()
+    );
+    Ok(0)
+}
+
+fn free_addr() -> anyhow::Result<SocketAddr> {
+    let l = TcpListener::bind("127.0.0.1:0").context("finding a free loopback port")?;
+    Ok(l.local_addr()?)
+}
+
+/// Where the agents and the witness listen.
+struct Net {
+    addrs: BTreeMap<NodeId, SocketAddr>,
+    witness: SocketAddr,
+}
+
+fn agent_config(
+    a: &CaptureArgs,
+    node: u32,
+    start: Start,
+    net: &Net,
+    ram_pages: u64,
+    mode: CaptureMode,
+    transport: TransportKind,
+) -> anyhow::Result<AgentConfig> {
+    let mut model = Config::new(VM, ram_pages, NodeId(0));
+    model.page_size = ftvm_real::dirty::page_size() as u32;
+    model.epoch_interval = Duration::from_millis(a.epoch_ms);
+    // Long pauses of a big dirty set must not pass for a dead peer.
+    model.failure_timeout = Duration::from_millis(2000);
+    model.rejoin_after_fence = None;
+    let d = a.work_dir.join(format!("n{node}"));
+    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    Ok(AgentConfig {
+        node: NodeId(node),
+        start,
+        model,
+        listen: net.addrs[&NodeId(node)],
+        peers: net.addrs.clone(),
+        witness: net.witness,
+        replica_dir: d.join("replica"),
+        replica_ram: d.join("replica.ram"),
+        transport,
+        capture: mode,
+        metrics: Some(d.join("metrics.jsonl")),
+        status_file: Some(d.join("status.json")),
+        verbose: false,
+        verify_every: None,
+    })
+}
+
+fn count_incremental(path: &Path) -> u64 {
+    std::fs::read_to_string(path)
+        .map(|s| s.lines().filter(|l| l.contains("\"full\":false")).count() as u64)
+        .unwrap_or(0)
+}
+
+type AgentTask = tokio::task::JoinHandle<Result<AgentExit, AgentError>>;
+
+/// Fails with the agent's own error if its task already ended.
+async fn check_alive(name: &str, task: &mut AgentTask) -> anyhow::Result<()> {
+    if task.is_finished() {
+        let r = task
+            .await
+            .with_context(|| format!("the {name} agent panicked"))?;
+        match r {
+            Ok(exit) => anyhow::bail!("the {name} agent stopped early ({exit:?})"),
+            Err(e) => return Err(e).with_context(|| format!("the {name} agent failed")),
+        }
+    }
+    Ok(())
+}
+
+async fn one_case(
+    a: &CaptureArgs,
+    mode: CaptureMode,
+    transport: TransportKind,
+    dirty: u64,
+    ram_pages: u64,
+) -> anyhow::Result<CaptureCase> {
+    std::fs::create_dir_all(&a.work_dir)
+        .with_context(|| format!("creating {}", a.work_dir.display()))?;
+    let wfile = a.work_dir.join("witness.json");
+    let net = Net {
+        addrs: [(NodeId(1), free_addr()?), (NodeId(2), free_addr()?)].into(),
+        witness: free_addr()?,
+    };
+    let w = witness::load_state(&wfile, VM, NodeId(1)).context("witness state")?;
+    let wtask = tokio::spawn(witness::serve(net.witness, wfile, w, false));
+    let pcfg = agent_config(a, 1, Start::Primary, &net, ram_pages, mode, transport)?;
+    let bcfg = agent_config(
+        a,
+        2,
+        Start::Backup { primary: NodeId(1) },
+        &net,
+        ram_pages,
+        mode,
+        transport,
+    )?;
+    let metrics = pcfg.metrics.clone().unwrap_or_default();
+    let launched: Arc<Mutex<Vec<MemRam>>> = Arc::default();
+    let launcher = |launched: Arc<Mutex<Vec<MemRam>>>| MemLauncher {
+        ram_bytes: (ram_pages * u64::from(pcfg.model.page_size)) as usize,
+        page_size: pcfg.model.page_size as usize,
+        pages_per_ms: u32::MAX,
+        seed: 3,
+        launched,
+    };
+    let primary = Agent::new(pcfg.clone(), launcher(launched.clone())).context("primary")?;
+    let backup = Agent::new(bcfg.clone(), launcher(Arc::default())).context("backup")?;
+    let (pstop, prx) = tokio::sync::oneshot::channel::<()>();
+    let (bstop, brx) = tokio::sync::oneshot::channel::<()>();
+    let mut ptask: AgentTask = tokio::spawn(primary.run(async {
+        let _ = prx.await;
+    }));
+    let mut btask: AgentTask = tokio::spawn(backup.run(async {
+        let _ = brx.await;
+    }));
+
+    let result = async {
+        // The guest writes flat out until its VM exists; then exactly `dirty` pages per epoch
+        // (page 0, the write counter, is one of them).
+        let t0 = Instant::now();
+        let ram = loop {
+            if let Some(r) = launched.lock().ok().and_then(|l| l.first().cloned()) {
+                break r;
+            }
+            check_alive("primary", &mut ptask).await?;
+            anyhow::ensure!(
+                t0.elapsed() < Duration::from_secs(20),
+                "the VM never booted"
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        ram.set_writes_per_resume(Some(dirty.saturating_sub(1)));
+
+        let limit =
+            Duration::from_secs(30) + Duration::from_millis(a.epoch_ms * (a.warmup + a.epochs) * 4);
+        let t0 = Instant::now();
+        let mut started: Option<Instant> = None;
+        let ended = loop {
+            let n = count_incremental(&metrics);
+            if n >= a.warmup && started.is_none() {
+                started = Some(Instant::now());
+            }
+            if n >= a.warmup + a.epochs {
+                break Instant::now();
+            }
+            check_alive("primary", &mut ptask).await?;
+            check_alive("backup", &mut btask).await?;
+            anyhow::ensure!(
+                t0.elapsed() < limit,
+                "only {n} of {} epochs acked in {limit:?}",
+                a.warmup + a.epochs
+            );
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        };
+        let wall = ended.duration_since(started.unwrap_or(ended));
+        let text = std::fs::read_to_string(&metrics)
+            .with_context(|| format!("reading {}", metrics.display()))?;
+        let lines = measured(&text, a.warmup, a.epochs)?;
+        Ok(aggregate(
+            mode.name(),
+            transport.name(),
+            dirty,
+            &lines,
+            wall,
+        ))
+    }
+    .await;
+
+    // The backup goes first, so the primary does not ask the witness to fail it over.
+    let _ = bstop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), &mut btask).await;
+    let _ = pstop.send(());
+    let _ = tokio::time::timeout(Duration::from_secs(5), &mut ptask).await;
+    btask.abort();
+    ptask.abort();
+    wtask.abort();
+    result
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_percentile() {
+        assert_eq!(median(&[]), 0);
+        assert_eq!(median(&[7]), 7);
+        assert_eq!(median(&[9, 1, 5]), 5);
+        assert_eq!(median(&[4, 1, 3, 2]), 2);
+        assert_eq!(median(&[10, 20]), 15);
+        let v: Vec<u64> = (1..=100).rev().collect();
+        assert_eq!(percentile(&v, 99), 99);
+        assert_eq!(percentile(&v, 50), 50);
+        assert_eq!(percentile(&v, 100), 100);
+        assert_eq!(percentile(&v, 0), 1);
+        // Nearest rank: with 10 values the p99 is the largest one, not the 9th.
+        let v: Vec<u64> = (1..=10).collect();
+        assert_eq!(percentile(&v, 99), 10);
+        assert_eq!(percentile(&v, 90), 9);
+        assert_eq!(percentile(&[], 99), 0);
+    }
+
+    #[test]
+    fn measured_skips_full_syncs_and_the_warmup() {
+        let text = [
+            r#"{"epoch":1,"full":true,"pause_us":90000,"dirty_pages":65536}"#,
+            r#"{"epoch":2,"full":false,"pause_us":100,"dirty_pages":10}"#,
+            r#"{"epoch":3,"full":false,"pause_us":200,"dirty_pages":20,"send_us":5}"#,
+            "",
+            r#"{"epoch":4,"full":false,"pause_us":300,"dirty_pages":30,"send_us":7}"#,
+            r#"{"epoch":5,"full":false,"pause_us":400,"dirty_pages":40,"send_us":9}"#,
+        ]
+        .join("\n");
+        let m = measured(&text, 1, 2).unwrap();
+        assert_eq!(
+            m.iter().map(|l| l.pause_us).collect::<Vec<_>>(),
+            vec![200, 300]
+        );
+        let c = aggregate("staged", "copy", 30, &m, Duration::from_millis(10));
+        assert_eq!(c.epochs, 2);
+        assert_eq!(c.pause_p50_us, 250);
+        assert_eq!(c.pause_p99_us, 300);
+        assert_eq!(c.dirty_p50, 25);
+        assert_eq!(c.send_p50_us, 6);
+        assert!((c.idle_rate - 0.05).abs() < 1e-9, "{}", c.idle_rate);
+        let e = measured("{\"full\":false}\nnot json", 0, 9).unwrap_err();
+        assert!(format!("{e:#}").contains("metrics line 2"), "{e:#}");
+    }
+
+    #[test]
+    fn markdown_has_a_row_per_case() {
+        let c = aggregate("cow", "copy", 0, &[], Duration::ZERO);
+        let r = CaptureReport {
+            ram_mb: 256,
+            epoch_ms: 25,
+            warmup: 10,
+            cases: vec![
+                c.clone(),
+                CaptureCase {
+                    capture: "staged".into(),
+                    ..c
+                },
+            ],
+        };
+        let md = markdown(&r);
+        assert_eq!(md.lines().filter(|l| l.starts_with("| cow ")).count(), 1);
+        assert_eq!(md.lines().filter(|l| l.starts_with("| staged ")).count(), 1);
+        assert!(md.contains("256 MiB"));
+        assert!(capture_modes(&["nope".into()]).is_err());
+        assert_eq!(capture_modes(&[]).unwrap(), CaptureMode::ALL.to_vec());
+    }
+}

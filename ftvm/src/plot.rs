@@ -1,0 +1,468 @@
+//! PNG plots of the benchmark JSON files (`plotters`, bitmap backend). Text is drawn with DejaVu
+//! Sans, loaded at run time from Debian's `fonts-dejavu-core` (installed by
+//! `real/host/install-deps.sh`) or from the file named by `FTVM_FONT`; nothing is embedded.
+
+use std::path::{Path, PathBuf};
+use std::sync::OnceLock;
+
+use anyhow::{anyhow, Context};
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+use crate::bench_capture::CaptureReport;
+
+/// Where `fonts-dejavu-core` puts its sans-serif face.
+const DEJAVU: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
+const FONT: &str = "sans-serif";
+const SIZE: (u32, u32) = (1400, 560);
+
+/// Series colours (Okabe–Ito, readable for colour-blind eyes).
+const COLOURS: [RGBColor; 8] = [
+    RGBColor(0, 114, 178),
+    RGBColor(213, 94, 0),
+    RGBColor(0, 158, 115),
+    RGBColor(204, 121, 167),
+    RGBColor(230, 159, 0),
+    RGBColor(86, 180, 233),
+    RGBColor(120, 120, 120),
+    RGBColor(0, 0, 0),
+];
+
+/// Registers the font once; every later call reports the first outcome.
+fn font() -> anyhow::Result<()> {
+    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+    DONE.get_or_init(|| {
+        let path = std::env::var_os("FTVM_FONT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from(DEJAVU));
+        let bytes = std::fs::read(&path).map_err(|e| {
+            format!(
+                "no font for the plot labels at {} ({e}): install fonts-dejavu-core \
+                 (bash real/host/install-deps.sh) or point FTVM_FONT at a TrueType file",
+                path.display()
+            )
+        })?;
+        let bytes: &'static [u8] = Box::leak(bytes.into_boxed_slice());
+        for style in [FontStyle::Normal, FontStyle::Bold] {
+            plotters::style::register_font(FONT, style, bytes)
+                .map_err(|_| format!("{} is not a usable TrueType font", path.display()))?;
+        }
+        Ok(())
+    })
+    .clone()
+    .map_err(|e| anyhow!(e))
+}
+
+/// One line of a chart.
+struct Series {
+    label: String,
+    points: Vec<(f64, f64)>,
+    colour: usize,
+    dashed: bool,
+}
+
+/// One chart. With `log2_x` the x values are plotted as their base-2 logarithm and labelled
+/// with the value itself.
+struct Panel {
+    title: String,
+    x_label: String,
+    y_label: String,
+    log2_x: bool,
+    series: Vec<Series>,
+}
+
+fn plot_err<E: std::fmt::Display>(e: E) -> anyhow::Error {
+    anyhow!("drawing: {e}")
+}
+
+/// A range that holds `values`, widened a little (and never empty).
+fn span(values: impl Iterator<Item = f64>, from_zero: bool) -> (f64, f64) {
+    let (mut lo, mut hi) = (f64::INFINITY, f64::NEG_INFINITY);
+    for v in values.filter(|v| v.is_finite()) {
+        lo = lo.min(v);
+        hi = hi.max(v);
+    }
+    if !lo.is_finite() {
+        return (0.0, 1.0);
+    }
+    if from_zero {
+        lo = lo.min(0.0);
+    }
+    let pad = if hi > lo { (hi - lo) * 0.05 } else { 1.0 };
+    (if from_zero { lo } else { lo - pad }, hi + pad)
+}
+
+fn draw_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, p: &Panel) -> anyhow::Result<()> {
+    let tx = |x: f64| if p.log2_x { x.max(1e-9).log2() } else { x };
+    let (x0, x1) = span(
+        p.series
+            .iter()
+            .flat_map(|s| s.points.iter().map(|q| tx(q.0))),
+        !p.log2_x,
+    );
+    let (_, y1) = span(
+        p.series.iter().flat_map(|s| s.points.iter().map(|q| q.1)),
+        true,
+    );
+    let mut chart = ChartBuilder::on(area)
+        .caption(&p.title, (FONT, 22))
+        .margin(14)
+        .x_label_area_size(48)
+        .y_label_area_size(70)
+        .build_cartesian_2d(x0..x1, 0.0..y1)
+        .map_err(plot_err)?;
+    let log2 = p.log2_x;
+    let x_fmt = move |v: &f64| {
+        if log2 {
+            format!("{}", 2f64.powf(*v).round())
+        } else {
+            format!("{v}")
+        }
+    };
+    chart
+        .configure_mesh()
+        .x_desc(&p.x_label)
+        .y_desc(&p.y_label)
+        .x_label_formatter(&x_fmt)
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 17))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(plot_err)?;
+    for s in &p.series {
+        let colour = COLOURS[s.colour % COLOURS.len()];
+        let mut pts: Vec<(f64, f64)> = s.points.iter().map(|&(x, y)| (tx(x), y)).collect();
+        pts.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let style = colour.stroke_width(if s.dashed { 2 } else { 3 });
+        let anno = if s.dashed {
+            chart
+                .draw_series(DashedLineSeries::new(pts.clone(), 8, 6, style))
+                .map_err(plot_err)?
+        } else {
+            chart
+                .draw_series(LineSeries::new(pts.clone(), style))
+                .map_err(plot_err)?;
+            chart
+                .draw_series(pts.iter().map(|&q| Circle::new(q, 4, colour.filled())))
+                .map_err(plot_err)?
+        };
+        let dashed = s.dashed;
+        anno.label(s.label.clone()).legend(move |(x, y)| {
+            let w = if dashed { 1 } else { 3 };
+            PathElement::new(vec![(x, y), (x + 22, y)], colour.stroke_width(w))
+        });
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .label_font((FONT, 15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(180, 180, 180))
+        .draw()
+        .map_err(plot_err)?;
+    Ok(())
+}
+
+/// Draws `panels` side by side into `path`.
+fn render(path: &Path, panels: &[Panel]) -> anyhow::Result<()> {
+    font()?;
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    for (area, p) in root
+        .split_evenly((1, panels.len().max(1)))
+        .iter()
+        .zip(panels)
+    {
+        draw_panel(area, p)?;
+    }
+    root.present()
+        .map_err(plot_err)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
+/// `capture.png`: the pause against the dirty set per capture mode (median solid, p99 dashed)
+/// and the send-updated-states time.
+pub fn capture(r: &CaptureReport, dir: &Path) -> anyhow::Result<PathBuf> {
+    let mut keys: Vec<(String, String)> = Vec::new();
+    for c in &r.cases {
+        let k = (c.capture.clone(), c.transport.clone());
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let one_transport = keys.iter().all(|k| k.1 == keys[0].1);
+    let label = |k: &(String, String)| {
+        if one_transport {
+            k.0.clone()
+        } else {
+            format!("{} / {}", k.0, k.1)
+        }
+    };
+    let ms = |us: u64| us as f64 / 1000.0;
+    let series = |f: &dyn Fn(&crate::bench_capture::CaptureCase) -> f64, suffix: &str, dashed| {
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| Series {
+                label: format!("{}{suffix}", label(k)),
+                points: r
+                    .cases
+                    .iter()
+                    .filter(|c| c.capture == k.0 && c.transport == k.1)
+                    .map(|c| (c.dirty_p50 as f64, f(c)))
+                    .collect(),
+                colour: i,
+                dashed,
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut pause = series(&|c| ms(c.pause_p50_us), " median", false);
+    pause.extend(series(&|c| ms(c.pause_p99_us), " p99", true));
+    let transport = if one_transport {
+        format!(", {}", keys.first().map_or("", |k| k.1.as_str()))
+    } else {
+        String::new()
+    };
+    let panels = [
+        Panel {
+            title: format!(
+                "Checkpoint pause ({} MiB in-memory VM, {} ms epochs{transport})",
+                r.ram_mb, r.epoch_ms
+            ),
+            x_label: "dirty pages per epoch (4 KiB)".into(),
+            y_label: "pause (ms)".into(),
+            log2_x: false,
+            series: pause,
+        },
+        Panel {
+            title: "Send updated states (median)".into(),
+            x_label: "dirty pages per epoch (4 KiB)".into(),
+            y_label: "capture done → sent (ms)".into(),
+            log2_x: false,
+            series: series(&|c| ms(c.send_p50_us), "", false),
+        },
+    ];
+    let path = dir.join("capture.png");
+    render(&path, &panels)?;
+    Ok(path)
+}
+
+#[derive(serde::Deserialize)]
+struct TransportReport {
+    paths: Vec<TransportPath>,
+}
+
+#[derive(serde::Deserialize)]
+struct TransportPath {
+    path: String,
+    #[serde(default)]
+    skipped: Option<String>,
+    #[serde(default)]
+    raw_tcp: Option<TransportCase>,
+    #[serde(default)]
+    cases: Vec<TransportCase>,
+}
+
+#[derive(serde::Deserialize)]
+struct TransportCase {
+    transport: String,
+    batch_bytes: u64,
+    gib_per_s: f64,
+    #[serde(default)]
+    error: Option<String>,
+}
+
+/// `transport.png` from `transport.json`: throughput per transport against the batch size, one
+/// panel per path (loopback, veth).
+pub fn transport(dir: &Path) -> anyhow::Result<PathBuf> {
+    let json = dir.join("transport.json");
+    let r: TransportReport = read_json(&json)?;
+    let panels: Vec<Panel> = r
+        .paths
+        .iter()
+        .filter(|p| p.skipped.is_none())
+        .map(|p| {
+            let mut names: Vec<&str> = Vec::new();
+            for c in p.raw_tcp.iter().chain(&p.cases) {
+                if !names.contains(&c.transport.as_str()) {
+                    names.push(&c.transport);
+                }
+            }
+            let series = names
+                .iter()
+                .enumerate()
+                .map(|(i, name)| Series {
+                    label: name.to_string(),
+                    points: p
+                        .raw_tcp
+                        .iter()
+                        .chain(&p.cases)
+                        .filter(|c| c.transport == *name && c.error.is_none())
+                        .map(|c| ((c.batch_bytes >> 10) as f64, c.gib_per_s))
+                        .collect(),
+                    colour: i,
+                    dashed: p.raw_tcp.as_ref().is_some_and(|r| r.transport == *name),
+                })
+                .collect();
+            Panel {
+                title: format!("Transports over {}", p.path),
+                x_label: "batch (KiB of scattered 4 KiB pages)".into(),
+                y_label: "GiB/s (median)".into(),
+                log2_x: true,
+                series,
+            }
+        })
+        .collect();
+    if panels.is_empty() {
+        anyhow::bail!("{} has no measured path", json.display());
+    }
+    let path = dir.join("transport.png");
+    render(&path, &panels)?;
+    Ok(path)
+}
+
+#[derive(serde::Deserialize)]
+struct E2eRow {
+    config: String,
+    #[serde(default)]
+    epoch_ms: Option<u64>,
+    dirty_pages_per_s: u64,
+    #[serde(default)]
+    transport: Option<String>,
+    #[serde(default)]
+    capture: Option<String>,
+    resp_p50_us: u64,
+    idle_rate: f64,
+}
+
+/// `e2e.png` from `e2e.json`: client response time (median) and VM idle rate against the epoch
+/// length, per load × transport × capture mode; the unprotected VM's response time dashed.
+pub fn e2e(dir: &Path) -> anyhow::Result<PathBuf> {
+    let json = dir.join("e2e.json");
+    let rows: Vec<E2eRow> = read_json(&json)?;
+    let protected: Vec<&E2eRow> = rows.iter().filter(|r| r.epoch_ms.is_some()).collect();
+    if protected.is_empty() {
+        anyhow::bail!("{} has no protected configuration", json.display());
+    }
+    let (lo, hi) = protected.iter().fold((u64::MAX, 0), |(lo, hi), r| {
+        let e = r.epoch_ms.unwrap_or(0);
+        (lo.min(e), hi.max(e))
+    });
+    let mut keys: Vec<(u64, String, String)> = Vec::new();
+    for r in &protected {
+        let k = (
+            r.dirty_pages_per_s,
+            r.transport.clone().unwrap_or_default(),
+            r.capture.clone().unwrap_or_default(),
+        );
+        if !keys.contains(&k) {
+            keys.push(k);
+        }
+    }
+    let label = |k: &(u64, String, String)| format!("{} pages/s, {}, {}", k.0, k.1, k.2);
+    let series = |f: &dyn Fn(&E2eRow) -> f64| -> Vec<Series> {
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| Series {
+                label: label(k),
+                points: protected
+                    .iter()
+                    .filter(|r| {
+                        r.dirty_pages_per_s == k.0
+                            && r.transport.clone().unwrap_or_default() == k.1
+                            && r.capture.clone().unwrap_or_default() == k.2
+                    })
+                    .map(|r| (r.epoch_ms.unwrap_or(0) as f64, f(r)))
+                    .collect(),
+                colour: i,
+                dashed: false,
+            })
+            .collect()
+    };
+    let mut resp = series(&|r| r.resp_p50_us as f64 / 1000.0);
+    for (i, r) in rows
+        .iter()
+        .filter(|r| r.config == "unprotected")
+        .enumerate()
+    {
+        let y = r.resp_p50_us as f64 / 1000.0;
+        resp.push(Series {
+            label: format!("unprotected, {} pages/s", r.dirty_pages_per_s),
+            points: vec![(lo as f64, y), (hi as f64, y)],
+            colour: COLOURS.len() - 1 - i,
+            dashed: true,
+        });
+    }
+    let panels = [
+        Panel {
+            title: "Client response time (median)".into(),
+            x_label: "epoch (ms)".into(),
+            y_label: "response (ms)".into(),
+            log2_x: false,
+            series: resp,
+        },
+        Panel {
+            title: "VM idle rate (share of time paused)".into(),
+            x_label: "epoch (ms)".into(),
+            y_label: "idle rate".into(),
+            log2_x: false,
+            series: series(&|r| r.idle_rate),
+        },
+    ];
+    let path = dir.join("e2e.png");
+    render(&path, &panels)?;
+    Ok(path)
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
+}
+
+/// `ftvm bench plot`: re-renders every plot whose JSON is in `dir`.
+pub fn all(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
+    let mut done = Vec::new();
+    let capture = dir.join("capture.json");
+    if capture.exists() {
+        let r: CaptureReport = read_json(&capture)?;
+        done.push(self::capture(&r, dir)?);
+    }
+    if dir.join("transport.json").exists() {
+        done.push(transport(dir)?);
+    }
+    if dir.join("e2e.json").exists() {
+        done.push(e2e(dir)?);
+    }
+    if done.is_empty() {
+        anyhow::bail!(
+            "{} has none of capture.json, transport.json, e2e.json: run a benchmark first",
+            dir.display()
+        );
+    }
+    Ok(done)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn span_pads_and_never_collapses() {
+        assert_eq!(span([].into_iter(), true), (0.0, 1.0));
+        assert_eq!(span([5.0].into_iter(), true), (0.0, 5.25));
+        assert_eq!(span([3.0, 3.0].into_iter(), false), (2.0, 4.0));
+        let (lo, hi) = span([10.0, 20.0, f64::NAN].into_iter(), false);
+        assert_eq!((lo, hi), (9.5, 20.5));
+    }
+
+    #[test]
+    fn plot_all_wants_some_json_and_rejects_a_broken_file() {
+        let dir = std::env::temp_dir().join(format!("ftvm-plot-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let e = all(&dir).unwrap_err();
+        assert!(e.to_string().contains("run a benchmark first"), "{e}");
+        std::fs::write(dir.join("transport.json"), "{\"paths\": 3}").unwrap();
+        let e = all(&dir).unwrap_err();
+        assert!(format!("{e:#}").contains("parsing"), "{e:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
