@@ -107,3 +107,11 @@ combination!(
     CaptureMode::PausedSend
 );
 combination!(auto_staged, TransportKind::Auto, CaptureMode::Staged);
+combination!(copy_cow, TransportKind::Copy, CaptureMode::Cow);
+combination!(
+    msg_zerocopy_cow,
+    TransportKind::MsgZeroCopy,
+    CaptureMode::Cow
+);
+combination!(uring_zc_cow, TransportKind::UringZc, CaptureMode::Cow);
+combination!(auto_cow, TransportKind::Auto, CaptureMode::Cow);

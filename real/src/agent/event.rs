@@ -2,6 +2,7 @@
 
 use ftvm_model::{Epoch, PeerMsg, WitnessReply};
 
+use super::cow::CowStats;
 use crate::replica::StagedCheckpoint;
 use crate::transport::TransportStats;
 
@@ -72,6 +73,8 @@ pub enum Event {
         send_us: u64,
         /// Transport counters after the send.
         stats: TransportStats,
+        /// What copy-on-write cost it (zero in other capture modes).
+        cow: CowStats,
         /// The buffer.
         staged: StagedCheckpoint,
     },

@@ -3,8 +3,10 @@
 //! byte stream incrementally (`ftvm_model::wire::StreamDecoder`) and stages arriving checkpoints.
 //! Both report to the agent's event loop through a channel.
 
+use std::collections::VecDeque;
 use std::io::{IoSlice, Read};
 use std::net::{Shutdown, TcpStream};
+use std::ops::Range;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
@@ -15,10 +17,11 @@ use ftvm_model::wire::{
 use ftvm_model::{Epoch, Generation, PeerMsg, VmId};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::cow::CowCheckpoint;
 use super::event::{ConnId, Event};
 use crate::dirty::GuestRam;
 use crate::replica::StagedCheckpoint;
-use crate::transport::{self, Transport, TransportKind, TransportOptions};
+use crate::transport::{self, SendTicket, Transport, TransportKind, TransportOptions};
 
 /// Something to send on a link.
 pub enum Outgoing {
@@ -36,6 +39,9 @@ pub enum Outgoing {
     },
     /// A checkpoint whose pages are sent straight from guest RAM (paused-send).
     PausedSend(PausedPages),
+    /// A copy-on-write checkpoint: pages sent from write-protected guest RAM while the VM runs,
+    /// or from the copies its fault handler made.
+    Cow(Box<CowPages>),
 }
 
 impl Outgoing {
@@ -45,6 +51,7 @@ impl Outgoing {
             Outgoing::Peer(_) => None,
             Outgoing::Checkpoint { staged, .. } => Some(staged),
             Outgoing::PausedSend(p) => Some(p.staged),
+            Outgoing::Cow(c) => Some(c.staged),
         }
     }
 }
@@ -81,6 +88,33 @@ impl PausedPages {
             full,
             staged,
             ram,
+        }
+    }
+}
+
+/// A copy-on-write checkpoint: `staged` holds the page indices (those of `cow`) and the device
+/// state; the pages come from `cow`. Dropping it finishes the checkpoint (writes to its pages no
+/// longer wait), which the writer does only after the transport released them or was dropped.
+pub struct CowPages {
+    generation: Generation,
+    full: bool,
+    staged: StagedCheckpoint,
+    cow: CowCheckpoint,
+}
+
+impl CowPages {
+    /// A checkpoint of the pages of `cow` (whose indices `staged.indices` must equal).
+    pub fn new(
+        generation: Generation,
+        full: bool,
+        staged: StagedCheckpoint,
+        cow: CowCheckpoint,
+    ) -> CowPages {
+        CowPages {
+            generation,
+            full,
+            staged,
+            cow,
         }
     }
 }
@@ -187,7 +221,7 @@ fn serve(
     bufs: &mut FrameBufs,
 ) -> String {
     while let Ok(out) = rx.recv() {
-        let (generation, full, staged, ram) = match out {
+        let (generation, full, staged, ram, cow) = match out {
             Outgoing::Peer(msg) => {
                 let frame = wire::encode_peer(vm, &msg);
                 if let Err(e) = t.send_and_wait(&[IoSlice::new(&frame)]) {
@@ -199,12 +233,14 @@ fn serve(
                 generation,
                 full,
                 staged,
-            } => (generation, full, staged, None),
-            Outgoing::PausedSend(p) => (p.generation, p.full, p.staged, Some(p.ram)),
+            } => (generation, full, staged, None, None),
+            Outgoing::PausedSend(p) => (p.generation, p.full, p.staged, Some(p.ram), None),
+            Outgoing::Cow(c) => (c.generation, c.full, c.staged, None, Some(c.cow)),
         };
-        let pages = match &ram {
-            None => Pages::Staged(&staged.data),
-            Some(ram) => Pages::Ram(ram),
+        let pages = match (&ram, &cow) {
+            (Some(ram), _) => Pages::Ram(ram),
+            (None, Some(cow)) => Pages::Cow(cow),
+            (None, None) => Pages::Staged(&staged.data),
         };
         let started = Instant::now();
         let frame = Frame {
@@ -215,17 +251,20 @@ fn serve(
         };
         match send_checkpoint(t.as_mut(), &frame, &staged, pages, bufs) {
             Ok(bytes) => {
-                // Everything is released: the buffer may be reused and the VM may run.
+                // Everything is released: the buffer may be reused and the VM may run (and
+                // write the pages of a cow checkpoint without waiting).
                 drop(ram);
+                let cow = cow.map(CowCheckpoint::finish).unwrap_or_default();
                 let _ = events.send(Event::CheckpointSent {
                     epoch: Epoch(staged.epoch),
                     bytes,
                     send_us: started.elapsed().as_micros() as u64,
                     stats: t.stats(),
+                    cow,
                     staged,
                 });
             }
-            // `staged` and `ram` are dropped after the transport.
+            // `staged`, `ram` and `cow` are dropped after the transport.
             Err(e) => return fail(t, format!("checkpoint send: {e}")),
         }
     }
@@ -238,6 +277,9 @@ enum Pages<'a> {
     Staged(&'a [u8]),
     /// In guest RAM, held still by the paused VM ([`PausedPages::new`]).
     Ram(&'a GuestRam),
+    /// In write-protected guest RAM or in the fault handler's copies; a page must be claimed
+    /// before it is read, and stays still until released.
+    Cow(&'a CowCheckpoint),
 }
 
 impl Pages<'_> {
@@ -251,6 +293,10 @@ impl Pages<'_> {
                 .page(index)
                 .filter(|p| p.len() == ps)
                 .ok_or_else(|| format!("page {index} is not a {ps}-byte page of guest RAM")),
+            Pages::Cow(cow) => cow
+                .page(i)
+                .filter(|p| p.len() == ps && cow.indices().get(i) == Some(&index))
+                .ok_or_else(|| format!("page {index} (#{i}) of the cow checkpoint is not claimed")),
         }
     }
 }
@@ -297,15 +343,25 @@ fn send_checkpoint(
         // does before releasing anything): `bufs` is owned by the writer and each slot is written
         // only before its own send; the staging buffer is owned by this frame's `Outgoing`; guest
         // RAM pages are held still by the paused VM, as `PausedPages::new` requires of its
-        // caller, and mapped as long as the `Outgoing`'s `Arc<GuestRam>` lives.
+        // caller, and mapped as long as the `Outgoing`'s `Arc<GuestRam>` lives; cow pages are
+        // claimed before this send and stay write-protected (or are the handler's immutable
+        // copies) until released below, and the `CowCheckpoint` (holding the mapping and the
+        // copies) is dropped only after the transport.
         unsafe { t.send(segs) }.map_err(|e| e.to_string())
     };
     send(t, &[IoSlice::new(&bufs.prefix)])?;
     // Pages go out in batches as the checksum runs over them, so bytes start flowing at once
     // (the receiver counts them as signs of life) instead of after a pass over every page; no
     // batch waits for the previous one to be released.
+    // cow: batches handed to the transport and not yet released, oldest first.
+    let mut in_flight: VecDeque<(SendTicket, Range<usize>)> = VecDeque::new();
     for first in (0..n).step_by(PAGES_PER_BATCH) {
         let last = (first + PAGES_PER_BATCH).min(n);
+        if let Pages::Cow(cow) = &pages {
+            // Before the checksum reads them: from here on a guest write to these pages waits
+            // (or, for pages it already copied, the copy is what is read).
+            cow.claim(first..last).map_err(|e| e.to_string())?;
+        }
         for i in first..last {
             let index = staged.indices[i];
             bufs.records[i] = enc
@@ -317,7 +373,19 @@ fn send_checkpoint(
             segs.push(IoSlice::new(&bufs.records[i]));
             segs.push(IoSlice::new(pages.get(i, staged.indices[i], ps)?));
         }
-        send(t, &segs)?;
+        let ticket = send(t, &segs)?;
+        if let Pages::Cow(cow) = &pages {
+            // Let writes to released batches go ahead now rather than at the end of the frame.
+            in_flight.push_back((ticket, first..last));
+            let released = t.poll_released().map_err(|e| e.to_string())?;
+            while let Some((tk, range)) = in_flight.front() {
+                if *tk > released {
+                    break;
+                }
+                cow.released(range.clone());
+                in_flight.pop_front();
+            }
+        }
     }
     enc.device(&staged.device).map_err(|e| e.to_string())?;
     bufs.trailer = enc.finish().map_err(|e| e.to_string())?;
@@ -326,6 +394,11 @@ fn send_checkpoint(
         &[IoSlice::new(&staged.device), IoSlice::new(&bufs.trailer)],
     )?;
     t.wait_released(last).map_err(|e| e.to_string())?;
+    if let Pages::Cow(cow) = &pages {
+        for (_, range) in in_flight {
+            cow.released(range);
+        }
+    }
     Ok(bytes)
 }
 

@@ -4,6 +4,11 @@
 //! It stands in for QEMU so the agent's protocol plumbing (links, witness, replica, failover,
 //! capture modes) can be tested in seconds.
 //!
+//! In [`CaptureMode::Cow`] the guest's writable mapping is registered with a blocking
+//! write-protect userfaultfd ([`CowEngine`], from the first cow capture on): its guest thread then
+//! faults on protected pages like a vCPU would, and the dirty log comes from those faults. Each
+//! capture cross-checks that log against the pages the guest itself recorded writing.
+//!
 //! Pausing is exact: the guest writes only while holding the state lock and seeing `running`, so
 //! once [`Vm::pause`] returned no guest write happens until [`Vm::resume`].
 
@@ -19,8 +24,9 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 use super::capture::CaptureMode;
+use super::cow::{CowCheckpoint, CowEngine};
 use super::vm::{CaptureStats, RestorePoint, Vm, VmError, VmLauncher};
-use crate::dirty::{GuestRam, GuestRamMut};
+use crate::dirty::{GuestRam, GuestRamMut, HandedUffd};
 use crate::replica::StagedCheckpoint;
 
 /// Guest writes per turn of the state lock: short enough that a pause never waits long.
@@ -115,6 +121,10 @@ impl MemRam {
 pub struct MemVm {
     shared: Arc<Shared>,
     page_size: usize,
+    /// Copy-on-write fault handling, from the first cow capture on.
+    cow: Option<CowEngine>,
+    /// The checkpoint of the last cow capture, until the agent takes it.
+    cow_checkpoint: Option<CowCheckpoint>,
 }
 
 /// A memfd of `contents.len()` bytes holding `contents`, mapped writable and read-only.
@@ -186,7 +196,12 @@ impl MemVm {
             .name("mem-vm-guest".into())
             .spawn(move || guest(&s, pages, pages_per_ms, seed))
             .map_err(|e| VmError::failed("start the guest thread", e))?;
-        Ok(MemVm { shared, page_size })
+        Ok(MemVm {
+            shared,
+            page_size,
+            cow: None,
+            cow_checkpoint: None,
+        })
     }
 
     /// Shared view of this VM's RAM.
@@ -209,6 +224,81 @@ impl MemVm {
             s.dead = true;
             s.running = false;
         });
+    }
+}
+
+impl MemVm {
+    /// A capture with the dirty log of the copy-on-write engine (started here on first use:
+    /// that capture takes every page, since earlier writes were not logged).
+    fn capture_cow(
+        &mut self,
+        full: bool,
+        mode: CaptureMode,
+        out: &mut StagedCheckpoint,
+    ) -> Result<CaptureStats, VmError> {
+        let ps = self.page_size;
+        let (shared, cow, slot) = (self.shared.clone(), &mut self.cow, &mut self.cow_checkpoint);
+        shared.with(|s| {
+            if s.dead {
+                return Err(VmError::Died("killed".into()));
+            }
+            if s.running {
+                return Err(VmError::failed("capture", "the VM is running"));
+            }
+            let fresh = cow.is_none();
+            if fresh {
+                // The guest holds the state lock while it writes, so none is mid-write now.
+                let uffd = HandedUffd::register_local(s.ram.base_addr(), s.ram.bytes())
+                    .map_err(|e| VmError::failed("cow capture", e))?;
+                *cow = Some(
+                    CowEngine::start(uffd, shared.ram.clone())
+                        .map_err(|e| VmError::failed("cow capture", e))?,
+                );
+            }
+            let engine = cow
+                .as_ref()
+                .ok_or_else(|| VmError::failed("cow capture", "no engine"))?;
+            let all = full || fresh;
+            let (pages, scan_us) = if mode == CaptureMode::Cow {
+                let (cp, st) = engine
+                    .begin(all)
+                    .map_err(|e| VmError::failed("cow capture", e))?;
+                let pages = cp.indices().to_vec();
+                *slot = Some(cp);
+                (pages, st.us)
+            } else {
+                let (pages, st) = engine
+                    .rearm(all)
+                    .map_err(|e| VmError::failed("capture", e))?;
+                (pages, st.us)
+            };
+            // Every page the guest wrote must have faulted.
+            if !all {
+                if let Some(p) = s.dirty.iter().find(|p| pages.binary_search(p).is_err()) {
+                    *slot = None;
+                    return Err(VmError::failed(
+                        "cow capture",
+                        format!("the fault log missed page {p} that the guest wrote"),
+                    ));
+                }
+            }
+            s.dirty.clear();
+            out.data.clear();
+            if mode.copies_pages() {
+                out.data.reserve(pages.len() * ps);
+                for &p in &pages {
+                    out.data
+                        .extend_from_slice(s.ram.page(p).unwrap_or_default());
+                }
+            }
+            out.indices = pages;
+            out.device = s.writes.to_le_bytes().to_vec();
+            Ok(CaptureStats {
+                pages: out.indices.len() as u64,
+                scan_us,
+                ..CaptureStats::default()
+            })
+        })?
     }
 }
 
@@ -313,6 +403,9 @@ impl Vm for MemVm {
         mode: CaptureMode,
         out: &mut StagedCheckpoint,
     ) -> Result<CaptureStats, VmError> {
+        if mode == CaptureMode::Cow || self.cow.is_some() {
+            return self.capture_cow(full, mode, out);
+        }
         let ps = self.page_size;
         self.with(|s| {
             if s.running {
@@ -339,6 +432,10 @@ impl Vm for MemVm {
                 ..CaptureStats::default()
             })
         })?
+    }
+
+    fn take_cow(&mut self) -> Option<CowCheckpoint> {
+        self.cow_checkpoint.take()
     }
 
     fn guest_ram(&self) -> Arc<GuestRam> {

@@ -28,6 +28,10 @@ pub struct EpochMetrics {
     pub device_us: u64,
     /// Send updated states: capture done → checkpoint handed over and buffers released.
     pub send_us: u64,
+    /// cow: pages the fault handler copied because the guest wrote them before they were sent.
+    pub cow_copies: u64,
+    /// cow: guest writes that waited for a page in flight to be released by the transport.
+    pub cow_waits: u64,
     /// Checkpoint sent → acked by the backup.
     pub ack_us: u64,
     /// Frames released at the ack.

@@ -4,6 +4,7 @@
 //! module only moves bytes and measures.
 
 pub mod capture;
+pub mod cow;
 pub mod event;
 pub mod link;
 pub mod mem_vm;
@@ -25,8 +26,9 @@ use ftvm_model::{Action, Epoch, Gate, Input, Node, NodeId, Start, Status, Time};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use self::capture::CaptureMode;
+use self::cow::CowCheckpoint;
 use self::event::{ConnId, Event};
-use self::link::{Link, Outgoing, PausedPages};
+use self::link::{CowPages, Link, Outgoing, PausedPages};
 use self::metrics::{EpochMetrics, MetricsSink, RunSummary};
 use self::netio::NetIo;
 use self::resume_gate::ResumeGate;
@@ -158,6 +160,8 @@ pub struct Agent<L: VmLauncher> {
     staged: BTreeMap<u64, StagedCheckpoint>,
     spare: Option<StagedCheckpoint>,
     captured: Option<StagedCheckpoint>,
+    /// cow: the write-protected pages of `captured`, until handed to its link.
+    captured_cow: Option<CowCheckpoint>,
     gate: OutputGate,
     net: Option<NetIo>,
     metrics: MetricsSink,
@@ -204,6 +208,7 @@ impl<L: VmLauncher> Agent<L> {
             staged: BTreeMap::new(),
             spare: None,
             captured: None,
+            captured_cow: None,
             gate: OutputGate::new(),
             net: None,
             metrics,
@@ -397,6 +402,7 @@ impl<L: VmLauncher> Agent<L> {
                 bytes,
                 send_us,
                 stats,
+                cow,
                 staged,
             } => {
                 self.spare = Some(staged);
@@ -404,6 +410,8 @@ impl<L: VmLauncher> Agent<L> {
                 if let Some((m, sent)) = self.open_epochs.get_mut(&epoch.0) {
                     m.bytes = bytes;
                     m.send_us = send_us;
+                    m.cow_copies = cow.copies;
+                    m.cow_waits = cow.waits;
                     *sent = Some(Instant::now());
                 }
                 if stats.copied_completions > 0 && stats.zerocopy_active {
@@ -464,8 +472,23 @@ impl<L: VmLauncher> Agent<L> {
                     .take()
                     .or_else(|| self.captured.take())
                     .unwrap_or_default();
+                // A cow checkpoint never sent finishes here (its pages stay protected; their
+                // next writes are logged as usual).
+                self.captured_cow = None;
                 let stats = match self.vm.as_mut() {
-                    Some(vm) => vm.capture(full, self.cfg.capture, &mut buf).await?,
+                    Some(vm) => {
+                        let stats = vm.capture(full, self.cfg.capture, &mut buf).await?;
+                        if self.cfg.capture == CaptureMode::Cow {
+                            let cow = vm.take_cow().ok_or_else(|| {
+                                VmError::failed(
+                                    "cow capture",
+                                    "this VM does not support copy-on-write capture",
+                                )
+                            })?;
+                            self.captured_cow = Some(cow);
+                        }
+                        stats
+                    }
                     None => return Err(VmError::failed("capture", "no VM is running").into()),
                 };
                 buf.generation = self.node.status().generation.0;
@@ -517,17 +540,21 @@ impl<L: VmLauncher> Agent<L> {
             } => {
                 let conn = self.peer_conn.get(&to).copied();
                 let link = conn.and_then(|c| self.links.get(&c).map(|l| (c, l)));
+                let cow = self.captured_cow.take();
                 match (link, self.captured.take()) {
                     (Some((conn, link)), Some(staged)) if staged.epoch == epoch.0 => {
                         let paused = self.cfg.capture == CaptureMode::PausedSend;
-                        let out = match self.vm.as_ref().filter(|_| paused) {
+                        let out = match (self.vm.as_ref().filter(|_| paused), cow) {
                             // SAFETY: the VM stays paused until this link reports the checkpoint
                             // sent or goes away: its ResumeVm is held in `self.resume`, which
                             // hears of both (CheckpointSent, drop_conn).
-                            Some(vm) => Outgoing::PausedSend(unsafe {
+                            (Some(vm), _) => Outgoing::PausedSend(unsafe {
                                 PausedPages::new(generation, full, staged, vm.guest_ram())
                             }),
-                            None => Outgoing::Checkpoint {
+                            (None, Some(cow)) => Outgoing::Cow(Box::new(CowPages::new(
+                                generation, full, staged, cow,
+                            ))),
+                            (None, None) => Outgoing::Checkpoint {
                                 generation,
                                 full,
                                 staged,
@@ -645,6 +672,7 @@ impl<L: VmLauncher> Agent<L> {
                 self.log(format_args!(
                     "fenced: stopping the VM, dropping held output"
                 ));
+                self.captured_cow = None;
                 if let Some(mut vm) = self.vm.take() {
                     vm.kill().await;
                 }

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::capture::CaptureMode;
+use super::cow::CowCheckpoint;
 use crate::dirty::GuestRam;
 use crate::replica::StagedCheckpoint;
 
@@ -41,7 +42,8 @@ impl VmError {
 pub struct CaptureStats {
     /// Pages captured.
     pub pages: u64,
-    /// Microseconds spent finding dirty pages.
+    /// Microseconds spent finding dirty pages (cow: taking the fault log and write-protecting
+    /// the pages).
     pub scan_us: u64,
     /// Microseconds spent copying pages into the staging area.
     pub copy_us: u64,
@@ -59,7 +61,9 @@ pub trait Vm: Send {
     /// when `full`) and the device state. `out.generation`/`epoch` are set by the caller.
     /// [`CaptureMode::Staged`] copies the pages into `out.data`; [`CaptureMode::PausedSend`]
     /// lists them in `out.indices` and leaves `out.data` empty: they are sent from
-    /// [`Vm::guest_ram`] while the VM stays paused.
+    /// [`Vm::guest_ram`] while the VM stays paused. [`CaptureMode::Cow`] lists them too and
+    /// write-protects them; the checkpoint handle to send them with is then taken with
+    /// [`Vm::take_cow`].
     fn capture(
         &mut self,
         full: bool,
@@ -68,6 +72,11 @@ pub trait Vm: Send {
     ) -> impl Future<Output = Result<CaptureStats, VmError>> + Send;
     /// The guest RAM mapping, for sending pages straight from it while paused (paused-send).
     fn guest_ram(&self) -> Arc<GuestRam>;
+    /// The copy-on-write checkpoint of the last [`CaptureMode::Cow`] capture (once). A VM
+    /// without copy-on-write support returns `None` (and fails cow captures).
+    fn take_cow(&mut self) -> Option<CowCheckpoint> {
+        None
+    }
     /// While paused: a digest (xxh3-64) of all of guest RAM, for verifying the replica.
     fn ram_digest(&mut self) -> Result<u64, VmError>;
     /// Stops the VM for good (fencing, shutdown).

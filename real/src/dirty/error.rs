@@ -78,6 +78,9 @@ pub enum DirtyError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// This kernel (or process) cannot create a write-protect userfaultfd on shared memory.
+    #[error("copy-on-write capture is not possible here: {0}")]
+    UffdUnsupported(String),
     /// The preload library's uffd handover message was malformed or missing its fd.
     #[error("uffd handover: {0}")]
     Handoff(String),

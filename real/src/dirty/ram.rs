@@ -134,6 +134,11 @@ impl GuestRam {
         &self.path
     }
 
+    /// Address of the mapping in this process (for registering it with a userfaultfd).
+    pub fn base_addr(&self) -> u64 {
+        self.map.ptr.as_ptr() as u64
+    }
+
     /// Size in bytes.
     pub fn bytes(&self) -> u64 {
         self.map.len as u64

@@ -39,6 +39,39 @@ const UFFD_PAGEFAULT_FLAG_WP: u64 = 1 << 1;
 /// `sizeof(struct uffd_msg)`.
 const UFFD_MSG_LEN: usize = 32;
 
+#[repr(C)]
+struct UffdioApi {
+    api: u64,
+    features: u64,
+    ioctls: u64,
+}
+
+#[repr(C)]
+struct UffdioRegister {
+    start: u64,
+    len: u64,
+    mode: u64,
+    ioctls: u64,
+}
+
+const UFFD_API: u64 = 0xAA;
+/// `_IOWR(0xAA, 0x3F, struct uffdio_api)`.
+const UFFDIO_API: libc::c_ulong =
+    ((3u64 << 30) | ((std::mem::size_of::<UffdioApi>() as u64) << 16) | (0xAA << 8) | 0x3F)
+        as libc::c_ulong;
+/// `_IOWR(0xAA, 0x00, struct uffdio_register)`.
+const UFFDIO_REGISTER: libc::c_ulong = ((3u64 << 30)
+    | ((std::mem::size_of::<UffdioRegister>() as u64) << 16)
+    | (0xAA << 8)) as libc::c_ulong;
+const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+/// Write-protect faults on shmem/hugetlbfs mappings (a memfd, a /dev/shm file).
+const UFFD_FEATURE_WP_HUGETLBFS_SHMEM: u64 = 1 << 12;
+/// Unpopulated pages (file holes) are write-protected too, so their first write faults.
+const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
+/// The features of a blocking write-protect uffd on guest RAM (the preload library's
+/// `BLOCKING_WP`): faults wait for a handler.
+const BLOCKING_WP_FEATURES: u64 = UFFD_FEATURE_WP_HUGETLBFS_SHMEM | UFFD_FEATURE_WP_UNPOPULATED;
+
 /// One fault read from the uffd.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct WpFault {
@@ -110,6 +143,96 @@ impl HandedUffd {
             source: e,
         })?;
         Ok(HandedUffd { fd, start, len })
+    }
+
+    /// A blocking write-protect uffd registered on `[start, start+len)` of **this** process
+    /// (page-aligned; a shared memfd or /dev/shm mapping, like guest RAM), for an in-process VM.
+    /// Nothing is protected yet: see [`HandedUffd::write_protect`].
+    ///
+    /// Fails with [`DirtyError::UffdUnsupported`] when the kernel lacks write-protect faults on
+    /// shared memory.
+    pub fn register_local(start: u64, len: u64) -> Result<HandedUffd, DirtyError> {
+        // 1. userfaultfd(2): close-on-exec (spawned processes must not hold it: a copy keeps the
+        //    registration alive) and non-blocking (the handler polls it, and a read never hangs).
+        // SAFETY: userfaultfd takes only flags and returns a new fd or -1.
+        let r = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+        if r < 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(DirtyError::UffdUnsupported(format!(
+                "userfaultfd(2) failed: {e}"
+            )));
+        }
+        // SAFETY: `r` is a fresh fd that nothing else owns.
+        let fd = unsafe { OwnedFd::from_raw_fd(r as libc::c_int) };
+        // 2. UFFDIO_API handshake, once per uffd and before any other ioctl, asking for
+        //    write-protect faults on shmem; EINVAL means the kernel lacks a feature.
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: BLOCKING_WP_FEATURES,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_API reads and writes exactly one `struct uffdio_api`, which `api` is.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_API, &mut api) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(DirtyError::UffdUnsupported(format!(
+                "the kernel lacks userfaultfd write-protect on shared memory \
+                 (UFFDIO_API with WP_HUGETLBFS_SHMEM|WP_UNPOPULATED: {e})"
+            )));
+        }
+        // 3. UFFDIO_REGISTER in write-protect mode: from now on a write to a page of the range
+        //    that gets write-protected blocks its thread until the page is unprotected.
+        let mut reg = UffdioRegister {
+            start,
+            len,
+            mode: UFFDIO_REGISTER_MODE_WP,
+            ioctls: 0,
+        };
+        // SAFETY: UFFDIO_REGISTER reads and writes exactly one `struct uffdio_register`; the
+        // kernel checks that the range is mapped in this process and refuses it otherwise.
+        if unsafe { libc::ioctl(fd.as_raw_fd(), UFFDIO_REGISTER, &mut reg) } != 0 {
+            let e = std::io::Error::last_os_error();
+            return Err(DirtyError::UffdUnsupported(format!(
+                "UFFDIO_REGISTER (mode WP) of {len} bytes at {start:#x}: {e}"
+            )));
+        }
+        Ok(HandedUffd { fd, start, len })
+    }
+
+    /// Waits up to `timeout` for the uffd or `also` to become readable; returns
+    /// `(uffd readable, also readable)`. An interrupted wait returns `(false, false)`.
+    pub fn poll_with(
+        &self,
+        also: BorrowedFd<'_>,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<(bool, bool), DirtyError> {
+        let mut fds = [
+            libc::pollfd {
+                fd: self.fd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: also.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let ms = timeout.map_or(-1, |t| t.as_millis().min(i32::MAX as u128) as libc::c_int);
+        // SAFETY: `fds` is an array of two pollfd structs that lives across the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, ms) };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.kind() == std::io::ErrorKind::Interrupted {
+                return Ok((false, false));
+            }
+            return Err(DirtyError::Uffd {
+                what: "poll",
+                source: e,
+            });
+        }
+        let ready =
+            |p: &libc::pollfd| p.revents & (libc::POLLIN | libc::POLLERR | libc::POLLHUP) != 0;
+        Ok((ready(&fds[0]), ready(&fds[1])))
     }
 
     /// The uffd (for polling it, e.g. with tokio's `AsyncFd`; it is non-blocking).

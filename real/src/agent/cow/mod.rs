@@ -1,0 +1,686 @@
+//! Copy-on-write capture (`--capture cow`, DESIGN §1): at the capture the epoch's dirty pages are
+//! write-protected with a blocking userfaultfd and the VM resumes at once; the sender then sends
+//! the pages straight from guest RAM while the guest runs. A guest write to a protected page
+//! blocks its thread in a fault that the [`CowEngine`]'s handler thread resolves:
+//!
+//! - the page is in a checkpoint and not yet sent (`Unsent`): copy it into that checkpoint's side
+//!   buffer (the sender will use the copy), then unprotect;
+//! - the page is being sent from RAM (`InFlight`: handed to the transport, not yet released):
+//!   wait until the sender reports it released (`Sent`), then unprotect;
+//! - otherwise (not in a checkpoint, already copied or sent): unprotect.
+//!
+//! In every case the page is recorded dirty for the next epoch first. The fault stream *is* the
+//! dirty log: every page is write-protected between its capture and its next write, so the first
+//! write of each page in an epoch faults exactly once. (PAGEMAP_SCAN cannot be used with a
+//! blocking uffd.)
+//!
+//! # Locking and ordering
+//!
+//! One mutex (the engine lock) guards the dirty log and the list of active checkpoints; page
+//! states live in each checkpoint's [`table::Table`] and change only under that lock (their
+//! atomics only make the side buffers sound on their own). A condition variable signals releases.
+//!
+//! 1. **Capture** (VM paused) under the lock: (a) take the dirty log and start a new one,
+//!    (b) register the checkpoint's table, (c) write-protect its pages (one `UFFDIO_WRITEPROTECT`
+//!    per run of contiguous pages). (a) and (b) come before (c): once a page is protected, any
+//!    write to it finds the table (and is copied) and lands in the new log. The other order
+//!    would let a write between (c) and (a) go uncopied and into the old log — lost from both.
+//! 2. **Fault** (handler thread) under the lock: wait (condvar, lock released) while any active
+//!    checkpoint has the page `InFlight`; then copy it into every active checkpoint that has it
+//!    `Unsent`; record it in the dirty log; and only then unprotect it, which wakes the writer.
+//!    Recording before unprotecting means the write is in the log before it can happen, so a
+//!    capture that follows the write sees it. Holding the lock across the unprotect means a
+//!    capture cannot slip in between: were it to protect the page for a new checkpoint after the
+//!    handler decided "no copy needed" but before its unprotect, the unprotect would leave a
+//!    page of the new checkpoint writable and uncopied. (With the VM paused no vCPU faults, but
+//!    QEMU's own threads may write guest RAM at any time.)
+//! 3. **Send** (link writer thread): claim a batch under the lock (`Unsent → InFlight`; a
+//!    `Copied` page is sent from its copy), compute its checksum and hand it to the transport;
+//!    when the transport reports it released, mark it `Sent` and notify the condvar. An
+//!    `InFlight` page stays write-protected (the handler never unprotects it), so the bytes the
+//!    checksum covered are the bytes the transport reads.
+//! 4. **Finish** (the checkpoint handle dropped, always after its transport released everything
+//!    or was dropped): remaining `InFlight` pages count as `Sent`, the table leaves the active
+//!    list, waiters are woken. Unsent pages of a checkpoint that was never sent stay protected:
+//!    their next write is simply recorded dirty.
+//!
+//! Nothing in the handler waits on the agent's event loop: it waits only for the sender, and the
+//! sender never waits for the handler, so a guest write cannot deadlock the agent. A sender that
+//! stalls (peer not reading) fails after the transport's stall timeout and finishes its table.
+//!
+//! The handler closes nothing: the uffd lives as long as the engine and any checkpoint handle;
+//! dropping the engine unprotects all of RAM first, so no writer stays blocked.
+
+pub mod table;
+
+use std::ops::Range;
+use std::os::fd::{AsFd, FromRawFd, OwnedFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use self::table::{OnWrite, PageState, Table, TableError};
+use crate::dirty::{DirtyError, GuestRam, HandedUffd, WpFault};
+
+/// Errors of copy-on-write capture.
+#[derive(Debug, thiserror::Error)]
+pub enum CowError {
+    /// A userfaultfd operation failed (or the kernel lacks write-protect on shared memory).
+    #[error(transparent)]
+    Uffd(#[from] DirtyError),
+    /// The uffd covers a different range than guest RAM.
+    #[error("the userfaultfd covers {uffd} bytes but guest RAM is {ram} bytes")]
+    RangeMismatch {
+        /// Bytes the uffd covers.
+        uffd: u64,
+        /// Bytes of guest RAM.
+        ram: u64,
+    },
+    /// The fault handler failed earlier; copy-on-write tracking is broken.
+    #[error("the copy-on-write fault handler failed: {0}")]
+    HandlerFailed(String),
+    /// The sender misused a checkpoint table.
+    #[error(transparent)]
+    Table(#[from] TableError),
+    /// A thread could not be started, or a lock was poisoned.
+    #[error("copy-on-write engine: {0}")]
+    Internal(String),
+}
+
+/// What copy-on-write cost one checkpoint.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct CowStats {
+    /// Pages the fault handler copied because the guest wrote them before they were sent.
+    pub copies: u64,
+    /// Guest writes that waited for a page in flight to be released.
+    pub waits: u64,
+}
+
+/// What a capture did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct ProtectStats {
+    /// Pages write-protected.
+    pub pages: u64,
+    /// `UFFDIO_WRITEPROTECT` calls (runs of contiguous pages).
+    pub ranges: u64,
+    /// Microseconds taking the log and protecting.
+    pub us: u64,
+}
+
+/// The dirty log and active checkpoints (the engine lock).
+struct Inner {
+    /// One bit per page written since the last capture.
+    dirty: Vec<u64>,
+    /// Checkpoints being sent (normally one; more only while a dropped link's send winds down).
+    active: Vec<Arc<Table>>,
+    /// Set when the handler failed.
+    failed: Option<String>,
+}
+
+impl Inner {
+    fn mark(&mut self, page: u64) {
+        if let Some(w) = self.dirty.get_mut((page / 64) as usize) {
+            *w |= 1 << (page % 64);
+        }
+    }
+
+    /// The pages logged since the last call, ascending; clears the log.
+    fn take_dirty(&mut self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for (i, w) in self.dirty.iter_mut().enumerate() {
+            let mut bits = std::mem::take(w);
+            while bits != 0 {
+                let b = bits.trailing_zeros() as u64;
+                out.push(i as u64 * 64 + b);
+                bits &= bits - 1;
+            }
+        }
+        out
+    }
+}
+
+struct Shared {
+    uffd: HandedUffd,
+    /// Start of guest RAM in the address space the uffd acts on.
+    base: u64,
+    pages: u64,
+    page_size: usize,
+    /// The agent's view of guest RAM (read-only; not registered, so reading never faults).
+    ram: Arc<GuestRam>,
+    inner: Mutex<Inner>,
+    /// Signalled when pages become `Sent` or a checkpoint finishes.
+    released: Condvar,
+    stopping: AtomicBool,
+}
+
+impl Shared {
+    fn lock(&self) -> Result<MutexGuard<'_, Inner>, CowError> {
+        self.inner
+            .lock()
+            .map_err(|_| CowError::Internal("engine lock poisoned".into()))
+    }
+
+    fn addr(&self, page: u64) -> u64 {
+        self.base + page * self.page_size as u64
+    }
+
+    /// Write-protects `pages` (ascending), one ioctl per run of contiguous pages. Returns runs.
+    fn protect(&self, pages: &[u64]) -> Result<u64, DirtyError> {
+        let ps = self.page_size as u64;
+        let mut runs = 0;
+        let mut i = 0;
+        while i < pages.len() {
+            let start = pages[i];
+            let mut end = start + 1;
+            while i + 1 < pages.len() && pages[i + 1] == end {
+                end += 1;
+                i += 1;
+            }
+            i += 1;
+            self.uffd
+                .write_protect(self.addr(start), (end - start) * ps, true)?;
+            runs += 1;
+        }
+        Ok(runs)
+    }
+
+    /// Resolves one fault (module docs, step 2).
+    fn handle(&self, f: WpFault) -> Result<(), CowError> {
+        let ps = self.page_size as u64;
+        let Some(page) = f
+            .address
+            .checked_sub(self.base)
+            .map(|o| o / ps)
+            .filter(|&p| p < self.pages)
+        else {
+            // Not guest RAM (cannot happen with our registration): let the writer go.
+            self.uffd.write_protect(f.address & !(ps - 1), ps, false)?;
+            return Ok(());
+        };
+        let mut g = self.lock()?;
+        let mut waited = false;
+        // Wait while a checkpoint sends this page from RAM. The condvar releases the lock, so
+        // the sender can mark pages Sent meanwhile.
+        while !self.stopping.load(Ordering::Acquire) {
+            let busy = g.active.iter().find(|t| t.on_write(page) == OnWrite::Wait);
+            match busy {
+                Some(t) => {
+                    if !waited {
+                        t.note_wait();
+                        waited = true;
+                    }
+                    g = self
+                        .released
+                        .wait(g)
+                        .map_err(|_| CowError::Internal("engine lock poisoned".into()))?;
+                }
+                None => break,
+            }
+        }
+        // Still write-protected, so RAM holds the contents of every checkpoint that has the page
+        // Unsent (it was not written since their captures).
+        let mut contents = None;
+        for t in &g.active {
+            if let OnWrite::Copy(pos) = t.on_write(page) {
+                let c = *contents.get_or_insert_with(|| self.ram.page(page).unwrap_or_default());
+                t.copy_in(pos, c);
+            }
+        }
+        g.mark(page);
+        // Last, still under the lock: unprotect, which wakes the writer.
+        self.uffd.write_protect(self.addr(page), ps, false)?;
+        drop(g);
+        Ok(())
+    }
+}
+
+/// The fault handler and the dirty log of one VM's guest RAM.
+pub struct CowEngine {
+    shared: Arc<Shared>,
+    handler: Option<JoinHandle<()>>,
+    /// Written to stop the handler.
+    stop: OwnedFd,
+}
+
+impl std::fmt::Debug for CowEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CowEngine")
+            .field("pages", &self.shared.pages)
+            .finish()
+    }
+}
+
+impl CowEngine {
+    /// Takes over `uffd` (a blocking write-protect uffd registered on all of guest RAM, whose
+    /// contents the agent reads through `ram`), starts the handler thread, then write-protects
+    /// all of RAM so every page's next write is logged.
+    pub fn start(uffd: HandedUffd, ram: Arc<GuestRam>) -> Result<CowEngine, CowError> {
+        let range = uffd.range();
+        if range.end - range.start != ram.bytes() {
+            return Err(CowError::RangeMismatch {
+                uffd: range.end - range.start,
+                ram: ram.bytes(),
+            });
+        }
+        let pages = ram.pages();
+        // An eventfd to wake the handler out of poll when the engine stops.
+        // SAFETY: eventfd takes an initial value and flags and returns a new fd or -1.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if efd < 0 {
+            return Err(CowError::Internal(format!(
+                "eventfd: {}",
+                std::io::Error::last_os_error()
+            )));
+        }
+        // SAFETY: a fresh fd that nothing else owns.
+        let stop = unsafe { OwnedFd::from_raw_fd(efd) };
+        let shared = Arc::new(Shared {
+            base: range.start,
+            uffd,
+            pages,
+            page_size: ram.page_size(),
+            ram,
+            inner: Mutex::new(Inner {
+                dirty: vec![0; pages.div_ceil(64) as usize],
+                active: Vec::new(),
+                failed: None,
+            }),
+            released: Condvar::new(),
+            stopping: AtomicBool::new(false),
+        });
+        let stop_fd = stop
+            .try_clone()
+            .map_err(|e| CowError::Internal(format!("dup eventfd: {e}")))?;
+        let s = shared.clone();
+        let handler = std::thread::Builder::new()
+            .name("cow-faults".into())
+            .spawn(move || handler(&s, &stop_fd))
+            .map_err(|e| CowError::Internal(format!("start the fault handler: {e}")))?;
+        let engine = CowEngine {
+            shared,
+            handler: Some(handler),
+            stop,
+        };
+        // The handler runs before anything is protected, so no write ever waits unserved.
+        let all = engine.shared.uffd.range();
+        engine
+            .shared
+            .uffd
+            .write_protect(all.start, all.end - all.start, true)?;
+        Ok(engine)
+    }
+
+    /// Pages of guest RAM.
+    pub fn pages(&self) -> u64 {
+        self.shared.pages
+    }
+
+    /// VM paused: starts a copy-on-write checkpoint of the pages written since the last capture
+    /// (all pages when `full`) and write-protects them (module docs, step 1).
+    pub fn begin(&self, full: bool) -> Result<(CowCheckpoint, ProtectStats), CowError> {
+        let t0 = Instant::now();
+        let mut g = self.shared.lock()?;
+        if let Some(e) = &g.failed {
+            return Err(CowError::HandlerFailed(e.clone()));
+        }
+        // (a) take the log: later writes go to the next epoch.
+        let logged = g.take_dirty();
+        let pages = if full {
+            (0..self.shared.pages).collect()
+        } else {
+            logged
+        };
+        // (b) register the table before anything is protected.
+        let table = Arc::new(Table::new(pages, self.shared.page_size));
+        g.active.push(table.clone());
+        let checkpoint = CowCheckpoint {
+            shared: self.shared.clone(),
+            table,
+            finished: false,
+        };
+        // (c) protect, still under the lock (no fault is resolved in between). On failure the
+        // checkpoint is dropped once the lock is released, which unregisters its table.
+        let ranges = if full {
+            let all = self.shared.uffd.range();
+            self.shared
+                .uffd
+                .write_protect(all.start, all.end - all.start, true)
+                .map(|()| 1)
+        } else {
+            self.shared.protect(checkpoint.indices())
+        };
+        drop(g);
+        let ranges = ranges?;
+        let stats = ProtectStats {
+            pages: checkpoint.indices().len() as u64,
+            ranges,
+            us: t0.elapsed().as_micros() as u64,
+        };
+        Ok((checkpoint, stats))
+    }
+
+    /// VM paused: the pages written since the last capture (all pages when `full`), protected
+    /// again to log their next write — for capture modes that copy or send while paused.
+    pub fn rearm(&self, full: bool) -> Result<(Vec<u64>, ProtectStats), CowError> {
+        let t0 = Instant::now();
+        let mut g = self.shared.lock()?;
+        if let Some(e) = &g.failed {
+            return Err(CowError::HandlerFailed(e.clone()));
+        }
+        let logged = g.take_dirty();
+        let pages = if full {
+            (0..self.shared.pages).collect()
+        } else {
+            logged
+        };
+        let ranges = self.shared.protect(&pages)?;
+        drop(g);
+        let stats = ProtectStats {
+            pages: pages.len() as u64,
+            ranges,
+            us: t0.elapsed().as_micros() as u64,
+        };
+        Ok((pages, stats))
+    }
+}
+
+impl Drop for CowEngine {
+    fn drop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        // Wake a handler waiting for a release, under the lock so the wake-up is not missed.
+        if let Ok(_g) = self.shared.inner.lock() {
+            self.shared.released.notify_all();
+        }
+        // Wake a handler in poll.
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from `one` to the eventfd, as eventfd(2) requires.
+        let _ = unsafe {
+            libc::write(
+                std::os::fd::AsRawFd::as_raw_fd(&self.stop),
+                (&one as *const u64).cast(),
+                8,
+            )
+        };
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+        // No handler is left to resolve faults: let every blocked or future writer through.
+        let all = self.shared.uffd.range();
+        let _ = self
+            .shared
+            .uffd
+            .write_protect(all.start, all.end - all.start, false);
+    }
+}
+
+/// The handler thread: resolves faults until stopped or broken.
+fn handler(shared: &Shared, stop: &OwnedFd) {
+    let failure = loop {
+        match shared.uffd.poll_with(stop.as_fd(), None) {
+            Err(e) => break e.to_string(),
+            Ok((_, true)) => return,
+            Ok((false, false)) => continue,
+            Ok((true, false)) => {}
+        }
+        let mut broken = None;
+        loop {
+            match shared.uffd.read_fault() {
+                Ok(Some(f)) => {
+                    if let Err(e) = shared.handle(f) {
+                        broken = Some(e.to_string());
+                        break;
+                    }
+                }
+                Ok(None) => break,
+                Err(e) => {
+                    broken = Some(e.to_string());
+                    break;
+                }
+            }
+        }
+        if let Some(b) = broken {
+            break b;
+        }
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+    };
+    eprintln!("ftvm: copy-on-write fault handler failed: {failure}; unprotecting guest RAM");
+    if let Ok(mut g) = shared.inner.lock() {
+        g.failed = Some(failure);
+    }
+    // Nobody resolves faults any more: no writer may stay blocked.
+    let all = shared.uffd.range();
+    let _ = shared
+        .uffd
+        .write_protect(all.start, all.end - all.start, false);
+}
+
+/// One copy-on-write checkpoint, for its sender: the pages' states and side copies. Dropping it
+/// finishes the checkpoint (module docs, step 4) — only once the transport released every page
+/// claimed from it, or was dropped.
+pub struct CowCheckpoint {
+    shared: Arc<Shared>,
+    table: Arc<Table>,
+    finished: bool,
+}
+
+impl std::fmt::Debug for CowCheckpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CowCheckpoint")
+            .field("table", &self.table)
+            .finish()
+    }
+}
+
+impl CowCheckpoint {
+    /// The checkpoint's page indices, ascending.
+    pub fn indices(&self) -> &[u64] {
+        self.table.indices()
+    }
+
+    /// Hands the pages at positions `range` to the sender (module docs, step 3). Their contents
+    /// ([`CowCheckpoint::page`]) hold still until [`CowCheckpoint::released`].
+    pub fn claim(&self, range: Range<usize>) -> Result<(), CowError> {
+        let _g = self.shared.lock()?;
+        self.table.claim(range)?;
+        Ok(())
+    }
+
+    /// The contents of the claimed page at position `pos`, or `None` if it is not claimed.
+    pub fn page(&self, pos: usize) -> Option<&[u8]> {
+        let index = *self.table.indices().get(pos)?;
+        self.table.contents(pos, self.shared.ram.page(index)?)
+    }
+
+    /// The transport released the pages at positions `range`: writes to them may go ahead.
+    pub fn released(&self, range: Range<usize>) {
+        if let Ok(_g) = self.shared.lock() {
+            self.table.release(range);
+            self.shared.released.notify_all();
+        }
+    }
+
+    /// State of the page at position `pos` (for tests and logs).
+    pub fn state(&self, pos: usize) -> PageState {
+        self.table.state(pos)
+    }
+
+    /// Finishes the checkpoint now and returns what copy-on-write cost it. The caller must be
+    /// done with every page it claimed (see the type docs).
+    pub fn finish(mut self) -> CowStats {
+        self.finish_now()
+    }
+
+    fn finish_now(&mut self) -> CowStats {
+        if !self.finished {
+            self.finished = true;
+            let g = self.shared.inner.lock();
+            self.table.release(0..self.table.len());
+            if let Ok(mut g) = g {
+                g.active.retain(|t| !Arc::ptr_eq(t, &self.table));
+            }
+            self.shared.released.notify_all();
+        }
+        CowStats {
+            copies: self.table.copies(),
+            waits: self.table.waits(),
+        }
+    }
+}
+
+impl Drop for CowCheckpoint {
+    fn drop(&mut self) {
+        self.finish_now();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::dirty::{page_size, GuestRamMut};
+
+    /// A guest thread writing pages of `rw` on command; acks each write when it went through.
+    struct Writer {
+        cmd: mpsc::Sender<(u64, u8)>,
+        done: mpsc::Receiver<u64>,
+    }
+
+    impl Writer {
+        fn start(mut rw: GuestRamMut) -> Writer {
+            let (cmd, rx) = mpsc::channel::<(u64, u8)>();
+            let (tx, done) = mpsc::channel();
+            std::thread::spawn(move || {
+                for (page, byte) in rx {
+                    rw.page_mut(page).unwrap().fill(byte);
+                    let _ = tx.send(page);
+                }
+            });
+            Writer { cmd, done }
+        }
+
+        fn write(&self, page: u64, byte: u8) {
+            self.cmd.send((page, byte)).unwrap();
+        }
+
+        fn went_through(&self, within: Duration) -> Option<u64> {
+            self.done.recv_timeout(within).ok()
+        }
+    }
+
+    /// RAM of `pages` pages, page `i` filled with `i`, mapped for a writer thread (registered
+    /// with the uffd) and read-only for the engine.
+    fn setup(pages: u64) -> (tempfile::NamedTempFile, Writer, Arc<GuestRam>, CowEngine) {
+        let ps = page_size();
+        let f = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
+        f.as_file().set_len(pages * ps as u64).unwrap();
+        let mut rw = GuestRamMut::open(f.path(), pages * ps as u64).unwrap();
+        for p in 0..pages {
+            rw.page_mut(p).unwrap().fill(p as u8);
+        }
+        let ro = Arc::new(GuestRam::open(f.path(), pages * ps as u64).unwrap());
+        let uffd = HandedUffd::register_local(rw.base_addr(), rw.bytes()).unwrap();
+        let engine = CowEngine::start(uffd, ro.clone()).unwrap();
+        (f, Writer::start(rw), ro, engine)
+    }
+
+    const SOON: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn a_write_waits_for_its_page_in_flight_and_copies_unsent_pages() {
+        let ps = page_size();
+        let (_f, w, ram, engine) = setup(16);
+        let (cp, stats) = engine.begin(true).unwrap();
+        assert_eq!((stats.pages, stats.ranges), (16, 1));
+
+        // An unsent page is copied, then written.
+        w.write(3, 0xA3);
+        assert_eq!(w.went_through(SOON), Some(3));
+        assert_eq!(cp.state(3), PageState::Copied);
+        assert_eq!(ram.page(3).unwrap(), &vec![0xA3; ps][..]);
+
+        // The sender takes pages 0..8: 3 comes from its copy, the others from RAM.
+        cp.claim(0..8).unwrap();
+        assert_eq!(cp.page(3).unwrap(), &vec![3; ps][..]);
+        assert_eq!(cp.state(5), PageState::InFlight);
+        // A write to a page in flight waits for its release...
+        w.write(5, 0xA5);
+        assert_eq!(w.went_through(Duration::from_millis(150)), None);
+        assert_eq!(ram.page(5).unwrap(), &vec![5; ps][..], "changed in flight");
+        assert_eq!(cp.page(5).unwrap(), &vec![5; ps][..]);
+        // ...and goes through once the transport released it.
+        cp.released(0..8);
+        assert_eq!(w.went_through(SOON), Some(5));
+        assert_eq!(ram.page(5).unwrap(), &vec![0xA5; ps][..]);
+
+        // An unclaimed page of the second half is copied too; a sent one is simply free.
+        w.write(12, 0xAC);
+        assert_eq!(w.went_through(SOON), Some(12));
+        w.write(6, 0xA6);
+        assert_eq!(w.went_through(SOON), Some(6));
+        cp.claim(8..16).unwrap();
+        assert_eq!(cp.page(12).unwrap(), &vec![12; ps][..]);
+        assert_eq!(cp.page(13).unwrap(), &vec![13; ps][..]);
+        let cow = cp.finish();
+        assert_eq!(
+            cow,
+            CowStats {
+                copies: 2,
+                waits: 1
+            }
+        );
+
+        // Every written page is in the next epoch's log, and protected again by the capture.
+        let (dirty, _) = engine.rearm(false).unwrap();
+        assert_eq!(dirty, vec![3, 5, 6, 12]);
+        w.write(5, 0xB5);
+        w.write(5, 0xC5);
+        assert_eq!(w.went_through(SOON), Some(5));
+        assert_eq!(w.went_through(SOON), Some(5));
+        let (dirty, _) = engine.rearm(false).unwrap();
+        assert_eq!(dirty, vec![5]);
+        let (dirty, _) = engine.rearm(false).unwrap();
+        assert!(dirty.is_empty());
+    }
+
+    #[test]
+    fn contiguous_pages_are_protected_in_one_call() {
+        let (_f, w, _ram, engine) = setup(64);
+        for p in [1, 2, 3, 10, 11, 40] {
+            w.write(p, 0xEE);
+            assert_eq!(w.went_through(SOON), Some(p));
+        }
+        let (cp, stats) = engine.begin(false).unwrap();
+        assert_eq!(cp.indices(), &[1, 2, 3, 10, 11, 40]);
+        assert_eq!((stats.pages, stats.ranges), (6, 3));
+        // The pages are protected: a write copies.
+        w.write(11, 0xEF);
+        assert_eq!(w.went_through(SOON), Some(11));
+        assert_eq!(cp.finish().copies, 1);
+    }
+
+    #[test]
+    fn dropping_a_checkpoint_or_the_engine_never_leaves_a_writer_stuck() {
+        let (_f, w, _ram, engine) = setup(8);
+        let (cp, _) = engine.begin(true).unwrap();
+        cp.claim(0..8).unwrap();
+        w.write(2, 1);
+        assert_eq!(w.went_through(Duration::from_millis(100)), None);
+        drop(cp); // the link failed: its transport is gone
+        assert_eq!(w.went_through(SOON), Some(2));
+
+        let (cp, _) = engine.begin(true).unwrap();
+        cp.claim(0..8).unwrap();
+        w.write(4, 1);
+        assert_eq!(w.went_through(Duration::from_millis(100)), None);
+        drop(engine); // the VM is gone
+        assert_eq!(w.went_through(SOON), Some(4));
+        drop(cp);
+        w.write(4, 2);
+        assert_eq!(w.went_through(SOON), Some(4));
+    }
+}
