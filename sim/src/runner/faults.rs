@@ -141,6 +141,16 @@ impl FaultPlan {
                 self.down.insert(host);
             }
             Resolved::Restart(host) => {
+                // Only a crashed host can be started again: bouncing a running one would wipe
+                // its replica behind the checkers' back (a crash nobody scheduled).
+                if !self.down.contains(&host) {
+                    w.borrow_mut().note(
+                        t,
+                        HostId::Runner,
+                        TraceKind::Note(format!("restart {host} ignored: it is running")),
+                    );
+                    return;
+                }
                 self.dark.remove(&host);
                 self.reconcile(sim);
                 sim.bounce(host.name());

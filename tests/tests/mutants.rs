@@ -1,0 +1,164 @@
+//! Mutants prove the checkers: each planted protocol bug (ftvm-model's `mutants` feature) must
+//! be caught by the simulator's invariant checkers within a bounded number of seeds, by the
+//! invariant it breaks, on a run that passes without the bug. A checker that catches nothing is
+//! not a checker.
+//!
+//! Run with `cargo test -p ftvm-tests --features mutants` (`.ci/test` does). The test prints,
+//! per mutant and scenario, the first seed that caught it.
+#![cfg(feature = "mutants")]
+
+use ftvm_model::Mutant;
+use ftvm_sim::{run_scenario, Invariant, RunOptions, Scenario, Verdict};
+use ftvm_tests::{load, scenario_names};
+
+/// Seeds tried per mutant and scenario before giving up on that pair.
+const SEED_BOUND: u64 = 20;
+
+/// The invariants a mutant may legitimately be caught by (the bug it plants breaks these).
+fn breaks(m: Mutant) -> &'static [Invariant] {
+    match m {
+        Mutant::ReleaseBeforeAck => &[Invariant::OutputCommit],
+        Mutant::CommitPartial => &[Invariant::PrefixConsistency],
+        Mutant::FailoverWithoutWitness => &[Invariant::SingleActive, Invariant::NoLostCommitments],
+        Mutant::ReuseGeneration => &[Invariant::SingleActive],
+        Mutant::AckBeforeCommit => &[
+            Invariant::OutputCommit,
+            Invariant::NoLostCommitments,
+            Invariant::PrefixConsistency,
+        ],
+    }
+}
+
+/// The scenario that must catch each mutant (the others are reported, not required).
+fn designated(m: Mutant) -> &'static str {
+    match m {
+        Mutant::ReleaseBeforeAck => "steady",
+        Mutant::CommitPartial => "corrupt-checkpoint",
+        Mutant::FailoverWithoutWitness => "link-cut",
+        Mutant::ReuseGeneration => "primary-crash-mid-epoch",
+        Mutant::AckBeforeCommit => "primary-crash-mid-transfer",
+    }
+}
+
+/// First seed in `0..SEED_BOUND` where `m` planted in `s` breaks an invariant.
+fn first_catch(s: &Scenario, m: Mutant) -> Option<(u64, Invariant, String)> {
+    let opts = RunOptions::default().with_mutant(m);
+    (0..SEED_BOUND).find_map(|seed| {
+        let r = run_scenario(s, seed, &opts);
+        r.violation
+            .as_ref()
+            .map(|v| (seed, v.invariant, format!("{} ({})", v.detail, r.summary())))
+    })
+}
+
+#[test]
+fn every_mutant_is_caught_by_the_invariant_it_breaks() {
+    let mut table = String::from("mutant / scenario: first seed caught (invariant)\n");
+    let mut failures = Vec::new();
+    for m in Mutant::ALL {
+        // The designated scenario must catch it, by an invariant the bug breaks.
+        let name = designated(m);
+        let s = load(name);
+        match first_catch(&s, m) {
+            None => failures.push(format!("{m:?} survived {name} over seeds 0..{SEED_BOUND}")),
+            Some((seed, inv, detail)) => {
+                if !breaks(m).contains(&inv) {
+                    failures.push(format!(
+                        "{m:?} on {name} seed {seed} was caught by {inv:?}, expected one of \
+                         {:?}: {detail}",
+                        breaks(m)
+                    ));
+                }
+                // The same run without the bug is clean: the mutant, not the scenario, broke it.
+                let clean = run_scenario(&s, seed, &RunOptions::default());
+                if clean.verdict != Verdict::Pass {
+                    failures.push(format!(
+                        "{name} seed {seed} fails without any mutant: {}",
+                        clean.summary()
+                    ));
+                }
+                table.push_str(&format!(
+                    "{m:?} / {name}: seed {seed} ({inv:?}), {} seed(s) to catch\n",
+                    seed + 1
+                ));
+            }
+        }
+    }
+    println!("{table}");
+    assert!(failures.is_empty(), "\n{}", failures.join("\n"));
+}
+
+/// Informative sweep: which scenarios catch which mutant (every mutant must be caught by at
+/// least two scenarios, so no single file carries a checker alone).
+#[test]
+fn mutants_are_caught_across_scenarios() {
+    let names = scenario_names();
+    let mut report = String::new();
+    let mut weak = Vec::new();
+    for m in Mutant::ALL {
+        let mut caught = Vec::new();
+        for name in &names {
+            if let Some((seed, inv, _)) = first_catch(&load(name), m) {
+                caught.push(format!("{name}@{seed}:{inv:?}"));
+            }
+        }
+        report.push_str(&format!(
+            "{m:?}: caught in {} of {}: {}\n",
+            caught.len(),
+            names.len(),
+            caught.join(" ")
+        ));
+        if caught.len() < 2 {
+            weak.push(format!("{m:?} caught by {} scenario(s) only", caught.len()));
+        }
+    }
+    println!("{report}");
+    assert!(weak.is_empty(), "\n{}\n{report}", weak.join("\n"));
+}
+
+/// The property tests' random fault schedules catch every mutant too (so a green property run
+/// means something): schedules are drawn from a fixed RNG until one run breaks an invariant.
+#[test]
+fn random_fault_schedules_catch_every_mutant() {
+    use ftvm_tests::schedule::{crash_disturbance, network_disturbance, schedule, Disturbance};
+    use proptest::prelude::*;
+    use proptest::strategy::ValueTree;
+    use proptest::test_runner::{Config, TestRng, TestRunner};
+
+    const SCHEDULE_BOUND: usize = 64;
+    fn mixed(n: u32) -> BoxedStrategy<Disturbance> {
+        prop_oneof![crash_disturbance(n), network_disturbance(n)].boxed()
+    }
+    let base = Scenario::from_toml(
+        "name = \"random\"\nduration_ms = 3000\n[vm]\npages = 64\nwrites_per_tick = 3\n",
+        "mutants.rs",
+    )
+    .expect("base scenario");
+    let strategy = schedule(2..=3, 2..=7, 2500, mixed);
+    let mut report = String::new();
+    let mut survivors = Vec::new();
+    for m in Mutant::ALL {
+        let mut runner = TestRunner::new_with_rng(
+            Config::default(),
+            TestRng::from_seed(Default::default(), &[7; 32]),
+        );
+        let opts = RunOptions::default().with_mutant(m);
+        let caught = (1..=SCHEDULE_BOUND).find_map(|n| {
+            let sch = strategy.new_tree(&mut runner).expect("schedule").current();
+            let r = run_scenario(&sch.apply(&base), sch.seed, &opts);
+            r.violation.map(|v| (n, v.invariant))
+        });
+        match caught {
+            Some((n, inv)) if breaks(m).contains(&inv) => {
+                report.push_str(&format!("{m:?}: schedule #{n} ({inv:?})\n"))
+            }
+            Some((n, inv)) => survivors.push(format!(
+                "{m:?}: schedule #{n} was caught by {inv:?}, expected one of {:?}",
+                breaks(m)
+            )),
+            None => survivors.push(format!("{m:?} survived {SCHEDULE_BOUND} random schedules")),
+        }
+    }
+    println!("{report}");
+    assert!(survivors.is_empty(), "\n{}\n{report}", survivors.join("\n"));
+}

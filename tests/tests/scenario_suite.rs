@@ -1,0 +1,143 @@
+//! Every scenario file over a fixed set of seeds: all invariants hold and every expectation of
+//! the file is met. `ftvm sim scenarios/<name>.toml --seeds 0..200` runs the wider sweep.
+
+use ftvm_sim::{run_scenario, RunOptions, Verdict};
+use ftvm_tests::{assert_pass, load, scenario_names};
+
+/// Seeds every scenario runs with under `cargo test` (a fixed set: a failure names its seed).
+const SEEDS: std::ops::Range<u64> = 0..24;
+
+/// The scenarios the protocol must be shown to survive; a missing file fails the suite.
+const REQUIRED: [&str; 11] = [
+    "steady",
+    "primary-crash-mid-epoch",
+    "primary-crash-mid-transfer",
+    "backup-crash-reprotect",
+    "link-cut",
+    "primary-isolated",
+    "loss-5pct",
+    "slow-link",
+    "flapping-link",
+    "crash-during-initial-sync",
+    "new-primary-failure",
+];
+
+#[test]
+fn every_required_scenario_has_a_file() {
+    let names = scenario_names();
+    for r in REQUIRED {
+        assert!(
+            names.iter().any(|n| n == r),
+            "scenarios/{r}.toml is missing"
+        );
+    }
+}
+
+#[test]
+fn every_scenario_file_parses_and_checks() {
+    for name in scenario_names() {
+        let s = load(&name);
+        assert_eq!(
+            s.name, name,
+            "scenarios/{name}.toml names itself {:?}",
+            s.name
+        );
+        s.check()
+            .unwrap_or_else(|e| panic!("scenarios/{name}.toml: {e}"));
+        assert!(!s.description.trim().is_empty(), "{name}: no description");
+    }
+}
+
+/// One test per scenario, so a failure names the scenario and the others still run.
+macro_rules! scenario_tests {
+    ($($test:ident => $file:literal),* $(,)?) => {$(
+        #[test]
+        fn $test() {
+            let s = load($file);
+            let mut epochs = 0;
+            for seed in SEEDS {
+                epochs += assert_pass(&s, seed).stats.observed.epochs;
+            }
+            // A run that checkpoints nothing proves nothing.
+            assert!(epochs > 0, "{}: no epoch was committed over {SEEDS:?}", $file);
+        }
+    )*};
+}
+
+scenario_tests! {
+    steady => "steady",
+    primary_crash_mid_epoch => "primary-crash-mid-epoch",
+    primary_crash_mid_transfer => "primary-crash-mid-transfer",
+    backup_crash_reprotect => "backup-crash-reprotect",
+    link_cut => "link-cut",
+    primary_isolated => "primary-isolated",
+    loss_5pct => "loss-5pct",
+    slow_link => "slow-link",
+    flapping_link => "flapping-link",
+    crash_during_initial_sync => "crash-during-initial-sync",
+    new_primary_failure => "new-primary-failure",
+    corrupt_checkpoint => "corrupt-checkpoint",
+    witness_outage => "witness-outage",
+}
+
+/// A scenario file added without a test above would go unchecked: list them all here.
+#[test]
+fn every_scenario_file_has_a_test() {
+    let tested = [
+        "steady",
+        "primary-crash-mid-epoch",
+        "primary-crash-mid-transfer",
+        "backup-crash-reprotect",
+        "link-cut",
+        "primary-isolated",
+        "loss-5pct",
+        "slow-link",
+        "flapping-link",
+        "crash-during-initial-sync",
+        "new-primary-failure",
+        "corrupt-checkpoint",
+        "witness-outage",
+    ];
+    for name in scenario_names() {
+        assert!(
+            tested.contains(&name.as_str()),
+            "scenarios/{name}.toml has no test in tests/tests/scenario_suite.rs"
+        );
+    }
+}
+
+/// Same scenario and seed ⇒ byte-identical trace; another seed ⇒ another run.
+#[test]
+fn runs_replay_from_their_seed() {
+    for name in [
+        "primary-crash-mid-transfer",
+        "loss-5pct",
+        "new-primary-failure",
+    ] {
+        let s = load(name);
+        let opts = RunOptions::default().traced(true);
+        let render = |seed| {
+            let r = run_scenario(&s, seed, &opts);
+            assert_ne!(r.verdict, Verdict::Crashed, "{}", r.summary());
+            r.trace.iter().map(|e| format!("{e}\n")).collect::<String>()
+        };
+        let a = render(5);
+        assert!(
+            a.lines().count() > 100,
+            "{name}: trace too short to mean anything"
+        );
+        assert_eq!(a, render(5), "{name}: seed 5 did not replay identically");
+        assert_ne!(a, render(6), "{name}: seeds 5 and 6 gave the same trace");
+    }
+}
+
+/// The expectations are judged, not just the invariants: a scenario whose fault cannot fire
+/// or whose expectation cannot be met is reported `UNMET`, not passed.
+#[test]
+fn unmet_expectations_fail_the_run() {
+    let mut s = load("steady");
+    s.expect.failover = Some(true);
+    let r = run_scenario(&s, 0, &RunOptions::default());
+    assert_eq!(r.verdict, Verdict::Unmet, "{}", r.summary());
+    assert!(!r.unmet.is_empty());
+}
