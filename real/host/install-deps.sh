@@ -13,6 +13,7 @@ packages=(
   lz4 binutils      # the guest build unpacks and inspects kernel modules
   procps            # pgrep/ps for scripts
   iputils-ping      # reachability checks in topology tests
+  fonts-dejavu-core # the font of the benchmark plots (ftvm bench ... writes PNGs)
 )
 
 missing=()
