@@ -77,8 +77,9 @@ pub struct Args {
     /// Checkpoint transport: copy, msg-zerocopy, uring-zc or auto.
     #[arg(long, default_value = "copy")]
     transport: String,
-    /// Checkpoint capture: paused-send (VM paused while pages go out from guest RAM) or staged
-    /// (pages copied while paused, sent while the VM runs).
+    /// Checkpoint capture: paused-send (VM paused while pages go out from guest RAM), staged
+    /// (pages copied while paused, sent while the VM runs) or cow (pages write-protected while
+    /// paused and sent from guest RAM while the VM runs; a write copies a page not yet sent).
     #[arg(long, default_value = "staged")]
     capture: String,
     /// Dirty-page tracking: pagemap (userfaultfd + PAGEMAP_SCAN) or hash (cross-check).
@@ -194,6 +195,9 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
             socket: netdev_socket.clone(),
         },
     });
+    if capture == CaptureMode::Cow && tracking == Tracking::Hash {
+        bail!("--capture cow takes its dirty log from write faults; it cannot use --tracking hash");
+    }
     let preload = match tracking {
         Tracking::Pagemap => Some(
             ftvm_real::dirty::preload_library_path()
@@ -213,6 +217,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
             ..BootOptions::default()
         },
         page_size: page_size as usize,
+        capture,
     };
     let cfg = AgentConfig {
         node: NodeId(args.node),

@@ -1,8 +1,8 @@
 //! The capture-safety check of `capture_safety.rs` with a real QEMU (TCG) running the project's
 //! test guest (`real/guest/build.sh`) and its page dirtier, dirty pages found by the preload
-//! library + PAGEMAP_SCAN: at every verified checkpoint the backup's committed replica equals the
-//! primary's guest RAM as it was when QEMU was stopped. Two combinations: copy × paused-send and
-//! auto × staged. Boots one guest at a time (two TCG guests on 2 cores make boots hang).
+//! library + PAGEMAP_SCAN (cow: from the write faults of the uffd QEMU hands over): at every
+//! verified checkpoint the backup's committed replica equals the primary's guest RAM as it was when
+//! QEMU was stopped. Three combinations: copy × paused-send, auto × staged and auto × cow. Boots one guest at a time (two TCG guests on 2 cores make boots hang).
 
 mod capture_common;
 
@@ -44,7 +44,7 @@ async fn guest() -> GuestImage {
         .clone()
 }
 
-fn launcher(guest: &GuestImage, ram: &Path, run_dir: &Path) -> QemuLauncher {
+fn launcher(guest: &GuestImage, ram: &Path, run_dir: &Path, capture: CaptureMode) -> QemuLauncher {
     let mut base = QemuConfig::new(&guest.kernel, ram, RAM, run_dir.join("qemu"));
     guest.apply(&mut base);
     base.append.push_str(&format!(" ftvm.dirty={DIRTY_RATE}"));
@@ -63,6 +63,7 @@ fn launcher(guest: &GuestImage, ram: &Path, run_dir: &Path) -> QemuLauncher {
         preload: Some(preload_library_path().unwrap()),
         boot: BootOptions::default(),
         page_size: 4096,
+        capture,
     }
 }
 
@@ -90,8 +91,8 @@ async fn replica_matches_paused_qemu(transport: TransportKind, capture: CaptureM
     let out = protect_and_verify(
         dir.path(),
         &run,
-        launcher(&guest, &pram.0, &dir.path().join("p")),
-        launcher(&guest, &bram.0, &dir.path().join("b")),
+        launcher(&guest, &pram.0, &dir.path().join("p"), capture),
+        launcher(&guest, &bram.0, &dir.path().join("b"), capture),
     )
     .await;
     assert!(
@@ -114,4 +115,9 @@ async fn copy_paused_send_with_qemu() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn auto_staged_with_qemu() {
     replica_matches_paused_qemu(TransportKind::Auto, CaptureMode::Staged).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_cow_with_qemu() {
+    replica_matches_paused_qemu(TransportKind::Auto, CaptureMode::Cow).await;
 }

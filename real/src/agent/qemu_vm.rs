@@ -2,14 +2,19 @@
 //! LD_PRELOAD + PAGEMAP_SCAN tracker (or the hash-diff cross-check), page contents read from the
 //! shared RAM file (copied at capture, or sent straight from it in paused-send mode), device
 //! state through the migration stream with `x-ignore-shared`.
+//!
+//! For copy-on-write capture ([`CaptureMode::Cow`]) QEMU is started with the preload library in
+//! handoff mode: it hands a blocking write-protect userfaultfd on guest RAM to the agent (and keeps
+//! no copy); the agent's [`CowEngine`] resolves the faults and keeps the dirty log from them.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::capture::CaptureMode;
+use super::cow::{CowCheckpoint, CowEngine};
 use super::vm::{CaptureStats, RestorePoint, Vm, VmError, VmLauncher};
-use crate::dirty::{self, DirtyTracker, GuestRam};
+use crate::dirty::{self, DirtyTracker, GuestRam, HandedUffd, HandoffListener};
 use crate::qemu::{self, BootOptions, ExitWatch, Qemu, QemuConfig};
 use crate::replica::StagedCheckpoint;
 
@@ -40,7 +45,12 @@ pub struct QemuVm {
     qemu: Qemu,
     exit: ExitWatch,
     ram: Arc<GuestRam>,
-    tracker: Box<dyn DirtyTracker + Send>,
+    /// Dirty pages without copy-on-write (PAGEMAP_SCAN or hashes).
+    tracker: Option<Box<dyn DirtyTracker + Send>>,
+    /// Copy-on-write fault handling and dirty log (QEMU started for cow capture).
+    cow: Option<CowEngine>,
+    /// The checkpoint of the last cow capture, until the agent takes it.
+    cow_checkpoint: Option<CowCheckpoint>,
     page_size: usize,
     first: bool,
 }
@@ -56,19 +66,39 @@ fn vm_err(what: &'static str) -> impl FnOnce(qemu::QemuError) -> VmError {
 }
 
 impl QemuVm {
-    fn new(qemu: Qemu, tracking: Tracking, page_size: usize) -> Result<QemuVm, VmError> {
+    /// A VM over a started QEMU: dirty pages from `uffd` (handed over by QEMU for cow) if
+    /// given, else by `tracking`.
+    fn new(
+        qemu: Qemu,
+        tracking: Tracking,
+        page_size: usize,
+        uffd: Option<HandedUffd>,
+    ) -> Result<QemuVm, VmError> {
         let cfg = qemu.config();
         let ram = GuestRam::open(&cfg.ram_file, cfg.ram_bytes)
             .map(Arc::new)
             .map_err(|e| VmError::failed("map guest RAM", e))?;
-        let tracker: Box<dyn DirtyTracker + Send> = match tracking {
-            Tracking::Pagemap => Box::new(
-                dirty::PagemapScanner::open(qemu.pid(), &cfg.ram_file)
-                    .map_err(|e| VmError::failed("open PAGEMAP_SCAN tracker", e))?,
+        let (tracker, cow): (Option<Box<dyn DirtyTracker + Send>>, _) = match (uffd, tracking) {
+            (Some(uffd), _) => (
+                None,
+                Some(
+                    CowEngine::start(uffd, ram.clone())
+                        .map_err(|e| VmError::failed("start copy-on-write capture", e))?,
+                ),
             ),
-            Tracking::Hash => Box::new(
-                dirty::HashTracker::open(&cfg.ram_file, cfg.ram_bytes)
-                    .map_err(|e| VmError::failed("open hash tracker", e))?,
+            (None, Tracking::Pagemap) => (
+                Some(Box::new(
+                    dirty::PagemapScanner::open(qemu.pid(), &cfg.ram_file)
+                        .map_err(|e| VmError::failed("open PAGEMAP_SCAN tracker", e))?,
+                )),
+                None,
+            ),
+            (None, Tracking::Hash) => (
+                Some(Box::new(
+                    dirty::HashTracker::open(&cfg.ram_file, cfg.ram_bytes)
+                        .map_err(|e| VmError::failed("open hash tracker", e))?,
+                )),
+                None,
             ),
         };
         Ok(QemuVm {
@@ -76,6 +106,8 @@ impl QemuVm {
             qemu,
             ram,
             tracker,
+            cow,
+            cow_checkpoint: None,
             page_size,
             first: true,
         })
@@ -103,16 +135,40 @@ impl Vm for QemuVm {
         out: &mut StagedCheckpoint,
     ) -> Result<CaptureStats, VmError> {
         let t0 = Instant::now();
-        // The scan also re-arms tracking, so it runs even when everything is sent anyway.
-        let dirty = self
-            .tracker
-            .collect()
-            .map_err(|e| VmError::failed("dirty-page scan", e))?;
-        let pages: Vec<u64> = if full || self.first {
-            (0..self.ram.pages()).collect()
-        } else {
-            dirty
-        };
+        let all = full || self.first;
+        let pages: Vec<u64> =
+            match (&self.cow, self.tracker.as_mut()) {
+                (Some(engine), _) if mode == CaptureMode::Cow => {
+                    let (cp, _) = engine
+                        .begin(all)
+                        .map_err(|e| VmError::failed("cow capture", e))?;
+                    let pages = cp.indices().to_vec();
+                    self.cow_checkpoint = Some(cp);
+                    pages
+                }
+                (Some(engine), _) => {
+                    engine
+                        .rearm(all)
+                        .map_err(|e| VmError::failed("dirty-page log", e))?
+                        .0
+                }
+                (None, _) if mode == CaptureMode::Cow => return Err(VmError::failed(
+                    "cow capture",
+                    "QEMU was not started for copy-on-write capture (no userfaultfd handed over)",
+                )),
+                (None, Some(tracker)) => {
+                    // The scan also re-arms tracking, so it runs even when everything is sent anyway.
+                    let dirty = tracker
+                        .collect()
+                        .map_err(|e| VmError::failed("dirty-page scan", e))?;
+                    if all {
+                        (0..self.ram.pages()).collect()
+                    } else {
+                        dirty
+                    }
+                }
+                (None, None) => return Err(VmError::failed("capture", "no dirty-page tracking")),
+            };
         self.first = false;
         let t1 = Instant::now();
         if let Some(&p) = pages.iter().find(|&&p| p >= self.ram.pages()) {
@@ -146,6 +202,10 @@ impl Vm for QemuVm {
         self.ram.clone()
     }
 
+    fn take_cow(&mut self) -> Option<CowCheckpoint> {
+        self.cow_checkpoint.take()
+    }
+
     fn ram_digest(&mut self) -> Result<u64, VmError> {
         Ok(xxhash_rust::xxh3::xxh3_64(self.ram.as_slice()))
     }
@@ -166,33 +226,80 @@ pub struct QemuLauncher {
     pub base: QemuConfig,
     /// Directory for the restored QEMU's sockets and logs.
     pub restore_dir: PathBuf,
-    /// Dirty-page tracking.
+    /// Dirty-page tracking (without cow).
     pub tracking: Tracking,
-    /// The LD_PRELOAD tracker library (required for [`Tracking::Pagemap`]).
+    /// The LD_PRELOAD tracker library (required for [`Tracking::Pagemap`] and for cow).
     pub preload: Option<PathBuf>,
     /// Boot retries and timeout.
     pub boot: BootOptions,
     /// Page size.
     pub page_size: usize,
+    /// The capture mode the agent uses: [`CaptureMode::Cow`] starts QEMU with the preload
+    /// library in handoff mode, and dirty pages then come from write faults.
+    pub capture: CaptureMode,
 }
 
+/// How long a started QEMU may take to hand over its uffd (it does so while mapping RAM, before
+/// the guest runs).
+const HANDOFF_TIMEOUT: Duration = Duration::from_secs(10);
+
 impl QemuLauncher {
-    fn with_tracking(&self, mut cfg: QemuConfig) -> QemuConfig {
-        if let (Tracking::Pagemap, Some(lib)) = (self.tracking, &self.preload) {
-            cfg.env
-                .push(("LD_PRELOAD".into(), lib.display().to_string()));
-            cfg.env
-                .push(("FTVM_RAM_FILE".into(), cfg.ram_file.display().to_string()));
+    /// The configuration with the preload library's environment; for cow, also the socket the
+    /// uffd is handed to (next to QMP's), which the caller must listen on.
+    fn with_tracking(&self, mut cfg: QemuConfig) -> Result<(QemuConfig, Option<PathBuf>), VmError> {
+        let cow = self.capture == CaptureMode::Cow;
+        if cow && self.tracking == Tracking::Hash {
+            return Err(VmError::failed(
+                "start QEMU",
+                "cow capture takes its dirty log from write faults; it cannot use hash tracking",
+            ));
         }
-        cfg
+        let lib = match (&self.preload, self.tracking, cow) {
+            (Some(lib), _, true) | (Some(lib), Tracking::Pagemap, false) => lib,
+            (None, _, true) => {
+                return Err(VmError::failed(
+                    "start QEMU",
+                    "cow capture needs the ftvm preload library (none configured)",
+                ))
+            }
+            _ => return Ok((cfg, None)),
+        };
+        cfg.env
+            .push(("LD_PRELOAD".into(), lib.display().to_string()));
+        cfg.env
+            .push(("FTVM_RAM_FILE".into(), cfg.ram_file.display().to_string()));
+        if !cow {
+            return Ok((cfg, None));
+        }
+        let sock = cfg.qmp_socket.with_file_name("uffd.sock");
+        cfg.env
+            .push((dirty::UFFD_MODE_ENV.into(), "handoff".into()));
+        cfg.env
+            .push((dirty::UFFD_SOCK_ENV.into(), sock.display().to_string()));
+        Ok((cfg, Some(sock)))
     }
+}
+
+fn listen_for_uffd(sock: Option<&Path>) -> Result<Option<HandoffListener>, VmError> {
+    sock.map(HandoffListener::bind)
+        .transpose()
+        .map_err(|e| VmError::failed("listen for QEMU's userfaultfd", e))
+}
+
+fn take_uffd(listener: Option<&HandoffListener>, pid: u32) -> Result<Option<HandedUffd>, VmError> {
+    listener
+        .map(|l| l.take(pid, HANDOFF_TIMEOUT))
+        .transpose()
+        .map_err(|e| VmError::failed("cow capture", e))
 }
 
 impl VmLauncher for QemuLauncher {
     type Vm = QemuVm;
 
     async fn boot(&mut self) -> Result<QemuVm, VmError> {
-        let cfg = self.with_tracking(self.base.clone());
+        let (cfg, sock) = self.with_tracking(self.base.clone())?;
+        // Listening before QEMU starts: it blocks in its RAM mmap until the handover is acked.
+        let listener = listen_for_uffd(sock.as_deref())?;
         let booted = qemu::boot(&cfg, &self.boot)
             .await
             .map_err(|e| VmError::failed("boot", e))?;
@@ -204,23 +311,29 @@ impl VmLauncher for QemuLauncher {
             booted.boot_time, booted.tries
         );
         let mut q = booted.qemu;
+        let uffd = take_uffd(listener.as_ref(), q.pid())?;
+        drop(listener);
         qemu::enable_ignore_shared(q.qmp())
             .await
             .map_err(vm_err("enable x-ignore-shared"))?;
-        QemuVm::new(q, self.tracking, self.page_size)
+        QemuVm::new(q, self.tracking, self.page_size, uffd)
     }
 
     async fn restore(&mut self, from: RestorePoint) -> Result<QemuVm, VmError> {
         std::fs::create_dir_all(&self.restore_dir)
             .map_err(|e| VmError::failed("create restore directory", e))?;
-        let cfg = self.with_tracking(self.base.incoming(&from.ram_file, &self.restore_dir));
+        let (cfg, sock) =
+            self.with_tracking(self.base.incoming(&from.ram_file, &self.restore_dir))?;
+        let listener = listen_for_uffd(sock.as_deref())?;
         let mut q = Qemu::spawn_incoming(cfg)
             .await
             .map_err(|e| VmError::failed("start the restore QEMU", e))?;
+        let uffd = take_uffd(listener.as_ref(), q.pid())?;
+        drop(listener);
         q.restore_device_state(&from.device)
             .await
             .map_err(vm_err("restore device state"))?;
-        QemuVm::new(q, self.tracking, self.page_size)
+        QemuVm::new(q, self.tracking, self.page_size, uffd)
     }
 }
 

@@ -28,7 +28,9 @@ pub use pagemap_scan::{PagemapScanner, ScanStats};
 pub use pages::DirtyPages;
 pub use preload_path::{preload_library_path, PRELOAD_ENV, PRELOAD_FILE_NAME};
 pub use ram::{page_size, GuestRam, GuestRamMut};
-pub use uffd_handoff::{HandedUffd, WpFault, UFFD_MODE_ENV, UFFD_SOCK_ENV};
+pub use uffd_handoff::{
+    peer_pid, HandedUffd, HandoffListener, WpFault, UFFD_MODE_ENV, UFFD_SOCK_ENV,
+};
 
 /// A source of "pages written since the last scan".
 pub trait DirtyTracker {

@@ -11,7 +11,12 @@
 use std::io::Write;
 use std::ops::Range;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
-use std::os::unix::net::UnixStream;
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use super::DirtyError;
 
@@ -298,5 +303,162 @@ impl HandedUffd {
             write: flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
             wp: flags & UFFD_PAGEFAULT_FLAG_WP != 0,
         }))
+    }
+}
+
+/// The process id at the other end of a unix stream (`SO_PEERCRED`).
+pub fn peer_pid(stream: &UnixStream) -> Result<u32, DirtyError> {
+    // SAFETY: ucred is plain data; zeroed is valid before getsockopt fills it.
+    let mut cred: libc::ucred = unsafe { std::mem::zeroed() };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: SO_PEERCRED writes at most `len` bytes (one `struct ucred`) into `cred`.
+    let r = unsafe {
+        libc::getsockopt(
+            stream.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_PEERCRED,
+            (&mut cred as *mut libc::ucred).cast(),
+            &mut len,
+        )
+    };
+    if r != 0 {
+        return Err(DirtyError::Uffd {
+            what: "getsockopt(SO_PEERCRED)",
+            source: std::io::Error::last_os_error(),
+        });
+    }
+    Ok(cred.pid as u32)
+}
+
+/// Receives the uffds that QEMU processes started with `FTVM_UFFD_MODE=handoff` send to a unix
+/// socket, on a background thread, each tagged with the sender's pid (a boot may be retried, so
+/// several QEMUs may connect; only the one that booted counts). The socket file is removed on
+/// drop.
+pub struct HandoffListener {
+    path: PathBuf,
+    received: Arc<Mutex<Vec<(u32, HandedUffd)>>>,
+    errors: Arc<Mutex<Vec<String>>>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for HandoffListener {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HandoffListener")
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// How often the accept loop checks whether it should stop.
+const ACCEPT_POLL: Duration = Duration::from_millis(10);
+
+impl HandoffListener {
+    /// Listens at `path` (replacing a stale socket file there).
+    pub fn bind(path: &Path) -> Result<HandoffListener, DirtyError> {
+        let _ = std::fs::remove_file(path);
+        let listener =
+            UnixListener::bind(path).map_err(DirtyError::io("bind uffd socket", path))?;
+        // Non-blocking accept, so the thread notices `stop`.
+        listener
+            .set_nonblocking(true)
+            .map_err(DirtyError::io("bind uffd socket", path))?;
+        let received = Arc::new(Mutex::new(Vec::new()));
+        let errors = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let (r, e, st) = (received.clone(), errors.clone(), stop.clone());
+        let thread = std::thread::Builder::new()
+            .name("uffd-handoff".into())
+            .spawn(move || {
+                while !st.load(Ordering::Acquire) {
+                    let stream = match listener.accept() {
+                        Ok((stream, _)) => stream,
+                        Err(err) if err.kind() == std::io::ErrorKind::WouldBlock => {
+                            std::thread::sleep(ACCEPT_POLL);
+                            continue;
+                        }
+                        Err(err) => {
+                            if let Ok(mut e) = e.lock() {
+                                e.push(format!("accept: {err}"));
+                            }
+                            std::thread::sleep(ACCEPT_POLL);
+                            continue;
+                        }
+                    };
+                    // The preload library sends at once after connecting and then waits for
+                    // the ack; a blocking read with a bound keeps a broken peer from stalling.
+                    let got = stream
+                        .set_nonblocking(false)
+                        .and_then(|()| stream.set_read_timeout(Some(Duration::from_secs(5))))
+                        .map_err(|err| DirtyError::Handoff(err.to_string()))
+                        .and_then(|()| {
+                            let pid = peer_pid(&stream)?;
+                            Ok((pid, HandedUffd::receive(&stream)?))
+                        });
+                    match got {
+                        Ok(x) => {
+                            if let Ok(mut r) = r.lock() {
+                                r.push(x);
+                            }
+                        }
+                        Err(err) => {
+                            if let Ok(mut e) = e.lock() {
+                                e.push(err.to_string());
+                            }
+                        }
+                    }
+                }
+            })
+            .map_err(DirtyError::io("start uffd handoff thread", path))?;
+        Ok(HandoffListener {
+            path: path.to_path_buf(),
+            received,
+            errors,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    /// The socket path (for `FTVM_UFFD_SOCK`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The uffd handed over by process `pid`, waiting up to `timeout` for it. With several
+    /// (one per mapping of the RAM file), the first.
+    pub fn take(&self, pid: u32, timeout: Duration) -> Result<HandedUffd, DirtyError> {
+        let t0 = Instant::now();
+        loop {
+            if let Ok(mut r) = self.received.lock() {
+                if let Some(i) = r.iter().position(|(p, _)| *p == pid) {
+                    return Ok(r.remove(i).1);
+                }
+            }
+            if t0.elapsed() >= timeout {
+                let errors = self.errors.lock().map(|e| e.join("; ")).unwrap_or_default();
+                return Err(DirtyError::Handoff(format!(
+                    "process {pid} handed no userfaultfd to {} within {timeout:?} (was it \
+                     started with the ftvm preload library, FTVM_RAM_FILE and \
+                     FTVM_UFFD_MODE=handoff? see its 'ftvm-preload:' stderr line){}",
+                    self.path.display(),
+                    if errors.is_empty() {
+                        String::new()
+                    } else {
+                        format!("; errors: {errors}")
+                    }
+                )));
+            }
+            std::thread::sleep(ACCEPT_POLL);
+        }
+    }
+}
+
+impl Drop for HandoffListener {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Release);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        let _ = std::fs::remove_file(&self.path);
     }
 }
