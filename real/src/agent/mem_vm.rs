@@ -347,9 +347,16 @@ fn guest(shared: &Shared, pages: u64, pages_per_ms: u32, seed: u64) {
                 continue;
             }
             n = n.min(s.burst_left.try_into().unwrap_or(u32::MAX));
-            s.burst_left -= u64::from(n);
         }
+        let mut wrote = 0;
         for _ in 0..n {
+            // Someone waits for the lock (a pause): stop the turn after the current write. A
+            // write may be slow (cow: it faults, and may wait for a page in flight), so a full
+            // turn could hold a pause for many of them.
+            if wrote > 0 && !shared.active.load(Ordering::Acquire) {
+                break;
+            }
+            wrote += 1;
             let page = if s.burst.is_some() {
                 s.cursor = (s.cursor + stride) % others;
                 1 + s.cursor
@@ -368,7 +375,10 @@ fn guest(shared: &Shared, pages: u64, pages_per_ms: u32, seed: u64) {
                 s.dirty.insert(0);
             }
         }
-        done += n;
+        if s.burst.is_some() {
+            s.burst_left -= u64::from(wrote);
+        }
+        done += wrote;
     }
 }
 
