@@ -2,8 +2,11 @@
 //! seeds, print a one-line verdict per seed, and on a violation the seed, the invariant and
 //! the event trace. `--bench` measures simulated epochs per wall-clock second.
 
+use std::collections::BTreeMap;
 use std::ops::Range;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
 use std::time::Instant;
 
 use anyhow::Context;
@@ -30,6 +33,10 @@ pub struct Args {
     /// With --bench: also write the JSON figures to this file.
     #[arg(long, value_name = "FILE", requires = "bench")]
     pub json: Option<PathBuf>,
+    /// Seeds run in parallel (runs are independent; output stays in seed order). Default 1, so
+    /// `--bench` reports single-threaded speed unless asked otherwise.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
+    pub jobs: u32,
 }
 
 fn parse_range(s: &str) -> Result<Range<u64>, String> {
@@ -63,6 +70,12 @@ struct Bench {
     wall_s: f64,
     epochs_per_wall_s: f64,
     speedup: f64,
+    /// Seeds run at once.
+    jobs: u32,
+    /// Elapsed wall time of the whole sweep.
+    elapsed_s: f64,
+    /// Simulated epochs per elapsed second (all jobs together).
+    throughput_epochs_per_s: f64,
 }
 
 /// Run the command; returns the process exit code (0: every seed passed).
@@ -77,8 +90,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let (mut epochs, mut sim_ms, mut wall_s, mut passed, mut failed) =
         (0u64, 0u64, 0f64, 0u64, 0u64);
     let started = Instant::now();
-    for seed in seeds.clone() {
-        let report = run_scenario(&scenario, seed, &opts);
+    for_each_report(&scenario, seeds.clone(), &opts, args.jobs, |report| {
         epochs += report.stats.observed.epochs;
         sim_ms += report.stats.sim_ms;
         wall_s += report.stats.wall_s;
@@ -92,7 +104,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             failed += 1;
             explain(&scenario, &report, args.trace && !args.bench);
         }
-    }
+    });
     let n = seeds.end - seeds.start;
     if n > 1 {
         println!(
@@ -113,11 +125,23 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             wall_s,
             epochs_per_wall_s: epochs as f64 / wall_s.max(1e-9),
             speedup: sim_ms as f64 / 1000.0 / wall_s.max(1e-9),
+            jobs: args.jobs,
+            elapsed_s: started.elapsed().as_secs_f64(),
+            throughput_epochs_per_s: epochs as f64 / started.elapsed().as_secs_f64().max(1e-9),
         };
         println!(
-            "bench: {} epochs ({:.1} s simulated) in {:.3} s wall: {:.0} epochs/s, {:.0}x real time",
+            "bench: {} epochs ({:.1} s simulated) in {:.3} s of run time: {:.0} epochs/s, {:.0}x \
+             real time per run",
             b.epochs, b.sim_s, b.wall_s, b.epochs_per_wall_s, b.speedup
         );
+        if args.jobs > 1 {
+            println!(
+                "bench: {} jobs: {:.0} epochs per elapsed second ({:.0}x real time together)",
+                b.jobs,
+                b.throughput_epochs_per_s,
+                b.sim_s / b.elapsed_s.max(1e-9)
+            );
+        }
         let json = serde_json::to_string(&b)?;
         println!("{json}");
         if let Some(path) = &args.json {
@@ -126,6 +150,44 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         }
     }
     Ok(if failed == 0 { 0 } else { 1 })
+}
+
+/// Runs every seed of `seeds`, `jobs` at a time, and hands the reports to `each` in seed order
+/// as soon as each one's predecessors are done (so long sweeps show progress).
+fn for_each_report(
+    scenario: &Scenario,
+    seeds: Range<u64>,
+    opts: &RunOptions,
+    jobs: u32,
+    mut each: impl FnMut(RunReport),
+) {
+    if jobs <= 1 {
+        seeds.for_each(|seed| each(run_scenario(scenario, seed, opts)));
+        return;
+    }
+    let next = AtomicU64::new(seeds.start);
+    let (tx, rx) = mpsc::channel::<RunReport>();
+    std::thread::scope(|scope| {
+        for _ in 0..jobs {
+            let (tx, next, end) = (tx.clone(), &next, seeds.end);
+            scope.spawn(move || loop {
+                let seed = next.fetch_add(1, Ordering::Relaxed);
+                if seed >= end || tx.send(run_scenario(scenario, seed, opts)).is_err() {
+                    break;
+                }
+            });
+        }
+        drop(tx);
+        let mut waiting = BTreeMap::new();
+        let mut want = seeds.start;
+        for report in rx {
+            waiting.insert(report.seed, report);
+            while let Some(r) = waiting.remove(&want) {
+                each(r);
+                want += 1;
+            }
+        }
+    });
 }
 
 fn print_trace(report: &RunReport) {
