@@ -239,9 +239,11 @@ impl BenchReport {
                 out += &format!("skipped: {why}\n");
                 continue;
             }
-            out += "| transport | batch | GiB/s | best GiB/s | × raw TCP | × copy | sender CPU s/GiB | \
-                    receiver CPU s/GiB | process CPU s/GiB | µs/batch | copied/zc completions |\n";
-            out += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
+            out +=
+                "| transport | batch | GiB/s | best GiB/s | × raw TCP | × copy | × copy paired | \
+                    sender CPU s/GiB | receiver CPU s/GiB | process CPU s/GiB | µs/batch | \
+                    copied/zc completions |\n";
+            out += "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|\n";
             let raw = p.raw_tcp.as_ref().filter(|r| r.error.is_none());
             for c in p.raw_tcp.iter().chain(&p.cases) {
                 if let Some(e) = &c.error {
@@ -249,7 +251,7 @@ impl BenchReport {
                         "| {} | {} | error: {e} |{}\n",
                         c.transport,
                         kib(c.batch_bytes),
-                        " |".repeat(8)
+                        " |".repeat(9)
                     );
                     continue;
                 }
@@ -269,13 +271,15 @@ impl BenchReport {
                     t
                 });
                 out += &format!(
-                    "| {} | {} | {:.2} | {:.2} | {} | {} | {:.3} | {:.3} | {:.3} | {:.0} | {} |\n",
+                    "| {} | {} | {:.2} | {:.2} | {} | {} | {} | {:.3} | {:.3} | {:.3} | {:.0} | {} |\n",
                     c.transport,
                     kib(c.batch_bytes),
                     c.gib_per_s,
                     c.best_gib_per_s,
                     ratio(raw),
                     ratio(copy),
+                    copy.and_then(|b| paired_ratio(c, b))
+                        .map_or("".to_string(), |r| format!("{r:.2}")),
                     c.sender_cpu_s_per_gib,
                     c.receiver_cpu_s_per_gib,
                     c.process_cpu_s_per_gib,
@@ -288,10 +292,74 @@ impl BenchReport {
     }
 }
 
+/// Throughput of `case` over `base`, judged round by round: the median over repetitions of
+/// `base`'s time over `case`'s time in the same round (both send the same bytes). Slow moments
+/// of a shared machine hit both sides of a pair alike, so this is steadier than a ratio of
+/// medians. `None` when the two do not have the same number of samples.
+pub fn paired_ratio(case: &BenchCase, base: &BenchCase) -> Option<f64> {
+    if case.samples.len() != base.samples.len() || case.samples.is_empty() {
+        return None;
+    }
+    let mut r: Vec<f64> = case
+        .samples
+        .iter()
+        .zip(&base.samples)
+        .filter(|(c, _)| c.seconds > 0.0)
+        .map(|(c, b)| b.seconds / c.seconds)
+        .collect();
+    if r.is_empty() {
+        return None;
+    }
+    r.sort_by(f64::total_cmp);
+    Some(r[r.len() / 2])
+}
+
 fn kib(b: usize) -> String {
     if b >= 1 << 20 && b.is_multiple_of(1 << 20) {
         format!("{} MiB", b >> 20)
     } else {
         format!("{} KiB", b >> 10)
+    }
+}
+
+#[cfg(test)]
+mod paired_tests {
+    use super::*;
+
+    fn case(times: &[f64]) -> BenchCase {
+        BenchCase {
+            transport: "x".into(),
+            batch_bytes: 4096,
+            gib_per_s: 0.0,
+            best_gib_per_s: 0.0,
+            sender_cpu_s_per_gib: 0.0,
+            receiver_cpu_s_per_gib: 0.0,
+            process_cpu_s_per_gib: 0.0,
+            us_per_batch: 0.0,
+            stats: None,
+            samples: times
+                .iter()
+                .map(|&seconds| BenchSample {
+                    seconds,
+                    sender_cpu_s: 0.0,
+                    sender_sys_s: 0.0,
+                    receiver_cpu_s: 0.0,
+                    process_cpu_s: 0.0,
+                })
+                .collect(),
+            error: None,
+        }
+    }
+
+    #[test]
+    fn paired_ratio_compares_round_by_round() {
+        // Round 2 was slow for both: the pairs still say "twice as fast".
+        let base = case(&[2.0, 2.0, 20.0]);
+        let fast = case(&[1.0, 1.0, 10.0]);
+        assert_eq!(paired_ratio(&fast, &base), Some(2.0));
+        assert_eq!(paired_ratio(&base, &fast), Some(0.5));
+        // Unequal sample counts cannot be paired.
+        assert_eq!(paired_ratio(&case(&[1.0]), &base), None);
+        assert_eq!(paired_ratio(&case(&[]), &case(&[])), None);
     }
 }

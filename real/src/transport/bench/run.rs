@@ -103,10 +103,16 @@ pub(super) fn measure_path(
             .iter()
             .map(|&(case, batch)| Session::start(s, &env, case, batch, opts, region, order))
             .collect();
-        // Round 0 warms every connection up and is not kept.
+        // Round 0 warms every connection up and is not kept. Each round runs the cases in a
+        // fresh (seeded) order, so no case always follows the same neighbour; a case's samples
+        // stay in round order, so two cases can be compared round by round.
+        let mut order_of_round: Vec<usize> = (0..sessions.len()).collect();
         for round in 0..=opts.repetitions {
-            for session in &mut sessions {
-                session.run_once(round > 0);
+            order_of_round.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
+                opts.seed ^ (round as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            ));
+            for &i in &order_of_round {
+                sessions[i].run_once(round > 0);
             }
         }
         sessions
