@@ -1,8 +1,9 @@
 //! `ftvm bench capture`: checkpoint pause against the dirty set, per capture mode. A witness, a
 //! primary and a backup agent run in this process over loopback with the real transports and a
 //! real replica; the protected VM is the in-memory VM, whose guest writes exactly the requested
-//! number of distinct pages after each resume. Every capture mode × transport × dirty-set size
-//! runs in one go, interleaved, so the ratios between them are fair.
+//! number of distinct pages after each resume, scattered over RAM or as one run of neighbouring
+//! pages. Every capture mode × transport × layout × dirty-set size runs in one go, interleaved, so
+//! the ratios between them are fair.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -34,11 +35,15 @@ pub struct CaptureArgs {
     )]
     dirty_pages: Vec<u64>,
     /// Measured epochs per case (after the warm-up).
-    #[arg(long, default_value_t = 80)]
+    #[arg(long, default_value_t = 50)]
     epochs: u64,
     /// Incremental epochs left out at the start of each case.
-    #[arg(long, default_value_t = 8)]
+    #[arg(long, default_value_t = 5)]
     warmup: u64,
+    /// Where the written pages lie (comma separated): `scattered` (no two neighbours) and/or
+    /// `runs` (one run of neighbouring pages per epoch).
+    #[arg(long, value_delimiter = ',', default_value = "scattered,runs")]
+    layout: Vec<Layout>,
     /// Transports (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "copy")]
     transport: Vec<String>,
@@ -57,13 +62,39 @@ pub struct CaptureArgs {
     work_dir: PathBuf,
 }
 
-/// One capture mode × transport × dirty-set size.
+/// Where the guest's writes of one epoch lie.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Layout {
+    /// Spread over RAM, no two neighbours: one run per page.
+    Scattered,
+    /// One run of neighbouring pages.
+    Runs,
+}
+
+impl Layout {
+    /// The name in arguments, tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Layout::Scattered => "scattered",
+            Layout::Runs => "runs",
+        }
+    }
+}
+
+fn scattered() -> String {
+    Layout::Scattered.name().into()
+}
+
+/// One capture mode × transport × layout × dirty-set size.
 #[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct CaptureCase {
     /// Capture mode.
     pub capture: String,
     /// Transport.
     pub transport: String,
+    /// Where the written pages lie (`scattered`, `runs`).
+    #[serde(default = "scattered")]
+    pub layout: String,
     /// Pages the guest was asked to write per epoch.
     pub target_pages: u64,
     /// Epochs measured.
@@ -164,8 +195,7 @@ fn measured(text: &str, warmup: u64, epochs: u64) -> anyhow::Result<Vec<EpochLin
 
 /// Aggregates the measured epochs of one case.
 fn aggregate(
-    capture: &str,
-    transport: &str,
+    (capture, transport, layout): (&str, &str, &str),
     target_pages: u64,
     lines: &[EpochLine],
     wall: Duration,
@@ -177,6 +207,7 @@ fn aggregate(
     CaptureCase {
         capture: capture.to_string(),
         transport: transport.to_string(),
+        layout: layout.to_string(),
         target_pages,
         epochs: lines.len() as u64,
         dirty_p50: median(&col(|l| l.dirty_pages)),
@@ -201,10 +232,10 @@ pub fn markdown(r: &CaptureReport) -> String {
     let mut s = format!(
         "Capture benchmark: in-memory VM with {} MiB RAM, {} ms epochs, primary and backup \
          agents over loopback; {} warm-up epochs left out per case.\n\n\
-         | capture | transport | pages written/epoch | dirty p50 | epochs | pause p50 µs | \
+         | capture | transport | layout | pages written/epoch | dirty p50 | epochs | pause p50 µs | \
          pause p99 µs | send p50 µs | send p99 µs | copy p50 µs | ack p50 µs | cow copies p50 | \
          cow waits p50 | VM idle rate |\n\
-         |---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         r.ram_mb, r.epoch_ms, r.warmup
     );
     let mut short = false;
@@ -216,9 +247,10 @@ pub fn markdown(r: &CaptureReport) -> String {
             ""
         };
         s += &format!(
-            "| {} | {} | {} | {}{mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} |\n",
+            "| {} | {} | {} | {} | {}{mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} |\n",
             c.capture,
             c.transport,
+            c.layout,
             c.target_pages,
             c.dirty_p50,
             c.epochs,
@@ -290,7 +322,12 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<i32> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let total = a.dirty_pages.len() * modes.len() * transports.len();
+    let mut layouts = a.layout.clone();
+    layouts.dedup();
+    if layouts.is_empty() {
+        anyhow::bail!("--layout needs scattered and/or runs");
+    }
+    let total = a.dirty_pages.len() * layouts.len() * modes.len() * transports.len();
     eprintln!(
         "ftvm bench capture: {total} cases of {} epochs × {} ms; this takes about {} s",
         a.epochs + a.warmup,
@@ -299,25 +336,28 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<i32> {
     );
     let mut cases = Vec::new();
     for &dirty in &a.dirty_pages {
-        for &t in &transports {
-            for &mode in &modes {
-                eprintln!(
-                    "[{}/{total}] capture {mode}, transport {t}, {dirty} pages per epoch",
-                    cases.len() + 1
-                );
-                let _ = std::fs::remove_dir_all(&a.work_dir);
-                let case = runtime
-                    .block_on(one_case(&a, mode, t, dirty, ram_pages))
-                    .with_context(|| format!("capture {mode}, transport {t}, {dirty} pages"))?;
-                eprintln!(
-                    "      dirty p50 {}, pause p50 {} µs p99 {} µs, send p50 {} µs, idle {:.3}",
-                    case.dirty_p50,
-                    case.pause_p50_us,
-                    case.pause_p99_us,
-                    case.send_p50_us,
-                    case.idle_rate
-                );
-                cases.push(case);
+        for &layout in &layouts {
+            for &t in &transports {
+                for &mode in &modes {
+                    let what = format!(
+                        "capture {mode}, transport {t}, {dirty} {} pages per epoch",
+                        layout.name()
+                    );
+                    eprintln!("[{}/{total}] {what}", cases.len() + 1);
+                    let _ = std::fs::remove_dir_all(&a.work_dir);
+                    let case = runtime
+                        .block_on(one_case(&a, (mode, t, layout), dirty, ram_pages))
+                        .with_context(|| what.clone())?;
+                    eprintln!(
+                        "      dirty p50 {}, pause p50 {} µs p99 {} µs, send p50 {} µs, idle {:.3}",
+                        case.dirty_p50,
+                        case.pause_p50_us,
+                        case.pause_p99_us,
+                        case.send_p50_us,
+                        case.idle_rate
+                    );
+                    cases.push(case);
+                }
             }
         }
     }
@@ -416,8 +456,7 @@ async fn check_alive(name: &str, task: &mut AgentTask) -> anyhow::Result<()> {
 
 async fn one_case(
     a: &CaptureArgs,
-    mode: CaptureMode,
-    transport: TransportKind,
+    (mode, transport, layout): (CaptureMode, TransportKind, Layout),
     dirty: u64,
     ram_pages: u64,
 ) -> anyhow::Result<CaptureCase> {
@@ -475,7 +514,7 @@ async fn one_case(
             );
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
-        ram.set_writes_per_resume(Some(dirty.saturating_sub(1)));
+        ram.set_writes_per_resume(Some(dirty.saturating_sub(1)), layout == Layout::Scattered);
 
         let limit =
             Duration::from_secs(30) + Duration::from_millis(a.epoch_ms * (a.warmup + a.epochs) * 4);
@@ -503,8 +542,7 @@ async fn one_case(
             .with_context(|| format!("reading {}", metrics.display()))?;
         let lines = measured(&text, a.warmup, a.epochs)?;
         Ok(aggregate(
-            mode.name(),
-            transport.name(),
+            (mode.name(), transport.name(), layout.name()),
             dirty,
             &lines,
             wall,
@@ -562,7 +600,12 @@ mod tests {
             m.iter().map(|l| l.pause_us).collect::<Vec<_>>(),
             vec![200, 300]
         );
-        let c = aggregate("staged", "copy", 30, &m, Duration::from_millis(10));
+        let c = aggregate(
+            ("staged", "copy", "runs"),
+            30,
+            &m,
+            Duration::from_millis(10),
+        );
         assert_eq!(c.epochs, 2);
         assert_eq!(c.pause_p50_us, 250);
         assert_eq!(c.pause_p99_us, 300);
@@ -570,8 +613,7 @@ mod tests {
         assert_eq!(c.send_p50_us, 6);
         assert_eq!(c.cow_copies_p50, 0);
         let c3 = aggregate(
-            "cow",
-            "copy",
+            ("cow", "copy", "runs"),
             30,
             &measured(&text, 2, 9).unwrap(),
             Duration::ZERO,
@@ -584,7 +626,7 @@ mod tests {
 
     #[test]
     fn markdown_has_a_row_per_case() {
-        let c = aggregate("cow", "copy", 0, &[], Duration::ZERO);
+        let c = aggregate(("cow", "copy", "scattered"), 0, &[], Duration::ZERO);
         let r = CaptureReport {
             ram_mb: 256,
             epoch_ms: 25,
@@ -611,7 +653,13 @@ mod tests {
             ..r
         };
         let md = markdown(&r);
-        assert!(md.contains("| 100 | 60 ⚠ |"), "{md}");
+        assert!(md.contains("| scattered | 100 | 60 ⚠ |"), "{md}");
+        // Files written before the layout column read as scattered.
+        let old = r#"{"capture":"staged","transport":"copy","target_pages":2,"epochs":1,
+            "dirty_p50":2,"pause_p50_us":1,"pause_p99_us":1,"send_p50_us":1,"send_p99_us":1,
+            "copy_p50_us":0,"ack_p50_us":1,"idle_rate":0.0}"#;
+        let c: CaptureCase = serde_json::from_str(old).unwrap();
+        assert_eq!((c.layout.as_str(), c.cow_waits_p50), ("scattered", 0));
         assert!(md.contains("could not write all its pages"));
         assert!(capture_modes(&["nope".into()]).is_err());
         assert_eq!(capture_modes(&[]).unwrap(), CaptureMode::ALL.to_vec());

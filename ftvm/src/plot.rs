@@ -9,12 +9,13 @@ use anyhow::{anyhow, Context};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-use crate::bench_capture::CaptureReport;
+use crate::bench_capture::{CaptureCase, CaptureReport};
 
 /// Where `fonts-dejavu-core` puts its sans-serif face.
 const DEJAVU: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
 const FONT: &str = "sans-serif";
-const SIZE: (u32, u32) = (1400, 560);
+/// Size of one panel; panels sit side by side.
+const PANEL: (u32, u32) = (700, 560);
 
 /// Series colours (Okabe–Ito, readable for colour-blind eyes).
 const COLOURS: [RGBColor; 8] = [
@@ -166,7 +167,8 @@ fn draw_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, p: &Panel) -> anyhow
 /// Draws `panels` side by side into `path`.
 fn render(path: &Path, panels: &[Panel]) -> anyhow::Result<()> {
     font()?;
-    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    let width = PANEL.0 * panels.len().max(1) as u32;
+    let root = BitMapBackend::new(path, (width, PANEL.1)).into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
     for (area, p) in root
         .split_evenly((1, panels.len().max(1)))
@@ -180,17 +182,21 @@ fn render(path: &Path, panels: &[Panel]) -> anyhow::Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// `capture.png`: the pause against the dirty set per capture mode (median solid, p99 dashed)
-/// and the send-updated-states time.
+/// `capture.png`: the pause against the dirty set per capture mode (median solid, p99 dashed),
+/// one panel per page layout, and the send-updated-states time.
 pub fn capture(r: &CaptureReport, dir: &Path) -> anyhow::Result<PathBuf> {
-    let mut keys: Vec<(String, String)> = Vec::new();
+    let mut modes: Vec<(String, String)> = Vec::new();
+    let mut layouts: Vec<String> = Vec::new();
     for c in &r.cases {
         let k = (c.capture.clone(), c.transport.clone());
-        if !keys.contains(&k) {
-            keys.push(k);
+        if !modes.contains(&k) {
+            modes.push(k);
+        }
+        if !layouts.contains(&c.layout) {
+            layouts.push(c.layout.clone());
         }
     }
-    let one_transport = keys.iter().all(|k| k.1 == keys[0].1);
+    let one_transport = modes.iter().all(|k| k.1 == modes[0].1);
     let label = |k: &(String, String)| {
         if one_transport {
             k.0.clone()
@@ -198,16 +204,20 @@ pub fn capture(r: &CaptureReport, dir: &Path) -> anyhow::Result<PathBuf> {
             format!("{} / {}", k.0, k.1)
         }
     };
-    let ms = |us: u64| us as f64 / 1000.0;
-    let series = |f: &dyn Fn(&crate::bench_capture::CaptureCase) -> f64, suffix: &str, dashed| {
-        keys.iter()
+    fn ms(us: u64) -> f64 {
+        us as f64 / 1000.0
+    }
+    type Pick = dyn Fn(&CaptureCase) -> f64;
+    let series = |layout: &str, f: &Pick, suffix: &str, dashed| {
+        modes
+            .iter()
             .enumerate()
             .map(|(i, k)| Series {
                 label: format!("{}{suffix}", label(k)),
                 points: r
                     .cases
                     .iter()
-                    .filter(|c| c.capture == k.0 && c.transport == k.1)
+                    .filter(|c| c.capture == k.0 && c.transport == k.1 && c.layout == layout)
                     .map(|c| (c.dirty_p50 as f64, f(c)))
                     .collect(),
                 colour: i,
@@ -215,32 +225,37 @@ pub fn capture(r: &CaptureReport, dir: &Path) -> anyhow::Result<PathBuf> {
             })
             .collect::<Vec<_>>()
     };
-    let mut pause = series(&|c| ms(c.pause_p50_us), " median", false);
-    pause.extend(series(&|c| ms(c.pause_p99_us), " p99", true));
     let transport = if one_transport {
-        format!(", {}", keys.first().map_or("", |k| k.1.as_str()))
+        format!(", {}", modes.first().map_or("", |k| k.1.as_str()))
     } else {
         String::new()
     };
-    let panels = [
-        Panel {
-            title: format!(
-                "Checkpoint pause ({} MiB in-memory VM, {} ms epochs{transport})",
-                r.ram_mb, r.epoch_ms
-            ),
-            x_label: "dirty pages per epoch (4 KiB)".into(),
-            y_label: "pause (ms)".into(),
-            log2_x: false,
-            series: pause,
-        },
-        Panel {
-            title: "Send updated states (median)".into(),
-            x_label: "dirty pages per epoch (4 KiB)".into(),
+    let mut panels: Vec<Panel> = layouts
+        .iter()
+        .map(|layout| {
+            let mut pause = series(layout, &|c| ms(c.pause_p50_us), " median", false);
+            pause.extend(series(layout, &|c| ms(c.pause_p99_us), " p99", true));
+            Panel {
+                title: format!(
+                    "Pause, {layout} pages ({} ms epochs{transport})",
+                    r.epoch_ms
+                ),
+                x_label: format!("dirty pages per epoch (4 KiB, {layout})"),
+                y_label: "pause (ms)".into(),
+                log2_x: false,
+                series: pause,
+            }
+        })
+        .collect();
+    if let Some(first) = layouts.first() {
+        panels.push(Panel {
+            title: format!("Send updated states (median), {first} pages"),
+            x_label: format!("dirty pages per epoch (4 KiB, {first})"),
             y_label: "capture done → sent (ms)".into(),
             log2_x: false,
-            series: series(&|c| ms(c.send_p50_us), "", false),
-        },
-    ];
+            series: series(first, &|c| ms(c.send_p50_us), "", false),
+        });
+    }
     let path = dir.join("capture.png");
     render(&path, &panels)?;
     Ok(path)

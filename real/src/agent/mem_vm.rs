@@ -50,6 +50,8 @@ struct State {
     burst_left: u64,
     /// Position of the next burst write in a walk over pages 1.. that visits each page once.
     cursor: u64,
+    /// Step of that walk: 1 (runs of neighbouring pages) or coprime to the page count (scattered).
+    stride: u64,
 }
 
 impl State {
@@ -108,11 +110,20 @@ impl MemRam {
 
     /// Benchmark knob: from the next resume on, the guest writes exactly `pages` distinct pages
     /// besides page 0 after each resume (as fast as its rate allows), then idles until the next
-    /// resume; `None` restores writing at its rate.
-    pub fn set_writes_per_resume(&self, pages: Option<u64>) {
+    /// resume; `None` restores writing at its rate. The pages are `scattered` over RAM (no two
+    /// neighbours) or else one run of neighbouring pages.
+    pub fn set_writes_per_resume(&self, pages: Option<u64>, scattered: bool) {
         let _ = self.0.with(|s| {
             s.burst = pages;
             s.burst_left = 0;
+            let others = s.ram.pages().saturating_sub(1).max(1);
+            s.stride = 1;
+            if scattered {
+                s.stride = (others * 5 / 8).max(1);
+                while gcd(s.stride, others) != 1 {
+                    s.stride += 1;
+                }
+            }
         });
     }
 }
@@ -187,6 +198,7 @@ impl MemVm {
                 burst: None,
                 burst_left: 0,
                 cursor: 0,
+                stride: 1,
             }),
             active: AtomicBool::new(true),
             ram: Arc::new(ro),
@@ -306,12 +318,8 @@ impl MemVm {
 /// counter in page 0, at most `pages_per_ms` per millisecond, while the VM runs.
 fn guest(shared: &Shared, pages: u64, pages_per_ms: u32, seed: u64) {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
-    // Bursts walk pages 1.. with a stride coprime to their count: distinct and scattered.
+    // Bursts walk pages 1.. with a stride coprime to their count: each page once per lap.
     let others = pages.saturating_sub(1).max(1);
-    let mut stride = (others * 5 / 8).max(1);
-    while gcd(stride, others) != 1 {
-        stride += 1;
-    }
     let tick = Duration::from_millis(1);
     let (mut tick_start, mut done) = (Instant::now(), 0u32);
     loop {
@@ -358,7 +366,7 @@ fn guest(shared: &Shared, pages: u64, pages_per_ms: u32, seed: u64) {
             }
             wrote += 1;
             let page = if s.burst.is_some() {
-                s.cursor = (s.cursor + stride) % others;
+                s.cursor = (s.cursor + s.stride) % others;
                 1 + s.cursor
             } else {
                 rng.gen_range(1..pages.max(2))
@@ -572,7 +580,7 @@ mod tests {
         vm.capture(true, CaptureMode::PausedSend, &mut out)
             .await
             .unwrap();
-        vm.ram().set_writes_per_resume(Some(700));
+        vm.ram().set_writes_per_resume(Some(700), true);
         let mut seen = BTreeSet::new();
         for _ in 0..3 {
             vm.resume().await.unwrap();
@@ -586,7 +594,18 @@ mod tests {
         }
         // Consecutive bursts move on through RAM rather than rewriting the same pages.
         assert_eq!(seen.len(), 1000);
-        vm.ram().set_writes_per_resume(Some(0));
+        // Runs: one burst is a run of neighbouring pages (wrapping around once at most).
+        vm.ram().set_writes_per_resume(Some(300), false);
+        vm.resume().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        vm.pause().await.unwrap();
+        vm.capture(false, CaptureMode::PausedSend, &mut out)
+            .await
+            .unwrap();
+        assert_eq!(out.indices.len(), 301);
+        let gaps = out.indices[1..].windows(2).filter(|w| w[1] != w[0] + 1);
+        assert!(gaps.count() <= 1, "not a run: {:?}", out.indices);
+        vm.ram().set_writes_per_resume(Some(0), false);
         vm.resume().await.unwrap();
         tokio::time::sleep(Duration::from_millis(20)).await;
         vm.pause().await.unwrap();
