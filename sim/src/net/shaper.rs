@@ -124,6 +124,7 @@ mod tests {
             loss,
             rto: Duration::from_millis(40),
             chunk_bytes: 1000,
+            step: Duration::from_millis(2),
         }
     }
 

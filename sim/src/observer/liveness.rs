@@ -46,9 +46,9 @@ impl Observer {
         });
     }
 
-    /// The backup being counted on, if a watch is armed.
-    pub fn watched_backup(&self) -> Option<NodeId> {
-        self.watch.map(|w| w.backup)
+    /// The lost primary and the backup being counted on, if a watch is armed.
+    pub fn watched(&self) -> Option<(NodeId, NodeId)> {
+        self.watch.map(|w| (w.primary, w.backup))
     }
 
     /// The promise no longer applies (the backup or its path to the witness failed).

@@ -21,8 +21,6 @@ use crate::trace::{HostId, Trace, TraceKind};
 use crate::world::{Shared, World};
 use faults::FaultPlan;
 
-/// Simulation step: every host runs for this long per step.
-const TICK: Duration = Duration::from_millis(1);
 /// Random stream of the link shaper.
 const SHAPER_STREAM: u64 = 3_000;
 
@@ -74,7 +72,7 @@ fn new_world(s: &Scenario, seed: u64, opts: &RunOptions) -> Shared {
 /// The simulation's outcome is recorded in the world (observer, trace, faults left).
 fn simulate(s: &Scenario, seed: u64, world: &Shared) {
     let mut sim = turmoil::Builder::new()
-        .tick_duration(TICK)
+        .tick_duration(s.network.step)
         .simulation_duration(s.duration + Duration::from_secs(60))
         .epoch(UNIX_EPOCH)
         .rng_seed(seed)
@@ -141,9 +139,10 @@ fn liveness_budget(s: &Scenario) -> Duration {
 }
 
 /// After faults fired: if the active primary (as it was before them) is now dead or cut off
-/// from its registered backup, and that backup is up, registered and has a clean path to the
-/// witness, a VM must serve again within the budget. A watch whose backup lost its path is
-/// dropped (the promise no longer applies).
+/// from its registered backup, that backup is up, registered and has a clean path to the
+/// witness, and the primary is dead or has a clean path to the witness too, a VM must serve
+/// again within the budget. A watch whose backup or live primary lost its path is dropped (the
+/// promise no longer applies).
 fn watch_liveness(
     world: &Shared,
     plan: &FaultPlan,
@@ -161,15 +160,25 @@ fn watch_liveness(
             && wb.shaper.loss(bh, wh) == 0.0
             && wb.shaper.loss(wh, bh) == 0.0
     };
-    if let Some(b) = wb.obs.watched_backup() {
-        if !clean_path(&wb, b) {
+    // A live primary whose path to the witness is damaged may still win the race for the
+    // register (its requests get through) and then never hear that it won: nobody can serve
+    // until the path heals, and no protocol could do better. The promise needs the primary
+    // either dead or cleanly connected to the witness.
+    let primary_ok = |wb: &World, p: NodeId| plan.is_down(HostId::Node(p)) || clean_path(wb, p);
+    if let Some((p, b)) = wb.obs.watched() {
+        let why = if !clean_path(&wb, b) {
+            Some(format!("{b} lost its path to the witness"))
+        } else if !primary_ok(&wb, p) {
+            Some(format!("the live {p} has a damaged path to the witness"))
+        } else {
+            None
+        };
+        if let Some(why) = why {
             wb.obs.disarm_liveness();
             wb.note(
                 t,
                 HostId::Runner,
-                TraceKind::Note(format!(
-                    "liveness watch dropped: {b} lost its path to the witness"
-                )),
+                TraceKind::Note(format!("liveness watch dropped: {why}")),
             );
         }
     }
@@ -185,7 +194,7 @@ fn watch_liveness(
     });
     let (ph, bh) = (HostId::Node(p), HostId::Node(r.node));
     let lost = plan.is_down(ph) || plan.blocked(ph, bh) || plan.blocked(bh, ph);
-    if ready && lost && clean_path(&wb, r.node) {
+    if ready && lost && clean_path(&wb, r.node) && primary_ok(&wb, p) {
         wb.obs.arm_liveness(t, p, g, r.node, t + budget);
         wb.note(
             t,

@@ -85,6 +85,11 @@ pub struct Network {
     pub rto: Duration,
     /// Largest write (one simulated TCP segment).
     pub chunk_bytes: usize,
+    /// Simulation step. Inside a host, timers fire at their exact simulated time; messages
+    /// between hosts are handed over at step boundaries, so a latency is effectively rounded
+    /// up to a whole step. Each step costs every host's runtime a turn whatever happens, so the
+    /// step sets the simulator's speed: 2 ms runs about twice as fast as 1 ms.
+    pub step: Duration,
 }
 
 /// Client behaviour.
@@ -243,6 +248,7 @@ impl Scenario {
                 loss: f.network.loss,
                 rto: ms(f.network.rto_ms),
                 chunk_bytes: usize::try_from(f.network.chunk_bytes).unwrap_or(usize::MAX),
+                step: ms(f.network.step_ms),
             },
             clients: ClientSpec {
                 timeout: ms(f.clients.timeout_ms),
@@ -300,6 +306,16 @@ impl Scenario {
         }
         if !(0.0..1.0).contains(&net.loss) {
             return Err("network.loss must be in 0 <= loss < 1".into());
+        }
+        if net.step.is_zero() || net.step > Duration::from_millis(10) {
+            return Err("network.step_ms must be in 1..=10".into());
+        }
+        if net.step > self.timing.epoch / 5 {
+            return Err(format!(
+                "network.step_ms ({} ms) must be at most a fifth of timing.epoch_ms ({} ms)",
+                net.step.as_millis(),
+                self.timing.epoch.as_millis()
+            ));
         }
         if net.chunk_bytes < 64 {
             return Err("network.chunk_bytes must be at least 64".into());

@@ -104,6 +104,7 @@ pub(super) struct NetworkFile {
     pub loss: f64,
     pub rto_ms: u64,
     pub chunk_bytes: u64,
+    pub step_ms: u64,
 }
 
 impl Default for NetworkFile {
@@ -115,6 +116,7 @@ impl Default for NetworkFile {
             loss: 0.0,
             rto_ms: 40,
             chunk_bytes: 4096,
+            step_ms: 2,
         }
     }
 }
