@@ -302,20 +302,40 @@ pub fn transport(dir: &Path) -> anyhow::Result<PathBuf> {
                     names.push(&c.transport);
                 }
             }
+            let kib = |c: &TransportCase| (c.batch_bytes >> 10) as f64;
+            let (lo, hi) = p
+                .cases
+                .iter()
+                .map(kib)
+                .fold((f64::MAX, 0.0f64), |(lo, hi), k| (lo.min(k), hi.max(k)));
             let series = names
                 .iter()
                 .enumerate()
-                .map(|(i, name)| Series {
-                    label: name.to_string(),
-                    points: p
+                .map(|(i, name)| {
+                    let raw = p.raw_tcp.as_ref().is_some_and(|r| r.transport == *name);
+                    let mut points: Vec<(f64, f64)> = p
                         .raw_tcp
                         .iter()
                         .chain(&p.cases)
                         .filter(|c| c.transport == *name && c.error.is_none())
-                        .map(|c| ((c.batch_bytes >> 10) as f64, c.gib_per_s))
-                        .collect(),
-                    colour: i,
-                    dashed: p.raw_tcp.as_ref().is_some_and(|r| r.transport == *name),
+                        .map(|c| (kib(c), c.gib_per_s))
+                        .collect();
+                    // Raw bulk TCP is one reference figure: a level across every batch size.
+                    if raw && hi >= lo {
+                        if let Some(&(_, v)) = points.first() {
+                            points = vec![(lo, v), (hi, v)];
+                        }
+                    }
+                    Series {
+                        label: if raw {
+                            format!("{name} (bulk reference)")
+                        } else {
+                            name.to_string()
+                        },
+                        points,
+                        colour: i,
+                        dashed: raw,
+                    }
                 })
                 .collect();
             Panel {
