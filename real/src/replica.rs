@@ -119,7 +119,14 @@ impl Replica {
             .open(ram_path)
             .map_err(io(ram_path, "open RAM file"))?;
         let found = ram.metadata().map_err(io(ram_path, "stat"))?.len();
-        if found == 0 {
+        // Only a committed checkpoint or a journal to replay gives the RAM file's contents a
+        // meaning; without them it is a leftover (say, of a VM of another size that used the
+        // same name) and is reset rather than refused.
+        let holds_state = dir.join("committed").exists() || dir.join("journal").exists();
+        if found != ram_bytes && !holds_state {
+            ram.set_len(0).map_err(io(ram_path, "truncate RAM file"))?;
+        }
+        if found == 0 || (found != ram_bytes && !holds_state) {
             // A sparse file: pages never written read as zeroes, as fresh guest RAM does.
             ram.set_len(ram_bytes)
                 .map_err(io(ram_path, "size RAM file"))?;
@@ -348,6 +355,30 @@ mod tests {
         let mut b = vec![0; PS];
         r.ram.read_exact_at(&mut b, index * PS as u64).unwrap();
         b
+    }
+
+    #[test]
+    fn a_leftover_ram_file_of_another_size_is_reset_but_a_committed_one_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let ram = d.path().join("ram");
+        std::fs::write(&ram, vec![7u8; 4 * PS]).unwrap();
+        // Nothing committed: the leftover is reset to zeroes at the new size.
+        let mut r = Replica::open(&d.path().join("r"), &ram, 16 * PS as u64, PS).unwrap();
+        assert_eq!(std::fs::metadata(&ram).unwrap().len(), 16 * PS as u64);
+        assert_eq!(page(&r, 0), vec![0; PS]);
+        r.commit(&staged(1, &[(3, 9)])).unwrap();
+        drop(r);
+        // Committed state at 16 pages: opening it as 32 pages is a configuration error.
+        match Replica::open(&d.path().join("r"), &ram, 32 * PS as u64, PS) {
+            Err(ReplicaError::SizeMismatch { found, expected }) => {
+                assert_eq!((found, expected), (16 * PS as u64, 32 * PS as u64))
+            }
+            Err(e) => panic!("expected a size mismatch, got {e}"),
+            Ok(_) => panic!("expected a size mismatch, the replica opened"),
+        }
+        // And the committed replica is untouched.
+        let r = Replica::open(&d.path().join("r"), &ram, 16 * PS as u64, PS).unwrap();
+        assert_eq!(page(&r, 3), vec![9; PS]);
     }
 
     #[test]
