@@ -103,15 +103,14 @@ pub(super) fn measure_path(
             .iter()
             .map(|&(case, batch)| Session::start(s, &env, case, batch, opts, region, order))
             .collect();
-        // Round 0 warms every connection up and is not kept. Each round runs the cases in a
-        // fresh (seeded) order, so no case always follows the same neighbour; a case's samples
-        // stay in round order, so two cases can be compared round by round.
-        let mut order_of_round: Vec<usize> = (0..sessions.len()).collect();
-        for round in 0..=opts.repetitions {
-            order_of_round.shuffle(&mut rand::rngs::StdRng::seed_from_u64(
-                opts.seed ^ (round as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
-            ));
-            for &i in &order_of_round {
+        // Round 0 warms every connection up and is not kept. Each round visits the batch sizes
+        // in a fresh (seeded) order and, within a batch size, the transports in a fresh order:
+        // no case always follows the same neighbour, and the cases compared with each other
+        // (same batch) run back to back, so a slow spell of a shared machine hits a pair alike.
+        // A case's samples stay in round order, so cases can be compared round by round.
+        let order = round_order(&specs, opts.repetitions, opts.seed);
+        for (round, sequence) in order.iter().enumerate() {
+            for &i in sequence {
                 sessions[i].run_once(round > 0);
             }
         }
@@ -127,6 +126,31 @@ pub(super) fn measure_path(
         raw_tcp,
         cases,
     }
+}
+
+/// For each round (warm-up included), the order in which the cases of `specs` run: batch sizes
+/// shuffled, and the cases of one batch size shuffled among themselves, kept together.
+fn round_order(specs: &[(Case, usize)], repetitions: usize, seed: u64) -> Vec<Vec<usize>> {
+    let mut batches: Vec<usize> = specs.iter().map(|s| s.1).collect();
+    batches.sort_unstable();
+    batches.dedup();
+    (0..=repetitions)
+        .map(|round| {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(
+                seed ^ (round as u64).wrapping_mul(0x9e37_79b9_7f4a_7c15),
+            );
+            batches.shuffle(&mut rng);
+            batches
+                .iter()
+                .flat_map(|&b| {
+                    let mut same: Vec<usize> =
+                        (0..specs.len()).filter(|&i| specs[i].1 == b).collect();
+                    same.shuffle(&mut rng);
+                    same
+                })
+                .collect()
+        })
+        .collect()
 }
 
 /// The first two CPUs this process may run on: sender and receiver get one each, so the
@@ -477,5 +501,39 @@ mod tests {
         assert_eq!(first, (0..10).collect::<Vec<_>>());
         assert_eq!(o[..10], o[10..20]);
         assert_ne!(o[..10], (0..10).collect::<Vec<_>>()[..]);
+    }
+}
+
+#[cfg(test)]
+mod order_tests {
+    use super::*;
+    use crate::transport::TransportKind;
+
+    #[test]
+    fn every_case_runs_once_per_round_with_its_batch_neighbours() {
+        let specs: Vec<(Case, usize)> = [64, 256]
+            .into_iter()
+            .flat_map(|b| {
+                [TransportKind::Copy, TransportKind::Auto]
+                    .into_iter()
+                    .map(move |k| (Case::Transport(k), b << 10))
+            })
+            .chain([(Case::RawTcp, 256 << 10)])
+            .collect();
+        let order = round_order(&specs, 6, 42);
+        assert_eq!(order.len(), 7);
+        let mut firsts = std::collections::BTreeSet::new();
+        for seq in &order {
+            let mut sorted = seq.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..specs.len()).collect::<Vec<_>>());
+            // Cases of one batch size are contiguous.
+            let batches: Vec<usize> = seq.iter().map(|&i| specs[i].1).collect();
+            let changes = batches.windows(2).filter(|w| w[0] != w[1]).count();
+            assert_eq!(changes, 1, "{batches:?}");
+            firsts.insert(seq[0]);
+        }
+        // The order changes from round to round.
+        assert!(firsts.len() > 1);
     }
 }
