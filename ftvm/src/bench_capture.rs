@@ -368,21 +368,9 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<i32> {
         warmup: a.warmup,
         cases,
     };
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let json = a.out.join("capture.json");
-    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
-        .with_context(|| format!("writing {}", json.display()))?;
-    let md = markdown(&report);
-    let mdp = a.out.join("capture.md");
-    std::fs::write(&mdp, &md).with_context(|| format!("writing {}", mdp.display()))?;
-    println!("{md}");
-    let png = crate::plot::capture(&report, &a.out).context("plotting capture.png")?;
-    eprintln!(
-        "wrote {}, {} and {}",
-        json.display(),
-        mdp.display(),
-        png.display()
-    );
+    crate::bench_cmd::write_results(&a.out, "capture", &report, &markdown(&report), || {
+        crate::plot::capture(&report, &a.out)
+    })?;
     Ok(0)
 }
 

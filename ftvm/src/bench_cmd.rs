@@ -1,6 +1,6 @@
 //! `ftvm bench`: benchmarks that write JSON, a Markdown table and a PNG plot.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 use ftvm_real::transport::bench::{bench_transports, BenchOptions, BenchPath};
@@ -104,20 +104,35 @@ fn transport(a: TransportArgs) -> anyhow::Result<i32> {
         opts.repetitions
     );
     let report = bench_transports(&opts).context("running the transport benchmark")?;
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let json = a.out.join("transport.json");
-    let md = a.out.join("transport.md");
-    std::fs::write(&json, serde_json::to_vec_pretty(&report)?)
+    write_results(&a.out, "transport", &report, &report.to_markdown(), || {
+        crate::plot::transport(&a.out)
+    })?;
+    Ok(0)
+}
+
+/// Writes a benchmark's `<out>/<name>.json` and `<out>/<name>.md`, prints the table, then has
+/// `plot` draw `<out>/<name>.png` (after the JSON, which some plots read back) and says where
+/// everything went.
+pub(crate) fn write_results<T: serde::Serialize>(
+    out: &Path,
+    name: &str,
+    report: &T,
+    table: &str,
+    plot: impl FnOnce() -> anyhow::Result<PathBuf>,
+) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let json = out.join(format!("{name}.json"));
+    std::fs::write(&json, serde_json::to_vec_pretty(report)?)
         .with_context(|| format!("writing {}", json.display()))?;
-    let table = report.to_markdown();
-    std::fs::write(&md, &table).with_context(|| format!("writing {}", md.display()))?;
+    let md = out.join(format!("{name}.md"));
+    std::fs::write(&md, table).with_context(|| format!("writing {}", md.display()))?;
     println!("{table}");
-    let png = crate::plot::transport(&a.out).context("plotting transport.png")?;
+    let png = plot().with_context(|| format!("plotting {name}.png"))?;
     eprintln!(
         "wrote {}, {} and {}",
         json.display(),
         md.display(),
         png.display()
     );
-    Ok(0)
+    Ok(())
 }

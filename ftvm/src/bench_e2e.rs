@@ -126,21 +126,9 @@ pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
             }
         }
     }
-    std::fs::create_dir_all(&a.out).with_context(|| format!("creating {}", a.out.display()))?;
-    let json = a.out.join("e2e.json");
-    std::fs::write(&json, serde_json::to_vec_pretty(&rows)?)
-        .with_context(|| format!("writing {}", json.display()))?;
-    let md = markdown(&rows);
-    let mdp = a.out.join("e2e.md");
-    std::fs::write(&mdp, &md).with_context(|| format!("writing {}", mdp.display()))?;
-    println!("{md}");
-    let png = crate::plot::e2e(&a.out).context("plotting e2e.png")?;
-    eprintln!(
-        "wrote {}, {} and {}",
-        json.display(),
-        mdp.display(),
-        png.display()
-    );
+    crate::bench_cmd::write_results(&a.out, "e2e", &rows, &markdown(&rows), || {
+        crate::plot::e2e(&a.out)
+    })?;
     Ok(0)
 }
 
