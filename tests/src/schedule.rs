@@ -293,6 +293,31 @@ pub fn network_disturbance(nodes: u32) -> impl Strategy<Value = Disturbance> {
     ]
 }
 
+/// Crashes and network faults alike.
+pub fn mixed_disturbance(nodes: u32) -> BoxedStrategy<Disturbance> {
+    prop_oneof![crash_disturbance(nodes), network_disturbance(nodes)].boxed()
+}
+
+/// The scenario every random schedule is planted into: a short, busy run with two clients.
+pub fn base_scenario() -> Scenario {
+    Scenario::from_toml(
+        r#"
+name = "random"
+description = "base of the random fault schedules"
+duration_ms = 3000
+
+[vm]
+pages = 64
+writes_per_tick = 3
+
+[topology]
+clients = 2
+"#,
+        "schedule.rs",
+    )
+    .expect("base scenario")
+}
+
 /// `count` disturbances from `what`, starting in `40..horizon_ms`.
 pub fn schedule<S>(
     nodes: std::ops::RangeInclusive<u32>,

@@ -120,21 +120,13 @@ fn mutants_are_caught_across_scenarios() {
 /// means something): schedules are drawn from a fixed RNG until one run breaks an invariant.
 #[test]
 fn random_fault_schedules_catch_every_mutant() {
-    use ftvm_tests::schedule::{crash_disturbance, network_disturbance, schedule, Disturbance};
-    use proptest::prelude::*;
-    use proptest::strategy::ValueTree;
+    use ftvm_tests::schedule::{base_scenario, mixed_disturbance, schedule};
+    use proptest::strategy::{Strategy, ValueTree};
     use proptest::test_runner::{Config, TestRng, TestRunner};
 
     const SCHEDULE_BOUND: usize = 64;
-    fn mixed(n: u32) -> BoxedStrategy<Disturbance> {
-        prop_oneof![crash_disturbance(n), network_disturbance(n)].boxed()
-    }
-    let base = Scenario::from_toml(
-        "name = \"random\"\nduration_ms = 3000\n[vm]\npages = 64\nwrites_per_tick = 3\n",
-        "mutants.rs",
-    )
-    .expect("base scenario");
-    let strategy = schedule(2..=3, 2..=7, 2500, mixed);
+    let base = base_scenario();
+    let strategy = schedule(2..=3, 2..=7, 2500, mixed_disturbance);
     let mut report = String::new();
     let mut survivors = Vec::new();
     for m in Mutant::ALL {

@@ -7,29 +7,11 @@
 //! shrunk schedule and its simulator seed; `PROPTEST_RNG_SEED` explores other schedules.
 
 use ftvm_sim::{run_scenario, RunOptions, Scenario, Verdict};
-use ftvm_tests::schedule::{crash_disturbance, network_disturbance, schedule, Disturbance};
+use ftvm_tests::schedule::{
+    base_scenario, crash_disturbance, mixed_disturbance, network_disturbance, schedule,
+};
 use ftvm_tests::{explain, proptest_config};
 use proptest::prelude::*;
-
-/// The base every random schedule is planted into: a short, busy run with two clients.
-fn base() -> Scenario {
-    Scenario::from_toml(
-        r#"
-name = "random"
-description = "base of the property tests"
-duration_ms = 3000
-
-[vm]
-pages = 64
-writes_per_tick = 3
-
-[topology]
-clients = 2
-"#,
-        "properties.rs",
-    )
-    .expect("base scenario")
-}
 
 fn check(s: &Scenario, seed: u64) -> Result<(), TestCaseError> {
     s.check().map_err(TestCaseError::fail)?;
@@ -44,10 +26,6 @@ fn check(s: &Scenario, seed: u64) -> Result<(), TestCaseError> {
     Ok(())
 }
 
-fn mixed(n: u32) -> BoxedStrategy<Disturbance> {
-    prop_oneof![crash_disturbance(n), network_disturbance(n)].boxed()
-}
-
 proptest! {
     #![proptest_config(proptest_config(48))]
 
@@ -57,7 +35,7 @@ proptest! {
     fn crashes_and_restarts_keep_every_invariant(
         sch in schedule(2..=3, 1..=5, 2500, crash_disturbance)
     ) {
-        check(&sch.apply(&base()), sch.seed)?;
+        check(&sch.apply(&base_scenario()), sch.seed)?;
     }
 
     /// Partitions (both ways and one way), isolation, holds, loss, slow links and corrupted
@@ -66,19 +44,19 @@ proptest! {
     fn network_faults_keep_every_invariant(
         sch in schedule(2..=3, 1..=6, 2500, network_disturbance)
     ) {
-        check(&sch.apply(&base()), sch.seed)?;
+        check(&sch.apply(&base_scenario()), sch.seed)?;
     }
 
     /// Everything at once.
     #[test]
-    fn mixed_faults_keep_every_invariant(sch in schedule(2..=3, 2..=7, 2500, mixed)) {
-        check(&sch.apply(&base()), sch.seed)?;
+    fn mixed_faults_keep_every_invariant(sch in schedule(2..=3, 2..=7, 2500, mixed_disturbance)) {
+        check(&sch.apply(&base_scenario()), sch.seed)?;
     }
 
     /// A random schedule replays byte for byte from its seed.
     #[test]
-    fn random_runs_replay_from_their_seed(sch in schedule(2..=3, 1..=4, 2500, mixed)) {
-        let s = sch.apply(&base());
+    fn random_runs_replay_from_their_seed(sch in schedule(2..=3, 1..=4, 2500, mixed_disturbance)) {
+        let s = sch.apply(&base_scenario());
         let opts = RunOptions::default().traced(true);
         let render = || {
             run_scenario(&s, sch.seed, &opts)
