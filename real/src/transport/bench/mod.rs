@@ -128,6 +128,25 @@ pub struct BenchCase {
     pub error: Option<String>,
 }
 
+impl BenchCase {
+    /// A case with no results yet.
+    pub fn empty(transport: String, batch_bytes: usize) -> BenchCase {
+        BenchCase {
+            transport,
+            batch_bytes,
+            gib_per_s: 0.0,
+            best_gib_per_s: 0.0,
+            sender_cpu_s_per_gib: 0.0,
+            receiver_cpu_s_per_gib: 0.0,
+            process_cpu_s_per_gib: 0.0,
+            us_per_batch: 0.0,
+            stats: None,
+            samples: Vec::new(),
+            error: None,
+        }
+    }
+}
+
 /// Results on one path.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct BenchPathReport {
@@ -328,15 +347,6 @@ mod paired_tests {
 
     fn case(times: &[f64]) -> BenchCase {
         BenchCase {
-            transport: "x".into(),
-            batch_bytes: 4096,
-            gib_per_s: 0.0,
-            best_gib_per_s: 0.0,
-            sender_cpu_s_per_gib: 0.0,
-            receiver_cpu_s_per_gib: 0.0,
-            process_cpu_s_per_gib: 0.0,
-            us_per_batch: 0.0,
-            stats: None,
             samples: times
                 .iter()
                 .map(|&seconds| BenchSample {
@@ -347,7 +357,7 @@ mod paired_tests {
                     process_cpu_s: 0.0,
                 })
                 .collect(),
-            error: None,
+            ..BenchCase::empty("x".into(), 4096)
         }
     }
 

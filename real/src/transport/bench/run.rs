@@ -253,22 +253,11 @@ impl<'scope, 'env> Session<'scope, 'env> {
             .receiver
             .join()
             .unwrap_or_else(|_| Err("receiver thread panicked".into()));
-        let mut out = BenchCase {
-            transport: match self.case {
-                Case::RawTcp => "raw-tcp".to_string(),
-                Case::Transport(k) => k.to_string(),
-            },
-            batch_bytes: self.batch,
-            gib_per_s: 0.0,
-            best_gib_per_s: 0.0,
-            sender_cpu_s_per_gib: 0.0,
-            receiver_cpu_s_per_gib: 0.0,
-            process_cpu_s_per_gib: 0.0,
-            us_per_batch: 0.0,
-            stats: None,
-            samples: Vec::new(),
-            error: None,
+        let transport = match self.case {
+            Case::RawTcp => "raw-tcp".to_string(),
+            Case::Transport(k) => k.to_string(),
         };
+        let mut out = BenchCase::empty(transport, self.batch);
         // A thread's own error explains the "thread ended" the driver saw; the sender's error
         // explains a receiver's early EOF.
         match (sent, received, self.error) {
