@@ -98,14 +98,14 @@ fn simulate(s: &Scenario, seed: u64, world: &Shared) {
     while sim.elapsed() < s.duration {
         let now = sim.elapsed();
         let t = Time::from_duration(now);
-        // Judge what the last step produced before this instant's faults change it: a VM that
-        // started serving in that step and crashes now did serve.
+        // Judge what the last step produced, once, before this instant's faults change it: a
+        // VM that started serving in that step and crashes now did serve. (A watch armed by
+        // these faults cannot be met or missed at the instant it is armed.)
         world.borrow_mut().obs.check_liveness(t);
         let before = world.borrow().obs.active_primary();
         if plan.fire_due(&mut sim, world, now) > 0 {
             watch_liveness(world, &plan, t, before, budget);
         }
-        world.borrow_mut().obs.check_liveness(t);
         if world.borrow().obs.violation().is_some() {
             break;
         }
