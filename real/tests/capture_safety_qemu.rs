@@ -5,6 +5,7 @@
 //! QEMU was stopped. Three combinations: copy × paused-send, auto × staged and auto × cow. Boots one guest at a time (two TCG guests on 2 cores make boots hang).
 
 mod capture_common;
+mod qemu_common;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -15,34 +16,11 @@ use ftvm_real::agent::qemu_vm::{QemuLauncher, Tracking};
 use ftvm_real::dirty::preload_library_path;
 use ftvm_real::qemu::{BootOptions, GuestImage, NetBackend, NetConfig, QemuConfig};
 use ftvm_real::transport::TransportKind;
+use qemu_common::{guest, ShmFile, BOOT_LOCK};
 
 const RAM: u64 = 256 << 20;
 /// Pages per second the guest's dirtier rewrites (TCG reaches a fraction of it: flat out).
 const DIRTY_RATE: u64 = 200_000;
-
-static BOOT_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A RAM file in /dev/shm removed when the test ends (pass or fail).
-struct ShmFile(PathBuf);
-
-impl Drop for ShmFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-async fn guest() -> GuestImage {
-    static GUEST: tokio::sync::OnceCell<GuestImage> = tokio::sync::OnceCell::const_new();
-    GUEST
-        .get_or_init(|| async {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
-            GuestImage::build(&script)
-                .await
-                .expect("building the test guest with real/guest/build.sh")
-        })
-        .await
-        .clone()
-}
 
 fn launcher(guest: &GuestImage, ram: &Path, run_dir: &Path, capture: CaptureMode) -> QemuLauncher {
     let mut base = QemuConfig::new(&guest.kernel, ram, RAM, run_dir.join("qemu"));

@@ -3,25 +3,19 @@
 //! must be in the scan taken at the second pause (0 missed writes), checked against a full
 //! shadow copy of guest RAM read from the file (read(2), which does not allocate holes).
 
+mod qemu_common;
+
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ftvm_real::client::Connection;
 use ftvm_real::dirty::{preload_library_path, DirtyTracker, PagemapScanner};
 use ftvm_real::qemu::{boot, BootOptions, GuestImage, NetBackend, NetConfig, QemuConfig};
+use qemu_common::ShmFile;
 
 const RAM: u64 = 256 << 20;
 const PAGE: usize = 4096;
 const ROUNDS: usize = 12;
-
-/// A RAM file in /dev/shm removed when the test ends (pass or fail).
-struct ShmFile(PathBuf);
-
-impl Drop for ShmFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
 
 async fn guest() -> GuestImage {
     if let Ok(d) = std::env::var("DEVONLY_GUEST_DIR") {

@@ -5,6 +5,8 @@
 //! Needs root-free but real resources: qemu-system-x86_64 and /dev/shm. Tests that boot a guest
 //! run one at a time (two TCG guests on a 2-core host make boots hang more often).
 
+mod qemu_common;
+
 use std::net::{SocketAddr, TcpListener};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -13,15 +15,10 @@ use ftvm_real::client::Connection;
 use ftvm_real::qemu::{
     boot, BootOptions, GuestImage, NetBackend, NetConfig, Qemu, QemuConfig, QemuError,
 };
+use qemu_common::{guest, ShmFile, BOOT_LOCK};
 
 const RAM: u64 = 256 << 20;
 const REQ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// One guest boot at a time in this test binary.
-static BOOT_LOCK: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
-
-/// A RAM file in /dev/shm removed when the test ends (pass or fail).
-struct ShmFile(PathBuf);
 
 impl ShmFile {
     fn new(tag: &str) -> Self {
@@ -32,26 +29,6 @@ impl ShmFile {
         let _ = std::fs::remove_file(&p);
         ShmFile(p)
     }
-}
-
-impl Drop for ShmFile {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.0);
-    }
-}
-
-/// The test guest, built (or found in its cache) once per test binary.
-async fn guest() -> GuestImage {
-    static GUEST: tokio::sync::OnceCell<GuestImage> = tokio::sync::OnceCell::const_new();
-    GUEST
-        .get_or_init(|| async {
-            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("guest/build.sh");
-            GuestImage::build(&script)
-                .await
-                .expect("building the test guest with real/guest/build.sh")
-        })
-        .await
-        .clone()
 }
 
 fn free_port() -> u16 {
