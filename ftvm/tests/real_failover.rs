@@ -2,34 +2,12 @@
 //! by a client over one TCP connection, through `ftvm demo`. Each run boots the guest, protects
 //! it, kills a host with SIGKILL and checks what the client saw.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// Builds (or reuses the cached) guest and returns its directory.
-fn guest_dir() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(repo().join("real/guest/build.sh"))
-        .output()
-        .expect("running real/guest/build.sh");
-    assert!(
-        out.status.success(),
-        "guest build failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(
-        stdout
-            .lines()
-            .last()
-            .expect("build.sh printed its directory")
-            .trim(),
-    )
-}
+use common::guest_dir;
 
 /// Real deployments share the namespace names and the machine's two cores: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());

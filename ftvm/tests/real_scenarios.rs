@@ -2,22 +2,11 @@
 //! through `ftvm scenario run --real`. Faults real hosts cannot produce here are skipped and
 //! listed by the runner; these scenarios use only crashes, restarts, cuts and isolation.
 
-use std::path::{Path, PathBuf};
+mod common;
+
 use std::process::Command;
 
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn guest_dir() -> PathBuf {
-    let out = Command::new("bash")
-        .arg(repo().join("real/guest/build.sh"))
-        .output()
-        .expect("running real/guest/build.sh");
-    assert!(out.status.success(), "guest build failed");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    PathBuf::from(stdout.lines().last().expect("a directory").trim())
-}
+use common::{guest_dir, repo};
 
 /// Real deployments share the namespace names and the machine's two cores: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());

@@ -1,0 +1,32 @@
+//! Shared pieces of the real-host test suites.
+
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// Builds (or reuses the cached) guest and returns its directory.
+pub fn guest_dir() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo().join("real/guest/build.sh"))
+        .output()
+        .expect("running real/guest/build.sh");
+    assert!(
+        out.status.success(),
+        "guest build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("build.sh printed its directory")
+            .trim(),
+    )
+}
