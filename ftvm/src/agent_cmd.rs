@@ -11,8 +11,10 @@ use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::netio::NetIo;
 use ftvm_real::agent::qemu_vm::{QemuLauncher, Tracking};
 use ftvm_real::agent::{Agent, AgentConfig, AgentExit};
-use ftvm_real::qemu::{Accel, BootOptions, GuestImage, NetBackend, NetConfig, QemuConfig};
+use ftvm_real::qemu::{BootOptions, NetBackend, NetConfig, QemuConfig};
 use ftvm_real::transport::TransportKind;
+
+use crate::guest_args::GuestArgs;
 
 /// Arguments shared by `ftvm primary` and `ftvm backup`.
 #[derive(clap::Args, Debug)]
@@ -38,24 +40,9 @@ pub struct Args {
     /// The protected VM's id (same on every host).
     #[arg(long, default_value_t = 1)]
     vm: u64,
-    /// Directory with the guest's `vmlinuz`, `initrd.img` and `cmdline` (real/guest/build.sh).
-    #[arg(long)]
-    guest_dir: PathBuf,
-    /// Guest RAM in MiB (same on every host).
-    #[arg(long, default_value_t = 256)]
-    ram_mb: u64,
-    /// QEMU accelerator: tcg, or kvm on hosts whose /dev/kvm runs stock guests.
-    #[arg(long, default_value = "tcg")]
-    accel: String,
-    /// The VM's MAC address (same on every host).
-    #[arg(long, default_value = "52:54:00:f7:00:0a")]
-    mac: String,
-    /// The VM's address and prefix, passed to the guest on its kernel command line.
-    #[arg(long)]
-    vm_ip: Option<String>,
-    /// Pages per second the guest's dirtying workload rewrites (0: idle).
-    #[arg(long, default_value_t = 0)]
-    dirty_pages: u64,
+    /// The guest.
+    #[command(flatten)]
+    guest: GuestArgs,
     /// State directory: replica, QEMU sockets and logs, metrics, status.
     #[arg(long)]
     state_dir: PathBuf,
@@ -137,10 +124,10 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
             }
         }
     };
-    if args.ram_mb == 0 {
+    if args.guest.ram_mb == 0 {
         bail!("--ram-mb must be positive");
     }
-    let accel: Accel = args.accel.parse().context("--accel")?;
+    let accel = args.guest.accel()?;
     let transport: TransportKind = args.transport.parse().context("--transport")?;
     let capture: CaptureMode = args.capture.parse().context("--capture")?;
     let tracking: Tracking = args
@@ -148,11 +135,11 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         .parse()
         .map_err(|e: String| anyhow::anyhow!(e))
         .context("--tracking")?;
-    let guest = GuestImage::from_dir(&args.guest_dir).context("reading the guest directory")?;
+    let guest = args.guest.image()?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
     let page_size = 4096u32;
-    let ram_bytes = args.ram_mb << 20;
+    let ram_bytes = args.guest.ram_mb << 20;
 
     let mut model = Config::new(VmId(args.vm), ram_bytes / u64::from(page_size), NodeId(0));
     model.epoch_interval = Duration::from_millis(args.epoch_ms);
@@ -174,23 +161,9 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         args.state_dir.join("qemu"),
     );
     std::fs::create_dir_all(args.state_dir.join("qemu")).context("creating the QEMU directory")?;
-    guest.apply(&mut base);
-    // Without a TSC frequency given, the guest kernel calibrates the TSC against the PIT; under
-    // TCG on a busy host that fails, and most such boots then hang with no timer tick (seen here
-    // in 4 of 5 boots; with the frequency given, 9 of 9 booted).
-    if !base.append.contains("tsc_early_khz") {
-        base.append.push_str(" tsc_early_khz=2000000");
-    }
-    base.accel = accel;
-    if let Some(ip) = &args.vm_ip {
-        base.append.push_str(&format!(" ftvm.ip={ip}"));
-    }
-    if args.dirty_pages > 0 {
-        base.append
-            .push_str(&format!(" ftvm.dirty={}", args.dirty_pages));
-    }
+    args.guest.apply(&guest, accel, &mut base);
     base.net = Some(NetConfig {
-        mac: args.mac.clone(),
+        mac: args.guest.mac.clone(),
         backend: NetBackend::Stream {
             socket: netdev_socket.clone(),
         },

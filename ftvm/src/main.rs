@@ -13,6 +13,7 @@ mod bench_e2e;
 mod client_cmd;
 mod demo_cmd;
 mod deploy;
+mod guest_args;
 mod plot;
 mod scenario_cmd;
 mod sim_cmd;
