@@ -2,8 +2,10 @@
 //! primary and a backup agent run in this process over loopback with the real transports and a
 //! real replica; the protected VM is the in-memory VM, whose guest writes exactly the requested
 //! number of distinct pages after each resume, scattered over RAM or as one run of neighbouring
-//! pages. Every capture mode × transport × layout × dirty-set size runs in one go, interleaved, so
-//! the ratios between them are fair.
+//! pages, written as fast as possible after the resume (`burst`) or evenly over the epoch
+//! (`spread`). Every capture mode × transport × layout × pace × dirty-set size runs in one go,
+//! interleaved, so the ratios between them are fair. `cow` runs with and without the early
+//! write-protect passes that move its protection work out of the pause.
 
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use ftvm_model::{Config, NodeId, Start, VmId};
 use ftvm_real::agent::capture::CaptureMode;
+use ftvm_real::agent::cow::CowOptions;
 use ftvm_real::agent::mem_vm::{MemLauncher, MemRam};
 use ftvm_real::agent::{witness, Agent, AgentConfig, AgentError, AgentExit};
 use ftvm_real::transport::TransportKind;
@@ -44,6 +47,14 @@ pub struct CaptureArgs {
     /// `runs` (one run of neighbouring pages per epoch).
     #[arg(long, value_delimiter = ',', default_value = "scattered,runs")]
     layout: Vec<Layout>,
+    /// When the pages are written (comma separated): `burst` (as fast as possible after each
+    /// resume) and/or `spread` (evenly over the epoch, like a steady workload).
+    #[arg(long, value_delimiter = ',', default_value = "burst,spread")]
+    pace: Vec<Pace>,
+    /// For `cow`: with the early write-protect passes (`on`, the default of `ftvm primary`)
+    /// and/or without them (`off`), comma separated.
+    #[arg(long, value_delimiter = ',', default_value = "on,off")]
+    cow_early_passes: Vec<OnOff>,
     /// Transports (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "copy")]
     transport: Vec<String>,
@@ -81,8 +92,40 @@ impl Layout {
     }
 }
 
+/// When the guest writes its pages in an epoch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Pace {
+    /// As fast as possible right after the resume.
+    Burst,
+    /// Evenly over the epoch.
+    Spread,
+}
+
+impl Pace {
+    /// The name in arguments, tables and JSON.
+    pub fn name(self) -> &'static str {
+        match self {
+            Pace::Burst => "burst",
+            Pace::Spread => "spread",
+        }
+    }
+}
+
+/// A yes/no argument.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum OnOff {
+    /// Yes.
+    On,
+    /// No.
+    Off,
+}
+
 fn scattered() -> String {
     Layout::Scattered.name().into()
+}
+
+fn burst() -> String {
+    Pace::Burst.name().into()
 }
 
 /// One capture mode × transport × layout × dirty-set size.
@@ -95,6 +138,12 @@ pub struct CaptureCase {
     /// Where the written pages lie (`scattered`, `runs`).
     #[serde(default = "scattered")]
     pub layout: String,
+    /// When they are written (`burst`, `spread`).
+    #[serde(default = "burst")]
+    pub pace: String,
+    /// cow: whether the early write-protect passes ran.
+    #[serde(default)]
+    pub early_passes: Option<bool>,
     /// Pages the guest was asked to write per epoch.
     pub target_pages: u64,
     /// Epochs measured.
@@ -119,8 +168,24 @@ pub struct CaptureCase {
     /// cow: median guest writes per epoch that waited for a page in flight.
     #[serde(default)]
     pub cow_waits_p50: u64,
+    /// cow: median pages write-protected while paused.
+    #[serde(default)]
+    pub protected_p50: u64,
+    /// cow: median pages write-protected early, while the VM ran.
+    #[serde(default)]
+    pub early_protected_p50: u64,
     /// Share of wall time the VM was paused over the measured epochs.
     pub idle_rate: f64,
+}
+
+impl CaptureCase {
+    /// The capture mode as tables and plots name it (cow says whether early passes ran).
+    pub fn label(&self) -> String {
+        match self.early_passes {
+            Some(false) => format!("{} (no early passes)", self.capture),
+            _ => self.capture.clone(),
+        }
+    }
 }
 
 /// The whole run.
@@ -148,6 +213,8 @@ struct EpochLine {
     ack_us: u64,
     cow_copies: u64,
     cow_waits: u64,
+    protected: u64,
+    early_protected: u64,
 }
 
 /// Median of `v` (the mean of the two middle values for an even count); 0 when empty.
@@ -193,22 +260,49 @@ fn measured(text: &str, warmup: u64, epochs: u64) -> anyhow::Result<Vec<EpochLin
         .collect())
 }
 
+/// What one case runs.
+#[derive(Debug, Clone, Copy)]
+struct CaseSpec {
+    mode: CaptureMode,
+    /// cow: early write-protect passes on or off (`None` for the other modes).
+    early_passes: Option<bool>,
+    transport: TransportKind,
+    layout: Layout,
+    pace: Pace,
+    /// Pages written per epoch.
+    dirty: u64,
+}
+
+impl std::fmt::Display for CaseSpec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "capture {}", self.mode)?;
+        if self.early_passes == Some(false) {
+            write!(f, " (no early passes)")?;
+        }
+        write!(
+            f,
+            ", transport {}, {} {} pages per epoch, {}",
+            self.transport,
+            self.dirty,
+            self.layout.name(),
+            self.pace.name()
+        )
+    }
+}
+
 /// Aggregates the measured epochs of one case.
-fn aggregate(
-    (capture, transport, layout): (&str, &str, &str),
-    target_pages: u64,
-    lines: &[EpochLine],
-    wall: Duration,
-) -> CaptureCase {
+fn aggregate(spec: &CaseSpec, lines: &[EpochLine], wall: Duration) -> CaptureCase {
     let col = |f: fn(&EpochLine) -> u64| lines.iter().map(f).collect::<Vec<u64>>();
     let pauses = col(|l| l.pause_us);
     let sends = col(|l| l.send_us);
     let paused: u64 = pauses.iter().sum();
     CaptureCase {
-        capture: capture.to_string(),
-        transport: transport.to_string(),
-        layout: layout.to_string(),
-        target_pages,
+        capture: spec.mode.name().to_string(),
+        transport: spec.transport.name().to_string(),
+        layout: spec.layout.name().to_string(),
+        pace: spec.pace.name().to_string(),
+        early_passes: spec.early_passes,
+        target_pages: spec.dirty,
         epochs: lines.len() as u64,
         dirty_p50: median(&col(|l| l.dirty_pages)),
         pause_p50_us: median(&pauses),
@@ -219,6 +313,8 @@ fn aggregate(
         ack_p50_us: median(&col(|l| l.ack_us)),
         cow_copies_p50: median(&col(|l| l.cow_copies)),
         cow_waits_p50: median(&col(|l| l.cow_waits)),
+        protected_p50: median(&col(|l| l.protected)),
+        early_protected_p50: median(&col(|l| l.early_protected)),
         idle_rate: if wall.is_zero() {
             0.0
         } else {
@@ -232,25 +328,33 @@ pub fn markdown(r: &CaptureReport) -> String {
     let mut s = format!(
         "Capture benchmark: in-memory VM with {} MiB RAM, {} ms epochs, primary and backup \
          agents over loopback; {} warm-up epochs left out per case.\n\n\
-         | capture | transport | layout | pages written/epoch | dirty p50 | epochs | pause p50 µs | \
-         pause p99 µs | send p50 µs | send p99 µs | copy p50 µs | ack p50 µs | cow copies p50 | \
-         cow waits p50 | VM idle rate |\n\
-         |---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | capture | transport | layout | pace | pages written/epoch | dirty p50 | epochs | \
+         pause p50 µs | pause p99 µs | send p50 µs | send p99 µs | copy p50 µs | ack p50 µs | \
+         cow copies p50 | cow waits p50 | protected early p50 | protected paused p50 | \
+         VM idle rate |\n\
+         |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         r.ram_mb, r.epoch_ms, r.warmup
     );
     let mut short = false;
     for c in &r.cases {
-        let mark = if c.dirty_p50 < c.target_pages {
+        // A spread guest stops writing at the pause, so it captures up to pause/epoch less.
+        let expected = if c.pace == Pace::Spread.name() {
+            c.target_pages * 4 / 5
+        } else {
+            c.target_pages
+        };
+        let mark = if c.dirty_p50 < expected {
             short = true;
             " ⚠"
         } else {
             ""
         };
         s += &format!(
-            "| {} | {} | {} | {} | {}{mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} |\n",
-            c.capture,
+            "| {} | {} | {} | {} | {} | {}{mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} |\n",
+            c.label(),
             c.transport,
             c.layout,
+            c.pace,
             c.target_pages,
             c.dirty_p50,
             c.epochs,
@@ -262,13 +366,20 @@ pub fn markdown(r: &CaptureReport) -> String {
             c.ack_p50_us,
             c.cow_copies_p50,
             c.cow_waits_p50,
+            c.early_protected_p50,
+            c.protected_p50,
             c.idle_rate
         );
     }
     if short {
         s += "\n⚠ the guest could not write all its pages between two pauses (a long pause ate \
-              the epoch): compare this case at its measured dirty p50, or raise --epoch-ms.\n";
+              the epoch; spread: less than 80% of them): compare this case at its measured dirty \
+              p50, or raise --epoch-ms.\n";
     }
+    s += "\n`burst`: the guest writes its pages as fast as it can right after each resume; \
+          `spread`: evenly over the epoch, stopping at the pause. `protected early`: pages the \
+          cow engine write-protected while the VM ran, before the capture; `protected paused`: \
+          pages it still had to protect with the VM paused.\n";
     s
 }
 
@@ -327,7 +438,44 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<i32> {
     if layouts.is_empty() {
         anyhow::bail!("--layout needs scattered and/or runs");
     }
-    let total = a.dirty_pages.len() * layouts.len() * modes.len() * transports.len();
+    let mut paces = a.pace.clone();
+    paces.dedup();
+    if paces.is_empty() {
+        anyhow::bail!("--pace needs burst and/or spread");
+    }
+    let mut early = a.cow_early_passes.clone();
+    early.dedup();
+    if early.is_empty() {
+        anyhow::bail!("--cow-early-passes needs on and/or off");
+    }
+    let mut variants: Vec<(CaptureMode, Option<bool>)> = Vec::new();
+    for &m in &modes {
+        if m == CaptureMode::Cow {
+            variants.extend(early.iter().map(|&e| (m, Some(e == OnOff::On))));
+        } else {
+            variants.push((m, None));
+        }
+    }
+    let mut specs = Vec::new();
+    for &dirty in &a.dirty_pages {
+        for &layout in &layouts {
+            for &pace in &paces {
+                for &transport in &transports {
+                    for &(mode, early_passes) in &variants {
+                        specs.push(CaseSpec {
+                            mode,
+                            early_passes,
+                            transport,
+                            layout,
+                            pace,
+                            dirty,
+                        });
+                    }
+                }
+            }
+        }
+    }
+    let total = specs.len();
     eprintln!(
         "ftvm bench capture: {total} cases of {} epochs × {} ms; this takes about {} s",
         a.epochs + a.warmup,
@@ -335,31 +483,17 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<i32> {
         total as u64 * ((a.epochs + a.warmup) * a.epoch_ms / 1000 + 2)
     );
     let mut cases = Vec::new();
-    for &dirty in &a.dirty_pages {
-        for &layout in &layouts {
-            for &t in &transports {
-                for &mode in &modes {
-                    let what = format!(
-                        "capture {mode}, transport {t}, {dirty} {} pages per epoch",
-                        layout.name()
-                    );
-                    eprintln!("[{}/{total}] {what}", cases.len() + 1);
-                    let _ = std::fs::remove_dir_all(&a.work_dir);
-                    let case = runtime
-                        .block_on(one_case(&a, (mode, t, layout), dirty, ram_pages))
-                        .with_context(|| what.clone())?;
-                    eprintln!(
-                        "      dirty p50 {}, pause p50 {} µs p99 {} µs, send p50 {} µs, idle {:.3}",
-                        case.dirty_p50,
-                        case.pause_p50_us,
-                        case.pause_p99_us,
-                        case.send_p50_us,
-                        case.idle_rate
-                    );
-                    cases.push(case);
-                }
-            }
-        }
+    for spec in specs {
+        eprintln!("[{}/{total}] {spec}", cases.len() + 1);
+        let _ = std::fs::remove_dir_all(&a.work_dir);
+        let case = runtime
+            .block_on(one_case(&a, spec, ram_pages))
+            .with_context(|| spec.to_string())?;
+        eprintln!(
+            "      dirty p50 {}, pause p50 {} µs p99 {} µs, send p50 {} µs, idle {:.3}",
+            case.dirty_p50, case.pause_p50_us, case.pause_p99_us, case.send_p50_us, case.idle_rate
+        );
+        cases.push(case);
     }
     let _ = std::fs::remove_dir_all(&a.work_dir);
     let report = CaptureReport {
@@ -442,12 +576,15 @@ async fn check_alive(name: &str, task: &mut AgentTask) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn one_case(
-    a: &CaptureArgs,
-    (mode, transport, layout): (CaptureMode, TransportKind, Layout),
-    dirty: u64,
-    ram_pages: u64,
-) -> anyhow::Result<CaptureCase> {
+async fn one_case(a: &CaptureArgs, spec: CaseSpec, ram_pages: u64) -> anyhow::Result<CaptureCase> {
+    let CaseSpec {
+        mode,
+        transport,
+        layout,
+        pace,
+        dirty,
+        ..
+    } = spec;
     std::fs::create_dir_all(&a.work_dir)
         .with_context(|| format!("creating {}", a.work_dir.display()))?;
     let wfile = a.work_dir.join("witness.json");
@@ -474,6 +611,9 @@ async fn one_case(
         page_size: pcfg.model.page_size as usize,
         pages_per_ms: u32::MAX,
         seed: 3,
+        cow: CowOptions {
+            early_passes: spec.early_passes.unwrap_or(true),
+        },
         launched,
     };
     let primary = Agent::new(pcfg.clone(), launcher(launched.clone())).context("primary")?;
@@ -503,6 +643,7 @@ async fn one_case(
             tokio::time::sleep(Duration::from_millis(2)).await;
         };
         ram.set_writes_per_resume(Some(dirty.saturating_sub(1)), layout == Layout::Scattered);
+        ram.set_burst_pace((pace == Pace::Spread).then(|| Duration::from_millis(a.epoch_ms)));
 
         let limit =
             Duration::from_secs(30) + Duration::from_millis(a.epoch_ms * (a.warmup + a.epochs) * 4);
@@ -529,12 +670,7 @@ async fn one_case(
         let text = std::fs::read_to_string(&metrics)
             .with_context(|| format!("reading {}", metrics.display()))?;
         let lines = measured(&text, a.warmup, a.epochs)?;
-        Ok(aggregate(
-            (mode.name(), transport.name(), layout.name()),
-            dirty,
-            &lines,
-            wall,
-        ))
+        Ok(aggregate(&spec, &lines, wall))
     }
     .await;
 
@@ -552,6 +688,17 @@ async fn one_case(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn spec(mode: CaptureMode, layout: Layout, dirty: u64) -> CaseSpec {
+        CaseSpec {
+            mode,
+            early_passes: (mode == CaptureMode::Cow).then_some(true),
+            transport: TransportKind::Copy,
+            layout,
+            pace: Pace::Burst,
+            dirty,
+        }
+    }
 
     #[test]
     fn median_and_percentile() {
@@ -589,8 +736,7 @@ mod tests {
             vec![200, 300]
         );
         let c = aggregate(
-            ("staged", "copy", "runs"),
-            30,
+            &spec(CaptureMode::Staged, Layout::Runs, 30),
             &m,
             Duration::from_millis(10),
         );
@@ -601,8 +747,7 @@ mod tests {
         assert_eq!(c.send_p50_us, 6);
         assert_eq!(c.cow_copies_p50, 0);
         let c3 = aggregate(
-            ("cow", "copy", "runs"),
-            30,
+            &spec(CaptureMode::Cow, Layout::Runs, 30),
             &measured(&text, 2, 9).unwrap(),
             Duration::ZERO,
         );
@@ -614,7 +759,11 @@ mod tests {
 
     #[test]
     fn markdown_has_a_row_per_case() {
-        let c = aggregate(("cow", "copy", "scattered"), 0, &[], Duration::ZERO);
+        let c = aggregate(
+            &spec(CaptureMode::Cow, Layout::Scattered, 0),
+            &[],
+            Duration::ZERO,
+        );
         let r = CaptureReport {
             ram_mb: 256,
             epoch_ms: 25,
@@ -641,13 +790,34 @@ mod tests {
             ..r
         };
         let md = markdown(&r);
-        assert!(md.contains("| scattered | 100 | 60 ⚠ |"), "{md}");
+        assert!(md.contains("| scattered | burst | 100 | 60 ⚠ |"), "{md}");
+        // A spread guest is short by the pause; only a bigger gap is flagged.
+        let spread = |dirty_p50| CaptureReport {
+            cases: vec![CaptureCase {
+                pace: "spread".into(),
+                dirty_p50,
+                ..r.cases[0].clone()
+            }],
+            ..r.clone()
+        };
+        assert!(!markdown(&spread(85)).contains("85 ⚠"));
+        assert!(markdown(&spread(75)).contains("| spread | 100 | 75 ⚠ |"));
+        // cow without early passes says so.
+        let off = CaptureReport {
+            cases: vec![CaptureCase {
+                early_passes: Some(false),
+                ..r.cases[0].clone()
+            }],
+            ..r.clone()
+        };
+        assert!(markdown(&off).contains("| cow (no early passes) | copy |"));
         // Files written before the layout column read as scattered.
         let old = r#"{"capture":"staged","transport":"copy","target_pages":2,"epochs":1,
             "dirty_p50":2,"pause_p50_us":1,"pause_p99_us":1,"send_p50_us":1,"send_p99_us":1,
             "copy_p50_us":0,"ack_p50_us":1,"idle_rate":0.0}"#;
         let c: CaptureCase = serde_json::from_str(old).unwrap();
         assert_eq!((c.layout.as_str(), c.cow_waits_p50), ("scattered", 0));
+        assert_eq!((c.pace.as_str(), c.early_passes), ("burst", None));
         assert!(md.contains("could not write all its pages"));
         assert!(capture_modes(&["nope".into()]).is_err());
         assert_eq!(capture_modes(&[]).unwrap(), CaptureMode::ALL.to_vec());

@@ -167,14 +167,13 @@ fn draw_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, p: &Panel) -> anyhow
 /// Draws `panels` side by side into `path`.
 fn render(path: &Path, panels: &[Panel]) -> anyhow::Result<()> {
     font()?;
-    let width = PANEL.0 * panels.len().max(1) as u32;
-    let root = BitMapBackend::new(path, (width, PANEL.1)).into_drawing_area();
+    // Up to three panels a row.
+    let cols = panels.len().clamp(1, 3);
+    let rows = panels.len().div_ceil(cols).max(1);
+    let root = BitMapBackend::new(path, (PANEL.0 * cols as u32, PANEL.1 * rows as u32))
+        .into_drawing_area();
     root.fill(&WHITE).map_err(plot_err)?;
-    for (area, p) in root
-        .split_evenly((1, panels.len().max(1)))
-        .iter()
-        .zip(panels)
-    {
+    for (area, p) in root.split_evenly((rows, cols)).iter().zip(panels) {
         draw_panel(area, p)?;
     }
     root.present()
@@ -183,17 +182,19 @@ fn render(path: &Path, panels: &[Panel]) -> anyhow::Result<()> {
 }
 
 /// `capture.png`: the pause against the dirty set per capture mode (median solid, p99 dashed),
-/// one panel per page layout, and the send-updated-states time.
+/// one panel per page layout × pace, and the send-updated-states time.
 pub fn capture(r: &CaptureReport, dir: &Path) -> anyhow::Result<PathBuf> {
     let mut modes: Vec<(String, String)> = Vec::new();
-    let mut layouts: Vec<String> = Vec::new();
+    // One pause panel per layout × pace.
+    let mut shapes: Vec<(String, String)> = Vec::new();
     for c in &r.cases {
-        let k = (c.capture.clone(), c.transport.clone());
+        let k = (c.label(), c.transport.clone());
         if !modes.contains(&k) {
             modes.push(k);
         }
-        if !layouts.contains(&c.layout) {
-            layouts.push(c.layout.clone());
+        let shape = (c.layout.clone(), c.pace.clone());
+        if !shapes.contains(&shape) {
+            shapes.push(shape);
         }
     }
     let one_transport = modes.iter().all(|k| k.1 == modes[0].1);
@@ -208,7 +209,7 @@ pub fn capture(r: &CaptureReport, dir: &Path) -> anyhow::Result<PathBuf> {
         us as f64 / 1000.0
     }
     type Pick = dyn Fn(&CaptureCase) -> f64;
-    let series = |layout: &str, f: &Pick, suffix: &str, dashed| {
+    let series = |(layout, pace): &(String, String), f: &Pick, suffix: &str, dashed| {
         modes
             .iter()
             .enumerate()
@@ -217,7 +218,12 @@ pub fn capture(r: &CaptureReport, dir: &Path) -> anyhow::Result<PathBuf> {
                 points: r
                     .cases
                     .iter()
-                    .filter(|c| c.capture == k.0 && c.transport == k.1 && c.layout == layout)
+                    .filter(|c| {
+                        c.label() == k.0
+                            && c.transport == k.1
+                            && &c.layout == layout
+                            && &c.pace == pace
+                    })
                     .map(|c| (c.dirty_p50 as f64, f(c)))
                     .collect(),
                 colour: i,
@@ -230,14 +236,15 @@ pub fn capture(r: &CaptureReport, dir: &Path) -> anyhow::Result<PathBuf> {
     } else {
         String::new()
     };
-    let mut panels: Vec<Panel> = layouts
+    let mut panels: Vec<Panel> = shapes
         .iter()
-        .map(|layout| {
-            let mut pause = series(layout, &|c| ms(c.pause_p50_us), " median", false);
-            pause.extend(series(layout, &|c| ms(c.pause_p99_us), " p99", true));
+        .map(|shape| {
+            let (layout, pace) = shape;
+            let mut pause = series(shape, &|c| ms(c.pause_p50_us), " median", false);
+            pause.extend(series(shape, &|c| ms(c.pause_p99_us), " p99", true));
             Panel {
                 title: format!(
-                    "Pause, {layout} pages ({} ms epochs{transport})",
+                    "Pause, {layout} pages, {pace} ({} ms epochs{transport})",
                     r.epoch_ms
                 ),
                 x_label: format!("dirty pages per epoch (4 KiB, {layout})"),
@@ -247,10 +254,13 @@ pub fn capture(r: &CaptureReport, dir: &Path) -> anyhow::Result<PathBuf> {
             }
         })
         .collect();
-    if let Some(first) = layouts.first() {
+    if let Some(first) = shapes.first() {
         panels.push(Panel {
-            title: format!("Send updated states (median), {first} pages"),
-            x_label: format!("dirty pages per epoch (4 KiB, {first})"),
+            title: format!(
+                "Send updated states (median), {} pages, {}",
+                first.0, first.1
+            ),
+            x_label: format!("dirty pages per epoch (4 KiB, {})", first.0),
             y_label: "capture done → sent (ms)".into(),
             log2_x: false,
             series: series(first, &|c| ms(c.send_p50_us), "", false),

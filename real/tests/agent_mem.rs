@@ -80,6 +80,7 @@ fn launcher(h: &Host) -> MemLauncher {
         page_size: PAGE,
         pages_per_ms: 2,
         seed: 11,
+        cow: Default::default(),
         launched: h.launched.clone(),
     }
 }

@@ -30,6 +30,7 @@ fn launcher(seed: u64, launched: &Arc<Mutex<Vec<MemRam>>>) -> MemLauncher {
         page_size: ftvm_real::dirty::page_size(),
         pages_per_ms: u32::MAX,
         seed,
+        cow: Default::default(),
         launched: launched.clone(),
     }
 }
@@ -68,6 +69,15 @@ async fn replica_matches_paused_ram(transport: TransportKind, capture: CaptureMo
         dirty >= 64,
         "{transport}/{capture}: median only {dirty} dirty pages per checkpoint"
     );
+    if capture == CaptureMode::Cow {
+        // The early write-protect passes ran (while the guest wrote), so their correctness is
+        // part of what the replica comparison proved.
+        let early = out.median_of("early_protected");
+        assert!(
+            early > 0,
+            "{transport}/{capture}: no page was write-protected early"
+        );
+    }
 }
 
 macro_rules! combination {

@@ -24,7 +24,7 @@ use std::time::{Duration, Instant};
 use rand::{Rng, SeedableRng};
 
 use super::capture::CaptureMode;
-use super::cow::{CowCheckpoint, CowEngine};
+use super::cow::{CowCheckpoint, CowEngine, CowOptions};
 use super::vm::{CaptureStats, RestorePoint, Vm, VmError, VmLauncher};
 use crate::dirty::{GuestRam, GuestRamMut, HandedUffd};
 use crate::replica::StagedCheckpoint;
@@ -52,12 +52,29 @@ struct State {
     cursor: u64,
     /// Step of that walk: 1 (runs of neighbouring pages) or coprime to the page count (scattered).
     stride: u64,
+    /// Benchmark knob: spread each burst evenly over this long after the resume, instead of
+    /// writing it as fast as possible.
+    burst_pace: Option<Duration>,
+    /// When the current burst started (the last resume).
+    burst_started: Instant,
+    /// Options of the copy-on-write engine, when a cow capture starts it.
+    cow_options: CowOptions,
 }
 
 impl State {
     /// Whether the guest has writes to do.
     fn busy(&self) -> bool {
         self.running && !self.frozen && !self.dead && (self.burst.is_none() || self.burst_left > 0)
+    }
+
+    /// Burst writes the pace allows now (all that are left when the burst is not paced).
+    fn burst_due(&self) -> u64 {
+        let (Some(burst), Some(pace)) = (self.burst, self.burst_pace) else {
+            return self.burst_left;
+        };
+        let share = (self.burst_started.elapsed().as_secs_f64() / pace.as_secs_f64()).min(1.0);
+        let written = burst - self.burst_left;
+        ((burst as f64 * share).ceil() as u64).saturating_sub(written)
     }
 }
 
@@ -106,6 +123,12 @@ impl MemRam {
     /// Guest writes so far.
     pub fn writes(&self) -> u64 {
         self.0.with(|s| s.writes).unwrap_or(0)
+    }
+
+    /// Benchmark knob: spread the writes of each resume evenly over `over` (as the pages of a
+    /// steadily running workload), or write them as fast as possible (`None`).
+    pub fn set_burst_pace(&self, over: Option<Duration>) {
+        let _ = self.0.with(|s| s.burst_pace = over);
     }
 
     /// Benchmark knob: from the next resume on, the guest writes exactly `pages` distinct pages
@@ -199,6 +222,9 @@ impl MemVm {
                 burst_left: 0,
                 cursor: 0,
                 stride: 1,
+                burst_pace: None,
+                burst_started: Instant::now(),
+                cow_options: CowOptions::default(),
             }),
             active: AtomicBool::new(true),
             ram: Arc::new(ro),
@@ -214,6 +240,11 @@ impl MemVm {
             cow: None,
             cow_checkpoint: None,
         })
+    }
+
+    /// The options of the copy-on-write engine that the first cow capture starts.
+    pub fn set_cow_options(&self, options: CowOptions) -> Result<(), VmError> {
+        self.with(|s| s.cow_options = options)
     }
 
     /// Shared view of this VM's RAM.
@@ -263,7 +294,7 @@ impl MemVm {
                 let uffd = HandedUffd::register_local(s.ram.base_addr(), s.ram.bytes())
                     .map_err(|e| VmError::failed("cow capture", e))?;
                 *cow = Some(
-                    CowEngine::start(uffd, shared.ram.clone())
+                    CowEngine::start_with(uffd, shared.ram.clone(), s.cow_options)
                         .map_err(|e| VmError::failed("cow capture", e))?,
                 );
             }
@@ -271,22 +302,21 @@ impl MemVm {
                 .as_ref()
                 .ok_or_else(|| VmError::failed("cow capture", "no engine"))?;
             let all = full || fresh;
-            let (pages, scan_us) = if mode == CaptureMode::Cow {
+            let (pages, st) = if mode == CaptureMode::Cow {
                 let (cp, st) = engine
                     .begin(all)
                     .map_err(|e| VmError::failed("cow capture", e))?;
                 let pages = cp.indices().to_vec();
                 *slot = Some(cp);
-                (pages, st.us)
+                (pages, st)
             } else {
-                let (pages, st) = engine
+                engine
                     .rearm(all)
-                    .map_err(|e| VmError::failed("capture", e))?;
-                (pages, st.us)
+                    .map_err(|e| VmError::failed("capture", e))?
             };
             // Every page the guest wrote must have faulted.
             if !all {
-                if let Some(p) = s.dirty.iter().find(|p| pages.binary_search(p).is_err()) {
+                if let Some(p) = first_unlogged(s.dirty.iter().copied(), &pages) {
                     *slot = None;
                     return Err(VmError::failed(
                         "cow capture",
@@ -307,7 +337,9 @@ impl MemVm {
             out.device = s.writes.to_le_bytes().to_vec();
             Ok(CaptureStats {
                 pages: out.indices.len() as u64,
-                scan_us,
+                scan_us: st.us,
+                early_protected: st.early_pages,
+                protected: st.protected,
                 ..CaptureStats::default()
             })
         })?
@@ -354,7 +386,13 @@ fn guest(shared: &Shared, pages: u64, pages_per_ms: u32, seed: u64) {
                 shared.active.store(false, Ordering::Release);
                 continue;
             }
-            n = n.min(s.burst_left.try_into().unwrap_or(u32::MAX));
+            let due = s.burst_due();
+            if due == 0 {
+                drop(s);
+                std::thread::sleep(Duration::from_micros(100));
+                continue;
+            }
+            n = n.min(due.try_into().unwrap_or(u32::MAX));
         }
         let mut wrote = 0;
         for _ in 0..n {
@@ -390,6 +428,16 @@ fn guest(shared: &Shared, pages: u64, pages_per_ms: u32, seed: u64) {
     }
 }
 
+/// The first of `written` (ascending) missing from `logged` (ascending). One merge walk: the
+/// check runs while the VM is paused, and a binary search per page lengthened that pause.
+fn first_unlogged(mut written: impl Iterator<Item = u64>, logged: &[u64]) -> Option<u64> {
+    let mut logged = logged.iter().copied().peekable();
+    written.find(|&p| {
+        while logged.next_if(|&l| l < p).is_some() {}
+        logged.next_if_eq(&p).is_none()
+    })
+}
+
 fn gcd(mut a: u64, mut b: u64) -> u64 {
     while b != 0 {
         (a, b) = (b, a % b);
@@ -404,6 +452,15 @@ impl Drop for MemVm {
 }
 
 impl Vm for MemVm {
+    async fn prepare_pause(&mut self) -> Result<(), VmError> {
+        if let Some(engine) = &self.cow {
+            // Only an optimisation: pages it fails to protect stay in the writable set, and the
+            // capture protects them (or reports the broken engine) itself.
+            let _ = engine.protect_before_pause();
+        }
+        Ok(())
+    }
+
     async fn pause(&mut self) -> Result<(), VmError> {
         self.with(|s| s.running = false)
     }
@@ -412,6 +469,7 @@ impl Vm for MemVm {
         self.with(|s| {
             s.running = true;
             s.burst_left = s.burst.unwrap_or(0);
+            s.burst_started = Instant::now();
         })
     }
 
@@ -483,6 +541,8 @@ pub struct MemLauncher {
     pub pages_per_ms: u32,
     /// RNG seed of the guest.
     pub seed: u64,
+    /// Options of the copy-on-write engine (cow captures).
+    pub cow: CowOptions,
     /// Every VM launched, for tests to inspect.
     pub launched: Arc<Mutex<Vec<MemRam>>>,
 }
@@ -497,6 +557,7 @@ impl VmLauncher for MemLauncher {
             self.pages_per_ms,
             self.seed,
         )?;
+        vm.set_cow_options(self.cow)?;
         if let Ok(mut l) = self.launched.lock() {
             l.push(vm.ram());
         }
@@ -517,6 +578,7 @@ impl VmLauncher for MemLauncher {
             ));
         }
         let vm = MemVm::start(ram, self.page_size, self.pages_per_ms, self.seed ^ 0x5a5a)?;
+        vm.set_cow_options(self.cow)?;
         if let Ok(mut l) = self.launched.lock() {
             l.push(vm.ram());
         }
@@ -527,6 +589,16 @@ impl VmLauncher for MemLauncher {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn finds_a_written_page_missing_from_the_log() {
+        let log = [0, 2, 3, 7, 9];
+        assert_eq!(first_unlogged([0, 3, 9].into_iter(), &log), None);
+        assert_eq!(first_unlogged([].into_iter(), &log), None);
+        assert_eq!(first_unlogged([2, 4, 7].into_iter(), &log), Some(4));
+        assert_eq!(first_unlogged([9, 10].into_iter(), &log), Some(10));
+        assert_eq!(first_unlogged([1].into_iter(), &[]), Some(1));
+    }
 
     #[tokio::test]
     async fn a_paused_vm_holds_still_and_paused_send_leaves_pages_in_ram() {

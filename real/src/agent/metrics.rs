@@ -26,6 +26,11 @@ pub struct EpochMetrics {
     pub copy_us: u64,
     /// Saving device state.
     pub device_us: u64,
+    /// Copy-on-write engine: pages write-protected by early passes while the VM ran before this
+    /// capture, and pages still writable at the capture, protected while paused.
+    pub early_protected: u64,
+    /// See `early_protected`.
+    pub protected: u64,
     /// Send updated states: capture done → checkpoint handed over and buffers released.
     pub send_us: u64,
     /// cow: pages the fault handler copied because the guest wrote them before they were sent.

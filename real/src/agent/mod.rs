@@ -461,6 +461,9 @@ impl<L: VmLauncher> Agent<L> {
     ) -> Result<(), AgentError> {
         match action {
             Action::PauseVm => {
+                if let Some(vm) = self.vm.as_mut() {
+                    vm.prepare_pause().await?;
+                }
                 self.paused_at = Some(Instant::now());
                 if let Some(vm) = self.vm.as_mut() {
                     vm.pause().await?;
@@ -509,6 +512,8 @@ impl<L: VmLauncher> Agent<L> {
                     scan_us: stats.scan_us,
                     copy_us: stats.copy_us,
                     device_us: stats.device_us,
+                    early_protected: stats.early_protected,
+                    protected: stats.protected,
                     ..EpochMetrics::default()
                 };
                 self.open_epochs.insert(epoch.0, (m, None));

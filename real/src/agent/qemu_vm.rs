@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::capture::CaptureMode;
-use super::cow::{CowCheckpoint, CowEngine};
+use super::cow::{CowCheckpoint, CowEngine, ProtectStats};
 use super::vm::{CaptureStats, RestorePoint, Vm, VmError, VmLauncher};
 use crate::dirty::{self, DirtyTracker, GuestRam, HandedUffd, HandoffListener};
 use crate::qemu::{self, BootOptions, ExitWatch, Qemu, QemuConfig};
@@ -120,6 +120,15 @@ impl QemuVm {
 }
 
 impl Vm for QemuVm {
+    async fn prepare_pause(&mut self) -> Result<(), VmError> {
+        if let Some(engine) = &self.cow {
+            // Only an optimisation: pages it fails to protect stay in the writable set, and the
+            // capture protects them (or reports the broken engine) itself.
+            let _ = engine.protect_before_pause();
+        }
+        Ok(())
+    }
+
     async fn pause(&mut self) -> Result<(), VmError> {
         self.qemu.stop().await.map_err(vm_err("QMP stop"))
     }
@@ -136,21 +145,24 @@ impl Vm for QemuVm {
     ) -> Result<CaptureStats, VmError> {
         let t0 = Instant::now();
         let all = full || self.first;
+        let mut protect = ProtectStats::default();
         let pages: Vec<u64> =
             match (&self.cow, self.tracker.as_mut()) {
                 (Some(engine), _) if mode == CaptureMode::Cow => {
-                    let (cp, _) = engine
+                    let (cp, st) = engine
                         .begin(all)
                         .map_err(|e| VmError::failed("cow capture", e))?;
                     let pages = cp.indices().to_vec();
                     self.cow_checkpoint = Some(cp);
+                    protect = st;
                     pages
                 }
                 (Some(engine), _) => {
-                    engine
+                    let (pages, st) = engine
                         .rearm(all)
-                        .map_err(|e| VmError::failed("dirty-page log", e))?
-                        .0
+                        .map_err(|e| VmError::failed("dirty-page log", e))?;
+                    protect = st;
+                    pages
                 }
                 (None, _) if mode == CaptureMode::Cow => return Err(VmError::failed(
                     "cow capture",
@@ -195,6 +207,8 @@ impl Vm for QemuVm {
             scan_us: (t1 - t0).as_micros() as u64,
             copy_us: (t2 - t1).as_micros() as u64,
             device_us: (t3 - t2).as_micros() as u64,
+            early_protected: protect.early_pages,
+            protected: protect.protected,
         })
     }
 

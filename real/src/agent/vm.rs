@@ -49,10 +49,20 @@ pub struct CaptureStats {
     pub copy_us: u64,
     /// Microseconds spent saving device state.
     pub device_us: u64,
+    /// Pages write-protected early, while the VM ran, since the last capture (cow engine).
+    pub early_protected: u64,
+    /// Pages write-protected during this capture (cow engine).
+    pub protected: u64,
 }
 
 /// A running VM the agent protects.
 pub trait Vm: Send {
+    /// Called right before [`Vm::pause`], with the VM still running: work that shortens the
+    /// coming pause (the copy-on-write engine re-protects what the guest wrote since its last
+    /// early pass). Not counted as paused time.
+    fn prepare_pause(&mut self) -> impl Future<Output = Result<(), VmError>> + Send {
+        async { Ok(()) }
+    }
     /// Stops the vCPUs.
     fn pause(&mut self) -> impl Future<Output = Result<(), VmError>> + Send;
     /// Restarts the vCPUs.

@@ -21,8 +21,9 @@
 //! atomics only make the side buffers sound on their own). A condition variable signals releases.
 //!
 //! 1. **Capture** (VM paused) under the lock: (a) take the dirty log and start a new one,
-//!    (b) register the checkpoint's table, (c) write-protect its pages (one `UFFDIO_WRITEPROTECT`
-//!    per run of contiguous pages). (a) and (b) come before (c): once a page is protected, any
+//!    (b) register the checkpoint's table, (c) write-protect those of its pages that are still
+//!    writable (one `UFFDIO_WRITEPROTECT` per run; the others were protected by an early pass,
+//!    step 5, and not written since). (a) and (b) come before (c): once a page is protected, any
 //!    write to it finds the table (and is copied) and lands in the new log. The other order
 //!    would let a write between (c) and (a) go uncopied and into the old log — lost from both.
 //! 2. **Fault** (handler thread) under the lock: wait (condvar, lock released) while any active
@@ -44,6 +45,16 @@
 //!    list, waiters are woken. Unsent pages of a checkpoint that was never sent stay protected:
 //!    their next write is simply recorded dirty.
 //!
+//! 5. **Early passes** ([`early`]; a thread of their own, VM running): under the lock, take the
+//!    set of pages the handler made writable (it adds each page there, under the lock, before
+//!    unprotecting it); then, without the lock, write-protect them. The invariant that the
+//!    capture relies on instead of protecting the whole dirty log: *every page outside the
+//!    writable set is write-protected*. A pass breaks it only for the pages it has taken and not
+//!    yet protected, so passes and captures exclude each other (the protect lock), and a capture
+//!    that finds a pass running asks it to stop: the pass hands back the pages it has not
+//!    protected yet. Protecting a page the handler made writable again meanwhile is harmless: it
+//!    is in the writable set, so the capture protects it anyway.
+//!
 //! Nothing in the handler waits on the agent's event loop: it waits only for the sender, and the
 //! sender never waits for the handler, so a guest write cannot deadlock the agent. A sender that
 //! stalls (peer not reading) fails after the transport's stall timeout and finishes its table.
@@ -51,6 +62,8 @@
 //! The handler closes nothing: the uffd lives as long as the engine and any checkpoint handle;
 //! dropping the engine unprotects all of RAM first, so no writer stays blocked.
 
+mod early;
+mod page_set;
 pub mod table;
 
 use std::ops::Range;
@@ -60,6 +73,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use std::thread::JoinHandle;
 use std::time::Instant;
 
+use self::early::Schedule;
+use self::page_set::PageSet;
 use self::table::{OnWrite, PageState, Table, TableError};
 use crate::dirty::{DirtyError, GuestRam, HandedUffd, WpFault};
 
@@ -100,12 +115,32 @@ pub struct CowStats {
 /// What a capture did.
 #[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct ProtectStats {
-    /// Pages write-protected.
+    /// Pages in the capture.
     pub pages: u64,
-    /// `UFFDIO_WRITEPROTECT` calls (runs of contiguous pages).
+    /// Of those, pages still writable at the capture, write-protected while paused.
+    pub protected: u64,
+    /// `UFFDIO_WRITEPROTECT` calls while paused (runs of pages).
     pub ranges: u64,
     /// Microseconds taking the log and protecting.
     pub us: u64,
+    /// Pages write-protected by early passes since the previous capture (VM running).
+    pub early_pages: u64,
+    /// Early passes since the previous capture.
+    pub early_passes: u64,
+}
+
+/// How a [`CowEngine`] works.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CowOptions {
+    /// Re-protect written pages early, while the VM runs ([`early`]), so captures have less to
+    /// protect while it is paused.
+    pub early_passes: bool,
+}
+
+impl Default for CowOptions {
+    fn default() -> Self {
+        CowOptions { early_passes: true }
+    }
 }
 
 /// Dirty pages at most this many pages apart are protected by one `UFFDIO_WRITEPROTECT` over
@@ -132,34 +167,17 @@ fn protect_runs(pages: &[u64]) -> Vec<Range<u64>> {
 
 /// The dirty log and active checkpoints (the engine lock).
 struct Inner {
-    /// One bit per page written since the last capture.
-    dirty: Vec<u64>,
+    /// Pages written since the last capture.
+    dirty: PageSet,
+    /// Pages the handler unprotected since they were last protected (module docs, step 5).
+    writable: PageSet,
     /// Checkpoints being sent (normally one; more only while a dropped link's send winds down).
     active: Vec<Arc<Table>>,
     /// Set when the handler failed.
     failed: Option<String>,
-}
-
-impl Inner {
-    fn mark(&mut self, page: u64) {
-        if let Some(w) = self.dirty.get_mut((page / 64) as usize) {
-            *w |= 1 << (page % 64);
-        }
-    }
-
-    /// The pages logged since the last call, ascending; clears the log.
-    fn take_dirty(&mut self) -> Vec<u64> {
-        let mut out = Vec::new();
-        for (i, w) in self.dirty.iter_mut().enumerate() {
-            let mut bits = std::mem::take(w);
-            while bits != 0 {
-                let b = bits.trailing_zeros() as u64;
-                out.push(i as u64 * 64 + b);
-                bits &= bits - 1;
-            }
-        }
-        out
-    }
+    /// Early passes since the last capture, and the pages they protected.
+    early_passes: u64,
+    early_pages: u64,
 }
 
 struct Shared {
@@ -174,6 +192,15 @@ struct Shared {
     /// Signalled when pages become `Sent` or a checkpoint finishes.
     released: Condvar,
     stopping: AtomicBool,
+    /// Held by whoever write-protects pages taken from the writable set: a capture or an early
+    /// pass (module docs, step 5). Taken before the engine lock, never while holding it.
+    protecting: Mutex<()>,
+    /// A capture waits for `protecting`: the early pass holding it stops.
+    capture_waiting: AtomicBool,
+    /// When captures ran, for the early passes.
+    schedule: Mutex<Schedule>,
+    /// Signalled on a capture and when the engine stops.
+    schedule_changed: Condvar,
 }
 
 impl Shared {
@@ -197,6 +224,108 @@ impl Shared {
                 .write_protect(self.addr(r.start), (r.end - r.start) * ps, true)?;
         }
         Ok(runs.len() as u64)
+    }
+
+    /// Takes the protect lock for a capture, stopping an early pass that holds it.
+    fn protect_for_capture(&self) -> Result<MutexGuard<'_, ()>, CowError> {
+        self.capture_waiting.store(true, Ordering::Release);
+        let g = self.protecting.lock();
+        self.capture_waiting.store(false, Ordering::Release);
+        g.map_err(|_| CowError::Internal("protect lock poisoned".into()))
+    }
+
+    /// VM paused, protect lock held: takes the dirty log (all pages when `full`) and protects
+    /// what is still writable, running `register` on the log's pages under the engine lock
+    /// before anything is protected (module docs, step 1).
+    fn capture<T>(
+        &self,
+        full: bool,
+        register: impl FnOnce(&mut Inner, Vec<u64>) -> Result<T, CowError>,
+    ) -> Result<(T, ProtectStats), CowError> {
+        let t0 = Instant::now();
+        let mut g = self.lock()?;
+        if let Some(e) = &g.failed {
+            return Err(CowError::HandlerFailed(e.clone()));
+        }
+        // (a) take the log: later writes go to the next epoch.
+        let logged = g.dirty.take();
+        let pages = if full {
+            (0..self.pages).collect()
+        } else {
+            logged
+        };
+        let mut stats = ProtectStats {
+            pages: pages.len() as u64,
+            early_pages: std::mem::take(&mut g.early_pages),
+            early_passes: std::mem::take(&mut g.early_passes),
+            ..ProtectStats::default()
+        };
+        // (b) whatever must see the pages before they are protected.
+        let registered = register(&mut g, pages)?;
+        // (c) protect, still under the lock (no fault is resolved in between).
+        let writable = g.writable.take();
+        let done = if full {
+            let all = self.uffd.range();
+            stats.protected = self.pages;
+            self.uffd
+                .write_protect(all.start, all.end - all.start, true)
+                .map(|()| 1)
+        } else {
+            stats.protected = writable.len() as u64;
+            self.protect(&writable)
+        };
+        match done {
+            Ok(ranges) => stats.ranges = ranges,
+            Err(e) => {
+                // Some of them may still be writable: keep them in the set (harmless if not).
+                g.writable.extend(&writable);
+                return Err(e.into());
+            }
+        }
+        drop(g);
+        stats.us = t0.elapsed().as_micros() as u64;
+        if let Ok(mut s) = self.schedule.lock() {
+            s.captured(Instant::now());
+            self.schedule_changed.notify_all();
+        }
+        Ok((registered, stats))
+    }
+
+    /// One early pass (module docs, step 5), protect lock held: protects the pages the handler
+    /// made writable, a chunk at a time, stopping when a capture waits. Returns the pages
+    /// protected.
+    fn early_pass(&self) -> Result<u64, CowError> {
+        /// Pages protected between two looks at `capture_waiting` (well under a millisecond).
+        const CHUNK: usize = 256;
+        let pages = {
+            let mut g = self.lock()?;
+            if let Some(e) = &g.failed {
+                return Err(CowError::HandlerFailed(e.clone()));
+            }
+            g.writable.take()
+        };
+        let mut done = 0;
+        for chunk in pages.chunks(CHUNK) {
+            let result = if self.capture_waiting.load(Ordering::Acquire) {
+                Ok(false)
+            } else {
+                self.protect(chunk).map(|_| true)
+            };
+            match result {
+                Ok(true) => done += chunk.len(),
+                stopped_or_failed => {
+                    // Hand back what is not known to be protected (this chunk on failure).
+                    let mut g = self.lock()?;
+                    g.writable.extend(&pages[done..]);
+                    stopped_or_failed?;
+                    break;
+                }
+            }
+        }
+        let mut g = self.lock()?;
+        g.early_passes += 1;
+        g.early_pages += done as u64;
+        Ok(done as u64)
     }
 
     /// Resolves one fault (module docs, step 2).
@@ -241,7 +370,8 @@ impl Shared {
                 t.copy_in(pos, c);
             }
         }
-        g.mark(page);
+        g.dirty.insert(page);
+        g.writable.insert(page);
         // Last, still under the lock: unprotect, which wakes the writer.
         self.uffd.write_protect(self.addr(page), ps, false)?;
         drop(g);
@@ -253,6 +383,8 @@ impl Shared {
 pub struct CowEngine {
     shared: Arc<Shared>,
     handler: Option<JoinHandle<()>>,
+    /// The early-pass thread, if enabled.
+    early: Option<JoinHandle<()>>,
     /// Written to stop the handler.
     stop: OwnedFd,
 }
@@ -266,10 +398,19 @@ impl std::fmt::Debug for CowEngine {
 }
 
 impl CowEngine {
-    /// Takes over `uffd` (a blocking write-protect uffd registered on all of guest RAM, whose
-    /// contents the agent reads through `ram`), starts the handler thread, then write-protects
-    /// all of RAM so every page's next write is logged.
+    /// [`CowEngine::start_with`] the default options.
     pub fn start(uffd: HandedUffd, ram: Arc<GuestRam>) -> Result<CowEngine, CowError> {
+        CowEngine::start_with(uffd, ram, CowOptions::default())
+    }
+
+    /// Takes over `uffd` (a blocking write-protect uffd registered on all of guest RAM, whose
+    /// contents the agent reads through `ram`), starts the handler thread (and the early-pass
+    /// thread), then write-protects all of RAM so every page's next write is logged.
+    pub fn start_with(
+        uffd: HandedUffd,
+        ram: Arc<GuestRam>,
+        options: CowOptions,
+    ) -> Result<CowEngine, CowError> {
         let range = uffd.range();
         if range.end - range.start != ram.bytes() {
             return Err(CowError::RangeMismatch {
@@ -296,12 +437,19 @@ impl CowEngine {
             page_size: ram.page_size(),
             ram,
             inner: Mutex::new(Inner {
-                dirty: vec![0; pages.div_ceil(64) as usize],
+                dirty: PageSet::new(pages),
+                writable: PageSet::new(pages),
                 active: Vec::new(),
                 failed: None,
+                early_passes: 0,
+                early_pages: 0,
             }),
             released: Condvar::new(),
             stopping: AtomicBool::new(false),
+            protecting: Mutex::new(()),
+            capture_waiting: AtomicBool::new(false),
+            schedule: Mutex::new(Schedule::default()),
+            schedule_changed: Condvar::new(),
         });
         let stop_fd = stop
             .try_clone()
@@ -311,11 +459,21 @@ impl CowEngine {
             .name("cow-faults".into())
             .spawn(move || handler(&s, &stop_fd))
             .map_err(|e| CowError::Internal(format!("start the fault handler: {e}")))?;
-        let engine = CowEngine {
+        let mut engine = CowEngine {
             shared,
             handler: Some(handler),
+            early: None,
             stop,
         };
+        if options.early_passes {
+            let s = engine.shared.clone();
+            engine.early = Some(
+                std::thread::Builder::new()
+                    .name("cow-early".into())
+                    .spawn(move || early_passes(&s))
+                    .map_err(|e| CowError::Internal(format!("start the early passes: {e}")))?,
+            );
+        }
         // The handler runs before anything is protected, so no write ever waits unserved.
         let all = engine.shared.uffd.range();
         engine
@@ -333,69 +491,37 @@ impl CowEngine {
     /// VM paused: starts a copy-on-write checkpoint of the pages written since the last capture
     /// (all pages when `full`) and write-protects them (module docs, step 1).
     pub fn begin(&self, full: bool) -> Result<(CowCheckpoint, ProtectStats), CowError> {
-        let t0 = Instant::now();
-        let mut g = self.shared.lock()?;
-        if let Some(e) = &g.failed {
-            return Err(CowError::HandlerFailed(e.clone()));
-        }
-        // (a) take the log: later writes go to the next epoch.
-        let logged = g.take_dirty();
-        let pages = if full {
-            (0..self.shared.pages).collect()
-        } else {
-            logged
-        };
-        // (b) register the table before anything is protected.
-        let table = Arc::new(Table::new(pages, self.shared.page_size));
-        g.active.push(table.clone());
-        let checkpoint = CowCheckpoint {
-            shared: self.shared.clone(),
-            table,
-            finished: false,
-        };
-        // (c) protect, still under the lock (no fault is resolved in between). On failure the
-        // checkpoint is dropped once the lock is released, which unregisters its table.
-        let ranges = if full {
-            let all = self.shared.uffd.range();
-            self.shared
-                .uffd
-                .write_protect(all.start, all.end - all.start, true)
-                .map(|()| 1)
-        } else {
-            self.shared.protect(checkpoint.indices())
-        };
-        drop(g);
-        let ranges = ranges?;
-        let stats = ProtectStats {
-            pages: checkpoint.indices().len() as u64,
-            ranges,
-            us: t0.elapsed().as_micros() as u64,
-        };
-        Ok((checkpoint, stats))
+        let _p = self.shared.protect_for_capture()?;
+        // The table is registered before anything is protected. On failure the checkpoint is
+        // dropped, which unregisters it.
+        self.shared.capture(full, |g, pages| {
+            let table = Arc::new(Table::new(pages, self.shared.page_size)?);
+            g.active.push(table.clone());
+            Ok(CowCheckpoint {
+                shared: self.shared.clone(),
+                table,
+                finished: false,
+            })
+        })
+    }
+
+    /// VM still running, right before it is paused for a capture: one last early pass, so the
+    /// capture only has to protect what the guest writes during this call. Returns the pages
+    /// protected.
+    pub fn protect_before_pause(&self) -> Result<u64, CowError> {
+        let _p = self
+            .shared
+            .protecting
+            .lock()
+            .map_err(|_| CowError::Internal("protect lock poisoned".into()))?;
+        self.shared.early_pass()
     }
 
     /// VM paused: the pages written since the last capture (all pages when `full`), protected
     /// again to log their next write — for capture modes that copy or send while paused.
     pub fn rearm(&self, full: bool) -> Result<(Vec<u64>, ProtectStats), CowError> {
-        let t0 = Instant::now();
-        let mut g = self.shared.lock()?;
-        if let Some(e) = &g.failed {
-            return Err(CowError::HandlerFailed(e.clone()));
-        }
-        let logged = g.take_dirty();
-        let pages = if full {
-            (0..self.shared.pages).collect()
-        } else {
-            logged
-        };
-        let ranges = self.shared.protect(&pages)?;
-        drop(g);
-        let stats = ProtectStats {
-            pages: pages.len() as u64,
-            ranges,
-            us: t0.elapsed().as_micros() as u64,
-        };
-        Ok((pages, stats))
+        let _p = self.shared.protect_for_capture()?;
+        self.shared.capture(full, |_, pages| Ok(pages))
     }
 }
 
@@ -405,6 +531,11 @@ impl Drop for CowEngine {
         // Wake a handler waiting for a release, under the lock so the wake-up is not missed.
         if let Ok(_g) = self.shared.inner.lock() {
             self.shared.released.notify_all();
+        }
+        // Wake the early passes.
+        if let Ok(mut s) = self.shared.schedule.lock() {
+            s.stopping = true;
+            self.shared.schedule_changed.notify_all();
         }
         // Wake a handler in poll.
         let one: u64 = 1;
@@ -416,6 +547,9 @@ impl Drop for CowEngine {
                 8,
             )
         };
+        if let Some(h) = self.early.take() {
+            let _ = h.join();
+        }
         if let Some(h) = self.handler.take() {
             let _ = h.join();
         }
@@ -425,6 +559,68 @@ impl Drop for CowEngine {
             .shared
             .uffd
             .write_protect(all.start, all.end - all.start, false);
+    }
+}
+
+/// The early-pass thread ([`early`]): after each capture, runs the passes of its plan until the
+/// next capture or the engine stops.
+fn early_passes(shared: &Shared) {
+    let Ok(mut s) = shared.schedule.lock() else {
+        return;
+    };
+    let mut reported = false;
+    loop {
+        let capture = s.captures;
+        let plan = s.plan();
+        for at in plan {
+            // Sleep until the pass is due; a capture (or the end) meanwhile drops the plan.
+            loop {
+                if s.stopping || s.captures != capture {
+                    break;
+                }
+                let now = Instant::now();
+                if now >= at {
+                    break;
+                }
+                s = match shared.schedule_changed.wait_timeout(s, at - now) {
+                    Ok((s, _)) => s,
+                    Err(_) => return,
+                };
+            }
+            if s.stopping {
+                return;
+            }
+            if s.captures != capture {
+                break;
+            }
+            drop(s);
+            let Ok(protecting) = shared.protecting.lock() else {
+                return;
+            };
+            if let Err(e) = shared.early_pass() {
+                // Not fatal: the capture protects whatever the pass left (or reports the
+                // handler's failure itself).
+                if !reported {
+                    eprintln!("ftvm: an early write-protect pass failed: {e}");
+                    reported = true;
+                }
+            }
+            drop(protecting);
+            s = match shared.schedule.lock() {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        }
+        // Wait for the next capture.
+        while !s.stopping && s.captures == capture {
+            s = match shared.schedule_changed.wait(s) {
+                Ok(s) => s,
+                Err(_) => return,
+            };
+        }
+        if s.stopping {
+            return;
+        }
     }
 }
 
@@ -702,6 +898,83 @@ mod tests {
         w.write(11, 0xEF);
         assert_eq!(w.went_through(SOON), Some(11));
         assert_eq!(cp.finish().copies, 1);
+    }
+
+    #[test]
+    fn a_page_protected_early_is_still_copied_when_written_after_the_capture() {
+        let ps = page_size();
+        let (_f, w, _ram, engine) = setup(64);
+        for p in [7, 20] {
+            w.write(p, 0x70);
+            assert_eq!(w.went_through(SOON), Some(p));
+        }
+        // An early pass while the VM runs protects both; then the guest writes 20 again (it
+        // faults once more) and 33 for the first time.
+        assert_eq!(engine.shared.early_pass().unwrap(), 2);
+        for p in [20, 33] {
+            w.write(p, 0x71);
+            assert_eq!(w.went_through(SOON), Some(p));
+        }
+        let (cp, stats) = engine.begin(false).unwrap();
+        assert_eq!(cp.indices(), &[7, 20, 33]);
+        // Only the pages written since the pass were protected while paused.
+        assert_eq!((stats.pages, stats.protected), (3, 2));
+        assert_eq!((stats.early_passes, stats.early_pages), (1, 2));
+        // Page 7 was protected by the pass only: a write after the capture still copies it
+        // first, so the checkpoint keeps the contents it had at the capture.
+        w.write(7, 0x72);
+        assert_eq!(w.went_through(SOON), Some(7));
+        assert_eq!(cp.state(0), PageState::Copied);
+        cp.claim(0..3).unwrap();
+        assert_eq!(cp.page(0).unwrap(), &vec![0x70; ps][..]);
+        assert_eq!(cp.page(1).unwrap(), &vec![0x71; ps][..]);
+        cp.released(0..3);
+        assert_eq!(cp.finish().copies, 1);
+        let (dirty, stats) = engine.rearm(false).unwrap();
+        assert_eq!(dirty, vec![7]);
+        assert_eq!((stats.protected, stats.early_passes), (1, 0));
+    }
+
+    #[test]
+    fn a_pass_that_a_capture_stops_hands_its_pages_back() {
+        let (_f, w, _ram, engine) = setup(64);
+        for p in [1, 40] {
+            w.write(p, 1);
+            assert_eq!(w.went_through(SOON), Some(p));
+        }
+        engine.shared.capture_waiting.store(true, Ordering::Release);
+        assert_eq!(engine.shared.early_pass().unwrap(), 0);
+        engine
+            .shared
+            .capture_waiting
+            .store(false, Ordering::Release);
+        let (cp, stats) = engine.begin(false).unwrap();
+        assert_eq!((stats.pages, stats.protected), (2, 2));
+        // Protected by the capture after all: a write copies.
+        w.write(40, 2);
+        assert_eq!(w.went_through(SOON), Some(40));
+        assert_eq!(cp.finish().copies, 1);
+    }
+
+    #[test]
+    fn early_passes_follow_the_epoch_and_leave_the_capture_little_to_protect() {
+        let (_f, w, _ram, engine) = setup(256);
+        let epoch = Duration::from_millis(100);
+        let (_, _) = engine.rearm(false).unwrap();
+        std::thread::sleep(epoch);
+        let (_, _) = engine.rearm(false).unwrap();
+        // Written early in the epoch: the passes (from 50 ms on) protect them all before the
+        // next capture.
+        for p in (0..256).step_by(3) {
+            w.write(p, 9);
+            assert_eq!(w.went_through(SOON), Some(p));
+        }
+        std::thread::sleep(epoch + epoch / 2);
+        let (pages, stats) = engine.rearm(false).unwrap();
+        assert_eq!(pages.len(), 86);
+        assert_eq!(stats.protected, 0, "{stats:?}");
+        assert!(stats.early_passes >= 1, "{stats:?}");
+        assert_eq!(stats.early_pages, 86, "{stats:?}");
     }
 
     #[test]

@@ -74,6 +74,14 @@ pub enum TableError {
         /// The page index.
         page: u64,
     },
+    /// The side buffer could not be mapped.
+    #[error("mapping a side buffer of {bytes} bytes: {detail}")]
+    NoMemory {
+        /// Size asked for.
+        bytes: usize,
+        /// The error of mmap.
+        detail: String,
+    },
 }
 
 /// Zero-initialised memory with one page-sized slot per page of the checkpoint, written at most
@@ -83,7 +91,7 @@ struct SideBuffer {
     len: usize,
 }
 
-// SAFETY: the buffer is plain heap memory owned by this value; slot access is synchronised by the
+// SAFETY: the buffer is a private mapping owned by this value; slot access is synchronised by the
 // page-state protocol of `Table` (one writer per slot before a release store, readers after an
 // acquire load).
 unsafe impl Send for SideBuffer {}
@@ -91,12 +99,40 @@ unsafe impl Send for SideBuffer {}
 unsafe impl Sync for SideBuffer {}
 
 impl SideBuffer {
-    fn new(len: usize) -> SideBuffer {
-        // A zeroed boxed slice: large ones come from calloc/mmap as untouched zero pages, so
-        // slots that are never written cost no memory and the capture (VM paused) no memset.
-        let b: Box<[u8]> = vec![0u8; len].into_boxed_slice();
-        let ptr = NonNull::new(Box::into_raw(b).cast::<u8>()).unwrap_or(NonNull::dangling());
-        SideBuffer { ptr, len }
+    /// A fresh anonymous mapping: its pages are zero until written and cost nothing until then,
+    /// so a capture (VM paused) pays neither a memset nor memory for slots never copied. (A heap
+    /// allocation would not do: once the allocator recycles a freed buffer of that size, calloc
+    /// zeroes it, and at 20 MB that memset alone was milliseconds of pause.)
+    fn new(len: usize) -> Result<SideBuffer, TableError> {
+        if len == 0 {
+            return Ok(SideBuffer {
+                ptr: NonNull::dangling(),
+                len,
+            });
+        }
+        // SAFETY: a new private anonymous mapping at an address of the kernel's choosing; no
+        // existing memory is affected. The result is checked against MAP_FAILED.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(TableError::NoMemory {
+                bytes: len,
+                detail: std::io::Error::last_os_error().to_string(),
+            });
+        }
+        let ptr = NonNull::new(p.cast::<u8>()).ok_or(TableError::NoMemory {
+            bytes: len,
+            detail: "mmap returned null".into(),
+        })?;
+        Ok(SideBuffer { ptr, len })
     }
 
     /// # Safety
@@ -121,14 +157,11 @@ impl SideBuffer {
 
 impl Drop for SideBuffer {
     fn drop(&mut self) {
-        // SAFETY: `ptr`/`len` came from `Box::into_raw` of a `Box<[u8]>` of `len` bytes in `new`
-        // and are freed only here.
-        drop(unsafe {
-            Box::from_raw(std::ptr::slice_from_raw_parts_mut(
-                self.ptr.as_ptr(),
-                self.len,
-            ))
-        });
+        if self.len > 0 {
+            // SAFETY: `ptr`/`len` are the mapping made in `new`, unmapped only here; no slice
+            // into it outlives the buffer (`read` borrows `self`).
+            unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+        }
     }
 }
 
@@ -155,19 +188,19 @@ impl std::fmt::Debug for Table {
 
 impl Table {
     /// A table of `indices` (must be ascending and distinct), every page `Unsent`.
-    pub fn new(indices: Vec<u64>, page_size: usize) -> Table {
+    pub fn new(indices: Vec<u64>, page_size: usize) -> Result<Table, TableError> {
         debug_assert!(indices.windows(2).all(|w| w[0] < w[1]));
         let n = indices.len();
-        Table {
+        Ok(Table {
             states: (0..n)
                 .map(|_| AtomicU8::new(PageState::Unsent as u8))
                 .collect(),
-            side: SideBuffer::new(n * page_size),
+            side: SideBuffer::new(n * page_size)?,
             indices,
             page_size,
             copies: AtomicU64::new(0),
             waits: AtomicU64::new(0),
-        }
+        })
     }
 
     /// Pages in the checkpoint.
@@ -318,7 +351,7 @@ mod tests {
 
     #[test]
     fn pages_move_through_their_states_once() {
-        let t = Table::new(vec![2, 5, 9], PS);
+        let t = Table::new(vec![2, 5, 9], PS).unwrap();
         assert_eq!(t.on_write(3), OnWrite::Outside);
         assert_eq!(t.on_write(5), OnWrite::Copy(1));
         // The guest writes page 5 first: it is copied and then free to change.
@@ -355,7 +388,7 @@ mod tests {
     #[test]
     fn copy_and_claim_race_has_one_winner() {
         for _ in 0..200 {
-            let t = std::sync::Arc::new(Table::new((0..64).collect(), PS));
+            let t = std::sync::Arc::new(Table::new((0..64).collect(), PS).unwrap());
             let t2 = t.clone();
             let copier = std::thread::spawn(move || {
                 (0..64).filter(|&p| t2.copy_in(p, &[p as u8; PS])).count()
@@ -383,7 +416,7 @@ mod tests {
 
     #[test]
     fn an_empty_checkpoint_is_fine() {
-        let t = Table::new(Vec::new(), PS);
+        let t = Table::new(Vec::new(), PS).unwrap();
         assert!(t.is_empty());
         t.claim(0..0).unwrap();
         assert_eq!(t.on_write(0), OnWrite::Outside);
