@@ -454,9 +454,7 @@ impl Drop for MemVm {
 impl Vm for MemVm {
     async fn prepare_pause(&mut self) -> Result<(), VmError> {
         if let Some(engine) = &self.cow {
-            // Only an optimisation: pages it fails to protect stay in the writable set, and the
-            // capture protects them (or reports the broken engine) itself.
-            let _ = engine.protect_before_pause();
+            engine.protect_before_pause();
         }
         Ok(())
     }

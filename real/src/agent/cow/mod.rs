@@ -197,6 +197,8 @@ struct Shared {
     protecting: Mutex<()>,
     /// A capture waits for `protecting`: the early pass holding it stops.
     capture_waiting: AtomicBool,
+    /// An early pass failed (and was logged).
+    early_failed: AtomicBool,
     /// When captures ran, for the early passes.
     schedule: Mutex<Schedule>,
     /// Signalled on a capture and when the engine stops.
@@ -224,6 +226,13 @@ impl Shared {
                 .write_protect(self.addr(r.start), (r.end - r.start) * ps, true)?;
         }
         Ok(runs.len() as u64)
+    }
+
+    /// Logs the first failed early pass (later ones would only repeat it).
+    fn report_early_failure(&self, e: &CowError) {
+        if !self.early_failed.swap(true, Ordering::AcqRel) {
+            eprintln!("ftvm: an early write-protect pass failed: {e}");
+        }
     }
 
     /// Takes the protect lock for a capture, stopping an early pass that holds it.
@@ -448,6 +457,7 @@ impl CowEngine {
             stopping: AtomicBool::new(false),
             protecting: Mutex::new(()),
             capture_waiting: AtomicBool::new(false),
+            early_failed: AtomicBool::new(false),
             schedule: Mutex::new(Schedule::default()),
             schedule_changed: Condvar::new(),
         });
@@ -506,15 +516,16 @@ impl CowEngine {
     }
 
     /// VM still running, right before it is paused for a capture: one last early pass, so the
-    /// capture only has to protect what the guest writes during this call. Returns the pages
-    /// protected.
-    pub fn protect_before_pause(&self) -> Result<u64, CowError> {
-        let _p = self
-            .shared
-            .protecting
-            .lock()
-            .map_err(|_| CowError::Internal("protect lock poisoned".into()))?;
-        self.shared.early_pass()
+    /// capture only has to protect what the guest writes during this call. Only an
+    /// optimisation: pages it fails to protect stay in the writable set and the capture
+    /// protects them (or reports a broken engine) itself, so a failure is only logged.
+    pub fn protect_before_pause(&self) {
+        let Ok(_p) = self.shared.protecting.lock() else {
+            return;
+        };
+        if let Err(e) = self.shared.early_pass() {
+            self.shared.report_early_failure(&e);
+        }
     }
 
     /// VM paused: the pages written since the last capture (all pages when `full`), protected
@@ -568,7 +579,6 @@ fn early_passes(shared: &Shared) {
     let Ok(mut s) = shared.schedule.lock() else {
         return;
     };
-    let mut reported = false;
     loop {
         let capture = s.captures;
         let plan = s.plan();
@@ -600,10 +610,7 @@ fn early_passes(shared: &Shared) {
             if let Err(e) = shared.early_pass() {
                 // Not fatal: the capture protects whatever the pass left (or reports the
                 // handler's failure itself).
-                if !reported {
-                    eprintln!("ftvm: an early write-protect pass failed: {e}");
-                    reported = true;
-                }
+                shared.report_early_failure(&e);
             }
             drop(protecting);
             s = match shared.schedule.lock() {
