@@ -11,10 +11,12 @@
 //! The passes follow the epoch: the engine takes the epoch's length to be the shortest of the
 //! last few gaps between captures (an epoch stretched by a slow ack must not push the passes
 //! past the next capture), and runs passes half-way to the expected next capture, then each time half
-//! of the remaining time has gone by, until less than [`MIN_LEAD`] is left. So a guest that
-//! writes early in its epoch leaves almost nothing for the pause, one that writes steadily leaves
-//! what it wrote in the last few percent of the epoch, and a page rewritten all epoch long
-//! faults at most once per pass.
+//! of the remaining time has gone by, until less than [`MIN_LEAD`] is left; right before the
+//! pause one last pass runs (`CowEngine::protect_before_pause`, called by the VM's
+//! `prepare_pause`). So a guest that writes early in its epoch or steadily leaves the pause only
+//! what it wrote during that last pass. A page the guest writes again after a pass protected it
+//! is *hot*: the scheduled passes leave it alone for the rest of the epoch, so it costs the guest
+//! at most two extra faults per epoch (one after a scheduled pass, one after the last).
 
 use std::time::{Duration, Instant};
 

@@ -11,8 +11,12 @@
 //!
 //! In every case the page is recorded dirty for the next epoch first. The fault stream *is* the
 //! dirty log: every page is write-protected between its capture and its next write, so the first
-//! write of each page in an epoch faults exactly once. (PAGEMAP_SCAN cannot be used with a
-//! blocking uffd.)
+//! write of each page in an epoch faults. (PAGEMAP_SCAN cannot be used with a blocking uffd.)
+//!
+//! Protecting the written pages is the one part of a capture that grows with the dirty set, so
+//! most of it happens before the pause ([`early`]): passes while the VM runs re-protect the
+//! pages written so far (a page written again faults once more and is logged again, which
+//! changes nothing), and the capture protects only what was written since the last pass.
 //!
 //! # Locking and ordering
 //!
@@ -53,7 +57,8 @@
 //!    yet protected, so passes and captures exclude each other (the protect lock), and a capture
 //!    that finds a pass running asks it to stop: the pass hands back the pages it has not
 //!    protected yet. Protecting a page the handler made writable again meanwhile is harmless: it
-//!    is in the writable set, so the capture protects it anyway.
+//!    is in the writable set, so the capture protects it anyway. A page written again after an
+//!    early pass protected it is hot ([`early`]) and stays writable until the last pass.
 //!
 //! Nothing in the handler waits on the agent's event loop: it waits only for the sender, and the
 //! sender never waits for the handler, so a guest write cannot deadlock the agent. A sender that
@@ -62,7 +67,7 @@
 //! The handler closes nothing: the uffd lives as long as the engine and any checkpoint handle;
 //! dropping the engine unprotects all of RAM first, so no writer stays blocked.
 
-mod early;
+pub mod early;
 mod page_set;
 pub mod table;
 
@@ -171,6 +176,11 @@ struct Inner {
     dirty: PageSet,
     /// Pages the handler unprotected since they were last protected (module docs, step 5).
     writable: PageSet,
+    /// Pages an early pass protected this epoch, and those of them the guest wrote again
+    /// since: hot pages, which the scheduled passes leave to the capture (each further pass
+    /// would only cost the guest another fault for them).
+    early_done: PageSet,
+    hot: PageSet,
     /// Checkpoints being sent (normally one; more only while a dropped link's send winds down).
     active: Vec<Arc<Table>>,
     /// Set when the handler failed.
@@ -273,6 +283,8 @@ impl Shared {
         let registered = register(&mut g, pages)?;
         // (c) protect, still under the lock (no fault is resolved in between).
         let writable = g.writable.take();
+        g.early_done.clear();
+        g.hot.clear();
         let done = if full {
             let all = self.uffd.range();
             stats.protected = self.pages;
@@ -301,9 +313,9 @@ impl Shared {
     }
 
     /// One early pass (module docs, step 5), protect lock held: protects the pages the handler
-    /// made writable, a chunk at a time, stopping when a capture waits. Returns the pages
-    /// protected.
-    fn early_pass(&self) -> Result<u64, CowError> {
+    /// made writable (but for hot pages when `skip_hot`), a chunk at a time, stopping when a
+    /// capture waits. Returns the pages protected.
+    fn early_pass(&self, skip_hot: bool) -> Result<u64, CowError> {
         /// Pages protected between two looks at `capture_waiting` (well under a millisecond).
         const CHUNK: usize = 256;
         let pages = {
@@ -311,7 +323,14 @@ impl Shared {
             if let Some(e) = &g.failed {
                 return Err(CowError::HandlerFailed(e.clone()));
             }
-            g.writable.take()
+            let mut pages = g.writable.take();
+            if skip_hot && g.hot.len() > 0 {
+                let (hot, cold): (Vec<u64>, Vec<u64>) =
+                    pages.into_iter().partition(|&p| g.hot.contains(p));
+                g.writable.extend(&hot);
+                pages = cold;
+            }
+            pages
         };
         let mut done = 0;
         for chunk in pages.chunks(CHUNK) {
@@ -321,7 +340,10 @@ impl Shared {
                 self.protect(chunk).map(|_| true)
             };
             match result {
-                Ok(true) => done += chunk.len(),
+                Ok(true) => {
+                    done += chunk.len();
+                    self.lock()?.early_done.extend(chunk);
+                }
                 stopped_or_failed => {
                     // Hand back what is not known to be protected (this chunk on failure).
                     let mut g = self.lock()?;
@@ -381,6 +403,9 @@ impl Shared {
         }
         g.dirty.insert(page);
         g.writable.insert(page);
+        if g.early_done.contains(page) {
+            g.hot.insert(page);
+        }
         // Last, still under the lock: unprotect, which wakes the writer.
         self.uffd.write_protect(self.addr(page), ps, false)?;
         drop(g);
@@ -448,6 +473,8 @@ impl CowEngine {
             inner: Mutex::new(Inner {
                 dirty: PageSet::new(pages),
                 writable: PageSet::new(pages),
+                early_done: PageSet::new(pages),
+                hot: PageSet::new(pages),
                 active: Vec::new(),
                 failed: None,
                 early_passes: 0,
@@ -523,7 +550,7 @@ impl CowEngine {
         let Ok(_p) = self.shared.protecting.lock() else {
             return;
         };
-        if let Err(e) = self.shared.early_pass() {
+        if let Err(e) = self.shared.early_pass(false) {
             self.shared.report_early_failure(&e);
         }
     }
@@ -607,7 +634,7 @@ fn early_passes(shared: &Shared) {
             let Ok(protecting) = shared.protecting.lock() else {
                 return;
             };
-            if let Err(e) = shared.early_pass() {
+            if let Err(e) = shared.early_pass(true) {
                 // Not fatal: the capture protects whatever the pass left (or reports the
                 // handler's failure itself).
                 shared.report_early_failure(&e);
@@ -917,7 +944,7 @@ mod tests {
         }
         // An early pass while the VM runs protects both; then the guest writes 20 again (it
         // faults once more) and 33 for the first time.
-        assert_eq!(engine.shared.early_pass().unwrap(), 2);
+        assert_eq!(engine.shared.early_pass(true).unwrap(), 2);
         for p in [20, 33] {
             w.write(p, 0x71);
             assert_eq!(w.went_through(SOON), Some(p));
@@ -943,6 +970,33 @@ mod tests {
     }
 
     #[test]
+    fn hot_pages_are_left_to_the_last_pass() {
+        let (_f, w, _ram, engine) = setup(64);
+        let write = |p| {
+            w.write(p, 3);
+            assert_eq!(w.went_through(SOON), Some(p));
+        };
+        write(4);
+        write(9);
+        assert_eq!(engine.shared.early_pass(true).unwrap(), 2);
+        // 9 is written again after the pass: hot. The next scheduled pass skips it...
+        write(9);
+        write(30);
+        assert_eq!(engine.shared.early_pass(true).unwrap(), 1);
+        write(9); // no fault: still writable
+                  // ...the last pass before the pause does not.
+        assert_eq!(engine.shared.early_pass(false).unwrap(), 1);
+        let (cp, stats) = engine.begin(false).unwrap();
+        assert_eq!(cp.indices(), &[4, 9, 30]);
+        assert_eq!((stats.protected, stats.early_pages), (0, 4));
+        // Protected, so a write after the capture copies it.
+        write(9);
+        assert_eq!(cp.finish().copies, 1);
+        // A new epoch forgets what was hot.
+        assert_eq!(engine.shared.early_pass(true).unwrap(), 1);
+    }
+
+    #[test]
     fn a_pass_that_a_capture_stops_hands_its_pages_back() {
         let (_f, w, _ram, engine) = setup(64);
         for p in [1, 40] {
@@ -950,7 +1004,7 @@ mod tests {
             assert_eq!(w.went_through(SOON), Some(p));
         }
         engine.shared.capture_waiting.store(true, Ordering::Release);
-        assert_eq!(engine.shared.early_pass().unwrap(), 0);
+        assert_eq!(engine.shared.early_pass(true).unwrap(), 0);
         engine
             .shared
             .capture_waiting

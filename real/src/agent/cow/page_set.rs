@@ -33,6 +33,23 @@ impl PageSet {
         }
     }
 
+    /// Whether `page` is in the set.
+    pub(super) fn contains(&self, page: u64) -> bool {
+        page < self.bound
+            && self
+                .words
+                .get((page / 64) as usize)
+                .is_some_and(|w| w & (1 << (page % 64)) != 0)
+    }
+
+    /// Empties the set.
+    pub(super) fn clear(&mut self) {
+        if self.len > 0 {
+            self.words.fill(0);
+            self.len = 0;
+        }
+    }
+
     /// Adds every page of `pages`.
     pub(super) fn extend(&mut self, pages: &[u64]) {
         for &p in pages {
@@ -41,7 +58,6 @@ impl PageSet {
     }
 
     /// Number of pages in the set.
-    #[cfg(test)]
     pub(super) fn len(&self) -> u64 {
         self.len
     }
@@ -75,11 +91,16 @@ mod tests {
         }
         s.insert(200); // out of range
         assert_eq!(s.len(), 6);
+        assert!(s.contains(63) && s.contains(199) && !s.contains(62) && !s.contains(200));
         assert_eq!(s.take(), vec![0, 3, 63, 64, 130, 199]);
         assert_eq!(s.len(), 0);
         assert!(s.take().is_empty());
         s.extend(&[5, 6, 5]);
         assert_eq!(s.len(), 2);
         assert_eq!(s.take(), vec![5, 6]);
+        s.extend(&[1, 2]);
+        s.clear();
+        assert!(!s.contains(1));
+        assert!(s.take().is_empty());
     }
 }
