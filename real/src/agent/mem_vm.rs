@@ -67,6 +67,22 @@ impl State {
         self.running && !self.frozen && !self.dead && (self.burst.is_none() || self.burst_left > 0)
     }
 
+    /// VM paused: makes `out` the checkpoint of `pages` (their contents too when `mode` copies
+    /// them; the device state is the write counter) and starts a new dirty record.
+    fn fill(&mut self, pages: Vec<u64>, mode: CaptureMode, out: &mut StagedCheckpoint) {
+        self.dirty.clear();
+        out.data.clear();
+        if mode.copies_pages() {
+            out.data.reserve(pages.len() * self.ram.page_size());
+            for &p in &pages {
+                out.data
+                    .extend_from_slice(self.ram.page(p).unwrap_or_default());
+            }
+        }
+        out.indices = pages;
+        out.device = self.writes.to_le_bytes().to_vec();
+    }
+
     /// Burst writes the pace allows now (all that are left when the burst is not paced).
     fn burst_due(&self) -> u64 {
         let (Some(burst), Some(pace)) = (self.burst, self.burst_pace) else {
@@ -154,7 +170,6 @@ impl MemRam {
 /// An in-memory VM.
 pub struct MemVm {
     shared: Arc<Shared>,
-    page_size: usize,
     /// Copy-on-write fault handling, from the first cow capture on.
     cow: Option<CowEngine>,
     /// The checkpoint of the last cow capture, until the agent takes it.
@@ -236,7 +251,6 @@ impl MemVm {
             .map_err(|e| VmError::failed("start the guest thread", e))?;
         Ok(MemVm {
             shared,
-            page_size,
             cow: None,
             cow_checkpoint: None,
         })
@@ -279,7 +293,6 @@ impl MemVm {
         mode: CaptureMode,
         out: &mut StagedCheckpoint,
     ) -> Result<CaptureStats, VmError> {
-        let ps = self.page_size;
         let (shared, cow, slot) = (self.shared.clone(), &mut self.cow, &mut self.cow_checkpoint);
         shared.with(|s| {
             if s.dead {
@@ -324,17 +337,7 @@ impl MemVm {
                     ));
                 }
             }
-            s.dirty.clear();
-            out.data.clear();
-            if mode.copies_pages() {
-                out.data.reserve(pages.len() * ps);
-                for &p in &pages {
-                    out.data
-                        .extend_from_slice(s.ram.page(p).unwrap_or_default());
-                }
-            }
-            out.indices = pages;
-            out.device = s.writes.to_le_bytes().to_vec();
+            s.fill(pages, mode, out);
             Ok(CaptureStats {
                 pages: out.indices.len() as u64,
                 scan_us: st.us,
@@ -480,7 +483,6 @@ impl Vm for MemVm {
         if mode == CaptureMode::Cow || self.cow.is_some() {
             return self.capture_cow(full, mode, out);
         }
-        let ps = self.page_size;
         self.with(|s| {
             if s.running {
                 return Err(VmError::failed("capture", "the VM is running"));
@@ -490,17 +492,7 @@ impl Vm for MemVm {
             } else {
                 s.dirty.iter().copied().collect()
             };
-            s.dirty.clear();
-            out.data.clear();
-            if mode.copies_pages() {
-                out.data.reserve(pages.len() * ps);
-                for &p in &pages {
-                    out.data
-                        .extend_from_slice(s.ram.page(p).unwrap_or_default());
-                }
-            }
-            out.indices = pages;
-            out.device = s.writes.to_le_bytes().to_vec();
+            s.fill(pages, mode, out);
             Ok(CaptureStats {
                 pages: out.indices.len() as u64,
                 ..CaptureStats::default()
