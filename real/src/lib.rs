@@ -4,6 +4,7 @@ pub mod agent;
 pub mod client;
 pub mod dirty;
 pub mod host;
+mod named;
 pub mod net;
 pub mod qemu;
 pub mod replica;

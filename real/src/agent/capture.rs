@@ -1,9 +1,6 @@
 //! The `--capture` choice (DESIGN §1 "Capture modes"): when the primary resumes its VM relative
 //! to sending the checkpoint, and where the pages are sent from.
 
-use std::fmt;
-use std::str::FromStr;
-
 /// How a checkpoint's pages are captured and when the VM resumes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub enum CaptureMode {
@@ -29,50 +26,17 @@ pub enum CaptureModeError {
     Unknown(String),
 }
 
+crate::named::named_choices!(CaptureMode, CaptureModeError, CaptureModeError::Unknown, {
+    PausedSend => "paused-send",
+    Staged => "staged",
+    Cow => "cow",
+});
+
 impl CaptureMode {
-    /// Every implemented mode, in the order benchmarks report them.
-    pub const ALL: [CaptureMode; 3] = [
-        CaptureMode::PausedSend,
-        CaptureMode::Staged,
-        CaptureMode::Cow,
-    ];
-
-    /// The name used on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            CaptureMode::PausedSend => "paused-send",
-            CaptureMode::Staged => "staged",
-            CaptureMode::Cow => "cow",
-        }
-    }
-
     /// Whether pages are copied into a staging buffer at capture (else they are sent from the
     /// guest RAM mapping: while the VM stays paused, or write-protected for cow).
     pub fn copies_pages(self) -> bool {
         self == CaptureMode::Staged
-    }
-}
-
-impl fmt::Display for CaptureMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for CaptureMode {
-    type Err = CaptureModeError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        CaptureMode::ALL
-            .into_iter()
-            .find(|m| m.name() == s)
-            .ok_or_else(|| CaptureModeError::Unknown(s.to_string()))
-    }
-}
-
-impl serde::Serialize for CaptureMode {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
     }
 }
 

@@ -1,8 +1,5 @@
 //! The `--transport` choice.
 
-use std::fmt;
-use std::str::FromStr;
-
 use super::TransportError;
 
 /// Which transport sends checkpoints.
@@ -18,48 +15,12 @@ pub enum TransportKind {
     Auto,
 }
 
-impl TransportKind {
-    /// Every kind, in the order benchmarks report them.
-    pub const ALL: [TransportKind; 4] = [
-        TransportKind::Copy,
-        TransportKind::MsgZeroCopy,
-        TransportKind::UringZc,
-        TransportKind::Auto,
-    ];
-
-    /// The name used on the command line.
-    pub fn name(self) -> &'static str {
-        match self {
-            TransportKind::Copy => "copy",
-            TransportKind::MsgZeroCopy => "msg-zerocopy",
-            TransportKind::UringZc => "uring-zc",
-            TransportKind::Auto => "auto",
-        }
-    }
-}
-
-impl fmt::Display for TransportKind {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
-
-impl FromStr for TransportKind {
-    type Err = TransportError;
-
-    fn from_str(s: &str) -> Result<Self, Self::Err> {
-        TransportKind::ALL
-            .into_iter()
-            .find(|k| k.name() == s)
-            .ok_or_else(|| TransportError::UnknownKind(s.to_string()))
-    }
-}
-
-impl serde::Serialize for TransportKind {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(self.name())
-    }
-}
+crate::named::named_choices!(TransportKind, TransportError, TransportError::UnknownKind, {
+    Copy => "copy",
+    MsgZeroCopy => "msg-zerocopy",
+    UringZc => "uring-zc",
+    Auto => "auto",
+});
 
 #[cfg(test)]
 mod tests {
