@@ -6,8 +6,57 @@
 //! of its send, and every earlier ticket, is complete.
 
 use std::collections::VecDeque;
+use std::time::{Duration, Instant};
 
-use super::SendTicket;
+use super::{SendTicket, TransportError};
+
+/// A transport whose buffers are released by completions the kernel reports later (the
+/// `MSG_ZEROCOPY` error queue, io_uring notification CQEs): how to wait for them.
+pub(crate) trait Completions {
+    /// The release watermark the completions advance.
+    fn tracker(&self) -> &ReleaseTracker;
+    /// Applies the completions already reported, without waiting; returns how many.
+    fn reap_ready(&mut self) -> Result<u64, TransportError>;
+    /// Waits up to `timeout` for completions and applies them; returns how many.
+    fn wait_ready(&mut self, timeout: Duration) -> Result<u64, TransportError>;
+
+    /// Waits until `ticket` is released; fails once `stall` passes without any completion.
+    fn wait_ticket(&mut self, ticket: SendTicket, stall: Duration) -> Result<(), TransportError> {
+        let last = self.tracker().last_ticket();
+        if ticket > last {
+            return Err(TransportError::BadTicket {
+                asked: ticket,
+                last,
+            });
+        }
+        let mut last_progress = Instant::now();
+        self.reap_ready()?;
+        while self.tracker().released() < ticket {
+            let left = stall.saturating_sub(last_progress.elapsed());
+            if left.is_zero() {
+                return Err(TransportError::Stalled(stall));
+            }
+            if self.wait_ready(left)? > 0 {
+                last_progress = Instant::now();
+            }
+        }
+        Ok(())
+    }
+
+    /// Before the transport goes away: waits (at most `stall`) for the completions of
+    /// everything sent, so that its caller may free or reuse the memory afterwards.
+    fn settle(&mut self, stall: Duration) {
+        let deadline = Instant::now() + stall;
+        if self.reap_ready().is_err() {
+            return;
+        }
+        while self.tracker().outstanding() > 0 && Instant::now() < deadline {
+            if self.wait_ready(Duration::from_millis(10)).is_err() {
+                break;
+            }
+        }
+    }
+}
 
 #[derive(Debug, Default)]
 pub(crate) struct ReleaseTracker {

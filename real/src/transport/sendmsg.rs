@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::auto::FallbackPolicy;
 use super::iov::{IovBuf, IovQueue, IOV_MAX};
-use super::release::ReleaseTracker;
+use super::release::{Completions, ReleaseTracker};
 use super::socket::{self, ZcCompletion};
 use super::{
     SendTicket, Transport, TransportError, TransportKind, TransportOptions, TransportStats,
@@ -281,30 +281,8 @@ impl Transport for SendmsgTransport {
     }
 
     fn wait_released(&mut self, ticket: SendTicket) -> Result<(), TransportError> {
-        let last = self.tracker.last_ticket();
-        if ticket > last {
-            return Err(TransportError::BadTicket {
-                asked: ticket,
-                last,
-            });
-        }
         let stall = self.opts.stall_timeout;
-        let mut last_progress = Instant::now();
-        loop {
-            if self.tracker.outstanding() > 0 && self.reap()? > 0 {
-                last_progress = Instant::now();
-            }
-            if self.tracker.released() >= ticket {
-                return Ok(());
-            }
-            let left = stall.saturating_sub(last_progress.elapsed());
-            if left.is_zero() {
-                return Err(TransportError::Stalled(stall));
-            }
-            if self.wait_completions(left)? > 0 {
-                last_progress = Instant::now();
-            }
-        }
+        self.wait_ticket(ticket, stall)
     }
 
     fn last_ticket(&self) -> SendTicket {
@@ -316,16 +294,28 @@ impl Transport for SendmsgTransport {
     }
 }
 
+impl Completions for SendmsgTransport {
+    fn tracker(&self) -> &ReleaseTracker {
+        &self.tracker
+    }
+
+    fn reap_ready(&mut self) -> Result<u64, TransportError> {
+        if self.tracker.outstanding() == 0 {
+            return Ok(0);
+        }
+        self.reap()
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<u64, TransportError> {
+        self.wait_completions(timeout)
+    }
+}
+
 impl Drop for SendmsgTransport {
     fn drop(&mut self) {
-        // The caller may free or reuse the memory once we are gone: give outstanding zero-copy
-        // sends their completions first (bounded by the stall timeout).
-        let deadline = Instant::now() + self.opts.stall_timeout;
-        while self.tracker.outstanding() > 0 && Instant::now() < deadline {
-            if self.wait_completions(Duration::from_millis(10)).is_err() {
-                break;
-            }
-        }
+        // The caller may free or reuse the memory once we are gone.
+        let stall = self.opts.stall_timeout;
+        self.settle(stall);
     }
 }
 

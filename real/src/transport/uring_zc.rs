@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 use io_uring::{cqueue, opcode, types, IoUring, Probe};
 
 use super::iov::{IovBuf, IovQueue, IOV_MAX};
-use super::release::ReleaseTracker;
+use super::release::{Completions, ReleaseTracker};
 use super::socket;
 use super::{
     SendTicket, Transport, TransportError, TransportKind, TransportOptions, TransportStats,
@@ -296,26 +296,8 @@ impl Transport for UringZc {
     }
 
     fn wait_released(&mut self, ticket: SendTicket) -> Result<(), TransportError> {
-        let last = self.tracker.last_ticket();
-        if ticket > last {
-            return Err(TransportError::BadTicket {
-                asked: ticket,
-                last,
-            });
-        }
         let stall = self.opts.stall_timeout;
-        let mut last_progress = Instant::now();
-        self.drain();
-        while self.tracker.released() < ticket {
-            let left = stall.saturating_sub(last_progress.elapsed());
-            if left.is_zero() {
-                return Err(TransportError::Stalled(stall));
-            }
-            if self.enter(left)? {
-                last_progress = Instant::now();
-            }
-        }
-        Ok(())
+        self.wait_ticket(ticket, stall)
     }
 
     fn last_ticket(&self) -> SendTicket {
@@ -327,16 +309,24 @@ impl Transport for UringZc {
     }
 }
 
+impl Completions for UringZc {
+    fn tracker(&self) -> &ReleaseTracker {
+        &self.tracker
+    }
+
+    fn reap_ready(&mut self) -> Result<u64, TransportError> {
+        Ok(self.drain() as u64)
+    }
+
+    fn wait_ready(&mut self, timeout: Duration) -> Result<u64, TransportError> {
+        Ok(u64::from(self.enter(timeout)?))
+    }
+}
+
 impl Drop for UringZc {
     fn drop(&mut self) {
-        // Wait (bounded) for the notifications of everything sent, so the caller may reuse the
-        // memory once we are gone; the ring itself is torn down after this.
-        let deadline = Instant::now() + self.opts.stall_timeout;
-        self.drain();
-        while self.tracker.outstanding() > 0 && Instant::now() < deadline {
-            if self.enter(Duration::from_millis(10)).is_err() {
-                break;
-            }
-        }
+        // The caller may reuse the memory once we are gone; the ring is torn down after this.
+        let stall = self.opts.stall_timeout;
+        self.settle(stall);
     }
 }
