@@ -206,12 +206,7 @@ impl Backup {
     fn on_message(&mut self, ctx: &mut Ctx<'_>, from: NodeId, msg: PeerMsg) -> Option<Role> {
         if from != self.primary {
             if let PeerMsg::Join { .. } = msg {
-                let reason = RejectReason::NotPrimary;
-                let msg = PeerMsg::Reject {
-                    generation: self.generation,
-                    reason,
-                };
-                ctx.act(Action::Send { to: from, msg });
+                ctx.reject_join(from, self.generation);
             }
             return None;
         }

@@ -3,7 +3,8 @@
 
 use crate::action::{Action, Event};
 use crate::config::Config;
-use crate::ids::NodeId;
+use crate::ids::{Generation, NodeId};
+use crate::msg::{PeerMsg, RejectReason};
 use crate::time::Time;
 
 pub(crate) struct Ctx<'a> {
@@ -29,5 +30,13 @@ impl<'a> Ctx<'a> {
 
     pub fn log(&mut self, event: Event) {
         self.out.push(Action::Log(event));
+    }
+
+    /// Answers a `Join` from `to`: this node is not the primary (`generation` is the newest it
+    /// knows, so the joiner can tell how stale its own view is).
+    pub fn reject_join(&mut self, to: NodeId, generation: Generation) {
+        let reason = RejectReason::NotPrimary;
+        let msg = PeerMsg::Reject { generation, reason };
+        self.act(Action::Send { to, msg });
     }
 }

@@ -61,14 +61,7 @@ impl Fenced {
             Input::Message {
                 from,
                 msg: PeerMsg::Join { .. },
-            } => {
-                let generation = self.generation;
-                let reason = RejectReason::NotPrimary;
-                ctx.act(Action::Send {
-                    to: from,
-                    msg: PeerMsg::Reject { generation, reason },
-                });
-            }
+            } => ctx.reject_join(from, self.generation),
             _ => {}
         }
         None
@@ -79,20 +72,6 @@ impl Fenced {
     }
 
     pub(crate) fn status(&self, me: NodeId) -> Status {
-        Status {
-            node: me,
-            role: RoleKind::Fenced,
-            phase: Phase::Fenced,
-            generation: self.generation,
-            failed_over: false,
-            peer: None,
-            gate: None,
-            running_epoch: Default::default(),
-            captured: Default::default(),
-            acked: Default::default(),
-            released: Default::default(),
-            committed: None,
-            registration: None,
-        }
+        Status::without_vm(me, RoleKind::Fenced, Phase::Fenced, self.generation)
     }
 }

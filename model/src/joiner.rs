@@ -6,7 +6,7 @@ use crate::backup::Backup;
 use crate::ctx::Ctx;
 use crate::ids::{Generation, NodeId};
 use crate::input::Input;
-use crate::msg::{PeerMsg, RejectReason};
+use crate::msg::PeerMsg;
 use crate::node::Role;
 use crate::status::{Phase, RoleKind, Status};
 use crate::time::Time;
@@ -54,14 +54,7 @@ impl Joiner {
             Input::Message {
                 from,
                 msg: PeerMsg::Join { .. },
-            } => {
-                let generation = self.known;
-                let reason = RejectReason::NotPrimary;
-                ctx.act(Action::Send {
-                    to: from,
-                    msg: PeerMsg::Reject { generation, reason },
-                });
-            }
+            } => ctx.reject_join(from, self.known),
             _ => {}
         }
         None
@@ -72,20 +65,6 @@ impl Joiner {
     }
 
     pub(crate) fn status(&self, me: NodeId) -> Status {
-        Status {
-            node: me,
-            role: RoleKind::Joiner,
-            phase: Phase::Locating,
-            generation: self.known,
-            failed_over: false,
-            peer: None,
-            gate: None,
-            running_epoch: Default::default(),
-            captured: Default::default(),
-            acked: Default::default(),
-            released: Default::default(),
-            committed: None,
-            registration: None,
-        }
+        Status::without_vm(me, RoleKind::Joiner, Phase::Locating, self.known)
     }
 }

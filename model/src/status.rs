@@ -110,3 +110,29 @@ pub struct Status {
     /// Primary: the registration it holds (or is settling) with the witness.
     pub registration: Option<Registration>,
 }
+
+impl Status {
+    /// A node with neither VM nor replica nor peer (a joiner or a fenced node).
+    pub(crate) fn without_vm(
+        node: NodeId,
+        role: RoleKind,
+        phase: Phase,
+        generation: Generation,
+    ) -> Status {
+        Status {
+            node,
+            role,
+            phase,
+            generation,
+            failed_over: false,
+            peer: None,
+            gate: None,
+            running_epoch: Epoch::default(),
+            captured: Epoch::default(),
+            acked: Epoch::default(),
+            released: Epoch::default(),
+            committed: None,
+            registration: None,
+        }
+    }
+}
