@@ -137,8 +137,8 @@ pub struct ProtectStats {
 /// How a [`CowEngine`] works.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CowOptions {
-    /// Re-protect written pages early, while the VM runs ([`early`]), so captures have less to
-    /// protect while it is paused.
+    /// Re-protect written pages early, while the VM runs ([`early`]: scheduled passes and one
+    /// right before the pause), so captures have less to protect while it is paused.
     pub early_passes: bool,
 }
 
@@ -419,6 +419,7 @@ pub struct CowEngine {
     handler: Option<JoinHandle<()>>,
     /// The early-pass thread, if enabled.
     early: Option<JoinHandle<()>>,
+    options: CowOptions,
     /// Written to stop the handler.
     stop: OwnedFd,
 }
@@ -500,6 +501,7 @@ impl CowEngine {
             shared,
             handler: Some(handler),
             early: None,
+            options,
             stop,
         };
         if options.early_passes {
@@ -547,6 +549,9 @@ impl CowEngine {
     /// optimisation: pages it fails to protect stay in the writable set and the capture
     /// protects them (or reports a broken engine) itself, so a failure is only logged.
     pub fn protect_before_pause(&self) {
+        if !self.options.early_passes {
+            return;
+        }
         let Ok(_p) = self.shared.protecting.lock() else {
             return;
         };
@@ -658,6 +663,9 @@ fn early_passes(shared: &Shared) {
     }
 }
 
+/// How long the handler keeps looking for the next fault before it sleeps.
+const HANDLER_SPIN: std::time::Duration = std::time::Duration::from_micros(50);
+
 /// The handler thread: resolves faults until stopped or broken.
 fn handler(shared: &Shared, stop: &OwnedFd) {
     let failure = loop {
@@ -668,13 +676,21 @@ fn handler(shared: &Shared, stop: &OwnedFd) {
             Ok((true, false)) => {}
         }
         let mut broken = None;
+        let mut idle_since: Option<Instant> = None;
         loop {
             match shared.uffd.read_fault() {
                 Ok(Some(f)) => {
+                    idle_since = None;
                     if let Err(e) = shared.handle(f) {
                         broken = Some(e.to_string());
                         break;
                     }
+                }
+                // A writer's next fault usually follows within microseconds: look again for a
+                // short while before sleeping in poll, whose wake-up costs each fault far more.
+                Ok(None) if idle_since.is_none_or(|t| t.elapsed() < HANDLER_SPIN) => {
+                    idle_since.get_or_insert_with(Instant::now);
+                    std::hint::spin_loop();
                 }
                 Ok(None) => break,
                 Err(e) => {
@@ -819,6 +835,13 @@ mod tests_support {
     /// RAM of `pages` pages, page `i` filled with `i`, mapped for a writer thread (registered
     /// with the uffd) and read-only for the engine.
     pub(super) fn setup(pages: u64) -> (tempfile::NamedTempFile, Writer, Arc<GuestRam>, CowEngine) {
+        setup_with(pages, CowOptions::default())
+    }
+
+    pub(super) fn setup_with(
+        pages: u64,
+        options: CowOptions,
+    ) -> (tempfile::NamedTempFile, Writer, Arc<GuestRam>, CowEngine) {
         let ps = page_size();
         let f = tempfile::NamedTempFile::new_in("/dev/shm").unwrap();
         f.as_file().set_len(pages * ps as u64).unwrap();
@@ -828,7 +851,7 @@ mod tests_support {
         }
         let ro = Arc::new(GuestRam::open(f.path(), pages * ps as u64).unwrap());
         let uffd = HandedUffd::register_local(rw.base_addr(), rw.bytes()).unwrap();
-        let engine = CowEngine::start(uffd, ro.clone()).unwrap();
+        let engine = CowEngine::start_with(uffd, ro.clone(), options).unwrap();
         (f, Writer::start(rw), ro, engine)
     }
 
@@ -967,6 +990,26 @@ mod tests {
         let (dirty, stats) = engine.rearm(false).unwrap();
         assert_eq!(dirty, vec![7]);
         assert_eq!((stats.protected, stats.early_passes), (1, 0));
+    }
+
+    #[test]
+    fn without_early_passes_the_capture_protects_everything() {
+        let options = CowOptions {
+            early_passes: false,
+        };
+        let (_f, w, _ram, engine) = setup_with(64, options);
+        w.write(5, 1);
+        assert_eq!(w.went_through(SOON), Some(5));
+        engine.protect_before_pause();
+        let (_, stats) = engine.rearm(false).unwrap();
+        assert_eq!((stats.protected, stats.early_pages), (1, 0));
+        // With them, the last pass before the pause did the work.
+        let (_f, w, _ram, engine) = setup(64);
+        w.write(5, 1);
+        assert_eq!(w.went_through(SOON), Some(5));
+        engine.protect_before_pause();
+        let (_, stats) = engine.rearm(false).unwrap();
+        assert_eq!((stats.protected, stats.early_pages), (0, 1));
     }
 
     #[test]
