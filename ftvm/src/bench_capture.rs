@@ -623,6 +623,7 @@ async fn one_case(a: &CaptureArgs, spec: CaseSpec, ram_pages: u64) -> anyhow::Re
         seed: 3,
         cow: CowOptions {
             early_passes: spec.early_passes.unwrap_or(true),
+            ..CowOptions::default()
         },
         launched,
     };

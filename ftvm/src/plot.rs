@@ -182,7 +182,8 @@ fn render(path: &Path, panels: &[Panel]) -> anyhow::Result<()> {
 }
 
 /// `capture.png`: the pause against the dirty set per capture mode (median solid, p99 dashed),
-/// one panel per page layout × pace, and the send-updated-states time.
+/// one panel per page layout × pace, cow's median pause on a scale of its own, and the
+/// send-updated-states time.
 pub fn capture(r: &CaptureReport, dir: &Path) -> anyhow::Result<PathBuf> {
     let mut modes: Vec<(String, String)> = Vec::new();
     // One pause panel per layout × pace.
@@ -254,6 +255,37 @@ pub fn capture(r: &CaptureReport, dir: &Path) -> anyhow::Result<PathBuf> {
             }
         })
         .collect();
+    // cow's pause is too short to see next to the others: its own panel, in µs.
+    let cow: Vec<Series> = shapes
+        .iter()
+        .enumerate()
+        .map(|(i, (layout, pace))| Series {
+            label: format!("{layout}, {pace}"),
+            points: r
+                .cases
+                .iter()
+                .filter(|c| {
+                    c.capture == "cow"
+                        && c.early_passes != Some(false)
+                        && &c.layout == layout
+                        && &c.pace == pace
+                })
+                .map(|c| (c.dirty_p50 as f64, c.pause_p50_us as f64))
+                .collect(),
+            colour: i,
+            dashed: false,
+        })
+        .filter(|s| !s.points.is_empty())
+        .collect();
+    if !cow.is_empty() {
+        panels.push(Panel {
+            title: format!("cow pause (median), every layout and pace{transport}"),
+            x_label: "dirty pages per epoch (4 KiB)".into(),
+            y_label: "pause (µs)".into(),
+            log2_x: false,
+            series: cow,
+        });
+    }
     if let Some(first) = shapes.first() {
         panels.push(Panel {
             title: format!(

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 use capture_common::{protect_and_verify, Run};
 use ftvm_real::agent::capture::CaptureMode;
+use ftvm_real::agent::cow::CowOptions;
 use ftvm_real::agent::mem_vm::{MemLauncher, MemRam};
 use ftvm_real::transport::TransportKind;
 
@@ -30,7 +31,11 @@ fn launcher(seed: u64, launched: &Arc<Mutex<Vec<MemRam>>>) -> MemLauncher {
         page_size: ftvm_real::dirty::page_size(),
         pages_per_ms: u32::MAX,
         seed,
-        cow: Default::default(),
+        // Early write-protect passes at any size, so they run in every epoch under test.
+        cow: CowOptions {
+            min_pass_pages: 1,
+            ..CowOptions::default()
+        },
         launched: launched.clone(),
     }
 }

@@ -27,6 +27,10 @@ pub(super) const MIN_LEAD: Duration = Duration::from_millis(1);
 /// At most this many passes per epoch (bounds the extra faults of a page rewritten all along).
 pub(super) const MAX_PASSES: usize = 6;
 
+/// A pass runs only when at least this many pages are writable. The capture protects fewer in
+/// well under a millisecond, and every page protected early may cost the guest another fault.
+pub(super) const MIN_PASS_PAGES: u64 = 256;
+
 /// Gaps between captures remembered for the estimate of the epoch.
 const GAPS: usize = 4;
 

@@ -140,11 +140,17 @@ pub struct CowOptions {
     /// Re-protect written pages early, while the VM runs ([`early`]: scheduled passes and one
     /// right before the pause), so captures have less to protect while it is paused.
     pub early_passes: bool,
+    /// A pass runs only when at least this many pages are writable (default
+    /// [`early::MIN_PASS_PAGES`]).
+    pub min_pass_pages: u64,
 }
 
 impl Default for CowOptions {
     fn default() -> Self {
-        CowOptions { early_passes: true }
+        CowOptions {
+            early_passes: true,
+            min_pass_pages: early::MIN_PASS_PAGES,
+        }
     }
 }
 
@@ -209,6 +215,7 @@ struct Shared {
     capture_waiting: AtomicBool,
     /// An early pass failed (and was logged).
     early_failed: AtomicBool,
+    options: CowOptions,
     /// When captures ran, for the early passes.
     schedule: Mutex<Schedule>,
     /// Signalled on a capture and when the engine stops.
@@ -323,6 +330,13 @@ impl Shared {
             if let Some(e) = &g.failed {
                 return Err(CowError::HandlerFailed(e.clone()));
             }
+            // Too few to be worth it: the capture protects them in well under a millisecond,
+            // while each one protected now may cost the guest one more fault (with a TCG guest
+            // at 10 ms epochs, passes over its few hundred hot kernel pages cost a third of
+            // its replies).
+            if g.writable.len() < self.options.min_pass_pages.max(1) {
+                return Ok(0);
+            }
             let mut pages = g.writable.take();
             if skip_hot && g.hot.len() > 0 {
                 let (hot, cold): (Vec<u64>, Vec<u64>) =
@@ -419,7 +433,6 @@ pub struct CowEngine {
     handler: Option<JoinHandle<()>>,
     /// The early-pass thread, if enabled.
     early: Option<JoinHandle<()>>,
-    options: CowOptions,
     /// Written to stop the handler.
     stop: OwnedFd,
 }
@@ -486,6 +499,7 @@ impl CowEngine {
             protecting: Mutex::new(()),
             capture_waiting: AtomicBool::new(false),
             early_failed: AtomicBool::new(false),
+            options,
             schedule: Mutex::new(Schedule::default()),
             schedule_changed: Condvar::new(),
         });
@@ -501,7 +515,6 @@ impl CowEngine {
             shared,
             handler: Some(handler),
             early: None,
-            options,
             stop,
         };
         if options.early_passes {
@@ -549,7 +562,7 @@ impl CowEngine {
     /// optimisation: pages it fails to protect stay in the writable set and the capture
     /// protects them (or reports a broken engine) itself, so a failure is only logged.
     pub fn protect_before_pause(&self) {
-        if !self.options.early_passes {
+        if !self.shared.options.early_passes {
             return;
         }
         let Ok(_p) = self.shared.protecting.lock() else {
@@ -834,8 +847,13 @@ mod tests_support {
 
     /// RAM of `pages` pages, page `i` filled with `i`, mapped for a writer thread (registered
     /// with the uffd) and read-only for the engine.
+    /// With early passes that run for any number of pages.
     pub(super) fn setup(pages: u64) -> (tempfile::NamedTempFile, Writer, Arc<GuestRam>, CowEngine) {
-        setup_with(pages, CowOptions::default())
+        let options = CowOptions {
+            min_pass_pages: 1,
+            ..CowOptions::default()
+        };
+        setup_with(pages, options)
     }
 
     pub(super) fn setup_with(
@@ -996,6 +1014,7 @@ mod tests {
     fn without_early_passes_the_capture_protects_everything() {
         let options = CowOptions {
             early_passes: false,
+            ..CowOptions::default()
         };
         let (_f, w, _ram, engine) = setup_with(64, options);
         w.write(5, 1);
@@ -1010,6 +1029,24 @@ mod tests {
         engine.protect_before_pause();
         let (_, stats) = engine.rearm(false).unwrap();
         assert_eq!((stats.protected, stats.early_pages), (0, 1));
+    }
+
+    #[test]
+    fn a_pass_waits_for_enough_pages() {
+        let options = CowOptions {
+            min_pass_pages: 3,
+            ..CowOptions::default()
+        };
+        let (_f, w, _ram, engine) = setup_with(64, options);
+        let write = |p| {
+            w.write(p, 3);
+            assert_eq!(w.went_through(SOON), Some(p));
+        };
+        write(1);
+        write(2);
+        assert_eq!(engine.shared.early_pass(true).unwrap(), 0);
+        write(3);
+        assert_eq!(engine.shared.early_pass(true).unwrap(), 3);
     }
 
     #[test]
