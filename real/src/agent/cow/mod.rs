@@ -843,6 +843,12 @@ mod tests_support {
         pub(super) fn went_through(&self, within: Duration) -> Option<u64> {
             self.done.recv_timeout(within).ok()
         }
+
+        /// Writes `byte` all over `page` and checks the write went through (within 5 s).
+        pub(super) fn write_now(&self, page: u64, byte: u8) {
+            self.write(page, byte);
+            assert_eq!(self.went_through(Duration::from_secs(5)), Some(page));
+        }
     }
 
     /// RAM of `pages` pages, page `i` filled with `i`, mapped for a writer thread (registered
@@ -898,8 +904,7 @@ mod tests {
         assert_eq!((stats.pages, stats.ranges), (16, 1));
 
         // An unsent page is copied, then written.
-        w.write(3, 0xA3);
-        assert_eq!(w.went_through(SOON), Some(3));
+        w.write_now(3, 0xA3);
         assert_eq!(cp.state(3), PageState::Copied);
         assert_eq!(ram.page(3).unwrap(), &vec![0xA3; ps][..]);
 
@@ -918,10 +923,8 @@ mod tests {
         assert_eq!(ram.page(5).unwrap(), &vec![0xA5; ps][..]);
 
         // An unclaimed page of the second half is copied too; a sent one is simply free.
-        w.write(12, 0xAC);
-        assert_eq!(w.went_through(SOON), Some(12));
-        w.write(6, 0xA6);
-        assert_eq!(w.went_through(SOON), Some(6));
+        w.write_now(12, 0xAC);
+        w.write_now(6, 0xA6);
         cp.claim(8..16).unwrap();
         assert_eq!(cp.page(12).unwrap(), &vec![12; ps][..]);
         assert_eq!(cp.page(13).unwrap(), &vec![13; ps][..]);
@@ -938,8 +941,7 @@ mod tests {
         let (dirty, _) = engine.rearm(false).unwrap();
         assert_eq!(dirty, vec![3, 5, 6, 12]);
         w.write(5, 0xB5);
-        w.write(5, 0xC5);
-        assert_eq!(w.went_through(SOON), Some(5));
+        w.write_now(5, 0xC5);
         assert_eq!(w.went_through(SOON), Some(5));
         let (dirty, _) = engine.rearm(false).unwrap();
         assert_eq!(dirty, vec![5]);
@@ -963,15 +965,13 @@ mod tests {
         let (_f, w, _ram, engine) = setup(64);
         for p in [1, 2, 3, 10, 11, 40] {
             // 1..=11 is one run across a small gap; 40 another.
-            w.write(p, 0xEE);
-            assert_eq!(w.went_through(SOON), Some(p));
+            w.write_now(p, 0xEE);
         }
         let (cp, stats) = engine.begin(false).unwrap();
         assert_eq!(cp.indices(), &[1, 2, 3, 10, 11, 40]);
         assert_eq!((stats.pages, stats.ranges), (6, 2));
         // The pages are protected: a write copies.
-        w.write(11, 0xEF);
-        assert_eq!(w.went_through(SOON), Some(11));
+        w.write_now(11, 0xEF);
         assert_eq!(cp.finish().copies, 1);
     }
 
@@ -980,15 +980,13 @@ mod tests {
         let ps = page_size();
         let (_f, w, _ram, engine) = setup(64);
         for p in [7, 20] {
-            w.write(p, 0x70);
-            assert_eq!(w.went_through(SOON), Some(p));
+            w.write_now(p, 0x70);
         }
         // An early pass while the VM runs protects both; then the guest writes 20 again (it
         // faults once more) and 33 for the first time.
         assert_eq!(engine.shared.early_pass(true).unwrap(), 2);
         for p in [20, 33] {
-            w.write(p, 0x71);
-            assert_eq!(w.went_through(SOON), Some(p));
+            w.write_now(p, 0x71);
         }
         let (cp, stats) = engine.begin(false).unwrap();
         assert_eq!(cp.indices(), &[7, 20, 33]);
@@ -997,8 +995,7 @@ mod tests {
         assert_eq!((stats.early_passes, stats.early_pages), (1, 2));
         // Page 7 was protected by the pass only: a write after the capture still copies it
         // first, so the checkpoint keeps the contents it had at the capture.
-        w.write(7, 0x72);
-        assert_eq!(w.went_through(SOON), Some(7));
+        w.write_now(7, 0x72);
         assert_eq!(cp.state(0), PageState::Copied);
         cp.claim(0..3).unwrap();
         assert_eq!(cp.page(0).unwrap(), &vec![0x70; ps][..]);
@@ -1017,15 +1014,13 @@ mod tests {
             ..CowOptions::default()
         };
         let (_f, w, _ram, engine) = setup_with(64, options);
-        w.write(5, 1);
-        assert_eq!(w.went_through(SOON), Some(5));
+        w.write_now(5, 1);
         engine.protect_before_pause();
         let (_, stats) = engine.rearm(false).unwrap();
         assert_eq!((stats.protected, stats.early_pages), (1, 0));
         // With them, the last pass before the pause did the work.
         let (_f, w, _ram, engine) = setup(64);
-        w.write(5, 1);
-        assert_eq!(w.went_through(SOON), Some(5));
+        w.write_now(5, 1);
         engine.protect_before_pause();
         let (_, stats) = engine.rearm(false).unwrap();
         assert_eq!((stats.protected, stats.early_pages), (0, 1));
@@ -1038,10 +1033,7 @@ mod tests {
             ..CowOptions::default()
         };
         let (_f, w, _ram, engine) = setup_with(64, options);
-        let write = |p| {
-            w.write(p, 3);
-            assert_eq!(w.went_through(SOON), Some(p));
-        };
+        let write = |p| w.write_now(p, 3);
         write(1);
         write(2);
         assert_eq!(engine.shared.early_pass(true).unwrap(), 0);
@@ -1052,10 +1044,7 @@ mod tests {
     #[test]
     fn hot_pages_are_left_to_the_last_pass() {
         let (_f, w, _ram, engine) = setup(64);
-        let write = |p| {
-            w.write(p, 3);
-            assert_eq!(w.went_through(SOON), Some(p));
-        };
+        let write = |p| w.write_now(p, 3);
         write(4);
         write(9);
         assert_eq!(engine.shared.early_pass(true).unwrap(), 2);
@@ -1080,8 +1069,7 @@ mod tests {
     fn a_pass_that_a_capture_stops_hands_its_pages_back() {
         let (_f, w, _ram, engine) = setup(64);
         for p in [1, 40] {
-            w.write(p, 1);
-            assert_eq!(w.went_through(SOON), Some(p));
+            w.write_now(p, 1);
         }
         engine.shared.capture_waiting.store(true, Ordering::Release);
         assert_eq!(engine.shared.early_pass(true).unwrap(), 0);
@@ -1092,8 +1080,7 @@ mod tests {
         let (cp, stats) = engine.begin(false).unwrap();
         assert_eq!((stats.pages, stats.protected), (2, 2));
         // Protected by the capture after all: a write copies.
-        w.write(40, 2);
-        assert_eq!(w.went_through(SOON), Some(40));
+        w.write_now(40, 2);
         assert_eq!(cp.finish().copies, 1);
     }
 
@@ -1107,8 +1094,7 @@ mod tests {
         // Written early in the epoch: the passes (from 50 ms on) protect them all before the
         // next capture.
         for p in (0..256).step_by(3) {
-            w.write(p, 9);
-            assert_eq!(w.went_through(SOON), Some(p));
+            w.write_now(p, 9);
         }
         std::thread::sleep(epoch + epoch / 2);
         let (pages, stats) = engine.rearm(false).unwrap();
@@ -1135,8 +1121,7 @@ mod tests {
         drop(engine); // the VM is gone
         assert_eq!(w.went_through(SOON), Some(4));
         drop(cp);
-        w.write(4, 2);
-        assert_eq!(w.went_through(SOON), Some(4));
+        w.write_now(4, 2);
     }
 }
 
