@@ -57,8 +57,6 @@ struct State {
     burst_pace: Option<Duration>,
     /// When the current burst started (the last resume).
     burst_started: Instant,
-    /// Options of the copy-on-write engine, when a cow capture starts it.
-    cow_options: CowOptions,
 }
 
 impl State {
@@ -172,6 +170,8 @@ pub struct MemVm {
     shared: Arc<Shared>,
     /// Copy-on-write fault handling, from the first cow capture on.
     cow: Option<CowEngine>,
+    /// Options the first cow capture starts that engine with.
+    cow_options: CowOptions,
     /// The checkpoint of the last cow capture, until the agent takes it.
     cow_checkpoint: Option<CowCheckpoint>,
 }
@@ -239,7 +239,6 @@ impl MemVm {
                 stride: 1,
                 burst_pace: None,
                 burst_started: Instant::now(),
-                cow_options: CowOptions::default(),
             }),
             active: AtomicBool::new(true),
             ram: Arc::new(ro),
@@ -252,13 +251,14 @@ impl MemVm {
         Ok(MemVm {
             shared,
             cow: None,
+            cow_options: CowOptions::default(),
             cow_checkpoint: None,
         })
     }
 
     /// The options of the copy-on-write engine that the first cow capture starts.
-    pub fn set_cow_options(&self, options: CowOptions) -> Result<(), VmError> {
-        self.with(|s| s.cow_options = options)
+    pub fn set_cow_options(&mut self, options: CowOptions) {
+        self.cow_options = options;
     }
 
     /// Shared view of this VM's RAM.
@@ -294,6 +294,7 @@ impl MemVm {
         out: &mut StagedCheckpoint,
     ) -> Result<CaptureStats, VmError> {
         let (shared, cow, slot) = (self.shared.clone(), &mut self.cow, &mut self.cow_checkpoint);
+        let options = self.cow_options;
         shared.with(|s| {
             if s.dead {
                 return Err(VmError::Died("killed".into()));
@@ -307,7 +308,7 @@ impl MemVm {
                 let uffd = HandedUffd::register_local(s.ram.base_addr(), s.ram.bytes())
                     .map_err(|e| VmError::failed("cow capture", e))?;
                 *cow = Some(
-                    CowEngine::start_with(uffd, shared.ram.clone(), s.cow_options)
+                    CowEngine::start_with(uffd, shared.ram.clone(), options)
                         .map_err(|e| VmError::failed("cow capture", e))?,
                 );
             }
@@ -541,17 +542,7 @@ impl VmLauncher for MemLauncher {
     type Vm = MemVm;
 
     async fn boot(&mut self) -> Result<MemVm, VmError> {
-        let vm = MemVm::start(
-            vec![0; self.ram_bytes],
-            self.page_size,
-            self.pages_per_ms,
-            self.seed,
-        )?;
-        vm.set_cow_options(self.cow)?;
-        if let Ok(mut l) = self.launched.lock() {
-            l.push(vm.ram());
-        }
-        Ok(vm)
+        self.launch(vec![0; self.ram_bytes], self.seed)
     }
 
     async fn restore(&mut self, from: RestorePoint) -> Result<MemVm, VmError> {
@@ -567,8 +558,15 @@ impl VmLauncher for MemLauncher {
                 ),
             ));
         }
-        let vm = MemVm::start(ram, self.page_size, self.pages_per_ms, self.seed ^ 0x5a5a)?;
-        vm.set_cow_options(self.cow)?;
+        self.launch(ram, self.seed ^ 0x5a5a)
+    }
+}
+
+impl MemLauncher {
+    /// Starts a VM with `ram` and this launcher's settings, and records it in `launched`.
+    fn launch(&self, ram: Vec<u8>, seed: u64) -> Result<MemVm, VmError> {
+        let mut vm = MemVm::start(ram, self.page_size, self.pages_per_ms, seed)?;
+        vm.set_cow_options(self.cow);
         if let Ok(mut l) = self.launched.lock() {
             l.push(vm.ram());
         }
@@ -633,6 +631,16 @@ mod tests {
         }
     }
 
+    /// Lets `vm` run for `ms`, then pauses it and captures what it wrote into `out`.
+    async fn run_and_capture(vm: &mut MemVm, ms: u64, out: &mut StagedCheckpoint) {
+        vm.resume().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+        vm.pause().await.unwrap();
+        vm.capture(false, CaptureMode::PausedSend, out)
+            .await
+            .unwrap();
+    }
+
     #[tokio::test]
     async fn a_burst_writes_exactly_that_many_distinct_pages_per_resume() {
         let ps = crate::dirty::page_size();
@@ -645,12 +653,7 @@ mod tests {
         vm.ram().set_writes_per_resume(Some(700), true);
         let mut seen = BTreeSet::new();
         for _ in 0..3 {
-            vm.resume().await.unwrap();
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            vm.pause().await.unwrap();
-            vm.capture(false, CaptureMode::PausedSend, &mut out)
-                .await
-                .unwrap();
+            run_and_capture(&mut vm, 50, &mut out).await;
             assert_eq!(out.indices.len(), 701, "700 pages and page 0");
             seen.extend(out.indices.iter().copied());
         }
@@ -658,22 +661,12 @@ mod tests {
         assert_eq!(seen.len(), 1000);
         // Runs: one burst is a run of neighbouring pages (wrapping around once at most).
         vm.ram().set_writes_per_resume(Some(300), false);
-        vm.resume().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(50)).await;
-        vm.pause().await.unwrap();
-        vm.capture(false, CaptureMode::PausedSend, &mut out)
-            .await
-            .unwrap();
+        run_and_capture(&mut vm, 50, &mut out).await;
         assert_eq!(out.indices.len(), 301);
         let gaps = out.indices[1..].windows(2).filter(|w| w[1] != w[0] + 1);
         assert!(gaps.count() <= 1, "not a run: {:?}", out.indices);
         vm.ram().set_writes_per_resume(Some(0), false);
-        vm.resume().await.unwrap();
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        vm.pause().await.unwrap();
-        vm.capture(false, CaptureMode::PausedSend, &mut out)
-            .await
-            .unwrap();
+        run_and_capture(&mut vm, 20, &mut out).await;
         assert!(out.indices.is_empty());
     }
 
