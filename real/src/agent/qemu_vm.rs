@@ -143,8 +143,7 @@ impl Vm for QemuVm {
     ) -> Result<CaptureStats, VmError> {
         let t0 = Instant::now();
         let all = full || self.first;
-        let mut protect = ProtectStats::default();
-        let pages: Vec<u64> =
+        let (pages, protect): (Vec<u64>, ProtectStats) =
             match (&self.cow, self.tracker.as_mut()) {
                 (Some(engine), _) if mode == CaptureMode::Cow => {
                     let (cp, st) = engine
@@ -152,16 +151,11 @@ impl Vm for QemuVm {
                         .map_err(|e| VmError::failed("cow capture", e))?;
                     let pages = cp.indices().to_vec();
                     self.cow_checkpoint = Some(cp);
-                    protect = st;
-                    pages
+                    (pages, st)
                 }
-                (Some(engine), _) => {
-                    let (pages, st) = engine
-                        .rearm(all)
-                        .map_err(|e| VmError::failed("dirty-page log", e))?;
-                    protect = st;
-                    pages
-                }
+                (Some(engine), _) => engine
+                    .rearm(all)
+                    .map_err(|e| VmError::failed("dirty-page log", e))?,
                 (None, _) if mode == CaptureMode::Cow => return Err(VmError::failed(
                     "cow capture",
                     "QEMU was not started for copy-on-write capture (no userfaultfd handed over)",
@@ -171,11 +165,12 @@ impl Vm for QemuVm {
                     let dirty = tracker
                         .collect()
                         .map_err(|e| VmError::failed("dirty-page scan", e))?;
-                    if all {
+                    let pages = if all {
                         (0..self.ram.pages()).collect()
                     } else {
                         dirty
-                    }
+                    };
+                    (pages, ProtectStats::default())
                 }
                 (None, None) => return Err(VmError::failed("capture", "no dirty-page tracking")),
             };
