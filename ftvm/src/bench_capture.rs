@@ -182,10 +182,15 @@ pub struct CaptureCase {
 impl CaptureCase {
     /// The capture mode as tables and plots name it (cow says whether early passes ran).
     pub fn label(&self) -> String {
-        match self.early_passes {
-            Some(false) => format!("{} (no early passes)", self.capture),
-            _ => self.capture.clone(),
-        }
+        mode_label(&self.capture, self.early_passes)
+    }
+}
+
+/// A capture mode's name, marked when cow ran without its early passes.
+fn mode_label(capture: &str, early_passes: Option<bool>) -> String {
+    match early_passes {
+        Some(false) => format!("{capture} (no early passes)"),
+        _ => capture.to_string(),
     }
 }
 
@@ -276,13 +281,10 @@ struct CaseSpec {
 
 impl std::fmt::Display for CaseSpec {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "capture {}", self.mode)?;
-        if self.early_passes == Some(false) {
-            write!(f, " (no early passes)")?;
-        }
         write!(
             f,
-            ", transport {}, {} {} pages per epoch, {}",
+            "capture {}, transport {}, {} {} pages per epoch, {}",
+            mode_label(self.mode.name(), self.early_passes),
             self.transport,
             self.dirty,
             self.layout.name(),
@@ -398,6 +400,16 @@ fn capture_modes(names: &[String]) -> anyhow::Result<Vec<CaptureMode>> {
         .collect()
 }
 
+/// The values of a list argument, repeats next to each other dropped; `empty` when there are none.
+fn choices<T: Clone + PartialEq>(values: &[T], empty: &str) -> anyhow::Result<Vec<T>> {
+    let mut v = values.to_vec();
+    v.dedup();
+    if v.is_empty() {
+        anyhow::bail!("{empty}");
+    }
+    Ok(v)
+}
+
 /// Runs the capture benchmark.
 pub fn run(a: CaptureArgs) -> anyhow::Result<i32> {
     let page = ftvm_real::dirty::page_size() as u64;
@@ -434,21 +446,12 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<i32> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    let mut layouts = a.layout.clone();
-    layouts.dedup();
-    if layouts.is_empty() {
-        anyhow::bail!("--layout needs scattered and/or runs");
-    }
-    let mut paces = a.pace.clone();
-    paces.dedup();
-    if paces.is_empty() {
-        anyhow::bail!("--pace needs burst and/or spread");
-    }
-    let mut early = a.cow_early_passes.clone();
-    early.dedup();
-    if early.is_empty() {
-        anyhow::bail!("--cow-early-passes needs on and/or off");
-    }
+    let layouts = choices(&a.layout, "--layout needs scattered and/or runs")?;
+    let paces = choices(&a.pace, "--pace needs burst and/or spread")?;
+    let early = choices(
+        &a.cow_early_passes,
+        "--cow-early-passes needs on and/or off",
+    )?;
     let mut variants: Vec<(CaptureMode, Option<bool>)> = Vec::new();
     for &m in &modes {
         if m == CaptureMode::Cow {
@@ -714,6 +717,13 @@ mod tests {
             pace: Pace::Burst,
             dirty,
         }
+    }
+
+    #[test]
+    fn list_arguments_drop_repeats_and_must_not_be_empty() {
+        assert_eq!(choices(&[1, 1, 2], "x").unwrap(), vec![1, 2]);
+        let e = choices::<u8>(&[], "--pace needs burst and/or spread").unwrap_err();
+        assert_eq!(e.to_string(), "--pace needs burst and/or spread");
     }
 
     #[test]
