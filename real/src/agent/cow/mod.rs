@@ -252,22 +252,20 @@ impl Shared {
         }
     }
 
-    /// Takes the protect lock for a capture, stopping an early pass that holds it.
-    fn protect_for_capture(&self) -> Result<MutexGuard<'_, ()>, CowError> {
-        self.capture_waiting.store(true, Ordering::Release);
-        let g = self.protecting.lock();
-        self.capture_waiting.store(false, Ordering::Release);
-        g.map_err(|_| CowError::Internal("protect lock poisoned".into()))
-    }
-
-    /// VM paused, protect lock held: takes the dirty log (all pages when `full`) and protects
-    /// what is still writable, running `register` on the log's pages under the engine lock
-    /// before anything is protected (module docs, step 1).
+    /// VM paused: takes the protect lock, then the dirty log (all pages when `full`), and
+    /// protects what is still writable, running `register` on the log's pages under the engine
+    /// lock before anything is protected (module docs, steps 1 and 5).
     fn capture<T>(
         &self,
         full: bool,
         register: impl FnOnce(&mut Inner, Vec<u64>) -> Result<T, CowError>,
     ) -> Result<(T, ProtectStats), CowError> {
+        // The protect lock first, stopping an early pass that holds it.
+        self.capture_waiting.store(true, Ordering::Release);
+        let protecting = self.protecting.lock();
+        self.capture_waiting.store(false, Ordering::Release);
+        let _protecting =
+            protecting.map_err(|_| CowError::Internal("protect lock poisoned".into()))?;
         let t0 = Instant::now();
         let mut g = self.lock()?;
         if let Some(e) = &g.failed {
@@ -543,7 +541,6 @@ impl CowEngine {
     /// VM paused: starts a copy-on-write checkpoint of the pages written since the last capture
     /// (all pages when `full`) and write-protects them (module docs, step 1).
     pub fn begin(&self, full: bool) -> Result<(CowCheckpoint, ProtectStats), CowError> {
-        let _p = self.shared.protect_for_capture()?;
         // The table is registered before anything is protected. On failure the checkpoint is
         // dropped, which unregisters it.
         self.shared.capture(full, |g, pages| {
@@ -576,7 +573,6 @@ impl CowEngine {
     /// VM paused: the pages written since the last capture (all pages when `full`), protected
     /// again to log their next write — for capture modes that copy or send while paused.
     pub fn rearm(&self, full: bool) -> Result<(Vec<u64>, ProtectStats), CowError> {
-        let _p = self.shared.protect_for_capture()?;
         self.shared.capture(full, |_, pages| Ok(pages))
     }
 }
