@@ -629,6 +629,7 @@ async fn one_case(a: &CaptureArgs, spec: CaseSpec, ram_pages: u64) -> anyhow::Re
             ..CowOptions::default()
         },
         launched,
+        failing_restores: 0,
     };
     let primary = Agent::new(pcfg.clone(), launcher(launched.clone())).context("primary")?;
     let backup = Agent::new(bcfg.clone(), launcher(Arc::default())).context("backup")?;

@@ -45,6 +45,8 @@ pub struct Proc {
     pub name: &'static str,
     /// The process.
     pub child: Child,
+    /// Where its output goes.
+    pub log: PathBuf,
 }
 
 impl Drop for Proc {
@@ -74,7 +76,11 @@ pub fn spawn_in(
         .stderr(log_file)
         .spawn()
         .with_context(|| format!("starting the {name}"))?;
-    Ok(Proc { name, child })
+    Ok(Proc {
+        name,
+        child,
+        log: log.to_path_buf(),
+    })
 }
 
 /// An agent's status file, or Null.
@@ -97,8 +103,9 @@ pub fn wait_until(
         for p in procs.iter_mut() {
             if let Some(st) = p.child.try_wait()? {
                 bail!(
-                    "the {} exited ({st}) while waiting for {what}; see its log",
-                    p.name
+                    "the {} exited ({st}) while waiting for {what}; {}",
+                    p.name,
+                    last_words(&p.log)
                 );
             }
         }
@@ -108,6 +115,24 @@ pub fn wait_until(
         std::thread::sleep(Duration::from_millis(100));
     }
     Ok(())
+}
+
+/// How many closing lines of a dead process's log an error quotes.
+const LAST_WORDS_LINES: usize = 3;
+
+/// "its log ends: …" with the last lines of `log`, so a failure explains itself where it is
+/// printed (a CI log) instead of pointing at a file that may be gone.
+fn last_words(log: &Path) -> String {
+    let text = std::fs::read(log).map(|b| String::from_utf8_lossy(&b).into_owned());
+    let Ok(text) = text else {
+        return format!("its log {} is unreadable", log.display());
+    };
+    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = &lines[lines.len().saturating_sub(LAST_WORDS_LINES)..];
+    if tail.is_empty() {
+        return format!("its log {} is empty", log.display());
+    }
+    format!("its log {} ends:\n  {}", log.display(), tail.join("\n  "))
 }
 
 /// True when running as root.
@@ -339,4 +364,26 @@ pub fn compare_digests(pdir: &Path, bdir: &Path) -> anyhow::Result<usize> {
         }
     }
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn last_words_quotes_the_closing_lines_and_says_when_there_are_none() {
+        let dir = std::env::temp_dir().join(format!("ftvm-last-words-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let log = dir.join("agent.log");
+        std::fs::write(&log, "one\ntwo\n\nthree\nftvm: error: four\n").unwrap();
+        let w = last_words(&log);
+        assert!(
+            w.ends_with("ends:\n  two\n  three\n  ftvm: error: four"),
+            "{w}"
+        );
+        std::fs::write(&log, "\n").unwrap();
+        assert!(last_words(&log).ends_with("is empty"));
+        assert!(last_words(&dir.join("missing.log")).ends_with("is unreadable"));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
 }

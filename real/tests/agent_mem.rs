@@ -82,6 +82,7 @@ fn launcher(h: &Host) -> MemLauncher {
         seed: 11,
         cow: Default::default(),
         launched: h.launched.clone(),
+        failing_restores: 0,
     }
 }
 
@@ -112,7 +113,15 @@ async fn protects_then_fails_over_to_the_replica() {
         b.cfg.status_file.clone().unwrap(),
     );
     let primary = Agent::new(p.cfg.clone(), launcher(&p)).unwrap();
-    let backup = Agent::new(b.cfg.clone(), launcher(&b)).unwrap();
+    // The first start of the restored VM fails: the takeover must try again, not lose the VM.
+    let backup = Agent::new(
+        b.cfg.clone(),
+        MemLauncher {
+            failing_restores: 1,
+            ..launcher(&b)
+        },
+    )
+    .unwrap();
     let (kill_tx, kill_rx) = tokio::sync::oneshot::channel::<()>();
     let ptask = tokio::spawn(primary.run(async {
         let _ = kill_rx.await;
@@ -184,7 +193,13 @@ async fn protects_then_fails_over_to_the_replica() {
     let failover = killed.elapsed();
     let s = status(&b_status);
     assert_eq!(s["generation"], 2);
-    let restored = b.launched.lock().unwrap()[0].clone();
+    let restored = b.launched.lock().unwrap();
+    assert_eq!(
+        restored.len(),
+        1,
+        "one restored VM (after one failed start)"
+    );
+    let restored = restored[0].clone();
     // The restored VM starts from the replica: it carries every write the primary made.
     assert!(restored.writes() >= writes_at_kill);
     eprintln!("failover took {failover:?}");

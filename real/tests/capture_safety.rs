@@ -37,6 +37,7 @@ fn launcher(seed: u64, launched: &Arc<Mutex<Vec<MemRam>>>) -> MemLauncher {
             ..CowOptions::default()
         },
         launched: launched.clone(),
+        failing_restores: 0,
     }
 }
 

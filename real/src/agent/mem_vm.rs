@@ -536,6 +536,8 @@ pub struct MemLauncher {
     pub cow: CowOptions,
     /// Every VM launched, for tests to inspect.
     pub launched: Arc<Mutex<Vec<MemRam>>>,
+    /// How many restores fail before starting a VM (fault injection for failover tests).
+    pub failing_restores: u32,
 }
 
 impl VmLauncher for MemLauncher {
@@ -546,6 +548,10 @@ impl VmLauncher for MemLauncher {
     }
 
     async fn restore(&mut self, from: RestorePoint) -> Result<MemVm, VmError> {
+        if self.failing_restores > 0 {
+            self.failing_restores -= 1;
+            return Err(VmError::failed("restore", "injected start failure"));
+        }
         let ram =
             std::fs::read(&from.ram_file).map_err(|e| VmError::failed("read replica RAM", e))?;
         if ram.len() != self.ram_bytes {

@@ -662,7 +662,19 @@ impl<L: VmLauncher> Agent<L> {
                 self.log(format_args!(
                     "failover: restoring epoch {from} as generation {generation}"
                 ));
-                self.vm = Some(self.launcher.restore(point).await?);
+                // The replica is only read until the restored VM runs (QEMU restores with
+                // `-incoming`, which leaves shared RAM alone), so a start that failed can be
+                // tried again from the same point: one failed QEMU start must not lose the VM.
+                let vm = match self.launcher.restore(point.clone()).await {
+                    Ok(vm) => vm,
+                    Err(e) => {
+                        self.log(format_args!(
+                            "failover: starting the restored VM failed ({e}); trying once more"
+                        ));
+                        self.launcher.restore(point).await?
+                    }
+                };
+                self.vm = Some(vm);
                 self.gate.begin_epoch(from.0 + 1);
                 if let Some(t) = self.takeover_started.take() {
                     let us = t.elapsed().as_micros() as u64;

@@ -134,10 +134,13 @@ impl Qemu {
         let qmp = match connect_qmp(&config, exit.clone()).await {
             Ok(q) => q,
             Err(e) => {
+                // Whether QEMU had already ended decides whose fault it was: its own exit (report
+                // its status and last words) or our giving up (report `e`, not our own SIGKILL).
+                let ours = !e.is_gone() && exit.status().is_none();
                 let _ = kill_tx.send(());
                 let mut exit = exit;
                 let _ = tokio::time::timeout(EXIT_GRACE, exit.ended()).await;
-                return Err(died_or(e, pid, &config, &exit, false));
+                return Err(died_or(e, pid, &config, &exit, ours));
             }
         };
         let mut qemu = Qemu {
