@@ -181,6 +181,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     }
     let st = client.child.wait().context("waiting for the client")?;
     let report = client_report(&client_out);
+    if report.is_null() {
+        bail!(
+            "the client ({st}) wrote no report; {}",
+            deploy::last_words(&client_out)
+        );
+    }
     println!("== client saw: {report}");
     let lost = report["lost"].as_u64().unwrap_or(u64::MAX);
     let replies = report["replies"].as_u64().unwrap_or(0);

@@ -122,7 +122,7 @@ const LAST_WORDS_LINES: usize = 3;
 
 /// "its log ends: …" with the last lines of `log`, so a failure explains itself where it is
 /// printed (a CI log) instead of pointing at a file that may be gone.
-fn last_words(log: &Path) -> String {
+pub fn last_words(log: &Path) -> String {
     let text = std::fs::read(log).map(|b| String::from_utf8_lossy(&b).into_owned());
     let Ok(text) = text else {
         return format!("its log {} is unreadable", log.display());
@@ -161,6 +161,37 @@ pub struct Deployment {
     pub primary: Proc,
     /// Arguments the backup agent was started with (to restart it).
     pub backup_args: Vec<String>,
+    /// Where this deployment's guest RAM files live (removed last).
+    _ram_dir: RamDir,
+}
+
+/// The guest RAM files of one deployment, in a /dev/shm directory named after its namespace
+/// prefix and subnet. Real hosts each have their own /dev/shm; hosts that are namespaces of one
+/// machine share it, and two deployments must not map each other's RAM files.
+struct RamDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl RamDir {
+    fn create(opts: &DeployOpts) -> anyhow::Result<RamDir> {
+        let path = Path::new("/dev/shm").join(format!("ftvm-{}-{}", opts.prefix, opts.subnet));
+        // A crashed earlier run of the same deployment may have left RAM files behind.
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(RamDir {
+            path,
+            keep: opts.keep,
+        })
+    }
+}
+
+impl Drop for RamDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
 }
 
 impl Deployment {
@@ -177,6 +208,7 @@ impl Deployment {
             topo.keep();
         }
         let w = opts.work_dir.clone();
+        let ram_dir = RamDir::create(&opts)?;
         let witness_addr = format!("{}:7100", topo.addr(Host::Switch));
         let witness = spawn_in(
             &topo,
@@ -193,15 +225,7 @@ impl Deployment {
             &w.join("witness.log"),
         )?;
         let mut backup_args: Vec<String> = vec!["backup".into()];
-        backup_args.extend(agent_args(
-            &topo,
-            &opts,
-            2,
-            Host::Backup,
-            Host::Primary,
-            1,
-            "backup",
-        ));
+        backup_args.extend(agent_args(&topo, &opts, Host::Backup, &ram_dir.path));
         let backup = spawn_in(
             &topo,
             Host::Backup,
@@ -210,15 +234,7 @@ impl Deployment {
             &w.join("backup.log"),
         )?;
         let mut pargs: Vec<String> = vec!["primary".into()];
-        pargs.extend(agent_args(
-            &topo,
-            &opts,
-            1,
-            Host::Primary,
-            Host::Backup,
-            2,
-            "primary",
-        ));
+        pargs.extend(agent_args(&topo, &opts, Host::Primary, &ram_dir.path));
         let primary = spawn_in(
             &topo,
             Host::Primary,
@@ -233,6 +249,7 @@ impl Deployment {
             backup,
             primary,
             backup_args,
+            _ram_dir: ram_dir,
         })
     }
 
@@ -283,15 +300,13 @@ pub fn client_report(out: &Path) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
-fn agent_args(
-    topo: &Topology,
-    o: &DeployOpts,
-    node: u32,
-    host: Host,
-    peer: Host,
-    peer_node: u32,
-    dir: &str,
-) -> Vec<String> {
+/// The agent command line of `host` (the primary is node 1, the backup node 2).
+fn agent_args(topo: &Topology, o: &DeployOpts, host: Host, ram_dir: &Path) -> Vec<String> {
+    let (node, peer, peer_node, dir) = if host == Host::Primary {
+        (1, Host::Backup, 2, "primary")
+    } else {
+        (2, Host::Primary, 1, "backup")
+    };
     let mut a: Vec<String> = vec![
         "--node".into(),
         node.to_string(),
@@ -313,6 +328,8 @@ fn agent_args(
         o.dirty_pages.to_string(),
         "--state-dir".into(),
         o.work_dir.join(dir).display().to_string(),
+        "--ram-dir".into(),
+        ram_dir.display().to_string(),
         "--tap".into(),
         topo.tap_name().into(),
         "--epoch-ms".into(),
