@@ -80,7 +80,7 @@ impl Qmp {
             broken: false,
             migration_caps_on: false,
         };
-        let greeting = with_timeout("QMP greeting", timeout, qmp.read_message()).await?;
+        let greeting = with_timeout("QMP greeting", timeout, qmp.read_greeting()).await?;
         let v = greeting
             .get("QMP")
             .and_then(|q| q.get("version"))
@@ -365,6 +365,20 @@ impl Qmp {
         Ok(())
     }
 
+    /// Reads up to the greeting. QEMU can send an event first: the monitor's own thread accepts
+    /// the connection and greets while the main thread may still be starting up and emitting
+    /// events (seen: `NETDEV_STREAM_CONNECTED` ahead of the greeting, about once in 1,500 starts).
+    /// Such events are queued like any other.
+    async fn read_greeting(&mut self) -> Result<Value> {
+        loop {
+            let msg = self.read_message().await?;
+            if msg.get("event").is_none() {
+                return Ok(msg);
+            }
+            self.dispatch_unsolicited(msg)?;
+        }
+    }
+
     /// Reads one complete JSON line. Cancel-safe: a partial line stays in `self.partial`.
     async fn read_message(&mut self) -> Result<Value> {
         loop {
@@ -448,6 +462,39 @@ mod tests {
         let id = caps["id"].clone();
         send(&mut server, &json!({"return": {}, "id": id}).to_string()).await;
         (client.await.unwrap().unwrap(), server)
+    }
+
+    #[tokio::test]
+    async fn an_event_ahead_of_the_greeting_is_queued_not_taken_for_a_bad_greeting() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut server = BufReader::new(b);
+        let client = tokio::spawn(Qmp::handshake(a, Duration::from_secs(5)));
+        let early = r#"{"event": "NETDEV_STREAM_CONNECTED", "data": {"netdev-id": "n0"}, "timestamp": {"seconds": 1, "microseconds": 2}}"#;
+        send(&mut server, early).await;
+        send(&mut server, GREETING).await;
+        let caps = recv_line(&mut server).await;
+        assert_eq!(caps["execute"], "qmp_capabilities");
+        send(
+            &mut server,
+            &json!({"return": {}, "id": caps["id"]}).to_string(),
+        )
+        .await;
+        let qmp = client.await.unwrap().unwrap();
+        assert_eq!(qmp.version(), "7.2.22");
+        let evs: Vec<_> = qmp.events().cloned().collect();
+        assert_eq!(evs.len(), 1);
+        assert_eq!(evs[0].name, "NETDEV_STREAM_CONNECTED");
+        assert_eq!(evs[0].data["netdev-id"], "n0");
+    }
+
+    #[tokio::test]
+    async fn a_greeting_that_is_not_one_is_refused() {
+        let (a, b) = UnixStream::pair().unwrap();
+        let mut server = BufReader::new(b);
+        let client = tokio::spawn(Qmp::handshake(a, Duration::from_secs(5)));
+        send(&mut server, r#"{"return": {}}"#).await;
+        let e = client.await.unwrap().unwrap_err();
+        assert!(matches!(e, QemuError::Protocol(_)), "{e:?}");
     }
 
     #[tokio::test]
