@@ -123,12 +123,9 @@ const LAST_WORDS_LINES: usize = 3;
 /// "its log ends: …" with the last lines of `log`, so a failure explains itself where it is
 /// printed (a CI log) instead of pointing at a file that may be gone.
 pub fn last_words(log: &Path) -> String {
-    let text = std::fs::read(log).map(|b| String::from_utf8_lossy(&b).into_owned());
-    let Ok(text) = text else {
+    let Ok(tail) = ftvm_real::log_tail::last_lines(log, LAST_WORDS_LINES) else {
         return format!("its log {} is unreadable", log.display());
     };
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let tail = &lines[lines.len().saturating_sub(LAST_WORDS_LINES)..];
     if tail.is_empty() {
         return format!("its log {} is empty", log.display());
     }

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod client;
 pub mod dirty;
 pub mod host;
+pub mod log_tail;
 mod named;
 pub mod net;
 pub mod qemu;

@@ -377,11 +377,8 @@ fn died_error(pid: u32, config: &QemuConfig, status: Option<ExitStatus>) -> Qemu
 
 /// The last few non-empty lines of QEMU's stderr log, joined with " | ".
 fn stderr_tail(config: &QemuConfig) -> String {
-    let Ok(text) = std::fs::read(&config.stderr_log) else {
+    let Ok(lines) = crate::log_tail::last_lines(&config.stderr_log, STDERR_TAIL_LINES) else {
         return String::new();
     };
-    let text = String::from_utf8_lossy(&text);
-    let lines: Vec<&str> = text.lines().filter(|l| !l.trim().is_empty()).collect();
-    let tail = lines[lines.len().saturating_sub(STDERR_TAIL_LINES)..].join(" | ");
-    tail.chars().take(600).collect()
+    lines.join(" | ").chars().take(600).collect()
 }
