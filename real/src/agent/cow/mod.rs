@@ -1048,8 +1048,8 @@ mod tests {
         write(9);
         write(30);
         assert_eq!(engine.shared.early_pass(true).unwrap(), 1);
-        write(9); // no fault: still writable
-                  // ...the last pass before the pause does not.
+        // No fault: 9 is still writable. ...the last pass before the pause does not skip it.
+        write(9);
         assert_eq!(engine.shared.early_pass(false).unwrap(), 1);
         let (cp, stats) = engine.begin(false).unwrap();
         assert_eq!(cp.indices(), &[4, 9, 30]);

@@ -1,5 +1,6 @@
-//! A set of guest page indices as a bitmap: the copy-on-write engine keeps two (the pages written
-//! since the last capture, and the pages the fault handler left writable).
+//! A set of guest page indices as a bitmap: the copy-on-write engine keeps four (the pages
+//! written since the last capture, those the fault handler left writable, those an early pass
+//! protected this epoch, and the hot ones among them that were written again).
 
 /// A set of page indices below a fixed bound.
 #[derive(Debug, Clone)]
