@@ -94,7 +94,30 @@ impl Witness {
         &self.state
     }
 
+    /// Apply one request that node `from` was proven to send (drivers authenticate the
+    /// connection), after checking that `from` may make it: only the node a request names as its
+    /// sender may send it — the primary its `RegisterBackup` and `DropBackup`, the backup its
+    /// `Takeover`; anyone configured may `Query`. A request from another node is denied without
+    /// touching the register (in particular a forged `Takeover` does not raise `floor`: the
+    /// named backup did not give its replica up).
+    pub fn handle_from(
+        &mut self,
+        now: Time,
+        from: NodeId,
+        request: WitnessRequest,
+    ) -> WitnessReply {
+        if request.sender().is_some_and(|s| s != from) {
+            return WitnessReply {
+                request,
+                granted: false,
+                state: self.state,
+            };
+        }
+        self.handle(now, request)
+    }
+
     /// Apply one request atomically and answer it. `now` is unused: the rule needs no clock.
+    /// The sender is not checked: drivers that can tell who sent it call [`Witness::handle_from`].
     pub fn handle(&mut self, _now: Time, request: WitnessRequest) -> WitnessReply {
         let granted = self.apply(request);
         WitnessReply {
@@ -172,6 +195,33 @@ mod tests {
     use super::*;
     use crate::ids::Generation;
     use crate::witness_msg::Registration;
+
+    #[test]
+    fn only_the_named_sender_may_make_a_request() {
+        let mut w = Witness::new(VM, P);
+        // B forging the primary's registration of itself: denied, nothing changes.
+        let r = w.handle_from(T, B, register(1, P, reg(B, 5)));
+        assert!(!r.granted);
+        assert_eq!(w.state(), &WitnessState::initial(VM, P));
+        // The primary's own request goes through.
+        assert!(w.handle_from(T, P, register(1, P, reg(B, 5))).granted);
+        // C forging B's takeover, or P taking over as B: denied, floor untouched.
+        let take = WitnessRequest::Takeover {
+            generation: Generation(1),
+            backup: reg(B, 5),
+        };
+        let before = *w.state();
+        assert!(!w.handle_from(T, C, take).granted);
+        assert!(!w.handle_from(T, P, take).granted);
+        assert_eq!(w.state(), &before);
+        // C forging the primary's drop: denied, B stays registered.
+        assert!(!w.handle_from(T, C, drop_(1, P, reg(B, 5))).granted);
+        assert_eq!(w.state().backup, Some(reg(B, 5)));
+        // Anyone may read the register; B's own takeover is granted.
+        assert!(w.handle_from(T, C, WitnessRequest::Query).granted);
+        assert!(w.handle_from(T, B, take).granted);
+        assert_eq!(w.state().primary, B);
+    }
 
     const VM: VmId = VmId(7);
     const P: NodeId = NodeId(1);

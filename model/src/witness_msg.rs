@@ -82,6 +82,18 @@ pub enum WitnessRequest {
     },
 }
 
+impl WitnessRequest {
+    /// The node this request says it comes from (`None` for `Query`, which anyone may send).
+    pub fn sender(&self) -> Option<NodeId> {
+        match *self {
+            WitnessRequest::Query => None,
+            WitnessRequest::RegisterBackup { primary, .. }
+            | WitnessRequest::DropBackup { primary, .. } => Some(primary),
+            WitnessRequest::Takeover { backup, .. } => Some(backup.node),
+        }
+    }
+}
+
 /// The witness's answer: the request it answers (so a node can ignore stale replies), whether it
 /// was granted, and the register after it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -1,6 +1,7 @@
 //! The real ftvm executor: drives a stock QEMU and runs the `ftvm-model` protocol with real effects.
 
 pub mod agent;
+pub mod auth;
 pub mod client;
 pub mod dirty;
 pub mod host;

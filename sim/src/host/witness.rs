@@ -53,7 +53,12 @@ async fn serve(w: Shared, stream: TcpStream, from: HostId) {
                 let mut world = w.borrow_mut();
                 let mut witness = Witness::from_state(world.witness_disk);
                 let t = now();
-                let reply = witness.handle(t, request);
+                // The simulated network tells who sent it, as the real witness's authenticated
+                // connections do; the same authorization applies.
+                let reply = match from {
+                    HostId::Node(node) => witness.handle_from(t, node, request),
+                    _ => witness.handle(t, request),
+                };
                 world.witness_disk = *witness.state();
                 world.obs.witness_handled(&reply);
                 world.note(t, HostId::Witness, TraceKind::Witness(reply));
