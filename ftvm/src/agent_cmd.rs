@@ -3,6 +3,7 @@
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
@@ -11,6 +12,7 @@ use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::netio::NetIo;
 use ftvm_real::agent::qemu_vm::{QemuLauncher, Tracking};
 use ftvm_real::agent::{Agent, AgentConfig, AgentExit};
+use ftvm_real::auth::Identity;
 use ftvm_real::qemu::{BootOptions, NetBackend, NetConfig, QemuConfig};
 use ftvm_real::transport::TransportKind;
 
@@ -37,6 +39,11 @@ pub struct Args {
     /// The witness's address.
     #[arg(long)]
     witness: SocketAddr,
+    /// Key directory (`ftvm keygen`): this node's private key `node-<ID>.key` and the public
+    /// keys of the other nodes and the witness. Every link and witness exchange is
+    /// authenticated with them.
+    #[arg(long)]
+    keys: PathBuf,
     /// The protected VM's id (same on every host).
     #[arg(long, default_value_t = 1)]
     vm: u64,
@@ -80,6 +87,10 @@ pub struct Args {
     #[arg(long)]
     verbose: bool,
 }
+
+/// How long a connection may take to authenticate (a local network's round trips take well
+/// under a millisecond; a peer that says nothing for this long holds a slot for nothing).
+pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(2);
 
 fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
     let (id, addr) = s
@@ -135,6 +146,16 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         .parse()
         .map_err(|e: String| anyhow::anyhow!(e))
         .context("--tracking")?;
+    let identity = Identity::load_node(&args.keys, NodeId(args.node))
+        .with_context(|| format!("loading keys from {}", args.keys.display()))?;
+    for peer in peers.keys() {
+        if !identity.trust.nodes.contains_key(peer) {
+            bail!(
+                "no public key for node {peer} in {} (copy its node-{peer}.pub there)",
+                args.keys.display()
+            );
+        }
+    }
     let guest = args.guest.image()?;
     std::fs::create_dir_all(&args.state_dir)
         .with_context(|| format!("creating {}", args.state_dir.display()))?;
@@ -205,6 +226,8 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         capture,
         metrics: Some(args.state_dir.join("metrics.jsonl")),
         status_file: Some(args.state_dir.join("status.json")),
+        identity: Arc::new(identity),
+        handshake_deadline: HANDSHAKE_DEADLINE,
         verbose: args.verbose,
         verify_every: args.verify_every,
     };

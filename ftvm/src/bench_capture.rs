@@ -19,6 +19,7 @@ use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::cow::CowOptions;
 use ftvm_real::agent::mem_vm::{MemLauncher, MemRam};
 use ftvm_real::agent::{witness, Agent, AgentConfig, AgentError, AgentExit};
+use ftvm_real::auth::Identity;
 use ftvm_real::transport::TransportKind;
 
 const VM: VmId = VmId(41);
@@ -532,11 +533,13 @@ struct Net {
     witness: SocketAddr,
 }
 
+#[allow(clippy::too_many_arguments)]
 fn agent_config(
     a: &CaptureArgs,
     node: u32,
     start: Start,
     net: &Net,
+    identity: Arc<Identity>,
     ram_pages: u64,
     mode: CaptureMode,
     transport: TransportKind,
@@ -562,6 +565,8 @@ fn agent_config(
         capture: mode,
         metrics: Some(d.join("metrics.jsonl")),
         status_file: Some(d.join("status.json")),
+        identity,
+        handshake_deadline: crate::agent_cmd::HANDSHAKE_DEADLINE,
         verbose: false,
         verify_every: None,
     })
@@ -606,13 +611,20 @@ async fn one_case(a: &CaptureArgs, spec: CaseSpec, ram_pages: u64) -> anyhow::Re
         witness: free_addr()?,
     };
     let w = witness::load_state(&wfile, VM, NodeId(1)).context("witness state")?;
-    let wtask = tokio::spawn(witness::serve(net.witness, wfile, w, false));
-    let pcfg = agent_config(a, 1, Start::Primary, &net, ram_pages, mode, transport)?;
+    let (wid, mut ids) =
+        Identity::generate_set(&[NodeId(1), NodeId(2)]).context("generating keys")?;
+    let mut id = |n| Arc::new(ids.remove(&NodeId(n)).expect("generated above"));
+    let (pid, bid) = (id(1), id(2));
+    let limits = witness::ServeLimits::default();
+    let serve = witness::serve(net.witness, wfile, w, Arc::new(wid), limits, false);
+    let wtask = tokio::spawn(serve);
+    let pcfg = agent_config(a, 1, Start::Primary, &net, pid, ram_pages, mode, transport)?;
     let bcfg = agent_config(
         a,
         2,
         Start::Backup { primary: NodeId(1) },
         &net,
+        bid,
         ram_pages,
         mode,
         transport,

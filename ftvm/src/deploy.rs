@@ -6,6 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ftvm_real::auth::keys;
 use ftvm_real::host::topology::{Host, Topology};
 
 /// How to deploy.
@@ -206,19 +207,17 @@ impl Deployment {
         }
         let w = opts.work_dir.clone();
         let ram_dir = RamDir::create(&opts)?;
-        let witness_addr = format!("{}:7100", topo.addr(Host::Switch));
+        // Hosts that are namespaces of one machine share one key directory; real hosts would
+        // each hold only their own private key.
+        for name in ["node-1", "node-2", "witness"] {
+            keys::generate_into(&keys_dir(&w), name)
+                .with_context(|| format!("generating {name}'s keys"))?;
+        }
         let witness = spawn_in(
             &topo,
             Host::Switch,
             "witness",
-            &[
-                "witness".into(),
-                "--listen".into(),
-                witness_addr.clone(),
-                "--state".into(),
-                w.join("witness.json").display().to_string(),
-                "--verbose".into(),
-            ],
+            &witness_args(&topo, &w),
             &w.join("witness.log"),
         )?;
         let mut backup_args: Vec<String> = vec!["backup".into()];
@@ -297,6 +296,25 @@ pub fn client_report(out: &Path) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
+/// The key directory of a deployment in `work_dir`.
+pub fn keys_dir(work_dir: &Path) -> PathBuf {
+    work_dir.join("keys")
+}
+
+/// The witness's command line in a deployment in `work_dir`.
+pub fn witness_args(topo: &Topology, work_dir: &Path) -> Vec<String> {
+    vec![
+        "witness".into(),
+        "--listen".into(),
+        format!("{}:7100", topo.addr(Host::Switch)),
+        "--state".into(),
+        work_dir.join("witness.json").display().to_string(),
+        "--keys".into(),
+        keys_dir(work_dir).display().to_string(),
+        "--verbose".into(),
+    ]
+}
+
 /// The agent command line of `host` (the primary is node 1, the backup node 2).
 fn agent_args(topo: &Topology, o: &DeployOpts, host: Host, ram_dir: &Path) -> Vec<String> {
     let (node, peer, peer_node, dir) = if host == Host::Primary {
@@ -313,6 +331,8 @@ fn agent_args(topo: &Topology, o: &DeployOpts, host: Host, ram_dir: &Path) -> Ve
         format!("{peer_node}={}:7000", topo.addr(peer)),
         "--witness".into(),
         format!("{}:7100", topo.addr(Host::Switch)),
+        "--keys".into(),
+        keys_dir(&o.work_dir).display().to_string(),
         "--guest-dir".into(),
         o.guest_dir.display().to_string(),
         "--ram-mb".into(),

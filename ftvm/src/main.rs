@@ -1,7 +1,7 @@
 //! `ftvm`: fault tolerance for unmodified QEMU VMs by continuous checkpointing.
 //!
 //! One binary for every role: the simulator (`sim`), the real agents (`primary`, `backup`,
-//! `witness`), the local demo (`demo`), a client of the demo guest's service (`client`) and the
+//! `witness`), their keys (`keygen`), the local demo (`demo`), a client of the demo guest's service (`client`) and the
 //! benchmarks (`bench`).
 
 use clap::{Parser, Subcommand};
@@ -14,6 +14,7 @@ mod client_cmd;
 mod demo_cmd;
 mod deploy;
 mod guest_args;
+mod keygen_cmd;
 mod plot;
 mod scenario_cmd;
 mod sim_cmd;
@@ -41,6 +42,8 @@ enum Command {
     Backup(agent_cmd::Args),
     /// Serve the witness (fencing party) both agents consult before changing roles.
     Witness(witness_cmd::Args),
+    /// Make the key pairs that authenticate the nodes and the witness to each other.
+    Keygen(keygen_cmd::Args),
     /// Protect a demo VM with a local primary+backup pair in network namespaces, then fail over.
     Demo(demo_cmd::Args),
     /// Boot the demo guest unprotected, its network straight on a tap (the benchmark baseline).
@@ -60,6 +63,7 @@ fn main() {
         Command::Primary(args) => agent_cmd::run(agent_cmd::Role::Primary, args),
         Command::Backup(args) => agent_cmd::run(agent_cmd::Role::Backup, args),
         Command::Witness(args) => witness_cmd::run(args),
+        Command::Keygen(args) => keygen_cmd::run(args),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Client(args) => client_cmd::run(args),
         Command::Bench(args) => bench_cmd::run(args),

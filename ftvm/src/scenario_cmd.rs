@@ -315,14 +315,7 @@ fn restart_witness(d: &Deployment, n: u32) -> anyhow::Result<Proc> {
         &d.topo,
         Host::Switch,
         "witness",
-        &[
-            "witness".into(),
-            "--listen".into(),
-            format!("{}:7100", d.topo.addr(Host::Switch)),
-            "--state".into(),
-            w.join("witness.json").display().to_string(),
-            "--verbose".into(),
-        ],
+        &deploy::witness_args(&d.topo, w),
         &w.join(format!("witness-restart{n}.log")),
     )
 }

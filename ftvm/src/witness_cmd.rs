@@ -2,10 +2,12 @@
 
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use anyhow::Context;
 use ftvm_model::{NodeId, VmId};
 use ftvm_real::agent::witness;
+use ftvm_real::auth::Identity;
 
 /// Arguments of `ftvm witness`.
 #[derive(clap::Args)]
@@ -22,6 +24,10 @@ pub struct Args {
     /// Where the register is persisted (written before every reply).
     #[arg(long)]
     state: PathBuf,
+    /// Key directory (`ftvm keygen`): the witness's private key `witness.key` and the public
+    /// keys of the nodes allowed to use it.
+    #[arg(long)]
+    keys: PathBuf,
     /// Log every request and decision to stderr.
     #[arg(long)]
     verbose: bool,
@@ -29,6 +35,14 @@ pub struct Args {
 
 /// Runs the witness until killed.
 pub fn run(args: Args) -> anyhow::Result<i32> {
+    let identity = Identity::load_witness(&args.keys)
+        .with_context(|| format!("loading keys from {}", args.keys.display()))?;
+    if identity.trust.nodes.is_empty() {
+        anyhow::bail!(
+            "no node public keys (node-<ID>.pub) in {}: nobody could use this witness",
+            args.keys.display()
+        );
+    }
     let w = witness::load_state(&args.state, VmId(args.vm), NodeId(args.primary))
         .context("loading the witness state")?;
     eprintln!(
@@ -42,7 +56,15 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(witness::serve(args.listen, args.state, w, args.verbose))
-        .context("serving the witness")?;
+    let limits = witness::ServeLimits::default();
+    let serve = witness::serve(
+        args.listen,
+        args.state,
+        w,
+        Arc::new(identity),
+        limits,
+        args.verbose,
+    );
+    rt.block_on(serve).context("serving the witness")?;
     Ok(0)
 }

@@ -12,6 +12,7 @@ use ftvm_model::{Config, NodeId, Start, VmId};
 use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::mem_vm::{MemLauncher, MemRam};
 use ftvm_real::agent::{witness, Agent, AgentConfig};
+use ftvm_real::auth::Identity;
 use ftvm_real::transport::TransportKind;
 
 const PAGE: usize = 4096;
@@ -37,6 +38,39 @@ async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
     }
 }
 
+/// Key pairs for the witness and nodes 1 and 2, all trusting each other.
+struct Keys {
+    witness: Arc<Identity>,
+    nodes: BTreeMap<NodeId, Arc<Identity>>,
+}
+
+fn keys() -> Keys {
+    let (w, nodes) = Identity::generate_set(&[NodeId(1), NodeId(2)]).unwrap();
+    Keys {
+        witness: Arc::new(w),
+        nodes: nodes.into_iter().map(|(n, i)| (n, Arc::new(i))).collect(),
+    }
+}
+
+fn serve_witness(
+    dir: &Path,
+    addr: SocketAddr,
+    keys: &Keys,
+    log: bool,
+) -> tokio::task::JoinHandle<Result<(), witness::WitnessError>> {
+    let file = dir.join("witness.json");
+    let w = witness::load_state(&file, VmId(7), NodeId(1)).unwrap();
+    let limits = witness::ServeLimits::default();
+    tokio::spawn(witness::serve(
+        addr,
+        file,
+        w,
+        keys.witness.clone(),
+        limits,
+        log,
+    ))
+}
+
 struct Host {
     cfg: AgentConfig,
     launched: Arc<Mutex<Vec<MemRam>>>,
@@ -48,6 +82,7 @@ fn host(
     start: Start,
     addrs: &BTreeMap<NodeId, SocketAddr>,
     witness: SocketAddr,
+    keys: &Keys,
 ) -> Host {
     let mut model = Config::new(VmId(7), PAGES, NodeId(0));
     model.failure_timeout = Duration::from_millis(300);
@@ -67,6 +102,8 @@ fn host(
             capture: CaptureMode::Staged,
             metrics: Some(d.join("metrics.jsonl")),
             status_file: Some(d.join("status.json")),
+            identity: keys.nodes[&NodeId(node)].clone(),
+            handshake_deadline: Duration::from_secs(2),
             verbose: true,
             verify_every: Some(5),
         },
@@ -92,21 +129,17 @@ async fn protects_then_fails_over_to_the_replica() {
     let waddr = free_addr();
     let addrs: BTreeMap<NodeId, SocketAddr> =
         [(NodeId(1), free_addr()), (NodeId(2), free_addr())].into();
-    let w = witness::load_state(&dir.path().join("witness.json"), VmId(7), NodeId(1)).unwrap();
-    let wtask = tokio::spawn(witness::serve(
-        waddr,
-        dir.path().join("witness.json"),
-        w,
-        true,
-    ));
+    let keys = keys();
+    let wtask = serve_witness(dir.path(), waddr, &keys, true);
 
-    let p = host(dir.path(), 1, Start::Primary, &addrs, waddr);
+    let p = host(dir.path(), 1, Start::Primary, &addrs, waddr, &keys);
     let b = host(
         dir.path(),
         2,
         Start::Backup { primary: NodeId(1) },
         &addrs,
         waddr,
+        &keys,
     );
     let (p_status, b_status) = (
         p.cfg.status_file.clone().unwrap(),
@@ -214,20 +247,16 @@ async fn a_backup_with_the_wrong_ram_size_is_refused_with_a_clear_error() {
     let waddr = free_addr();
     let addrs: BTreeMap<NodeId, SocketAddr> =
         [(NodeId(1), free_addr()), (NodeId(2), free_addr())].into();
-    let w = witness::load_state(&dir.path().join("witness.json"), VmId(7), NodeId(1)).unwrap();
-    let wtask = tokio::spawn(witness::serve(
-        waddr,
-        dir.path().join("witness.json"),
-        w,
-        false,
-    ));
-    let p = host(dir.path(), 1, Start::Primary, &addrs, waddr);
+    let keys = keys();
+    let wtask = serve_witness(dir.path(), waddr, &keys, false);
+    let p = host(dir.path(), 1, Start::Primary, &addrs, waddr, &keys);
     let mut b = host(
         dir.path(),
         2,
         Start::Backup { primary: NodeId(1) },
         &addrs,
         waddr,
+        &keys,
     );
     b.cfg.model.ram_pages = PAGES * 2;
     let primary = Agent::new(p.cfg.clone(), launcher(&p)).unwrap();

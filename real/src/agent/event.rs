@@ -12,10 +12,12 @@ pub struct ConnId(pub u64);
 
 /// An event for the agent loop.
 pub enum Event {
-    /// An incoming connection was accepted (peer unknown until it speaks).
+    /// An incoming connection was accepted and authenticated as `peer`.
     Accepted {
         /// Its id.
         conn: ConnId,
+        /// The node it proved to be.
+        peer: ftvm_model::NodeId,
         /// The link.
         link: super::link::Link,
     },

@@ -1,7 +1,10 @@
-//! A checkpoint link: one TCP connection to a peer agent, served by two threads. The writer
-//! sends control frames and checkpoints through a [`crate::transport`]; the reader decodes the
-//! byte stream incrementally (`ftvm_model::wire::StreamDecoder`) and stages arriving checkpoints.
-//! Both report to the agent's event loop through a channel.
+//! A checkpoint link: one TCP connection to a peer agent. It opens with the authentication
+//! handshake ([`crate::auth::handshake`]) under a deadline; only then is it announced to the
+//! event loop, bound to the node the peer proved to be, and served by two threads. The writer
+//! sends control frames and checkpoints through a [`crate::transport`], each followed by its
+//! tag ([`crate::auth::seal`]); the reader decodes and authenticates the byte stream
+//! incrementally and stages arriving checkpoints. Both report to the agent's event loop through
+//! a channel.
 
 use std::collections::VecDeque;
 use std::io::{IoSlice, Read};
@@ -14,8 +17,11 @@ use ftvm_model::wire::{
     self, CheckpointEncoder, CheckpointMeta, CheckpointPrefix, Expect, Item, StreamDecoder,
     RECORD_HEADER_LEN, TRAILER_LEN,
 };
-use ftvm_model::{Epoch, Generation, PeerMsg, VmId};
+use ftvm_model::{Epoch, Generation, NodeId, PeerMsg, VmId};
 use tokio::sync::mpsc::UnboundedSender;
+
+use crate::auth::handshake::{self, Purpose};
+use crate::auth::{FrameOpener, FrameSealer, Identity, PublicKey, TAG_LEN};
 
 use super::cow::CowCheckpoint;
 use super::event::{ConnId, Event};
@@ -146,30 +152,101 @@ impl Drop for Link {
     }
 }
 
-/// Starts the threads of a connected stream. `announce` receives the link (to post it to the
-/// event loop) before the reader starts, so the loop always knows a link before any of its
-/// messages arrive.
+/// Which end of the handshake this host plays.
+#[derive(Clone, Copy, Debug)]
+pub enum Side {
+    /// We dialled `peer`, whose public key is `key`.
+    Dial {
+        /// The node.
+        peer: NodeId,
+        /// Its public key.
+        key: PublicKey,
+    },
+    /// We accepted the connection: the handshake tells who it is.
+    Listen,
+}
+
+/// What every link of an agent shares.
+#[derive(Clone, Debug)]
+pub struct LinkSetup {
+    /// The protected VM.
+    pub vm: VmId,
+    /// Its page size.
+    pub page_size: u32,
+    /// How checkpoints leave this host.
+    pub kind: TransportKind,
+    /// This node's keys and the others' public keys.
+    pub identity: Arc<Identity>,
+    /// How long the handshake may take before the connection is dropped.
+    pub handshake_deadline: Duration,
+}
+
+/// Authenticates a connected stream (under the setup's deadline), then starts its threads.
+/// Runs on a thread of its own, so a slow or silent peer holds nothing but that thread and its
+/// socket. `announce` receives the link and the node it is bound to (to post them to the event
+/// loop) before the reader starts, so the loop always knows a link before any of its messages
+/// arrive; `refused` hears why a handshake or the thread start failed.
 pub fn spawn(
     stream: TcpStream,
     conn: ConnId,
-    vm: VmId,
-    page_size: u32,
-    kind: TransportKind,
+    side: Side,
+    setup: LinkSetup,
     events: UnboundedSender<Event>,
-    announce: impl FnOnce(Link),
+    announce: impl FnOnce(Link, NodeId) + Send + 'static,
+    refused: impl FnOnce(String) + Send + 'static,
 ) -> std::io::Result<()> {
-    stream.set_nodelay(true)?;
-    let reader = stream.try_clone()?;
-    let socket = stream.try_clone()?;
+    std::thread::Builder::new()
+        .name(format!("link{}-hs", conn.0))
+        .spawn(move || {
+            if let Err(why) = start(stream, conn, side, setup, events, announce) {
+                refused(why);
+            }
+        })?;
+    Ok(())
+}
+
+fn start(
+    mut stream: TcpStream,
+    conn: ConnId,
+    side: Side,
+    setup: LinkSetup,
+    events: UnboundedSender<Event>,
+    announce: impl FnOnce(Link, NodeId),
+) -> Result<(), String> {
+    let io = |e: std::io::Error| e.to_string();
+    stream.set_nodelay(true).map_err(io)?;
+    stream
+        .set_read_timeout(Some(setup.handshake_deadline))
+        .map_err(io)?;
+    stream
+        .set_write_timeout(Some(setup.handshake_deadline))
+        .map_err(io)?;
+    let id = &setup.identity;
+    let (vm, purpose) = (setup.vm, Purpose::Link);
+    let (acc, peer) = match side {
+        Side::Dial { peer, key } => (handshake::dial(&mut stream, id, &key, purpose, vm), peer),
+        Side::Listen => {
+            let acc = handshake::listen(&mut stream, id, purpose, vm);
+            let peer = acc.as_ref().ok().and_then(|a| a.peer);
+            (acc, peer.unwrap_or(NodeId(0)))
+        }
+    };
+    let acc = acc.map_err(|e| e.to_string())?;
+    stream.set_read_timeout(None).map_err(io)?;
+    stream.set_write_timeout(None).map_err(io)?;
+    let reader = stream.try_clone().map_err(io)?;
+    let socket = stream.try_clone().map_err(io)?;
     let (tx, rx) = mpsc::channel();
     let ev = events.clone();
+    let sealer = FrameSealer::new(acc.send_key);
+    let (ps, kind) = (setup.page_size, setup.kind);
     std::thread::Builder::new()
         .name(format!("link{}-tx", conn.0))
-        .spawn(move || writer(stream, conn, vm, page_size, kind, rx, ev))?;
-    announce(Link { tx, socket });
-    std::thread::Builder::new()
-        .name(format!("link{}-rx", conn.0))
-        .spawn(move || read_loop(reader, conn, vm, events))?;
+        .spawn(move || writer(stream, conn, vm, ps, kind, sealer, rx, ev))
+        .map_err(io)?;
+    announce(Link { tx, socket }, peer);
+    let opener = FrameOpener::new(StreamDecoder::new(Expect::vm(vm)), acc.recv_key);
+    read_loop(reader, conn, opener, events);
     Ok(())
 }
 
@@ -179,14 +256,17 @@ struct FrameBufs {
     prefix: CheckpointPrefix,
     records: Vec<[u8; RECORD_HEADER_LEN]>,
     trailer: [u8; TRAILER_LEN],
+    tag: [u8; TAG_LEN],
 }
 
+#[allow(clippy::too_many_arguments)]
 fn writer(
     stream: TcpStream,
     conn: ConnId,
     vm: VmId,
     page_size: u32,
     kind: TransportKind,
+    mut sealer: FrameSealer,
     rx: mpsc::Receiver<Outgoing>,
     events: UnboundedSender<Event>,
 ) {
@@ -194,9 +274,10 @@ fn writer(
         prefix: [0; std::mem::size_of::<CheckpointPrefix>()],
         records: Vec::new(),
         trailer: [0; TRAILER_LEN],
+        tag: [0; TAG_LEN],
     };
     let why = match transport::open(kind, stream, TransportOptions::default()) {
-        Ok(t) => serve(t, vm, page_size, &rx, &events, &mut bufs),
+        Ok(t) => serve(t, vm, page_size, &mut sealer, &rx, &events, &mut bufs),
         Err(e) => format!("transport: {e}"),
     };
     // Only now, with the transport dropped (it waits for outstanding releases), may the loop
@@ -216,6 +297,7 @@ fn serve(
     mut t: Box<dyn Transport>,
     vm: VmId,
     page_size: u32,
+    sealer: &mut FrameSealer,
     rx: &mpsc::Receiver<Outgoing>,
     events: &UnboundedSender<Event>,
     bufs: &mut FrameBufs,
@@ -224,7 +306,8 @@ fn serve(
         let (generation, full, staged, ram, cow) = match out {
             Outgoing::Peer(msg) => {
                 let frame = wire::encode_peer(vm, &msg);
-                if let Err(e) = t.send_and_wait(&[IoSlice::new(&frame)]) {
+                let tag = sealer.seal(&frame);
+                if let Err(e) = t.send_and_wait(&[IoSlice::new(&frame), IoSlice::new(&tag)]) {
                     return fail(t, format!("send: {e}"));
                 }
                 continue;
@@ -249,7 +332,7 @@ fn serve(
             full,
             page_size,
         };
-        match send_checkpoint(t.as_mut(), &frame, &staged, pages, bufs) {
+        match send_checkpoint(t.as_mut(), &frame, sealer, &staged, pages, bufs) {
             Ok(bytes) => {
                 // Everything is released: the buffer may be reused and the VM may run (and
                 // write the pages of a cow checkpoint without waiting).
@@ -310,12 +393,14 @@ struct Frame {
 }
 
 /// Sends one checkpoint frame — prefix, page records each followed by its page, device state,
-/// trailer — as a pipeline of vectored sends, then waits until the transport released all of
-/// it. Returns bytes sent. On error the transport is broken and must be dropped before the page
+/// trailer, then the frame's tag — as a pipeline of vectored sends, then waits until the
+/// transport released all of it. The tag runs over each page in the same pass as the checksum,
+/// over the very bytes handed to the transport. Returns bytes sent (the tag included). On error the transport is broken and must be dropped before the page
 /// memory and `bufs` are released (see [`fail`]).
 fn send_checkpoint(
     t: &mut dyn Transport,
     frame: &Frame,
+    sealer: &mut FrameSealer,
     staged: &StagedCheckpoint,
     pages: Pages<'_>,
     bufs: &mut FrameBufs,
@@ -329,10 +414,15 @@ fn send_checkpoint(
         page_count: n as u64,
         device_len: staged.device.len() as u64,
     };
-    let bytes = meta.frame_len().ok_or("checkpoint too large")?;
+    let bytes = meta
+        .frame_len()
+        .and_then(|n| n.checked_add(TAG_LEN as u64))
+        .ok_or("checkpoint too large")?;
     let (mut enc, prefix) =
         CheckpointEncoder::new(frame.vm, frame.generation, meta).map_err(|e| e.to_string())?;
     bufs.prefix = prefix;
+    let mut mac = sealer.begin();
+    mac.update(&bufs.prefix);
     // Every record gets its own slot, written once before it is sent and never moved while the
     // frame is in flight (the vector is sized here, before the first send).
     bufs.records.clear();
@@ -364,9 +454,10 @@ fn send_checkpoint(
         }
         for i in first..last {
             let index = staged.indices[i];
-            bufs.records[i] = enc
-                .page(index, pages.get(i, index, ps)?)
-                .map_err(|e| e.to_string())?;
+            let page = pages.get(i, index, ps)?;
+            bufs.records[i] = enc.page(index, page).map_err(|e| e.to_string())?;
+            mac.update(&bufs.records[i]);
+            mac.update(page);
         }
         let mut segs = Vec::with_capacity(2 * (last - first));
         for i in first..last {
@@ -389,9 +480,16 @@ fn send_checkpoint(
     }
     enc.device(&staged.device).map_err(|e| e.to_string())?;
     bufs.trailer = enc.finish().map_err(|e| e.to_string())?;
+    mac.update(&staged.device);
+    mac.update(&bufs.trailer);
+    bufs.tag = mac.finish();
     let last = send(
         t,
-        &[IoSlice::new(&staged.device), IoSlice::new(&bufs.trailer)],
+        &[
+            IoSlice::new(&staged.device),
+            IoSlice::new(&bufs.trailer),
+            IoSlice::new(&bufs.tag),
+        ],
     )?;
     t.wait_released(last).map_err(|e| e.to_string())?;
     if let Pages::Cow(cow) = &pages {
@@ -408,8 +506,12 @@ const PAGES_PER_BATCH: usize = 256;
 /// Minimum spacing of `Heard` events: liveness needs no more.
 const HEARD_EVERY: Duration = Duration::from_millis(5);
 
-fn read_loop(mut stream: TcpStream, conn: ConnId, vm: VmId, events: UnboundedSender<Event>) {
-    let mut dec = StreamDecoder::new(Expect::vm(vm));
+fn read_loop(
+    mut stream: TcpStream,
+    conn: ConnId,
+    mut dec: FrameOpener,
+    events: UnboundedSender<Event>,
+) {
     let mut buf = vec![0u8; 1 << 20];
     let mut staged: Option<StagedCheckpoint> = None;
     let mut last_heard = Instant::now() - HEARD_EVERY;

@@ -28,11 +28,12 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use self::capture::CaptureMode;
 use self::cow::CowCheckpoint;
 use self::event::{ConnId, Event};
-use self::link::{CowPages, Link, Outgoing, PausedPages};
+use self::link::{CowPages, Link, LinkSetup, Outgoing, PausedPages, Side};
 use self::metrics::{EpochMetrics, MetricsSink, RunSummary};
 use self::netio::NetIo;
 use self::resume_gate::ResumeGate;
 use self::vm::{RestorePoint, Vm, VmError, VmLauncher};
+use crate::auth::Identity;
 use crate::net::output::OutputGate;
 use crate::replica::{Replica, ReplicaError, StagedCheckpoint};
 use crate::transport::TransportKind;
@@ -97,6 +98,11 @@ pub struct AgentConfig {
     pub metrics: Option<PathBuf>,
     /// Status file (JSON), rewritten at every phase change.
     pub status_file: Option<PathBuf>,
+    /// This node's key pair and the public keys of the other nodes and the witness: every link
+    /// and witness exchange is authenticated with them.
+    pub identity: Arc<Identity>,
+    /// How long a connection may take to authenticate before it is dropped.
+    pub handshake_deadline: Duration,
     /// Log protocol events to stderr.
     pub verbose: bool,
     /// Every this many epochs, record a digest of all guest RAM in `verify.jsonl` of
@@ -156,6 +162,8 @@ pub struct Agent<L: VmLauncher> {
     links: HashMap<ConnId, Link>,
     conn_peer: HashMap<ConnId, NodeId>,
     peer_conn: HashMap<NodeId, ConnId>,
+    /// Accepted connections and the node each authenticated as (until it joins).
+    conn_auth: HashMap<ConnId, NodeId>,
     replica: Arc<Mutex<Replica>>,
     staged: BTreeMap<u64, StagedCheckpoint>,
     spare: Option<StagedCheckpoint>,
@@ -204,6 +212,7 @@ impl<L: VmLauncher> Agent<L> {
             links: HashMap::new(),
             conn_peer: HashMap::new(),
             peer_conn: HashMap::new(),
+            conn_auth: HashMap::new(),
             replica: Arc::new(Mutex::new(replica)),
             staged: BTreeMap::new(),
             spare: None,
@@ -296,26 +305,43 @@ impl<L: VmLauncher> Agent<L> {
         }
     }
 
+    fn link_setup(&self) -> LinkSetup {
+        LinkSetup {
+            vm: self.cfg.model.vm,
+            page_size: self.cfg.model.page_size,
+            kind: self.cfg.transport,
+            identity: self.cfg.identity.clone(),
+            handshake_deadline: self.cfg.handshake_deadline,
+        }
+    }
+
     fn listen(&mut self) -> Result<(), AgentError> {
         let addr = self.cfg.listen;
         let listener =
             TcpListener::bind(addr).map_err(|source| AgentError::Listen { addr, source })?;
         let tx = self.tx.clone();
-        let (vm, ps, kind) = (
-            self.cfg.model.vm,
-            self.cfg.model.page_size,
-            self.cfg.transport,
-        );
+        let setup = self.link_setup();
+        let node = self.cfg.node;
         std::thread::Builder::new()
             .name("accept".into())
             .spawn(move || {
                 for stream in listener.incoming().flatten() {
                     let conn = new_conn();
-                    let announce = |link| {
-                        let _ = tx.send(Event::Accepted { conn, link });
+                    let who = stream
+                        .peer_addr()
+                        .map_or_else(|_| "?".to_string(), |a| a.to_string());
+                    let events = tx.clone();
+                    let announce = move |link, peer| {
+                        let _ = events.send(Event::Accepted { conn, peer, link });
                     };
-                    if let Err(e) = link::spawn(stream, conn, vm, ps, kind, tx.clone(), announce) {
-                        eprintln!("ftvm: accepting a checkpoint link: {e}");
+                    let refused = move |why: String| {
+                        eprintln!("ftvm[{node}]: refused a connection from {who}: {why}");
+                    };
+                    let (setup, tx) = (setup.clone(), tx.clone());
+                    if let Err(e) =
+                        link::spawn(stream, conn, Side::Listen, setup, tx, announce, refused)
+                    {
+                        eprintln!("ftvm[{node}]: accepting a checkpoint link: {e}");
                     }
                 }
             })
@@ -325,6 +351,7 @@ impl<L: VmLauncher> Agent<L> {
 
     fn drop_conn(&mut self, conn: ConnId) -> Option<NodeId> {
         self.links.remove(&conn);
+        self.conn_auth.remove(&conn);
         self.resume.link_gone(conn);
         let peer = self.conn_peer.remove(&conn)?;
         if self.peer_conn.get(&peer) == Some(&conn) {
@@ -343,8 +370,19 @@ impl<L: VmLauncher> Agent<L> {
         pending: &mut VecDeque<Input>,
     ) -> Result<(), AgentError> {
         match ev {
-            Event::Accepted { conn, link } => {
-                self.links.insert(conn, link);
+            Event::Accepted { conn, peer, link } => {
+                // A connection speaks only as the node it authenticated as, and never displaces
+                // a live link of that node: the newcomer is closed, and a genuine peer whose old
+                // link really died dials again once this side has noticed.
+                if self.peer_conn.contains_key(&peer) {
+                    self.log(format_args!(
+                        "refused a second link from node {peer}: one is live"
+                    ));
+                    drop(link);
+                } else {
+                    self.links.insert(conn, link);
+                    self.conn_auth.insert(conn, peer);
+                }
             }
             Event::Connected { peer, conn, link } => {
                 if let Some(old) = self.peer_conn.insert(peer, conn) {
@@ -368,13 +406,18 @@ impl<L: VmLauncher> Agent<L> {
                 let from = match (self.peer_of(conn), msg) {
                     (Some(p), _) => p,
                     (None, ftvm_model::PeerMsg::Join { node, .. }) => {
-                        // An accepted connection names its peer in its Join. A newer connection
-                        // of the same peer replaces the old one, which the model hears closing.
-                        if let Some(old) = self.peer_conn.insert(node, conn) {
-                            self.links.remove(&old);
-                            self.conn_peer.remove(&old);
-                            pending.push_back(Input::Disconnected { peer: node });
+                        // An accepted connection joins as the node it authenticated as, and only
+                        // while no other link of that node is live.
+                        let proven = self.conn_auth.get(&conn).copied();
+                        if proven != Some(node) || self.peer_conn.contains_key(&node) {
+                            self.log(format_args!(
+                                "dropped a link authenticated as {proven:?} that joined as {node}"
+                            ));
+                            self.links.remove(&conn);
+                            self.conn_auth.remove(&conn);
+                            return Ok(());
                         }
+                        self.peer_conn.insert(node, conn);
                         self.conn_peer.insert(conn, node);
                         node
                     }
@@ -592,6 +635,7 @@ impl<L: VmLauncher> Agent<L> {
             }
             Action::ToWitness(req) => {
                 let (addr, vm, tx) = (self.cfg.witness, self.cfg.model.vm, self.tx.clone());
+                let identity = self.cfg.identity.clone();
                 let timeout = self.cfg.model.witness_retry;
                 if matches!(req, ftvm_model::WitnessRequest::Takeover { .. })
                     && self.takeover_started.is_none()
@@ -600,8 +644,15 @@ impl<L: VmLauncher> Agent<L> {
                 }
                 tokio::spawn(async move {
                     // No reply is fine: the node resends after `witness_retry`.
-                    if let Ok(reply) = witness::request(addr, vm, req, timeout).await {
-                        let _ = tx.send(Event::Witness(reply));
+                    match witness::request(addr, &identity, vm, req, timeout).await {
+                        Ok(reply) => {
+                            let _ = tx.send(Event::Witness(reply));
+                        }
+                        // Refused by the witness's authentication: say so, it will not heal.
+                        Err(e @ witness::WitnessError::Auth { .. }) => {
+                            eprintln!("ftvm: {e}")
+                        }
+                        Err(_) => {}
                     }
                 });
             }
@@ -752,23 +803,29 @@ impl<L: VmLauncher> Agent<L> {
             });
             return;
         };
-        let (vm, ps, kind) = (
-            self.cfg.model.vm,
-            self.cfg.model.page_size,
-            self.cfg.transport,
-        );
+        let Some(key) = self.cfg.identity.trust.nodes.get(&to).copied() else {
+            let _ = tx.send(Event::ConnectFailed {
+                peer: to,
+                why: "no public key for that node in the key directory".into(),
+            });
+            return;
+        };
+        let setup = self.link_setup();
         tokio::task::spawn_blocking(move || {
             let failed = match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
                 Ok(stream) => {
                     let conn = new_conn();
-                    let announce = |link| {
-                        let _ = tx.send(Event::Connected {
-                            peer: to,
-                            conn,
-                            link,
-                        });
+                    let events = tx.clone();
+                    let announce = move |link, peer| {
+                        let _ = events.send(Event::Connected { peer, conn, link });
                     };
-                    link::spawn(stream, conn, vm, ps, kind, tx.clone(), announce)
+                    let events = tx.clone();
+                    let refused = move |why: String| {
+                        let why = format!("{addr}: {why}");
+                        let _ = events.send(Event::ConnectFailed { peer: to, why });
+                    };
+                    let side = Side::Dial { peer: to, key };
+                    link::spawn(stream, conn, side, setup, tx.clone(), announce, refused)
                         .err()
                         .map(|e| e.to_string())
                 }

@@ -1,17 +1,24 @@
 //! The witness (fencing party) as a TCP service, and the agents' client of it. The decisions are
-//! `ftvm_model::Witness`'s; this file only persists its register before every reply (a restarted
-//! witness must not forget a grant) and moves frames.
+//! `ftvm_model::Witness`'s; this file authenticates each connection (the Noise handshake of
+//! [`crate::auth`]: only configured nodes get in, and each request is checked against the node
+//! that sent it), persists the register before every reply (a restarted witness must not forget
+//! a grant) and moves frames. Requests and replies travel as Noise transport messages, so an
+//! agent acts only on its own witness's answer to its own request.
 
 use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use ftvm_model::wire::{self, Expect, Item, StreamDecoder};
+use std::sync::Arc;
+
+use ftvm_model::wire::{self, Frame};
 use ftvm_model::{NodeId, Time, VmId, Witness, WitnessReply, WitnessRequest, WitnessState};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, Semaphore};
+
+use crate::auth::handshake::{self, Purpose};
+use crate::auth::{AuthError, Identity};
 
 /// Errors of the witness service.
 #[derive(Debug, thiserror::Error)]
@@ -32,6 +39,17 @@ pub enum WitnessError {
         /// Cause.
         source: std::io::Error,
     },
+    /// The witness's authentication failed (client side): wrong key, or not configured there.
+    #[error("witness at {addr}: authentication failed: {source}")]
+    Auth {
+        /// Address.
+        addr: SocketAddr,
+        /// Cause.
+        source: AuthError,
+    },
+    /// The witness has no public key configured (client side).
+    #[error("no public key for the witness in the key directory")]
+    NoWitnessKey,
     /// A request failed (client side).
     #[error("witness at {addr}: {detail}")]
     Request {
@@ -83,106 +101,167 @@ fn save_state(path: &Path, state: &WitnessState) -> Result<(), WitnessError> {
     std::fs::rename(&tmp, path).map_err(err)
 }
 
+/// Limits of the witness service: a hostile client can hold at most these.
+#[derive(Clone, Copy, Debug)]
+pub struct ServeLimits {
+    /// Connections served at once; more wait in the kernel's backlog.
+    pub max_connections: usize,
+    /// Time a connection has to authenticate and send its request.
+    pub deadline: Duration,
+}
+
+impl Default for ServeLimits {
+    fn default() -> Self {
+        ServeLimits {
+            max_connections: 64,
+            deadline: Duration::from_secs(2),
+        }
+    }
+}
+
 /// Serves the witness of `vm` on `addr` until the task is dropped.
 pub async fn serve(
     addr: SocketAddr,
     state_file: PathBuf,
     witness: Witness,
+    identity: Arc<Identity>,
+    limits: ServeLimits,
     log: bool,
 ) -> Result<(), WitnessError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| WitnessError::Listen { addr, source })?;
     let vm = witness.state().vm;
-    let shared = std::sync::Arc::new(Mutex::new(witness));
+    let shared = Arc::new(Mutex::new(witness));
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let origin = std::time::Instant::now();
+    let mut backoff = Duration::ZERO;
     loop {
-        let Ok((mut sock, _)) = listener.accept().await else {
-            continue;
+        // A slot first: beyond the cap, connections wait in the backlog instead of each getting
+        // a task.
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return Ok(());
         };
-        let shared = shared.clone();
-        let state_file = state_file.clone();
-        tokio::spawn(async move {
-            let mut dec = StreamDecoder::new(Expect::vm(vm));
-            let mut buf = vec![0u8; 4096];
-            loop {
-                let n = match sock.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                let mut input = &buf[..n];
-                while !input.is_empty() {
-                    let Ok((used, item)) = dec.decode(input) else {
-                        return;
-                    };
-                    if let Some(Item::WitnessRequest(req)) = item {
-                        let mut w = shared.lock().await;
-                        let now = Time::from_duration(origin.elapsed());
-                        let reply = w.handle(now, req);
-                        // Persist before answering: a grant the caller acts on must survive us.
-                        if let Err(e) = save_state(&state_file, w.state()) {
-                            eprintln!("witness: {e}; not answering");
-                            return;
-                        }
-                        drop(w);
-                        if log {
-                            eprintln!(
-                                "witness: {:?} -> {} (generation {}, primary {}, backup {:?})",
-                                req,
-                                if reply.granted { "granted" } else { "denied" },
-                                reply.state.generation,
-                                reply.state.primary,
-                                reply.state.backup.map(|b| b.node)
-                            );
-                        }
-                        if sock
-                            .write_all(&wire::encode_witness_reply(&reply))
-                            .await
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                    input = &input[used..];
-                }
+        let (sock, from) = match listener.accept().await {
+            Ok(a) => {
+                backoff = Duration::ZERO;
+                a
             }
+            Err(e) => {
+                // Out of descriptors and the like: back off instead of spinning.
+                backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
+                eprintln!("witness: accept: {e}; retrying in {backoff:?}");
+                tokio::time::sleep(backoff).await;
+                continue;
+            }
+        };
+        let (shared, state_file, identity) = (shared.clone(), state_file.clone(), identity.clone());
+        tokio::spawn(async move {
+            let served = tokio::time::timeout(
+                limits.deadline,
+                serve_one(sock, vm, &identity, &shared, &state_file, origin, log),
+            )
+            .await;
+            match served {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => eprintln!("witness: connection from {from}: {e}"),
+                Err(_) => eprintln!(
+                    "witness: connection from {from}: no request within {:?}",
+                    limits.deadline
+                ),
+            }
+            drop(slot);
         });
     }
 }
 
-/// Sends one request to the witness and waits for its reply.
+/// Why one connection to the witness ended early.
+#[derive(Debug, thiserror::Error)]
+enum ServeError {
+    #[error("refused: {0}")]
+    Auth(#[from] AuthError),
+    #[error("not a witness request")]
+    NotARequest,
+    #[error("not answering: {0}")]
+    Persist(#[from] WitnessError),
+}
+
+/// Authenticates one connection and answers its one request.
+async fn serve_one(
+    mut sock: TcpStream,
+    vm: VmId,
+    identity: &Identity,
+    shared: &Mutex<Witness>,
+    state_file: &Path,
+    origin: std::time::Instant,
+    log: bool,
+) -> Result<(), ServeError> {
+    let mut acc = handshake::listen_async(&mut sock, identity, Purpose::Witness, vm).await?;
+    let from = acc.peer.ok_or(AuthError::UnknownKey)?;
+    let body = handshake::recv_sealed(&mut sock, &mut acc.transport).await?;
+    let req = match wire::decode(&body, &wire::Expect::vm(vm)) {
+        Ok((Frame::WitnessRequest(req), used)) if used == body.len() => req,
+        _ => return Err(ServeError::NotARequest),
+    };
+    let reply = {
+        let mut w = shared.lock().await;
+        let now = Time::from_duration(origin.elapsed());
+        let reply = w.handle_from(now, from, req);
+        // Persist before answering: a grant the caller acts on must survive us.
+        save_state(state_file, w.state())?;
+        reply
+    };
+    if log {
+        let verdict = match (reply.granted, req.sender()) {
+            (true, _) => "granted",
+            (false, Some(s)) if s != from => "denied (not its request to make)",
+            (false, _) => "denied",
+        };
+        eprintln!(
+            "witness: {:?} from node {} -> {} (generation {}, primary {}, backup {:?})",
+            req,
+            from,
+            verdict,
+            reply.state.generation,
+            reply.state.primary,
+            reply.state.backup.map(|b| b.node)
+        );
+    }
+    let frame = wire::encode_witness_reply(&reply);
+    handshake::send_sealed(&mut sock, &mut acc.transport, &frame).await?;
+    Ok(())
+}
+
+/// Sends one request to the witness and waits for its reply: the witness is authenticated by
+/// its key, and the reply travels on the exchange's own keys, so it answers this request.
 pub async fn request(
     addr: SocketAddr,
+    identity: &Identity,
     vm: VmId,
     req: WitnessRequest,
     timeout: Duration,
 ) -> Result<WitnessReply, WitnessError> {
     let fail = |detail: String| WitnessError::Request { addr, detail };
+    let key = identity.trust.witness.ok_or(WitnessError::NoWitnessKey)?;
     let exchange = async {
         let mut sock = TcpStream::connect(addr)
             .await
             .map_err(|e| fail(format!("connect: {e}")))?;
-        sock.write_all(&wire::encode_witness_request(vm, &req))
+        let auth = |source| WitnessError::Auth { addr, source };
+        let mut acc = handshake::dial_async(&mut sock, identity, &key, Purpose::Witness, vm)
+            .await
+            .map_err(auth)?;
+        let frame = wire::encode_witness_request(vm, &req);
+        handshake::send_sealed(&mut sock, &mut acc.transport, &frame)
             .await
             .map_err(|e| fail(format!("send: {e}")))?;
-        let mut dec = StreamDecoder::new(Expect::vm(vm));
-        let mut buf = vec![0u8; 4096];
-        loop {
-            let n = sock
-                .read(&mut buf)
-                .await
-                .map_err(|e| fail(format!("read: {e}")))?;
-            if n == 0 {
-                return Err(fail("closed without a reply".into()));
-            }
-            let mut input = &buf[..n];
-            while !input.is_empty() {
-                let (used, item) = dec.decode(input).map_err(|e| fail(e.to_string()))?;
-                if let Some(Item::WitnessReply(r)) = item {
-                    return Ok(r);
-                }
-                input = &input[used..];
-            }
+        let body = handshake::recv_sealed(&mut sock, &mut acc.transport)
+            .await
+            .map_err(|e| fail(format!("reply: {e}")))?;
+        match wire::decode(&body, &wire::Expect::vm(vm)) {
+            Ok((Frame::WitnessReply(r), _)) if r.request == req => Ok(r),
+            Ok(_) => Err(fail("answered something else".into())),
+            Err(e) => Err(fail(e.to_string())),
         }
     };
     tokio::time::timeout(timeout, exchange)

@@ -7,12 +7,14 @@
 use std::collections::BTreeMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use ftvm_model::{Config, NodeId, Start, VmId};
 use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::vm::VmLauncher;
 use ftvm_real::agent::{witness, Agent, AgentConfig};
+use ftvm_real::auth::Identity;
 use ftvm_real::transport::TransportKind;
 
 pub fn free_addr() -> SocketAddr {
@@ -108,6 +110,8 @@ fn config(dir: &Path, node: u32, start: Start, run: &Run, addrs: &Addrs) -> Agen
         capture: run.capture,
         metrics: Some(d.join("metrics.jsonl")),
         status_file: Some(d.join("status.json")),
+        identity: addrs.keys[&NodeId(node)].clone(),
+        handshake_deadline: Duration::from_secs(2),
         verbose: false,
         verify_every: Some(run.verify_every),
     }
@@ -116,6 +120,8 @@ fn config(dir: &Path, node: u32, start: Start, run: &Run, addrs: &Addrs) -> Agen
 struct Addrs {
     witness: SocketAddr,
     peers: BTreeMap<NodeId, SocketAddr>,
+    /// Each node's keys (all trusting each other and the witness).
+    keys: BTreeMap<NodeId, Arc<Identity>>,
 }
 
 /// Protects a VM booted by `primary` with a backup (whose launcher is never used unless it
@@ -128,13 +134,17 @@ pub async fn protect_and_verify<L: VmLauncher>(
     backup: L,
 ) -> Outcome {
     let (transport, capture) = (run.transport, run.capture);
+    let (wkeys, keys) = Identity::generate_set(&[NodeId(1), NodeId(2)]).unwrap();
     let addrs = Addrs {
         witness: free_addr(),
         peers: [(NodeId(1), free_addr()), (NodeId(2), free_addr())].into(),
+        keys: keys.into_iter().map(|(n, i)| (n, Arc::new(i))).collect(),
     };
     let wfile = dir.join("witness.json");
     let w = witness::load_state(&wfile, VmId(7), NodeId(1)).unwrap();
-    let wtask = tokio::spawn(witness::serve(addrs.witness, wfile, w, false));
+    let limits = witness::ServeLimits::default();
+    let serve = witness::serve(addrs.witness, wfile, w, Arc::new(wkeys), limits, false);
+    let wtask = tokio::spawn(serve);
     let pcfg = config(dir, 1, Start::Primary, run, &addrs);
     let bcfg = config(dir, 2, Start::Backup { primary: NodeId(1) }, run, &addrs);
     let pagent = Agent::new(pcfg.clone(), primary).unwrap();
