@@ -2,126 +2,17 @@
 //! witness, primary and backup agents protect the VM, the backup's replica matches the primary's
 //! RAM, and when the primary dies the backup takes over from its replica in a new generation.
 
+mod mem_cluster;
+
 use std::collections::BTreeMap;
-use std::net::{SocketAddr, TcpListener};
-use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use ftvm_model::{Config, NodeId, Start, VmId};
-use ftvm_real::agent::capture::CaptureMode;
-use ftvm_real::agent::mem_vm::{MemLauncher, MemRam};
-use ftvm_real::agent::{witness, Agent, AgentConfig};
-use ftvm_real::auth::Identity;
-use ftvm_real::transport::TransportKind;
+use ftvm_model::{NodeId, Start};
+use ftvm_real::agent::mem_vm::MemLauncher;
+use ftvm_real::agent::Agent;
 
-const PAGE: usize = 4096;
-const PAGES: u64 = 256;
-
-fn free_addr() -> SocketAddr {
-    let l = TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap()
-}
-
-fn status(path: &Path) -> serde_json::Value {
-    std::fs::read(path)
-        .ok()
-        .and_then(|b| serde_json::from_slice(&b).ok())
-        .unwrap_or(serde_json::Value::Null)
-}
-
-async fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < timeout, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Key pairs for the witness and nodes 1 and 2, all trusting each other.
-struct Keys {
-    witness: Arc<Identity>,
-    nodes: BTreeMap<NodeId, Arc<Identity>>,
-}
-
-fn keys() -> Keys {
-    let (w, nodes) = Identity::generate_set(&[NodeId(1), NodeId(2)]).unwrap();
-    Keys {
-        witness: Arc::new(w),
-        nodes: nodes.into_iter().map(|(n, i)| (n, Arc::new(i))).collect(),
-    }
-}
-
-fn serve_witness(
-    dir: &Path,
-    addr: SocketAddr,
-    keys: &Keys,
-    log: bool,
-) -> tokio::task::JoinHandle<Result<(), witness::WitnessError>> {
-    let file = dir.join("witness.json");
-    let w = witness::load_state(&file, VmId(7), NodeId(1)).unwrap();
-    let limits = witness::ServeLimits::default();
-    tokio::spawn(witness::serve(
-        addr,
-        file,
-        w,
-        keys.witness.clone(),
-        limits,
-        log,
-    ))
-}
-
-struct Host {
-    cfg: AgentConfig,
-    launched: Arc<Mutex<Vec<MemRam>>>,
-}
-
-fn host(
-    dir: &Path,
-    node: u32,
-    start: Start,
-    addrs: &BTreeMap<NodeId, SocketAddr>,
-    witness: SocketAddr,
-    keys: &Keys,
-) -> Host {
-    let mut model = Config::new(VmId(7), PAGES, NodeId(0));
-    model.failure_timeout = Duration::from_millis(300);
-    let d = dir.join(format!("n{node}"));
-    std::fs::create_dir_all(&d).unwrap();
-    Host {
-        cfg: AgentConfig {
-            node: NodeId(node),
-            start,
-            model,
-            listen: addrs[&NodeId(node)],
-            peers: addrs.clone(),
-            witness,
-            replica_dir: d.join("replica"),
-            replica_ram: d.join("replica.ram"),
-            transport: TransportKind::Copy,
-            capture: CaptureMode::Staged,
-            metrics: Some(d.join("metrics.jsonl")),
-            status_file: Some(d.join("status.json")),
-            identity: keys.nodes[&NodeId(node)].clone(),
-            handshake_deadline: Duration::from_secs(2),
-            verbose: true,
-            verify_every: Some(5),
-        },
-        launched: Arc::new(Mutex::new(Vec::new())),
-    }
-}
-
-fn launcher(h: &Host) -> MemLauncher {
-    MemLauncher {
-        ram_bytes: PAGES as usize * PAGE,
-        page_size: PAGE,
-        pages_per_ms: 2,
-        seed: 11,
-        cow: Default::default(),
-        launched: h.launched.clone(),
-        failing_restores: 0,
-    }
-}
+use mem_cluster::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn protects_then_fails_over_to_the_replica() {
