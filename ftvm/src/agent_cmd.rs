@@ -12,7 +12,7 @@ use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::netio::NetIo;
 use ftvm_real::agent::qemu_vm::{QemuLauncher, Tracking};
 use ftvm_real::agent::{Agent, AgentConfig, AgentExit};
-use ftvm_real::auth::Identity;
+use ftvm_real::auth::{Identity, Protection};
 use ftvm_real::qemu::{BootOptions, NetBackend, NetConfig, QemuConfig};
 use ftvm_real::transport::TransportKind;
 
@@ -44,6 +44,11 @@ pub struct Args {
     /// authenticated with them.
     #[arg(long)]
     keys: PathBuf,
+    /// Encrypt checkpoint links (ChaCha20-Poly1305) instead of only authenticating their
+    /// frames. Pages are then copied while they are encrypted: no zero-copy sends. Both agents
+    /// must agree.
+    #[arg(long)]
+    encrypt: bool,
     /// The protected VM's id (same on every host).
     #[arg(long, default_value_t = 1)]
     vm: u64,
@@ -228,6 +233,11 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         status_file: Some(args.state_dir.join("status.json")),
         identity: Arc::new(identity),
         handshake_deadline: HANDSHAKE_DEADLINE,
+        protection: if args.encrypt {
+            Protection::Encrypt
+        } else {
+            Protection::Mac
+        },
         verbose: args.verbose,
         verify_every: args.verify_every,
     };

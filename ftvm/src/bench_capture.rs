@@ -567,6 +567,7 @@ fn agent_config(
         status_file: Some(d.join("status.json")),
         identity,
         handshake_deadline: crate::agent_cmd::HANDSHAKE_DEADLINE,
+        protection: ftvm_real::auth::Protection::Mac,
         verbose: false,
         verify_every: None,
     })

@@ -24,6 +24,7 @@ use mem_cluster::*;
 
 const VM: VmId = VmId(7);
 const DEADLINE: Duration = Duration::from_millis(600);
+const LINK: Purpose = Purpose::Link(ftvm_real::auth::Protection::Mac);
 
 /// Sends `bytes` on a fresh connection to `addr` and waits (at most `wait`) for the other side
 /// to close it; returns whether it did.
@@ -60,6 +61,29 @@ fn join(node: u32, known: u64) -> Vec<u8> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn encrypted_links_protect_as_well_and_refuse_an_unencrypted_peer() {
+    let c = Cluster::protected_with(DEADLINE, ftvm_real::auth::Protection::Encrypt).await;
+    c.assert_healthy("protecting over encrypted links").await;
+    // A node configured without --encrypt fails the handshake: no silent downgrade.
+    let id = c.keys.nodes[&NodeId(2)].clone();
+    let them = id.trust.nodes[&NodeId(1)];
+    let primary = c.addrs[&NodeId(1)];
+    let r = tokio::task::spawn_blocking(move || {
+        let mut s = TcpStream::connect(primary).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+        let mac = LINK;
+        handshake::dial(&mut s, &id, &them, mac, VM).is_ok()
+    })
+    .await
+    .unwrap();
+    assert!(
+        !r,
+        "a link without encryption was accepted by an encrypting primary"
+    );
+    c.assert_healthy("an unencrypted dial").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_forged_join_with_a_huge_generation_does_not_fence_the_primary() {
     let c = Cluster::protected(DEADLINE).await;
     // Before authentication: one 60-byte Join made the primary fence itself and stop its VM.
@@ -92,7 +116,7 @@ async fn nobody_displaces_the_backup_by_joining_under_its_name() {
     let dup = tokio::task::spawn_blocking(move || {
         let mut s = TcpStream::connect(primary).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        let acc = handshake::dial(&mut s, &id, &them, Purpose::Link, VM);
+        let acc = handshake::dial(&mut s, &id, &them, LINK, VM);
         assert!(acc.is_ok(), "a genuine key must pass the handshake");
         let _ = s.write_all(&join(2, 1));
         let mut buf = [0u8; 256];
@@ -117,7 +141,7 @@ async fn nobody_displaces_the_backup_by_joining_under_its_name() {
     let closed = tokio::task::spawn_blocking(move || {
         let mut s = TcpStream::connect(primary).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
-        handshake::dial(&mut s, &id, &them, Purpose::Link, VM).unwrap();
+        handshake::dial(&mut s, &id, &them, LINK, VM).unwrap();
         let _ = s.write_all(&join(3, 1));
         let mut buf = [0u8; 256];
         matches!(s.read(&mut buf), Ok(0))
@@ -356,8 +380,8 @@ async fn random_and_mutated_bytes_on_the_live_ports_change_nothing() {
     let id1 = c.keys.nodes[&NodeId(1)].clone();
     let bkey = id1.trust.nodes[&NodeId(2)];
     let seeds: Vec<Vec<u8>> = vec![
-        recorded_hello(&id1, &bkey, Purpose::Link),
-        recorded_hello(&stranger, &bkey, Purpose::Link),
+        recorded_hello(&id1, &bkey, LINK),
+        recorded_hello(&stranger, &bkey, LINK),
         join(1, u64::MAX),
         wire::encode_witness_request(VM, &WitnessRequest::Query),
     ];

@@ -20,8 +20,10 @@ use ftvm_model::wire::{
 use ftvm_model::{Epoch, Generation, NodeId, PeerMsg, VmId};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::auth::crypt::Encryptor;
 use crate::auth::handshake::{self, Purpose};
-use crate::auth::{FrameOpener, FrameSealer, Identity, PublicKey, TAG_LEN};
+use crate::auth::{protection, FrameSealer, Identity, LinkOpener, LinkSealer, Protection};
+use crate::auth::{PublicKey, TAG_LEN};
 
 use super::cow::CowCheckpoint;
 use super::event::{ConnId, Event};
@@ -179,6 +181,8 @@ pub struct LinkSetup {
     pub identity: Arc<Identity>,
     /// How long the handshake may take before the connection is dropped.
     pub handshake_deadline: Duration,
+    /// How frames are protected after the handshake.
+    pub protection: Protection,
 }
 
 /// Authenticates a connected stream (under the setup's deadline), then starts its threads.
@@ -222,7 +226,7 @@ fn start(
         .set_write_timeout(Some(setup.handshake_deadline))
         .map_err(io)?;
     let id = &setup.identity;
-    let (vm, purpose) = (setup.vm, Purpose::Link);
+    let (vm, purpose) = (setup.vm, Purpose::Link(setup.protection));
     let (acc, peer) = match side {
         Side::Dial { peer, key } => (handshake::dial(&mut stream, id, &key, purpose, vm), peer),
         Side::Listen => {
@@ -238,14 +242,14 @@ fn start(
     let socket = stream.try_clone().map_err(io)?;
     let (tx, rx) = mpsc::channel();
     let ev = events.clone();
-    let sealer = FrameSealer::new(acc.send_key);
+    let dec = StreamDecoder::new(Expect::vm(vm));
+    let (sealer, opener) = protection::halves(setup.protection, acc, dec);
     let (ps, kind) = (setup.page_size, setup.kind);
     std::thread::Builder::new()
         .name(format!("link{}-tx", conn.0))
         .spawn(move || writer(stream, conn, vm, ps, kind, sealer, rx, ev))
         .map_err(io)?;
     announce(Link { tx, socket }, peer);
-    let opener = FrameOpener::new(StreamDecoder::new(Expect::vm(vm)), acc.recv_key);
     read_loop(reader, conn, opener, events);
     Ok(())
 }
@@ -266,7 +270,7 @@ fn writer(
     vm: VmId,
     page_size: u32,
     kind: TransportKind,
-    mut sealer: FrameSealer,
+    mut sealer: LinkSealer,
     rx: mpsc::Receiver<Outgoing>,
     events: UnboundedSender<Event>,
 ) {
@@ -297,7 +301,7 @@ fn serve(
     mut t: Box<dyn Transport>,
     vm: VmId,
     page_size: u32,
-    sealer: &mut FrameSealer,
+    sealer: &mut LinkSealer,
     rx: &mpsc::Receiver<Outgoing>,
     events: &UnboundedSender<Event>,
     bufs: &mut FrameBufs,
@@ -306,8 +310,20 @@ fn serve(
         let (generation, full, staged, ram, cow) = match out {
             Outgoing::Peer(msg) => {
                 let frame = wire::encode_peer(vm, &msg);
-                let tag = sealer.seal(&frame);
-                if let Err(e) = t.send_and_wait(&[IoSlice::new(&frame), IoSlice::new(&tag)]) {
+                let sent = match sealer {
+                    LinkSealer::Mac(s) => {
+                        let tag = s.seal(&frame);
+                        t.send_and_wait(&[IoSlice::new(&frame), IoSlice::new(&tag)])
+                            .map(drop)
+                            .map_err(|e| e.to_string())
+                    }
+                    LinkSealer::Encrypt(e) => encrypted(t.as_mut(), e, &[&frame]),
+                    LinkSealer::Unprotected => t
+                        .send_and_wait(&[IoSlice::new(&frame)])
+                        .map(drop)
+                        .map_err(|e| e.to_string()),
+                };
+                if let Err(e) = sent {
                     return fail(t, format!("send: {e}"));
                 }
                 continue;
@@ -332,7 +348,18 @@ fn serve(
             full,
             page_size,
         };
-        match send_checkpoint(t.as_mut(), &frame, sealer, &staged, pages, bufs) {
+        let sent = match sealer {
+            LinkSealer::Mac(s) => {
+                send_checkpoint(t.as_mut(), &frame, Some(s), &staged, pages, bufs)
+            }
+            LinkSealer::Unprotected => {
+                send_checkpoint(t.as_mut(), &frame, None, &staged, pages, bufs)
+            }
+            LinkSealer::Encrypt(e) => {
+                send_encrypted_checkpoint(t.as_mut(), &frame, e, &staged, pages)
+            }
+        };
+        match sent {
             Ok(bytes) => {
                 // Everything is released: the buffer may be reused and the VM may run (and
                 // write the pages of a cow checkpoint without waiting).
@@ -400,7 +427,7 @@ struct Frame {
 fn send_checkpoint(
     t: &mut dyn Transport,
     frame: &Frame,
-    sealer: &mut FrameSealer,
+    sealer: Option<&mut FrameSealer>,
     staged: &StagedCheckpoint,
     pages: Pages<'_>,
     bufs: &mut FrameBufs,
@@ -414,15 +441,21 @@ fn send_checkpoint(
         page_count: n as u64,
         device_len: staged.device.len() as u64,
     };
+    let tag_len = if sealer.is_some() { TAG_LEN } else { 0 };
     let bytes = meta
         .frame_len()
-        .and_then(|n| n.checked_add(TAG_LEN as u64))
+        .and_then(|n| n.checked_add(tag_len as u64))
         .ok_or("checkpoint too large")?;
     let (mut enc, prefix) =
         CheckpointEncoder::new(frame.vm, frame.generation, meta).map_err(|e| e.to_string())?;
     bufs.prefix = prefix;
-    let mut mac = sealer.begin();
-    mac.update(&bufs.prefix);
+    let mut mac = sealer.map(FrameSealer::begin);
+    let mut feed = |bytes: &[u8]| {
+        if let Some(m) = mac.as_mut() {
+            m.update(bytes);
+        }
+    };
+    feed(&bufs.prefix);
     // Every record gets its own slot, written once before it is sent and never moved while the
     // frame is in flight (the vector is sized here, before the first send).
     bufs.records.clear();
@@ -456,8 +489,8 @@ fn send_checkpoint(
             let index = staged.indices[i];
             let page = pages.get(i, index, ps)?;
             bufs.records[i] = enc.page(index, page).map_err(|e| e.to_string())?;
-            mac.update(&bufs.records[i]);
-            mac.update(page);
+            feed(&bufs.records[i]);
+            feed(page);
         }
         let mut segs = Vec::with_capacity(2 * (last - first));
         for i in first..last {
@@ -480,15 +513,15 @@ fn send_checkpoint(
     }
     enc.device(&staged.device).map_err(|e| e.to_string())?;
     bufs.trailer = enc.finish().map_err(|e| e.to_string())?;
-    mac.update(&staged.device);
-    mac.update(&bufs.trailer);
-    bufs.tag = mac.finish();
+    feed(&staged.device);
+    feed(&bufs.trailer);
+    bufs.tag = mac.map(|m| m.finish()).unwrap_or_default();
     let last = send(
         t,
         &[
             IoSlice::new(&staged.device),
             IoSlice::new(&bufs.trailer),
-            IoSlice::new(&bufs.tag),
+            IoSlice::new(&bufs.tag[..tag_len]),
         ],
     )?;
     t.wait_released(last).map_err(|e| e.to_string())?;
@@ -497,6 +530,85 @@ fn send_checkpoint(
             cow.released(range);
         }
     }
+    Ok(bytes)
+}
+
+/// Why an encrypted send failed (sealing or sending), in the link's words.
+struct SendFail(String);
+
+impl From<snow::Error> for SendFail {
+    fn from(e: snow::Error) -> Self {
+        SendFail(format!("encrypt: {e}"))
+    }
+}
+
+/// Hands sealed bytes to the transport and waits until it is done with them (the buffer is
+/// reused for the next batch).
+fn send_sealed_bytes(t: &mut dyn Transport, b: &[u8]) -> Result<(), SendFail> {
+    t.send_and_wait(&[IoSlice::new(b)])
+        .map(drop)
+        .map_err(|e| SendFail(e.to_string()))
+}
+
+/// Sends `pieces` as one frame through the encryptor (copying them).
+fn encrypted(t: &mut dyn Transport, e: &mut Encryptor, pieces: &[&[u8]]) -> Result<(), String> {
+    let mut flush = |b: &[u8]| send_sealed_bytes(t, b);
+    let mut go = || {
+        for p in pieces {
+            e.push(p, &mut flush)?;
+        }
+        e.finish(&mut flush)
+    };
+    go().map_err(|f| f.0)
+}
+
+/// Sends one checkpoint frame through the encryptor: the same bytes as [`send_checkpoint`]
+/// without the tag, each page copied (and encrypted) as it is read, so a cow page is released
+/// as soon as its batch is encrypted. Returns the plaintext bytes sent.
+fn send_encrypted_checkpoint(
+    t: &mut dyn Transport,
+    frame: &Frame,
+    e: &mut Encryptor,
+    staged: &StagedCheckpoint,
+    pages: Pages<'_>,
+) -> Result<u64, String> {
+    let ps = frame.page_size as usize;
+    let n = staged.indices.len();
+    let meta = CheckpointMeta {
+        epoch: Epoch(staged.epoch),
+        full: frame.full,
+        page_size: frame.page_size,
+        page_count: n as u64,
+        device_len: staged.device.len() as u64,
+    };
+    let bytes = meta.frame_len().ok_or("checkpoint too large")?;
+    let (mut enc, prefix) =
+        CheckpointEncoder::new(frame.vm, frame.generation, meta).map_err(|e| e.to_string())?;
+    let mut flush = |b: &[u8]| send_sealed_bytes(t, b);
+    let fail = |f: SendFail| f.0;
+    e.push(&prefix, &mut flush).map_err(fail)?;
+    for first in (0..n).step_by(PAGES_PER_BATCH) {
+        let last = (first + PAGES_PER_BATCH).min(n);
+        if let Pages::Cow(cow) = &pages {
+            cow.claim(first..last).map_err(|e| e.to_string())?;
+        }
+        for i in first..last {
+            let index = staged.indices[i];
+            let page = pages.get(i, index, ps)?;
+            let record = enc.page(index, page).map_err(|e| e.to_string())?;
+            e.push(&record, &mut flush).map_err(fail)?;
+            e.push(page, &mut flush).map_err(fail)?;
+        }
+        // The batch's pages are copied into ciphertext: the guest may write them again.
+        if let Pages::Cow(cow) = &pages {
+            cow.released(first..last);
+        }
+    }
+    enc.device(&staged.device).map_err(|e| e.to_string())?;
+    let trailer = enc.finish().map_err(|e| e.to_string())?;
+    e.push(&staged.device, &mut flush).map_err(fail)?;
+    e.push(&trailer, &mut flush).map_err(fail)?;
+    e.finish(&mut flush).map_err(fail)?;
     Ok(bytes)
 }
 
@@ -509,7 +621,7 @@ const HEARD_EVERY: Duration = Duration::from_millis(5);
 fn read_loop(
     mut stream: TcpStream,
     conn: ConnId,
-    mut dec: FrameOpener,
+    mut dec: LinkOpener,
     events: UnboundedSender<Event>,
 ) {
     let mut buf = vec![0u8; 1 << 20];
@@ -533,7 +645,8 @@ fn read_loop(
         }
         let mut input = &buf[..n];
         let mut failed = None;
-        while !input.is_empty() {
+        // An encrypted stream also yields items from plaintext it already decrypted.
+        while !input.is_empty() || dec.pending() {
             let (used, item) = match dec.decode(input) {
                 Ok(r) => r,
                 Err(e) => {

@@ -33,7 +33,7 @@ use self::metrics::{EpochMetrics, MetricsSink, RunSummary};
 use self::netio::NetIo;
 use self::resume_gate::ResumeGate;
 use self::vm::{RestorePoint, Vm, VmError, VmLauncher};
-use crate::auth::Identity;
+use crate::auth::{Identity, Protection};
 use crate::net::output::OutputGate;
 use crate::replica::{Replica, ReplicaError, StagedCheckpoint};
 use crate::transport::TransportKind;
@@ -103,6 +103,8 @@ pub struct AgentConfig {
     pub identity: Arc<Identity>,
     /// How long a connection may take to authenticate before it is dropped.
     pub handshake_deadline: Duration,
+    /// How link frames are protected (both agents must agree).
+    pub protection: Protection,
     /// Log protocol events to stderr.
     pub verbose: bool,
     /// Every this many epochs, record a digest of all guest RAM in `verify.jsonl` of
@@ -312,6 +314,7 @@ impl<L: VmLauncher> Agent<L> {
             kind: self.cfg.transport,
             identity: self.cfg.identity.clone(),
             handshake_deadline: self.cfg.handshake_deadline,
+            protection: self.cfg.protection,
         }
     }
 

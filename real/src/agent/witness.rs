@@ -198,7 +198,7 @@ async fn serve_one(
 ) -> Result<(), ServeError> {
     let mut acc = handshake::listen_async(&mut sock, identity, Purpose::Witness, vm).await?;
     let from = acc.peer.ok_or(AuthError::UnknownKey)?;
-    let body = handshake::recv_sealed(&mut sock, &mut acc.transport).await?;
+    let body = handshake::recv_sealed(&mut sock, &mut acc.rx).await?;
     let req = match wire::decode(&body, &wire::Expect::vm(vm)) {
         Ok((Frame::WitnessRequest(req), used)) if used == body.len() => req,
         _ => return Err(ServeError::NotARequest),
@@ -228,7 +228,7 @@ async fn serve_one(
         );
     }
     let frame = wire::encode_witness_reply(&reply);
-    handshake::send_sealed(&mut sock, &mut acc.transport, &frame).await?;
+    handshake::send_sealed(&mut sock, &mut acc.tx, &frame).await?;
     Ok(())
 }
 
@@ -252,10 +252,10 @@ pub async fn request(
             .await
             .map_err(auth)?;
         let frame = wire::encode_witness_request(vm, &req);
-        handshake::send_sealed(&mut sock, &mut acc.transport, &frame)
+        handshake::send_sealed(&mut sock, &mut acc.tx, &frame)
             .await
             .map_err(|e| fail(format!("send: {e}")))?;
-        let body = handshake::recv_sealed(&mut sock, &mut acc.transport)
+        let body = handshake::recv_sealed(&mut sock, &mut acc.rx)
             .await
             .map_err(|e| fail(format!("reply: {e}")))?;
         match wire::decode(&body, &wire::Expect::vm(vm)) {

@@ -16,6 +16,7 @@
 //! handshake made for one VM's witness cannot be replayed to another VM's agent.
 
 use std::io::{Read, Write};
+use std::sync::Arc;
 
 use ftvm_model::{NodeId, VmId};
 use rand::RngCore;
@@ -23,13 +24,14 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 use super::keys::{Identity, PublicKey, KEY_LEN, NOISE_PARAMS};
 use super::msg_io::{self, Kind, MAX_MSG};
+use super::protection::Protection;
 use super::AuthError;
 
 /// What a connection is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Purpose {
-    /// An agent-to-agent checkpoint link.
-    Link,
+    /// An agent-to-agent checkpoint link, with its frames protected so.
+    Link(Protection),
     /// An agent's exchange with the witness.
     Witness,
 }
@@ -42,14 +44,50 @@ pub struct Accepted {
     pub send_key: [u8; KEY_LEN],
     /// The key that authenticates frames we receive.
     pub recv_key: [u8; KEY_LEN],
-    /// The Noise transport, for messages sent encrypted (witness exchanges).
-    pub transport: snow::TransportState,
+    /// Noise transport messages we send (encrypted and authenticated).
+    pub tx: Channel,
+    /// Noise transport messages we receive.
+    pub rx: Channel,
+}
+
+/// One direction of a finished handshake's Noise transport, with its own message counter (the
+/// nonce), so the two directions can live on two threads.
+pub struct Channel {
+    t: Arc<snow::StatelessTransportState>,
+    nonce: u64,
+}
+
+impl Channel {
+    fn pair(t: snow::StatelessTransportState, sent: u64, received: u64) -> (Channel, Channel) {
+        let t = Arc::new(t);
+        (
+            Channel {
+                t: t.clone(),
+                nonce: sent,
+            },
+            Channel { t, nonce: received },
+        )
+    }
+
+    /// Encrypts the next message into `out`; returns its length.
+    pub fn seal(&mut self, plain: &[u8], out: &mut [u8]) -> Result<usize, snow::Error> {
+        let n = self.t.write_message(self.nonce, plain, out)?;
+        self.nonce += 1;
+        Ok(n)
+    }
+
+    /// Decrypts the next message into `out`; returns the plaintext's length.
+    pub fn open(&mut self, msg: &[u8], out: &mut [u8]) -> Result<usize, snow::Error> {
+        let n = self.t.read_message(self.nonce, msg, out)?;
+        self.nonce += 1;
+        Ok(n)
+    }
 }
 
 fn prologue(purpose: Purpose, vm: VmId) -> Vec<u8> {
     let what = match purpose {
-        Purpose::Link => "link",
-        Purpose::Witness => "witness",
+        Purpose::Link(p) => format!("link/{}", p.name()),
+        Purpose::Witness => "witness".into(),
     };
     format!("ftvm auth v1 {what} vm {}", vm.0).into_bytes()
 }
@@ -95,16 +133,18 @@ impl Dialler {
     fn welcome(mut self, msg: &[u8]) -> Result<(Vec<u8>, Accepted), AuthError> {
         let n = self.hs.read_message(msg, &mut self.buf)?;
         let recv_key = key_from(&self.buf[..n])?;
-        let mut transport = self.hs.into_transport_mode()?;
+        let transport = self.hs.into_stateless_transport_mode()?;
+        let (mut tx, rx) = Channel::pair(transport, 0, 0);
         let send_key = fresh_key();
-        let n = transport.write_message(&send_key, &mut self.buf)?;
+        let n = tx.seal(&send_key, &mut self.buf)?;
         Ok((
             self.buf[..n].to_vec(),
             Accepted {
                 peer: None,
                 send_key,
                 recv_key,
-                transport,
+                tx,
+                rx,
             },
         ))
     }
@@ -145,14 +185,16 @@ impl Listener {
 
     /// Reads the dialler's confirmation: the connection is now bound to `peer`.
     fn confirm(mut self, msg: &[u8]) -> Result<Accepted, AuthError> {
-        let mut transport = self.hs.into_transport_mode()?;
-        let n = transport.read_message(msg, &mut self.buf)?;
+        let transport = self.hs.into_stateless_transport_mode()?;
+        let (tx, mut rx) = Channel::pair(transport, 0, 0);
+        let n = rx.open(msg, &mut self.buf)?;
         let recv_key = key_from(&self.buf[..n])?;
         Ok(Accepted {
             peer: Some(self.peer),
             send_key: self.send_key,
             recv_key,
-            transport,
+            tx,
+            rx,
         })
     }
 }
@@ -220,22 +262,22 @@ pub async fn listen_async(
 /// Sends `body` encrypted and authenticated on a finished handshake's transport (async).
 pub async fn send_sealed(
     stream: &mut (impl AsyncWriteExt + Unpin),
-    t: &mut snow::TransportState,
+    t: &mut Channel,
     body: &[u8],
 ) -> Result<(), AuthError> {
     let mut buf = vec![0; MAX_MSG];
-    let n = t.write_message(body, &mut buf)?;
+    let n = t.seal(body, &mut buf)?;
     msg_io::write_async(stream, Kind::Sealed, &buf[..n]).await
 }
 
 /// Receives one message sent by [`send_sealed`] (async).
 pub async fn recv_sealed(
     stream: &mut (impl AsyncReadExt + Unpin),
-    t: &mut snow::TransportState,
+    t: &mut Channel,
 ) -> Result<Vec<u8>, AuthError> {
     let msg = msg_io::read_async(stream, Kind::Sealed).await?;
     let mut buf = vec![0; MAX_MSG];
-    let n = t.read_message(&msg, &mut buf)?;
+    let n = t.open(&msg, &mut buf)?;
     buf.truncate(n);
     Ok(buf)
 }
@@ -262,11 +304,17 @@ mod tests {
     ) -> (Result<Accepted, AuthError>, Result<Accepted, AuthError>) {
         let (mut a, mut b) = UnixStream::pair().unwrap();
         let t = std::thread::spawn(move || {
-            let r = listen(&mut b, &listener, Purpose::Link, l_vm);
+            let r = listen(&mut b, &listener, Purpose::Link(Protection::Mac), l_vm);
             drop(b);
             r
         });
-        let d = dial(&mut a, &dialler, &them, Purpose::Link, d_vm);
+        let d = dial(
+            &mut a,
+            &dialler,
+            &them,
+            Purpose::Link(Protection::Mac),
+            d_vm,
+        );
         drop(a);
         (d, t.join().unwrap())
     }
@@ -317,9 +365,10 @@ mod tests {
         // Record a genuine hello, then replay it on a fresh connection: the listener answers,
         // but the replayer cannot produce the confirmation, so the listener never binds it.
         let (_, n1, n2) = set();
-        let mut d = Dialler::new(&n1, &n2.me.public, Purpose::Link, VmId(1)).unwrap();
+        let mut d =
+            Dialler::new(&n1, &n2.me.public, Purpose::Link(Protection::Mac), VmId(1)).unwrap();
         let hello = d.hello().unwrap();
-        let mut l = Listener::hello(&n2, Purpose::Link, VmId(1), &hello).unwrap();
+        let mut l = Listener::hello(&n2, Purpose::Link(Protection::Mac), VmId(1), &hello).unwrap();
         let _welcome = l.welcome().unwrap();
         let forged = vec![0u8; 48];
         assert!(l.confirm(&forged).is_err());

@@ -11,16 +11,20 @@
 //! keyed BLAKE3 tag over the frame's bytes and its sequence number ([`seal`]). The tag is
 //! computed while the frame is sent, over the very bytes handed to the transport, so pages still
 //! go out of guest RAM or the staging buffer by zero-copy sends: integrity costs a pass over the
-//! pages, not a copy. Witness exchanges are small and travel as Noise transport messages
-//! (encrypted and authenticated) instead.
+//! pages, not a copy. With `--encrypt` the link's whole byte stream travels as Noise transport
+//! messages instead ([`crypt`]), which costs a copy of every page. Witness exchanges are small
+//! and always travel as Noise transport messages.
 
+pub mod crypt;
 pub mod handshake;
 pub mod keys;
 mod msg_io;
+pub mod protection;
 pub mod seal;
 
 pub use handshake::{Accepted, Purpose};
 pub use keys::{Identity, KeyError, PublicKey, Trust};
+pub use protection::{LinkOpener, LinkSealer, Protection};
 pub use seal::{FrameOpener, FrameSealer, OpenError, TAG_LEN};
 
 /// Errors of authentication.

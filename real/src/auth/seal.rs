@@ -32,6 +32,10 @@ pub enum OpenError {
         /// Its sequence number.
         seq: u64,
     },
+    /// An encrypted message failed to decrypt (forged, damaged, replayed or reordered), or the
+    /// stream ended inside one.
+    #[error("encrypted stream failed authentication or ended mid-message")]
+    Decrypt,
     /// The stream ended between a frame and its tag.
     #[error("stream closed before the tag of frame {seq}")]
     Truncated {

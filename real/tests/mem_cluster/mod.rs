@@ -105,6 +105,7 @@ pub fn host(
             status_file: Some(d.join("status.json")),
             identity: keys.nodes[&NodeId(node)].clone(),
             handshake_deadline: Duration::from_secs(2),
+            protection: ftvm_real::auth::Protection::Mac,
             verbose: true,
             verify_every: Some(5),
         },
@@ -154,6 +155,14 @@ impl Cluster {
     /// Starts witness, primary (node 1) and backup (node 2) with `deadline` for handshakes
     /// (agents and witness), and waits until the primary is protected.
     pub async fn protected(deadline: Duration) -> Cluster {
+        Cluster::protected_with(deadline, ftvm_real::auth::Protection::Mac).await
+    }
+
+    /// [`Cluster::protected`] with links protected by `protection`.
+    pub async fn protected_with(
+        deadline: Duration,
+        protection: ftvm_real::auth::Protection,
+    ) -> Cluster {
         let dir = tempfile::tempdir().unwrap();
         let waddr = free_addr();
         let addrs: BTreeMap<NodeId, SocketAddr> =
@@ -184,6 +193,8 @@ impl Cluster {
         );
         p.cfg.handshake_deadline = deadline;
         b.cfg.handshake_deadline = deadline;
+        p.cfg.protection = protection;
+        b.cfg.protection = protection;
         let primary = ftvm_real::agent::Agent::new(p.cfg.clone(), launcher(&p)).unwrap();
         let backup = ftvm_real::agent::Agent::new(b.cfg.clone(), launcher(&b)).unwrap();
         let ptask = tokio::spawn(primary.run(std::future::pending()));
