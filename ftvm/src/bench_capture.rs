@@ -19,7 +19,7 @@ use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::cow::CowOptions;
 use ftvm_real::agent::mem_vm::{MemLauncher, MemRam};
 use ftvm_real::agent::{witness, Agent, AgentConfig, AgentError, AgentExit};
-use ftvm_real::auth::Identity;
+use ftvm_real::auth::{Identity, Protection};
 use ftvm_real::transport::TransportKind;
 
 const VM: VmId = VmId(41);
@@ -73,6 +73,32 @@ pub struct CaptureArgs {
     /// Scratch directory for the replicas and metrics (on tmpfs, like a real replica).
     #[arg(long, default_value = "/dev/shm/ftvm-bench-capture")]
     work_dir: PathBuf,
+}
+
+impl CaptureArgs {
+    /// Arguments for another benchmark that runs capture cases of its own.
+    pub(crate) fn for_cases(
+        epochs: u64,
+        warmup: u64,
+        epoch_ms: u64,
+        ram_mb: u64,
+        work_dir: PathBuf,
+    ) -> CaptureArgs {
+        CaptureArgs {
+            out: PathBuf::new(),
+            dirty_pages: Vec::new(),
+            epochs,
+            warmup,
+            layout: Vec::new(),
+            pace: Vec::new(),
+            cow_early_passes: Vec::new(),
+            transport: Vec::new(),
+            capture: Vec::new(),
+            ram_mb,
+            epoch_ms,
+            work_dir,
+        }
+    }
 }
 
 /// Where the guest's writes of one epoch lie.
@@ -269,15 +295,17 @@ fn measured(text: &str, warmup: u64, epochs: u64) -> anyhow::Result<Vec<EpochLin
 
 /// What one case runs.
 #[derive(Debug, Clone, Copy)]
-struct CaseSpec {
-    mode: CaptureMode,
+pub(crate) struct CaseSpec {
+    pub(crate) mode: CaptureMode,
     /// cow: early write-protect passes on or off (`None` for the other modes).
-    early_passes: Option<bool>,
-    transport: TransportKind,
-    layout: Layout,
-    pace: Pace,
+    pub(crate) early_passes: Option<bool>,
+    pub(crate) transport: TransportKind,
+    pub(crate) layout: Layout,
+    pub(crate) pace: Pace,
     /// Pages written per epoch.
-    dirty: u64,
+    pub(crate) dirty: u64,
+    /// How the link's frames are protected.
+    pub(crate) protection: Protection,
 }
 
 impl std::fmt::Display for CaseSpec {
@@ -474,6 +502,7 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<i32> {
                             layout,
                             pace,
                             dirty,
+                            protection: Protection::Mac,
                         });
                     }
                 }
@@ -541,9 +570,9 @@ fn agent_config(
     net: &Net,
     identity: Arc<Identity>,
     ram_pages: u64,
-    mode: CaptureMode,
-    transport: TransportKind,
+    spec: &CaseSpec,
 ) -> anyhow::Result<AgentConfig> {
+    let (mode, transport) = (spec.mode, spec.transport);
     let mut model = Config::new(VM, ram_pages, NodeId(0));
     model.page_size = ftvm_real::dirty::page_size() as u32;
     model.epoch_interval = Duration::from_millis(a.epoch_ms);
@@ -567,7 +596,7 @@ fn agent_config(
         status_file: Some(d.join("status.json")),
         identity,
         handshake_deadline: crate::agent_cmd::HANDSHAKE_DEADLINE,
-        protection: ftvm_real::auth::Protection::Mac,
+        protection: spec.protection,
         verbose: false,
         verify_every: None,
     })
@@ -595,10 +624,12 @@ async fn check_alive(name: &str, task: &mut AgentTask) -> anyhow::Result<()> {
     Ok(())
 }
 
-async fn one_case(a: &CaptureArgs, spec: CaseSpec, ram_pages: u64) -> anyhow::Result<CaptureCase> {
+pub(crate) async fn one_case(
+    a: &CaptureArgs,
+    spec: CaseSpec,
+    ram_pages: u64,
+) -> anyhow::Result<CaptureCase> {
     let CaseSpec {
-        mode,
-        transport,
         layout,
         pace,
         dirty,
@@ -619,7 +650,7 @@ async fn one_case(a: &CaptureArgs, spec: CaseSpec, ram_pages: u64) -> anyhow::Re
     let limits = witness::ServeLimits::default();
     let serve = witness::serve(net.witness, wfile, w, Arc::new(wid), limits, false);
     let wtask = tokio::spawn(serve);
-    let pcfg = agent_config(a, 1, Start::Primary, &net, pid, ram_pages, mode, transport)?;
+    let pcfg = agent_config(a, 1, Start::Primary, &net, pid, ram_pages, &spec)?;
     let bcfg = agent_config(
         a,
         2,
@@ -627,8 +658,7 @@ async fn one_case(a: &CaptureArgs, spec: CaseSpec, ram_pages: u64) -> anyhow::Re
         &net,
         bid,
         ram_pages,
-        mode,
-        transport,
+        &spec,
     )?;
     let metrics = pcfg.metrics.clone().unwrap_or_default();
     let launched: Arc<Mutex<Vec<MemRam>>> = Arc::default();
@@ -730,6 +760,7 @@ mod tests {
             layout,
             pace: Pace::Burst,
             dirty,
+            protection: Protection::Mac,
         }
     }
 

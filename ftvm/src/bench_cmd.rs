@@ -24,6 +24,9 @@ enum What {
     /// Capture modes: checkpoint pause and send-updated-states time against the dirty set, with
     /// the in-memory VM and real agents, transports and replica over loopback.
     Capture(crate::bench_capture::CaptureArgs),
+    /// Link protection: pause and send-updated-states time with frames unprotected (baseline),
+    /// tagged (the default) and encrypted, interleaved in one run.
+    Auth(crate::bench_auth::AuthArgs),
     /// Re-render the PNG plots from the JSON files a benchmark wrote.
     Plot(PlotArgs),
 }
@@ -67,6 +70,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         What::Transport(a) => transport(a),
         What::E2e(a) => crate::bench_e2e::run(a),
         What::Capture(a) => crate::bench_capture::run(a),
+        What::Auth(a) => crate::bench_auth::run(a),
         What::Plot(a) => {
             for p in crate::plot::all(&a.dir)? {
                 eprintln!("wrote {}", p.display());

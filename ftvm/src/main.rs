@@ -7,6 +7,7 @@
 use clap::{Parser, Subcommand};
 
 mod agent_cmd;
+mod bench_auth;
 mod bench_capture;
 mod bench_cmd;
 mod bench_e2e;

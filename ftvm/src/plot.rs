@@ -9,6 +9,7 @@ use anyhow::{anyhow, Context};
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
+use crate::bench_auth::{AuthCase, AuthReport};
 use crate::bench_capture::{CaptureCase, CaptureReport};
 
 /// Where `fonts-dejavu-core` puts its sans-serif face.
@@ -490,6 +491,53 @@ pub fn e2e(dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// `auth.png`: pause and send-updated-states time against the pages written per epoch, one line
+/// per link protection.
+pub fn auth(r: &AuthReport, dir: &Path) -> anyhow::Result<PathBuf> {
+    let mut names: Vec<String> = Vec::new();
+    for c in &r.cases {
+        if !names.contains(&c.protection) {
+            names.push(c.protection.clone());
+        }
+    }
+    let series = |f: &dyn Fn(&AuthCase) -> f64| -> Vec<Series> {
+        names
+            .iter()
+            .enumerate()
+            .map(|(i, n)| Series {
+                label: n.clone(),
+                points: r
+                    .cases
+                    .iter()
+                    .filter(|c| &c.protection == n)
+                    .map(|c| (c.target_pages as f64, f(c)))
+                    .collect(),
+                colour: i,
+                dashed: false,
+            })
+            .collect()
+    };
+    let panels = [
+        Panel {
+            title: format!("Pause p50, {} ms epochs", r.epoch_ms),
+            x_label: "pages written per epoch".into(),
+            y_label: "pause (µs)".into(),
+            log2_x: false,
+            series: series(&|c| c.pause_p50_us as f64),
+        },
+        Panel {
+            title: "Send-updated-states p50".into(),
+            x_label: "pages written per epoch".into(),
+            y_label: "send (µs)".into(),
+            log2_x: false,
+            series: series(&|c| c.send_p50_us as f64),
+        },
+    ];
+    let path = dir.join("auth.png");
+    render(&path, &panels)?;
+    Ok(path)
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
@@ -508,6 +556,11 @@ pub fn all(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     }
     if dir.join("e2e.json").exists() {
         done.push(e2e(dir)?);
+    }
+    let auth = dir.join("auth.json");
+    if auth.exists() {
+        let r: AuthReport = read_json(&auth)?;
+        done.push(self::auth(&r, dir)?);
     }
     if done.is_empty() {
         anyhow::bail!(
