@@ -564,6 +564,7 @@ fn agent_config(
         status_file: Some(d.join("status.json")),
         verbose: false,
         verify_every: None,
+        limits: Default::default(),
     })
 }
 

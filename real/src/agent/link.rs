@@ -17,8 +17,10 @@ use ftvm_model::wire::{
 use ftvm_model::{Epoch, Generation, PeerMsg, VmId};
 use tokio::sync::mpsc::UnboundedSender;
 
+use super::accept::Admission;
 use super::cow::CowCheckpoint;
 use super::event::{ConnId, Event};
+use super::staging::{CheckpointAssembler, Staged, StagingLimits};
 use crate::dirty::GuestRam;
 use crate::replica::StagedCheckpoint;
 use crate::transport::{self, SendTicket, Transport, TransportKind, TransportOptions};
@@ -148,13 +150,16 @@ impl Drop for Link {
 
 /// Starts the threads of a connected stream. `announce` receives the link (to post it to the
 /// event loop) before the reader starts, so the loop always knows a link before any of its
-/// messages arrive.
+/// messages arrive. `limits` are the VM's shape: what arriving checkpoints are checked against.
+/// An accepted connection comes with its `admission`, which the reader holds until it ends.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     stream: TcpStream,
     conn: ConnId,
     vm: VmId,
-    page_size: u32,
+    limits: StagingLimits,
     kind: TransportKind,
+    admission: Option<Admission>,
     events: UnboundedSender<Event>,
     announce: impl FnOnce(Link),
 ) -> std::io::Result<()> {
@@ -163,13 +168,14 @@ pub fn spawn(
     let socket = stream.try_clone()?;
     let (tx, rx) = mpsc::channel();
     let ev = events.clone();
+    let page_size = limits.page_size;
     std::thread::Builder::new()
         .name(format!("link{}-tx", conn.0))
         .spawn(move || writer(stream, conn, vm, page_size, kind, rx, ev))?;
     announce(Link { tx, socket });
     std::thread::Builder::new()
         .name(format!("link{}-rx", conn.0))
-        .spawn(move || read_loop(reader, conn, vm, events))?;
+        .spawn(move || read_loop(reader, conn, vm, limits, admission, events))?;
     Ok(())
 }
 
@@ -408,10 +414,17 @@ const PAGES_PER_BATCH: usize = 256;
 /// Minimum spacing of `Heard` events: liveness needs no more.
 const HEARD_EVERY: Duration = Duration::from_millis(5);
 
-fn read_loop(mut stream: TcpStream, conn: ConnId, vm: VmId, events: UnboundedSender<Event>) {
+fn read_loop(
+    mut stream: TcpStream,
+    conn: ConnId,
+    vm: VmId,
+    limits: StagingLimits,
+    admission: Option<Admission>,
+    events: UnboundedSender<Event>,
+) {
     let mut dec = StreamDecoder::new(Expect::vm(vm));
     let mut buf = vec![0u8; 1 << 20];
-    let mut staged: Option<StagedCheckpoint> = None;
+    let mut assembler = CheckpointAssembler::new(limits);
     let mut last_heard = Instant::now() - HEARD_EVERY;
     let why = loop {
         let n = match stream.read(&mut buf) {
@@ -439,50 +452,37 @@ fn read_loop(mut stream: TcpStream, conn: ConnId, vm: VmId, events: UnboundedSen
                     break;
                 }
             };
+            if let (Some(a), Some(_)) = (&admission, &item) {
+                // A valid frame (its header checked out): the handshake deadline is met.
+                a.established();
+            }
             match item {
                 None => {}
                 Some(Item::Peer(msg)) => {
                     let _ = events.send(Event::Message { conn, msg });
-                }
-                Some(Item::CheckpointBegin { generation, meta }) => {
-                    let _ = events.send(Event::CheckpointStarted {
-                        conn,
-                        epoch: meta.epoch,
-                    });
-                    let cap = meta.page_count.min(1 << 20) as usize;
-                    staged = Some(StagedCheckpoint {
-                        generation: generation.0,
-                        epoch: meta.epoch.0,
-                        indices: Vec::with_capacity(cap),
-                        data: Vec::with_capacity(cap * meta.page_size as usize),
-                        device: Vec::with_capacity(meta.device_len.min(1 << 24) as usize),
-                    });
-                }
-                Some(Item::Page { index, data }) => {
-                    if let Some(s) = staged.as_mut() {
-                        s.indices.push(index);
-                        s.data.extend_from_slice(data);
-                    }
-                }
-                Some(Item::Device { data, .. }) => {
-                    if let Some(s) = staged.as_mut() {
-                        s.device.extend_from_slice(data);
-                    }
-                }
-                Some(Item::CheckpointEnd { epoch }) => {
-                    if let Some(s) = staged.take() {
-                        let _ = events.send(Event::CheckpointReceived {
-                            conn,
-                            epoch,
-                            staged: s,
-                        });
-                    }
                 }
                 // Witness frames have no business on a checkpoint link.
                 Some(Item::WitnessRequest(_)) | Some(Item::WitnessReply(_)) => {
                     failed = Some("witness frame on a checkpoint link".to_string());
                     break;
                 }
+                Some(item) => match assembler.feed(item) {
+                    Ok(Staged::Nothing) => {}
+                    Ok(Staged::Started(epoch)) => {
+                        let _ = events.send(Event::CheckpointStarted { conn, epoch });
+                    }
+                    Ok(Staged::Complete(epoch, staged)) => {
+                        let _ = events.send(Event::CheckpointReceived {
+                            conn,
+                            epoch,
+                            staged,
+                        });
+                    }
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                },
             }
             input = &input[used..];
         }
@@ -491,5 +491,14 @@ fn read_loop(mut stream: TcpStream, conn: ConnId, vm: VmId, events: UnboundedSen
         }
     };
     let _ = stream.shutdown(Shutdown::Both);
+    // A checkpoint cut short — bad bytes, refused by staging, or the stream ended — is
+    // reported as received damaged before the link closes, as the simulator does.
+    if let Some(epoch) = assembler.abort() {
+        let _ = events.send(Event::CheckpointDamaged {
+            conn,
+            epoch,
+            why: why.clone(),
+        });
+    }
     let _ = events.send(Event::LinkClosed { conn, why });
 }

@@ -3,15 +3,18 @@
 //! returns on a real VM, real sockets and a real replica. Every decision is the model's; this
 //! module only moves bytes and measures.
 
+pub mod accept;
 pub mod capture;
 pub mod cow;
 pub mod event;
+pub mod limits;
 pub mod link;
 pub mod mem_vm;
 pub mod metrics;
 pub mod netio;
 pub mod qemu_vm;
 mod resume_gate;
+pub mod staging;
 pub mod vm;
 pub mod witness;
 
@@ -27,12 +30,15 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use self::capture::CaptureMode;
 use self::cow::CowCheckpoint;
-use self::event::{ConnId, Event};
+use self::event::{CommitError, ConnId, Event};
+use self::limits::AgentLimits;
 use self::link::{CowPages, Link, Outgoing, PausedPages};
 use self::metrics::{EpochMetrics, MetricsSink, RunSummary};
 use self::netio::NetIo;
 use self::resume_gate::ResumeGate;
+use self::staging::StagingLimits;
 use self::vm::{RestorePoint, Vm, VmError, VmLauncher};
+use crate::net::backpressure::{CapStats, OutputCap};
 use crate::net::output::OutputGate;
 use crate::replica::{Replica, ReplicaError, StagedCheckpoint};
 use crate::transport::TransportKind;
@@ -55,13 +61,16 @@ pub enum AgentError {
     #[error(transparent)]
     Replica(#[from] ReplicaError),
     /// A commit failed: the replica keeps its previous checkpoint, but this backup is unusable.
-    #[error("commit of epoch {epoch} failed: {detail}")]
+    #[error("commit of epoch {epoch} failed: {source}")]
     Commit {
         /// Epoch.
         epoch: u64,
         /// Cause.
-        detail: String,
+        source: CommitError,
     },
+    /// The metrics file could not be created.
+    #[error("metrics file: {0}")]
+    Metrics(#[source] std::io::Error),
     /// The primary refused this host for a reason retrying cannot fix.
     #[error("refused by the primary: {0}")]
     Refused(String),
@@ -104,6 +113,8 @@ pub struct AgentConfig {
     /// commit. Equal digests for an epoch prove the replica equals the primary at that
     /// checkpoint. Costs a pass over RAM while the VM is paused; for tests.
     pub verify_every: Option<u64>,
+    /// Bounds on what peers and the VM can make this agent hold.
+    pub limits: AgentLimits,
 }
 
 /// Why an agent loop ended without an error.
@@ -136,6 +147,8 @@ pub struct StatusReport {
     pub failover_us: Option<u64>,
     /// Metrics summary so far.
     pub summary: RunSummary,
+    /// The output gate's byte cap: held bytes, the cap, how often and how long it was hit.
+    pub output: CapStats,
 }
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -163,6 +176,7 @@ pub struct Agent<L: VmLauncher> {
     /// cow: the write-protected pages of `captured`, until handed to its link.
     captured_cow: Option<CowCheckpoint>,
     gate: OutputGate,
+    output_cap: Arc<OutputCap>,
     net: Option<NetIo>,
     metrics: MetricsSink,
     open_epochs: BTreeMap<u64, (EpochMetrics, Option<Instant>)>,
@@ -188,11 +202,9 @@ impl<L: VmLauncher> Agent<L> {
             ram_bytes,
             cfg.model.page_size as usize,
         )?;
-        let metrics = MetricsSink::new(cfg.metrics.as_deref()).map_err(|e| AgentError::Commit {
-            epoch: 0,
-            detail: format!("metrics file: {e}"),
-        })?;
+        let metrics = MetricsSink::new(cfg.metrics.as_deref()).map_err(AgentError::Metrics)?;
         let (tx, rx) = unbounded_channel();
+        let output_cap = Arc::new(OutputCap::new(cfg.limits.output_cap_bytes));
         Ok(Agent {
             node: Node::new(cfg.model.clone(), cfg.node, cfg.start),
             cfg,
@@ -209,7 +221,8 @@ impl<L: VmLauncher> Agent<L> {
             spare: None,
             captured: None,
             captured_cow: None,
-            gate: OutputGate::new(),
+            gate: OutputGate::with_cap(output_cap.clone()),
+            output_cap,
             net: None,
             metrics,
             open_epochs: BTreeMap::new(),
@@ -225,6 +238,20 @@ impl<L: VmLauncher> Agent<L> {
     /// The channel helper tasks report on (to build a [`NetIo`] before [`Agent::run`]).
     pub fn events(&self) -> UnboundedSender<Event> {
         self.tx.clone()
+    }
+
+    /// The output gate's byte budget, which the VM's network reader charges ([`NetIo::start`]).
+    pub fn output_cap(&self) -> Arc<OutputCap> {
+        self.output_cap.clone()
+    }
+
+    /// What arriving checkpoints are checked against: this VM's shape.
+    fn staging_limits(&self) -> StagingLimits {
+        StagingLimits {
+            page_size: self.cfg.model.page_size,
+            ram_pages: self.cfg.model.ram_pages,
+            max_device_bytes: self.cfg.limits.max_device_bytes,
+        }
     }
 
     /// Attaches the VM's network path.
@@ -300,27 +327,16 @@ impl<L: VmLauncher> Agent<L> {
         let addr = self.cfg.listen;
         let listener =
             TcpListener::bind(addr).map_err(|source| AgentError::Listen { addr, source })?;
-        let tx = self.tx.clone();
-        let (vm, ps, kind) = (
-            self.cfg.model.vm,
-            self.cfg.model.page_size,
-            self.cfg.transport,
-        );
-        std::thread::Builder::new()
-            .name("accept".into())
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    let conn = new_conn();
-                    let announce = |link| {
-                        let _ = tx.send(Event::Accepted { conn, link });
-                    };
-                    if let Err(e) = link::spawn(stream, conn, vm, ps, kind, tx.clone(), announce) {
-                        eprintln!("ftvm: accepting a checkpoint link: {e}");
-                    }
-                }
-            })
-            .map_err(|source| AgentError::Listen { addr, source })?;
-        Ok(())
+        accept::spawn(accept::Listener {
+            listener,
+            vm: self.cfg.model.vm,
+            staging: self.staging_limits(),
+            kind: self.cfg.transport,
+            limits: self.cfg.limits.conn,
+            events: self.tx.clone(),
+            new_conn,
+        })
+        .map_err(|source| AgentError::Listen { addr, source })
     }
 
     fn drop_conn(&mut self, conn: ConnId) -> Option<NodeId> {
@@ -387,6 +403,18 @@ impl<L: VmLauncher> Agent<L> {
                     pending.push_back(Input::CheckpointStarted { epoch });
                 }
             }
+            Event::CheckpointDamaged { conn, epoch, why } => {
+                // As in the simulator: the model hears of a damaged checkpoint (and drops the
+                // stream); the link's closure follows.
+                if let Some(peer) = self.peer_of(conn) {
+                    eprintln!(
+                        "ftvm[{}]: checkpoint {epoch} from {peer} dropped with its link: {why}",
+                        self.cfg.node
+                    );
+                    self.staged.remove(&epoch.0);
+                    pending.push_back(Input::CheckpointReceived { epoch, ok: false });
+                }
+            }
             Event::CheckpointReceived {
                 conn,
                 epoch,
@@ -431,10 +459,10 @@ impl<L: VmLauncher> Agent<L> {
             Event::Witness(reply) => pending.push_back(Input::WitnessReply(reply)),
             Event::Committed { epoch, error } => match error {
                 None => pending.push_back(Input::Committed { epoch }),
-                Some(detail) => {
+                Some(source) => {
                     return Err(AgentError::Commit {
                         epoch: epoch.0,
-                        detail,
+                        source,
                     })
                 }
             },
@@ -629,19 +657,19 @@ impl<L: VmLauncher> Agent<L> {
                 let verify = self.verify_due(epoch).then(|| self.verify_path());
                 tokio::task::spawn_blocking(move || {
                     let error = match staged {
-                        None => Some("no staged checkpoint of that epoch".to_string()),
+                        None => Some(CommitError::NotStaged),
                         Some(s) => match replica.lock() {
-                            Ok(mut r) => r.commit(&s).err().map(|e| e.to_string()).or_else(|| {
+                            Ok(mut r) => r.commit(&s).err().map(CommitError::from).or_else(|| {
                                 let path = verify?;
                                 match r.ram_digest() {
                                     Ok(d) => {
                                         append_digest(&path, epoch, s.generation, d);
                                         None
                                     }
-                                    Err(e) => Some(e.to_string()),
+                                    Err(e) => Some(e.into()),
                                 }
                             }),
-                            Err(_) => Some("replica lock poisoned".to_string()),
+                            Err(_) => Some(CommitError::LockPoisoned),
                         },
                     };
                     let _ = tx.send(Event::Committed { epoch, error });
@@ -752,11 +780,7 @@ impl<L: VmLauncher> Agent<L> {
             });
             return;
         };
-        let (vm, ps, kind) = (
-            self.cfg.model.vm,
-            self.cfg.model.page_size,
-            self.cfg.transport,
-        );
+        let (vm, limits, kind) = (self.cfg.model.vm, self.staging_limits(), self.cfg.transport);
         tokio::task::spawn_blocking(move || {
             let failed = match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
                 Ok(stream) => {
@@ -768,7 +792,7 @@ impl<L: VmLauncher> Agent<L> {
                             link,
                         });
                     };
-                    link::spawn(stream, conn, vm, ps, kind, tx.clone(), announce)
+                    link::spawn(stream, conn, vm, limits, kind, None, tx.clone(), announce)
                         .err()
                         .map(|e| e.to_string())
                 }
@@ -796,6 +820,10 @@ impl<L: VmLauncher> Agent<L> {
                 if e == through.0 {
                     m.frames_released = frames;
                     m.longest_hold_us = longest_hold_us;
+                    let cap = self.output_cap.take_since_last(now);
+                    m.output_held_bytes = cap.held_bytes;
+                    m.output_cap_hits = cap.cap_hits;
+                    m.output_cap_paused_us = cap.cap_paused_us;
                 }
                 self.metrics.record(&m);
             }
@@ -836,6 +864,7 @@ impl<L: VmLauncher> Agent<L> {
             acked: st.acked.0,
             failover_us: self.failover_us,
             summary: self.metrics.summary(),
+            output: self.output_cap.stats(Instant::now()),
         }
     }
 
@@ -881,3 +910,7 @@ async fn vm_died<V: Vm>(vm: &mut Option<V>) -> VmError {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+#[path = "agent_tests.rs"]
+mod tests;

@@ -110,6 +110,7 @@ fn config(dir: &Path, node: u32, start: Start, run: &Run, addrs: &Addrs) -> Agen
         status_file: Some(d.join("status.json")),
         verbose: false,
         verify_every: Some(run.verify_every),
+        limits: Default::default(),
     }
 }
 
