@@ -21,9 +21,10 @@ use ftvm_model::{Epoch, Generation};
 use crate::replica::StagedCheckpoint;
 
 /// Default cap on a checkpoint's device state (QEMU's migration stream without guest RAM).
-/// The agent's QEMU (`-nodefaults`, virtio-net, no display) sends about 60 KB; 32 MiB leaves
-/// room for machines with more devices, even a 16 MiB VGA framebuffer added by hand, while a
-/// peer can no longer make a backup buffer gigabytes of it.
+/// The agent's QEMU (`-nodefaults`, virtio-net, no display) sends 42 KB for the test guest
+/// (`real/tests/qemu_checkpoint.rs`, 256 MiB of RAM); 32 MiB leaves room for machines with
+/// many more devices, even a 16 MiB VGA framebuffer added by hand, while a peer can no longer
+/// make a backup buffer gigabytes of it.
 pub const DEFAULT_MAX_DEVICE_BYTES: u64 = 32 << 20;
 
 /// Pages reserved at `CheckpointBegin` at most, whatever the peer claims.
