@@ -9,10 +9,12 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use ftvm_model::{Config, NodeId, Start, VmId};
 use ftvm_real::agent::capture::CaptureMode;
+use ftvm_real::agent::limits::AgentLimits;
 use ftvm_real::agent::netio::NetIo;
 use ftvm_real::agent::qemu_vm::{QemuLauncher, Tracking};
 use ftvm_real::agent::{Agent, AgentConfig, AgentExit};
 use ftvm_real::auth::{Identity, Protection};
+use ftvm_real::net::backpressure::DEFAULT_OUTPUT_CAP_BYTES;
 use ftvm_real::qemu::{BootOptions, NetBackend, NetConfig, QemuConfig};
 use ftvm_real::transport::TransportKind;
 
@@ -88,14 +90,14 @@ pub struct Args {
     /// commit) in <state-dir>/replica/verify.jsonl, to prove the replica matches. For tests.
     #[arg(long)]
     verify_every: Option<u64>,
+    /// Most MiB of guest frames held behind the output gate; at the cap the agent stops reading
+    /// the VM's network (the guest's transmit stalls, nothing is dropped) until acks release it.
+    #[arg(long, default_value_t = DEFAULT_OUTPUT_CAP_BYTES >> 20, value_parser = clap::value_parser!(u64).range(1..))]
+    output_cap_mb: u64,
     /// Log protocol events.
     #[arg(long)]
     verbose: bool,
 }
-
-/// How long a connection may take to authenticate (a local network's round trips take well
-/// under a millisecond; a peer that says nothing for this long holds a slot for nothing).
-pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(2);
 
 fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
     let (id, addr) = s
@@ -232,7 +234,6 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         metrics: Some(args.state_dir.join("metrics.jsonl")),
         status_file: Some(args.state_dir.join("status.json")),
         identity: Arc::new(identity),
-        handshake_deadline: HANDSHAKE_DEADLINE,
         protection: if args.encrypt {
             Protection::Encrypt
         } else {
@@ -240,6 +241,10 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         },
         verbose: args.verbose,
         verify_every: args.verify_every,
+        limits: AgentLimits {
+            output_cap_bytes: args.output_cap_mb.saturating_mul(1 << 20),
+            ..AgentLimits::default()
+        },
     };
     // One thread runs the loop and spawns QEMU: PR_SET_PDEATHSIG ties QEMU to that thread, so a
     // killed agent takes its QEMU with it (a dead host's VM must not linger).
@@ -249,8 +254,13 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         .context("starting the async runtime")?;
     let exit = rt.block_on(async move {
         let mut agent = Agent::new(cfg, launcher).context("starting the agent")?;
-        let net = NetIo::start(&netdev_socket, args.tap.as_deref(), agent.events())
-            .context("setting up the VM's network path")?;
+        let net = NetIo::start(
+            &netdev_socket,
+            args.tap.as_deref(),
+            agent.events(),
+            agent.output_cap(),
+        )
+        .context("setting up the VM's network path")?;
         agent.attach_net(net);
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;

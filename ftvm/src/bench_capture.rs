@@ -595,10 +595,10 @@ fn agent_config(
         metrics: Some(d.join("metrics.jsonl")),
         status_file: Some(d.join("status.json")),
         identity,
-        handshake_deadline: crate::agent_cmd::HANDSHAKE_DEADLINE,
         protection: spec.protection,
         verbose: false,
         verify_every: None,
+        limits: Default::default(),
     })
 }
 

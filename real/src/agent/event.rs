@@ -3,8 +3,23 @@
 use ftvm_model::{Epoch, PeerMsg, WitnessReply};
 
 use super::cow::CowStats;
-use crate::replica::StagedCheckpoint;
+use crate::replica::{ReplicaError, StagedCheckpoint};
 use crate::transport::TransportStats;
+
+/// Why a commit failed. Staging already refused every checkpoint that does not fit the
+/// replica, so these are local failures (disk, a missing checkpoint), not a peer's doing.
+#[derive(Debug, thiserror::Error)]
+pub enum CommitError {
+    /// The model asked to commit an epoch that was never staged.
+    #[error("no staged checkpoint of that epoch")]
+    NotStaged,
+    /// The replica store failed.
+    #[error(transparent)]
+    Replica(#[from] ReplicaError),
+    /// A thread panicked while holding the replica.
+    #[error("replica lock poisoned")]
+    LockPoisoned,
+}
 
 /// Identifies one checkpoint-link connection (a peer may reconnect: each gets a new id).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -56,6 +71,16 @@ pub enum Event {
         /// Its epoch.
         epoch: Epoch,
     },
+    /// A checkpoint was cut short: damaged bytes, refused by staging's bounds, or the stream
+    /// ended inside it. The link closes right after (a `LinkClosed` follows).
+    CheckpointDamaged {
+        /// On which connection.
+        conn: ConnId,
+        /// Its epoch.
+        epoch: Epoch,
+        /// What was wrong.
+        why: String,
+    },
     /// A checkpoint arrived whole and its checksum matched.
     CheckpointReceived {
         /// On which connection.
@@ -93,8 +118,8 @@ pub enum Event {
     Committed {
         /// Epoch.
         epoch: Epoch,
-        /// Error text if it failed.
-        error: Option<String>,
+        /// Why it failed, if it did.
+        error: Option<CommitError>,
     },
     /// A frame from the VM (to the gate).
     VmFrame(Vec<u8>),

@@ -25,8 +25,10 @@ use crate::auth::handshake::{self, Purpose};
 use crate::auth::{protection, FrameSealer, Identity, LinkOpener, LinkSealer, Protection};
 use crate::auth::{PublicKey, TAG_LEN};
 
+use super::accept::Admission;
 use super::cow::CowCheckpoint;
 use super::event::{ConnId, Event};
+use super::staging::{CheckpointAssembler, Staged, StagingLimits};
 use crate::dirty::GuestRam;
 use crate::replica::StagedCheckpoint;
 use crate::transport::{self, SendTicket, Transport, TransportKind, TransportOptions};
@@ -173,8 +175,8 @@ pub enum Side {
 pub struct LinkSetup {
     /// The protected VM.
     pub vm: VmId,
-    /// Its page size.
-    pub page_size: u32,
+    /// What arriving checkpoints are checked against (the VM's shape).
+    pub staging: StagingLimits,
     /// How checkpoints leave this host.
     pub kind: TransportKind,
     /// This node's keys and the others' public keys.
@@ -190,11 +192,15 @@ pub struct LinkSetup {
 /// socket. `announce` receives the link and the node it is bound to (to post them to the event
 /// loop) before the reader starts, so the loop always knows a link before any of its messages
 /// arrive; `refused` hears why a handshake or the thread start failed.
+/// An accepted connection comes with its `admission`, which the reader holds until it ends and
+/// marks established once the handshake succeeded.
+#[allow(clippy::too_many_arguments)]
 pub fn spawn(
     stream: TcpStream,
     conn: ConnId,
     side: Side,
     setup: LinkSetup,
+    admission: Option<Admission>,
     events: UnboundedSender<Event>,
     announce: impl FnOnce(Link, NodeId) + Send + 'static,
     refused: impl FnOnce(String) + Send + 'static,
@@ -202,7 +208,7 @@ pub fn spawn(
     std::thread::Builder::new()
         .name(format!("link{}-hs", conn.0))
         .spawn(move || {
-            if let Err(why) = start(stream, conn, side, setup, events, announce) {
+            if let Err(why) = start(stream, conn, side, setup, admission, events, announce) {
                 refused(why);
             }
         })?;
@@ -214,6 +220,7 @@ fn start(
     conn: ConnId,
     side: Side,
     setup: LinkSetup,
+    admission: Option<Admission>,
     events: UnboundedSender<Event>,
     announce: impl FnOnce(Link, NodeId),
 ) -> Result<(), String> {
@@ -236,6 +243,10 @@ fn start(
         }
     };
     let acc = acc.map_err(|e| e.to_string())?;
+    // Authenticated: the listener's handshake deadline no longer applies.
+    if let Some(a) = &admission {
+        a.established();
+    }
     stream.set_read_timeout(None).map_err(io)?;
     stream.set_write_timeout(None).map_err(io)?;
     let reader = stream.try_clone().map_err(io)?;
@@ -244,13 +255,13 @@ fn start(
     let ev = events.clone();
     let dec = StreamDecoder::new(Expect::vm(vm));
     let (sealer, opener) = protection::halves(setup.protection, acc, dec);
-    let (ps, kind) = (setup.page_size, setup.kind);
+    let (ps, kind) = (setup.staging.page_size, setup.kind);
     std::thread::Builder::new()
         .name(format!("link{}-tx", conn.0))
         .spawn(move || writer(stream, conn, vm, ps, kind, sealer, rx, ev))
         .map_err(io)?;
     announce(Link { tx, socket }, peer);
-    read_loop(reader, conn, opener, events);
+    read_loop(reader, conn, opener, setup.staging, admission, events);
     Ok(())
 }
 
@@ -622,10 +633,13 @@ fn read_loop(
     mut stream: TcpStream,
     conn: ConnId,
     mut dec: LinkOpener,
+    limits: StagingLimits,
+    // Held until the reader ends: it frees the connection's slot under the listener's cap.
+    admission: Option<Admission>,
     events: UnboundedSender<Event>,
 ) {
     let mut buf = vec![0u8; 1 << 20];
-    let mut staged: Option<StagedCheckpoint> = None;
+    let mut assembler = CheckpointAssembler::new(limits);
     let mut last_heard = Instant::now() - HEARD_EVERY;
     let why = loop {
         let n = match stream.read(&mut buf) {
@@ -659,45 +673,28 @@ fn read_loop(
                 Some(Item::Peer(msg)) => {
                     let _ = events.send(Event::Message { conn, msg });
                 }
-                Some(Item::CheckpointBegin { generation, meta }) => {
-                    let _ = events.send(Event::CheckpointStarted {
-                        conn,
-                        epoch: meta.epoch,
-                    });
-                    let cap = meta.page_count.min(1 << 20) as usize;
-                    staged = Some(StagedCheckpoint {
-                        generation: generation.0,
-                        epoch: meta.epoch.0,
-                        indices: Vec::with_capacity(cap),
-                        data: Vec::with_capacity(cap * meta.page_size as usize),
-                        device: Vec::with_capacity(meta.device_len.min(1 << 24) as usize),
-                    });
-                }
-                Some(Item::Page { index, data }) => {
-                    if let Some(s) = staged.as_mut() {
-                        s.indices.push(index);
-                        s.data.extend_from_slice(data);
-                    }
-                }
-                Some(Item::Device { data, .. }) => {
-                    if let Some(s) = staged.as_mut() {
-                        s.device.extend_from_slice(data);
-                    }
-                }
-                Some(Item::CheckpointEnd { epoch }) => {
-                    if let Some(s) = staged.take() {
-                        let _ = events.send(Event::CheckpointReceived {
-                            conn,
-                            epoch,
-                            staged: s,
-                        });
-                    }
-                }
                 // Witness frames have no business on a checkpoint link.
                 Some(Item::WitnessRequest(_)) | Some(Item::WitnessReply(_)) => {
                     failed = Some("witness frame on a checkpoint link".to_string());
                     break;
                 }
+                Some(item) => match assembler.feed(item) {
+                    Ok(Staged::Nothing) => {}
+                    Ok(Staged::Started(epoch)) => {
+                        let _ = events.send(Event::CheckpointStarted { conn, epoch });
+                    }
+                    Ok(Staged::Complete(epoch, staged)) => {
+                        let _ = events.send(Event::CheckpointReceived {
+                            conn,
+                            epoch,
+                            staged,
+                        });
+                    }
+                    Err(e) => {
+                        failed = Some(e.to_string());
+                        break;
+                    }
+                },
             }
             input = &input[used..];
         }
@@ -706,5 +703,15 @@ fn read_loop(
         }
     };
     let _ = stream.shutdown(Shutdown::Both);
+    // A checkpoint cut short — bad bytes, refused by staging, or the stream ended — is
+    // reported as received damaged before the link closes, as the simulator does.
+    if let Some(epoch) = assembler.abort() {
+        let _ = events.send(Event::CheckpointDamaged {
+            conn,
+            epoch,
+            why: why.clone(),
+        });
+    }
+    drop(admission);
     let _ = events.send(Event::LinkClosed { conn, why });
 }

@@ -43,6 +43,12 @@ pub struct EpochMetrics {
     pub frames_released: u64,
     /// Longest time a released frame was held.
     pub longest_hold_us: u64,
+    /// Bytes of guest frames still held after this epoch's release.
+    pub output_held_bytes: u64,
+    /// Times the output cap was reached since the previous epoch's line.
+    pub output_cap_hits: u64,
+    /// Time the VM's network was not read because of the cap since the previous epoch's line.
+    pub output_cap_paused_us: u64,
 }
 
 /// The summary of a run: incremental checkpoints only (a backup's full sync is a one-off whose

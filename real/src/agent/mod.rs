@@ -3,15 +3,18 @@
 //! returns on a real VM, real sockets and a real replica. Every decision is the model's; this
 //! module only moves bytes and measures.
 
+pub mod accept;
 pub mod capture;
 pub mod cow;
 pub mod event;
+pub mod limits;
 pub mod link;
 pub mod mem_vm;
 pub mod metrics;
 pub mod netio;
 pub mod qemu_vm;
 mod resume_gate;
+pub mod staging;
 pub mod vm;
 pub mod witness;
 
@@ -27,13 +30,16 @@ use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use self::capture::CaptureMode;
 use self::cow::CowCheckpoint;
-use self::event::{ConnId, Event};
+use self::event::{CommitError, ConnId, Event};
+use self::limits::AgentLimits;
 use self::link::{CowPages, Link, LinkSetup, Outgoing, PausedPages, Side};
 use self::metrics::{EpochMetrics, MetricsSink, RunSummary};
 use self::netio::NetIo;
 use self::resume_gate::ResumeGate;
+use self::staging::StagingLimits;
 use self::vm::{RestorePoint, Vm, VmError, VmLauncher};
 use crate::auth::{Identity, Protection};
+use crate::net::backpressure::{CapStats, OutputCap};
 use crate::net::output::OutputGate;
 use crate::replica::{Replica, ReplicaError, StagedCheckpoint};
 use crate::transport::TransportKind;
@@ -56,13 +62,16 @@ pub enum AgentError {
     #[error(transparent)]
     Replica(#[from] ReplicaError),
     /// A commit failed: the replica keeps its previous checkpoint, but this backup is unusable.
-    #[error("commit of epoch {epoch} failed: {detail}")]
+    #[error("commit of epoch {epoch} failed: {source}")]
     Commit {
         /// Epoch.
         epoch: u64,
         /// Cause.
-        detail: String,
+        source: CommitError,
     },
+    /// The metrics file could not be created.
+    #[error("metrics file: {0}")]
+    Metrics(#[source] std::io::Error),
     /// The primary refused this host for a reason retrying cannot fix.
     #[error("refused by the primary: {0}")]
     Refused(String),
@@ -101,8 +110,6 @@ pub struct AgentConfig {
     /// This node's key pair and the public keys of the other nodes and the witness: every link
     /// and witness exchange is authenticated with them.
     pub identity: Arc<Identity>,
-    /// How long a connection may take to authenticate before it is dropped.
-    pub handshake_deadline: Duration,
     /// How link frames are protected (both agents must agree).
     pub protection: Protection,
     /// Log protocol events to stderr.
@@ -112,6 +119,8 @@ pub struct AgentConfig {
     /// commit. Equal digests for an epoch prove the replica equals the primary at that
     /// checkpoint. Costs a pass over RAM while the VM is paused; for tests.
     pub verify_every: Option<u64>,
+    /// Bounds on what peers and the VM can make this agent hold.
+    pub limits: AgentLimits,
 }
 
 /// Why an agent loop ended without an error.
@@ -144,6 +153,8 @@ pub struct StatusReport {
     pub failover_us: Option<u64>,
     /// Metrics summary so far.
     pub summary: RunSummary,
+    /// The output gate's byte cap: held bytes, the cap, how often and how long it was hit.
+    pub output: CapStats,
 }
 
 static NEXT_CONN: AtomicU64 = AtomicU64::new(1);
@@ -173,6 +184,7 @@ pub struct Agent<L: VmLauncher> {
     /// cow: the write-protected pages of `captured`, until handed to its link.
     captured_cow: Option<CowCheckpoint>,
     gate: OutputGate,
+    output_cap: Arc<OutputCap>,
     net: Option<NetIo>,
     metrics: MetricsSink,
     open_epochs: BTreeMap<u64, (EpochMetrics, Option<Instant>)>,
@@ -198,11 +210,9 @@ impl<L: VmLauncher> Agent<L> {
             ram_bytes,
             cfg.model.page_size as usize,
         )?;
-        let metrics = MetricsSink::new(cfg.metrics.as_deref()).map_err(|e| AgentError::Commit {
-            epoch: 0,
-            detail: format!("metrics file: {e}"),
-        })?;
+        let metrics = MetricsSink::new(cfg.metrics.as_deref()).map_err(AgentError::Metrics)?;
         let (tx, rx) = unbounded_channel();
+        let output_cap = Arc::new(OutputCap::new(cfg.limits.output_cap_bytes));
         Ok(Agent {
             node: Node::new(cfg.model.clone(), cfg.node, cfg.start),
             cfg,
@@ -220,7 +230,8 @@ impl<L: VmLauncher> Agent<L> {
             spare: None,
             captured: None,
             captured_cow: None,
-            gate: OutputGate::new(),
+            gate: OutputGate::with_cap(output_cap.clone()),
+            output_cap,
             net: None,
             metrics,
             open_epochs: BTreeMap::new(),
@@ -236,6 +247,20 @@ impl<L: VmLauncher> Agent<L> {
     /// The channel helper tasks report on (to build a [`NetIo`] before [`Agent::run`]).
     pub fn events(&self) -> UnboundedSender<Event> {
         self.tx.clone()
+    }
+
+    /// The output gate's byte budget, which the VM's network reader charges ([`NetIo::start`]).
+    pub fn output_cap(&self) -> Arc<OutputCap> {
+        self.output_cap.clone()
+    }
+
+    /// What arriving checkpoints are checked against: this VM's shape.
+    fn staging_limits(&self) -> StagingLimits {
+        StagingLimits {
+            page_size: self.cfg.model.page_size,
+            ram_pages: self.cfg.model.ram_pages,
+            max_device_bytes: self.cfg.limits.max_device_bytes,
+        }
     }
 
     /// Attaches the VM's network path.
@@ -310,10 +335,10 @@ impl<L: VmLauncher> Agent<L> {
     fn link_setup(&self) -> LinkSetup {
         LinkSetup {
             vm: self.cfg.model.vm,
-            page_size: self.cfg.model.page_size,
+            staging: self.staging_limits(),
             kind: self.cfg.transport,
             identity: self.cfg.identity.clone(),
-            handshake_deadline: self.cfg.handshake_deadline,
+            handshake_deadline: self.cfg.limits.conn.handshake_deadline,
             protection: self.cfg.protection,
         }
     }
@@ -322,34 +347,15 @@ impl<L: VmLauncher> Agent<L> {
         let addr = self.cfg.listen;
         let listener =
             TcpListener::bind(addr).map_err(|source| AgentError::Listen { addr, source })?;
-        let tx = self.tx.clone();
-        let setup = self.link_setup();
-        let node = self.cfg.node;
-        std::thread::Builder::new()
-            .name("accept".into())
-            .spawn(move || {
-                for stream in listener.incoming().flatten() {
-                    let conn = new_conn();
-                    let who = stream
-                        .peer_addr()
-                        .map_or_else(|_| "?".to_string(), |a| a.to_string());
-                    let events = tx.clone();
-                    let announce = move |link, peer| {
-                        let _ = events.send(Event::Accepted { conn, peer, link });
-                    };
-                    let refused = move |why: String| {
-                        eprintln!("ftvm[{node}]: refused a connection from {who}: {why}");
-                    };
-                    let (setup, tx) = (setup.clone(), tx.clone());
-                    if let Err(e) =
-                        link::spawn(stream, conn, Side::Listen, setup, tx, announce, refused)
-                    {
-                        eprintln!("ftvm[{node}]: accepting a checkpoint link: {e}");
-                    }
-                }
-            })
-            .map_err(|source| AgentError::Listen { addr, source })?;
-        Ok(())
+        accept::spawn(accept::Listener {
+            listener,
+            setup: self.link_setup(),
+            node: self.cfg.node,
+            limits: self.cfg.limits.conn,
+            events: self.tx.clone(),
+            new_conn,
+        })
+        .map_err(|source| AgentError::Listen { addr, source })
     }
 
     fn drop_conn(&mut self, conn: ConnId) -> Option<NodeId> {
@@ -433,6 +439,18 @@ impl<L: VmLauncher> Agent<L> {
                     pending.push_back(Input::CheckpointStarted { epoch });
                 }
             }
+            Event::CheckpointDamaged { conn, epoch, why } => {
+                // As in the simulator: the model hears of a damaged checkpoint (and drops the
+                // stream); the link's closure follows.
+                if let Some(peer) = self.peer_of(conn) {
+                    eprintln!(
+                        "ftvm[{}]: checkpoint {epoch} from {peer} dropped with its link: {why}",
+                        self.cfg.node
+                    );
+                    self.staged.remove(&epoch.0);
+                    pending.push_back(Input::CheckpointReceived { epoch, ok: false });
+                }
+            }
             Event::CheckpointReceived {
                 conn,
                 epoch,
@@ -477,10 +495,10 @@ impl<L: VmLauncher> Agent<L> {
             Event::Witness(reply) => pending.push_back(Input::WitnessReply(reply)),
             Event::Committed { epoch, error } => match error {
                 None => pending.push_back(Input::Committed { epoch }),
-                Some(detail) => {
+                Some(source) => {
                     return Err(AgentError::Commit {
                         epoch: epoch.0,
-                        detail,
+                        source,
                     })
                 }
             },
@@ -683,19 +701,19 @@ impl<L: VmLauncher> Agent<L> {
                 let verify = self.verify_due(epoch).then(|| self.verify_path());
                 tokio::task::spawn_blocking(move || {
                     let error = match staged {
-                        None => Some("no staged checkpoint of that epoch".to_string()),
+                        None => Some(CommitError::NotStaged),
                         Some(s) => match replica.lock() {
-                            Ok(mut r) => r.commit(&s).err().map(|e| e.to_string()).or_else(|| {
+                            Ok(mut r) => r.commit(&s).err().map(CommitError::from).or_else(|| {
                                 let path = verify?;
                                 match r.ram_digest() {
                                     Ok(d) => {
                                         append_digest(&path, epoch, s.generation, d);
                                         None
                                     }
-                                    Err(e) => Some(e.to_string()),
+                                    Err(e) => Some(e.into()),
                                 }
                             }),
-                            Err(_) => Some("replica lock poisoned".to_string()),
+                            Err(_) => Some(CommitError::LockPoisoned),
                         },
                     };
                     let _ = tx.send(Event::Committed { epoch, error });
@@ -828,9 +846,18 @@ impl<L: VmLauncher> Agent<L> {
                         let _ = events.send(Event::ConnectFailed { peer: to, why });
                     };
                     let side = Side::Dial { peer: to, key };
-                    link::spawn(stream, conn, side, setup, tx.clone(), announce, refused)
-                        .err()
-                        .map(|e| e.to_string())
+                    link::spawn(
+                        stream,
+                        conn,
+                        side,
+                        setup,
+                        None,
+                        tx.clone(),
+                        announce,
+                        refused,
+                    )
+                    .err()
+                    .map(|e| e.to_string())
                 }
                 Err(e) => Some(format!("{addr}: {e}")),
             };
@@ -856,6 +883,10 @@ impl<L: VmLauncher> Agent<L> {
                 if e == through.0 {
                     m.frames_released = frames;
                     m.longest_hold_us = longest_hold_us;
+                    let cap = self.output_cap.take_since_last(now);
+                    m.output_held_bytes = cap.held_bytes;
+                    m.output_cap_hits = cap.cap_hits;
+                    m.output_cap_paused_us = cap.cap_paused_us;
                 }
                 self.metrics.record(&m);
             }
@@ -896,6 +927,7 @@ impl<L: VmLauncher> Agent<L> {
             acked: st.acked.0,
             failover_us: self.failover_us,
             summary: self.metrics.summary(),
+            output: self.output_cap.stats(Instant::now()),
         }
     }
 
@@ -941,3 +973,7 @@ async fn vm_died<V: Vm>(vm: &mut Option<V>) -> VmError {
         None => std::future::pending().await,
     }
 }
+
+#[cfg(test)]
+#[path = "agent_tests.rs"]
+mod tests;

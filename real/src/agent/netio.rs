@@ -2,6 +2,9 @@
 //! agent listens on before QEMU starts, since QEMU 7.2 never reconnects) and owns the host's tap
 //! device. Frames from the VM go to the event loop (and through the output gate); frames from the
 //! tap go straight to whichever VM is connected.
+//!
+//! Reading the VM's frames pauses while the output gate holds its cap of bytes
+//! ([`OutputCap`]): QEMU then keeps the guest's packets in the guest's own transmit queue.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -12,6 +15,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use tokio::sync::Mutex;
 
 use super::event::Event;
+use crate::net::backpressure::OutputCap;
 use crate::net::frame::{read_frame, write_frame};
 use crate::net::tap::{Tap, TapError};
 
@@ -40,11 +44,13 @@ pub struct NetIo {
 
 impl NetIo {
     /// Listens on `socket` for QEMU and opens tap `tap` (if given; without one, released frames
-    /// are dropped — useful for tests that watch only the gate).
+    /// are dropped — useful for tests that watch only the gate). Frames read from the VM are
+    /// charged to `cap` (the agent's, [`super::Agent::output_cap`]).
     pub fn start(
         socket: &Path,
         tap: Option<&str>,
         events: UnboundedSender<Event>,
+        cap: Arc<OutputCap>,
     ) -> Result<NetIo, NetIoError> {
         let _ = std::fs::remove_file(socket);
         let listener = UnixListener::bind(socket).map_err(|source| NetIoError::Socket {
@@ -60,9 +66,15 @@ impl NetIo {
             while let Ok((stream, _)) = listener.accept().await {
                 let (mut rd, wr) = stream.into_split();
                 *slot.lock().await = Some(wr);
-                let ev = ev.clone();
+                let (ev, cap) = (ev.clone(), cap.clone());
                 tokio::spawn(async move {
-                    while let Ok(Some(frame)) = read_frame(&mut rd).await {
+                    loop {
+                        // At the cap, stop reading: the socket fills and QEMU holds the guest.
+                        cap.admitted().await;
+                        let Ok(Some(frame)) = read_frame(&mut rd).await else {
+                            return;
+                        };
+                        cap.charge(frame.len() as u64, std::time::Instant::now());
                         if ev.send(Event::VmFrame(frame)).is_err() {
                             return;
                         }
@@ -118,3 +130,7 @@ impl NetIo {
         }
     }
 }
+
+#[cfg(test)]
+#[path = "netio_tests.rs"]
+mod tests;

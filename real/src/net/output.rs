@@ -1,9 +1,16 @@
 //! The output gate: frames the VM sends are held, tagged with the epoch that produced them, until
 //! the backup has committed that epoch (DESIGN §3). In degraded mode the gate is open and frames
 //! pass straight through.
+//!
+//! The bytes it holds are bounded by an [`OutputCap`]: the netdev reader charges each frame it
+//! reads, the gate refunds it when the frame leaves (or a fence drops it), and at the cap the
+//! reader stops reading the VM (see `backpressure`): no frame is ever dropped for space.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+use super::backpressure::OutputCap;
 
 /// One Ethernet frame the VM emitted, with the epoch it belongs to and when it arrived.
 #[derive(Debug)]
@@ -35,6 +42,8 @@ pub struct OutputGate {
     current_epoch: u64,
     held: VecDeque<HeldFrame>,
     stats: GateStats,
+    /// Refunded as frames leave.
+    cap: Option<Arc<OutputCap>>,
 }
 
 impl Default for OutputGate {
@@ -52,6 +61,21 @@ impl OutputGate {
             current_epoch: 0,
             held: VecDeque::new(),
             stats: GateStats::default(),
+            cap: None,
+        }
+    }
+
+    /// A closed gate that refunds `cap` for every frame that leaves it.
+    pub fn with_cap(cap: Arc<OutputCap>) -> Self {
+        Self {
+            cap: Some(cap),
+            ..Self::new()
+        }
+    }
+
+    fn refund(&self, bytes: usize, now: Instant) {
+        if let Some(c) = &self.cap {
+            c.refund(bytes as u64, now);
         }
     }
 
@@ -69,10 +93,12 @@ impl OutputGate {
     pub fn push(&mut self, frame: Vec<u8>, now: Instant) -> Option<Vec<u8>> {
         if self.fenced {
             self.stats.dropped += 1;
+            self.refund(frame.len(), now);
             return None;
         }
         if self.open {
             self.stats.passed += 1;
+            self.refund(frame.len(), now);
             return Some(frame);
         }
         self.held.push_back(HeldFrame {
@@ -94,6 +120,7 @@ impl OutputGate {
                 out.push(f.frame);
             }
         }
+        self.refund(out.iter().map(Vec::len).sum(), now);
         out
     }
 
@@ -107,13 +134,15 @@ impl OutputGate {
             return Vec::new();
         }
         let frames: Vec<HeldFrame> = self.held.drain(..).collect();
-        frames
+        let out: Vec<Vec<u8>> = frames
             .into_iter()
             .map(|f| {
                 self.note_release(f.since, now);
                 f.frame
             })
-            .collect()
+            .collect();
+        self.refund(out.iter().map(Vec::len).sum(), now);
+        out
     }
 
     /// Fence: drop everything held and never let anything out again.
@@ -121,7 +150,8 @@ impl OutputGate {
         self.fenced = true;
         self.open = false;
         self.stats.dropped += self.held.len() as u64;
-        self.held.clear();
+        let bytes = self.held.drain(..).map(|f| f.frame.len()).sum();
+        self.refund(bytes, Instant::now());
     }
 
     /// Number of frames currently held.
@@ -193,5 +223,65 @@ mod tests {
         assert!(g.push(vec![3], t0).is_none());
         assert!(g.release_through(u64::MAX, t0).is_empty());
         assert_eq!(g.take_stats().dropped, 3);
+    }
+
+    /// A reader charging frames as QEMU's netdev reader does: reads until the cap pauses it.
+    fn read_until_paused(cap: &OutputCap, g: &mut OutputGate, next: &mut u8, t: Instant) {
+        while !cap.paused() {
+            let frame = vec![*next; 10];
+            *next += 1;
+            cap.charge(10, t);
+            assert!(g.push(frame, t).is_none());
+        }
+    }
+
+    #[test]
+    fn the_cap_pauses_reading_until_low_water_and_no_frame_is_lost_or_reordered() {
+        let t0 = Instant::now();
+        let cap = Arc::new(OutputCap::new(100));
+        let mut g = OutputGate::with_cap(cap.clone());
+        let mut next = 0u8;
+        let mut out = Vec::new();
+        // Epoch 1: reading stops at the cap, 10 frames of 10 bytes.
+        g.begin_epoch(1);
+        read_until_paused(&cap, &mut g, &mut next, t0);
+        assert_eq!(g.held_frames(), 10);
+        assert_eq!(cap.stats(t0).held_bytes, 100);
+        // Epoch 2 gets nothing while paused; a partial release above low water keeps it so.
+        g.begin_epoch(2);
+        assert!(g.release_through(0, t0).is_empty());
+        assert!(cap.paused());
+        // Releasing epoch 1 frees everything: reading resumes and epoch 2 fills up.
+        out.extend(g.release_through(1, t0));
+        assert!(!cap.paused());
+        read_until_paused(&cap, &mut g, &mut next, t0);
+        g.begin_epoch(3);
+        out.extend(g.release_through(2, t0));
+        // Degraded: everything left goes out, new frames pass.
+        out.extend(g.set_open(true, t0));
+        assert_eq!(cap.stats(t0).held_bytes, 0);
+        assert_eq!(cap.stats(t0).cap_hits, 2);
+        let firsts: Vec<u8> = out.iter().map(|f| f[0]).collect();
+        assert_eq!(
+            firsts,
+            (0..next).collect::<Vec<u8>>(),
+            "all frames, in order"
+        );
+        assert_eq!(g.take_stats().dropped, 0);
+    }
+
+    #[test]
+    fn a_fence_refunds_what_it_drops() {
+        let t0 = Instant::now();
+        let cap = Arc::new(OutputCap::new(20));
+        let mut g = OutputGate::with_cap(cap.clone());
+        let mut next = 0;
+        read_until_paused(&cap, &mut g, &mut next, t0);
+        g.fence();
+        assert!(!cap.paused());
+        assert_eq!(cap.stats(t0).held_bytes, 0);
+        cap.charge(5, t0);
+        assert!(g.push(vec![1; 5], t0).is_none());
+        assert_eq!(cap.stats(t0).held_bytes, 0);
     }
 }

@@ -111,10 +111,10 @@ fn config(dir: &Path, node: u32, start: Start, run: &Run, addrs: &Addrs) -> Agen
         metrics: Some(d.join("metrics.jsonl")),
         status_file: Some(d.join("status.json")),
         identity: addrs.keys[&NodeId(node)].clone(),
-        handshake_deadline: Duration::from_secs(2),
         protection: ftvm_real::auth::Protection::Mac,
         verbose: false,
         verify_every: Some(run.verify_every),
+        limits: Default::default(),
     }
 }
 

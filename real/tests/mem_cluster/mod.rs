@@ -104,10 +104,10 @@ pub fn host(
             metrics: Some(d.join("metrics.jsonl")),
             status_file: Some(d.join("status.json")),
             identity: keys.nodes[&NodeId(node)].clone(),
-            handshake_deadline: Duration::from_secs(2),
             protection: ftvm_real::auth::Protection::Mac,
             verbose: true,
             verify_every: Some(5),
+            limits: Default::default(),
         },
         launched: Arc::new(Mutex::new(Vec::new())),
     }
@@ -191,8 +191,8 @@ impl Cluster {
             waddr,
             &keys,
         );
-        p.cfg.handshake_deadline = deadline;
-        b.cfg.handshake_deadline = deadline;
+        p.cfg.limits.conn.handshake_deadline = deadline;
+        b.cfg.limits.conn.handshake_deadline = deadline;
         p.cfg.protection = protection;
         b.cfg.protection = protection;
         let primary = ftvm_real::agent::Agent::new(p.cfg.clone(), launcher(&p)).unwrap();
