@@ -249,3 +249,68 @@ async fn a_backup_with_the_wrong_ram_size_is_refused_with_a_clear_error() {
     ptask.abort();
     wtask.abort();
 }
+
+/// The attack seen on real hosts: one forged `Join` claiming an absurd generation, sent to the
+/// primary's checkpoint port by a stranger. The primary only asks the witness (which still
+/// names it): it does not fence, its VM keeps running and it stays protected by its backup.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_newer_generation_does_not_stop_the_primary() {
+    use std::io::Write;
+
+    use ftvm_model::{Generation, PeerMsg};
+
+    let dir = tempfile::tempdir().unwrap();
+    let waddr = free_addr();
+    let addrs: BTreeMap<NodeId, SocketAddr> =
+        [(NodeId(1), free_addr()), (NodeId(2), free_addr())].into();
+    let w = witness::load_state(&dir.path().join("witness.json"), VmId(7), NodeId(1)).unwrap();
+    let wtask = tokio::spawn(witness::serve(
+        waddr,
+        dir.path().join("witness.json"),
+        w,
+        true,
+    ));
+    let p = host(dir.path(), 1, Start::Primary, &addrs, waddr);
+    let b = host(
+        dir.path(),
+        2,
+        Start::Backup { primary: NodeId(1) },
+        &addrs,
+        waddr,
+    );
+    let p_status = p.cfg.status_file.clone().unwrap();
+    let primary = Agent::new(p.cfg.clone(), launcher(&p)).unwrap();
+    let backup = Agent::new(b.cfg.clone(), launcher(&b)).unwrap();
+    let ptask = tokio::spawn(primary.run(std::future::pending()));
+    let btask = tokio::spawn(backup.run(std::future::pending()));
+    wait_for("protection", Duration::from_secs(20), || {
+        status(&p_status)["phase"] == "protected"
+    })
+    .await;
+
+    let forged = ftvm_model::wire::encode_peer(
+        VmId(7),
+        &PeerMsg::Join {
+            vm: VmId(7),
+            node: NodeId(9),
+            ram_pages: PAGES,
+            page_size: PAGE as u32,
+            known: Generation(u64::MAX),
+        },
+    );
+    let mut stranger = std::net::TcpStream::connect(addrs[&NodeId(1)]).unwrap();
+    stranger.write_all(&forged).unwrap();
+    let pram = p.launched.lock().unwrap()[0].clone();
+    let writes = pram.writes();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+
+    let s = status(&p_status);
+    assert_eq!(s["role"], "Primary", "{s}");
+    assert_eq!(s["phase"], "protected", "{s}");
+    assert_eq!(s["generation"], 1, "{s}");
+    assert!(pram.writes() > writes, "the primary's VM stopped");
+    assert!(!ptask.is_finished(), "the primary agent ended");
+    ptask.abort();
+    btask.abort();
+    wtask.abort();
+}
