@@ -20,7 +20,8 @@ use crate::time::Time;
 /// Why a node is fenced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FenceReason {
-    /// The witness (or a peer) showed a newer generation: another node took over.
+    /// The witness showed a newer generation (or another primary for ours): another node
+    /// took over.
     Deposed {
         /// Newest generation seen.
         by: Generation,

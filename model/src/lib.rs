@@ -99,6 +99,8 @@
 //!   before sending the reply; requests/replies may be lost, delayed or duplicated.
 //! * Tag frames with the epoch of the last `ResumeVm` (or `from + 1` after `StartVm`) and gate
 //!   them exactly as [`OutputGate`] does.
+//! * At `Fence`, close every checkpoint link, not only the peer the model disconnects: a
+//!   node that stopped its VM must look dead to every backup.
 //!
 //! ## Mutants
 //!

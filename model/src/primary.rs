@@ -487,8 +487,9 @@ impl Primary {
             return self.fence(ctx, s.generation);
         }
         if reply.request == WitnessRequest::Query {
-            // The register still names us: whatever a peer claimed was false (or the reply is
-            // an old one; then we learn the truth from the next witness answer, see above).
+            // The register still names us: whatever a peer claimed was false. (A late reply to
+            // an older Query may end the check too early; that costs nothing but time, since
+            // our releases never relied on the claim: see the module docs.)
             self.confirming = None;
         }
         if self.pending.map(|p| p.request) != Some(reply.request) {
