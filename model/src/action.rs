@@ -89,7 +89,9 @@ pub enum Action {
         /// Generation the VM now runs in.
         generation: Generation,
     },
-    /// Stop the VM for good and drop held output; never release again.
+    /// Stop the VM for good and drop held output; never release again. The model closes its
+    /// tracked peer link first (`Disconnect`); a driver should also close every other
+    /// checkpoint link it has, so no peer takes leftover bytes for a sign of life.
     Fence,
     /// Structured trace event; drivers may ignore it.
     Log(Event),
@@ -131,7 +133,16 @@ pub enum Event {
     },
     /// The witness refused a request.
     WitnessDenied(WitnessRequest),
-    /// Evidence that this node was deposed (a newer generation exists).
+    /// A peer's frame claimed a newer generation than this primary's; the primary closed that
+    /// link and asks the witness (it fences only if the witness confirms).
+    GenerationClaimed {
+        /// The sender.
+        from: NodeId,
+        /// The generation it claimed.
+        generation: Generation,
+    },
+    /// The witness showed that this node was deposed (a newer generation exists, or another
+    /// primary holds ours).
     Deposed {
         /// The newer generation.
         by: Generation,

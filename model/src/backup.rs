@@ -147,7 +147,10 @@ impl Backup {
                 }
             }
             Input::Disconnected { peer } if peer == self.primary => self.link_down(ctx, false),
-            Input::Heard { from } if from == self.primary => self.alive(ctx),
+            // Bytes count as life only inside a stream (a long full sync). While joining, only
+            // a `SyncStart` or a busy `Reject` of our generation does: a node that stopped
+            // its VM may still close or refuse our connections, and that is no sign of life.
+            Input::Heard { from } if from == self.primary && self.streaming() => self.alive(ctx),
             Input::Message { from, msg } => return self.on_message(ctx, from, msg),
             Input::WitnessReply(reply) => return self.on_reply(ctx, reply),
             Input::CheckpointStarted { epoch } => {
@@ -167,6 +170,11 @@ impl Backup {
             _ => {}
         }
         None
+    }
+
+    /// A checkpoint stream from the primary is under way.
+    fn streaming(&self) -> bool {
+        matches!(self.phase, BPhase::Syncing | BPhase::Protecting)
     }
 
     fn following(&self) -> bool {

@@ -384,3 +384,34 @@ fn heartbeats_flow_both_while_syncing_and_protecting() {
     };
     assert_eq!(a, vec![Action::Send { to: P, msg: hb }]);
 }
+
+#[test]
+fn bytes_while_joining_are_no_sign_of_life() {
+    // B follows P, loses the link, and keeps reconnecting to a P that stopped its VM and only
+    // closes its connections (or sends bytes that are no busy reject of its generation).
+    let mut b = protecting(1);
+    b.on(Input::Disconnected { peer: P });
+    let ft = config().failure_timeout;
+    let step = config().heartbeat_interval;
+    let mut waited = Duration::ZERO;
+    let mut asked = None;
+    while waited <= ft {
+        let a = b.after(step);
+        waited += step;
+        if a.contains(&Action::Connect { to: P }) {
+            b.on(Input::Connected { peer: P });
+        }
+        b.on(Input::Heard { from: P });
+        b.on(from_p(PeerMsg::Reject {
+            generation: G1,
+            reason: RejectReason::NotPrimary,
+        }));
+        if let Some(Action::ToWitness(r @ WitnessRequest::Takeover { .. })) = a.last() {
+            asked = Some(*r);
+            break;
+        }
+    }
+    assert!(asked.is_some(), "no takeover within the failure timeout");
+    assert!(waited <= ft + step, "asked after {waited:?}");
+    assert_eq!(b.status().phase, Phase::TakingOver);
+}

@@ -1,5 +1,11 @@
 //! The fenced role: the VM on this host is stopped for good. A deposed primary may come back
 //! as a joiner (and so re-protect the new primary) after `Config::rejoin_after_fence`.
+//!
+//! A fenced node is silent: it sends no heartbeat, ack or answer to anyone. A backup that still
+//! follows it (the fence came from something other than its own takeover) must see nothing but
+//! silence and closed links, so its failure detector fires within the failure timeout and it
+//! asks the witness to take over. A `Join` is answered by closing its link: even a `Reject` is
+//! bytes on the wire, and a driver may count any bytes as life.
 
 use crate::action::Action;
 use crate::ctx::Ctx;
@@ -14,7 +20,8 @@ use crate::time::Time;
 /// Why a node is fenced.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FenceReason {
-    /// The witness (or a peer) showed a newer generation: another node took over.
+    /// The witness showed a newer generation (or another primary for ours): another node
+    /// took over.
     Deposed {
         /// Newest generation seen.
         by: Generation,
@@ -58,10 +65,11 @@ impl Fenced {
                 j.start(ctx);
                 return Some(Role::Joiner(j));
             }
+            // Whoever it is, it must not hear from us: close its link.
             Input::Message {
                 from,
                 msg: PeerMsg::Join { .. },
-            } => ctx.reject_join(from, self.generation),
+            } if from != ctx.me => ctx.act(Action::Disconnect { peer: from }),
             _ => {}
         }
         None

@@ -24,8 +24,10 @@ pub enum Input {
         peer: NodeId,
     },
     /// Bytes arrived from `from` (e.g. the middle of a large checkpoint). Counts as a sign of life
-    /// only: a slow multi-second full sync must not look like a dead primary while the
-    /// heartbeats queue up behind it. Optional for drivers whose messages are never delayed.
+    /// only, and for a backup only while a stream is under way: a slow multi-second full sync
+    /// must not look like a dead primary while the heartbeats queue up behind it, but a node
+    /// that merely refuses or closes connections is not alive. Optional for drivers whose
+    /// messages are never delayed.
     Heard {
         /// The sender.
         from: NodeId,

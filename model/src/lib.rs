@@ -67,11 +67,22 @@
 //! 11. **A denied `Takeover` voids its token** at the witness (raises `floor`): the backup
 //!     throws its replica away on a denial, so a `RegisterBackup` for that token still in
 //!     flight must not later name a backup that has nothing to resume from.
-//! 12. **Deposition by evidence**: a primary fences itself on *any* message or witness reply
+//! 12. **Deposition is the witness's word**: a primary fences itself on *any* witness reply
 //!     showing a newer generation (or another primary for its own), not only on a denied drop.
+//!     A peer's frame showing a newer generation is only a claim: the primary closes that link
+//!     (its backup's link counts as the backup lost), asks the witness (`Query`, resent every
+//!     `witness_retry`, one at a time however many claims arrive) and fences only if the reply
+//!     confirms; meanwhile it runs under the usual output rules, which never depended on such
+//!     claims (see [`Primary`]'s module docs). A `Join` whose `known` is beyond our generation,
+//!     however absurd, is such a claim: its link is closed and it costs one `Query`.
 //! 13. A primary's own backup sending a fresh `Join` counts as that backup lost (drop it, then
 //!     `Reject { Busy }`; the joiner retries). A backup treats `Reject { Busy | HaveBackup }`
-//!     of its primary's generation as a sign of life (no needless takeover).
+//!     of its primary's generation as a sign of life (no needless takeover); `Heard` counts
+//!     as life only while a stream is under way (`Syncing`, `Protecting`), never while joining.
+//! 15. **A fenced node is silent.** The primary closes its peer's link before `Fence`, and the
+//!     fenced role answers a `Join` by closing its link, never with a `Reject` or a heartbeat,
+//!     so a backup still following it sees only silence and takes over after the failure
+//!     timeout. Drivers close every other checkpoint link at `Fence`.
 //! 14. Wire: a `Join` frame travels under the joiner's VM and known generation; `Join` and
 //!     witness frames are exempt from the stale-generation check (see [`wire::Expect`]).
 //!
@@ -88,6 +99,8 @@
 //!   before sending the reply; requests/replies may be lost, delayed or duplicated.
 //! * Tag frames with the epoch of the last `ResumeVm` (or `from + 1` after `StartVm`) and gate
 //!   them exactly as [`OutputGate`] does.
+//! * At `Fence`, close every checkpoint link, not only the peer the model disconnects: a
+//!   node that stopped its VM must look dead to every backup.
 //!
 //! ## Mutants
 //!

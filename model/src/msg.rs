@@ -9,8 +9,9 @@ use crate::ids::{Epoch, Generation, NodeId, VmId};
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum PeerMsg {
     /// Joiner → primary: "make me your backup". `known` is the newest generation the joiner has
-    /// heard of (from the witness), `Generation::UNKNOWN` for a fresh backup; a primary that sees
-    /// a newer generation than its own learns it was deposed.
+    /// heard of (from the witness), `Generation::UNKNOWN` for a fresh backup. A primary that sees
+    /// a newer generation than its own closes the link and asks the witness whether it was
+    /// deposed; the claim alone never stops it.
     Join {
         /// The VM the joiner wants to protect.
         vm: VmId,

@@ -6,6 +6,30 @@
 //! backup acked `N`. It opens only after the witness confirmed that no backup is registered
 //! for our generation (a granted `DropBackup` of our newest token), or right after a takeover,
 //! and never at a fresh start before the first backup was protecting.
+//!
+//! Deposition. Only the witness says who runs the VM. A witness reply naming a newer
+//! generation, or another primary for ours, fences this node at once. A peer's frame that
+//! claims a newer generation proves nothing (it may be forged, corrupt or stale): the primary
+//! closes the link that carried it (dropping its backup if it came from there), asks the
+//! witness with a `Query`, resent every `witness_retry` until a reply comes, and fences only
+//! if that reply shows it was deposed. Until then it runs on under the usual rules.
+//!
+//! Why running on while the claim is checked is safe, even if the claim is true: every
+//! release follows one of three rules, none of which looks at peer frames.
+//! 1. *An ack from the registered backup `B` for epoch `N`.* `B` acks `N` only after committing
+//!    it and acks nothing once it has asked for a takeover; the witness grants a takeover of
+//!    our generation to `B` alone. So whoever deposed us resumes from a replica holding `N`.
+//! 2. *An open gate after a granted `DropBackup` of our newest token.* From that reply on the
+//!    witness holds no backup for our generation and refuses every older registration, so
+//!    nobody can take over our generation: we cannot have been deposed while the gate is open.
+//! 3. *An open gate right after our own takeover*, the same argument for the new generation.
+//!
+//! Deposition therefore never lets a released frame go missing from the new primary's history;
+//! the evidence only decides how soon a deposed primary stops its VM. That stays prompt: a
+//! primary is deposed only after its registered backup stopped following it, so the backup's
+//! link fails or falls silent, the `DropBackup` that follows is refused, and the primary fences.
+//! If the witness cannot be reached, the primary keeps running with its output held, as with
+//! any other unanswered request.
 
 use crate::action::{Action, Event, Gate};
 use crate::config::Config;
@@ -70,6 +94,9 @@ pub struct Primary {
     /// the first protection or a takeover; false at a fresh start (output waits for a backup).
     may_open: bool,
     heartbeat_at: Time,
+    /// A peer claimed a newer generation: when to resend the `Query` that checks it with the
+    /// witness (`None`: nothing to check).
+    confirming: Option<Time>,
 }
 
 impl Primary {
@@ -92,6 +119,7 @@ impl Primary {
             pending: None,
             may_open: false,
             heartbeat_at: Time::ZERO,
+            confirming: None,
         }
     }
 
@@ -182,14 +210,14 @@ impl Primary {
                 p.retry_at = ctx.now + ctx.cfg.witness_retry;
             }
         }
+        if self.confirming.is_some_and(|t| ctx.now >= t) {
+            self.query(ctx);
+        }
         None
     }
 
-    /// A message showing a newer generation means a takeover happened: we are deposed.
-    fn deposed_by(&self, generation: Generation) -> bool {
-        generation > self.generation
-    }
-
+    /// Stop for good: close the link to the peer (so it hears no more life from us, and its
+    /// failure detector runs), then stop the VM and drop held output.
     fn fence(&mut self, ctx: &mut Ctx<'_>, by: Generation) -> Option<Role> {
         ctx.log(Event::Deposed { by });
         if let Some(p) = self.peer.take() {
@@ -199,9 +227,35 @@ impl Primary {
         Some(Role::Fenced(fenced))
     }
 
+    /// Ask the witness whether we are still its primary.
+    fn query(&mut self, ctx: &mut Ctx<'_>) {
+        ctx.act(Action::ToWitness(WitnessRequest::Query));
+        self.confirming = Some(ctx.now + ctx.cfg.witness_retry);
+    }
+
+    /// `from` sent a frame of a newer generation. Our backup follows our generation and
+    /// a joiner that knows of a newer one was sent to its primary by the witness, so no sound
+    /// peer sends that to us: whatever the link carries is not a stream we can use, and we
+    /// close it (losing our backup if it came from there). Whether we were deposed only the
+    /// witness can say: ask it (once; the `Query` is resent until answered, so a flood of
+    /// claims costs one request per `witness_retry`). See the module docs for why we may run
+    /// on meanwhile.
+    fn claimed(&mut self, ctx: &mut Ctx<'_>, from: NodeId, generation: Generation) {
+        ctx.log(Event::GenerationClaimed { from, generation });
+        if self.peer.is_some_and(|p| p.node == from) {
+            self.peer_lost(ctx);
+        } else if from != ctx.me {
+            ctx.act(Action::Disconnect { peer: from });
+        }
+        if self.confirming.is_none() {
+            self.query(ctx);
+        }
+    }
+
     fn on_message(&mut self, ctx: &mut Ctx<'_>, from: NodeId, msg: PeerMsg) -> Option<Role> {
-        if self.deposed_by(msg.generation()) {
-            return self.fence(ctx, msg.generation());
+        if msg.generation() > self.generation {
+            self.claimed(ctx, from, msg.generation());
+            return None;
         }
         match msg {
             PeerMsg::Join {
@@ -432,6 +486,12 @@ impl Primary {
         {
             return self.fence(ctx, s.generation);
         }
+        if reply.request == WitnessRequest::Query {
+            // The register still names us: whatever a peer claimed was false. (A late reply to
+            // an older Query may end the check too early; that costs nothing but time, since
+            // our releases never relied on the claim: see the module docs.)
+            self.confirming = None;
+        }
         if self.pending.map(|p| p.request) != Some(reply.request) {
             return None; // an answer to something we no longer wait for
         }
@@ -494,6 +554,9 @@ impl Primary {
         }
         if let Some(p) = self.pending {
             at(p.retry_at);
+        }
+        if let Some(t) = self.confirming {
+            at(t);
         }
         if self.can_capture(cfg) {
             at(self.next_capture_at);

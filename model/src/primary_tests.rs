@@ -499,20 +499,169 @@ fn denied_drop_means_deposed_and_fenced_then_rejoins() {
     assert_eq!(p.status().generation, Generation(2));
 }
 
-#[test]
-fn newer_generation_in_any_message_fences() {
-    let (mut p, _w) = protected();
+fn claim_join(from: NodeId, known: Generation) -> Input {
     let cfg = config();
-    let msg = PeerMsg::Join {
-        vm: cfg.vm,
-        node: C,
-        ram_pages: cfg.ram_pages,
-        page_size: cfg.page_size,
-        known: Generation(2),
+    Input::Message {
+        from,
+        msg: PeerMsg::Join {
+            vm: cfg.vm,
+            node: from,
+            ram_pages: cfg.ram_pages,
+            page_size: cfg.page_size,
+            known,
+        },
+    }
+}
+
+const QUERY: Action = Action::ToWitness(WitnessRequest::Query);
+
+/// Whether `actions` stop the VM for good.
+fn fences(actions: &[Action]) -> bool {
+    actions.contains(&Action::Fence)
+}
+
+#[test]
+fn forged_newer_join_is_checked_with_the_witness_not_obeyed() {
+    let (mut p, mut w) = protected();
+    // The attack seen on real hosts: one Join with an absurd generation from a stranger.
+    let a = p.on(claim_join(C, Generation(u64::MAX)));
+    assert_eq!(a, vec![Action::Disconnect { peer: C }, QUERY]);
+    let s = p.status();
+    assert_eq!((s.role, s.phase), (RoleKind::Primary, Phase::Protected));
+    // More claims while one Query is out: the link is closed again, no second Query.
+    let a = p.on(claim_join(C, Generation(7)));
+    assert_eq!(a, vec![Action::Disconnect { peer: C }]);
+    // The Query is resent until answered, like every witness request.
+    let a = no_hb(p.after(config().witness_retry));
+    assert!(a.contains(&QUERY), "{a:?}");
+    // The witness still names us: no fence, and nothing more to ask.
+    let a = p.on(Input::WitnessReply(w.handle(p.now, WitnessRequest::Query)));
+    assert!(!fences(&a), "{a:?}");
+    assert!(!no_hb(p.after(config().witness_retry)).contains(&QUERY));
+    // The VM keeps running: epochs go on and the backup's acks still release output.
+    let (captured, running) = (p.status().captured, p.status().running_epoch);
+    assert_eq!(p.status().role, RoleKind::Primary);
+    let a = p.on(Input::CaptureDone {
+        epoch: running,
+        pages: 1,
+        bytes: 4096,
+    });
+    assert!(a.contains(&Action::ResumeVm {
+        epoch: running.next()
+    }));
+    assert!(p.status().captured > captured);
+    p.on(Input::CheckpointSent { epoch: running });
+    let a = p.on(ack(B, running.0));
+    assert_eq!(a, vec![Action::ReleaseOutput { through: running }]);
+}
+
+#[test]
+fn any_kind_of_newer_frame_is_only_a_claim() {
+    let newer = Generation(2);
+    for msg in [
+        PeerMsg::Reject {
+            generation: newer,
+            reason: RejectReason::Busy,
+        },
+        PeerMsg::Heartbeat {
+            generation: newer,
+            epoch: Epoch(1),
+        },
+        PeerMsg::Ack {
+            generation: newer,
+            epoch: Epoch(1),
+        },
+        PeerMsg::SyncStart {
+            generation: newer,
+            epoch: Epoch(1),
+        },
+    ] {
+        let (mut p, _w) = protected();
+        let a = p.on(Input::Message { from: C, msg });
+        assert_eq!(a, vec![Action::Disconnect { peer: C }, QUERY], "{msg:?}");
+        assert_eq!(p.status().phase, Phase::Protected, "{msg:?}");
+    }
+}
+
+#[test]
+fn newer_frame_on_the_backup_link_drops_the_backup_and_asks() {
+    let (mut p, mut w) = protected();
+    let msg = PeerMsg::Heartbeat {
+        generation: Generation(9),
+        epoch: Epoch(1),
     };
-    let a = p.on(Input::Message { from: C, msg });
+    let a = p.on(Input::Message { from: B, msg });
+    let drop = WitnessRequest::DropBackup {
+        generation: G1,
+        primary: P,
+        backup: reg(1),
+    };
+    assert_eq!(
+        a,
+        vec![
+            Action::Disconnect { peer: B },
+            Action::ToWitness(drop),
+            QUERY
+        ]
+    );
+    assert_eq!(p.status().phase, Phase::Dropping);
+    // The witness grants the drop and answers the Query: degraded, gate open, not fenced.
+    let a = p.on(Input::WitnessReply(w.handle(p.now, drop)));
+    assert_eq!(a, vec![Action::SetOutputGate(Gate::Open)]);
+    let a = p.on(Input::WitnessReply(w.handle(p.now, WitnessRequest::Query)));
+    assert!(a.is_empty(), "{a:?}");
+    let s = p.status();
+    assert_eq!((s.role, s.phase), (RoleKind::Primary, Phase::Degraded));
+}
+
+#[test]
+fn witness_confirming_a_claim_fences_and_the_fenced_node_stays_silent() {
+    let (mut p, mut w) = protected();
+    // B really took over (say P's link to it still looks fine).
+    let takeover = WitnessRequest::Takeover {
+        generation: G1,
+        backup: reg(1),
+    };
+    assert!(w.handle(p.now, takeover).granted);
+    let a = p.on(claim_join(C, Generation(2)));
+    assert_eq!(a, vec![Action::Disconnect { peer: C }, QUERY]);
+    let a = p.on(Input::WitnessReply(w.handle(p.now, WitnessRequest::Query)));
     assert_eq!(a, vec![Action::Disconnect { peer: B }, Action::Fence]);
-    assert_eq!(p.status().role, RoleKind::Fenced);
+    let s = p.status();
+    assert_eq!((s.role, s.phase), (RoleKind::Fenced, Phase::Fenced));
+    // Fenced: no heartbeat, ack or reject to anyone until it rejoins; a Join only closes the
+    // link it came on.
+    let hb = config().heartbeat_interval;
+    let mut t = Duration::ZERO;
+    while t + hb < config().failure_timeout {
+        assert!(p.after(hb).is_empty());
+        t += hb;
+        assert_eq!(p.on(join(B)), vec![Action::Disconnect { peer: B }]);
+        assert_eq!(
+            p.on(Input::Message {
+                from: B,
+                msg: PeerMsg::Heartbeat {
+                    generation: G1,
+                    epoch: Epoch(1)
+                }
+            }),
+            vec![]
+        );
+    }
+}
+
+#[test]
+fn unreachable_witness_while_checking_keeps_the_vm_running() {
+    let (mut p, _w) = protected();
+    p.on(claim_join(C, Generation(2)));
+    let mut queries = 0;
+    for _ in 0..20 {
+        let a = no_hb(p.after(config().witness_retry));
+        assert!(!fences(&a), "{a:?}");
+        queries += a.iter().filter(|a| **a == QUERY).count();
+    }
+    assert_eq!(queries, 20, "one Query per witness_retry");
+    assert_eq!(p.status().role, RoleKind::Primary);
 }
 
 #[test]

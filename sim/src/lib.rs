@@ -8,9 +8,9 @@
 //! until the model releases their epoch. Clients send requests to whichever node answers and
 //! record every reply they get.
 //!
-//! Faults (crash/restart, partitions, holds, loss, latency, bandwidth, corruption) fire on a
-//! timeline from the [`Scenario`]. A shared observer checks the invariants ([`Invariant`])
-//! on every event; the first violation ends the run.
+//! Faults (crash/restart, partitions, holds, loss, latency, bandwidth, corruption, forged
+//! frames and witness replies) fire on a timeline from the [`Scenario`]. A shared observer
+//! checks the invariants ([`Invariant`]) on every event; the first violation ends the run.
 //!
 //! All randomness comes from the run's seed: same scenario + seed ⇒ byte-identical trace.
 //!
@@ -41,6 +41,6 @@ pub use observer::ObservedStats;
 pub use report::{RunOptions, RunReport, RunStats, Verdict};
 pub use rng::SimRng;
 pub use runner::run_scenario;
-pub use scenario::{Fault, FaultAction, HostRef, Scenario, ScenarioError, Trigger};
+pub use scenario::{Fault, FaultAction, ForgedFrame, HostRef, Scenario, ScenarioError, Trigger};
 pub use trace::{HostId, TraceEvent, TraceKind};
 pub use vm::service::{Reply, Request};

@@ -1,14 +1,15 @@
 //! Every scenario file over a fixed set of seeds: all invariants hold and every expectation of
 //! the file is met. `ftvm sim scenarios/<name>.toml --seeds 0..200` runs the wider sweep.
 
-use ftvm_sim::{run_scenario, RunOptions, Verdict};
+use ftvm_model::{Action, Event, NodeId, WitnessRequest};
+use ftvm_sim::{run_scenario, HostId, RunOptions, TraceKind, Verdict};
 use ftvm_tests::{assert_pass, load, scenario_names};
 
 /// Seeds every scenario runs with under `cargo test` (a fixed set: a failure names its seed).
 const SEEDS: std::ops::Range<u64> = 0..24;
 
 /// The scenarios the protocol must be shown to survive; a missing file fails the suite.
-const REQUIRED: [&str; 11] = [
+const REQUIRED: [&str; 13] = [
     "steady",
     "primary-crash-mid-epoch",
     "primary-crash-mid-transfer",
@@ -20,6 +21,8 @@ const REQUIRED: [&str; 11] = [
     "flapping-link",
     "crash-during-initial-sync",
     "new-primary-failure",
+    "forged-generation",
+    "fenced-primary-goes-silent",
 ];
 
 #[test]
@@ -81,6 +84,8 @@ scenario_tests! {
     new_primary_failure => "new-primary-failure",
     corrupt_checkpoint => "corrupt-checkpoint",
     witness_outage => "witness-outage",
+    forged_generation => "forged-generation",
+    fenced_primary_goes_silent => "fenced-primary-goes-silent",
 }
 
 /// A scenario file added without a test above would go unchecked: list them all here.
@@ -128,4 +133,64 @@ fn unmet_expectations_fail_the_run() {
     let r = run_scenario(&s, 0, &RunOptions::default());
     assert_eq!(r.verdict, Verdict::Unmet, "{}", r.summary());
     assert!(!r.unmet.is_empty());
+}
+
+/// The forged frames of `forged-generation` do reach the primary (a forgery that never arrived
+/// would pass without proving anything), and each is only a claim: it asks the witness and
+/// never fences.
+#[test]
+fn forged_generations_reach_the_primary_and_are_only_checked() {
+    let s = load("forged-generation");
+    for seed in 0..4 {
+        let r = run_scenario(&s, seed, &RunOptions::default().traced(true));
+        assert_eq!(r.verdict, Verdict::Pass, "seed {seed}: {}", r.summary());
+        let claims = r
+            .trace
+            .iter()
+            .filter(|e| {
+                matches!(
+                    e.what,
+                    TraceKind::Action(Action::Log(Event::GenerationClaimed { .. }))
+                )
+            })
+            .count();
+        assert!(claims >= 2, "seed {seed}: {claims} claim(s) seen, 2 forged");
+        let queries = r
+            .trace
+            .iter()
+            .filter(|e| {
+                e.host == HostId::Node(NodeId(1))
+                    && matches!(
+                        e.what,
+                        TraceKind::Action(Action::ToWitness(WitnessRequest::Query))
+                    )
+            })
+            .count();
+        assert!(
+            queries >= 2,
+            "seed {seed}: the primary asked {queries} time(s)"
+        );
+        assert_eq!(r.stats.observed.fences, 0, "seed {seed}");
+    }
+}
+
+/// In `fenced-primary-goes-silent` the primary does fence with its backup still following, the
+/// liveness watch is armed by the fence, and the backup's takeover ends the outage within the
+/// failure timeout plus a witness round trip and the restore.
+#[test]
+fn a_fenced_primary_is_replaced_after_its_silence() {
+    let s = load("fenced-primary-goes-silent");
+    let most = s.timing.failure_timeout + s.timing.restore + s.timing.heartbeat * 2;
+    for seed in 0..4 {
+        let r = assert_pass(&s, seed);
+        let o = &r.stats.observed;
+        assert_eq!(o.fences, 1, "seed {seed}");
+        assert_eq!(o.failovers, 1, "seed {seed}");
+        assert_eq!(o.outages_ms.len(), 1, "seed {seed}: {:?}", o.outages_ms);
+        let out = std::time::Duration::from_millis(o.outages_ms[0]);
+        assert!(
+            out <= most + s.network.latency_max * 4 + s.network.step * 2,
+            "seed {seed}: outage {out:?}"
+        );
+    }
 }

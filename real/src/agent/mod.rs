@@ -767,6 +767,12 @@ impl<L: VmLauncher> Agent<L> {
                 }
                 self.resume.clear();
                 self.gate.fence();
+                // A stopped VM must not look alive: close every checkpoint link, so a backup
+                // still following us hears silence and takes over.
+                let conns: Vec<ConnId> = self.links.keys().copied().collect();
+                for conn in conns {
+                    self.drop_conn(conn);
+                }
             }
             Action::Log(e) => self.log(format_args!("{e:?}")),
         }

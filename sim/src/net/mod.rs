@@ -1,5 +1,5 @@
 //! Simulated sockets: well-known ports, and the shaped writer every host uses so bandwidth,
-//! loss and corruption faults apply to all traffic alike.
+//! loss, corruption and forgery faults apply to all traffic alike.
 
 pub(crate) mod shaper;
 
@@ -10,7 +10,7 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc::UnboundedReceiver;
 use turmoil::net::tcp::OwnedWriteHalf;
 
-use crate::trace::HostId;
+use crate::trace::{HostId, TraceKind};
 use crate::world::{now, Shared};
 
 /// Checkpoint links (nodes listen, backups/joiners connect).
@@ -103,6 +103,19 @@ pub(crate) async fn write_loop(
     mut note: impl FnMut(WriterNote),
 ) {
     while let Some(job) = rx.recv().await {
+        // A forged frame armed on this link goes out first, at a frame boundary.
+        let forged = w.borrow_mut().shaper.take_forgery(from, to);
+        if let Some(frame) = forged {
+            w.borrow_mut().note(
+                now(),
+                from,
+                TraceKind::Note(format!("forged frame slipped in ahead, {from} -> {to}")),
+            );
+            if write_shaped(&w, &mut wr, from, to, &frame).await.is_err() {
+                note(WriterNote::Failed);
+                return;
+            }
+        }
         let (bytes, epoch) = match job {
             Job::Bytes(b) => (b, None),
             Job::Checkpoint { epoch, bytes } => (bytes, Some(epoch)),

@@ -1,4 +1,5 @@
-//! Link behaviour turmoil does not model: bandwidth and TCP-style segment loss.
+//! Link behaviour turmoil does not model: bandwidth and TCP-style segment loss, plus the
+//! tampering faults (a damaged checkpoint, a forged frame or witness reply on the wire).
 //!
 //! turmoil's TCP delivers every segment in order after a random latency, and a segment it
 //! drops (partition) is never resent — the stream then stalls for good, like a connection
@@ -30,6 +31,10 @@ pub(crate) struct Shaper {
     pub chunk: usize,
     links: BTreeMap<(HostId, HostId), Link>,
     corrupt: BTreeSet<(HostId, HostId)>,
+    /// Encoded frames to slip into the next write on a link.
+    forged: BTreeMap<(HostId, HostId), Vec<u8>>,
+    /// Nodes whose next witness reply is forged.
+    forged_replies: BTreeSet<HostId>,
     rng: SimRng,
 }
 
@@ -45,6 +50,8 @@ impl Shaper {
             chunk: net.chunk_bytes,
             links: BTreeMap::new(),
             corrupt: BTreeSet::new(),
+            forged: BTreeMap::new(),
+            forged_replies: BTreeSet::new(),
             rng,
         }
     }
@@ -109,6 +116,27 @@ impl Shaper {
     pub fn take_corruption(&mut self, from: HostId, to: HostId) -> bool {
         self.corrupt.remove(&(from, to))
     }
+
+    /// Slip `frame` (encoded) into the next write `from → to`, ahead of it.
+    pub fn arm_forgery(&mut self, from: HostId, to: HostId, frame: Vec<u8>) {
+        self.forged.insert((from, to), frame);
+    }
+
+    /// The forged frame to write `from → to` before the next write, if one is armed
+    /// (consumes it).
+    pub fn take_forgery(&mut self, from: HostId, to: HostId) -> Option<Vec<u8>> {
+        self.forged.remove(&(from, to))
+    }
+
+    /// Forge the next witness reply `node` receives.
+    pub fn arm_reply_forgery(&mut self, node: HostId) {
+        self.forged_replies.insert(node);
+    }
+
+    /// Whether the witness reply `node` just received must be forged (consumes it).
+    pub fn take_reply_forgery(&mut self, node: HostId) -> bool {
+        self.forged_replies.remove(&node)
+    }
 }
 
 #[cfg(test)]
@@ -156,5 +184,13 @@ mod tests {
         assert!(!s.take_corruption(B, A));
         assert!(s.take_corruption(A, B));
         assert!(!s.take_corruption(A, B));
+        s.arm_forgery(A, B, vec![1, 2, 3]);
+        assert_eq!(s.take_forgery(B, A), None);
+        assert_eq!(s.take_forgery(A, B), Some(vec![1, 2, 3]));
+        assert_eq!(s.take_forgery(A, B), None);
+        s.arm_reply_forgery(A);
+        assert!(!s.take_reply_forgery(B));
+        assert!(s.take_reply_forgery(A));
+        assert!(!s.take_reply_forgery(A));
     }
 }

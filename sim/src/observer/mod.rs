@@ -10,7 +10,7 @@ mod release;
 mod view;
 
 use ftvm_model::{
-    Epoch, Generation, NodeId, Registration, Status, Time, WitnessReply, WitnessState,
+    Epoch, Generation, NodeId, Registration, RoleKind, Status, Time, WitnessReply, WitnessState,
 };
 use serde::Serialize;
 use std::collections::{BTreeMap, BTreeSet};
@@ -40,6 +40,8 @@ pub struct ObservedStats {
     pub replies_seen: u64,
     /// Primary lost → VM serving again, per armed liveness watch (milliseconds).
     pub outages_ms: Vec<u64>,
+    /// Times a primary stopped its VM (fenced itself).
+    pub fences: u64,
 }
 
 pub(crate) struct Observer {
@@ -115,6 +117,14 @@ impl Observer {
     // ---- node views --------------------------------------------------------------------
 
     pub fn status(&mut self, now: Time, node: NodeId, s: Status, vm_running: bool) {
+        let was_primary = self
+            .nodes
+            .get(&node)
+            .and_then(|v| v.status)
+            .is_some_and(|o| o.role == RoleKind::Primary);
+        if was_primary && s.role == RoleKind::Fenced {
+            self.stats.fences += 1;
+        }
         self.nodes
             .entry(node)
             .or_insert_with(NodeView::new)

@@ -58,6 +58,12 @@ pub(super) fn judge(s: &Scenario, seed: u64, world: World, wall: Duration) -> Ru
             unmet.push(format!("an outage lasted {worst} ms (> {max_ms} ms)"));
         }
     }
+    if let Some(n) = e.max_fences.filter(|n| o.fences > *n) {
+        unmet.push(format!(
+            "expected <= {n} primaries to fence themselves, saw {}",
+            o.fences
+        ));
+    }
     for f in &world.unfired {
         unmet.push(format!("fault never fired: {f}"));
     }

@@ -5,11 +5,13 @@
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use ftvm_model::{NodeId, Phase, RoleKind, Time};
+use ftvm_model::{Epoch, Generation, NodeId, PeerMsg, Phase, RejectReason, RoleKind, Time};
 use turmoil::Sim;
 
 use crate::rng::SimRng;
-use crate::scenario::{Fault, FaultAction, HostRef, Scenario, Trigger, WITNESS_ID};
+use crate::scenario::{
+    Fault, FaultAction, ForgedFrame, HostRef, Scenario, Trigger, VM_ID, WITNESS_ID,
+};
 use crate::trace::{HostId, TraceKind};
 use crate::world::Shared;
 
@@ -124,6 +126,18 @@ impl FaultPlan {
                 Resolved::Bandwidth(h(a)?, h(b)?, *bytes_per_ms)
             }
             FaultAction::Corrupt { from, to } => Resolved::Corrupt(h(from)?, h(to)?),
+            FaultAction::ForgeGeneration {
+                from,
+                to,
+                frame,
+                generation,
+            } => {
+                let (a, b) = (h(from)?, h(to)?);
+                let HostId::Node(sender) = a else { return None };
+                let msg = forged_msg(&w.borrow().scenario, sender, *frame, *generation);
+                Resolved::Forge(a, b, msg)
+            }
+            FaultAction::ForgeWitnessReply { host } => Resolved::ForgeReply(h(host)?),
         })
     }
 
@@ -215,6 +229,11 @@ impl FaultPlan {
             }
             Resolved::Bandwidth(a, b, bw) => w.borrow_mut().shaper.set_bandwidth(a, b, bw),
             Resolved::Corrupt(a, b) => w.borrow_mut().shaper.arm_corruption(a, b),
+            Resolved::Forge(a, b, msg) => {
+                let frame = ftvm_model::wire::encode_peer(VM_ID, &msg);
+                w.borrow_mut().shaper.arm_forgery(a, b, frame);
+            }
+            Resolved::ForgeReply(host) => w.borrow_mut().shaper.arm_reply_forgery(host),
         }
         let _ = t;
     }
@@ -254,6 +273,8 @@ enum Resolved {
     Latency(HostId, HostId, Duration, Duration),
     Bandwidth(HostId, HostId, Option<u64>),
     Corrupt(HostId, HostId),
+    Forge(HostId, HostId, PeerMsg),
+    ForgeReply(HostId),
 }
 
 impl Resolved {
@@ -290,7 +311,35 @@ impl Resolved {
             Resolved::Bandwidth(a, b, Some(bw)) => format!("bandwidth {a} <-> {b} {bw} B/ms"),
             Resolved::Bandwidth(a, b, None) => format!("bandwidth {a} <-> {b} unlimited"),
             Resolved::Corrupt(a, b) => format!("damage the next checkpoint {a} -> {b}"),
+            Resolved::Forge(a, b, msg) => format!("forge {msg:?} on the link {a} -> {b}"),
+            Resolved::ForgeReply(h) => format!("forge the next witness reply to {h}"),
         }
+    }
+}
+
+/// The message a `forge-generation` fault slips onto a link from `sender`.
+fn forged_msg(s: &Scenario, sender: NodeId, frame: ForgedFrame, generation: u64) -> PeerMsg {
+    let generation = Generation(generation);
+    match frame {
+        ForgedFrame::Join => PeerMsg::Join {
+            vm: VM_ID,
+            node: sender,
+            ram_pages: s.vm.pages,
+            page_size: s.vm.page_size,
+            known: generation,
+        },
+        ForgedFrame::Heartbeat => PeerMsg::Heartbeat {
+            generation,
+            epoch: Epoch(1),
+        },
+        ForgedFrame::Ack => PeerMsg::Ack {
+            generation,
+            epoch: Epoch(1),
+        },
+        ForgedFrame::Reject => PeerMsg::Reject {
+            generation,
+            reason: RejectReason::Busy,
+        },
     }
 }
 
@@ -305,16 +354,29 @@ fn resolve_host(w: &Shared, r: HostRef) -> Option<HostId> {
         HostRef::Witness => Some(HostId::Witness),
         HostRef::Clients => Some(HostId::Clients),
         HostRef::Primary => active_primary(w).map(HostId::Node),
-        HostRef::Backup => {
+        HostRef::Backup => backup_of_active(w).map(HostId::Node),
+        HostRef::Spare => {
             let p = active_primary(w)?;
+            let b = backup_of_active(w);
             let world = w.borrow();
-            let peer = world.obs.view(p)?.status?.peer?;
-            let v = world.obs.view(peer)?;
-            let s = v.status?;
-            (v.alive && s.role == RoleKind::Backup && peer != WITNESS_ID)
-                .then_some(HostId::Node(peer))
+            let n = world.scenario.topology.nodes;
+            (1..=n)
+                .map(NodeId)
+                .filter(|k| *k != p && Some(*k) != b)
+                .find(|k| world.obs.view(*k).is_some_and(|v| v.alive))
+                .map(HostId::Node)
         }
     }
+}
+
+/// The backup following the active primary.
+fn backup_of_active(w: &Shared) -> Option<NodeId> {
+    let p = active_primary(w)?;
+    let world = w.borrow();
+    let peer = world.obs.view(p)?.status?.peer?;
+    let v = world.obs.view(peer)?;
+    let s = v.status?;
+    (v.alive && s.role == RoleKind::Backup && peer != WITNESS_ID).then_some(peer)
 }
 
 fn trigger_holds(w: &Shared, when: Trigger) -> bool {

@@ -9,7 +9,7 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
-use ftvm_model::{Generation, NodeId, Time, WitnessState};
+use ftvm_model::{Generation, NodeId, RoleKind, Time, WitnessState};
 
 use crate::host::{clients::run_clients, node::run_node, witness::run_witness};
 use crate::net::shaper::Shaper;
@@ -109,7 +109,14 @@ fn simulate(s: &Scenario, seed: u64, world: &Shared) {
         if world.borrow().obs.violation().is_some() {
             break;
         }
-        if let Err(e) = sim.step() {
+        let stepped = sim.step();
+        // A primary that stopped its VM in this step while the witness still names it (a fence
+        // that was no takeover): its backup must notice the silence and take over in time.
+        if before.is_some_and(|(p, _)| fenced(world, p)) {
+            let t = Time::from_duration(sim.elapsed());
+            watch_liveness(world, &plan, t, before, budget);
+        }
+        if let Err(e) = stepped {
             let mut wb = world.borrow_mut();
             wb.note(
                 t,
@@ -130,6 +137,16 @@ fn simulate(s: &Scenario, seed: u64, world: &Shared) {
     wb.elapsed = sim.elapsed();
 }
 
+/// Whether node `p` has fenced itself.
+fn fenced(world: &Shared, p: NodeId) -> bool {
+    world
+        .borrow()
+        .obs
+        .view(p)
+        .and_then(|v| v.status)
+        .is_some_and(|s| s.role == RoleKind::Fenced)
+}
+
 /// Failure timeout + restore + slack + a witness round trip at the worst latency.
 fn liveness_budget(s: &Scenario) -> Duration {
     s.timing.failure_timeout
@@ -138,9 +155,10 @@ fn liveness_budget(s: &Scenario) -> Duration {
         + s.network.latency_max * 4
 }
 
-/// After faults fired: if the active primary (as it was before them) is now dead or cut off
-/// from its registered backup, that backup is up, registered and has a clean path to the
-/// witness, and the primary is dead or has a clean path to the witness too, a VM must serve
+/// After faults fired, or after a step in which the active primary fenced itself: if that
+/// primary (as it was before) is now dead, fenced or cut off from its registered backup, that
+/// backup is up, registered and has a clean path to the witness, and the primary is dead or
+/// has a clean path to the witness too, a VM must serve
 /// again within the budget. A watch whose backup or live primary lost its path is dropped (the
 /// promise no longer applies).
 fn watch_liveness(
@@ -193,7 +211,12 @@ fn watch_liveness(
                 .is_some_and(|s| s.registration == Some(r) && s.generation == g)
     });
     let (ph, bh) = (HostId::Node(p), HostId::Node(r.node));
-    let lost = plan.is_down(ph) || plan.blocked(ph, bh) || plan.blocked(bh, ph);
+    let stopped = wb
+        .obs
+        .view(p)
+        .and_then(|v| v.status)
+        .is_some_and(|s| s.role == RoleKind::Fenced);
+    let lost = plan.is_down(ph) || plan.blocked(ph, bh) || plan.blocked(bh, ph) || stopped;
     if ready && lost && clean_path(&wb, r.node) && primary_ok(&wb, p) {
         wb.obs.arm_liveness(t, p, g, r.node, t + budget);
         wb.note(

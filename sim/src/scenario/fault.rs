@@ -17,6 +17,9 @@ pub enum HostRef {
     Primary,
     /// The backup following the active primary when the fault fires.
     Backup,
+    /// The lowest-numbered up node that is neither the active primary nor its backup (a
+    /// joiner waiting for room) when the fault fires.
+    Spare,
 }
 
 impl HostRef {
@@ -27,6 +30,7 @@ impl HostRef {
             "clients" => Some(HostRef::Clients),
             "primary" => Some(HostRef::Primary),
             "backup" => Some(HostRef::Backup),
+            "spare" => Some(HostRef::Spare),
             _ => {
                 let k: u32 = s.strip_prefix('n')?.parse().ok()?;
                 (k >= 1).then_some(HostRef::Node(k))
@@ -43,6 +47,7 @@ impl fmt::Display for HostRef {
             HostRef::Clients => f.write_str("clients"),
             HostRef::Primary => f.write_str("primary"),
             HostRef::Backup => f.write_str("backup"),
+            HostRef::Spare => f.write_str("spare"),
         }
     }
 }
@@ -72,6 +77,42 @@ impl Trigger {
             "syncing" => Trigger::Syncing,
             "protected" => Trigger::Protected,
             _ => return None,
+        })
+    }
+}
+
+/// The peer frame a [`FaultAction::ForgeGeneration`] fault injects.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ForgedFrame {
+    /// A `Join` naming the sender, with the forged generation as its known generation.
+    Join,
+    /// A `Heartbeat` of the forged generation.
+    Heartbeat,
+    /// An `Ack` of epoch 1 in the forged generation.
+    Ack,
+    /// A `Reject { Busy }` of the forged generation.
+    Reject,
+}
+
+impl ForgedFrame {
+    pub(crate) fn parse(s: &str) -> Option<ForgedFrame> {
+        Some(match s {
+            "join" => ForgedFrame::Join,
+            "heartbeat" => ForgedFrame::Heartbeat,
+            "ack" => ForgedFrame::Ack,
+            "reject" => ForgedFrame::Reject,
+            _ => return None,
+        })
+    }
+}
+
+impl fmt::Display for ForgedFrame {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            ForgedFrame::Join => "join",
+            ForgedFrame::Heartbeat => "heartbeat",
+            ForgedFrame::Ack => "ack",
+            ForgedFrame::Reject => "reject",
         })
     }
 }
@@ -166,6 +207,24 @@ pub enum FaultAction {
         /// Receiver.
         to: HostRef,
     },
+    /// Slip one well-formed peer frame of generation `generation` into the next write on the
+    /// checkpoint link `from → to`, ahead of what `from` sends (a forged or stale frame).
+    ForgeGeneration {
+        /// The node whose link carries it (the frame names it as sender).
+        from: HostRef,
+        /// Receiver.
+        to: HostRef,
+        /// Which message.
+        frame: ForgedFrame,
+        /// The generation it claims.
+        generation: u64,
+    },
+    /// The next witness reply `host` receives shows the register one generation ahead of the
+    /// witness's (a forged reply).
+    ForgeWitnessReply {
+        /// The node.
+        host: HostRef,
+    },
 }
 
 impl fmt::Display for FaultAction {
@@ -205,6 +264,18 @@ impl fmt::Display for FaultAction {
             FaultAction::Bandwidth { a, b, .. } => write!(f, "bandwidth {a} <-> {b} unlimited"),
             FaultAction::Corrupt { from, to } => {
                 write!(f, "corrupt next checkpoint {from} -> {to}")
+            }
+            FaultAction::ForgeGeneration {
+                from,
+                to,
+                frame,
+                generation,
+            } => write!(
+                f,
+                "forge a {frame} of generation {generation} {from} -> {to}"
+            ),
+            FaultAction::ForgeWitnessReply { host } => {
+                write!(f, "forge the next witness reply to {host}")
             }
         }
     }

@@ -13,7 +13,7 @@ use std::time::Duration;
 use ftvm_model::{Config, NodeId, VmId};
 
 pub use error::ScenarioError;
-pub use fault::{Fault, FaultAction, HostRef, Trigger};
+pub use fault::{Fault, FaultAction, ForgedFrame, HostRef, Trigger};
 
 use crate::invariant::Invariant;
 use spec::{FaultFile, ScenarioFile};
@@ -120,6 +120,8 @@ pub struct Expect {
     pub max_replies: Option<u64>,
     /// Every failover (primary lost → VM running again) took at most this long.
     pub max_outage: Option<Duration>,
+    /// At most this many times a primary stopped its VM (fenced itself).
+    pub max_fences: Option<u64>,
     /// Allowance on top of failure timeout + restore for the liveness check (witness round
     /// trips, retransmissions, timer granularity).
     pub liveness_slack: Duration,
@@ -264,6 +266,7 @@ impl Scenario {
                 min_replies: f.expect.min_replies,
                 max_replies: f.expect.max_replies,
                 max_outage: f.expect.max_outage_ms.map(ms),
+                max_fences: f.expect.max_fences,
                 liveness_slack: ms(f.expect.liveness_slack_ms),
             },
         })
@@ -338,6 +341,12 @@ impl Scenario {
             )),
             _ => Ok(()),
         };
+        let node = |h: &HostRef| match *h {
+            HostRef::Witness | HostRef::Clients => Err(format!(
+                "{h} is not a node (forged frames travel between nodes)"
+            )),
+            _ => Ok(()),
+        };
         let link = |a: &HostRef, b: &HostRef| {
             host(a)?;
             host(b)?;
@@ -369,6 +378,15 @@ impl Scenario {
                 Ok(())
             }
             FaultAction::Corrupt { from, to } => link(from, to),
+            FaultAction::ForgeGeneration { from, to, .. } => {
+                link(from, to)?;
+                node(from)?;
+                node(to)
+            }
+            FaultAction::ForgeWitnessReply { host: h } => {
+                host(h)?;
+                node(h)
+            }
             FaultAction::Loss { link: l, rate } => {
                 if let Some((a, b)) = l {
                     link(a, b)?;
@@ -411,7 +429,9 @@ fn need<T: Clone>(v: &Option<T>, field: &str) -> Result<T, String> {
 fn host_field(v: &Option<String>, field: &str) -> Result<HostRef, String> {
     let s = need(v, field)?;
     HostRef::parse(&s).ok_or_else(|| {
-        format!("`{field}`: unknown host `{s}` (use n1..n9, witness, clients, primary, backup)")
+        format!(
+            "`{field}`: unknown host `{s}` (use n1..n9, witness, clients, primary, backup, spare)"
+        )
     })
 }
 
@@ -427,6 +447,8 @@ fn allowed(kind: &str) -> Option<&'static [&'static str]> {
         "latency" => &["a", "b", "min_ms", "max_ms"],
         "bandwidth" => &["a", "b", "bytes_per_ms"],
         "flap" => &["a", "b", "period_ms", "count"],
+        "forge-generation" => &["a", "b", "frame", "generation"],
+        "forge-witness-reply" => &["host"],
         _ => return None,
     })
 }
@@ -434,10 +456,10 @@ fn allowed(kind: &str) -> Option<&'static [&'static str]> {
 fn fault_from_file(f: &FaultFile) -> Result<Vec<Fault>, String> {
     let allowed = allowed(&f.kind).ok_or_else(|| {
         "unknown kind (use crash, restart, partition, repair, isolate, heal, hold, release, \
-         loss, latency, bandwidth, corrupt, flap)"
+         loss, latency, bandwidth, corrupt, flap, forge-generation, forge-witness-reply)"
             .to_string()
     })?;
-    let set: [(&str, bool); 11] = [
+    let set: [(&str, bool); 13] = [
         ("host", f.host.is_some()),
         ("a", f.a.is_some()),
         ("b", f.b.is_some()),
@@ -449,6 +471,8 @@ fn fault_from_file(f: &FaultFile) -> Result<Vec<Fault>, String> {
         ("bytes_per_ms", f.bytes_per_ms.is_some()),
         ("period_ms", f.period_ms.is_some()),
         ("count", f.count.is_some()),
+        ("frame", f.frame.is_some()),
+        ("generation", f.generation.is_some()),
     ];
     if let Some((name, _)) = set.iter().find(|(n, s)| *s && !allowed.contains(n)) {
         return Err(format!("field `{name}` does not apply to this kind"));
@@ -506,6 +530,27 @@ fn fault_from_file(f: &FaultFile) -> Result<Vec<Fault>, String> {
         "corrupt" => one(FaultAction::Corrupt {
             from: host_field(&f.a, "a")?,
             to: host_field(&f.b, "b")?,
+        }),
+        "forge-generation" => {
+            let frame = match &f.frame {
+                None => ForgedFrame::Join,
+                Some(s) => ForgedFrame::parse(s).ok_or_else(|| {
+                    format!("`frame`: unknown frame `{s}` (use join, heartbeat, ack, reject)")
+                })?,
+            };
+            let generation = f.generation.unwrap_or(u64::MAX);
+            if generation < 2 {
+                return Err("`generation` must be at least 2 (newer than the first)".into());
+            }
+            one(FaultAction::ForgeGeneration {
+                from: host_field(&f.a, "a")?,
+                to: host_field(&f.b, "b")?,
+                frame,
+                generation,
+            })
+        }
+        "forge-witness-reply" => one(FaultAction::ForgeWitnessReply {
+            host: host_field(&f.host, "host")?,
         }),
         "loss" => {
             let link = match (&f.a, &f.b) {

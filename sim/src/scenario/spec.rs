@@ -160,6 +160,8 @@ pub(super) struct FaultFile {
     pub bytes_per_ms: Option<u64>,
     pub period_ms: Option<u64>,
     pub count: Option<u32>,
+    pub frame: Option<String>,
+    pub generation: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -172,6 +174,7 @@ pub(super) struct ExpectFile {
     pub min_replies: Option<u64>,
     pub max_replies: Option<u64>,
     pub max_outage_ms: Option<u64>,
+    pub max_fences: Option<u64>,
     pub liveness_slack_ms: u64,
 }
 
@@ -185,6 +188,7 @@ impl Default for ExpectFile {
             min_replies: None,
             max_replies: None,
             max_outage_ms: None,
+            max_fences: None,
             liveness_slack_ms: 100,
         }
     }

@@ -81,6 +81,93 @@ at_ms = 0
 }
 
 #[test]
+fn forgery_faults_parse_with_their_defaults() {
+    let s = parse(
+        r#"
+name = "f"
+duration_ms = 2000
+[topology]
+nodes = 3
+[[fault]]
+kind = "forge-generation"
+a = "spare"
+b = "primary"
+at_ms = 100
+[[fault]]
+kind = "forge-generation"
+a = "backup"
+b = "n1"
+frame = "heartbeat"
+generation = 2
+at_ms = 200
+[[fault]]
+kind = "forge-witness-reply"
+host = "primary"
+at_ms = 300
+[expect]
+max_fences = 0
+"#,
+    )
+    .unwrap();
+    assert_eq!(
+        s.faults[0].action,
+        FaultAction::ForgeGeneration {
+            from: HostRef::Spare,
+            to: HostRef::Primary,
+            frame: ForgedFrame::Join,
+            generation: u64::MAX,
+        }
+    );
+    assert_eq!(
+        s.faults[1].action,
+        FaultAction::ForgeGeneration {
+            from: HostRef::Backup,
+            to: HostRef::Node(1),
+            frame: ForgedFrame::Heartbeat,
+            generation: 2,
+        }
+    );
+    assert_eq!(
+        s.faults[2].action,
+        FaultAction::ForgeWitnessReply {
+            host: HostRef::Primary
+        }
+    );
+    assert_eq!(s.expect.max_fences, Some(0));
+}
+
+#[test]
+fn forgery_faults_refuse_what_cannot_be_forged() {
+    let base = "name = \"x\"\nduration_ms = 5\n[[fault]]\nat_ms = 1\n";
+    let cases: &[(&str, &str)] = &[
+        (
+            "kind = \"forge-generation\"\na = \"n2\"\nb = \"n1\"\nframe = \"ping\"\n",
+            "unknown frame `ping`",
+        ),
+        (
+            "kind = \"forge-generation\"\na = \"n2\"\nb = \"n1\"\ngeneration = 1\n",
+            "at least 2",
+        ),
+        (
+            "kind = \"forge-generation\"\na = \"witness\"\nb = \"n1\"\n",
+            "not a node",
+        ),
+        (
+            "kind = \"forge-witness-reply\"\nhost = \"clients\"\n",
+            "not a node",
+        ),
+        (
+            "kind = \"forge-witness-reply\"\nhost = \"n1\"\nframe = \"join\"\n",
+            "`frame` does not apply",
+        ),
+    ];
+    for (fault, needle) in cases {
+        let e = err(&format!("{base}{fault}"));
+        assert!(e.contains(needle), "error `{e}` lacks `{needle}`");
+    }
+}
+
+#[test]
 fn errors_are_one_line_and_name_the_problem() {
     let cases: &[(&str, &str)] = &[
         ("name = \"x\"\n", "duration_ms"),

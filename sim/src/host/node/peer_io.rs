@@ -43,8 +43,15 @@ pub(crate) async fn read_peer(
             }
             return send(HostEvent::Closed { conn });
         }
+        // Like the real agent, any bytes are a `Heard`, whole frames included, and it comes
+        // before the frames they carry: the model must not take the bytes of a node that
+        // stopped its VM (a refusal, say) for life.
+        let t = now();
+        if heard_at != Some(t) {
+            heard_at = Some(t);
+            send(HostEvent::Heard { conn });
+        }
         let mut pos = 0;
-        let mut framed = false;
         while pos < n {
             let mut new_floor = None;
             let step = match dec.decode(&buf[pos..n]) {
@@ -56,12 +63,10 @@ pub(crate) async fn read_peer(
                             if let PeerMsg::SyncStart { generation, .. } = msg {
                                 new_floor = Some(generation);
                             }
-                            framed = true;
                             send(HostEvent::Peer { conn, msg });
                             Ok(true)
                         }
                         Some(Item::CheckpointBegin { generation, meta }) => {
-                            framed = true;
                             let cap = usize::try_from(meta.page_count.min(1 << 12)).unwrap_or(0);
                             cur = Some(Staged {
                                 from,
@@ -91,7 +96,6 @@ pub(crate) async fn read_peer(
                             Ok(true)
                         }
                         Some(Item::CheckpointEnd { .. }) => {
-                            framed = true;
                             if let Some(mut cp) = cur.take() {
                                 cp.complete = true;
                                 send(HostEvent::CheckpointDone {
@@ -125,11 +129,6 @@ pub(crate) async fn read_peer(
                 floor = g;
                 dec.set_min_generation(g);
             }
-        }
-        let t = now();
-        if !framed && heard_at != Some(t) {
-            heard_at = Some(t);
-            send(HostEvent::Heard { conn });
         }
     }
 }

@@ -5,15 +5,15 @@
 use std::time::Duration;
 
 use ftvm_model::wire::{encode_witness_request, Expect, Item, StreamDecoder};
-use ftvm_model::{NodeId, VmId, WitnessReply, WitnessRequest};
+use ftvm_model::{Generation, NodeId, VmId, WitnessReply, WitnessRequest};
 use tokio::io::AsyncReadExt;
 use tokio::sync::mpsc::UnboundedSender;
 use turmoil::net::TcpStream;
 
 use super::event::HostEvent;
 use crate::net::{write_shaped, WITNESS_PORT};
-use crate::trace::HostId;
-use crate::world::Shared;
+use crate::trace::{HostId, TraceKind};
+use crate::world::{now, Shared};
 
 pub(crate) async fn call_witness(
     w: Shared,
@@ -47,7 +47,17 @@ pub(crate) async fn call_witness(
             }
         }
     };
-    if let Ok(Some(reply)) = tokio::time::timeout(limit, call).await {
+    if let Ok(Some(mut reply)) = tokio::time::timeout(limit, call).await {
+        let forge = w.borrow_mut().shaper.take_reply_forgery(HostId::Node(me));
+        if forge {
+            // A forged answer: the register one generation ahead of the witness's.
+            reply.state.generation = Generation(reply.state.generation.0.saturating_add(1));
+            w.borrow_mut().note(
+                now(),
+                HostId::Node(me),
+                TraceKind::Note(format!("forged witness reply: {:?}", reply.state)),
+            );
+        }
         let _ = tx.send(HostEvent::Witness(reply));
     }
 }
