@@ -12,6 +12,7 @@ use ftvm_real::agent::netio::NetIo;
 use ftvm_real::agent::qemu_vm::{QemuLauncher, Tracking};
 use ftvm_real::agent::{Agent, AgentConfig, AgentExit};
 use ftvm_real::qemu::{BootOptions, NetBackend, NetConfig, QemuConfig};
+use ftvm_real::secure_fs;
 use ftvm_real::transport::TransportKind;
 
 use crate::guest_args::GuestArgs;
@@ -136,8 +137,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         .map_err(|e: String| anyhow::anyhow!(e))
         .context("--tracking")?;
     let guest = args.guest.image()?;
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    secure_fs::private_dir(&args.state_dir).context("the state directory")?;
     let page_size = 4096u32;
     let ram_bytes = args.guest.ram_mb << 20;
 
@@ -150,8 +150,9 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
     let stem = format!("ftvm-vm{}-n{}", args.vm, args.node);
     let ram_file = args.ram_dir.join(format!("{stem}.ram"));
     let replica_ram = args.ram_dir.join(format!("{stem}-replica.ram"));
-    // The primary boots a fresh VM: never over an old RAM file.
-    let _ = std::fs::remove_file(&ram_file);
+    // The primary boots a fresh VM: never over an old RAM file (booting replaces it again, and
+    // creates it 0600; another user's file there is refused).
+    secure_fs::remove_stale(&ram_file).context("the old RAM file")?;
     let netdev_socket = args.state_dir.join("netdev.sock");
 
     let mut base = QemuConfig::new(
@@ -160,7 +161,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         ram_bytes,
         args.state_dir.join("qemu"),
     );
-    std::fs::create_dir_all(args.state_dir.join("qemu")).context("creating the QEMU directory")?;
+    secure_fs::private_dir(&args.state_dir.join("qemu")).context("the QEMU directory")?;
     args.guest.apply(&guest, accel, &mut base);
     base.net = Some(NetConfig {
         mac: args.guest.mac.clone(),

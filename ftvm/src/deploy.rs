@@ -1,19 +1,21 @@
 //! A local deployment: witness, primary and backup agents (and a client) as processes in network
 //! namespaces, one per host. Shared by `ftvm demo`, `ftvm bench e2e` and the real tests.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ftvm_real::host::topology::{Host, Topology};
+use ftvm_real::secure_fs;
 
 /// How to deploy.
 #[derive(Debug, Clone)]
 pub struct DeployOpts {
     /// Guest directory (vmlinuz, initrd.img, cmdline).
     pub guest_dir: PathBuf,
-    /// Work directory (recreated).
+    /// Work directory (recreated, 0700; refused if someone else's).
     pub work_dir: PathBuf,
     /// Guest RAM in MiB.
     pub ram_mb: u64,
@@ -65,8 +67,8 @@ pub fn spawn_in(
     log: &Path,
 ) -> anyhow::Result<Proc> {
     let exe = std::env::current_exe().context("locating the ftvm binary")?;
-    let log_file =
-        std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let log_file = secure_fs::replace(log, secure_fs::PRIVATE_FILE_MODE)
+        .with_context(|| format!("creating the {name}'s log"))?;
     let child = Command::new("ip")
         .args(["netns", "exec", &topo.ns(host)])
         .arg(exe)
@@ -173,9 +175,10 @@ struct RamDir {
 impl RamDir {
     fn create(opts: &DeployOpts) -> anyhow::Result<RamDir> {
         let path = Path::new("/dev/shm").join(format!("ftvm-{}-{}", opts.prefix, opts.subnet));
-        // A crashed earlier run of the same deployment may have left RAM files behind.
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        // A crashed earlier run of the same deployment may have left RAM files behind; the
+        // name is predictable in a world-writable directory, so a directory someone else
+        // planted there (or a link) is refused rather than reused.
+        secure_fs::fresh_private_dir(&path).context("the guest RAM directory")?;
         Ok(RamDir {
             path,
             keep: opts.keep,
@@ -197,9 +200,7 @@ impl Deployment {
         if !is_root() {
             bail!("deployments create network namespaces and tap devices: run as root");
         }
-        let _ = std::fs::remove_dir_all(&opts.work_dir);
-        std::fs::create_dir_all(&opts.work_dir)
-            .with_context(|| format!("creating {}", opts.work_dir.display()))?;
+        secure_fs::fresh_private_dir(&opts.work_dir).context("the work directory")?;
         let mut topo = Topology::create(&opts.prefix, opts.subnet).context("creating the hosts")?;
         if opts.keep {
             topo.keep();
@@ -217,6 +218,8 @@ impl Deployment {
                 witness_addr.clone(),
                 "--state".into(),
                 w.join("witness.json").display().to_string(),
+                // A fresh VM in a fresh work directory: the one place a register is created.
+                "--init".into(),
                 "--verbose".into(),
             ],
             &w.join("witness.log"),
@@ -269,6 +272,49 @@ impl Deployment {
             &mut [&mut self.witness, &mut self.backup, &mut self.primary],
             || status(&pdir)["phase"] == "protected",
         )
+    }
+
+    /// Checks the network split from the client's namespace: the VM's service accepts a
+    /// connection, and no agent or witness port does (they sit on the replication network,
+    /// which the client and the guest cannot reach). Returns what was tried and seen.
+    pub fn check_isolation(&self) -> anyhow::Result<serde_json::Value> {
+        let t = &self.topo;
+        let vm = SocketAddr::from((t.vm_addr(), 80));
+        let closed = [
+            (
+                "primary agent",
+                SocketAddr::from((t.addr(Host::Primary), 7000)),
+            ),
+            (
+                "backup agent",
+                SocketAddr::from((t.addr(Host::Backup), 7000)),
+            ),
+            ("witness", SocketAddr::from((t.addr(Host::Switch), 7100))),
+        ];
+        let probe = move |a: SocketAddr| {
+            std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)).map(drop)
+        };
+        let seen = t
+            .in_ns(Host::Client, move || {
+                let vm_seen = probe(vm);
+                let ports: Vec<_> = closed.iter().map(|&(w, a)| (w, a, probe(a))).collect();
+                (vm_seen, ports)
+            })
+            .context("probing from the client's namespace")?;
+        if let Err(e) = seen.0 {
+            bail!("the client cannot reach the VM's service at {vm}: {e}");
+        }
+        let mut report = serde_json::Map::new();
+        report.insert("vm".into(), "reachable".into());
+        for (what, a, r) in seen.1 {
+            match r {
+                Ok(()) => {
+                    bail!("the client reached the {what}'s port {a}: the networks are not split")
+                }
+                Err(e) => report.insert(what.into(), format!("unreachable ({e})").into()),
+            };
+        }
+        Ok(report.into())
     }
 
     /// Starts the client for `seconds`; its JSON report goes to `out`.

@@ -6,6 +6,7 @@ use std::path::PathBuf;
 use anyhow::Context;
 use ftvm_model::{NodeId, VmId};
 use ftvm_real::agent::witness;
+use ftvm_real::agent::witness_store::{Open, WitnessStore};
 
 /// Arguments of `ftvm witness`.
 #[derive(clap::Args)]
@@ -16,12 +17,16 @@ pub struct Args {
     /// The protected VM's id.
     #[arg(long, default_value_t = 1)]
     vm: u64,
-    /// The node that is primary of generation 1 (used only when no state file exists yet).
+    /// The node that is primary of generation 1 (used only with --init).
     #[arg(long, default_value_t = 1)]
     primary: u32,
     /// Where the register is persisted (written before every reply).
     #[arg(long)]
     state: PathBuf,
+    /// Create a fresh register (generation 1, --primary) for a new VM. Refused when the state
+    /// file exists; without it, a missing state file is refused.
+    #[arg(long)]
+    init: bool,
     /// Log every request and decision to stderr.
     #[arg(long)]
     verbose: bool,
@@ -29,8 +34,15 @@ pub struct Args {
 
 /// Runs the witness until killed.
 pub fn run(args: Args) -> anyhow::Result<i32> {
-    let w = witness::load_state(&args.state, VmId(args.vm), NodeId(args.primary))
-        .context("loading the witness state")?;
+    let how = if args.init {
+        Open::Init {
+            primary: NodeId(args.primary),
+        }
+    } else {
+        Open::Existing
+    };
+    let (store, w) =
+        WitnessStore::open(&args.state, VmId(args.vm), how).context("opening the witness state")?;
     eprintln!(
         "ftvm witness: VM {} generation {} primary {} on {}",
         args.vm,
@@ -42,7 +54,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
-    rt.block_on(witness::serve(args.listen, args.state, w, args.verbose))
+    rt.block_on(witness::serve(args.listen, store, w, args.verbose))
         .context("serving the witness")?;
     Ok(0)
 }

@@ -9,4 +9,5 @@ mod named;
 pub mod net;
 pub mod qemu;
 pub mod replica;
+pub mod secure_fs;
 pub mod transport;

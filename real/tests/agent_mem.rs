@@ -11,6 +11,7 @@ use std::time::{Duration, Instant};
 use ftvm_model::{Config, NodeId, Start, VmId};
 use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::mem_vm::{MemLauncher, MemRam};
+use ftvm_real::agent::witness_store::{Open, WitnessStore};
 use ftvm_real::agent::{witness, Agent, AgentConfig};
 use ftvm_real::transport::TransportKind;
 
@@ -92,13 +93,13 @@ async fn protects_then_fails_over_to_the_replica() {
     let waddr = free_addr();
     let addrs: BTreeMap<NodeId, SocketAddr> =
         [(NodeId(1), free_addr()), (NodeId(2), free_addr())].into();
-    let w = witness::load_state(&dir.path().join("witness.json"), VmId(7), NodeId(1)).unwrap();
-    let wtask = tokio::spawn(witness::serve(
-        waddr,
-        dir.path().join("witness.json"),
-        w,
-        true,
-    ));
+    let (store, w) = WitnessStore::open(
+        &dir.path().join("witness.json"),
+        VmId(7),
+        Open::Init { primary: NodeId(1) },
+    )
+    .unwrap();
+    let wtask = tokio::spawn(witness::serve(waddr, store, w, true));
 
     let p = host(dir.path(), 1, Start::Primary, &addrs, waddr);
     let b = host(
@@ -214,13 +215,13 @@ async fn a_backup_with_the_wrong_ram_size_is_refused_with_a_clear_error() {
     let waddr = free_addr();
     let addrs: BTreeMap<NodeId, SocketAddr> =
         [(NodeId(1), free_addr()), (NodeId(2), free_addr())].into();
-    let w = witness::load_state(&dir.path().join("witness.json"), VmId(7), NodeId(1)).unwrap();
-    let wtask = tokio::spawn(witness::serve(
-        waddr,
-        dir.path().join("witness.json"),
-        w,
-        false,
-    ));
+    let (store, w) = WitnessStore::open(
+        &dir.path().join("witness.json"),
+        VmId(7),
+        Open::Init { primary: NodeId(1) },
+    )
+    .unwrap();
+    let wtask = tokio::spawn(witness::serve(waddr, store, w, false));
     let p = host(dir.path(), 1, Start::Primary, &addrs, waddr);
     let mut b = host(
         dir.path(),

@@ -1,29 +1,24 @@
 //! The witness (fencing party) as a TCP service, and the agents' client of it. The decisions are
 //! `ftvm_model::Witness`'s; this file only persists its register before every reply (a restarted
-//! witness must not forget a grant) and moves frames.
+//! witness must not forget a grant; see `witness_store`) and moves frames.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use ftvm_model::wire::{self, Expect, Item, StreamDecoder};
-use ftvm_model::{NodeId, Time, VmId, Witness, WitnessReply, WitnessRequest, WitnessState};
+use ftvm_model::{Time, VmId, Witness, WitnessReply, WitnessRequest};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Mutex;
+
+use super::witness_store::{StoreError, WitnessStore};
 
 /// Errors of the witness service.
 #[derive(Debug, thiserror::Error)]
 pub enum WitnessError {
     /// The state file could not be read or written.
-    #[error("witness state {path}: {detail}")]
-    State {
-        /// File.
-        path: PathBuf,
-        /// Cause.
-        detail: String,
-    },
+    #[error(transparent)]
+    State(#[from] StoreError),
     /// The listening socket failed.
     #[error("witness listen on {addr}: {source}")]
     Listen {
@@ -42,51 +37,10 @@ pub enum WitnessError {
     },
 }
 
-/// Loads the persisted register, or starts a fresh one naming `primary`.
-pub fn load_state(path: &Path, vm: VmId, primary: NodeId) -> Result<Witness, WitnessError> {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let state: WitnessState =
-                serde_json::from_slice(&bytes).map_err(|e| WitnessError::State {
-                    path: path.to_path_buf(),
-                    detail: format!("corrupt: {e}"),
-                })?;
-            if state.vm != vm {
-                return Err(WitnessError::State {
-                    path: path.to_path_buf(),
-                    detail: format!("belongs to VM {}, not {}", state.vm, vm),
-                });
-            }
-            Ok(Witness::from_state(state))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Witness::new(vm, primary)),
-        Err(e) => Err(WitnessError::State {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        }),
-    }
-}
-
-fn save_state(path: &Path, state: &WitnessState) -> Result<(), WitnessError> {
-    let err = |e: std::io::Error| WitnessError::State {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    };
-    let tmp = path.with_extension("tmp");
-    let json = serde_json::to_vec(state).map_err(|e| WitnessError::State {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    })?;
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(&json).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
-}
-
 /// Serves the witness of `vm` on `addr` until the task is dropped.
 pub async fn serve(
     addr: SocketAddr,
-    state_file: PathBuf,
+    store: WitnessStore,
     witness: Witness,
     log: bool,
 ) -> Result<(), WitnessError> {
@@ -101,7 +55,7 @@ pub async fn serve(
             continue;
         };
         let shared = shared.clone();
-        let state_file = state_file.clone();
+        let store = store.clone();
         tokio::spawn(async move {
             let mut dec = StreamDecoder::new(Expect::vm(vm));
             let mut buf = vec![0u8; 4096];
@@ -120,7 +74,7 @@ pub async fn serve(
                         let now = Time::from_duration(origin.elapsed());
                         let reply = w.handle(now, req);
                         // Persist before answering: a grant the caller acts on must survive us.
-                        if let Err(e) = save_state(&state_file, w.state()) {
+                        if let Err(e) = store.save(w.state()) {
                             eprintln!("witness: {e}; not answering");
                             return;
                         }

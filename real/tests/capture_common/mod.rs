@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use ftvm_model::{Config, NodeId, Start, VmId};
 use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::vm::VmLauncher;
+use ftvm_real::agent::witness_store::{Open, WitnessStore};
 use ftvm_real::agent::{witness, Agent, AgentConfig};
 use ftvm_real::transport::TransportKind;
 
@@ -133,8 +134,9 @@ pub async fn protect_and_verify<L: VmLauncher>(
         peers: [(NodeId(1), free_addr()), (NodeId(2), free_addr())].into(),
     };
     let wfile = dir.join("witness.json");
-    let w = witness::load_state(&wfile, VmId(7), NodeId(1)).unwrap();
-    let wtask = tokio::spawn(witness::serve(addrs.witness, wfile, w, false));
+    let (store, w) =
+        WitnessStore::open(&wfile, VmId(7), Open::Init { primary: NodeId(1) }).unwrap();
+    let wtask = tokio::spawn(witness::serve(addrs.witness, store, w, false));
     let pcfg = config(dir, 1, Start::Primary, run, &addrs);
     let bcfg = config(dir, 2, Start::Backup { primary: NodeId(1) }, run, &addrs);
     let pagent = Agent::new(pcfg.clone(), primary).unwrap();
