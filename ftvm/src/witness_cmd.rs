@@ -58,3 +58,34 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         .context("serving the witness")?;
     Ok(0)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(state: PathBuf, init: bool) -> Args {
+        Args {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            vm: 1,
+            primary: 1,
+            state,
+            init,
+            verbose: false,
+        }
+    }
+
+    #[test]
+    fn a_missing_register_without_init_and_init_over_an_existing_one_are_refused() {
+        let d = std::env::temp_dir().join(format!("ftvm-witness-cmd-{}", std::process::id()));
+        ftvm_real::secure_fs::fresh_private_dir(&d).unwrap();
+        let state = d.join("witness.json");
+        let e = run(args(state.clone(), false)).unwrap_err();
+        assert!(format!("{e:#}").contains("start with --init"), "{e:#}");
+        assert!(!state.exists());
+        std::fs::write(&state, b"{}").unwrap();
+        let e = run(args(state.clone(), true)).unwrap_err();
+        assert!(format!("{e:#}").contains("refusing --init"), "{e:#}");
+        assert_eq!(std::fs::read(&state).unwrap(), b"{}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}
