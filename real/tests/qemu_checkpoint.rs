@@ -75,6 +75,13 @@ async fn checkpoint_restores_into_a_second_qemu_on_the_ram_copy() {
         booted.boot_time, booted.tries, booted.retry_reasons
     );
     let mut qemu = booted.qemu;
+    // Guest RAM and the logs are created by us 0600 (under -sandbox), not by QEMU (0644).
+    for f in [&ram.0, &cfg.serial_log, &cfg.stderr_log] {
+        use std::os::unix::fs::MetadataExt;
+        let mode = std::fs::metadata(f).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", f.display());
+    }
+    assert!(cfg.sandbox);
     let mut conn = Connection::open(addr, REQ_TIMEOUT).await.unwrap();
     let mut last = 0;
     for _ in 0..3 {

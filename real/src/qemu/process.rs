@@ -87,6 +87,12 @@ impl Qemu {
             Err(e) => return Err(QemuError::io("remove stale QMP socket", e)),
         }
         prepare_ram_file(&config.ram_file)?;
+        // QEMU truncates the serial log at start anyway; creating it here makes it 0600 and
+        // never a link QEMU would write through.
+        drop(secure_fs::replace(
+            &config.serial_log,
+            secure_fs::PRIVATE_FILE_MODE,
+        )?);
         let stderr = secure_fs::replace(&config.stderr_log, secure_fs::PRIVATE_FILE_MODE)?;
         let stdout = stderr
             .try_clone()
