@@ -124,10 +124,22 @@ async fn checkpoint_restores_into_a_second_qemu_on_the_ram_copy() {
     drop(conn);
     qemu.kill().await.unwrap();
 
-    // Failover: same machine, RAM = the replica, device state = the blob.
-    let mut restored = Qemu::spawn_incoming(cfg.incoming(&replica.0, &run2))
-        .await
-        .unwrap();
+    // Failover: same machine, RAM = the replica, device state = the blob; this QEMU drops to
+    // `nobody` once set up (the device state then arrives through a descriptor passed over QMP,
+    // which needs no privilege).
+    let mut incoming = cfg.incoming(&replica.0, &run2);
+    incoming.run_as = Some("nobody".into());
+    incoming.env.push((
+        "LD_PRELOAD".into(),
+        ftvm_real::dirty::preload_library_path()
+            .unwrap()
+            .display()
+            .to_string(),
+    ));
+    incoming
+        .env
+        .push(("FTVM_RAM_FILE".into(), replica.0.display().to_string()));
+    let mut restored = Qemu::spawn_incoming(incoming).await.unwrap();
     assert_eq!(
         restored.query_status().await.unwrap().status,
         "inmigrate",
@@ -135,6 +147,9 @@ async fn checkpoint_restores_into_a_second_qemu_on_the_ram_copy() {
     );
     restored.restore_device_state(&blob).await.unwrap();
     assert!(restored.query_status().await.unwrap().running);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", restored.pid())).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(uid.split_whitespace().nth(1), Some("65534"), "{uid}");
     let mut conn = Connection::open(addr, REQ_TIMEOUT).await.unwrap();
     assert_eq!(
         get_number(&mut conn, "/get").await,

@@ -114,6 +114,10 @@ pub struct QemuConfig {
     /// Run under QEMU's seccomp filter (`-sandbox on`, see [`SANDBOX`]): on by default, since
     /// QEMU parses what arrives from the wire (device state) and runs the guest.
     pub sandbox: bool,
+    /// Drop to this user once the machine is set up (`-runas`): RAM, sockets, logs and the
+    /// dirty-tracking userfaultfd are opened as root first. Needs the ftvm preload library in
+    /// `env` (`LD_PRELOAD`), which makes QEMU die with its agent also after the drop.
+    pub run_as: Option<String>,
     /// Arguments appended verbatim.
     pub extra_args: Vec<String>,
     /// Extra environment for QEMU (e.g. `LD_PRELOAD` of the dirty-page tracker).
@@ -148,6 +152,7 @@ impl QemuConfig {
             net: None,
             incoming_defer: false,
             sandbox: true,
+            run_as: None,
             extra_args: Vec::new(),
             env: Vec::new(),
         }
@@ -258,7 +263,18 @@ impl QemuConfig {
             a.pair("-incoming", "defer");
         }
         if self.sandbox {
-            a.pair("-sandbox", SANDBOX);
+            // QEMU's own setuid for -runas is a set*uid call the strict filter would kill it for.
+            a.pair(
+                "-sandbox",
+                if self.run_as.is_some() {
+                    SANDBOX_RUNAS
+                } else {
+                    SANDBOX
+                },
+            );
+        }
+        if let Some(user) = &self.run_as {
+            a.pair("-runas", user);
         }
         for extra in &self.extra_args {
             a.push(extra);
@@ -275,6 +291,11 @@ impl QemuConfig {
 /// LD_PRELOAD library's calls (userfaultfd, a unix socket to hand the descriptor over) run under
 /// it too; none of them is on a deny list.
 pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// [`SANDBOX`] for a QEMU that drops to another user itself: set*uid stays allowed (after the
+/// drop QEMU has no privilege left to regain).
+pub const SANDBOX_RUNAS: &str =
+    "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
 
 /// Accumulates arguments.
 #[derive(Default)]
@@ -389,7 +410,12 @@ mod tests {
             ),
             "{s}"
         );
+        assert!(!s.contains("-runas"), "{s}");
         let mut c = cfg();
+        c.run_as = Some("ftvm-qemu".into());
+        let s = joined(&c);
+        assert!(s.contains("-runas ftvm-qemu"), "{s}");
+        assert!(s.contains("elevateprivileges=allow,spawn=deny"), "{s}");
         c.sandbox = false;
         assert!(!joined(&c).contains("-sandbox"));
     }

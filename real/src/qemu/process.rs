@@ -99,6 +99,17 @@ impl Qemu {
             .map_err(|e| QemuError::io("dup stderr log", e))?;
 
         let mut cmd = Command::new(&binary);
+        if config.run_as.is_some() {
+            // -runas clears the parent-death signal; the preload library arms it again after
+            // QEMU's setuid, given our pid. Without the library QEMU could outlive us.
+            if !config.env.iter().any(|(k, _)| k == "LD_PRELOAD") {
+                return Err(QemuError::InvalidConfig(
+                    "QEMU running as another user (-runas) needs the ftvm preload library to                      die with its agent"
+                        .into(),
+                ));
+            }
+            cmd.env("FTVM_PDEATHSIG", std::process::id().to_string());
+        }
         cmd.args(&args)
             .envs(config.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
