@@ -37,7 +37,7 @@ fn qemu_run_as_nobody_boots_and_still_dies_with_the_thread_that_started_it() {
     let mut c = QemuConfig::new(&guest.kernel, &ram.0, 128 << 20, dir.path());
     guest.apply(&mut c);
     c.run_as = Some("nobody".into());
-    let mut without_preload = c.clone();
+    let without_preload = c.clone();
     c.env.push((
         "LD_PRELOAD".into(),
         preload_library_path().unwrap().display().to_string(),
