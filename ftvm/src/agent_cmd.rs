@@ -73,6 +73,12 @@ pub struct Args {
     /// Dirty-page tracking: pagemap (userfaultfd + PAGEMAP_SCAN) or hash (cross-check).
     #[arg(long, default_value = "pagemap")]
     tracking: String,
+    /// The user QEMU runs as once its machine is set up (`-runas`): `auto` picks `ftvm-qemu`
+    /// when that user exists (real/host/install-deps.sh creates it) and QEMU loads the
+    /// dirty-tracking library (which keeps QEMU dying with the agent after the drop); `root`
+    /// keeps QEMU as root; any other name is used as given.
+    #[arg(long, default_value = "auto")]
+    qemu_user: String,
     /// Every N epochs record a digest of guest RAM (primary: paused at capture; backup: after
     /// commit) in <state-dir>/replica/verify.jsonl, to prove the replica matches. For tests.
     #[arg(long)]
@@ -93,6 +99,25 @@ fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
         .parse()
         .map_err(|_| format!("peer address {addr:?} is not IP:PORT"))?;
     Ok((id, addr))
+}
+
+/// The user QEMU drops to (see `--qemu-user`); `has_preload` says whether QEMU loads the
+/// library that keeps it dying with the agent after the drop.
+fn qemu_user(flag: &str, has_preload: bool) -> anyhow::Result<Option<String>> {
+    use ftvm_real::qemu::{unprivileged_user_exists, DEFAULT_QEMU_USER};
+    match flag {
+        "root" => Ok(None),
+        "auto" => Ok((has_preload && unprivileged_user_exists(DEFAULT_QEMU_USER))
+            .then(|| DEFAULT_QEMU_USER.to_string())),
+        name if !has_preload => bail!(
+            "--qemu-user {name} needs the dirty-tracking library in QEMU (--tracking pagemap), \
+             which keeps QEMU dying with the agent once it runs as another user"
+        ),
+        name if !unprivileged_user_exists(name) => {
+            bail!("--qemu-user {name}: no such user other than root")
+        }
+        name => Ok(Some(name.to_string())),
+    }
 }
 
 /// Which role the command starts in.
@@ -179,6 +204,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         ),
         Tracking::Hash => None,
     };
+    base.run_as = qemu_user(&args.qemu_user, preload.is_some())?;
     let launcher = QemuLauncher {
         base,
         restore_dir: args.state_dir.join("qemu-restored"),
@@ -231,5 +257,30 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
             eprintln!("ftvm: fenced: another host runs the VM now");
             Ok(3)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ftvm_real::qemu::{unprivileged_user_exists, DEFAULT_QEMU_USER};
+
+    #[test]
+    fn qemu_user_drops_only_with_the_library_that_ties_qemu_to_the_agent() {
+        assert_eq!(qemu_user("root", true).unwrap(), None);
+        assert_eq!(qemu_user("auto", false).unwrap(), None);
+        let auto = qemu_user("auto", true).unwrap();
+        assert_eq!(
+            auto.is_some(),
+            unprivileged_user_exists(DEFAULT_QEMU_USER),
+            "{auto:?}"
+        );
+        assert_eq!(
+            qemu_user("nobody", true).unwrap().as_deref(),
+            Some("nobody")
+        );
+        let e = qemu_user("nobody", false).unwrap_err().to_string();
+        assert!(e.contains("--tracking pagemap"), "{e}");
+        assert!(qemu_user("no-such-user-ftvm", true).is_err());
     }
 }

@@ -343,6 +343,15 @@ fn check_mac(mac: &str) -> Result<()> {
     }
 }
 
+/// The user QEMU drops to by default (`-runas`), when it exists: created by
+/// `real/host/install-deps.sh`, with no login, home or other use.
+pub const DEFAULT_QEMU_USER: &str = "ftvm-qemu";
+
+/// Whether a local user named `name` exists (and is not root, which `-runas` would not change).
+pub fn unprivileged_user_exists(name: &str) -> bool {
+    matches!(nix::unistd::User::from_name(name), Ok(Some(u)) if !u.uid.is_root())
+}
+
 /// Resolves the binary like the shell would: a path with a slash is taken as is, a bare name is
 /// searched in `PATH`.
 pub fn find_binary(binary: &Path) -> Result<PathBuf> {
@@ -482,6 +491,13 @@ mod tests {
             Err(QemuError::FileNotFound { what, .. }) => assert_eq!(what, "kernel"),
             other => panic!("expected missing kernel, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn only_an_existing_user_other_than_root_is_one_to_drop_to() {
+        assert!(unprivileged_user_exists("nobody"));
+        assert!(!unprivileged_user_exists("root"));
+        assert!(!unprivileged_user_exists("no-such-user-ftvm"));
     }
 
     #[test]
