@@ -16,6 +16,7 @@ use ftvm_real::agent::{Agent, AgentConfig, AgentExit};
 use ftvm_real::auth::{Identity, Protection};
 use ftvm_real::net::backpressure::DEFAULT_OUTPUT_CAP_BYTES;
 use ftvm_real::qemu::{BootOptions, NetBackend, NetConfig, QemuConfig};
+use ftvm_real::secure_fs;
 use ftvm_real::transport::TransportKind;
 
 use crate::guest_args::GuestArgs;
@@ -86,6 +87,12 @@ pub struct Args {
     /// Dirty-page tracking: pagemap (userfaultfd + PAGEMAP_SCAN) or hash (cross-check).
     #[arg(long, default_value = "pagemap")]
     tracking: String,
+    /// The user QEMU runs as once its machine is set up (`-runas`): `auto` picks `ftvm-qemu`
+    /// when that user exists (real/host/install-deps.sh creates it) and QEMU loads the
+    /// dirty-tracking library (which keeps QEMU dying with the agent after the drop); `root`
+    /// keeps QEMU as root; any other name is used as given.
+    #[arg(long, default_value = "auto")]
+    qemu_user: String,
     /// Every N epochs record a digest of guest RAM (primary: paused at capture; backup: after
     /// commit) in <state-dir>/replica/verify.jsonl, to prove the replica matches. For tests.
     #[arg(long)]
@@ -110,6 +117,25 @@ fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
         .parse()
         .map_err(|_| format!("peer address {addr:?} is not IP:PORT"))?;
     Ok((id, addr))
+}
+
+/// The user QEMU drops to (see `--qemu-user`); `has_preload` says whether QEMU loads the
+/// library that keeps it dying with the agent after the drop.
+fn qemu_user(flag: &str, has_preload: bool) -> anyhow::Result<Option<String>> {
+    use ftvm_real::qemu::{unprivileged_user_exists, DEFAULT_QEMU_USER};
+    match flag {
+        "root" => Ok(None),
+        "auto" => Ok((has_preload && unprivileged_user_exists(DEFAULT_QEMU_USER))
+            .then(|| DEFAULT_QEMU_USER.to_string())),
+        name if !has_preload => bail!(
+            "--qemu-user {name} needs the dirty-tracking library in QEMU (--tracking pagemap), \
+             which keeps QEMU dying with the agent once it runs as another user"
+        ),
+        name if !unprivileged_user_exists(name) => {
+            bail!("--qemu-user {name}: no such user other than root")
+        }
+        name => Ok(Some(name.to_string())),
+    }
 }
 
 /// Which role the command starts in.
@@ -164,8 +190,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         }
     }
     let guest = args.guest.image()?;
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    secure_fs::private_dir(&args.state_dir).context("the state directory")?;
     let page_size = 4096u32;
     let ram_bytes = args.guest.ram_mb << 20;
 
@@ -178,8 +203,9 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
     let stem = format!("ftvm-vm{}-n{}", args.vm, args.node);
     let ram_file = args.ram_dir.join(format!("{stem}.ram"));
     let replica_ram = args.ram_dir.join(format!("{stem}-replica.ram"));
-    // The primary boots a fresh VM: never over an old RAM file.
-    let _ = std::fs::remove_file(&ram_file);
+    // The primary boots a fresh VM: never over an old RAM file (booting replaces it again, and
+    // creates it 0600; another user's file there is refused).
+    secure_fs::remove_stale(&ram_file).context("the old RAM file")?;
     let netdev_socket = args.state_dir.join("netdev.sock");
 
     let mut base = QemuConfig::new(
@@ -188,7 +214,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         ram_bytes,
         args.state_dir.join("qemu"),
     );
-    std::fs::create_dir_all(args.state_dir.join("qemu")).context("creating the QEMU directory")?;
+    secure_fs::private_dir(&args.state_dir.join("qemu")).context("the QEMU directory")?;
     args.guest.apply(&guest, accel, &mut base);
     base.net = Some(NetConfig {
         mac: args.guest.mac.clone(),
@@ -206,6 +232,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         ),
         Tracking::Hash => None,
     };
+    base.run_as = qemu_user(&args.qemu_user, preload.is_some())?;
     let launcher = QemuLauncher {
         base,
         restore_dir: args.state_dir.join("qemu-restored"),
@@ -273,5 +300,30 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
             eprintln!("ftvm: fenced: another host runs the VM now");
             Ok(3)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ftvm_real::qemu::{unprivileged_user_exists, DEFAULT_QEMU_USER};
+
+    #[test]
+    fn qemu_user_drops_only_with_the_library_that_ties_qemu_to_the_agent() {
+        assert_eq!(qemu_user("root", true).unwrap(), None);
+        assert_eq!(qemu_user("auto", false).unwrap(), None);
+        let auto = qemu_user("auto", true).unwrap();
+        assert_eq!(
+            auto.is_some(),
+            unprivileged_user_exists(DEFAULT_QEMU_USER),
+            "{auto:?}"
+        );
+        assert_eq!(
+            qemu_user("nobody", true).unwrap().as_deref(),
+            Some("nobody")
+        );
+        let e = qemu_user("nobody", false).unwrap_err().to_string();
+        assert!(e.contains("--tracking pagemap"), "{e}");
+        assert!(qemu_user("no-such-user-ftvm", true).is_err());
     }
 }

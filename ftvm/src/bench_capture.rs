@@ -18,8 +18,10 @@ use ftvm_model::{Config, NodeId, Start, VmId};
 use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::cow::CowOptions;
 use ftvm_real::agent::mem_vm::{MemLauncher, MemRam};
+use ftvm_real::agent::witness_store::{Open, WitnessStore};
 use ftvm_real::agent::{witness, Agent, AgentConfig, AgentError, AgentExit};
 use ftvm_real::auth::{Identity, Protection};
+use ftvm_real::secure_fs;
 use ftvm_real::transport::TransportKind;
 
 const VM: VmId = VmId(41);
@@ -519,14 +521,12 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<i32> {
     let mut cases = Vec::new();
     for spec in specs {
         eprintln!("[{}/{total}] {spec}", cases.len() + 1);
-        let _ = std::fs::remove_dir_all(&a.work_dir);
         // A case whose agents fail is run once more (and the failure said): one broken run
         // should not throw away an hour of results; two in a row end the benchmark.
         let case = match runtime.block_on(one_case(&a, spec, ram_pages)) {
             Ok(case) => case,
             Err(e) => {
                 eprintln!("      failed, running it again: {e:#}");
-                let _ = std::fs::remove_dir_all(&a.work_dir);
                 runtime
                     .block_on(one_case(&a, spec, ram_pages))
                     .with_context(|| spec.to_string())?
@@ -580,7 +580,7 @@ fn agent_config(
     model.failure_timeout = Duration::from_millis(2000);
     model.rejoin_after_fence = None;
     let d = a.work_dir.join(format!("n{node}"));
-    std::fs::create_dir_all(&d).with_context(|| format!("creating {}", d.display()))?;
+    secure_fs::private_dir(&d).context("an agent's directory")?;
     Ok(AgentConfig {
         node: NodeId(node),
         start,
@@ -635,20 +635,21 @@ pub(crate) async fn one_case(
         dirty,
         ..
     } = spec;
-    std::fs::create_dir_all(&a.work_dir)
-        .with_context(|| format!("creating {}", a.work_dir.display()))?;
+    // Every case is a fresh VM: a fresh directory (0700, never another user's) and register.
+    secure_fs::fresh_private_dir(&a.work_dir).context("the work directory")?;
     let wfile = a.work_dir.join("witness.json");
     let net = Net {
         addrs: [(NodeId(1), free_addr()?), (NodeId(2), free_addr()?)].into(),
         witness: free_addr()?,
     };
-    let w = witness::load_state(&wfile, VM, NodeId(1)).context("witness state")?;
+    let (store, w) = WitnessStore::open(&wfile, VM, Open::Init { primary: NodeId(1) })
+        .context("witness state")?;
     let (wid, mut ids) =
         Identity::generate_set(&[NodeId(1), NodeId(2)]).context("generating keys")?;
     let mut id = |n| Arc::new(ids.remove(&NodeId(n)).expect("generated above"));
     let (pid, bid) = (id(1), id(2));
     let limits = witness::ServeLimits::default();
-    let serve = witness::serve(net.witness, wfile, w, Arc::new(wid), limits, false);
+    let serve = witness::serve(net.witness, store, w, Arc::new(wid), limits, false);
     let wtask = tokio::spawn(serve);
     let pcfg = agent_config(a, 1, Start::Primary, &net, pid, ram_pages, &spec)?;
     let bcfg = agent_config(

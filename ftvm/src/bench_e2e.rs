@@ -133,8 +133,7 @@ pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
 }
 
 fn baseline(a: &E2eArgs, dirty: u64, work: &std::path::Path) -> anyhow::Result<Row> {
-    let _ = std::fs::remove_dir_all(work);
-    std::fs::create_dir_all(work)?;
+    ftvm_real::secure_fs::fresh_private_dir(work).context("the work directory")?;
     let topo = Topology::create("ftvmb", 60).context("creating the hosts")?;
     let mut vm = deploy::spawn_in(
         &topo,

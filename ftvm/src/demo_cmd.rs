@@ -108,6 +108,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let t0 = Instant::now();
     d.wait_protected(Duration::from_secs(180))?;
     println!("   protected after {:.1} s", t0.elapsed().as_secs_f64());
+    let isolation = d.check_isolation()?;
+    println!("== from the client: the VM answers, no agent or witness port does: {isolation}");
 
     let (pdir, bdir, w) = (d.primary_dir(), d.backup_dir(), args.work_dir.clone());
     let total = args.before_kill + args.after_kill;
@@ -215,6 +217,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         "backup_failover_us": status(&bdir)["failover_us"],
         "survivor": status(survivor),
         "primary_before_kill": before,
+        "isolation": isolation,
     });
     if let Some(path) = &args.summary {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)

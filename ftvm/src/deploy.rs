@@ -1,6 +1,7 @@
 //! A local deployment: witness, primary and backup agents (and a client) as processes in network
 //! namespaces, one per host. Shared by `ftvm demo`, `ftvm bench e2e` and the real tests.
 
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -8,13 +9,14 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ftvm_real::auth::keys;
 use ftvm_real::host::topology::{Host, Topology};
+use ftvm_real::secure_fs;
 
 /// How to deploy.
 #[derive(Debug, Clone)]
 pub struct DeployOpts {
     /// Guest directory (vmlinuz, initrd.img, cmdline).
     pub guest_dir: PathBuf,
-    /// Work directory (recreated).
+    /// Work directory (recreated, 0700; refused if someone else's).
     pub work_dir: PathBuf,
     /// Guest RAM in MiB.
     pub ram_mb: u64,
@@ -66,8 +68,8 @@ pub fn spawn_in(
     log: &Path,
 ) -> anyhow::Result<Proc> {
     let exe = std::env::current_exe().context("locating the ftvm binary")?;
-    let log_file =
-        std::fs::File::create(log).with_context(|| format!("creating {}", log.display()))?;
+    let log_file = secure_fs::replace(log, secure_fs::PRIVATE_FILE_MODE)
+        .with_context(|| format!("creating the {name}'s log"))?;
     let child = Command::new("ip")
         .args(["netns", "exec", &topo.ns(host)])
         .arg(exe)
@@ -174,9 +176,10 @@ struct RamDir {
 impl RamDir {
     fn create(opts: &DeployOpts) -> anyhow::Result<RamDir> {
         let path = Path::new("/dev/shm").join(format!("ftvm-{}-{}", opts.prefix, opts.subnet));
-        // A crashed earlier run of the same deployment may have left RAM files behind.
-        let _ = std::fs::remove_dir_all(&path);
-        std::fs::create_dir_all(&path).with_context(|| format!("creating {}", path.display()))?;
+        // A crashed earlier run of the same deployment may have left RAM files behind; the
+        // name is predictable in a world-writable directory, so a directory someone else
+        // planted there (or a link) is refused rather than reused.
+        secure_fs::fresh_private_dir(&path).context("the guest RAM directory")?;
         Ok(RamDir {
             path,
             keep: opts.keep,
@@ -198,9 +201,7 @@ impl Deployment {
         if !is_root() {
             bail!("deployments create network namespaces and tap devices: run as root");
         }
-        let _ = std::fs::remove_dir_all(&opts.work_dir);
-        std::fs::create_dir_all(&opts.work_dir)
-            .with_context(|| format!("creating {}", opts.work_dir.display()))?;
+        secure_fs::fresh_private_dir(&opts.work_dir).context("the work directory")?;
         let mut topo = Topology::create(&opts.prefix, opts.subnet).context("creating the hosts")?;
         if opts.keep {
             topo.keep();
@@ -217,7 +218,8 @@ impl Deployment {
             &topo,
             Host::Switch,
             "witness",
-            &witness_args(&topo, &w),
+            // A fresh VM in a fresh work directory: the one place a register is created.
+            &witness_args(&topo, &w, true),
             &w.join("witness.log"),
         )?;
         let mut backup_args: Vec<String> = vec!["backup".into()];
@@ -270,6 +272,49 @@ impl Deployment {
         )
     }
 
+    /// Checks the network split from the client's namespace: the VM's service accepts a
+    /// connection, and no agent or witness port does (they sit on the replication network,
+    /// which the client and the guest cannot reach). Returns what was tried and seen.
+    pub fn check_isolation(&self) -> anyhow::Result<serde_json::Value> {
+        let t = &self.topo;
+        let vm = SocketAddr::from((t.vm_addr(), 80));
+        let closed = [
+            (
+                "primary agent",
+                SocketAddr::from((t.addr(Host::Primary), 7000)),
+            ),
+            (
+                "backup agent",
+                SocketAddr::from((t.addr(Host::Backup), 7000)),
+            ),
+            ("witness", SocketAddr::from((t.addr(Host::Switch), 7100))),
+        ];
+        let probe = move |a: SocketAddr| {
+            std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)).map(drop)
+        };
+        let seen = t
+            .in_ns(Host::Client, move || {
+                let vm_seen = probe(vm);
+                let ports: Vec<_> = closed.iter().map(|&(w, a)| (w, a, probe(a))).collect();
+                (vm_seen, ports)
+            })
+            .context("probing from the client's namespace")?;
+        if let Err(e) = seen.0 {
+            bail!("the client cannot reach the VM's service at {vm}: {e}");
+        }
+        let mut report = serde_json::Map::new();
+        report.insert("vm".into(), "reachable".into());
+        for (what, a, r) in seen.1 {
+            match r {
+                Ok(()) => {
+                    bail!("the client reached the {what}'s port {a}: the networks are not split")
+                }
+                Err(e) => report.insert(what.into(), format!("unreachable ({e})").into()),
+            };
+        }
+        Ok(report.into())
+    }
+
     /// Starts the client for `seconds`; its JSON report goes to `out`.
     pub fn client(&self, seconds: f64, out: &Path) -> anyhow::Result<Proc> {
         spawn_in(
@@ -301,9 +346,10 @@ pub fn keys_dir(work_dir: &Path) -> PathBuf {
     work_dir.join("keys")
 }
 
-/// The witness's command line in a deployment in `work_dir`.
-pub fn witness_args(topo: &Topology, work_dir: &Path) -> Vec<String> {
-    vec![
+/// The witness's command line in a deployment in `work_dir`; `init` creates its register (a
+/// fresh VM), otherwise it must exist (a restarted witness).
+pub fn witness_args(topo: &Topology, work_dir: &Path, init: bool) -> Vec<String> {
+    let mut a: Vec<String> = vec![
         "witness".into(),
         "--listen".into(),
         format!("{}:7100", topo.addr(Host::Switch)),
@@ -312,7 +358,11 @@ pub fn witness_args(topo: &Topology, work_dir: &Path) -> Vec<String> {
         "--keys".into(),
         keys_dir(work_dir).display().to_string(),
         "--verbose".into(),
-    ]
+    ];
+    if init {
+        a.push("--init".into());
+    }
+    a
 }
 
 /// The agent command line of `host` (the primary is node 1, the backup node 2).

@@ -315,7 +315,7 @@ fn restart_witness(d: &Deployment, n: u32) -> anyhow::Result<Proc> {
         &d.topo,
         Host::Switch,
         "witness",
-        &deploy::witness_args(&d.topo, w),
+        &deploy::witness_args(&d.topo, w, false),
         &w.join(format!("witness-restart{n}.log")),
     )
 }

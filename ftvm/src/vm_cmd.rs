@@ -27,10 +27,9 @@ pub struct Args {
 pub fn run(args: Args) -> anyhow::Result<i32> {
     let accel = args.guest.accel()?;
     let guest = args.guest.image()?;
-    std::fs::create_dir_all(&args.state_dir)
-        .with_context(|| format!("creating {}", args.state_dir.display()))?;
+    ftvm_real::secure_fs::private_dir(&args.state_dir).context("the state directory")?;
+    // Booting replaces an old RAM file of ours with a fresh 0600 one.
     let ram_file = args.state_dir.join("guest.ram");
-    let _ = std::fs::remove_file(&ram_file);
     let mut cfg = QemuConfig::new(
         &guest.kernel,
         &ram_file,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Context;
 use ftvm_model::{NodeId, VmId};
 use ftvm_real::agent::witness;
+use ftvm_real::agent::witness_store::{Open, WitnessStore};
 use ftvm_real::auth::Identity;
 
 /// Arguments of `ftvm witness`.
@@ -18,7 +19,7 @@ pub struct Args {
     /// The protected VM's id.
     #[arg(long, default_value_t = 1)]
     vm: u64,
-    /// The node that is primary of generation 1 (used only when no state file exists yet).
+    /// The node that is primary of generation 1 (used only with --init).
     #[arg(long, default_value_t = 1)]
     primary: u32,
     /// Where the register is persisted (written before every reply).
@@ -28,6 +29,10 @@ pub struct Args {
     /// keys of the nodes allowed to use it.
     #[arg(long)]
     keys: PathBuf,
+    /// Create a fresh register (generation 1, --primary) for a new VM. Refused when the state
+    /// file exists; without it, a missing state file is refused.
+    #[arg(long)]
+    init: bool,
     /// Log every request and decision to stderr.
     #[arg(long)]
     verbose: bool,
@@ -43,8 +48,15 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             args.keys.display()
         );
     }
-    let w = witness::load_state(&args.state, VmId(args.vm), NodeId(args.primary))
-        .context("loading the witness state")?;
+    let how = if args.init {
+        Open::Init {
+            primary: NodeId(args.primary),
+        }
+    } else {
+        Open::Existing
+    };
+    let (store, w) =
+        WitnessStore::open(&args.state, VmId(args.vm), how).context("opening the witness state")?;
     eprintln!(
         "ftvm witness: VM {} generation {} primary {} on {}",
         args.vm,
@@ -59,7 +71,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let limits = witness::ServeLimits::default();
     let serve = witness::serve(
         args.listen,
-        args.state,
+        store,
         w,
         Arc::new(identity),
         limits,
@@ -67,4 +79,40 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     );
     rt.block_on(serve).context("serving the witness")?;
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(state: PathBuf, keys: &std::path::Path, init: bool) -> Args {
+        Args {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            vm: 1,
+            primary: 1,
+            state,
+            keys: keys.to_path_buf(),
+            init,
+            verbose: false,
+        }
+    }
+
+    #[test]
+    fn a_missing_register_without_init_and_init_over_an_existing_one_are_refused() {
+        let d = std::env::temp_dir().join(format!("ftvm-witness-cmd-{}", std::process::id()));
+        ftvm_real::secure_fs::fresh_private_dir(&d).unwrap();
+        let state = d.join("witness.json");
+        let keys = d.join("keys");
+        for name in ["node-1", "witness"] {
+            ftvm_real::auth::keys::generate_into(&keys, name).unwrap();
+        }
+        let e = run(args(state.clone(), &keys, false)).unwrap_err();
+        assert!(format!("{e:#}").contains("start with --init"), "{e:#}");
+        assert!(!state.exists());
+        std::fs::write(&state, b"{}").unwrap();
+        let e = run(args(state.clone(), &keys, true)).unwrap_err();
+        assert!(format!("{e:#}").contains("refusing --init"), "{e:#}");
+        assert_eq!(std::fs::read(&state).unwrap(), b"{}");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
 }

@@ -132,4 +132,12 @@ fn backup_killed_primary_degrades_then_is_reprotected() {
     assert!(s["reprotect_ms"].as_f64().is_some(), "{s}");
     assert_eq!(s["survivor"]["phase"], "protected", "{s}");
     assert_eq!(s["survivor"]["generation"], 1, "{s}");
+    // The demo probed from the client's namespace before the kill: the VM's service accepted a
+    // connection, and each agent port and the witness port refused or was unreachable.
+    let iso = &s["isolation"];
+    assert_eq!(iso["vm"], "reachable", "{s}");
+    for port in ["primary agent", "backup agent", "witness"] {
+        let seen = iso[port].as_str().unwrap_or_default();
+        assert!(seen.starts_with("unreachable"), "{port}: {s}");
+    }
 }

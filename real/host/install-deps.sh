@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Installs the Debian packages that ftvm's real executor, demo and tests need.
+# Installs the Debian packages that ftvm's real executor, demo and tests need, and the
+# unprivileged user QEMU runs as.
 # Idempotent: packages already present are left alone. Needs root (apt-get).
 set -euo pipefail
 
@@ -29,5 +30,15 @@ if ((${#missing[@]})); then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+# QEMU drops to this user once its machine is set up (`ftvm primary|backup --qemu-user auto`):
+# a system user with no login and no home, used for nothing else.
+if ! id -u ftvm-qemu >/dev/null 2>&1; then
+  if [[ $(id -u) -ne 0 ]]; then
+    echo "install-deps: no user ftvm-qemu and not root; QEMU will keep running as root" >&2
+  else
+    useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin ftvm-qemu
+    echo "install-deps: created the user ftvm-qemu for QEMU" >&2
+  fi
 fi
 echo "install-deps: ok" >&2

@@ -10,4 +10,5 @@ mod named;
 pub mod net;
 pub mod qemu;
 pub mod replica;
+pub mod secure_fs;
 pub mod transport;

@@ -11,11 +11,13 @@
 //! [`Replica::open`] replays a `journal` left by a crash between 1 and 3; a torn `journal.tmp` is
 //! discarded (it never reached the commit point).
 
-use std::fs::{self, File, OpenOptions};
+use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 
 use xxhash_rust::xxh3::xxh3_64;
+
+use crate::secure_fs::{self, SecureFsError, PRIVATE_FILE_MODE};
 
 /// Errors of the replica store.
 #[derive(Debug, thiserror::Error)]
@@ -48,6 +50,9 @@ pub enum ReplicaError {
         /// Size configured.
         expected: u64,
     },
+    /// A replica file is a symbolic link, not ours, or open to others.
+    #[error("replica: {0}")]
+    File(#[from] SecureFsError),
     /// A journal or metadata file is corrupt.
     #[error("replica {0} is corrupt")]
     Corrupt(PathBuf),
@@ -92,10 +97,12 @@ fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> Replica
     move |source| ReplicaError::Io { path, what, source }
 }
 
-/// Writes `bytes` to `path` through a temporary file and an atomic rename.
+/// Writes `bytes` to `path` through a temporary file and an atomic rename. The temporary file is
+/// created 0600 with `O_EXCL|O_NOFOLLOW` (a stale one of ours removed first), so nothing planted
+/// at its name is written through.
 fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), ReplicaError> {
-    let tmp = path.with_extension("tmp");
-    let mut f = File::create(&tmp).map_err(io(&tmp, "create"))?;
+    let tmp = secure_fs::temp_path(path);
+    let mut f = secure_fs::replace(&tmp, PRIVATE_FILE_MODE)?;
     f.write_all(bytes).map_err(io(&tmp, "write"))?;
     f.sync_data().map_err(io(&tmp, "sync"))?;
     fs::rename(&tmp, path).map_err(io(path, "rename"))
@@ -110,14 +117,8 @@ impl Replica {
         ram_bytes: u64,
         page_size: usize,
     ) -> Result<Replica, ReplicaError> {
-        fs::create_dir_all(dir).map_err(io(dir, "create directory"))?;
-        let ram = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(ram_path)
-            .map_err(io(ram_path, "open RAM file"))?;
+        secure_fs::private_dir(dir)?;
+        let (ram, _) = secure_fs::open_or_create_private(ram_path)?;
         let found = ram.metadata().map_err(io(ram_path, "stat"))?.len();
         // Only a committed checkpoint or a journal to replay gives the RAM file's contents a
         // meaning; without them it is a leftover (say, of a VM of another size that used the
@@ -144,7 +145,7 @@ impl Replica {
             page_size,
             committed: None,
         };
-        let _ = fs::remove_file(r.dir.join("journal.tmp"));
+        secure_fs::remove_stale(&r.dir.join("journal.tmp"))?;
         let journal = r.dir.join("journal");
         if journal.exists() {
             let staged = read_journal(&journal)?;
@@ -200,7 +201,11 @@ impl Replica {
     /// The committed device state.
     pub fn device_state(&self) -> Result<Vec<u8>, ReplicaError> {
         let p = self.dir.join("device");
-        fs::read(&p).map_err(io(&p, "read device state"))
+        read_private(&p)?.ok_or_else(|| ReplicaError::Io {
+            path: p,
+            what: "read device state",
+            source: std::io::ErrorKind::NotFound.into(),
+        })
     }
 
     /// Commits `staged` atomically (see the module docs).
@@ -258,11 +263,10 @@ impl Replica {
 
     fn read_committed(&self) -> Result<Option<Committed>, ReplicaError> {
         let p = self.dir.join("committed");
-        let text = match fs::read_to_string(&p) {
-            Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(io(&p, "read")(e)),
+        let Some(bytes) = read_private(&p)? else {
+            return Ok(None);
         };
+        let text = String::from_utf8(bytes).map_err(|_| ReplicaError::Corrupt(p.clone()))?;
         let mut it = text.split_whitespace().map(str::parse::<u64>);
         match (it.next(), it.next()) {
             (Some(Ok(generation)), Some(Ok(epoch))) => Ok(Some(Committed { generation, epoch })),
@@ -295,11 +299,23 @@ fn encode_journal(s: &StagedCheckpoint) -> Vec<u8> {
     b
 }
 
-fn read_journal(path: &Path) -> Result<StagedCheckpoint, ReplicaError> {
+/// The contents of a replica file (never through a symbolic link, only a file of ours), or None
+/// when it does not exist.
+fn read_private(path: &Path) -> Result<Option<Vec<u8>>, ReplicaError> {
+    let mut f = match secure_fs::open_existing(path, false) {
+        Ok(f) => f,
+        Err(SecureFsError::Io { source, .. }) if source.kind() == std::io::ErrorKind::NotFound => {
+            return Ok(None)
+        }
+        Err(e) => return Err(e.into()),
+    };
     let mut b = Vec::new();
-    File::open(path)
-        .and_then(|mut f| f.read_to_end(&mut b))
-        .map_err(io(path, "read journal"))?;
+    f.read_to_end(&mut b).map_err(io(path, "read"))?;
+    Ok(Some(b))
+}
+
+fn read_journal(path: &Path) -> Result<StagedCheckpoint, ReplicaError> {
+    let b = read_private(path)?.ok_or_else(|| ReplicaError::Corrupt(path.to_path_buf()))?;
     decode_journal(&b).ok_or_else(|| ReplicaError::Corrupt(path.to_path_buf()))
 }
 
@@ -379,6 +395,40 @@ mod tests {
         // And the committed replica is untouched.
         let r = Replica::open(&d.path().join("r"), &ram, 16 * PS as u64, PS).unwrap();
         assert_eq!(page(&r, 3), vec![9; PS]);
+    }
+
+    #[test]
+    fn replica_files_are_private_and_planted_links_are_not_followed() {
+        use std::os::unix::fs::{symlink, MetadataExt};
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("r");
+        let ram = d.path().join("ram");
+        let mut r = Replica::open(&dir, &ram, 8 * PS as u64, PS).unwrap();
+        r.commit(&staged(1, &[(1, 1)])).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o777;
+        assert_eq!(mode(&dir), 0o700);
+        for p in [ram.clone(), dir.join("device"), dir.join("committed")] {
+            assert_eq!(mode(&p), 0o600, "{}", p.display());
+        }
+        drop(r);
+        // A link planted at a temporary file's name is removed, not written through.
+        let victim = d.path().join("victim");
+        fs::write(&victim, b"precious").unwrap();
+        symlink(&victim, dir.join("journal.tmp")).unwrap();
+        symlink(&victim, dir.join("device.tmp")).unwrap();
+        let mut r = Replica::open(&dir, &ram, 8 * PS as u64, PS).unwrap();
+        r.commit(&staged(2, &[(1, 2)])).unwrap();
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
+        assert_eq!(r.device_state().unwrap(), vec![2; 100]);
+        drop(r);
+        // A link planted where the RAM file goes is refused.
+        let planted = d.path().join("planted.ram");
+        symlink(&victim, &planted).unwrap();
+        assert!(matches!(
+            Replica::open(&d.path().join("r2"), &planted, 8 * PS as u64, PS),
+            Err(ReplicaError::File(SecureFsError::Symlink(_)))
+        ));
+        assert_eq!(fs::read(&victim).unwrap(), b"precious");
     }
 
     #[test]

@@ -75,6 +75,13 @@ async fn checkpoint_restores_into_a_second_qemu_on_the_ram_copy() {
         booted.boot_time, booted.tries, booted.retry_reasons
     );
     let mut qemu = booted.qemu;
+    // Guest RAM and the logs are created by us 0600 (under -sandbox), not by QEMU (0644).
+    for f in [&ram.0, &cfg.serial_log, &cfg.stderr_log] {
+        use std::os::unix::fs::MetadataExt;
+        let mode = std::fs::metadata(f).unwrap().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{}", f.display());
+    }
+    assert!(cfg.sandbox);
     let mut conn = Connection::open(addr, REQ_TIMEOUT).await.unwrap();
     let mut last = 0;
     for _ in 0..3 {
@@ -117,10 +124,22 @@ async fn checkpoint_restores_into_a_second_qemu_on_the_ram_copy() {
     drop(conn);
     qemu.kill().await.unwrap();
 
-    // Failover: same machine, RAM = the replica, device state = the blob.
-    let mut restored = Qemu::spawn_incoming(cfg.incoming(&replica.0, &run2))
-        .await
-        .unwrap();
+    // Failover: same machine, RAM = the replica, device state = the blob; this QEMU drops to
+    // `nobody` once set up (the device state then arrives through a descriptor passed over QMP,
+    // which needs no privilege).
+    let mut incoming = cfg.incoming(&replica.0, &run2);
+    incoming.run_as = Some("nobody".into());
+    incoming.env.push((
+        "LD_PRELOAD".into(),
+        ftvm_real::dirty::preload_library_path()
+            .unwrap()
+            .display()
+            .to_string(),
+    ));
+    incoming
+        .env
+        .push(("FTVM_RAM_FILE".into(), replica.0.display().to_string()));
+    let mut restored = Qemu::spawn_incoming(incoming).await.unwrap();
     assert_eq!(
         restored.query_status().await.unwrap().status,
         "inmigrate",
@@ -128,6 +147,9 @@ async fn checkpoint_restores_into_a_second_qemu_on_the_ram_copy() {
     );
     restored.restore_device_state(&blob).await.unwrap();
     assert!(restored.query_status().await.unwrap().running);
+    let status = std::fs::read_to_string(format!("/proc/{}/status", restored.pid())).unwrap();
+    let uid = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+    assert_eq!(uid.split_whitespace().nth(1), Some("65534"), "{uid}");
     let mut conn = Connection::open(addr, REQ_TIMEOUT).await.unwrap();
     assert_eq!(
         get_number(&mut conn, "/get").await,

@@ -8,7 +8,10 @@
 //! - `handoff` (copy-on-write capture): a blocking write-protect uffd sent to the agent at
 //!   `FTVM_UFFD_SOCK` (see [`handoff`]); QEMU closes its own copy.
 //!
-//! The library never makes QEMU fail: every error is logged to stderr (prefix `ftvm-preload: `)
+//! It also shadows `setuid` to keep QEMU tied to its agent after `-runas` (see [`pdeath`]; the
+//! one place where it ends QEMU on purpose: when the agent died during the drop).
+//!
+//! Otherwise the library never makes QEMU fail: every error is logged to stderr (prefix `ftvm-preload: `)
 //! and the mapping is left untracked, which the agent sees as EPERM from PAGEMAP_SCAN with
 //! `PM_SCAN_CHECK_WPASYNC` — never as "nothing changed".
 
@@ -19,6 +22,7 @@ use std::sync::Mutex;
 mod handoff;
 mod log;
 mod next_mmap;
+mod pdeath;
 mod ram_file;
 mod uffd;
 

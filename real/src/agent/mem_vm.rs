@@ -191,12 +191,14 @@ fn memfd_ram(contents: &[u8]) -> Result<(GuestRamMut, GuestRam), VmError> {
     if contents.iter().any(|&b| b != 0) {
         file.write_all(contents).map_err(failed)?;
     }
-    // Reopening through /proc maps the same memfd; the mappings keep it alive after `file`
-    // is closed.
+    // Both mappings share the one memfd (a named path would be refused: /proc/self/fd/N is a
+    // symbolic link, and RAM files are never opened through one).
     let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
     let bytes = contents.len() as u64;
-    let rw = GuestRamMut::open(&path, bytes).map_err(|e| VmError::failed("map RAM", e))?;
-    let ro = GuestRam::open(&path, bytes).map_err(|e| VmError::failed("map RAM", e))?;
+    let twin = file.try_clone().map_err(failed)?;
+    let rw =
+        GuestRamMut::from_file(twin, &path, bytes).map_err(|e| VmError::failed("map RAM", e))?;
+    let ro = GuestRam::from_file(file, &path, bytes).map_err(|e| VmError::failed("map RAM", e))?;
     Ok((rw, ro))
 }
 

@@ -94,7 +94,12 @@ impl MetricsSink {
     /// A sink writing to `path` (or only summarising when `None`).
     pub fn new(path: Option<&Path>) -> std::io::Result<MetricsSink> {
         let out = match path {
-            Some(p) => Some(BufWriter::new(File::create(p)?)),
+            // A fresh file (a stale one of ours replaced, a planted link refused), readable by
+            // others but writable only by us.
+            Some(p) => Some(BufWriter::new(
+                crate::secure_fs::replace(p, crate::secure_fs::READABLE_FILE_MODE)
+                    .map_err(std::io::Error::other)?,
+            )),
             None => None,
         };
         Ok(MetricsSink {

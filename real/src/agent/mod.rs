@@ -17,6 +17,7 @@ mod resume_gate;
 pub mod staging;
 pub mod vm;
 pub mod witness;
+pub mod witness_store;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -943,10 +944,13 @@ impl<L: VmLauncher> Agent<L> {
             return;
         };
         if let Ok(json) = serde_json::to_vec(&self.status_report()) {
-            let tmp = path.with_extension("tmp");
-            if std::fs::write(&tmp, json).is_ok() {
-                let _ = std::fs::rename(&tmp, path);
-            }
+            // Best effort, as the report is rewritten often; readable, never writable, by others.
+            let _ = crate::secure_fs::write_replace(
+                path,
+                &json,
+                crate::secure_fs::READABLE_FILE_MODE,
+                crate::secure_fs::Durability::Atomic,
+            );
         }
     }
 
@@ -964,11 +968,7 @@ fn append_digest(path: &std::path::Path, epoch: Epoch, generation: u64, digest: 
         epoch.0, generation, digest
     );
     // Verification output is best effort; a missing line makes the verifying test fail.
-    if let Ok(mut f) = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-    {
+    if let Ok(mut f) = crate::secure_fs::open_append(path, crate::secure_fs::READABLE_FILE_MODE) {
         let _ = f.write_all(line.as_bytes());
     }
 }

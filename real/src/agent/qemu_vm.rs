@@ -327,7 +327,7 @@ impl VmLauncher for QemuLauncher {
     }
 
     async fn restore(&mut self, from: RestorePoint) -> Result<QemuVm, VmError> {
-        std::fs::create_dir_all(&self.restore_dir)
+        crate::secure_fs::private_dir(&self.restore_dir)
             .map_err(|e| VmError::failed("create restore directory", e))?;
         let (cfg, sock) =
             self.with_tracking(self.base.incoming(&from.ram_file, &self.restore_dir))?;

@@ -2,35 +2,30 @@
 //! `ftvm_model::Witness`'s; this file authenticates each connection (the Noise handshake of
 //! [`crate::auth`]: only configured nodes get in, and each request is checked against the node
 //! that sent it), persists the register before every reply (a restarted witness must not forget
-//! a grant) and moves frames. Requests and replies travel as Noise transport messages, so an
+//! a grant; see `witness_store`) and moves frames. Requests and replies travel as Noise transport messages, so an
 //! agent acts only on its own witness's answer to its own request.
 
-use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use std::sync::Arc;
 
 use ftvm_model::wire::{self, Frame};
-use ftvm_model::{NodeId, Time, VmId, Witness, WitnessReply, WitnessRequest, WitnessState};
+use ftvm_model::{Time, VmId, Witness, WitnessReply, WitnessRequest};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Mutex, Semaphore};
 
 use crate::auth::handshake::{self, Purpose};
 use crate::auth::{AuthError, Identity};
 
+use super::witness_store::{StoreError, WitnessStore};
+
 /// Errors of the witness service.
 #[derive(Debug, thiserror::Error)]
 pub enum WitnessError {
     /// The state file could not be read or written.
-    #[error("witness state {path}: {detail}")]
-    State {
-        /// File.
-        path: PathBuf,
-        /// Cause.
-        detail: String,
-    },
+    #[error(transparent)]
+    State(#[from] StoreError),
     /// The listening socket failed.
     #[error("witness listen on {addr}: {source}")]
     Listen {
@@ -60,47 +55,6 @@ pub enum WitnessError {
     },
 }
 
-/// Loads the persisted register, or starts a fresh one naming `primary`.
-pub fn load_state(path: &Path, vm: VmId, primary: NodeId) -> Result<Witness, WitnessError> {
-    match std::fs::read(path) {
-        Ok(bytes) => {
-            let state: WitnessState =
-                serde_json::from_slice(&bytes).map_err(|e| WitnessError::State {
-                    path: path.to_path_buf(),
-                    detail: format!("corrupt: {e}"),
-                })?;
-            if state.vm != vm {
-                return Err(WitnessError::State {
-                    path: path.to_path_buf(),
-                    detail: format!("belongs to VM {}, not {}", state.vm, vm),
-                });
-            }
-            Ok(Witness::from_state(state))
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(Witness::new(vm, primary)),
-        Err(e) => Err(WitnessError::State {
-            path: path.to_path_buf(),
-            detail: e.to_string(),
-        }),
-    }
-}
-
-fn save_state(path: &Path, state: &WitnessState) -> Result<(), WitnessError> {
-    let err = |e: std::io::Error| WitnessError::State {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    };
-    let tmp = path.with_extension("tmp");
-    let json = serde_json::to_vec(state).map_err(|e| WitnessError::State {
-        path: path.to_path_buf(),
-        detail: e.to_string(),
-    })?;
-    let mut f = std::fs::File::create(&tmp).map_err(err)?;
-    f.write_all(&json).map_err(err)?;
-    f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
-}
-
 /// Limits of the witness service: a hostile client can hold at most these.
 #[derive(Clone, Copy, Debug)]
 pub struct ServeLimits {
@@ -122,7 +76,7 @@ impl Default for ServeLimits {
 /// Serves the witness of `vm` on `addr` until the task is dropped.
 pub async fn serve(
     addr: SocketAddr,
-    state_file: PathBuf,
+    store: WitnessStore,
     witness: Witness,
     identity: Arc<Identity>,
     limits: ServeLimits,
@@ -155,11 +109,11 @@ pub async fn serve(
                 continue;
             }
         };
-        let (shared, state_file, identity) = (shared.clone(), state_file.clone(), identity.clone());
+        let (shared, store, identity) = (shared.clone(), store.clone(), identity.clone());
         tokio::spawn(async move {
             let served = tokio::time::timeout(
                 limits.deadline,
-                serve_one(sock, vm, &identity, &shared, &state_file, origin, log),
+                serve_one(sock, vm, &identity, &shared, &store, origin, log),
             )
             .await;
             match served {
@@ -192,7 +146,7 @@ async fn serve_one(
     vm: VmId,
     identity: &Identity,
     shared: &Mutex<Witness>,
-    state_file: &Path,
+    store: &WitnessStore,
     origin: std::time::Instant,
     log: bool,
 ) -> Result<(), ServeError> {
@@ -208,7 +162,7 @@ async fn serve_one(
         let now = Time::from_duration(origin.elapsed());
         let reply = w.handle_from(now, from, req);
         // Persist before answering: a grant the caller acts on must survive us.
-        save_state(state_file, w.state())?;
+        store.save(w.state()).map_err(WitnessError::from)?;
         reply
     };
     if log {

@@ -15,6 +15,9 @@ pub enum DirtyError {
         /// The OS error.
         source: std::io::Error,
     },
+    /// The RAM file is a symbolic link, not ours, or writable by others.
+    #[error(transparent)]
+    File(#[from] crate::secure_fs::SecureFsError),
     /// The RAM file does not have the size the VM was configured with.
     #[error("RAM file {path} is {found} bytes, expected {expected}")]
     SizeMismatch {

@@ -6,7 +6,7 @@
 //! Reading a hole of a sparse /dev/shm file through the mapping allocates it; use
 //! [`GuestRam::data_pages`] to skip holes (they read as zeros).
 
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
@@ -92,11 +92,14 @@ impl std::fmt::Debug for GuestRam {
 }
 
 fn open_checked(path: &Path, bytes: u64, writable: bool) -> Result<(File, usize), DirtyError> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(writable)
-        .open(path)
-        .map_err(DirtyError::io("open RAM file", path))?;
+    // Never through a symbolic link, and only a file of ours nobody else may write.
+    let file = crate::secure_fs::open_existing(path, writable)?;
+    let len = checked_len(&file, path, bytes)?;
+    Ok((file, len))
+}
+
+/// The mapping length of `file`, which must be exactly `bytes` long (a page multiple).
+fn checked_len(file: &File, path: &Path, bytes: u64) -> Result<usize, DirtyError> {
     let found = file
         .metadata()
         .map_err(DirtyError::io("stat RAM file", path))?
@@ -113,14 +116,24 @@ fn open_checked(path: &Path, bytes: u64, writable: bool) -> Result<(File, usize)
         found,
         expected: bytes,
     })?;
-    Ok((file, len))
+    Ok(len)
 }
 
 impl GuestRam {
     /// Maps the RAM file read-only; it must be exactly `bytes` long (a page multiple).
     pub fn open(path: &Path, bytes: u64) -> Result<GuestRam, DirtyError> {
         let (file, len) = open_checked(path, bytes, false)?;
-        let map = Mapping::new(&file, path, len, false)?;
+        GuestRam::map(file, path, len, false)
+    }
+
+    /// Maps an already open RAM file (a memfd) read-only; `label` names it in errors.
+    pub fn from_file(file: File, label: &Path, bytes: u64) -> Result<GuestRam, DirtyError> {
+        let len = checked_len(&file, label, bytes)?;
+        GuestRam::map(file, label, len, false)
+    }
+
+    fn map(file: File, path: &Path, len: usize, writable: bool) -> Result<GuestRam, DirtyError> {
+        let map = Mapping::new(&file, path, len, writable)?;
         Ok(GuestRam {
             map,
             file,
@@ -236,14 +249,16 @@ impl GuestRamMut {
     /// Maps the RAM file read-write; it must be exactly `bytes` long (a page multiple).
     pub fn open(path: &Path, bytes: u64) -> Result<GuestRamMut, DirtyError> {
         let (file, len) = open_checked(path, bytes, true)?;
-        let map = Mapping::new(&file, path, len, true)?;
         Ok(GuestRamMut {
-            ram: GuestRam {
-                map,
-                file,
-                path: path.to_path_buf(),
-                page_size: page_size(),
-            },
+            ram: GuestRam::map(file, path, len, true)?,
+        })
+    }
+
+    /// Maps an already open RAM file (a memfd, opened for writing) read-write.
+    pub fn from_file(file: File, label: &Path, bytes: u64) -> Result<GuestRamMut, DirtyError> {
+        let len = checked_len(&file, label, bytes)?;
+        Ok(GuestRamMut {
+            ram: GuestRam::map(file, label, len, true)?,
         })
     }
 

@@ -1,12 +1,22 @@
 //! A local "data centre" on one machine: network namespaces for the primary host, the backup host,
-//! the witness and a client, joined by a bridge in a switch namespace (DESIGN: hosts are processes
-//! in network namespaces). Each host namespace bridges its uplink with a tap device that the
-//! agent attaches the VM's network to, so the VM keeps one MAC and IP whichever host runs it.
+//! the witness and a client (DESIGN: hosts are processes in network namespaces), joined by two
+//! networks with a bridge each in a switch namespace:
+//!
+//! - the **service network** 10.77.S.0/24 carries only the VM's traffic: each host namespace
+//!   bridges its uplink `eth0` with the tap device the agent attaches the VM to (so the VM keeps
+//!   one MAC and IP whichever host runs it), and the client sits on it. No host has an address
+//!   there, and a routing rule drops every packet that reaches a host's own stack through that
+//!   bridge, so neither the guest nor the client can reach an agent or the witness, not even by
+//!   routing to their replication addresses by hand (Linux would otherwise accept a packet for
+//!   any of its addresses on any interface);
+//! - the **replication network** 10.78.S.0/24 carries checkpoints, heartbeats and witness
+//!   requests between the primary, the backup and the witness only.
 //!
 //! ```text
-//!  ns <p>pri: br0 = 10.77.S.1  [eth0 + tap0]  ─┐
-//!  ns <p>bak: br0 = 10.77.S.2  [eth0 + tap0]  ─┼─ ns <p>sw: br0 = 10.77.S.254 (witness)
-//!  ns <p>cli: eth0 = 10.77.S.100               ─┘
+//!                  service (VM)          replication
+//!  ns <p>pri: br0 [eth0 + tap0]  ─┐      eth1 = 10.78.S.1   ─┐
+//!  ns <p>bak: br0 [eth0 + tap0]  ─┼─ sw  eth1 = 10.78.S.2   ─┼─ sw br1 = 10.78.S.254 (witness)
+//!  ns <p>cli: eth0 = 10.77.S.100 ─┘  br0                     │
 //!  VM: 10.77.S.10 (on whichever host runs it)
 //! ```
 
@@ -27,6 +37,9 @@ pub enum TopologyError {
         /// What it printed.
         stderr: String,
     },
+    /// Entering a namespace failed.
+    #[error("cannot enter a network namespace: {0}")]
+    Enter(std::io::Error),
     /// The prefix would make names longer than Linux allows.
     #[error("namespace prefix {0:?} must be 1..=8 characters of [a-z0-9-]")]
     BadPrefix(String),
@@ -124,9 +137,25 @@ impl Topology {
             "forward_delay",
             "0",
         ])?;
-        let sw_addr = format!("{}/24", self.addr(Host::Switch));
-        ip(&["-n", &sw, "addr", "add", &sw_addr, "dev", "br0"])?;
         ip(&["-n", &sw, "link", "set", "br0", "up"])?;
+        ip(&["-n", &sw, "link", "add", "br1", "type", "bridge"])?;
+        ip(&[
+            "-n",
+            &sw,
+            "link",
+            "set",
+            "br1",
+            "type",
+            "bridge",
+            "stp_state",
+            "0",
+            "forward_delay",
+            "0",
+        ])?;
+        let sw_addr = format!("{}/24", self.addr(Host::Switch));
+        ip(&["-n", &sw, "addr", "add", &sw_addr, "dev", "br1"])?;
+        ip(&["-n", &sw, "link", "set", "br1", "up"])?;
+        seal_service_bridge(&sw)?;
         for h in [Host::Primary, Host::Backup, Host::Client] {
             let port = self.switch_port(h);
             let ns = self.ns(h);
@@ -141,7 +170,16 @@ impl Topology {
                 ip(&["-n", &ns, "link", "set", "eth0", "up"])?;
                 continue;
             }
-            // A host bridges its uplink with the VM's tap; the host's own address sits on the bridge.
+            // The host's own address is on the replication network only.
+            let rport = self.replication_port(h);
+            ip(&[
+                "-n", &sw, "link", "add", &rport, "type", "veth", "peer", "name", "eth1", "netns",
+                &ns,
+            ])?;
+            ip(&["-n", &sw, "link", "set", &rport, "master", "br1", "up"])?;
+            ip(&["-n", &ns, "addr", "add", &addr, "dev", "eth1"])?;
+            ip(&["-n", &ns, "link", "set", "eth1", "up"])?;
+            // A host bridges its service uplink with the VM's tap, with no address of its own.
             ip(&["-n", &ns, "link", "add", "br0", "type", "bridge"])?;
             ip(&[
                 "-n",
@@ -159,8 +197,8 @@ impl Topology {
             ip(&["-n", &ns, "tuntap", "add", "dev", "tap0", "mode", "tap"])?;
             ip(&["-n", &ns, "link", "set", "eth0", "master", "br0", "up"])?;
             ip(&["-n", &ns, "link", "set", "tap0", "master", "br0", "up"])?;
-            ip(&["-n", &ns, "addr", "add", &addr, "dev", "br0"])?;
             ip(&["-n", &ns, "link", "set", "br0", "up"])?;
+            seal_service_bridge(&ns)?;
         }
         Ok(())
     }
@@ -170,15 +208,15 @@ impl Topology {
         format!("{}{}", self.prefix, h.suffix())
     }
 
-    /// A host's IPv4 address.
+    /// A host's IPv4 address: where its agent (or, for the switch, the witness) listens, on the
+    /// replication network; the client's is on the service network, its only one.
     pub fn addr(&self, h: Host) -> Ipv4Addr {
-        let last = match h {
-            Host::Primary => 1,
-            Host::Backup => 2,
-            Host::Client => 100,
-            Host::Switch => 254,
-        };
-        Ipv4Addr::new(10, 77, self.subnet, last)
+        match h {
+            Host::Primary => Ipv4Addr::new(10, 78, self.subnet, 1),
+            Host::Backup => Ipv4Addr::new(10, 78, self.subnet, 2),
+            Host::Switch => Ipv4Addr::new(10, 78, self.subnet, 254),
+            Host::Client => Ipv4Addr::new(10, 77, self.subnet, 100),
+        }
     }
 
     /// The protected VM's address.
@@ -195,22 +233,24 @@ impl Topology {
         format!("sw-{}", h.suffix())
     }
 
-    /// Cuts (`up == false`) or repairs a host's only link to the switch: the host is isolated
-    /// from everyone, VM traffic included.
+    fn replication_port(&self, h: Host) -> String {
+        format!("rp-{}", h.suffix())
+    }
+
+    /// Cuts (`up == false`) or repairs a host's links to the switch, on both networks: the host
+    /// is isolated from everyone, VM traffic included.
     pub fn set_host_link(&self, h: Host, up: bool) -> Result<(), TopologyError> {
         let state = if up { "up" } else { "down" };
-        ip(&[
-            "-n",
-            &self.ns(Host::Switch),
-            "link",
-            "set",
-            &self.switch_port(h),
-            state,
-        ])
+        let sw = self.ns(Host::Switch);
+        ip(&["-n", &sw, "link", "set", &self.switch_port(h), state])?;
+        if matches!(h, Host::Primary | Host::Backup) {
+            ip(&["-n", &sw, "link", "set", &self.replication_port(h), state])?;
+        }
+        Ok(())
     }
 
     /// Cuts or repairs host-to-host traffic between primary and backup only (both still reach
-    /// the witness and the client, and the VM's bridged traffic is untouched): a blackhole route
+    /// the witness, and the VM's bridged traffic is untouched): a blackhole route
     /// on each side for the other's address.
     pub fn set_pair_link(&self, up: bool) -> Result<(), TopologyError> {
         let verb = if up { "del" } else { "add" };
@@ -250,6 +290,16 @@ impl Topology {
         Ok(())
     }
 
+    /// Runs `f` on a thread that has entered `h`'s network namespace (sockets it creates live
+    /// there, also after it returns); the calling thread stays where it is.
+    pub fn in_ns<T: Send + 'static>(
+        &self,
+        h: Host,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, TopologyError> {
+        enter_ns(&self.ns(h), f)
+    }
+
     /// Leaves the namespaces in place when dropped (for debugging a failed run).
     pub fn keep(&mut self) {
         self.keep = true;
@@ -263,6 +313,51 @@ impl Topology {
     }
 }
 
+/// Runs `f` on a new thread inside network namespace `ns` (one `ip netns` created).
+pub fn enter_ns<T: Send + 'static>(
+    ns: &str,
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, TopologyError> {
+    let path = format!("/var/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let fd = std::fs::File::open(&path).map_err(TopologyError::Enter)?;
+        nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| TopologyError::Enter(e.into()))?;
+        Ok(f())
+    })
+    .join()
+    .unwrap_or_else(|_| {
+        Err(TopologyError::Enter(std::io::Error::other(
+            "the thread in the namespace panicked",
+        )))
+    })
+}
+
+/// Makes namespace `ns` drop every packet that reaches its own stack through its service bridge
+/// `br0`: a rule ahead of the local table (moved from priority 0 to 100 for that) blackholes
+/// whatever arrives on `br0`. Frames bridged between the bridge's ports are not routed and pass.
+fn seal_service_bridge(ns: &str) -> Result<(), TopologyError> {
+    for family in ["-4", "-6"] {
+        ip(&[
+            "-n", ns, family, "rule", "add", "pref", "100", "lookup", "local",
+        ])?;
+        ip(&["-n", ns, family, "rule", "del", "pref", "0"])?;
+        ip(&[
+            "-n",
+            ns,
+            family,
+            "rule",
+            "add",
+            "pref",
+            "10",
+            "iif",
+            "br0",
+            "blackhole",
+        ])?;
+    }
+    Ok(())
+}
+
 impl Drop for Topology {
     fn drop(&mut self) {
         if !self.keep {
@@ -274,6 +369,8 @@ impl Drop for Topology {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::net::{SocketAddr, TcpListener, TcpStream};
+    use std::time::Duration;
 
     #[test]
     fn rejects_bad_prefix() {
@@ -287,25 +384,26 @@ mod tests {
         ));
     }
 
+    fn ping(topo: &Topology, from: Host, to: Ipv4Addr) -> bool {
+        Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                &topo.ns(from),
+                "ping",
+                "-c1",
+                "-W1",
+                &to.to_string(),
+            ])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    }
+
     #[test]
     fn builds_a_reachable_topology_and_cuts_links() {
         let topo = Topology::create("ftvt1", 201).expect("topology (needs root and iproute2)");
-        let ping = |from: Host, to: Ipv4Addr| {
-            Command::new("ip")
-                .args([
-                    "netns",
-                    "exec",
-                    &topo.ns(from),
-                    "ping",
-                    "-c1",
-                    "-W1",
-                    &to.to_string(),
-                ])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false)
-        };
-        assert!(ping(Host::Client, topo.addr(Host::Primary)));
+        let ping = |from: Host, to: Ipv4Addr| ping(&topo, from, to);
         assert!(ping(Host::Primary, topo.addr(Host::Backup)));
         assert!(ping(Host::Backup, topo.addr(Host::Switch)));
         topo.set_pair_link(false).unwrap();
@@ -314,8 +412,109 @@ mod tests {
         topo.set_pair_link(true).unwrap();
         assert!(ping(Host::Primary, topo.addr(Host::Backup)));
         topo.set_host_link(Host::Primary, false).unwrap();
-        assert!(!ping(Host::Client, topo.addr(Host::Primary)));
+        assert!(!ping(Host::Switch, topo.addr(Host::Primary)));
+        assert!(ping(Host::Switch, topo.addr(Host::Backup)));
         topo.set_host_link(Host::Primary, true).unwrap();
-        assert!(ping(Host::Client, topo.addr(Host::Primary)));
+        assert!(ping(Host::Switch, topo.addr(Host::Primary)));
+    }
+
+    /// Removes the stand-in guest's namespace however the test ends.
+    struct Guest(String);
+    impl Drop for Guest {
+        fn drop(&mut self) {
+            let _ = ip(&["netns", "del", &self.0]);
+        }
+    }
+
+    fn listen(topo: &Topology, h: Host, addr: SocketAddr) -> TcpListener {
+        topo.in_ns(h, move || TcpListener::bind(addr))
+            .unwrap()
+            .unwrap_or_else(|e| panic!("listen on {addr} in {h:?}: {e}"))
+    }
+
+    fn connects(ns: &str, addr: SocketAddr) -> bool {
+        enter_ns(ns, move || {
+            TcpStream::connect_timeout(&addr, Duration::from_millis(700)).is_ok()
+        })
+        .unwrap()
+    }
+
+    #[test]
+    fn the_client_and_the_guest_reach_the_vm_but_no_agent_or_witness_port() {
+        let topo = Topology::create("ftvt2", 202).expect("topology (needs root and iproute2)");
+        // A stand-in guest: a namespace on the primary's service bridge with the VM's address,
+        // like QEMU's tap, serving port 80.
+        let guest = Guest("ftvt2vm".into());
+        let _ = ip(&["netns", "del", &guest.0]);
+        ip(&["netns", "add", &guest.0]).unwrap();
+        let pri = topo.ns(Host::Primary);
+        ip(&[
+            "-n", &pri, "link", "add", "gst0", "type", "veth", "peer", "name", "eth0", "netns",
+            &guest.0,
+        ])
+        .unwrap();
+        ip(&["-n", &pri, "link", "set", "gst0", "master", "br0", "up"]).unwrap();
+        let vm = format!("{}/24", topo.vm_addr());
+        ip(&["-n", &guest.0, "addr", "add", &vm, "dev", "eth0"]).unwrap();
+        ip(&["-n", &guest.0, "link", "set", "eth0", "up"]).unwrap();
+        let service = SocketAddr::from((topo.vm_addr(), 80));
+        let _svc = enter_ns(&guest.0, move || TcpListener::bind(service))
+            .unwrap()
+            .unwrap();
+
+        let ports = [
+            (
+                Host::Primary,
+                SocketAddr::from((topo.addr(Host::Primary), 7000)),
+            ),
+            (
+                Host::Backup,
+                SocketAddr::from((topo.addr(Host::Backup), 7000)),
+            ),
+            (
+                Host::Switch,
+                SocketAddr::from((topo.addr(Host::Switch), 7100)),
+            ),
+        ];
+        let _listeners: Vec<TcpListener> =
+            ports.iter().map(|&(h, a)| listen(&topo, h, a)).collect();
+        // The ports are live: the primary reaches the backup's agent and the witness.
+        assert!(connects(&pri, ports[1].1));
+        assert!(connects(&pri, ports[2].1));
+
+        let client = topo.ns(Host::Client);
+        assert!(connects(&client, service), "the client reaches the VM");
+        for (_, a) in ports {
+            assert!(!connects(&client, a), "the client reached {a}");
+            assert!(!connects(&guest.0, a), "the guest reached {a}");
+        }
+        // Routing to the replication network by hand over the service link does not help, even
+        // on hosts that can route back to the service network (as one with a default route
+        // can): they answer ARP for their addresses there, but drop what comes in on the bridge.
+        let repl = format!("10.78.{}.0/24", 202);
+        for ns in [&client, &guest.0] {
+            ip(&["-n", ns, "route", "add", &repl, "dev", "eth0"]).unwrap();
+        }
+        let service_net = format!("10.77.{}.0/24", 202);
+        for h in [Host::Primary, Host::Backup, Host::Switch] {
+            ip(&[
+                "-n",
+                &topo.ns(h),
+                "route",
+                "add",
+                &service_net,
+                "dev",
+                "br0",
+            ])
+            .unwrap();
+        }
+        for (_, a) in ports {
+            assert!(!connects(&client, a), "the client reached {a} by a route");
+            assert!(!connects(&guest.0, a), "the guest reached {a} by a route");
+        }
+        assert!(
+            connects(&client, service),
+            "the client still reaches the VM"
+        );
     }
 }

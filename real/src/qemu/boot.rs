@@ -84,11 +84,13 @@ async fn try_boot(
     config: &QemuConfig,
     opts: &BootOptions,
 ) -> std::result::Result<(Qemu, Duration), String> {
-    // A fresh log, so the marker cannot come from an earlier try.
-    match std::fs::remove_file(&config.serial_log) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(format!("remove old serial log: {e}")),
+    // A fresh log, so the marker cannot come from an earlier try, and fresh RAM: a boot never
+    // starts over an old RAM file (or anything planted at its path).
+    for (what, path) in [
+        ("serial log", &config.serial_log),
+        ("RAM file", &config.ram_file),
+    ] {
+        crate::secure_fs::remove_stale(path).map_err(|e| format!("remove old {what}: {e}"))?;
     }
     let start = Instant::now();
     let mut qemu = Qemu::spawn(config.clone())

@@ -111,6 +111,13 @@ pub struct QemuConfig {
     pub net: Option<NetConfig>,
     /// Start with `-incoming defer` (a restore target waiting for `migrate-incoming`).
     pub incoming_defer: bool,
+    /// Run under QEMU's seccomp filter (`-sandbox on`, see [`SANDBOX`]): on by default, since
+    /// QEMU parses what arrives from the wire (device state) and runs the guest.
+    pub sandbox: bool,
+    /// Drop to this user once the machine is set up (`-runas`): RAM, sockets, logs and the
+    /// dirty-tracking userfaultfd are opened as root first. Needs the ftvm preload library in
+    /// `env` (`LD_PRELOAD`), which makes QEMU die with its agent also after the drop.
+    pub run_as: Option<String>,
     /// Arguments appended verbatim.
     pub extra_args: Vec<String>,
     /// Extra environment for QEMU (e.g. `LD_PRELOAD` of the dirty-page tracker).
@@ -144,6 +151,8 @@ impl QemuConfig {
             qmp_socket: run_dir.join("qmp.sock"),
             net: None,
             incoming_defer: false,
+            sandbox: true,
+            run_as: None,
             extra_args: Vec::new(),
             env: Vec::new(),
         }
@@ -253,12 +262,40 @@ impl QemuConfig {
         if self.incoming_defer {
             a.pair("-incoming", "defer");
         }
+        if self.sandbox {
+            // QEMU's own setuid for -runas is a set*uid call the strict filter would kill it for.
+            a.pair(
+                "-sandbox",
+                if self.run_as.is_some() {
+                    SANDBOX_RUNAS
+                } else {
+                    SANDBOX
+                },
+            );
+        }
+        if let Some(user) = &self.run_as {
+            a.pair("-runas", user);
+        }
         for extra in &self.extra_args {
             a.push(extra);
         }
         Ok(a.0)
     }
 }
+
+/// QEMU's seccomp filter with every optional deny list: no obsolete system calls, no gaining
+/// privileges (setuid and friends), no new processes or programs (fork/clone of a process,
+/// execve: QEMU needs none here, the network is a socket and taps are opened with `script=no`),
+/// no changing scheduling or CPU affinity. A denied call kills QEMU, so a compromised QEMU cannot
+/// start a shell or a helper as root. QEMU installs it before creating the machine, so our
+/// LD_PRELOAD library's calls (userfaultfd, a unix socket to hand the descriptor over) run under
+/// it too; none of them is on a deny list.
+pub const SANDBOX: &str = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
+
+/// [`SANDBOX`] for a QEMU that drops to another user itself: set*uid stays allowed (after the
+/// drop QEMU has no privilege left to regain).
+pub const SANDBOX_RUNAS: &str =
+    "on,obsolete=deny,elevateprivileges=allow,spawn=deny,resourcecontrol=deny";
 
 /// Accumulates arguments.
 #[derive(Default)]
@@ -304,6 +341,15 @@ fn check_mac(mac: &str) -> Result<()> {
             "MAC address {mac:?} is not six hex pairs separated by colons"
         )))
     }
+}
+
+/// The user QEMU drops to by default (`-runas`), when it exists: created by
+/// `real/host/install-deps.sh`, with no login, home or other use.
+pub const DEFAULT_QEMU_USER: &str = "ftvm-qemu";
+
+/// Whether a local user named `name` exists (and is not root, which `-runas` would not change).
+pub fn unprivileged_user_exists(name: &str) -> bool {
+    matches!(nix::unistd::User::from_name(name), Ok(Some(u)) if !u.uid.is_root())
 }
 
 /// Resolves the binary like the shell would: a path with a slash is taken as is, a bare name is
@@ -367,6 +413,20 @@ mod tests {
         assert!(s.contains("-serial file:/run/vm/serial.log"), "{s}");
         assert!(!s.contains("-incoming"), "{s}");
         assert!(!s.contains("-netdev"), "{s}");
+        assert!(
+            s.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ),
+            "{s}"
+        );
+        assert!(!s.contains("-runas"), "{s}");
+        let mut c = cfg();
+        c.run_as = Some("ftvm-qemu".into());
+        let s = joined(&c);
+        assert!(s.contains("-runas ftvm-qemu"), "{s}");
+        assert!(s.contains("elevateprivileges=allow,spawn=deny"), "{s}");
+        c.sandbox = false;
+        assert!(!joined(&c).contains("-sandbox"));
     }
 
     #[test]
@@ -431,6 +491,13 @@ mod tests {
             Err(QemuError::FileNotFound { what, .. }) => assert_eq!(what, "kernel"),
             other => panic!("expected missing kernel, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn only_an_existing_user_other_than_root_is_one_to_drop_to() {
+        assert!(unprivileged_user_exists("nobody"));
+        assert!(!unprivileged_user_exists("root"));
+        assert!(!unprivileged_user_exists("no-such-user-ftvm"));
     }
 
     #[test]

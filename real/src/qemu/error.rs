@@ -72,6 +72,9 @@ pub enum QemuError {
     /// without a network in that case and never retries.
     #[error("QEMU netdev could not connect to {0:?} (is the agent listening?)")]
     NetdevNotConnected(PathBuf),
+    /// A file QEMU is given (RAM, logs) is not safely ours.
+    #[error(transparent)]
+    File(#[from] crate::secure_fs::SecureFsError),
     /// Every boot attempt failed; the last reason is attached.
     #[error("guest did not boot in {tries} tries; last: {last_reason}")]
     BootFailed {

@@ -15,7 +15,10 @@ pub mod qmp;
 pub mod serial;
 
 pub use boot::{boot, BootOptions, Booted, GUEST_READY_MARKER};
-pub use config::{find_binary, Accel, NetBackend, NetConfig, QemuConfig, DEFAULT_BINARY};
+pub use config::{
+    find_binary, unprivileged_user_exists, Accel, NetBackend, NetConfig, QemuConfig,
+    DEFAULT_BINARY, DEFAULT_QEMU_USER,
+};
 pub use devstate::{
     capture_device_state, enable_ignore_shared, load_device_state, restore_device_state,
 };

@@ -4,7 +4,6 @@
 //! number of waiters (and `select!` loops) can learn that QEMU is gone. Killing goes through the
 //! same task, so we never signal a pid that was already reaped and reused.
 
-use std::fs::File;
 use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -16,6 +15,7 @@ use super::devstate;
 use super::error::{QemuError, Result};
 use super::qmp::{Qmp, VmStatus, DEFAULT_TIMEOUT};
 use super::serial::SerialLog;
+use crate::secure_fs;
 
 /// How long QEMU gets to create its QMP socket and greet us.
 const QMP_STARTUP_TIMEOUT: Duration = Duration::from_secs(15);
@@ -28,6 +28,15 @@ const NETDEV_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Lines of stderr quoted in [`QemuError::Died`].
 const STDERR_TAIL_LINES: usize = 4;
+
+/// Makes sure guest RAM lives in a file only we can open: an absent file is created empty (QEMU
+/// sizes it) with mode 0600 and `O_EXCL|O_NOFOLLOW`, instead of by QEMU (0644, following links);
+/// an existing one (a replica restored at failover) must be a regular file of ours that nobody
+/// else may write. Once created in a sticky directory such as /dev/shm nobody else can replace it.
+fn prepare_ram_file(path: &std::path::Path) -> Result<()> {
+    secure_fs::open_or_create_private(path)?;
+    Ok(())
+}
 
 /// A clonable view of a QEMU's exit: resolves once the process has ended.
 #[derive(Debug, Clone)]
@@ -77,13 +86,30 @@ impl Qemu {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
             Err(e) => return Err(QemuError::io("remove stale QMP socket", e)),
         }
-        let stderr = File::create(&config.stderr_log)
-            .map_err(|e| QemuError::io(format!("create {:?}", config.stderr_log), e))?;
+        prepare_ram_file(&config.ram_file)?;
+        // QEMU truncates the serial log at start anyway; creating it here makes it 0600 and
+        // never a link QEMU would write through.
+        drop(secure_fs::replace(
+            &config.serial_log,
+            secure_fs::PRIVATE_FILE_MODE,
+        )?);
+        let stderr = secure_fs::replace(&config.stderr_log, secure_fs::PRIVATE_FILE_MODE)?;
         let stdout = stderr
             .try_clone()
             .map_err(|e| QemuError::io("dup stderr log", e))?;
 
         let mut cmd = Command::new(&binary);
+        if config.run_as.is_some() {
+            // -runas clears the parent-death signal; the preload library arms it again after
+            // QEMU's setuid, given our pid. Without the library QEMU could outlive us.
+            if !config.env.iter().any(|(k, _)| k == "LD_PRELOAD") {
+                return Err(QemuError::InvalidConfig(
+                    "QEMU running as another user (-runas) needs the ftvm preload library to                      die with its agent"
+                        .into(),
+                ));
+            }
+            cmd.env("FTVM_PDEATHSIG", std::process::id().to_string());
+        }
         cmd.args(&args)
             .envs(config.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use ftvm_model::{Config, NodeId, Start, VmId};
 use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::vm::VmLauncher;
+use ftvm_real::agent::witness_store::{Open, WitnessStore};
 use ftvm_real::agent::{witness, Agent, AgentConfig};
 use ftvm_real::auth::Identity;
 use ftvm_real::transport::TransportKind;
@@ -142,9 +143,10 @@ pub async fn protect_and_verify<L: VmLauncher>(
         keys: keys.into_iter().map(|(n, i)| (n, Arc::new(i))).collect(),
     };
     let wfile = dir.join("witness.json");
-    let w = witness::load_state(&wfile, VmId(7), NodeId(1)).unwrap();
+    let (store, w) =
+        WitnessStore::open(&wfile, VmId(7), Open::Init { primary: NodeId(1) }).unwrap();
     let limits = witness::ServeLimits::default();
-    let serve = witness::serve(addrs.witness, wfile, w, Arc::new(wkeys), limits, false);
+    let serve = witness::serve(addrs.witness, store, w, Arc::new(wkeys), limits, false);
     let wtask = tokio::spawn(serve);
     let pcfg = config(dir, 1, Start::Primary, run, &addrs);
     let bcfg = config(dir, 2, Start::Backup { primary: NodeId(1) }, run, &addrs);

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use ftvm_model::{Config, NodeId, Start, VmId};
 use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::mem_vm::{MemLauncher, MemRam};
+use ftvm_real::agent::witness_store::{Open, WitnessStore};
 use ftvm_real::agent::{witness, AgentConfig};
 use ftvm_real::auth::Identity;
 use ftvm_real::transport::TransportKind;
@@ -59,17 +60,22 @@ pub fn serve_witness(
     keys: &Keys,
     log: bool,
 ) -> tokio::task::JoinHandle<Result<(), witness::WitnessError>> {
-    let file = dir.join("witness.json");
-    let w = witness::load_state(&file, VmId(7), NodeId(1)).unwrap();
+    let (store, w) = open_witness(dir);
     let limits = witness::ServeLimits::default();
     tokio::spawn(witness::serve(
         addr,
-        file,
+        store,
         w,
         keys.witness.clone(),
         limits,
         log,
     ))
+}
+
+/// A fresh witness register for VM 7 with node 1 as its first primary.
+pub fn open_witness(dir: &Path) -> (WitnessStore, ftvm_model::Witness) {
+    let init = Open::Init { primary: NodeId(1) };
+    WitnessStore::open(&dir.join("witness.json"), VmId(7), init).unwrap()
 }
 
 pub struct Host {
@@ -168,15 +174,14 @@ impl Cluster {
         let addrs: BTreeMap<NodeId, SocketAddr> =
             [(NodeId(1), free_addr()), (NodeId(2), free_addr())].into();
         let keys = keys();
-        let file = dir.path().join("witness.json");
-        let w = witness::load_state(&file, VmId(7), NodeId(1)).unwrap();
+        let (store, w) = open_witness(dir.path());
         let limits = witness::ServeLimits {
             deadline,
             ..witness::ServeLimits::default()
         };
         let wtask = tokio::spawn(witness::serve(
             waddr,
-            file,
+            store,
             w,
             keys.witness.clone(),
             limits,
