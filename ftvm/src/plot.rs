@@ -11,6 +11,7 @@ use plotters::prelude::*;
 
 use crate::bench_auth::{AuthCase, AuthReport};
 use crate::bench_capture::{CaptureCase, CaptureReport};
+use crate::bench_mac::MacReport;
 
 /// Where `fonts-dejavu-core` puts its sans-serif face.
 const DEJAVU: &str = "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf";
@@ -538,6 +539,125 @@ pub fn auth(r: &AuthReport, dir: &Path) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// `mac.png`: one horizontal bar per candidate × message size, the median GiB/s on one core
+/// (labelled), a whisker from the slowest to the fastest repetition.
+pub fn mac(r: &MacReport, dir: &Path) -> anyhow::Result<PathBuf> {
+    font()?;
+    let mut names: Vec<&str> = Vec::new();
+    let mut sizes: Vec<u64> = Vec::new();
+    for c in &r.cases {
+        if !names.contains(&c.candidate.as_str()) {
+            names.push(&c.candidate);
+        }
+        if !sizes.contains(&c.pages) {
+            sizes.push(c.pages);
+        }
+    }
+    if names.is_empty() {
+        anyhow::bail!("mac.json has no case");
+    }
+    let path = dir.join("mac.png");
+    let height = 140 + (names.len() * sizes.len()) as u32 * 26;
+    draw_mac(r, &path, &names, &sizes, height.max(400))?;
+    Ok(path)
+}
+
+/// Draws `mac.png` (see [`mac`]).
+fn draw_mac(
+    r: &MacReport,
+    path: &Path,
+    names: &[&str],
+    sizes: &[u64],
+    height: u32,
+) -> anyhow::Result<()> {
+    let n = names.len();
+    let x1 = r.cases.iter().map(|c| c.gib_per_s_max).fold(0.0, f64::max) * 1.12;
+    let root = BitMapBackend::new(path, (1100, height)).into_drawing_area();
+    root.fill(&WHITE).map_err(plot_err)?;
+    // Candidate i is drawn at y = n - 1 - i (the first on top), its bars within ±0.4.
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!(
+                "MAC and AEAD throughput on one core ({}, median of {}; whiskers min–max)",
+                r.cpu, r.repetitions
+            ),
+            (FONT, 20),
+        )
+        .margin(14)
+        .x_label_area_size(48)
+        .y_label_area_size(200)
+        .build_cartesian_2d(0.0..x1.max(1.0), -0.5..n as f64 - 0.5)
+        .map_err(plot_err)?;
+    let label = |v: &f64| {
+        let i = v.round();
+        if (v - i).abs() > 1e-6 || i < 0.0 || i as usize >= n {
+            return String::new();
+        }
+        names[n - 1 - i as usize].to_string()
+    };
+    chart
+        .configure_mesh()
+        .disable_y_mesh()
+        .y_labels(n)
+        .y_label_formatter(&label)
+        .x_desc("GiB/s of pages, one core")
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 17))
+        .light_line_style(RGBColor(235, 235, 235))
+        .draw()
+        .map_err(plot_err)?;
+    let band = 0.8 / sizes.len() as f64;
+    for (k, &pages) in sizes.iter().enumerate() {
+        let colour = COLOURS[k % COLOURS.len()];
+        let bars: Vec<(f64, f64, &crate::bench_mac::MacCase)> = r
+            .cases
+            .iter()
+            .filter(|c| c.pages == pages)
+            .filter_map(|c| {
+                let i = names.iter().position(|&x| x == c.candidate)?;
+                let y0 = (n - 1 - i) as f64 - 0.4 + band * k as f64;
+                Some((y0, y0 + band * 0.9, c))
+            })
+            .collect();
+        chart
+            .draw_series(bars.iter().map(|&(y0, y1, c)| {
+                Rectangle::new([(0.0, y0), (c.gib_per_s_median, y1)], colour.filled())
+            }))
+            .map_err(plot_err)?
+            .label(format!("{pages} pages per message"))
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 18, y + 6)], colour.filled()));
+        chart
+            .draw_series(bars.iter().map(|&(y0, y1, c)| {
+                let y = (y0 + y1) / 2.0;
+                PathElement::new(
+                    vec![(c.gib_per_s_min, y), (c.gib_per_s_max, y)],
+                    BLACK.stroke_width(2),
+                )
+            }))
+            .map_err(plot_err)?;
+        chart
+            .draw_series(bars.iter().map(|&(y0, y1, c)| {
+                Text::new(
+                    format!("{:.2}", c.gib_per_s_median),
+                    (c.gib_per_s_max + x1 * 0.01, (y0 + y1) / 2.0 + band * 0.45),
+                    (FONT, 13),
+                )
+            }))
+            .map_err(plot_err)?;
+    }
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::LowerRight)
+        .label_font((FONT, 15))
+        .background_style(WHITE.mix(0.85))
+        .border_style(RGBColor(180, 180, 180))
+        .draw()
+        .map_err(plot_err)?;
+    root.present()
+        .map_err(plot_err)
+        .with_context(|| format!("writing {}", path.display()))
+}
+
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> anyhow::Result<T> {
     let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
     serde_json::from_slice(&bytes).with_context(|| format!("parsing {}", path.display()))
@@ -562,9 +682,14 @@ pub fn all(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         let r: AuthReport = read_json(&auth)?;
         done.push(self::auth(&r, dir)?);
     }
+    let mac = dir.join("mac.json");
+    if mac.exists() {
+        let r: MacReport = read_json(&mac)?;
+        done.push(self::mac(&r, dir)?);
+    }
     if done.is_empty() {
         anyhow::bail!(
-            "{} has none of capture.json, transport.json, e2e.json: run a benchmark first",
+            "{} has none of capture.json, transport.json, e2e.json, mac.json: run a benchmark first",
             dir.display()
         );
     }

@@ -177,6 +177,15 @@ impl StreamDecoder {
         self.poisoned.is_none() && self.needed() == 0
     }
 
+    /// Heap bytes this decoder holds for pieces split across reads (its buffer's capacity).
+    /// It grows only as bytes arrive and never beyond twice the largest piece it gathers: a
+    /// page (at most [`MAX_PAGE_SIZE`](super::MAX_PAGE_SIZE), as the frame's meta declares),
+    /// a header, a checkpoint meta or a small frame's fixed-size body. Page records and
+    /// device state that sit whole in the input are lent out, not buffered.
+    pub fn buffered_capacity(&self) -> usize {
+        self.buf.capacity()
+    }
+
     /// Bytes still missing from the current frame (0 between frames).
     pub fn needed(&self) -> u64 {
         let buffered = if self.clear_buf {
