@@ -47,7 +47,7 @@ pub struct Args {
     /// authenticated with them.
     #[arg(long)]
     keys: PathBuf,
-    /// Encrypt checkpoint links (ChaCha20-Poly1305) instead of only authenticating their
+    /// Encrypt checkpoint links (AES-256-GCM) instead of only authenticating their
     /// frames. Pages are then copied while they are encrypted: no zero-copy sends. Both agents
     /// must agree.
     #[arg(long)]

@@ -1,5 +1,5 @@
 //! Confidentiality for checkpoint links (`--encrypt`): the byte stream of wire frames is cut
-//! into Noise transport messages (ChaCha20-Poly1305 under the handshake's keys, each with its
+//! into Noise transport messages (AES-256-GCM under the handshake's keys, each with its
 //! own nonce, so order and completeness are checked too), each sent as a 2-byte length and the
 //! ciphertext.
 //!

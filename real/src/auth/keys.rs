@@ -17,7 +17,9 @@ use ftvm_model::NodeId;
 pub const KEY_LEN: usize = 32;
 
 /// The Noise protocol every ftvm connection uses.
-pub(crate) const NOISE_PARAMS: &str = "Noise_IK_25519_ChaChaPoly_BLAKE2s";
+/// AES-256-GCM, not ChaCha20-Poly1305: `ftvm bench mac` measured it twice as fast here (AES-NI
+/// and CLMUL), and with `--encrypt` every page goes through it.
+pub(crate) const NOISE_PARAMS: &str = "Noise_IK_25519_AESGCM_BLAKE2s";
 
 /// Errors loading or writing keys.
 #[derive(Debug, thiserror::Error)]

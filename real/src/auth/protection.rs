@@ -14,10 +14,10 @@ use super::seal::{FrameOpener, FrameSealer, OpenError};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protection {
-    /// Keyed-BLAKE3 tag per frame: integrity and authenticity, pages still sent zero-copy.
+    /// HMAC-SHA256 tag per frame: integrity and authenticity, pages still sent zero-copy.
     #[default]
     Mac,
-    /// ChaCha20-Poly1305 over the whole stream: confidentiality too, pages copied.
+    /// AES-256-GCM over the whole stream: confidentiality too, pages copied.
     Encrypt,
     /// Authenticated handshake, then nothing: benchmarks only (the baseline of the other two).
     Unprotected,
