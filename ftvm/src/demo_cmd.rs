@@ -67,9 +67,14 @@ pub struct Args {
     /// Leave the namespaces behind for inspection.
     #[arg(long)]
     keep: bool,
+    /// Fail when the client waited longer than this for a reply, in milliseconds: an outage of
+    /// seconds is a failure a user sees, even when nothing was lost.
+    #[arg(long, default_value_t = 5000)]
+    max_pause_ms: u64,
 }
 
-/// Runs the demo; exits 0 when the client lost nothing and the survivor serves.
+/// Runs the demo; exits 0 when the client lost nothing, never waited longer than
+/// `--max-pause-ms`, and the survivor serves.
 pub fn run(args: Args) -> anyhow::Result<i32> {
     if args.kill != "primary" && args.kill != "backup" {
         bail!("--kill must be primary or backup, not {:?}", args.kill);
@@ -222,6 +227,14 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if let Some(path) = &args.summary {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
             .with_context(|| format!("writing {}", path.display()))?;
+    }
+    let longest_ms = report["longest_gap_us"].as_u64().unwrap_or(u64::MAX) / 1000;
+    if longest_ms > args.max_pause_ms {
+        println!(
+            "== FAILED: the client waited {longest_ms} ms for a reply (more than --max-pause-ms {})",
+            args.max_pause_ms
+        );
+        return Ok(1);
     }
     if !st.success() || lost != 0 || replies == 0 {
         return Ok(1);
