@@ -4,34 +4,34 @@
 //! sends control frames and checkpoints through a [`crate::transport`], each followed by its
 //! tag ([`crate::auth::seal`]); the reader decodes and authenticates the byte stream
 //! incrementally and stages arriving checkpoints. Both report to the agent's event loop through
-//! a channel.
+//! a channel. [`frames`] builds and sends checkpoint frames; [`read`] is the reader.
 
-use std::collections::VecDeque;
-use std::io::{IoSlice, Read};
+mod frames;
+mod read;
+
+use std::io::IoSlice;
 use std::net::{Shutdown, TcpStream};
-use std::ops::Range;
 use std::sync::{mpsc, Arc};
 use std::time::{Duration, Instant};
 
 use ftvm_model::wire::{
-    self, CheckpointEncoder, CheckpointMeta, CheckpointPrefix, Expect, Item, StreamDecoder,
-    RECORD_HEADER_LEN, TRAILER_LEN,
+    self, CheckpointPrefix, Expect, StreamDecoder, RECORD_HEADER_LEN, TRAILER_LEN,
 };
 use ftvm_model::{Epoch, Generation, NodeId, PeerMsg, VmId};
 use tokio::sync::mpsc::UnboundedSender;
 
-use crate::auth::crypt::Encryptor;
 use crate::auth::handshake::{self, Purpose};
-use crate::auth::{protection, FrameSealer, Identity, LinkOpener, LinkSealer, Protection};
-use crate::auth::{PublicKey, TAG_LEN};
+use crate::auth::{protection, Identity, LinkSealer, Protection, PublicKey, TAG_LEN};
 
 use super::accept::Admission;
 use super::cow::CowCheckpoint;
 use super::event::{ConnId, Event};
-use super::staging::{CheckpointAssembler, Staged, StagingLimits};
+use super::staging::StagingLimits;
 use crate::dirty::GuestRam;
 use crate::replica::StagedCheckpoint;
-use crate::transport::{self, SendTicket, Transport, TransportKind, TransportOptions};
+use crate::transport::{self, Transport, TransportKind, TransportOptions};
+use frames::{encrypted, send_checkpoint, send_encrypted_checkpoint, Frame, Pages};
+use read::read_loop;
 
 /// Something to send on a link.
 pub enum Outgoing {
@@ -390,328 +390,4 @@ fn serve(
         }
     }
     "dropped by the agent".to_string()
-}
-
-/// Where a checkpoint's page contents are.
-enum Pages<'a> {
-    /// Copied into the staging buffer, in the order of the indices.
-    Staged(&'a [u8]),
-    /// In guest RAM, held still by the paused VM ([`PausedPages::new`]).
-    Ram(&'a GuestRam),
-    /// In write-protected guest RAM or in the fault handler's copies; a page must be claimed
-    /// before it is read, and stays still until released.
-    Cow(&'a CowCheckpoint),
-}
-
-impl Pages<'_> {
-    /// The `i`-th page of the checkpoint, whose index is `index`.
-    fn get(&self, i: usize, index: u64, ps: usize) -> Result<&[u8], String> {
-        match self {
-            Pages::Staged(data) => data
-                .get(i * ps..(i + 1) * ps)
-                .ok_or_else(|| "staged page data shorter than its index list".to_string()),
-            Pages::Ram(ram) => ram
-                .page(index)
-                .filter(|p| p.len() == ps)
-                .ok_or_else(|| format!("page {index} is not a {ps}-byte page of guest RAM")),
-            Pages::Cow(cow) => cow
-                .page(i)
-                .filter(|p| p.len() == ps && cow.indices().get(i) == Some(&index))
-                .ok_or_else(|| format!("page {index} (#{i}) of the cow checkpoint is not claimed")),
-        }
-    }
-}
-
-/// The frame header fields of a checkpoint.
-struct Frame {
-    vm: VmId,
-    generation: Generation,
-    full: bool,
-    page_size: u32,
-}
-
-/// Sends one checkpoint frame — prefix, page records each followed by its page, device state,
-/// trailer, then the frame's tag — as a pipeline of vectored sends, then waits until the
-/// transport released all of it. The tag runs over each page in the same pass as the checksum,
-/// over the very bytes handed to the transport. Returns bytes sent (the tag included). On error the transport is broken and must be dropped before the page
-/// memory and `bufs` are released (see [`fail`]).
-fn send_checkpoint(
-    t: &mut dyn Transport,
-    frame: &Frame,
-    sealer: Option<&mut FrameSealer>,
-    staged: &StagedCheckpoint,
-    pages: Pages<'_>,
-    bufs: &mut FrameBufs,
-) -> Result<u64, String> {
-    let ps = frame.page_size as usize;
-    let n = staged.indices.len();
-    let meta = CheckpointMeta {
-        epoch: Epoch(staged.epoch),
-        full: frame.full,
-        page_size: frame.page_size,
-        page_count: n as u64,
-        device_len: staged.device.len() as u64,
-    };
-    let tag_len = if sealer.is_some() { TAG_LEN } else { 0 };
-    let bytes = meta
-        .frame_len()
-        .and_then(|n| n.checked_add(tag_len as u64))
-        .ok_or("checkpoint too large")?;
-    let (mut enc, prefix) =
-        CheckpointEncoder::new(frame.vm, frame.generation, meta).map_err(|e| e.to_string())?;
-    bufs.prefix = prefix;
-    let mut mac = sealer.map(FrameSealer::begin);
-    let mut feed = |bytes: &[u8]| {
-        if let Some(m) = mac.as_mut() {
-            m.update(bytes);
-        }
-    };
-    feed(&bufs.prefix);
-    // Every record gets its own slot, written once before it is sent and never moved while the
-    // frame is in flight (the vector is sized here, before the first send).
-    bufs.records.clear();
-    bufs.records.resize(n, [0; RECORD_HEADER_LEN]);
-    let send = |t: &mut dyn Transport, segs: &[IoSlice<'_>]| {
-        // SAFETY: every segment points into memory that stays mapped and unchanged until the
-        // wait_released below (or, on error, until the transport is dropped, which `serve`
-        // does before releasing anything): `bufs` is owned by the writer and each slot is written
-        // only before its own send; the staging buffer is owned by this frame's `Outgoing`; guest
-        // RAM pages are held still by the paused VM, as `PausedPages::new` requires of its
-        // caller, and mapped as long as the `Outgoing`'s `Arc<GuestRam>` lives; cow pages are
-        // claimed before this send and stay write-protected (or are the handler's immutable
-        // copies) until released below, and the `CowCheckpoint` (holding the mapping and the
-        // copies) is dropped only after the transport.
-        unsafe { t.send(segs) }.map_err(|e| e.to_string())
-    };
-    send(t, &[IoSlice::new(&bufs.prefix)])?;
-    // Pages go out in batches as the checksum runs over them, so bytes start flowing at once
-    // (the receiver counts them as signs of life) instead of after a pass over every page; no
-    // batch waits for the previous one to be released.
-    // cow: batches handed to the transport and not yet released, oldest first.
-    let mut in_flight: VecDeque<(SendTicket, Range<usize>)> = VecDeque::new();
-    for first in (0..n).step_by(PAGES_PER_BATCH) {
-        let last = (first + PAGES_PER_BATCH).min(n);
-        if let Pages::Cow(cow) = &pages {
-            // Before the checksum reads them: from here on a guest write to these pages waits
-            // (or, for pages it already copied, the copy is what is read).
-            cow.claim(first..last).map_err(|e| e.to_string())?;
-        }
-        for i in first..last {
-            let index = staged.indices[i];
-            let page = pages.get(i, index, ps)?;
-            bufs.records[i] = enc.page(index, page).map_err(|e| e.to_string())?;
-            feed(&bufs.records[i]);
-            feed(page);
-        }
-        let mut segs = Vec::with_capacity(2 * (last - first));
-        for i in first..last {
-            segs.push(IoSlice::new(&bufs.records[i]));
-            segs.push(IoSlice::new(pages.get(i, staged.indices[i], ps)?));
-        }
-        let ticket = send(t, &segs)?;
-        if let Pages::Cow(cow) = &pages {
-            // Let writes to released batches go ahead now rather than at the end of the frame.
-            in_flight.push_back((ticket, first..last));
-            let released = t.poll_released().map_err(|e| e.to_string())?;
-            while let Some((tk, range)) = in_flight.front() {
-                if *tk > released {
-                    break;
-                }
-                cow.released(range.clone());
-                in_flight.pop_front();
-            }
-        }
-    }
-    enc.device(&staged.device).map_err(|e| e.to_string())?;
-    bufs.trailer = enc.finish().map_err(|e| e.to_string())?;
-    feed(&staged.device);
-    feed(&bufs.trailer);
-    bufs.tag = mac.map(|m| m.finish()).unwrap_or_default();
-    let last = send(
-        t,
-        &[
-            IoSlice::new(&staged.device),
-            IoSlice::new(&bufs.trailer),
-            IoSlice::new(&bufs.tag[..tag_len]),
-        ],
-    )?;
-    t.wait_released(last).map_err(|e| e.to_string())?;
-    if let Pages::Cow(cow) = &pages {
-        for (_, range) in in_flight {
-            cow.released(range);
-        }
-    }
-    Ok(bytes)
-}
-
-/// Why an encrypted send failed (sealing or sending), in the link's words.
-struct SendFail(String);
-
-impl From<snow::Error> for SendFail {
-    fn from(e: snow::Error) -> Self {
-        SendFail(format!("encrypt: {e}"))
-    }
-}
-
-/// Hands sealed bytes to the transport and waits until it is done with them (the buffer is
-/// reused for the next batch).
-fn send_sealed_bytes(t: &mut dyn Transport, b: &[u8]) -> Result<(), SendFail> {
-    t.send_and_wait(&[IoSlice::new(b)])
-        .map(drop)
-        .map_err(|e| SendFail(e.to_string()))
-}
-
-/// Sends `pieces` as one frame through the encryptor (copying them).
-fn encrypted(t: &mut dyn Transport, e: &mut Encryptor, pieces: &[&[u8]]) -> Result<(), String> {
-    let mut flush = |b: &[u8]| send_sealed_bytes(t, b);
-    let mut go = || {
-        for p in pieces {
-            e.push(p, &mut flush)?;
-        }
-        e.finish(&mut flush)
-    };
-    go().map_err(|f| f.0)
-}
-
-/// Sends one checkpoint frame through the encryptor: the same bytes as [`send_checkpoint`]
-/// without the tag, each page copied (and encrypted) as it is read, so a cow page is released
-/// as soon as its batch is encrypted. Returns the plaintext bytes sent.
-fn send_encrypted_checkpoint(
-    t: &mut dyn Transport,
-    frame: &Frame,
-    e: &mut Encryptor,
-    staged: &StagedCheckpoint,
-    pages: Pages<'_>,
-) -> Result<u64, String> {
-    let ps = frame.page_size as usize;
-    let n = staged.indices.len();
-    let meta = CheckpointMeta {
-        epoch: Epoch(staged.epoch),
-        full: frame.full,
-        page_size: frame.page_size,
-        page_count: n as u64,
-        device_len: staged.device.len() as u64,
-    };
-    let bytes = meta.frame_len().ok_or("checkpoint too large")?;
-    let (mut enc, prefix) =
-        CheckpointEncoder::new(frame.vm, frame.generation, meta).map_err(|e| e.to_string())?;
-    let mut flush = |b: &[u8]| send_sealed_bytes(t, b);
-    let fail = |f: SendFail| f.0;
-    e.push(&prefix, &mut flush).map_err(fail)?;
-    for first in (0..n).step_by(PAGES_PER_BATCH) {
-        let last = (first + PAGES_PER_BATCH).min(n);
-        if let Pages::Cow(cow) = &pages {
-            cow.claim(first..last).map_err(|e| e.to_string())?;
-        }
-        for i in first..last {
-            let index = staged.indices[i];
-            let page = pages.get(i, index, ps)?;
-            let record = enc.page(index, page).map_err(|e| e.to_string())?;
-            e.push(&record, &mut flush).map_err(fail)?;
-            e.push(page, &mut flush).map_err(fail)?;
-        }
-        // The batch's pages are copied into ciphertext: the guest may write them again.
-        if let Pages::Cow(cow) = &pages {
-            cow.released(first..last);
-        }
-    }
-    enc.device(&staged.device).map_err(|e| e.to_string())?;
-    let trailer = enc.finish().map_err(|e| e.to_string())?;
-    e.push(&staged.device, &mut flush).map_err(fail)?;
-    e.push(&trailer, &mut flush).map_err(fail)?;
-    e.finish(&mut flush).map_err(fail)?;
-    Ok(bytes)
-}
-
-/// Pages per vectored send of a checkpoint (2 iovecs each, within IOV_MAX).
-const PAGES_PER_BATCH: usize = 256;
-
-/// Minimum spacing of `Heard` events: liveness needs no more.
-const HEARD_EVERY: Duration = Duration::from_millis(5);
-
-fn read_loop(
-    mut stream: TcpStream,
-    conn: ConnId,
-    mut dec: LinkOpener,
-    limits: StagingLimits,
-    // Held until the reader ends: it frees the connection's slot under the listener's cap.
-    admission: Option<Admission>,
-    events: UnboundedSender<Event>,
-) {
-    let mut buf = vec![0u8; 1 << 20];
-    let mut assembler = CheckpointAssembler::new(limits);
-    let mut last_heard = Instant::now() - HEARD_EVERY;
-    let why = loop {
-        let n = match stream.read(&mut buf) {
-            Ok(0) => {
-                break match dec.finish() {
-                    Ok(()) => "closed by peer".to_string(),
-                    Err(e) => format!("closed mid-frame: {e}"),
-                }
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
-            Err(e) => break format!("read: {e}"),
-        };
-        if last_heard.elapsed() >= HEARD_EVERY {
-            last_heard = Instant::now();
-            let _ = events.send(Event::Heard { conn });
-        }
-        let mut input = &buf[..n];
-        let mut failed = None;
-        // An encrypted stream also yields items from plaintext it already decrypted.
-        while !input.is_empty() || dec.pending() {
-            let (used, item) = match dec.decode(input) {
-                Ok(r) => r,
-                Err(e) => {
-                    failed = Some(format!("bad frame: {e}"));
-                    break;
-                }
-            };
-            match item {
-                None => {}
-                Some(Item::Peer(msg)) => {
-                    let _ = events.send(Event::Message { conn, msg });
-                }
-                // Witness frames have no business on a checkpoint link.
-                Some(Item::WitnessRequest(_)) | Some(Item::WitnessReply(_)) => {
-                    failed = Some("witness frame on a checkpoint link".to_string());
-                    break;
-                }
-                Some(item) => match assembler.feed(item) {
-                    Ok(Staged::Nothing) => {}
-                    Ok(Staged::Started(epoch)) => {
-                        let _ = events.send(Event::CheckpointStarted { conn, epoch });
-                    }
-                    Ok(Staged::Complete(epoch, staged)) => {
-                        let _ = events.send(Event::CheckpointReceived {
-                            conn,
-                            epoch,
-                            staged,
-                        });
-                    }
-                    Err(e) => {
-                        failed = Some(e.to_string());
-                        break;
-                    }
-                },
-            }
-            input = &input[used..];
-        }
-        if let Some(f) = failed {
-            break f;
-        }
-    };
-    let _ = stream.shutdown(Shutdown::Both);
-    // A checkpoint cut short — bad bytes, refused by staging, or the stream ended — is
-    // reported as received damaged before the link closes, as the simulator does.
-    if let Some(epoch) = assembler.abort() {
-        let _ = events.send(Event::CheckpointDamaged {
-            conn,
-            epoch,
-            why: why.clone(),
-        });
-    }
-    drop(admission);
-    let _ = events.send(Event::LinkClosed { conn, why });
 }
