@@ -202,6 +202,13 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
                 }
                 d.topo.clear_routes()?;
             }
+            // Real links authenticate every frame and real witness replies ride the exchange's
+            // own keys: a forged frame is refused at the door (real/tests/hostile_peer.rs shows
+            // it), so only the simulator can slip one past to exercise what the model does.
+            other @ (FaultAction::ForgeGeneration { .. }
+            | FaultAction::ForgeWitnessReply { .. }) => skipped.push(format!(
+                "{other} (simulator only: real links and witness replies are authenticated)"
+            )),
             other => skipped.push(format!("{other} (no netem/tc here)")),
         }
     }
