@@ -109,3 +109,20 @@ async fn commit_failures_are_typed() {
         }
     ));
 }
+
+#[test]
+fn a_witness_exchange_outlives_many_resends_within_bounds() {
+    use std::time::Duration;
+    assert_eq!(
+        witness_exchange_timeout(Duration::from_millis(50)),
+        Duration::from_secs(1)
+    );
+    assert_eq!(
+        witness_exchange_timeout(Duration::from_millis(5)),
+        Duration::from_millis(500)
+    );
+    assert_eq!(
+        witness_exchange_timeout(Duration::from_secs(1)),
+        Duration::from_secs(5)
+    );
+}

@@ -178,6 +178,8 @@ pub struct Agent<L: VmLauncher> {
     peer_conn: HashMap<NodeId, ConnId>,
     /// Accepted connections and the node each authenticated as (until it joins).
     conn_auth: HashMap<ConnId, NodeId>,
+    /// Witness requests whose exchange is under way.
+    witness_inflight: Inflight,
     replica: Arc<Mutex<Replica>>,
     staged: BTreeMap<u64, StagedCheckpoint>,
     spare: Option<StagedCheckpoint>,
@@ -226,6 +228,7 @@ impl<L: VmLauncher> Agent<L> {
             conn_peer: HashMap::new(),
             peer_conn: HashMap::new(),
             conn_auth: HashMap::new(),
+            witness_inflight: Inflight::default(),
             replica: Arc::new(Mutex::new(replica)),
             staged: BTreeMap::new(),
             spare: None,
@@ -658,15 +661,25 @@ impl<L: VmLauncher> Agent<L> {
             Action::ToWitness(req) => {
                 let (addr, vm, tx) = (self.cfg.witness, self.cfg.model.vm, self.tx.clone());
                 let identity = self.cfg.identity.clone();
-                let timeout = self.cfg.model.witness_retry;
                 if matches!(req, ftvm_model::WitnessRequest::Takeover { .. })
                     && self.takeover_started.is_none()
                 {
                     self.takeover_started = Some(Instant::now());
                 }
+                // An exchange (handshake, request, the witness's two fsyncs, reply) may take
+                // longer than the model's resend interval on a loaded host: it is left to
+                // finish instead of being abandoned at each resend, and a resend of a request
+                // still in flight is not sent twice.
+                if !lock_inflight(&self.witness_inflight).insert(req) {
+                    return Ok(());
+                }
+                let inflight = self.witness_inflight.clone();
+                let timeout = witness_exchange_timeout(self.cfg.model.witness_retry);
                 tokio::spawn(async move {
                     // No reply is fine: the node resends after `witness_retry`.
-                    match witness::request(addr, &identity, vm, req, timeout).await {
+                    let answer = witness::request(addr, &identity, vm, req, timeout).await;
+                    lock_inflight(&inflight).remove(&req);
+                    match answer {
                         Ok(reply) => {
                             let _ = tx.send(Event::Witness(reply));
                         }
@@ -959,6 +972,20 @@ impl<L: VmLauncher> Agent<L> {
             eprintln!("ftvm[{}]: {args}", self.cfg.node);
         }
     }
+}
+
+/// The witness requests whose exchange is under way.
+type Inflight = Arc<Mutex<std::collections::HashSet<ftvm_model::WitnessRequest>>>;
+
+fn lock_inflight(
+    f: &Inflight,
+) -> std::sync::MutexGuard<'_, std::collections::HashSet<ftvm_model::WitnessRequest>> {
+    f.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How long one witness exchange may take: many resend intervals, at least half a second.
+fn witness_exchange_timeout(retry: Duration) -> Duration {
+    (retry * 20).clamp(Duration::from_millis(500), Duration::from_secs(5))
 }
 
 fn append_digest(path: &std::path::Path, epoch: Epoch, generation: u64, digest: u64) {
