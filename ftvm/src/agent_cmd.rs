@@ -91,7 +91,7 @@ pub struct Args {
     /// when that user exists (real/host/install-deps.sh creates it) and QEMU loads the
     /// dirty-tracking library (which keeps QEMU dying with the agent after the drop); `root`
     /// keeps QEMU as root; any other name is used as given.
-    #[arg(long, default_value = "auto")]
+    #[arg(long, default_value = "root")]
     qemu_user: String,
     /// Every N epochs record a digest of guest RAM (primary: paused at capture; backup: after
     /// commit) in <state-dir>/replica/verify.jsonl, to prove the replica matches. For tests.
