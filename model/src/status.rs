@@ -7,7 +7,7 @@ use crate::ids::{Epoch, Generation, NodeId};
 use crate::witness_msg::Registration;
 
 /// Which role a node currently holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum RoleKind {
     /// Runs the VM.
     Primary,
@@ -24,7 +24,7 @@ pub enum RoleKind {
 /// `Restoring`. Joiner: `Locating`. Fenced: `Fenced`. `Syncing` is shared by both sides of a
 /// sync; [`Status::role`] tells them apart. A backup that failed over is a primary with
 /// [`Status::failed_over`] set (the contract's "Active").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Phase {
     /// Primary without any backup yet, output held (fresh start, generation 1).
     Waiting,
@@ -80,7 +80,7 @@ impl fmt::Display for Phase {
 }
 
 /// What [`crate::Node::status`] reports. Fields that do not apply to the role are `None`/zero.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Status {
     /// This node.
     pub node: NodeId,

@@ -58,20 +58,8 @@ pub enum ReplicaError {
     Corrupt(PathBuf),
 }
 
-/// A checkpoint fully received and verified, not yet applied.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct StagedCheckpoint {
-    /// Generation it belongs to.
-    pub generation: u64,
-    /// Epoch it captures.
-    pub epoch: u64,
-    /// Page indices, in the order of `data`.
-    pub indices: Vec<u64>,
-    /// Page contents, `indices.len() * page_size` bytes.
-    pub data: Vec<u8>,
-    /// QEMU device state (migration stream without shared RAM).
-    pub device: Vec<u8>,
-}
+/// A checkpoint fully received and verified, not yet applied (the driver core's type).
+pub use ftvm_driver::StagedCheckpoint;
 
 /// What the replica holds: the last committed checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -344,6 +332,8 @@ fn decode_journal(b: &[u8]) -> Option<StagedCheckpoint> {
     Some(StagedCheckpoint {
         generation,
         epoch,
+        // Only the replica's journal reads it back, which needs no flag.
+        full: false,
         indices,
         data,
         device,
@@ -356,10 +346,61 @@ mod tests {
 
     const PS: usize = 4096;
 
+    const RAM_PAGES: u64 = 100;
+
+    /// What passes the driver's staging fits the replica: `Replica::commit` cannot refuse its
+    /// shape.
+    #[test]
+    fn whatever_passes_staging_commits() {
+        use ftvm_driver::staging::{CheckpointAssembler, Staged, StagingLimits};
+        use ftvm_model::wire::{encode_checkpoint, Expect, StreamDecoder};
+        use ftvm_model::{Epoch, Generation, VmId};
+        let dir = tempfile::tempdir().unwrap();
+        let mut replica = Replica::open(
+            &dir.path().join("r"),
+            &dir.path().join("ram"),
+            RAM_PAGES * PS as u64,
+            PS,
+        )
+        .unwrap();
+        let mut asm = CheckpointAssembler::new(StagingLimits {
+            page_size: PS as u32,
+            ram_pages: RAM_PAGES,
+            max_device_bytes: 1000,
+        });
+        let p = vec![5u8; PS];
+        let last = RAM_PAGES - 1;
+        let bytes = encode_checkpoint(
+            VmId(1),
+            Generation(1),
+            Epoch(1),
+            false,
+            PS as u32,
+            &[(last, &p[..]), (0, &p[..])],
+            b"d",
+        )
+        .unwrap();
+        let mut dec = StreamDecoder::new(Expect::vm(VmId(1)));
+        let (mut pos, mut whole) = (0, None);
+        while pos < bytes.len() {
+            let (used, item) = dec.decode(&bytes[pos..]).unwrap();
+            pos += used;
+            if let Some(item) = item {
+                if let Staged::Complete(_, s) = asm.feed(item).unwrap() {
+                    whole = Some(s);
+                }
+            }
+        }
+        let s = whole.expect("the checkpoint passes staging");
+        replica.commit(&s).unwrap();
+        assert_eq!(replica.committed().map(|c| c.epoch), Some(1));
+    }
+
     fn staged(epoch: u64, pages: &[(u64, u8)]) -> StagedCheckpoint {
         StagedCheckpoint {
             generation: 1,
             epoch,
+            full: false,
             indices: pages.iter().map(|p| p.0).collect(),
             data: pages.iter().flat_map(|p| vec![p.1; PS]).collect(),
             device: vec![epoch as u8; 100],

@@ -1,4 +1,4 @@
-//! Staging of arriving checkpoints on a backup, sans I/O: the link's reader feeds it the
+//! Staging of arriving checkpoints on a backup: the link reader feeds it the
 //! decoder's checkpoint items and gets back a whole [`StagedCheckpoint`] or a typed reason to
 //! drop it. Everything a peer claims is checked against this VM before it costs memory:
 //!
@@ -18,7 +18,7 @@
 use ftvm_model::wire::{CheckpointMeta, Item};
 use ftvm_model::{Epoch, Generation};
 
-use crate::replica::StagedCheckpoint;
+use crate::checkpoint::StagedCheckpoint;
 
 /// Default cap on a checkpoint's device state (QEMU's migration stream without guest RAM).
 /// The agent's QEMU (`-nodefaults`, virtio-net, no display) sends 42 KB for the test guest
@@ -122,6 +122,17 @@ pub struct CheckpointAssembler {
     open: Option<Epoch>,
     /// One bit per guest page: sent in the current checkpoint.
     seen: Vec<u64>,
+    /// What arrived of the last checkpoint dropped on an error, until [`Self::abort`].
+    partial: Option<StagedCheckpoint>,
+}
+
+/// A checkpoint given up before its end.
+#[derive(Debug)]
+pub struct Aborted {
+    /// Its epoch.
+    pub epoch: Epoch,
+    /// What of it arrived (none when its beginning was already refused).
+    pub partial: Option<StagedCheckpoint>,
 }
 
 impl CheckpointAssembler {
@@ -132,6 +143,7 @@ impl CheckpointAssembler {
             cur: None,
             open: None,
             seen: Vec::new(),
+            partial: None,
         }
     }
 
@@ -150,11 +162,15 @@ impl CheckpointAssembler {
         }
     }
 
-    /// The link ends (or failed): drops a checkpoint in progress and returns its epoch, to be
-    /// reported as received damaged.
-    pub fn abort(&mut self) -> Option<Epoch> {
+    /// The link ends (or failed): gives up the checkpoint in progress, if one began, with what
+    /// of it arrived. The caller reports it as received damaged (`ok: false`); the partial
+    /// contents are kept beside it so that a model that wrongly commits it (a planted bug)
+    /// leaves a visibly wrong replica instead of a missing one.
+    pub fn abort(&mut self) -> Option<Aborted> {
         self.drop_current();
-        self.open.take()
+        let epoch = self.open.take()?;
+        let partial = self.partial.take().filter(|p| p.epoch == epoch.0);
+        Some(Aborted { epoch, partial })
     }
 
     fn begin(
@@ -205,6 +221,7 @@ impl CheckpointAssembler {
         let staged = StagedCheckpoint {
             generation: generation.0,
             epoch,
+            full: meta.full,
             indices: Vec::with_capacity(first),
             data: Vec::with_capacity(first * l.page_size as usize),
             device: Vec::with_capacity(device.min(INITIAL_DEVICE_BYTES)),
@@ -295,7 +312,7 @@ impl CheckpointAssembler {
 
     fn drop_current(&mut self) {
         self.clear_seen();
-        self.cur = None;
+        self.partial = self.cur.take().map(|(_, s)| s);
     }
 
     /// Unmarks the pages of the current checkpoint (cheaper than clearing all of RAM's bits).
