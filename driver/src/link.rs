@@ -130,11 +130,11 @@ where
     ) -> Result<(), LinkError<D::Error>> {
         // An encrypting decoder also yields items from plaintext it already holds.
         while !input.is_empty() || self.dec.pending() {
+            let was_pending = self.dec.pending();
             let (used, item) = self.dec.decode(input).map_err(LinkError::Frame)?;
             let mut new_floor = None;
+            let yielded = item.is_some();
             match item {
-                // No progress: the decoder waits for more bytes.
-                None if used == 0 => break,
                 None => {}
                 Some(Item::Peer(msg)) => {
                     if let PeerMsg::SyncStart { generation, .. } = msg {
@@ -156,6 +156,12 @@ where
             if let Some(g) = new_floor.filter(|g| *g > self.floor) {
                 self.floor = g;
                 self.dec.set_min_generation(g);
+            }
+            // No progress on the input: the decoder waits for more bytes. (An encrypting
+            // decoder consumes no input, and may yield nothing, while it works through
+            // plaintext it held: that is progress too.)
+            if used == 0 && !yielded && !was_pending {
+                break;
             }
         }
         Ok(())
@@ -181,3 +187,7 @@ where
             })
     }
 }
+
+#[cfg(test)]
+#[path = "link_tests.rs"]
+mod tests;

@@ -73,10 +73,11 @@ impl<L: VmLauncher> Agent<L> {
             }
             Event::LinkClosed { conn, why } => {
                 self.drop_conn(conn);
-                if let Verdict::Feed(input) = self.driver.closed(conn) {
-                    self.log(format_args!("link {conn:?} closed: {why}"));
+                let verdict = self.driver.closed(conn);
+                if let Verdict::Feed(input) = verdict {
                     pending.push_back(input);
                 }
+                self.log(format_args!("link {conn:?} closed: {why}"));
             }
             Event::Witness(reply) => pending.push_back(Input::WitnessReply(reply)),
             Event::Committed { epoch, error } => match error {
