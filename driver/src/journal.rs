@@ -4,7 +4,7 @@
 //! drives the model deterministically: [`replay`]), and the releases, commits and takeovers in
 //! it are what the invariant checkers need.
 
-use ftvm_model::{Action, Config, Input, Node, NodeId, Start, Time};
+use ftvm_model::{Action, Config, Epoch, Input, Node, NodeId, Start, Time};
 use serde::{Deserialize, Serialize};
 
 /// One journal line.
@@ -24,11 +24,27 @@ pub enum Record {
     Input(Input),
     /// The node returned this action (in order, after its input).
     Action(Action),
-    /// Frames left the output gate after an action.
+    /// Frames left the output gate (after an action, or at once when the VM emitted them).
     Released {
         /// How many.
         frames: u64,
+        /// The newest epoch tag among them.
+        newest: Epoch,
     },
+}
+
+/// A journal line as an executor writes it: the entry with its node and a wall clock, so that
+/// the journals of several hosts can be merged in one order (hosts that share a clock, as the
+/// test hosts do; across machines, as well as their clocks agree).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostEntry {
+    /// The node that recorded it.
+    pub node: NodeId,
+    /// Microseconds since the Unix epoch when it was written.
+    pub wall_us: u64,
+    /// The entry.
+    #[serde(flatten)]
+    pub entry: Entry,
 }
 
 /// The entries of one node, in order.

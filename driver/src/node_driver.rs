@@ -132,7 +132,9 @@ impl<C: Copy + Ord, F> NodeDriver<C, F> {
         let mut e = Effect::of(action);
         match action {
             Action::ReleaseOutput { .. } | Action::SetOutputGate(_) | Action::ResumeVm { .. } => {
-                e.released = self.gate.apply(&action);
+                let tagged = self.gate.apply_tagged(&action);
+                self.note_released(now, &tagged);
+                e.released = tagged.into_iter().map(|(_, f)| f).collect();
             }
             Action::StartVm { .. } => {
                 // A node fenced earlier and now taking over runs a new VM behind a new gate;
@@ -164,22 +166,33 @@ impl<C: Copy + Ord, F> NodeDriver<C, F> {
             }
             Action::PauseVm | Action::Capture { .. } | Action::ToWitness(_) | Action::Log(_) => {}
         }
-        if !e.released.is_empty() {
-            if let Some(j) = self.journal.as_mut() {
-                j.push(
-                    now,
-                    Record::Released {
-                        frames: e.released.len() as u64,
-                    },
-                );
-            }
-        }
         e
     }
 
-    /// The VM emitted `frame`: returns it if it may leave now (the gate holds it otherwise).
-    pub fn emit(&mut self, frame: F) -> Option<F> {
-        self.gate.emit(frame)
+    fn note_released(&mut self, now: Time, tagged: &[(Epoch, F)]) {
+        let (Some(j), Some(newest)) = (self.journal.as_mut(), tagged.iter().map(|t| t.0).max())
+        else {
+            return;
+        };
+        let frames = tagged.len() as u64;
+        j.push(now, Record::Released { frames, newest });
+    }
+
+    /// The VM emitted `frame` at `now`: returns it if it may leave now (the gate holds it
+    /// otherwise, or drops it when fenced).
+    pub fn emit(&mut self, now: Time, frame: F) -> Option<F> {
+        let tag = self.gate.tag();
+        let out = self.gate.emit(frame)?;
+        if let Some(j) = self.journal.as_mut() {
+            j.push(
+                now,
+                Record::Released {
+                    frames: 1,
+                    newest: tag,
+                },
+            );
+        }
+        Some(out)
     }
 
     /// An incoming connection proved to be `proven`: whether it may stay (see

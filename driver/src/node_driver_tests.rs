@@ -107,19 +107,19 @@ fn the_gate_holds_releases_opens_and_a_fence_drops_and_closes_everything() {
     live(&mut d, 5, 1);
     assert!(d.accepted(6, NodeId(3)));
     d.bookkeep(Time::ZERO, Action::ResumeVm { epoch: Epoch(1) });
-    assert_eq!(d.emit("a"), None);
+    assert_eq!(d.emit(Time::ZERO, "a"), None);
     d.bookkeep(Time::ZERO, Action::ResumeVm { epoch: Epoch(2) });
-    assert_eq!(d.emit("b"), None);
+    assert_eq!(d.emit(Time::ZERO, "b"), None);
     let e = d.bookkeep(Time::ZERO, Action::ReleaseOutput { through: Epoch(1) });
     assert_eq!(e.released, vec!["a"]);
     // The VM runs epoch 2, which is not released: "c" waits too.
-    assert_eq!(d.emit("c"), None);
+    assert_eq!(d.emit(Time::ZERO, "c"), None);
     let e = d.bookkeep(Time::ZERO, Action::Fence);
     assert_eq!(e.dropped, vec!["b", "c"]);
     let mut closed = e.close;
     closed.sort();
     assert_eq!(closed, vec![5, 6]);
-    assert_eq!(d.emit("d"), None, "fenced: nothing leaves");
+    assert_eq!(d.emit(Time::ZERO, "d"), None, "fenced: nothing leaves");
     let e = d.bookkeep(Time::ZERO, Action::SetOutputGate(Gate::Open));
     assert!(e.released.is_empty());
     // Taking over later runs a new VM behind a new gate, tagged from the restored epoch on.
@@ -134,7 +134,7 @@ fn the_gate_holds_releases_opens_and_a_fence_drops_and_closes_everything() {
     assert_eq!(d.gate().tag(), Epoch(10));
     let e = d.bookkeep(Time::ZERO, Action::SetOutputGate(Gate::Open));
     assert!(e.released.is_empty(), "the old VM's frames stayed dropped");
-    assert_eq!(d.emit("e"), Some("e"));
+    assert_eq!(d.emit(Time::ZERO, "e"), Some("e"));
 }
 
 #[test]

@@ -41,6 +41,14 @@ impl<T> OutputGate<T> {
 
     /// Apply one node action; returns the frames it released (in emission order).
     pub fn apply(&mut self, action: &Action) -> Vec<T> {
+        self.apply_tagged(action)
+            .into_iter()
+            .map(|(_, f)| f)
+            .collect()
+    }
+
+    /// [`OutputGate::apply`], with the epoch tag of each frame released.
+    pub fn apply_tagged(&mut self, action: &Action) -> Vec<(Epoch, T)> {
         match *action {
             Action::ResumeVm { epoch } => self.tag = epoch,
             Action::StartVm { from, .. } => self.tag = from.next(),
@@ -48,16 +56,14 @@ impl<T> OutputGate<T> {
                 self.released_through = self.released_through.max(Some(through));
                 let mut out = Vec::new();
                 while self.held.front().is_some_and(|(tag, _)| *tag <= through) {
-                    if let Some((_, frame)) = self.held.pop_front() {
-                        out.push(frame);
-                    }
+                    out.extend(self.held.pop_front());
                 }
                 return out;
             }
             Action::SetOutputGate(gate) if !self.fenced => {
                 self.gate = gate;
                 if gate == Gate::Open {
-                    return self.held.drain(..).map(|(_, f)| f).collect();
+                    return self.held.drain(..).collect();
                 }
             }
             Action::Fence => {

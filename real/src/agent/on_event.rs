@@ -136,7 +136,8 @@ impl<L: VmLauncher> Agent<L> {
         if self.driver.gate().is_fenced() {
             return self.output.dropped([frame], now);
         }
-        if let Some(f) = self.driver.emit(frame) {
+        let t = self.now();
+        if let Some(f) = self.driver.emit(t, frame) {
             let bytes = self.output.passed(f, now);
             if let Some(net) = &self.net {
                 net.to_wire(vec![bytes]).await;

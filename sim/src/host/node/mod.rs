@@ -339,7 +339,7 @@ impl NodeHost {
             generation: self.vm_generation,
             tag: self.driver.gate().tag(),
         };
-        if let Some(f) = self.driver.emit(frame) {
+        if let Some(f) = self.driver.emit(t, frame) {
             self.release(t, vec![f]);
         }
     }
