@@ -1,5 +1,5 @@
 //! The output gate: frames the VM sends are held, tagged with the epoch that produced them, until
-//! the backup has committed that epoch (DESIGN §3). In degraded mode the gate is open and frames
+//! the backup committed the epoch (docs/ARCHITECTURE.md, Output commit). Open when degraded: frames
 //! pass straight through.
 //!
 //! The bytes it holds are bounded by an [`OutputCap`]: the netdev reader charges each frame it
