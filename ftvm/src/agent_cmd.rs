@@ -239,7 +239,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         tracking,
         preload,
         // A TCG boot takes 3-5 s here; one that printed nothing for 15 s has hung (it happens:
-        // DESIGN §9) and is retried.
+        // docs/ARCHITECTURE.md, Platform facts) and is retried.
         boot: BootOptions {
             timeout: Duration::from_secs(15),
             ..BootOptions::default()

@@ -23,7 +23,7 @@ pub enum RoleKind {
 /// `Dropping`, `Degraded`. Backup phases: `Joining`, `Syncing`, `Protecting`, `TakingOver`,
 /// `Restoring`. Joiner: `Locating`. Fenced: `Fenced`. `Syncing` is shared by both sides of a
 /// sync; [`Status::role`] tells them apart. A backup that failed over is a primary with
-/// [`Status::failed_over`] set (the contract's "Active").
+/// [`Status::failed_over`] set.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Phase {
     /// Primary without any backup yet, output held (fresh start, generation 1).
@@ -90,7 +90,7 @@ pub struct Status {
     pub phase: Phase,
     /// Generation the node acts in (primary) or follows (backup); `UNKNOWN` if none yet.
     pub generation: Generation,
-    /// Primary that got its role through a takeover (the contract's "Active").
+    /// Primary that got its role through a takeover.
     pub failed_over: bool,
     /// Primary: the other side (backup or joiner). Backup: its primary.
     pub peer: Option<NodeId>,

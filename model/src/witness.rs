@@ -25,9 +25,10 @@
 //!
 //! # Why the rule is safe
 //!
-//! The properties that matter (DESIGN §5) and why they hold, assuming only that the driver
-//! calls `handle` one request at a time, persists the state before replying, and that the
-//! network may delay, drop, duplicate and reorder requests and replies arbitrarily:
+//! The properties that matter (the invariants of docs/ARCHITECTURE.md, Safety argument) and
+//! why they hold, assuming only that the driver calls `handle` one request at a time,
+//! persists the state before replying, and that the network may delay, drop, duplicate and
+//! reorder requests and replies arbitrarily:
 //!
 //! 1. **At most one primary may release output per generation.** A node acts as primary of
 //!    generation `g` only if it started `g` (generation 1's initial primary) or holds a granted

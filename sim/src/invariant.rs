@@ -5,7 +5,8 @@ use std::fmt;
 use ftvm_model::{NodeId, Time};
 use serde::Serialize;
 
-/// One checked property (DESIGN §5). Names are the ones scenario files use.
+/// One checked property (docs/ARCHITECTURE.md, Safety argument). Names are the ones scenario
+/// files use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Invariant {

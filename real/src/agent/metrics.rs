@@ -1,4 +1,5 @@
-//! Per-epoch metrics as JSON lines (DESIGN §8), plus a run summary with the VM idle rate.
+//! Per-epoch metrics as JSON lines (docs/ARCHITECTURE.md, Metrics), plus a run summary with the VM
+//! idle rate.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};

@@ -1,7 +1,8 @@
-//! Copy-on-write capture (`--capture cow`, DESIGN §1): at the capture the epoch's dirty pages are
-//! write-protected with a blocking userfaultfd and the VM resumes at once; the sender then sends
-//! the pages straight from guest RAM while the guest runs. A guest write to a protected page
-//! blocks its thread in a fault that the [`CowEngine`]'s handler thread resolves:
+//! Copy-on-write capture (`--capture cow`, docs/ARCHITECTURE.md, Capture modes): at the capture
+//! the epoch's dirty pages are write-protected with a blocking userfaultfd and the VM resumes at
+//! once; the sender then sends the pages straight from guest RAM while the guest runs. A guest
+//! write to a protected page blocks its thread in a fault that the [`CowEngine`]'s handler
+//! thread resolves:
 //!
 //! - the page is in a checkpoint and not yet sent (`Unsent`): copy it into that checkpoint's side
 //!   buffer (the sender will use the copy), then unprotect;
