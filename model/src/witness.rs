@@ -67,6 +67,7 @@
 //! price of never needing a lease or synchronized clocks.
 
 use crate::ids::{Epoch, NodeId, VmId};
+use crate::mutants::mutant;
 use crate::time::Time;
 use crate::witness_msg::{WitnessReply, WitnessRequest, WitnessState};
 
@@ -74,19 +75,31 @@ use crate::witness_msg::{WitnessReply, WitnessRequest, WitnessState};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Witness {
     state: WitnessState,
+    /// A planted bug (test builds only).
+    #[cfg(feature = "mutants")]
+    mutant: Option<crate::mutants::Mutant>,
 }
 
 impl Witness {
     /// A fresh VM whose first primary is `primary`: `{1, primary, None}`.
     pub fn new(vm: VmId, primary: NodeId) -> Witness {
-        Witness {
-            state: WitnessState::initial(vm, primary),
-        }
+        Witness::from_state(WitnessState::initial(vm, primary))
     }
 
     /// Resume from a persisted register.
     pub fn from_state(state: WitnessState) -> Witness {
-        Witness { state }
+        Witness {
+            state,
+            #[cfg(feature = "mutants")]
+            mutant: None,
+        }
+    }
+
+    /// The same witness with `mutant` planted (test builds only).
+    #[cfg(feature = "mutants")]
+    pub fn with_mutant(mut self, mutant: Option<crate::mutants::Mutant>) -> Witness {
+        self.mutant = mutant;
+        self
     }
 
     /// The register; persist it after every `handle` that changed it, before replying.
@@ -128,6 +141,8 @@ impl Witness {
     }
 
     fn apply(&mut self, request: WitnessRequest) -> bool {
+        let drop_keeps_floor = mutant!(self, DropKeepsFloor);
+        let denial_keeps_floor = mutant!(self, DenialKeepsFloor);
         let s = &mut self.state;
         match request {
             WitnessRequest::Query => true,
@@ -159,7 +174,9 @@ impl Witness {
                     false
                 } else {
                     s.backup = None;
-                    s.floor = s.floor.max(backup.since);
+                    if !drop_keeps_floor {
+                        s.floor = s.floor.max(backup.since);
+                    }
                     true
                 }
             }
@@ -180,7 +197,7 @@ impl Witness {
                 {
                     true
                 } else {
-                    if generation == s.generation {
+                    if generation == s.generation && !denial_keeps_floor {
                         s.floor = s.floor.max(backup.since);
                     }
                     false

@@ -26,6 +26,17 @@ fn breaks(m: Mutant) -> &'static [Invariant] {
             Invariant::NoLostCommitments,
             Invariant::PrefixConsistency,
         ],
+        // A late RegisterBackup brings back a backup the primary dropped: the open gate then
+        // releases what that backup never committed (or the backup, if it still has its
+        // replica, takes over from behind the released output; or, if it gave the replica up,
+        // the register names a backup that cannot take over).
+        Mutant::DropKeepsFloor => &[
+            Invariant::OutputCommit,
+            Invariant::NoLostCommitments,
+            Invariant::Liveness,
+        ],
+        // The register names a backup that gave its replica up.
+        Mutant::DenialKeepsFloor => &[Invariant::Liveness],
     }
 }
 
@@ -37,6 +48,8 @@ fn designated(m: Mutant) -> &'static str {
         Mutant::FailoverWithoutWitness => "link-cut",
         Mutant::ReuseGeneration => "primary-crash-mid-epoch",
         Mutant::AckBeforeCommit => "primary-crash-mid-transfer",
+        Mutant::DropKeepsFloor => "stale-witness-traffic",
+        Mutant::DenialKeepsFloor => "register-overtaken",
     }
 }
 

@@ -86,6 +86,8 @@ scenario_tests! {
     witness_outage => "witness-outage",
     forged_generation => "forged-generation",
     fenced_primary_goes_silent => "fenced-primary-goes-silent",
+    stale_witness_traffic => "stale-witness-traffic",
+    register_overtaken => "register-overtaken",
 }
 
 /// A scenario file added without a test above would go unchecked: list them all here.
