@@ -10,11 +10,12 @@
 //! every step and every request the witness handles: a node that, in the same start of its
 //! software, held the token the witness registers and no longer holds it, gave it up. (A
 //! restart loses the replica without giving it up: the register may still name a crashed
-//! backup until its primary drops it.)
+//! backup until its primary drops it. A backup that made itself primary without the witness
+//! is `single_active`'s business, not this check's.)
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use ftvm_model::{Epoch, NodeId, Time};
+use ftvm_model::{Epoch, NodeId, RoleKind, Time};
 
 use crate::invariant::Invariant;
 use crate::world::World;
@@ -50,7 +51,10 @@ impl HeldTokens {
         let Some(view) = world.obs.view(r.node) else {
             return;
         };
-        let Some(status) = view.status.filter(|_| view.alive) else {
+        let Some(status) = view
+            .status
+            .filter(|s| view.alive && s.role != RoleKind::Primary)
+        else {
             return;
         };
         let start = world.starts.get(&r.node).copied().unwrap_or(0);
