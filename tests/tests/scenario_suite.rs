@@ -196,3 +196,39 @@ fn a_fenced_primary_is_replaced_after_its_silence() {
         );
     }
 }
+
+/// The witness disorder of `stale-witness-traffic` does what the safety argument assumes a
+/// network may do: stale `RegisterBackup` requests reach the witness after the register voided
+/// their token (and are refused), replies are lost after the witness acted, and requests and
+/// replies arrive twice or late.
+#[test]
+fn stale_witness_requests_arrive_after_the_register_changed() {
+    let s = load("stale-witness-traffic");
+    let (mut refused_stale, mut lost, mut twice, mut late) = (0, 0, 0, 0);
+    for seed in 0..6 {
+        let r = run_scenario(&s, seed, &RunOptions::default().traced(true));
+        assert_eq!(r.verdict, Verdict::Pass, "seed {seed}: {}", r.summary());
+        for e in &r.trace {
+            match &e.what {
+                TraceKind::Witness(reply) => {
+                    if let WitnessRequest::RegisterBackup { backup, .. } = reply.request {
+                        if !reply.granted && reply.state.floor >= backup.since {
+                            refused_stale += 1;
+                        }
+                    }
+                }
+                TraceKind::Note(n) if n.contains("lost") => lost += 1,
+                TraceKind::Note(n) if n.contains("arrive again") => twice += 1,
+                TraceKind::Note(n) if n.contains("held back") => late += 1,
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        refused_stale > 0,
+        "no stale RegisterBackup reached the witness"
+    );
+    assert!(lost > 0, "no witness reply was lost");
+    assert!(twice > 0, "no witness message arrived twice");
+    assert!(late > 0, "no witness message arrived only late");
+}

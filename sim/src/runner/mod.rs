@@ -211,6 +211,8 @@ fn watch_liveness(
             && !plan.blocked(wh, bh)
             && wb.shaper.loss(bh, wh) == 0.0
             && wb.shaper.loss(wh, bh) == 0.0
+            // Reordered witness traffic or lost replies may hold a takeover up by as much as
+            // the disorder's delay bound: such a path is not clean either.
             && !wb.shaper.disorder.config().slows()
     };
     // A live primary whose path to the witness is damaged may still win the race for the
