@@ -101,6 +101,25 @@ fn every_scenario_file_has_a_test() {
     }
 }
 
+/// Every scenario file also passes, expectations included, when each seed draws its own
+/// protocol timings and latencies (`swarm`): the bounds derived from the timings follow the
+/// ones drawn, and the timings the files picked are not the only ones the protocol survives.
+#[test]
+fn every_scenario_passes_with_swarmed_timings() {
+    for name in scenario_names() {
+        let mut s = load(&name);
+        s.swarm = true;
+        let mut timings = std::collections::BTreeSet::new();
+        for seed in 0..6 {
+            let r = assert_pass(&s, seed);
+            assert!(r.stats.observed.epochs > 0, "{name} seed {seed}: no epoch");
+            let t = s.swarmed(seed).timing;
+            timings.insert((t.epoch, t.failure_timeout, t.witness_retry));
+        }
+        assert!(timings.len() > 1, "{name}: every seed ran the same timings");
+    }
+}
+
 /// Same scenario and seed ⇒ byte-identical trace; another seed ⇒ another run.
 #[test]
 fn runs_replay_from_their_seed() {
