@@ -443,6 +443,47 @@ mod tests {
         assert_eq!(*w.state(), before);
     }
 
+    /// The planted floor bugs open exactly the holes the module docs close: a late
+    /// registration after a drop, or after a denied takeover, goes through.
+    #[cfg(feature = "mutants")]
+    #[test]
+    fn floor_mutants_let_a_late_registration_through() {
+        use crate::mutants::Mutant;
+        let sound = || Witness::new(VM, P);
+        let planted = |m| Witness::new(VM, P).with_mutant(Some(m));
+        for (m, mut w) in [
+            (
+                Some(Mutant::DropKeepsFloor),
+                planted(Mutant::DropKeepsFloor),
+            ),
+            (None, sound()),
+        ] {
+            assert!(w.handle(T, register(1, P, reg(B, 5))).granted);
+            assert!(w.handle(T, drop_(1, P, reg(B, 5))).granted);
+            let late = w.handle(T, register(1, P, reg(B, 5))).granted;
+            assert_eq!(late, m.is_some(), "{m:?}: late register after a drop");
+        }
+        for (m, mut w) in [
+            (
+                Some(Mutant::DenialKeepsFloor),
+                planted(Mutant::DenialKeepsFloor),
+            ),
+            (None, sound()),
+        ] {
+            assert!(!w.handle(T, takeover(1, reg(B, 5))).granted);
+            let late = w.handle(T, register(1, P, reg(B, 5))).granted;
+            assert_eq!(late, m.is_some(), "{m:?}: late register after a denial");
+        }
+        // Each bug leaves the other rule alone.
+        let mut w = planted(Mutant::DenialKeepsFloor);
+        w.handle(T, register(1, P, reg(B, 5)));
+        w.handle(T, drop_(1, P, reg(B, 5)));
+        assert!(!w.handle(T, register(1, P, reg(B, 5))).granted);
+        let mut w = planted(Mutant::DropKeepsFloor);
+        w.handle(T, takeover(1, reg(B, 5)));
+        assert!(!w.handle(T, register(1, P, reg(B, 5))).granted);
+    }
+
     #[test]
     fn state_survives_a_restart() {
         let mut w = Witness::new(VM, P);
