@@ -447,9 +447,12 @@ impl<L: VmLauncher> Agent<L> {
                 // As in the simulator: the model hears of a damaged checkpoint (and drops the
                 // stream); the link's closure follows.
                 if let Some(peer) = self.peer_of(conn) {
-                    eprintln!(
-                        "ftvm[{}]: checkpoint {epoch} from {peer} dropped with its link: {why}",
-                        self.cfg.node
+                    tracing::warn!(
+                        node = self.cfg.node.0,
+                        epoch = epoch.0,
+                        peer = peer.0,
+                        %why,
+                        "checkpoint dropped with its link"
                     );
                     self.staged.remove(&epoch.0);
                     pending.push_back(Input::CheckpointReceived { epoch, ok: false });
@@ -685,7 +688,10 @@ impl<L: VmLauncher> Agent<L> {
                         }
                         // Refused by the witness's authentication: say so, it will not heal.
                         Err(e @ witness::WitnessError::Auth { .. }) => {
-                            eprintln!("ftvm: {e}")
+                            tracing::error!(
+                                error = %e,
+                                "witness exchange refused by authentication"
+                            )
                         }
                         Err(_) => {}
                     }
@@ -927,9 +933,12 @@ impl<L: VmLauncher> Agent<L> {
             return;
         }
         self.last_status = Some(st);
-        eprintln!(
-            "ftvm[{}]: {:?}/{} generation {}",
-            st.node, st.role, st.phase, st.generation
+        tracing::info!(
+            node = st.node.0,
+            role = ?st.role,
+            phase = %st.phase,
+            generation = st.generation.0,
+            "status"
         );
         self.write_status();
     }
@@ -968,8 +977,11 @@ impl<L: VmLauncher> Agent<L> {
     }
 
     fn log(&self, args: std::fmt::Arguments<'_>) {
+        // Protocol events: shown with --verbose, else at debug level.
         if self.cfg.verbose {
-            eprintln!("ftvm[{}]: {args}", self.cfg.node);
+            tracing::info!(node = self.cfg.node.0, "{args}");
+        } else {
+            tracing::debug!(node = self.cfg.node.0, "{args}");
         }
     }
 }

@@ -218,7 +218,13 @@ impl Vm for QemuVm {
     }
 
     async fn kill(&mut self) {
-        let _ = self.qemu.kill().await;
+        if let Err(e) = self.qemu.kill().await {
+            tracing::error!(
+                pid = self.qemu.pid(),
+                error = %e,
+                "killing QEMU failed; it may still run"
+            );
+        }
     }
 
     async fn died(&mut self) -> VmError {
@@ -310,12 +316,12 @@ impl VmLauncher for QemuLauncher {
         let booted = qemu::boot(&cfg, &self.boot)
             .await
             .map_err(|e| VmError::failed("boot", e))?;
-        for (i, r) in booted.retry_reasons.iter().enumerate() {
-            eprintln!("ftvm: boot try {} failed and was retried: {r}", i + 1);
-        }
-        eprintln!(
-            "ftvm: guest ready after {:?} ({} tries)",
-            booted.boot_time, booted.tries
+        // Each failed try was logged as it failed (`qemu::boot`).
+        tracing::info!(
+            pid = booted.qemu.pid(),
+            boot_time = ?booted.boot_time,
+            tries = booted.tries,
+            "guest ready"
         );
         let mut q = booted.qemu;
         let uffd = take_uffd(listener.as_ref(), q.pid())?;
@@ -327,6 +333,18 @@ impl VmLauncher for QemuLauncher {
     }
 
     async fn restore(&mut self, from: RestorePoint) -> Result<QemuVm, VmError> {
+        let restored = self.start_restored(from).await;
+        // The caller may try again; each failed start is worth a line in the log either way.
+        if let Err(e) = &restored {
+            tracing::warn!(error = %e, "starting the restored QEMU failed");
+        }
+        restored
+    }
+}
+
+impl QemuLauncher {
+    /// [`VmLauncher::restore`] without the log line.
+    async fn start_restored(&mut self, from: RestorePoint) -> Result<QemuVm, VmError> {
         crate::secure_fs::private_dir(&self.restore_dir)
             .map_err(|e| VmError::failed("create restore directory", e))?;
         let (cfg, sock) =

@@ -293,7 +293,10 @@ fn writer(
     };
     let why = match transport::open(kind, stream, TransportOptions::default()) {
         Ok(t) => serve(t, vm, page_size, &mut sealer, &rx, &events, &mut bufs),
-        Err(e) => format!("transport: {e}"),
+        Err(e) => {
+            tracing::warn!(conn = conn.0, %kind, error = %e, "checkpoint transport unavailable");
+            format!("transport: {e}")
+        }
     };
     // Only now, with the transport dropped (it waits for outstanding releases), may the loop
     // treat this link's buffers as free.
