@@ -126,3 +126,30 @@ fn a_witness_exchange_outlives_many_resends_within_bounds() {
         Duration::from_secs(5)
     );
 }
+
+/// A replica lock poisoned by a panicking thread stops a takeover with its own error, not as a
+/// configuration problem.
+#[tokio::test]
+async fn a_poisoned_replica_lock_is_its_own_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = backup(dir.path());
+    let replica = agent.replica.clone();
+    let panicked = std::thread::spawn(move || {
+        let _held = replica.lock().unwrap();
+        panic!("poisoning the replica lock on purpose");
+    })
+    .join();
+    assert!(panicked.is_err());
+    let start = Action::StartVm {
+        from: Epoch(1),
+        generation: ftvm_model::Generation(2),
+    };
+    let err = agent
+        .execute(start, &mut VecDeque::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, AgentError::ReplicaLockPoisoned),
+        "expected ReplicaLockPoisoned, got {err:?}"
+    );
+}

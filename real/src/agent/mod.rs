@@ -72,13 +72,16 @@ pub enum AgentError {
     },
     /// The metrics file could not be created.
     #[error("metrics file: {0}")]
-    Metrics(#[source] std::io::Error),
+    Metrics(#[source] crate::secure_fs::SecureFsError),
     /// The primary refused this host for a reason retrying cannot fix.
     #[error("refused by the primary: {0}")]
     Refused(String),
     /// The model refused the configuration.
     #[error("configuration: {0}")]
     Config(String),
+    /// A thread panicked while holding the replica: its state cannot be trusted.
+    #[error("replica lock poisoned (a thread panicked while holding it)")]
+    ReplicaLockPoisoned,
 }
 
 /// Everything an agent needs to know.
@@ -745,7 +748,7 @@ impl<L: VmLauncher> Agent<L> {
                     let r = self
                         .replica
                         .lock()
-                        .map_err(|_| AgentError::Config("replica lock poisoned".into()))?;
+                        .map_err(|_| AgentError::ReplicaLockPoisoned)?;
                     RestorePoint {
                         ram_file: r.ram_path().to_path_buf(),
                         device: r.device_state()?,
