@@ -6,6 +6,10 @@
 //! incrementally and stages arriving checkpoints. Both report to the agent's event loop through
 //! a channel. [`frames`] builds and sends checkpoint frames; [`read`] is the reader.
 
+// Values here come off the wire (or go onto it): a cast that drops bits must be a checked
+// conversion, or say why it cannot lose anything.
+#![warn(clippy::cast_possible_truncation)]
+
 mod frames;
 mod read;
 
@@ -382,7 +386,7 @@ fn serve(
                 let _ = events.send(Event::CheckpointSent {
                     epoch: Epoch(staged.epoch),
                     bytes,
-                    send_us: started.elapsed().as_micros() as u64,
+                    send_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
                     stats: t.stats(),
                     cow,
                     staged,
