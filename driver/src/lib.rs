@@ -17,6 +17,9 @@
 //! - [`journal`]: the record of inputs and actions that a run is checked and replayed from.
 //!
 //! An executor keeps only the I/O: sockets, the VM, files, timers.
+//!
+//! Everything here handles values a peer sent: casts that could truncate them are linted.
+#![warn(clippy::cast_possible_truncation)]
 
 pub mod checkpoint;
 pub mod journal;

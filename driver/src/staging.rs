@@ -15,6 +15,9 @@
 //! its shape). A violation drops the checkpoint and the link (the reader stops), never the
 //! agent.
 
+// Values here come off the wire (or go onto it): a cast that drops bits must be a checked
+// conversion, or say why it cannot lose anything.
+
 use ftvm_model::wire::{CheckpointMeta, Item};
 use ftvm_model::{Epoch, Generation};
 
@@ -261,7 +264,14 @@ impl CheckpointAssembler {
                 ))
             }
         }
-        let claimed_pages = meta.page_count as usize;
+        // `begin` bounded the count by guest RAM; a count this host cannot address is refused
+        // all the same rather than truncated.
+        let claimed_pages =
+            usize::try_from(meta.page_count).map_err(|_| StagingError::PageCount {
+                epoch,
+                count: meta.page_count,
+                ram_pages,
+            })?;
         grow_within(&mut s.indices, 1, claimed_pages);
         s.indices.push(index);
         grow_within(
@@ -274,6 +284,7 @@ impl CheckpointAssembler {
     }
 
     fn device(&mut self, offset: u64, data: &[u8]) -> Result<(), StagingError> {
+        let max_device = self.limits.max_device_bytes;
         let Some((meta, s)) = self.cur.as_mut() else {
             return Err(StagingError::OutOfPlace(
                 "device state outside a checkpoint",
@@ -285,7 +296,12 @@ impl CheckpointAssembler {
                 "device state beyond the checkpoint's shape",
             ));
         }
-        grow_within(&mut s.device, data.len(), meta.device_len as usize);
+        let device_len = usize::try_from(meta.device_len).map_err(|_| StagingError::DeviceLen {
+            epoch: s.epoch,
+            len: meta.device_len,
+            cap: max_device,
+        })?;
+        grow_within(&mut s.device, data.len(), device_len);
         s.device.extend_from_slice(data);
         Ok(())
     }

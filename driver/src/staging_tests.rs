@@ -296,7 +296,7 @@ fn mutated_frames_never_panic_and_what_passes_fits_the_vm() {
                 }
                 Ok(_) => {
                     let (_, s) = asm.cur.as_ref().unwrap();
-                    assert!(s.data.capacity() <= RAM_PAGES as usize * PS as usize);
+                    assert!(s.data.capacity() as u64 <= RAM_PAGES * u64::from(PS));
                     assert!(s.device.capacity() <= 1000);
                 }
                 Err(_) => break,

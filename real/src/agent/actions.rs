@@ -337,7 +337,9 @@ impl<L: VmLauncher> Agent<L> {
                     let _ = tx.send(Event::Witness(reply));
                 }
                 // Refused by the witness's authentication: say so, it will not heal.
-                Err(e @ witness::WitnessError::Auth { .. }) => eprintln!("ftvm: {e}"),
+                Err(e @ witness::WitnessError::Auth { .. }) => {
+                    tracing::error!(error = %e, "witness exchange refused by authentication")
+                }
                 Err(_) => {}
             }
         });
@@ -396,7 +398,7 @@ impl<L: VmLauncher> Agent<L> {
             let r = self
                 .replica
                 .lock()
-                .map_err(|_| AgentError::Config("replica lock poisoned".into()))?;
+                .map_err(|_| AgentError::ReplicaLockPoisoned)?;
             RestorePoint {
                 ram_file: r.ram_path().to_path_buf(),
                 device: r.device_state()?,

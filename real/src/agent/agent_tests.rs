@@ -322,3 +322,30 @@ async fn vm_frames_are_held_at_the_cores_gate() {
     assert_eq!(agent.output_cap.stats(Instant::now()).held_bytes, 3);
     assert_eq!(agent.output.take_stats().passed, 0);
 }
+
+/// A replica lock poisoned by a panicking thread stops a takeover with its own error, not as a
+/// configuration problem.
+#[tokio::test]
+async fn a_poisoned_replica_lock_is_its_own_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = backup(dir.path());
+    let replica = agent.replica.clone();
+    let panicked = std::thread::spawn(move || {
+        let _held = replica.lock().unwrap();
+        panic!("poisoning the replica lock on purpose");
+    })
+    .join();
+    assert!(panicked.is_err());
+    let start = bare(Action::StartVm {
+        from: Epoch(1),
+        generation: ftvm_model::Generation(2),
+    });
+    let err = agent
+        .execute(start, &mut VecDeque::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, AgentError::ReplicaLockPoisoned),
+        "expected ReplicaLockPoisoned, got {err:?}"
+    );
+}

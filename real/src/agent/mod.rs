@@ -81,13 +81,16 @@ pub enum AgentError {
     },
     /// The metrics file could not be created.
     #[error("metrics file: {0}")]
-    Metrics(#[source] std::io::Error),
+    Metrics(#[source] crate::secure_fs::SecureFsError),
     /// The primary refused this host for a reason retrying cannot fix.
     #[error("refused by the primary: {0}")]
     Refused(String),
     /// The model refused the configuration.
     #[error("configuration: {0}")]
     Config(String),
+    /// A thread panicked while holding the replica: its state cannot be trusted.
+    #[error("replica lock poisoned (a thread panicked while holding it)")]
+    ReplicaLockPoisoned,
 }
 
 /// Everything an agent needs to know.
@@ -346,8 +349,11 @@ impl<L: VmLauncher> Agent<L> {
     }
 
     fn log(&self, args: std::fmt::Arguments<'_>) {
+        // Protocol events: shown with --verbose, else at debug level.
         if self.cfg.verbose {
-            eprintln!("ftvm[{}]: {args}", self.cfg.node);
+            tracing::info!(node = self.cfg.node.0, "{args}");
+        } else {
+            tracing::debug!(node = self.cfg.node.0, "{args}");
         }
     }
 }

@@ -101,10 +101,13 @@ impl<L: VmLauncher> Agent<L> {
 
     fn on_link(&mut self, conn: ConnId, event: LinkEvent, pending: &mut VecDeque<Input>) {
         if let LinkEvent::CheckpointDamaged { epoch, .. } = &event {
+            // The model hears of it (and drops the stream); the link's closure follows.
             if let Some(peer) = self.driver.peer_of(conn) {
-                eprintln!(
-                    "ftvm[{}]: checkpoint {epoch} from {peer} dropped with its link",
-                    self.cfg.node
+                tracing::warn!(
+                    node = self.cfg.node.0,
+                    epoch = epoch.0,
+                    peer = peer.0,
+                    "checkpoint dropped with its link"
                 );
             }
         }

@@ -48,9 +48,12 @@ impl<L: VmLauncher> Agent<L> {
             return;
         }
         self.last_status = Some(st);
-        eprintln!(
-            "ftvm[{}]: {:?}/{} generation {}",
-            st.node, st.role, st.phase, st.generation
+        tracing::info!(
+            node = st.node.0,
+            role = ?st.role,
+            phase = %st.phase,
+            generation = st.generation.0,
+            "status"
         );
         self.write_status();
     }
