@@ -4,7 +4,7 @@
 //! drives the model deterministically: [`replay`]), and the releases, commits and takeovers in
 //! it are what the invariant checkers need.
 
-use ftvm_model::{Action, Config, Epoch, Input, Node, NodeId, Start, Time};
+use ftvm_model::{Action, Config, Epoch, Input, Node, NodeId, Start, Time, WitnessReply};
 use serde::{Deserialize, Serialize};
 
 /// One journal line.
@@ -20,6 +20,8 @@ pub struct Entry {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Record {
+    /// A node process started this way (a restarted host's journal goes on with a fresh node).
+    Started(Start),
     /// The node was fed this input.
     Input(Input),
     /// The node returned this action (in order, after its input).
@@ -45,6 +47,18 @@ pub struct HostEntry {
     /// The entry.
     #[serde(flatten)]
     pub entry: Entry,
+}
+
+/// A line of the witness's journal: one decision, written when the witness made it (before
+/// its reply was sent, so before any node could act on it). The register the nodes' replies
+/// show can lag or skip decisions (replies are lost and arrive late); the witness's own record
+/// is the register's history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WitnessEntry {
+    /// Microseconds since the Unix epoch when the witness decided.
+    pub wall_us: u64,
+    /// The reply it computed (request, verdict, register after it).
+    pub reply: WitnessReply,
 }
 
 /// The entries of one node, in order.
@@ -104,34 +118,37 @@ pub struct Mismatch {
     pub replayed: Vec<Action>,
 }
 
-/// Feeds the journal's inputs to a fresh node built from `config`, `me` and `start`, and checks
-/// that it returns the recorded actions after each. Returns how many inputs it replayed.
+/// Feeds the journal's inputs to a fresh node built from `config` and `me`, and checks that it
+/// returns the recorded actions after each. A `Started` entry begins a fresh node started that
+/// way (a restarted process); entries before the first one belong to a node started as `start`.
+/// Returns how many inputs it replayed.
 pub fn replay(
     config: Config,
     me: NodeId,
     start: Start,
     entries: &[Entry],
 ) -> Result<usize, Divergence> {
-    let mut node = Node::new(config, me, start);
+    let mut node = Node::new(config.clone(), me, start);
     let mut inputs = 0;
     let mut i = 0;
     while i < entries.len() {
         let Entry { at, record } = entries[i];
+        i += 1;
         let input = match record {
             Record::Input(input) => input,
-            Record::Action(_) => return Err(Divergence::Orphan),
-            Record::Released { .. } => {
-                i += 1;
+            Record::Started(start) => {
+                node = Node::new(config.clone(), me, start);
                 continue;
             }
+            Record::Action(_) => return Err(Divergence::Orphan),
+            Record::Released { .. } => continue,
         };
-        i += 1;
         let mut recorded = Vec::new();
         while let Some(e) = entries.get(i) {
             match e.record {
                 Record::Action(a) => recorded.push(a),
                 Record::Released { .. } => {}
-                Record::Input(_) => break,
+                Record::Input(_) | Record::Started(_) => break,
             }
             i += 1;
         }

@@ -6,7 +6,7 @@
 
 use std::collections::BTreeMap;
 
-use ftvm_model::{Action, Epoch, Input, Node, NodeId, OutputGate, Status, Time};
+use ftvm_model::{Action, Epoch, Input, Node, NodeId, OutputGate, Start, Status, Time};
 
 use crate::checkpoint::StagedCheckpoint;
 use crate::journal::{Journal, Record};
@@ -76,8 +76,10 @@ impl<C: Copy + Ord, F> NodeDriver<C, F> {
         }
     }
 
-    /// Records every input, action and release from now on (see [`Journal`]).
-    pub fn record(&mut self, journal: Journal) {
+    /// Records every input, action and release from now on (see [`Journal`]), after a
+    /// `Started` line saying how this node started.
+    pub fn record(&mut self, now: Time, start: Start, mut journal: Journal) {
+        journal.push(now, Record::Started(start));
         self.journal = Some(journal);
     }
 

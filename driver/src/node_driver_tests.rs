@@ -140,7 +140,7 @@ fn the_gate_holds_releases_opens_and_a_fence_drops_and_closes_everything() {
 #[test]
 fn a_journal_replays_to_the_same_actions_and_a_tampered_one_does_not() {
     let mut d: Driver = NodeDriver::new(Node::new(config(), NodeId(1), Start::Primary));
-    d.record(Journal::new());
+    d.record(Time::ZERO, Start::Primary, Journal::new());
     d.handle(Time::ZERO, Input::Timeout);
     // A backup joins: the primary answers, pauses and captures the sync.
     let join = PeerMsg::Join {
@@ -171,6 +171,13 @@ fn a_journal_replays_to_the_same_actions_and_a_tampered_one_does_not() {
         replay(config(), NodeId(1), Start::Primary, &tampered),
         Err(Divergence::Actions(_))
     ));
-    // Another node's inputs do not give this node's actions either.
+    // The journal says how the node started: a replay as another node diverges.
     assert!(replay(config(), NodeId(2), Start::Rejoin, &entries).is_err());
+    // A restarted process's lines follow its own `Started`.
+    let mut twice = entries.clone();
+    twice.extend(entries.iter().copied());
+    assert_eq!(
+        replay(config(), NodeId(1), Start::Rejoin, &twice).unwrap(),
+        2 * inputs
+    );
 }

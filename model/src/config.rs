@@ -43,7 +43,7 @@ pub struct Config {
 }
 
 /// How a [`crate::Node`] starts.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Start {
     /// Fresh VM on this host, generation 1; output is held until the first backup is protecting.
     Primary,

@@ -26,6 +26,7 @@
 
 mod host;
 mod invariant;
+mod journal_check;
 mod net;
 mod observer;
 mod report;
@@ -37,6 +38,7 @@ mod vm;
 mod world;
 
 pub use invariant::{Invariant, Violation};
+pub use journal_check::{check_journals, HostJournal, JournalReport};
 pub use observer::ObservedStats;
 pub use report::{RunOptions, RunReport, RunStats, Verdict};
 pub use rng::SimRng;

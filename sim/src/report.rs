@@ -17,12 +17,21 @@ pub struct RunOptions {
     /// Plant a protocol bug in every node (test builds only).
     #[cfg(feature = "mutants")]
     pub mutant: Option<ftvm_model::Mutant>,
+    /// Record every node's journal (the driver core's, as a real agent writes it) and return
+    /// them in [`RunReport::journals`].
+    pub journals: bool,
 }
 
 impl RunOptions {
     /// Keep the whole trace (`true`) or only its tail.
     pub fn traced(mut self, full: bool) -> RunOptions {
         self.trace = full;
+        self
+    }
+
+    /// Record every node's journal.
+    pub fn with_journals(mut self) -> RunOptions {
+        self.journals = true;
         self
     }
 
@@ -102,6 +111,11 @@ pub struct RunReport {
     pub trace: Vec<TraceEvent>,
     /// Numbers.
     pub stats: RunStats,
+    /// Every node's journal, when [`RunOptions::journals`] asked for them (times are the
+    /// simulated clock's).
+    pub journals: Vec<crate::HostJournal>,
+    /// The witness's decisions, when [`RunOptions::journals`] asked for them.
+    pub witness_journal: Vec<ftvm_driver::journal::WitnessEntry>,
 }
 
 impl RunReport {

@@ -39,6 +39,10 @@ pub(crate) struct World {
     pub elapsed: std::time::Duration,
     /// The replica tokens each node has held (for the runner's registration check).
     pub held_tokens: crate::runner::HeldTokens,
+    /// Every node's journal, when the run records them.
+    pub journals: Option<BTreeMap<NodeId, crate::HostJournal>>,
+    /// The witness's decisions, when the run records journals.
+    pub witness_journal: Option<Vec<ftvm_driver::journal::WitnessEntry>>,
 }
 
 pub(crate) type Shared = Rc<RefCell<World>>;

@@ -67,6 +67,12 @@ async fn serve(w: Shared, stream: TcpStream, from: HostId) {
                 };
                 world.witness_disk = *witness.state();
                 world.obs.witness_handled(&reply);
+                if let Some(journal) = world.witness_journal.as_mut() {
+                    journal.push(ftvm_driver::journal::WitnessEntry {
+                        wall_us: t.as_micros(),
+                        reply,
+                    });
+                }
                 HeldTokens::check(&mut world, t);
                 world.note(t, HostId::Witness, TraceKind::Witness(reply));
                 reply

@@ -52,8 +52,8 @@ pub(crate) struct Observer {
     granted: BTreeMap<Generation, NodeId>,
     /// Generation → the registration whose takeover ended it.
     promoted: BTreeMap<Generation, Registration>,
-    /// (primary, generation, epoch) → state hash at capture.
-    snapshots: BTreeMap<(NodeId, Generation, Epoch), u64>,
+    /// (primary, generation, epoch) → state hash at capture (none: a real run without one).
+    snapshots: BTreeMap<(NodeId, Generation, Epoch), Option<u64>>,
     last_capture: BTreeMap<Instance, Epoch>,
     /// (backup, generation, sync epoch) → highest epoch it ever committed on that replica.
     committed_max: BTreeMap<(NodeId, Generation, Epoch), Epoch>,
@@ -188,7 +188,7 @@ impl Observer {
         instance: Instance,
         generation: Generation,
         epoch: Epoch,
-        hash: u64,
+        hash: Option<u64>,
     ) {
         self.stats.epochs += 1;
         if let Some(prev) = self.last_capture.insert(instance, epoch) {
@@ -204,20 +204,20 @@ impl Observer {
         self.snapshots.insert((node, generation, epoch), hash);
     }
 
-    /// A replica on `node` committed `origin`; `since` is its sync epoch, `hash` its new state.
+    /// A replica on `node` committed `origin`; `since` is its sync epoch, `hash` its new state
+    /// (a real run records none: then only "the primary captured that epoch" is checked).
     pub fn committed(
         &mut self,
         now: Time,
         node: NodeId,
         origin: Origin,
         since: Option<Epoch>,
-        hash: u64,
+        hash: Option<u64>,
     ) {
         self.stats.commits += 1;
         let key = (origin.primary, origin.generation, origin.epoch);
-        match self.snapshots.get(&key) {
-            Some(h) if *h == hash => {}
-            Some(h) => self.fail(
+        match (self.snapshots.get(&key).copied(), hash) {
+            (Some(Some(h)), Some(hash)) if h != hash => self.fail(
                 Invariant::PrefixConsistency,
                 now,
                 Some(node),
@@ -227,7 +227,8 @@ impl Observer {
                     origin.generation, origin.epoch, origin.primary
                 ),
             ),
-            None => self.fail(
+            (Some(_), _) => {}
+            (None, _) => self.fail(
                 Invariant::PrefixConsistency,
                 now,
                 Some(node),

@@ -18,10 +18,24 @@ impl Observer {
         tag: Epoch,
         reply: &Reply,
     ) {
-        self.stats.released += 1;
+        self.released_frames(now, node, instance, generation, tag, 1);
+        self.check_handed_once(now, node, reply);
+    }
+
+    /// `instance` on `node`, a VM of `generation`, released `frames` frames, the newest emitted
+    /// in epoch `tag` (what a real host's journal records: frames, not replies).
+    pub fn released_frames(
+        &mut self,
+        now: Time,
+        node: NodeId,
+        instance: Instance,
+        generation: Generation,
+        tag: Epoch,
+        frames: u64,
+    ) {
+        self.stats.released += frames;
         self.check_single_active(now, node, instance, generation, tag);
         self.check_output_commit(now, node, generation, tag);
-        self.check_handed_once(now, node, reply);
     }
 
     /// A client received `reply` from `node`: it must have been released.

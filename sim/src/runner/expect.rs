@@ -87,5 +87,10 @@ pub(super) fn judge(s: &Scenario, seed: u64, world: World, wall: Duration) -> Ru
         unmet,
         trace: world.trace.into_events(),
         stats,
+        journals: world
+            .journals
+            .map(|j| j.into_values().collect())
+            .unwrap_or_default(),
+        witness_journal: world.witness_journal.unwrap_or_default(),
     }
 }

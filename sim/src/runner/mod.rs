@@ -8,6 +8,7 @@ mod registration;
 pub(crate) use registration::HeldTokens;
 
 use std::cell::RefCell;
+use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::rc::Rc;
 use std::time::{Duration, Instant, UNIX_EPOCH};
@@ -95,6 +96,8 @@ fn new_world(s: &Scenario, seed: u64, opts: &RunOptions) -> Shared {
         unfired: Vec::new(),
         elapsed: Duration::ZERO,
         held_tokens: HeldTokens::default(),
+        journals: opts.journals.then(BTreeMap::new),
+        witness_journal: opts.journals.then(Vec::new),
     }))
 }
 
@@ -288,5 +291,7 @@ fn crashed_report(s: &Scenario, seed: u64, world: &Shared, wall: Instant) -> Run
             wall_s: wall.elapsed().as_secs_f64(),
             ..RunStats::default()
         },
+        journals: Vec::new(),
+        witness_journal: Vec::new(),
     }
 }

@@ -99,9 +99,14 @@ impl NodeHost {
         let bytes = pages * u64::from(self.spec.page_size) + cap.device.len() as u64;
         {
             let mut world = self.w.borrow_mut();
-            world
-                .obs
-                .captured(t, self.me, self.instance, self.vm_generation, epoch, hash);
+            world.obs.captured(
+                t,
+                self.me,
+                self.instance,
+                self.vm_generation,
+                epoch,
+                Some(hash),
+            );
             world.note(t, self.host, TraceKind::Captured { epoch, hash });
         }
         self.captured.insert(epoch, cap);
@@ -231,7 +236,7 @@ impl NodeHost {
             if let Some(origin) = origin {
                 world
                     .obs
-                    .committed(t, self.me, origin, self.replica.since, hash);
+                    .committed(t, self.me, origin, self.replica.since, Some(hash));
             }
             world.note(t, self.host, TraceKind::Committed { epoch, hash });
         }

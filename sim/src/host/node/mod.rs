@@ -12,6 +12,7 @@ mod witness_call;
 
 use std::collections::{BTreeMap, VecDeque};
 
+use ftvm_driver::journal::{HostEntry, Journal};
 use ftvm_driver::{NodeDriver, StagingLimits, Verdict};
 use ftvm_model::{Epoch, Generation, Input, Node, NodeId, Start, Time, VmId};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -87,6 +88,13 @@ pub(crate) async fn run_node(w: Shared, me: NodeId) -> turmoil::Result {
         };
         let t = now();
         world.note(t, HostId::Node(me), TraceKind::Start(start));
+        if let Some(journals) = world.journals.as_mut() {
+            journals.entry(me).or_insert_with(|| crate::HostJournal {
+                node: me,
+                start,
+                entries: Vec::new(),
+            });
+        }
         (
             start,
             world.config.clone(),
@@ -118,6 +126,9 @@ pub(crate) async fn run_node(w: Shared, me: NodeId) -> turmoil::Result {
         next_conn: 0,
         tx,
     };
+    if w.borrow().journals.is_some() {
+        host.driver.record(now(), start, Journal::new());
+    }
     if start == Start::Primary {
         host.vm = Some(SimVm::fresh(&host.spec, seed));
         host.instance = w.borrow_mut().obs.new_instance(me);
@@ -184,6 +195,23 @@ impl NodeHost {
             let running = self.vm.as_ref().is_some_and(SimVm::is_running);
             let status = self.driver.status();
             self.w.borrow_mut().obs.status(t, self.me, status, running);
+        }
+        self.flush_journal();
+    }
+
+    /// Moves what the core journaled to the run's record (as a real agent writes it to disk).
+    fn flush_journal(&mut self) {
+        let Some(journal) = self.driver.journal_mut() else {
+            return;
+        };
+        let entries = journal.drain();
+        let mut world = self.w.borrow_mut();
+        if let Some(j) = world.journals.as_mut().and_then(|j| j.get_mut(&self.me)) {
+            j.entries.extend(entries.into_iter().map(|entry| HostEntry {
+                node: self.me,
+                wall_us: entry.at.as_micros(),
+                entry,
+            }));
         }
     }
 
@@ -342,6 +370,7 @@ impl NodeHost {
         if let Some(f) = self.driver.emit(t, frame) {
             self.release(t, vec![f]);
         }
+        self.flush_journal();
     }
 
     /// Frames the gate let out: report them, then send them to their clients.
