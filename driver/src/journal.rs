@@ -49,6 +49,22 @@ pub struct HostEntry {
     pub entry: Entry,
 }
 
+/// A line of a host's journal file: how the process that wrote the lines after it was
+/// configured (its first line), or an entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum HostLine {
+    /// The model configuration of the process (a replay needs it).
+    Config {
+        /// The node.
+        node: NodeId,
+        /// Its configuration.
+        config: Config,
+    },
+    /// An entry.
+    Entry(HostEntry),
+}
+
 /// A line of the witness's journal: one decision, written when the witness made it (before
 /// its reply was sent, so before any node could act on it). The register the nodes' replies
 /// show can lag or skip decisions (replies are lost and arrive late); the witness's own record

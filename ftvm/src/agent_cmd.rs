@@ -104,6 +104,26 @@ pub struct Args {
     /// Log protocol events.
     #[arg(long)]
     verbose: bool,
+    /// Append this host's journal here (the model's inputs and actions and the frames that
+    /// left the output gate, JSON lines): `ftvm scenario run --real` and `ftvm demo` check a
+    /// run's invariants from its hosts' journals.
+    #[arg(long)]
+    journal: Option<PathBuf>,
+    /// Plant one of the model's protocol bugs (test builds with the `mutants` feature only),
+    /// e.g. `release-before-ack`.
+    #[cfg(feature = "mutants")]
+    #[arg(long)]
+    mutant: Option<String>,
+}
+
+/// The mutant named `name` (`release-before-ack` names `ReleaseBeforeAck`).
+#[cfg(feature = "mutants")]
+pub fn parse_mutant(name: &str) -> anyhow::Result<ftvm_model::Mutant> {
+    let want = name.replace('-', "").to_lowercase();
+    ftvm_model::Mutant::ALL
+        .into_iter()
+        .find(|m| format!("{m:?}").to_lowercase() == want)
+        .ok_or_else(|| anyhow::anyhow!("no mutant named {name:?}"))
 }
 
 fn parse_peer(s: &str) -> Result<(u32, SocketAddr), String> {
@@ -198,6 +218,10 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
     model.epoch_interval = Duration::from_millis(args.epoch_ms);
     model.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
     model.failure_timeout = Duration::from_millis(args.failure_timeout_ms);
+    #[cfg(feature = "mutants")]
+    {
+        model.mutant = args.mutant.as_deref().map(parse_mutant).transpose()?;
+    }
     model.validate().context("protocol parameters")?;
 
     let stem = format!("ftvm-vm{}-n{}", args.vm, args.node);
@@ -272,6 +296,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
             output_cap_bytes: args.output_cap_mb.saturating_mul(1 << 20),
             ..AgentLimits::default()
         },
+        journal: args.journal.clone(),
     };
     // One thread runs the loop and spawns QEMU: PR_SET_PDEATHSIG ties QEMU to that thread, so a
     // killed agent takes its QEMU with it (a dead host's VM must not linger).

@@ -599,6 +599,7 @@ fn agent_config(
         verbose: false,
         verify_every: None,
         limits: Default::default(),
+        journal: None,
     })
 }
 

@@ -96,6 +96,7 @@ pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
                         subnet: 60,
                         verify_every: None,
                         keep: false,
+                        mutant: None,
                     };
                     let mut d = Deployment::start(opts)?;
                     d.wait_protected(Duration::from_secs(180))?;

@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ftvm_model::{NodeId, VmId};
 use ftvm_real::host::topology::Host;
 
 use crate::deploy::{self, client_report, status, wait_until, DeployOpts, Deployment};
@@ -71,6 +72,11 @@ pub struct Args {
     /// seconds is a failure a user sees, even when nothing was lost.
     #[arg(long, default_value_t = 5000)]
     max_pause_ms: u64,
+    /// Plant one of the model's protocol bugs in both agents (test builds with the `mutants`
+    /// feature only), e.g. `release-before-ack`: the run's invariant check must catch it.
+    #[cfg(feature = "mutants")]
+    #[arg(long)]
+    mutant: Option<String>,
 }
 
 /// Runs the demo; exits 0 when the client lost nothing, never waited longer than
@@ -96,6 +102,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         subnet: args.subnet,
         verify_every: args.verify_every,
         keep: args.keep,
+        #[cfg(feature = "mutants")]
+        mutant: args.mutant.clone(),
+        #[cfg(not(feature = "mutants"))]
+        mutant: None,
     };
     let mut d = Deployment::start(opts)?;
     let topo = &d.topo;
@@ -195,6 +205,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         );
     }
     println!("== client saw: {report}");
+    // The hosts' journals through the simulator's invariant checkers.
+    let all: std::collections::BTreeSet<_> = ftvm_sim::Invariant::ALL.into_iter().collect();
+    let check = crate::run_check::check_run(&w, &[1, 2], VmId(1), NodeId(1), &all)
+        .context("checking the run's journals")?;
+    for line in crate::run_check::verdict_lines("demo", &check) {
+        println!("== {line}");
+    }
     let lost = report["lost"].as_u64().unwrap_or(u64::MAX);
     let replies = report["replies"].as_u64().unwrap_or(0);
     println!(
@@ -223,6 +240,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         "survivor": status(survivor),
         "primary_before_kill": before,
         "isolation": isolation,
+        "invariants": { "passed": check.passed(), "findings": check.findings() },
     });
     if let Some(path) = &args.summary {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
@@ -234,6 +252,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             "== FAILED: the client waited {longest_ms} ms for a reply (more than --max-pause-ms {})",
             args.max_pause_ms
         );
+        return Ok(1);
+    }
+    if !check.passed() {
+        println!("== FAILED: the run broke an invariant (above)");
         return Ok(1);
     }
     if !st.success() || lost != 0 || replies == 0 {

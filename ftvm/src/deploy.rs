@@ -38,6 +38,9 @@ pub struct DeployOpts {
     pub subnet: u8,
     /// RAM digests every N epochs.
     pub verify_every: Option<u64>,
+    /// Plant this protocol bug in both agents (`--mutant`; binaries built with the `mutants`
+    /// feature only).
+    pub mutant: Option<String>,
     /// Leave namespaces behind.
     pub keep: bool,
 }
@@ -208,6 +211,7 @@ impl Deployment {
             topo.keep();
         }
         let w = opts.work_dir.clone();
+        secure_fs::private_dir(&crate::run_check::journal_dir(&w)).context("the journals")?;
         let ram_dir = RamDir::create(&opts)?;
         // Hosts that are namespaces of one machine share one key directory; real hosts would
         // each hold only their own private key.
@@ -358,6 +362,10 @@ pub fn witness_args(topo: &Topology, work_dir: &Path, init: bool) -> Vec<String>
         work_dir.join("witness.json").display().to_string(),
         "--keys".into(),
         keys_dir(work_dir).display().to_string(),
+        "--journal".into(),
+        crate::run_check::witness_journal(work_dir)
+            .display()
+            .to_string(),
         "--verbose".into(),
     ];
     if init {
@@ -406,8 +414,16 @@ fn agent_args(topo: &Topology, o: &DeployOpts, host: Host, ram_dir: &Path) -> Ve
         o.transport.clone(),
         "--failure-timeout-ms".into(),
         o.failure_timeout_ms.to_string(),
+        "--journal".into(),
+        crate::run_check::node_journal(&o.work_dir, node)
+            .display()
+            .to_string(),
         "--verbose".into(),
     ];
+    if let Some(m) = &o.mutant {
+        a.push("--mutant".into());
+        a.push(m.clone());
+    }
     if let Some(c) = &o.capture {
         a.push("--capture".into());
         a.push(c.clone());

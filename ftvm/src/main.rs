@@ -20,6 +20,7 @@ mod keygen_cmd;
 mod logging;
 mod mac_candidates;
 mod plot;
+mod run_check;
 mod scenario_cmd;
 mod sim_cmd;
 mod vm_cmd;

@@ -8,6 +8,7 @@ use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
+use ftvm_model::{NodeId, VmId};
 use ftvm_real::host::topology::Host;
 use ftvm_sim::{FaultAction, HostRef, Scenario};
 
@@ -46,6 +47,11 @@ struct RunArgs {
     /// Write the outcome as JSON here.
     #[arg(long)]
     summary: Option<PathBuf>,
+    /// Plant one of the model's protocol bugs in both agents (test builds with the `mutants`
+    /// feature only), e.g. `release-before-ack`: the run's invariant check must catch it.
+    #[cfg(feature = "mutants")]
+    #[arg(long)]
+    mutant: Option<String>,
 }
 
 /// Runs the command.
@@ -121,6 +127,7 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
         subnet: 70,
         verify_every: None,
         keep: false,
+        mutant: mutant_of(a),
     };
     let mut d = Deployment::start(opts)?;
     d.wait_protected(Duration::from_secs(180))?;
@@ -218,6 +225,19 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
     let report = client_report(&out);
     let (p, b) = (status(&d.primary_dir()), status(&d.backup_dir()));
     let mut failures = Vec::new();
+    // The hosts' journals through the simulator's invariant checkers.
+    let check = crate::run_check::check_run(
+        &a.work_dir,
+        &[1, 2],
+        VmId(1),
+        NodeId(1),
+        &s.expect.invariants,
+    )
+    .context("checking the run's journals")?;
+    for line in crate::run_check::verdict_lines(&s.name, &check) {
+        println!("== {line}");
+    }
+    failures.extend(check.findings());
     let lost = report["lost"].as_u64().unwrap_or(u64::MAX);
     if lost != 0 {
         failures.push(format!(
@@ -281,6 +301,7 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
     let summary = serde_json::json!({
         "scenario": s.name, "client": report, "primary": p, "backup": b,
         "skipped_faults": skipped, "failures": failures,
+        "invariants": { "passed": check.passed(), "findings": check.findings() },
     });
     if let Some(path) = &a.summary {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)?;
@@ -300,6 +321,18 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
             println!("== FAIL: {f}");
         }
         Ok(1)
+    }
+}
+
+/// The mutant `--mutant` names (always none without the `mutants` feature).
+fn mutant_of(_a: &RunArgs) -> Option<String> {
+    #[cfg(feature = "mutants")]
+    {
+        _a.mutant.clone()
+    }
+    #[cfg(not(feature = "mutants"))]
+    {
+        None
     }
 }
 
@@ -325,6 +358,8 @@ fn restart_agent(d: &Deployment, node: u32, n: u32) -> anyhow::Result<Proc> {
         format!("{}={}:7000", 3 - node, d.topo.addr(peer_host)),
     );
     replace(&mut args, "--state-dir", dir.display().to_string());
+    let journal = crate::run_check::node_journal(&d.opts.work_dir, node);
+    replace(&mut args, "--journal", journal.display().to_string());
     args.push("--rejoin".into());
     let log = d.opts.work_dir.join(format!("n{node}-restart{n}.log"));
     deploy::spawn_in(&d.topo, host, "restarted agent", &args, &log)

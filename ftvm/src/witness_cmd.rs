@@ -9,6 +9,7 @@ use ftvm_model::{NodeId, VmId};
 use ftvm_real::agent::witness;
 use ftvm_real::agent::witness_store::{Open, WitnessStore};
 use ftvm_real::auth::Identity;
+use ftvm_real::journal_file::JournalWriter;
 
 /// Arguments of `ftvm witness`.
 #[derive(clap::Args)]
@@ -36,6 +37,9 @@ pub struct Args {
     /// Log every request and decision to stderr.
     #[arg(long)]
     verbose: bool,
+    /// Append every decision to this journal (JSON lines) for checking the run afterwards.
+    #[arg(long)]
+    journal: Option<PathBuf>,
 }
 
 /// Runs the witness until killed.
@@ -69,13 +73,18 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         .build()
         .context("starting the async runtime")?;
     let limits = witness::ServeLimits::default();
-    let serve = witness::serve(
+    let journal = match &args.journal {
+        Some(path) => Some(JournalWriter::open(path).context("opening the journal")?),
+        None => None,
+    };
+    let serve = witness::serve_journaled(
         args.listen,
         store,
         w,
         Arc::new(identity),
         limits,
         args.verbose,
+        journal,
     );
     rt.block_on(serve).context("serving the witness")?;
     Ok(0)
@@ -94,6 +103,7 @@ mod tests {
             keys: keys.to_path_buf(),
             init,
             verbose: false,
+            journal: None,
         }
     }
 

@@ -43,6 +43,9 @@ fn demo(name: &str, subnet: u8, extra: &[&str]) -> serde_json::Value {
     );
     let s: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&summary).expect("demo summary")).unwrap();
+    // The hosts' journals went through the simulator's invariant checkers.
+    assert_eq!(s["invariants"]["passed"], true, "{name}: {s}");
+    assert!(stdout.contains("== invariants: pass demo"), "{stdout}");
     s
 }
 

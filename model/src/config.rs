@@ -11,7 +11,7 @@ use crate::mutants::Mutant;
 ///
 /// Build it with [`Config::new`] and then adjust fields: the struct has a cfg-gated field
 /// (`mutant`) so struct literals would not compile in both feature configurations.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Config {
     /// The protected VM.
     pub vm: VmId,
@@ -39,6 +39,7 @@ pub struct Config {
     pub witness: NodeId,
     /// Test-only protocol bug to exhibit (see [`Mutant`]). Only with the `mutants` feature.
     #[cfg(feature = "mutants")]
+    #[serde(default)]
     pub mutant: Option<Mutant>,
 }
 

@@ -10,7 +10,7 @@ pub use enabled::Mutant;
 #[cfg(feature = "mutants")]
 mod enabled {
     /// One protocol bug, selected at run time through `Config::mutant`.
-    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+    #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
     pub enum Mutant {
         /// Primary releases epoch N's output as soon as N is captured, before the backup acked
         /// it (breaks *output commit*).

@@ -26,6 +26,8 @@ use crate::vm::replica::Origin;
 pub struct HostJournal {
     /// The node.
     pub node: NodeId,
+    /// The model configuration its processes ran.
+    pub config: Config,
     /// How its first process started (lines before a `Started` line belong to it).
     pub start: Start,
     /// Its lines.
@@ -74,10 +76,9 @@ struct NodeState {
     fresh_primary: bool,
 }
 
-/// Checks the journals of one run: `config` is the model configuration every agent ran,
-/// `initial` the witness register the run started from, `witness` the witness's decisions.
+/// Checks the journals of one run: `initial` is the witness register the run started from,
+/// `witness` the witness's decisions.
 pub fn check_journals(
-    config: &Config,
     initial: WitnessState,
     journals: &[HostJournal],
     witness: &[WitnessEntry],
@@ -87,7 +88,7 @@ pub fn check_journals(
         .iter()
         .map(|j| {
             let entries: Vec<_> = j.entries.iter().map(|e| e.entry).collect();
-            (j.node, replay(config.clone(), j.node, j.start, &entries))
+            (j.node, replay(j.config.clone(), j.node, j.start, &entries))
         })
         .collect();
     let mut obs = Observer::new(enabled.clone(), initial);

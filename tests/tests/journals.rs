@@ -13,14 +13,7 @@ use ftvm_tests::{load, scenario_names};
 fn journaled(s: &Scenario, seed: u64, opts: RunOptions) -> (RunReport, ftvm_sim::JournalReport) {
     let opts = opts.with_journals();
     let r = run_scenario(s, seed, &opts);
-    #[allow(unused_mut)]
-    let mut config = s.swarmed(seed).model_config();
-    #[cfg(feature = "mutants")]
-    {
-        config.mutant = opts.mutant;
-    }
     let j = check_journals(
-        &config,
         initial(),
         &r.journals,
         &r.witness_journal,
@@ -94,9 +87,7 @@ fn a_tampered_journal_fails_its_replay() {
         .find(|e| matches!(e.entry.record, Record::Action(Action::Capture { .. })))
         .expect("a capture");
     capture.entry.record = Record::Action(Action::Fence);
-    let config = s.model_config();
     let report = check_journals(
-        &config,
         initial(),
         &run.journals,
         &run.witness_journal,

@@ -55,6 +55,7 @@ fn agent(dir: &std::path::Path, node: NodeId, start: Start) -> Agent<MemLauncher
         verbose: false,
         verify_every: None,
         limits: AgentLimits::default(),
+        journal: None,
         identity: Arc::new(
             crate::auth::Identity::generate_set(&[node])
                 .unwrap()

@@ -34,6 +34,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ftvm_driver::journal::{HostEntry, HostLine, Journal};
 use ftvm_driver::NodeDriver;
 use ftvm_model::{Input, Node, NodeId, Start, Status, Time};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
@@ -49,6 +50,7 @@ use self::resume_gate::ResumeGate;
 use self::staging::StagingLimits;
 use self::vm::{Vm, VmError, VmLauncher};
 use crate::auth::{Identity, Protection};
+use crate::journal_file::{wall_us, JournalWriter};
 use crate::net::backpressure::OutputCap;
 use crate::net::output::{HeldFrame, OutputAccount};
 use crate::replica::{Replica, ReplicaError, StagedCheckpoint};
@@ -82,6 +84,9 @@ pub enum AgentError {
     /// The metrics file could not be created.
     #[error("metrics file: {0}")]
     Metrics(#[source] crate::secure_fs::SecureFsError),
+    /// The journal could not be opened or written.
+    #[error("journal: {0}")]
+    Journal(#[from] crate::journal_file::JournalFileError),
     /// The primary refused this host for a reason retrying cannot fix.
     #[error("refused by the primary: {0}")]
     Refused(String),
@@ -134,6 +139,9 @@ pub struct AgentConfig {
     pub verify_every: Option<u64>,
     /// Bounds on what peers and the VM can make this agent hold.
     pub limits: AgentLimits,
+    /// Where to append this host's journal (the model's inputs and actions and the frames
+    /// that left the gate; `ftvm scenario run --real` and `ftvm demo` check runs from it).
+    pub journal: Option<PathBuf>,
 }
 
 /// Why an agent loop ended without an error.
@@ -183,6 +191,14 @@ pub struct Agent<L: VmLauncher> {
     takeover_started: Option<Instant>,
     failover_us: Option<u64>,
     status_written: Instant,
+    /// The journal file, when recording.
+    journal: Option<JournalOut>,
+}
+
+/// Where the core's journal goes, and the wall clock of model time zero.
+struct JournalOut {
+    file: JournalWriter,
+    origin_wall_us: u64,
 }
 
 impl<L: VmLauncher> Agent<L> {
@@ -201,10 +217,27 @@ impl<L: VmLauncher> Agent<L> {
         let metrics = MetricsSink::new(cfg.metrics.as_deref()).map_err(AgentError::Metrics)?;
         let (tx, rx) = unbounded_channel();
         let output_cap = Arc::new(OutputCap::new(cfg.limits.output_cap_bytes));
+        let mut driver = NodeDriver::new(Node::new(cfg.model.clone(), cfg.node, cfg.start));
+        let (origin, origin_wall_us) = (Instant::now(), wall_us());
+        let journal = match &cfg.journal {
+            Some(path) => {
+                let mut file = JournalWriter::open(path)?;
+                file.append([HostLine::Config {
+                    node: cfg.node,
+                    config: cfg.model.clone(),
+                }])?;
+                driver.record(Time::ZERO, cfg.start, Journal::new());
+                Some(JournalOut {
+                    file,
+                    origin_wall_us,
+                })
+            }
+            None => None,
+        };
         Ok(Agent {
-            driver: NodeDriver::new(Node::new(cfg.model.clone(), cfg.node, cfg.start)),
+            driver,
             cfg,
-            origin: Instant::now(),
+            origin,
             launcher,
             vm: None,
             tx,
@@ -226,6 +259,7 @@ impl<L: VmLauncher> Agent<L> {
             takeover_started: None,
             failover_us: None,
             status_written: Instant::now(),
+            journal,
         })
     }
 
@@ -278,7 +312,11 @@ impl<L: VmLauncher> Agent<L> {
         loop {
             while let Some(input) = pending.pop_front() {
                 let now = self.now();
-                for effect in self.driver.handle(now, input) {
+                let effects = self.driver.handle(now, input);
+                // Journaled before anything it caused leaves this host (an ack, a frame), so
+                // journals read at any moment never show an effect without its cause.
+                self.write_journal()?;
+                for effect in effects {
                     self.execute(effect, &mut pending).await?;
                 }
                 self.resume_if_due().await?;
@@ -314,6 +352,28 @@ impl<L: VmLauncher> Agent<L> {
                 self.resume_if_due().await?;
             }
         }
+    }
+
+    /// Appends what the core journaled since the last call, each line stamped with the wall
+    /// clock of its model time (so hosts' journals merge in the order things happened).
+    fn write_journal(&mut self) -> Result<(), AgentError> {
+        let (Some(out), Some(journal)) = (self.journal.as_mut(), self.driver.journal_mut()) else {
+            return Ok(());
+        };
+        let entries = journal.drain();
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let node = self.cfg.node;
+        let origin = out.origin_wall_us;
+        out.file.append(entries.into_iter().map(|entry| {
+            HostLine::Entry(HostEntry {
+                node,
+                wall_us: origin + entry.at.as_micros(),
+                entry,
+            })
+        }))?;
+        Ok(())
     }
 
     fn link_setup(&self) -> LinkSetup {

@@ -89,7 +89,7 @@ impl<L: VmLauncher> Agent<L> {
                     })
                 }
             },
-            Event::VmFrame(frame) => self.vm_frame(frame).await,
+            Event::VmFrame(frame) => self.vm_frame(frame).await?,
             Event::WireFrame(frame) => {
                 if let Some(net) = &self.net {
                     net.to_vm(&frame).await;
@@ -133,18 +133,22 @@ impl<L: VmLauncher> Agent<L> {
     }
 
     /// A frame from the VM goes to the gate; it leaves now only if the gate lets it.
-    async fn vm_frame(&mut self, frame: Vec<u8>) {
+    async fn vm_frame(&mut self, frame: Vec<u8>) -> Result<(), AgentError> {
         let now = Instant::now();
         let frame = HeldFrame::new(frame, now);
         if self.driver.gate().is_fenced() {
-            return self.output.dropped([frame], now);
+            self.output.dropped([frame], now);
+            return Ok(());
         }
         let t = self.now();
         if let Some(f) = self.driver.emit(t, frame) {
+            // Journaled before it leaves (see `write_journal`).
+            self.write_journal()?;
             let bytes = self.output.passed(f, now);
             if let Some(net) = &self.net {
                 net.to_wire(vec![bytes]).await;
             }
         }
+        Ok(())
     }
 }

@@ -17,6 +17,8 @@ use tokio::sync::{Mutex, Semaphore};
 
 use crate::auth::handshake::{self, Purpose};
 use crate::auth::{AuthError, Identity};
+use crate::journal_file::{wall_us, JournalWriter};
+use ftvm_driver::journal::WitnessEntry;
 
 use super::witness_store::{StoreError, WitnessStore};
 
@@ -82,11 +84,32 @@ pub async fn serve(
     limits: ServeLimits,
     log: bool,
 ) -> Result<(), WitnessError> {
+    serve_journaled(addr, store, witness, identity, limits, log, None).await
+}
+
+/// The witness and the journal of its decisions, under one lock: journal lines are in the
+/// order the decisions were made.
+struct Decider {
+    witness: Witness,
+    journal: Option<JournalWriter>,
+}
+
+/// As [`serve`], and with `journal` every decision is appended to it (a
+/// [`WitnessEntry`] line, written before the reply is sent) for checking the run afterwards.
+pub async fn serve_journaled(
+    addr: SocketAddr,
+    store: WitnessStore,
+    witness: Witness,
+    identity: Arc<Identity>,
+    limits: ServeLimits,
+    log: bool,
+    journal: Option<JournalWriter>,
+) -> Result<(), WitnessError> {
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| WitnessError::Listen { addr, source })?;
     let vm = witness.state().vm;
-    let shared = Arc::new(Mutex::new(witness));
+    let shared = Arc::new(Mutex::new(Decider { witness, journal }));
     let slots = Arc::new(Semaphore::new(limits.max_connections));
     let origin = std::time::Instant::now();
     let mut backoff = Duration::ZERO;
@@ -148,7 +171,7 @@ async fn serve_one(
     mut sock: TcpStream,
     vm: VmId,
     identity: &Identity,
-    shared: &Mutex<Witness>,
+    shared: &Mutex<Decider>,
     store: &WitnessStore,
     origin: std::time::Instant,
     log: bool,
@@ -161,11 +184,23 @@ async fn serve_one(
         _ => return Err(ServeError::NotARequest),
     };
     let reply = {
-        let mut w = shared.lock().await;
+        let mut d = shared.lock().await;
         let now = Time::from_duration(origin.elapsed());
-        let reply = w.handle_from(now, from, req);
+        let reply = d.witness.handle_from(now, from, req);
         // Persist before answering: a grant the caller acts on must survive us.
-        store.save(w.state()).map_err(WitnessError::from)?;
+        store.save(d.witness.state()).map_err(WitnessError::from)?;
+        if let Some(journal) = d.journal.as_mut() {
+            let line = WitnessEntry {
+                wall_us: wall_us(),
+                reply,
+            };
+            // The journal is for checking the run afterwards: losing it must not stop the
+            // witness answering (the check then fails loudly on the gap).
+            if let Err(e) = journal.append([line]) {
+                tracing::error!(error = %e, "witness: journal write failed; journal stopped");
+                d.journal = None;
+            }
+        }
         reply
     };
     if log {

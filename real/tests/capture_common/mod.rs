@@ -116,6 +116,7 @@ fn config(dir: &Path, node: u32, start: Start, run: &Run, addrs: &Addrs) -> Agen
         verbose: false,
         verify_every: Some(run.verify_every),
         limits: Default::default(),
+        journal: None,
     }
 }
 

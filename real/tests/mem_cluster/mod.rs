@@ -114,6 +114,7 @@ pub fn host(
             verbose: true,
             verify_every: Some(5),
             limits: Default::default(),
+            journal: None,
         },
         launched: Arc::new(Mutex::new(Vec::new())),
     }

@@ -88,9 +88,11 @@ pub(crate) async fn run_node(w: Shared, me: NodeId) -> turmoil::Result {
         };
         let t = now();
         world.note(t, HostId::Node(me), TraceKind::Start(start));
+        let config = world.config.clone();
         if let Some(journals) = world.journals.as_mut() {
             journals.entry(me).or_insert_with(|| crate::HostJournal {
                 node: me,
+                config,
                 start,
                 entries: Vec::new(),
             });
