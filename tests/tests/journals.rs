@@ -126,3 +126,33 @@ fn a_release_before_ack_is_caught_from_the_journals() {
     // The model with the same mutant drove the run: the journals replay.
     assert!(journals.replays.values().all(Result::is_ok));
 }
+
+/// A corrupted checkpoint reaches the backup's model as `CheckpointReceived { ok: false }` (the
+/// path `ftvm/tests/real_scenarios.rs` shows from a real backup's journal), and the model's
+/// answer is to discard it and keep its replica.
+#[test]
+fn a_corrupt_checkpoint_reaches_the_backup_model_as_received_not_ok() {
+    use ftvm_model::Input;
+    let s = load("corrupt-checkpoint");
+    let (run, journals) = journaled(&s, 0, RunOptions::default());
+    assert!(journals.passed(), "{:?}", journals.findings());
+    let backup = run
+        .journals
+        .iter()
+        .find(|j| j.node == NodeId(2))
+        .expect("the backup's journal");
+    let damaged = backup
+        .entries
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.entry.record,
+                Record::Input(Input::CheckpointReceived { ok: false, .. })
+            )
+        })
+        .count();
+    assert!(
+        damaged > 0,
+        "no damaged checkpoint reached the backup's model"
+    );
+}
