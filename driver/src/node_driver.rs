@@ -31,7 +31,8 @@ pub struct Effect<C, F> {
 }
 
 impl<C, F> Effect<C, F> {
-    fn of(action: Action) -> Effect<C, F> {
+    /// `action` with no bookkeeping attached (what an executor's tests hand its `execute`).
+    pub fn of(action: Action) -> Effect<C, F> {
         Effect {
             action,
             released: Vec::new(),

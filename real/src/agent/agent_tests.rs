@@ -18,14 +18,7 @@ fn primary(dir: &std::path::Path) -> Agent<MemLauncher> {
 
 /// What the core hands `execute` for an action it did no bookkeeping for.
 fn bare(action: Action) -> Effect<ConnId, HeldFrame> {
-    Effect {
-        action,
-        released: Vec::new(),
-        dropped: Vec::new(),
-        close: Vec::new(),
-        staged: None,
-        link: None,
-    }
+    Effect::of(action)
 }
 
 /// Makes `conn` the live link of `peer` as a dial that connected would.
