@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ftvm_real::auth::keys;
+use ftvm_real::host::fault_net::FaultNet;
+use ftvm_real::host::relay::Shape;
 use ftvm_real::host::topology::{Host, Topology};
 use ftvm_real::secure_fs;
 
@@ -149,6 +151,8 @@ pub fn is_root() -> bool {
 
 /// A running deployment.
 pub struct Deployment {
+    /// The link relays and loss rules, when the agents dial through them (stopped first).
+    pub faults: Option<FaultNet>,
     /// The hosts.
     pub topo: Topology,
     /// Options it runs with.
@@ -198,6 +202,12 @@ impl Drop for RamDir {
 impl Deployment {
     /// Creates the hosts and starts witness, backup and primary (not waiting for protection).
     pub fn start(opts: DeployOpts) -> anyhow::Result<Deployment> {
+        Deployment::start_with(opts, None)
+    }
+
+    /// As [`Deployment::start`], but with `relayed` the agents dial each other and the witness
+    /// through fault-injecting relays whose links start shaped so (see [`FaultNet`]).
+    pub fn start_with(opts: DeployOpts, relayed: Option<Shape>) -> anyhow::Result<Deployment> {
         if !is_root() {
             bail!("deployments create network namespaces and tap devices: run as root");
         }
@@ -206,6 +216,11 @@ impl Deployment {
         if opts.keep {
             topo.keep();
         }
+        let faults = match relayed {
+            Some(shape) => Some(FaultNet::start(&topo, shape).context("starting the link relays")?),
+            None => None,
+        };
+        let dial = |peer: Host| Dial::of(&topo, faults.is_some(), peer);
         let w = opts.work_dir.clone();
         let ram_dir = RamDir::create(&opts)?;
         // Hosts that are namespaces of one machine share one key directory; real hosts would
@@ -223,7 +238,13 @@ impl Deployment {
             &w.join("witness.log"),
         )?;
         let mut backup_args: Vec<String> = vec!["backup".into()];
-        backup_args.extend(agent_args(&topo, &opts, Host::Backup, &ram_dir.path));
+        backup_args.extend(agent_args(
+            &topo,
+            &opts,
+            Host::Backup,
+            &ram_dir.path,
+            dial(Host::Primary),
+        ));
         let backup = spawn_in(
             &topo,
             Host::Backup,
@@ -232,7 +253,13 @@ impl Deployment {
             &w.join("backup.log"),
         )?;
         let mut pargs: Vec<String> = vec!["primary".into()];
-        pargs.extend(agent_args(&topo, &opts, Host::Primary, &ram_dir.path));
+        pargs.extend(agent_args(
+            &topo,
+            &opts,
+            Host::Primary,
+            &ram_dir.path,
+            dial(Host::Backup),
+        ));
         let primary = spawn_in(
             &topo,
             Host::Primary,
@@ -241,6 +268,7 @@ impl Deployment {
             &w.join("primary.log"),
         )?;
         Ok(Deployment {
+            faults,
             topo,
             opts,
             witness,
@@ -249,6 +277,12 @@ impl Deployment {
             backup_args,
             _ram_dir: ram_dir,
         })
+    }
+
+    /// The address an agent on the other host dials to reach the agent of `peer`, and the
+    /// witness (directly, or through its own host's relay).
+    pub fn dial(&self, peer: Host) -> Dial {
+        Dial::of(&self.topo, self.faults.is_some(), peer)
     }
 
     /// State directory of the primary host.
@@ -365,12 +399,46 @@ pub fn witness_args(topo: &Topology, work_dir: &Path, init: bool) -> Vec<String>
     a
 }
 
+/// Where an agent dials its peer and the witness.
+#[derive(Clone, Copy, Debug)]
+pub struct Dial {
+    /// The peer agent.
+    pub peer: SocketAddr,
+    /// The witness.
+    pub witness: SocketAddr,
+}
+
+impl Dial {
+    /// The addresses for reaching the agent on `peer` (node 1 on the primary host, node 2 on
+    /// the backup host): the real ones, or the relay's on the dialler's loopback.
+    fn of(topo: &Topology, relayed: bool, peer: Host) -> Dial {
+        if relayed {
+            let node = if peer == Host::Primary { 1 } else { 2 };
+            Dial {
+                peer: FaultNet::peer_addr(node),
+                witness: FaultNet::witness_addr(),
+            }
+        } else {
+            Dial {
+                peer: SocketAddr::from((topo.addr(peer), 7000)),
+                witness: SocketAddr::from((topo.addr(Host::Switch), 7100)),
+            }
+        }
+    }
+}
+
 /// The agent command line of `host` (the primary is node 1, the backup node 2).
-fn agent_args(topo: &Topology, o: &DeployOpts, host: Host, ram_dir: &Path) -> Vec<String> {
-    let (node, peer, peer_node, dir) = if host == Host::Primary {
-        (1, Host::Backup, 2, "primary")
+fn agent_args(
+    topo: &Topology,
+    o: &DeployOpts,
+    host: Host,
+    ram_dir: &Path,
+    dial: Dial,
+) -> Vec<String> {
+    let (node, peer_node, dir) = if host == Host::Primary {
+        (1, 2, "primary")
     } else {
-        (2, Host::Primary, 1, "backup")
+        (2, 1, "backup")
     };
     let mut a: Vec<String> = vec![
         "--node".into(),
@@ -378,9 +446,9 @@ fn agent_args(topo: &Topology, o: &DeployOpts, host: Host, ram_dir: &Path) -> Ve
         "--listen".into(),
         format!("{}:7000", topo.addr(host)),
         "--peer".into(),
-        format!("{peer_node}={}:7000", topo.addr(peer)),
+        format!("{peer_node}={}", dial.peer),
         "--witness".into(),
-        format!("{}:7100", topo.addr(Host::Switch)),
+        dial.witness.to_string(),
         "--keys".into(),
         keys_dir(&o.work_dir).display().to_string(),
         "--guest-dir".into(),

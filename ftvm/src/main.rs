@@ -19,6 +19,7 @@ mod guest_args;
 mod keygen_cmd;
 mod mac_candidates;
 mod plot;
+mod real_faults;
 mod scenario_cmd;
 mod sim_cmd;
 mod vm_cmd;

@@ -1,17 +1,18 @@
 //! `ftvm scenario run FILE --real`: runs a scenario file — the same files the simulator runs —
 //! on real hosts: QEMU guests, agents and a witness in network namespaces, faults injected with
-//! SIGKILL, restarts and link changes, expectations checked on what the agents and a real client
-//! report. Faults real hosts cannot produce here (loss, latency, bandwidth, hold, corruption: no
-//! netem on this kernel) are skipped and listed, never silently.
+//! SIGKILL, restarts, link changes, nftables loss rules and link relays (latency, bandwidth,
+//! holds, corruption; see `real_faults`), expectations checked on what the agents and a real
+//! client report. Every fault is printed with how it was produced; one real hosts cannot
+//! produce (forged frames) is listed as skipped, never silently.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use ftvm_real::host::topology::Host;
-use ftvm_sim::{FaultAction, HostRef, Scenario};
+use ftvm_sim::Scenario;
 
-use crate::deploy::{self, client_report, status, DeployOpts, Deployment, Proc};
+use crate::deploy::{client_report, status, DeployOpts, Deployment};
+use crate::real_faults::{self, Outcome};
 
 /// Arguments of `ftvm scenario`.
 #[derive(clap::Args)]
@@ -68,36 +69,6 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     run_real(&s, &a, guest_dir)
 }
 
-/// Which agent process a scenario host names, at this moment.
-fn node_of(d: &Deployment, h: HostRef) -> Option<u32> {
-    let role_of = |n: u32| {
-        let dir = if n == 1 {
-            d.primary_dir()
-        } else {
-            d.backup_dir()
-        };
-        status(&dir)["role"].as_str().map(str::to_string)
-    };
-    match h {
-        HostRef::Node(n) if n == 1 || n == 2 => Some(n),
-        HostRef::Primary => [1, 2]
-            .into_iter()
-            .find(|&n| role_of(n).as_deref() == Some("Primary")),
-        HostRef::Backup => [1, 2]
-            .into_iter()
-            .find(|&n| role_of(n).as_deref() != Some("Primary")),
-        _ => None,
-    }
-}
-
-fn host_of(h: HostRef, d: &Deployment) -> Option<Host> {
-    match h {
-        HostRef::Witness => Some(Host::Switch),
-        HostRef::Clients => Some(Host::Client),
-        _ => node_of(d, h).map(|n| if n == 1 { Host::Primary } else { Host::Backup }),
-    }
-}
-
 fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32> {
     if s.topology.nodes != 2 {
         bail!(
@@ -122,7 +93,7 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
         verify_every: None,
         keep: false,
     };
-    let mut d = Deployment::start(opts)?;
+    let mut d = Deployment::start_with(opts, Some(real_faults::network_shape(s)))?;
     d.wait_protected(Duration::from_secs(180))?;
     println!(
         "== {}: protected; running {} ms of scenario time",
@@ -133,6 +104,10 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
     let out = w.join("client.json");
     let mut client = d.client(s.duration.as_secs_f64() + 2.0, &out)?;
     let t0 = Instant::now();
+    let mut applied = real_faults::apply_network(s, &mut d)?;
+    for line in &applied {
+        println!("   t=    0 ms  {line}");
+    }
     let mut skipped = Vec::new();
     let mut faults = s.faults.clone();
     faults.sort_by_key(|f| f.at);
@@ -140,81 +115,39 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
     for f in &faults {
         let wait = f.at.saturating_sub(t0.elapsed());
         std::thread::sleep(wait);
-        println!("   t={:>5} ms  {}", t0.elapsed().as_millis(), f.action);
-        match &f.action {
-            FaultAction::Crash { host, .. } => match (host, node_of(&d, *host)) {
-                (HostRef::Witness, _) => {
-                    d.witness.child.kill()?;
-                    let _ = d.witness.child.wait();
-                }
-                (_, Some(1)) => {
-                    d.primary.child.kill()?;
-                    let _ = d.primary.child.wait();
-                }
-                (_, Some(_)) => {
-                    d.backup.child.kill()?;
-                    let _ = d.backup.child.wait();
-                }
-                (_, None) => skipped.push(f.action.to_string()),
-            },
-            FaultAction::Restart { host } => {
-                restarts += 1;
-                match (host, node_of(&d, *host)) {
-                    (HostRef::Witness, _) => {
-                        d.witness = restart_witness(&d, restarts)?;
-                    }
-                    (_, Some(n)) => {
-                        let p = restart_agent(&d, n, restarts)?;
-                        if n == 1 {
-                            d.primary = p;
-                        } else {
-                            d.backup = p;
-                        }
-                    }
-                    (_, None) => skipped.push(f.action.to_string()),
-                }
+        let at = t0.elapsed().as_millis();
+        match real_faults::apply(s, &mut d, &f.action, &mut restarts)? {
+            Outcome::Applied(how) => {
+                println!("   t={at:>5} ms  {}: applied ({how})", f.action);
+                applied.push(format!("t={at} ms {}: {how}", f.action));
             }
-            FaultAction::Partition { a: x, b: y, oneway }
-            | FaultAction::Repair { a: x, b: y, oneway } => {
-                let up = matches!(f.action, FaultAction::Repair { .. });
-                match (host_of(*x, &d), host_of(*y, &d)) {
-                    (Some(hx), Some(hy)) if hx != Host::Client && hy != Host::Client => {
-                        d.topo.set_route(hx, hy, up)?;
-                        if !oneway {
-                            d.topo.set_route(hy, hx, up)?;
-                        }
-                    }
-                    _ => skipped.push(format!(
-                        "{} (VM traffic is bridged: not cut by routes)",
-                        f.action
-                    )),
-                }
+            Outcome::Skipped(why) => {
+                println!("   t={at:>5} ms  {}: SKIPPED ({why})", f.action);
+                skipped.push(format!("{} ({why})", f.action));
             }
-            FaultAction::Isolate { host } => match host_of(*host, &d) {
-                Some(h) if h != Host::Client && h != Host::Switch => {
-                    d.topo.set_host_link(h, false)?
-                }
-                _ => skipped.push(f.action.to_string()),
-            },
-            FaultAction::Heal => {
-                for h in [Host::Primary, Host::Backup, Host::Client] {
-                    d.topo.set_host_link(h, true)?;
-                }
-                d.topo.clear_routes()?;
-            }
-            // Real links authenticate every frame and real witness replies ride the exchange's
-            // own keys: a forged frame is refused at the door (real/tests/hostile_peer.rs shows
-            // it), so only the simulator can slip one past to exercise what the model does.
-            other @ (FaultAction::ForgeGeneration { .. }
-            | FaultAction::ForgeWitnessReply { .. }) => skipped.push(format!(
-                "{other} (simulator only: real links and witness replies are authenticated)"
-            )),
-            other => skipped.push(format!("{other} (no netem/tc here)")),
+        }
+        for note in d
+            .faults
+            .as_ref()
+            .map(|n| n.links().take_notes())
+            .unwrap_or_default()
+        {
+            println!("   relay: {note}");
+            applied.push(format!("relay: {note}"));
         }
     }
     let rest = s.duration.saturating_sub(t0.elapsed());
     std::thread::sleep(rest);
     client.child.wait().context("waiting for the client")?;
+    for note in d
+        .faults
+        .as_ref()
+        .map(|n| n.links().take_notes())
+        .unwrap_or_default()
+    {
+        println!("   relay: {note}");
+        applied.push(format!("relay: {note}"));
+    }
     let report = client_report(&out);
     let (p, b) = (status(&d.primary_dir()), status(&d.backup_dir()));
     let mut failures = Vec::new();
@@ -223,6 +156,20 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
         failures.push(format!(
             "no lost commitments: the client saw state go back {lost} times"
         ));
+    }
+    let replies = report["replies"].as_u64().unwrap_or(0);
+    match s.expect.max_replies {
+        Some(0) if replies > 0 => failures.push(format!(
+            "expected no client to see a reply, the client saw {replies}"
+        )),
+        Some(0) => {}
+        Some(max) if replies > max => {
+            failures.push(format!("expected at most {max} replies, saw {replies}"))
+        }
+        // The real client's pace is not the simulated clients': `min_replies` is not compared,
+        // but a run in which it saw nothing at all served nobody.
+        _ if replies == 0 => failures.push("the client saw no reply at all".into()),
+        _ => {}
     }
     let gen = p["generation"]
         .as_u64()
@@ -280,7 +227,7 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
     }
     let summary = serde_json::json!({
         "scenario": s.name, "client": report, "primary": p, "backup": b,
-        "skipped_faults": skipped, "failures": failures,
+        "applied_faults": applied, "skipped_faults": skipped, "failures": failures,
     });
     if let Some(path) = &a.summary {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)?;
@@ -303,33 +250,6 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
     }
 }
 
-fn restart_agent(d: &Deployment, node: u32, n: u32) -> anyhow::Result<Proc> {
-    let (host, dir, peer_host) = if node == 1 {
-        (Host::Primary, d.primary_dir(), Host::Backup)
-    } else {
-        (Host::Backup, d.backup_dir(), Host::Primary)
-    };
-    // A restarted host comes back empty and rejoins as a backup.
-    let _ = std::fs::remove_dir_all(&dir);
-    let mut args: Vec<String> = d.backup_args.clone();
-    let replace = |args: &mut Vec<String>, flag: &str, value: String| {
-        if let Some(i) = args.iter().position(|a| a == flag) {
-            args[i + 1] = value;
-        }
-    };
-    replace(&mut args, "--node", node.to_string());
-    replace(&mut args, "--listen", format!("{}:7000", d.topo.addr(host)));
-    replace(
-        &mut args,
-        "--peer",
-        format!("{}={}:7000", 3 - node, d.topo.addr(peer_host)),
-    );
-    replace(&mut args, "--state-dir", dir.display().to_string());
-    args.push("--rejoin".into());
-    let log = d.opts.work_dir.join(format!("n{node}-restart{n}.log"));
-    deploy::spawn_in(&d.topo, host, "restarted agent", &args, &log)
-}
-
 /// The longest time a full sync after the first one held output, from an agent's metrics: its
 /// pause, its send and the wait for its ack (0 when there was none).
 fn reprotection_stall_ms(metrics: &std::path::Path) -> u64 {
@@ -346,15 +266,4 @@ fn reprotection_stall_ms(metrics: &std::path::Path) -> u64 {
         })
         .max()
         .unwrap_or(0)
-}
-
-fn restart_witness(d: &Deployment, n: u32) -> anyhow::Result<Proc> {
-    let w = &d.opts.work_dir;
-    deploy::spawn_in(
-        &d.topo,
-        Host::Switch,
-        "witness",
-        &deploy::witness_args(&d.topo, w, false),
-        &w.join(format!("witness-restart{n}.log")),
-    )
 }

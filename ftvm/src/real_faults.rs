@@ -1,0 +1,315 @@
+//! How `ftvm scenario run --real` produces each fault of a scenario file on real hosts, and
+//! what it says it did. Crashes kill processes, restarts start them again, partitions and
+//! isolation change routes and links; loss is nftables drop rules and latency, bandwidth,
+//! holds and corruption are done by the link relays (`ftvm_real::host::fault_net`). Forged
+//! frames are the simulator's alone: real links authenticate every frame.
+
+use ftvm_real::host::fault_net::Side;
+use ftvm_real::host::relay::{LinkEnd, Shape};
+use ftvm_real::host::topology::Host;
+use ftvm_sim::{FaultAction, HostRef, Scenario};
+
+use crate::deploy::{self, status, Deployment, Proc};
+
+/// What became of one fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Produced; how.
+    Applied(String),
+    /// Not produced; why.
+    Skipped(String),
+}
+
+/// The real guest's page size: what a dirty page costs on the wire.
+const REAL_PAGE_BYTES: u64 = 4096;
+
+/// A scenario's bandwidth on real hosts: scaled by the ratio of the real guest's page size to
+/// the scenario's `vm.page_size`, so that a checkpoint of as many dirty pages takes as long on
+/// the wire as in the simulator (the simulated VM has 128 pages of 512 bytes; the real guest's
+/// pages are 4 KiB).
+pub fn real_bandwidth(s: &Scenario, bytes_per_ms: Option<u64>) -> Option<u64> {
+    let scale = (REAL_PAGE_BYTES / u64::from(s.vm.page_size.max(1))).max(1);
+    bytes_per_ms
+        .filter(|&b| b > 0)
+        .map(|b| b.saturating_mul(scale))
+}
+
+fn describe_bandwidth(bytes_per_ms: Option<u64>) -> String {
+    bytes_per_ms.map_or("unlimited".to_string(), |b| format!("{b} B/ms"))
+}
+
+/// The relayed links' starting shape from a scenario's `[network]` table.
+pub fn network_shape(s: &Scenario) -> Shape {
+    Shape {
+        latency_min: s.network.latency_min,
+        latency_max: s.network.latency_max,
+        bytes_per_ms: real_bandwidth(s, s.network.bytes_per_ms),
+    }
+}
+
+/// Applies the scenario's `[network]` loss (latency and bandwidth are the relays' starting
+/// shape); returns what was done.
+pub fn apply_network(s: &Scenario, d: &mut Deployment) -> anyhow::Result<Vec<String>> {
+    let n = &s.network;
+    let mut done = vec![format!(
+        "network: latency {}..{} ms and bandwidth {} on the replication and witness links (relays)",
+        n.latency_min.as_millis(),
+        n.latency_max.as_millis(),
+        describe_bandwidth(real_bandwidth(s, n.bytes_per_ms)),
+    )];
+    if n.loss > 0.0 {
+        fault_net(d)?.set_loss_everywhere(n.loss)?;
+        done.push(format!(
+            "network: loss {} on every link (nftables drop rules; TCP resends)",
+            n.loss
+        ));
+    }
+    Ok(done)
+}
+
+fn fault_net(d: &mut Deployment) -> anyhow::Result<&mut ftvm_real::host::fault_net::FaultNet> {
+    d.faults
+        .as_mut()
+        .ok_or_else(|| anyhow::anyhow!("the deployment has no link relays"))
+}
+
+/// Which agent process a scenario host names, at this moment (node 1 runs on the primary
+/// host, node 2 on the backup host, whatever their roles).
+pub fn node_of(d: &Deployment, h: HostRef) -> Option<u32> {
+    let role_of = |n: u32| {
+        let dir = if n == 1 {
+            d.primary_dir()
+        } else {
+            d.backup_dir()
+        };
+        status(&dir)["role"].as_str().map(str::to_string)
+    };
+    match h {
+        HostRef::Node(n) if n == 1 || n == 2 => Some(n),
+        HostRef::Primary => [1, 2]
+            .into_iter()
+            .find(|&n| role_of(n).as_deref() == Some("Primary")),
+        HostRef::Backup => [1, 2]
+            .into_iter()
+            .find(|&n| role_of(n).as_deref() != Some("Primary")),
+        _ => None,
+    }
+}
+
+fn host_of(h: HostRef, d: &Deployment) -> Option<Host> {
+    match h {
+        HostRef::Witness => Some(Host::Switch),
+        HostRef::Clients => Some(Host::Client),
+        _ => node_of(d, h).map(|n| if n == 1 { Host::Primary } else { Host::Backup }),
+    }
+}
+
+fn side_of(h: HostRef, d: &Deployment) -> Option<Side> {
+    match h {
+        HostRef::Witness => Some(Side::Witness),
+        HostRef::Clients => Some(Side::Clients),
+        _ => node_of(d, h).map(Side::Node),
+    }
+}
+
+/// Both ends of a relayed link, or why the link is not relayed.
+fn relayed(a: HostRef, b: HostRef, d: &Deployment) -> Result<(LinkEnd, LinkEnd), String> {
+    let end = |h| {
+        side_of(h, d)
+            .ok_or_else(|| format!("{h} names no host now"))?
+            .link_end()
+            .ok_or_else(|| {
+                "the clients' link carries the VM's bridged traffic, not relayed".to_string()
+            })
+    };
+    let (x, y) = (end(a)?, end(b)?);
+    if x == y {
+        return Err(format!("{a} and {b} are the same host"));
+    }
+    Ok((x, y))
+}
+
+/// Produces `action` of scenario `s` on the deployment; `restarts` numbers restarted
+/// processes' logs.
+pub fn apply(
+    s: &Scenario,
+    d: &mut Deployment,
+    action: &FaultAction,
+    restarts: &mut u32,
+) -> anyhow::Result<Outcome> {
+    use Outcome::{Applied, Skipped};
+    Ok(match action {
+        FaultAction::Crash { host, .. } => match (host, node_of(d, *host)) {
+            (HostRef::Witness, _) => {
+                d.witness.child.kill()?;
+                let _ = d.witness.child.wait();
+                Applied("SIGKILL to the witness".into())
+            }
+            (_, Some(n)) => {
+                let p = if n == 1 {
+                    &mut d.primary
+                } else {
+                    &mut d.backup
+                };
+                p.child.kill()?;
+                let _ = p.child.wait();
+                Applied(format!("SIGKILL to node n{n}'s agent (and its QEMU)"))
+            }
+            (_, None) => Skipped(format!("{host} names no agent host now")),
+        },
+        FaultAction::Restart { host } => {
+            *restarts += 1;
+            match (host, node_of(d, *host)) {
+                (HostRef::Witness, _) => {
+                    d.witness = restart_witness(d, *restarts)?;
+                    Applied("witness started again on its register".into())
+                }
+                (_, Some(n)) => {
+                    let p = restart_agent(d, n, *restarts)?;
+                    if n == 1 {
+                        d.primary = p;
+                    } else {
+                        d.backup = p;
+                    }
+                    Applied(format!("node n{n}'s agent started again, empty, rejoining"))
+                }
+                (_, None) => Skipped(format!("{host} names no agent host now")),
+            }
+        }
+        FaultAction::Partition { a, b, oneway } | FaultAction::Repair { a, b, oneway } => {
+            let up = matches!(action, FaultAction::Repair { .. });
+            match (host_of(*a, d), host_of(*b, d)) {
+                (Some(hx), Some(hy)) if hx != Host::Client && hy != Host::Client => {
+                    d.topo.set_route(hx, hy, up)?;
+                    if !oneway {
+                        d.topo.set_route(hy, hx, up)?;
+                    }
+                    Applied(format!(
+                        "blackhole routes {}",
+                        if up { "removed" } else { "added" }
+                    ))
+                }
+                _ => Skipped(
+                    "the clients' link carries the VM's bridged traffic: not cut by routes".into(),
+                ),
+            }
+        }
+        FaultAction::Isolate { host } => match host_of(*host, d) {
+            Some(h) if h != Host::Client && h != Host::Switch => {
+                d.topo.set_host_link(h, false)?;
+                Applied(format!("{h:?} host's links to the switch down"))
+            }
+            _ => Skipped(format!("{host}: only an agent host can be isolated here")),
+        },
+        FaultAction::Heal => {
+            for h in [Host::Primary, Host::Backup, Host::Client] {
+                d.topo.set_host_link(h, true)?;
+            }
+            d.topo.clear_routes()?;
+            fault_net(d)?.links().release_all();
+            Applied("links up, blackhole routes removed, holds released".into())
+        }
+        FaultAction::Loss { link, rate } => {
+            let net = fault_net(d)?;
+            match link {
+                None => {
+                    net.set_loss_everywhere(*rate)?;
+                    Applied("nftables drop rules on every link (TCP resends)".into())
+                }
+                Some((a, b)) => match (side_of(*a, d), side_of(*b, d)) {
+                    (Some(x), Some(y)) => {
+                        if fault_net(d)?.set_loss(x, y, *rate)? {
+                            Applied("nftables drop rules on the link (TCP resends)".into())
+                        } else {
+                            Skipped("no traffic ever crosses that link here".into())
+                        }
+                    }
+                    _ => Skipped("a host of the link names nobody now".into()),
+                },
+            }
+        }
+        FaultAction::Latency { a, b, min, max } => match relayed(*a, *b, d) {
+            Ok((x, y)) => {
+                fault_net(d)?.links().set_latency(x, y, *min, *max);
+                Applied("the relay delays each chunk both ways".into())
+            }
+            Err(why) => Skipped(why),
+        },
+        FaultAction::Bandwidth { a, b, bytes_per_ms } => match relayed(*a, *b, d) {
+            Ok((x, y)) => {
+                let real = real_bandwidth(s, *bytes_per_ms);
+                fault_net(d)?.links().set_bandwidth(x, y, real);
+                Applied(format!(
+                    "the relay paces both directions at {} (scaled to 4 KiB pages)",
+                    describe_bandwidth(real)
+                ))
+            }
+            Err(why) => Skipped(why),
+        },
+        FaultAction::Hold { a, b } | FaultAction::Release { a, b } => {
+            let hold = matches!(action, FaultAction::Hold { .. });
+            match relayed(*a, *b, d) {
+                Ok((x, y)) => {
+                    fault_net(d)?.links().set_hold(x, y, hold);
+                    Applied(format!(
+                        "the relay {} the link's bytes",
+                        if hold { "holds" } else { "delivers" }
+                    ))
+                }
+                Err(why) => Skipped(why),
+            }
+        }
+        FaultAction::Corrupt { from, to } => match relayed(*from, *to, d) {
+            Ok((x @ LinkEnd::Node(_), y @ LinkEnd::Node(_))) => {
+                fault_net(d)?.links().arm_corruption(x, y);
+                Applied(format!(
+                    "the relay flips a page byte of the next checkpoint {x} -> {y}"
+                ))
+            }
+            Ok(_) => Skipped("only checkpoint links carry checkpoints".into()),
+            Err(why) => Skipped(why),
+        },
+        // Real links authenticate every frame and real witness replies ride the exchange's
+        // own keys: a forged frame is refused at the door (real/tests/hostile_peer.rs shows
+        // it), so only the simulator can slip one past to exercise what the model does.
+        FaultAction::ForgeGeneration { .. } | FaultAction::ForgeWitnessReply { .. } => {
+            Skipped("simulator only: real links and witness replies are authenticated".into())
+        }
+    })
+}
+
+fn restart_agent(d: &Deployment, node: u32, n: u32) -> anyhow::Result<Proc> {
+    let (host, dir, peer_host) = if node == 1 {
+        (Host::Primary, d.primary_dir(), Host::Backup)
+    } else {
+        (Host::Backup, d.backup_dir(), Host::Primary)
+    };
+    // A restarted host comes back empty and rejoins as a backup.
+    let _ = std::fs::remove_dir_all(&dir);
+    let mut args: Vec<String> = d.backup_args.clone();
+    let replace = |args: &mut Vec<String>, flag: &str, value: String| {
+        if let Some(i) = args.iter().position(|a| a == flag) {
+            args[i + 1] = value;
+        }
+    };
+    replace(&mut args, "--node", node.to_string());
+    replace(&mut args, "--listen", format!("{}:7000", d.topo.addr(host)));
+    let dial = d.dial(peer_host);
+    replace(&mut args, "--peer", format!("{}={}", 3 - node, dial.peer));
+    replace(&mut args, "--witness", dial.witness.to_string());
+    replace(&mut args, "--state-dir", dir.display().to_string());
+    args.push("--rejoin".into());
+    let log = d.opts.work_dir.join(format!("n{node}-restart{n}.log"));
+    deploy::spawn_in(&d.topo, host, "restarted agent", &args, &log)
+}
+
+fn restart_witness(d: &Deployment, n: u32) -> anyhow::Result<Proc> {
+    let w = &d.opts.work_dir;
+    deploy::spawn_in(
+        &d.topo,
+        Host::Switch,
+        "witness",
+        &deploy::witness_args(&d.topo, w, false),
+        &w.join(format!("witness-restart{n}.log")),
+    )
+}

@@ -1,0 +1,377 @@
+//! A fault-injecting TCP relay for the links of a local deployment: the agents dial a relay
+//! on their own host's loopback instead of the peer (`--peer N=127.0.0.1:…`, `--witness
+//! 127.0.0.1:…`), and the relay forwards each connection to the real address, delaying,
+//! throttling, holding or damaging its bytes as the simulator's link faults would
+//! ([`shaping`], [`tamper`]).
+//!
+//! A relay runs on its own thread inside its host's network namespace, so the forwarded leg is
+//! an ordinary connection from that host: route blackholes, link cuts and nftables loss rules
+//! of the namespace act on it as they would on the agent's own socket. The loopback leg is
+//! inside the host and never faulted.
+//!
+//! What differs from the simulator: the relay terminates TCP on the loopback side, so a sender
+//! sees its bytes accepted as soon as the relay's queue takes them (up to [`QUEUE_CHUNKS`]
+//! chunks of [`CHUNK`] bytes per direction, then the relay stops reading and TCP pushes back);
+//! a connection to a peer that is down is accepted and then closed (the dialler sees an early
+//! end of stream rather than a refusal).
+
+pub mod shaping;
+pub mod tamper;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use rand::rngs::StdRng;
+use rand::SeedableRng;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, oneshot, watch};
+
+pub use shaping::{LinkEnd, Links, Shape};
+use tamper::{Seen, Tamper};
+
+/// Bytes read from one side at a time (one shaped chunk).
+pub const CHUNK: usize = 16 * 1024;
+/// Chunks a direction queues before the relay stops reading from its sender.
+pub const QUEUE_CHUNKS: usize = 64;
+/// How long the relay tries to reach the real peer for an accepted connection.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Errors starting a relay.
+#[derive(Debug, thiserror::Error)]
+pub enum RelayError {
+    /// Entering the host's namespace failed.
+    #[error("cannot enter network namespace {ns}: {source}")]
+    Enter {
+        /// The namespace.
+        ns: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A listening address could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The relay's runtime could not be built.
+    #[error("cannot start the relay's runtime: {0}")]
+    Runtime(std::io::Error),
+    /// The relay's thread ended before it was ready.
+    #[error("the relay thread ended before it was ready")]
+    Died,
+}
+
+/// One relayed path: connections accepted on `listen` are forwarded to `upstream`; the bytes
+/// the acceptor sends travel `local → remote`.
+#[derive(Clone, Debug)]
+pub struct Route {
+    /// Where the agent dials (loopback of its host).
+    pub listen: SocketAddr,
+    /// The real peer.
+    pub upstream: SocketAddr,
+    /// The host the dialler runs on.
+    pub local: LinkEnd,
+    /// The host the peer runs on.
+    pub remote: LinkEnd,
+    /// A checkpoint link (handshake then tagged wire frames): corruption can find its
+    /// checkpoints. Witness exchanges are not.
+    pub checkpoint_link: bool,
+}
+
+/// The faults of every relayed link, shared by all relays of a deployment and the code that
+/// changes them.
+#[derive(Clone)]
+pub struct FaultLinks {
+    links: Arc<Mutex<Links>>,
+    /// Bumped whenever a hold is released, so held writers look again.
+    released: Arc<watch::Sender<()>>,
+    notes: Arc<Mutex<Vec<String>>>,
+}
+
+impl FaultLinks {
+    /// Links that all start as `defaults`.
+    pub fn new(defaults: Shape) -> FaultLinks {
+        FaultLinks {
+            links: Arc::new(Mutex::new(Links::new(defaults))),
+            released: Arc::new(watch::channel(()).0),
+            notes: Arc::default(),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Links> {
+        // The state is a table of plain values, consistent after any panic mid-update.
+        self.links.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Sets the latency range of `a ↔ b`.
+    pub fn set_latency(&self, a: LinkEnd, b: LinkEnd, min: Duration, max: Duration) {
+        self.lock().set_latency(a, b, min, max);
+    }
+
+    /// Sets the bandwidth of `a ↔ b` (`None` or 0: unlimited).
+    pub fn set_bandwidth(&self, a: LinkEnd, b: LinkEnd, bytes_per_ms: Option<u64>) {
+        self.lock().set_bandwidth(a, b, bytes_per_ms);
+    }
+
+    /// Holds or releases `a ↔ b`.
+    pub fn set_hold(&self, a: LinkEnd, b: LinkEnd, held: bool) {
+        self.lock().set_hold(a, b, held);
+        self.released.send_replace(());
+    }
+
+    /// Releases every hold.
+    pub fn release_all(&self) {
+        self.lock().release_all();
+        self.released.send_replace(());
+    }
+
+    /// Damages the next checkpoint `from → to`.
+    pub fn arm_corruption(&self, from: LinkEnd, to: LinkEnd) {
+        self.lock().arm_corruption(from, to);
+    }
+
+    /// What the relays did that the run should report (damaged checkpoints), since last asked.
+    pub fn take_notes(&self) -> Vec<String> {
+        std::mem::take(&mut *self.notes.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    fn note(&self, what: String) {
+        tracing::info!("relay: {what}");
+        self.notes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(what);
+    }
+
+    async fn wait_released(&self, from: LinkEnd, to: LinkEnd) {
+        let mut rx = self.released.subscribe();
+        while self.lock().held(from, to) {
+            if rx.changed().await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+/// A running relay; stops (closing every relayed connection) when dropped.
+pub struct Relay {
+    addrs: Vec<SocketAddr>,
+    stop: Option<oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Relay {
+    /// Starts a relay for `routes` inside network namespace `ns` (`None`: this one).
+    pub fn start(
+        ns: Option<&str>,
+        routes: Vec<Route>,
+        links: FaultLinks,
+    ) -> Result<Relay, RelayError> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let ns = ns.map(str::to_string);
+        let thread = std::thread::spawn(move || {
+            let setup = (|| {
+                if let Some(ns) = &ns {
+                    enter(ns)?;
+                }
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(RelayError::Runtime)?;
+                let listeners = routes
+                    .iter()
+                    .map(|r| {
+                        let l = std::net::TcpListener::bind(r.listen)
+                            .and_then(|l| l.set_nonblocking(true).map(|()| l))
+                            .map_err(|source| RelayError::Bind {
+                                addr: r.listen,
+                                source,
+                            })?;
+                        let bound = l.local_addr().map_err(|source| RelayError::Bind {
+                            addr: r.listen,
+                            source,
+                        })?;
+                        Ok((l, r.clone(), bound))
+                    })
+                    .collect::<Result<Vec<_>, RelayError>>()?;
+                Ok((rt, listeners))
+            })();
+            let (rt, listeners) = match setup {
+                Ok(x) => x,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            let bound: Vec<SocketAddr> = listeners.iter().map(|(_, _, a)| *a).collect();
+            rt.block_on(async move {
+                for (l, route, _) in listeners {
+                    match TcpListener::from_std(l) {
+                        Ok(l) => {
+                            tokio::spawn(accept_loop(l, route, links.clone()));
+                        }
+                        Err(source) => {
+                            let _ = ready_tx.send(Err(RelayError::Bind {
+                                addr: route.listen,
+                                source,
+                            }));
+                            return;
+                        }
+                    }
+                }
+                let _ = ready_tx.send(Ok(bound));
+                let _ = stop_rx.await;
+            });
+        });
+        match ready_rx.recv() {
+            Ok(Ok(addrs)) => Ok(Relay {
+                addrs,
+                stop: Some(stop_tx),
+                thread: Some(thread),
+            }),
+            Ok(Err(e)) => {
+                let _ = thread.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = thread.join();
+                Err(RelayError::Died)
+            }
+        }
+    }
+}
+
+impl Relay {
+    /// The addresses it listens on, in the order of its routes (a route asking for port 0
+    /// gets one chosen by the system).
+    pub fn addrs(&self) -> &[SocketAddr] {
+        &self.addrs
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Moves this thread into network namespace `ns` (sockets it creates afterwards live there).
+fn enter(ns: &str) -> Result<(), RelayError> {
+    let err = |source| RelayError::Enter {
+        ns: ns.to_string(),
+        source,
+    };
+    let fd = std::fs::File::open(format!("/var/run/netns/{ns}")).map_err(err)?;
+    nix::sched::setns(&fd, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| err(e.into()))
+}
+
+async fn accept_loop(listener: TcpListener, route: Route, links: FaultLinks) {
+    loop {
+        match listener.accept().await {
+            Ok((sock, _)) => {
+                tokio::spawn(relay_connection(sock, route.clone(), links.clone()));
+            }
+            Err(e) => {
+                tracing::warn!("relay {}: accept failed: {e}", route.listen);
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    }
+}
+
+async fn relay_connection(local: TcpStream, route: Route, links: FaultLinks) {
+    let upstream =
+        match tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(route.upstream)).await {
+            Ok(Ok(s)) => s,
+            // The peer is down or cut off: the dialler sees its connection end.
+            _ => return,
+        };
+    let _ = local.set_nodelay(true);
+    let _ = upstream.set_nodelay(true);
+    let (lr, lw) = local.into_split();
+    let (ur, uw) = upstream.into_split();
+    let tamper = |msgs| route.checkpoint_link.then(|| Tamper::new(msgs));
+    let out = pump(lr, uw, route.local, route.remote, tamper(2), links.clone());
+    let back = pump(ur, lw, route.remote, route.local, tamper(1), links);
+    // A clean end of stream half-closes its direction and waits for the other; an error on
+    // either drops both sockets.
+    let _ = tokio::try_join!(out, back);
+}
+
+/// Forwards one direction: reads chunks as they come, plans when each is due, writes them in
+/// order at that time (and not while the link is held); an end of stream is forwarded last.
+async fn pump(
+    mut r: OwnedReadHalf,
+    mut w: OwnedWriteHalf,
+    from: LinkEnd,
+    to: LinkEnd,
+    mut tamper: Option<Tamper>,
+    links: FaultLinks,
+) -> std::io::Result<()> {
+    let (tx, mut rx) = mpsc::channel::<(Instant, Option<Vec<u8>>)>(QUEUE_CHUNKS);
+    let reader_links = links.clone();
+    let reader = async move {
+        let links = reader_links;
+        let mut rng = StdRng::from_entropy();
+        loop {
+            let mut buf = vec![0; CHUNK];
+            let n = r.read(&mut buf).await?;
+            let now = Instant::now();
+            if n == 0 {
+                let due = links.lock().plan(from, to, now, 0, &mut rng);
+                let _ = tx.send((due, None)).await;
+                return Ok::<(), std::io::Error>(());
+            }
+            buf.truncate(n);
+            if let Some(t) = &mut tamper {
+                match t.pass(&mut buf, || links.lock().take_corruption(from, to)) {
+                    Seen::Damaged { epoch } => links.note(format!(
+                        "damaged the checkpoint of epoch {epoch} on the wire {from} -> {to}"
+                    )),
+                    Seen::GaveUp => links.note(format!(
+                        "cannot follow the checkpoint stream {from} -> {to} (encrypted?): \
+                         corruption not applied there"
+                    )),
+                    Seen::Nothing => {}
+                }
+            }
+            let due = links.lock().plan(from, to, now, n, &mut rng);
+            if tx.send((due, Some(buf))).await.is_err() {
+                return Ok(());
+            }
+        }
+    };
+    let writer = async move {
+        let mut last: Option<Instant> = None;
+        while let Some((due, chunk)) = rx.recv().await {
+            // In order: never before the chunk ahead of it.
+            let due = last.map_or(due, |l| due.max(l));
+            last = Some(due);
+            tokio::time::sleep_until(due.into()).await;
+            links.wait_released(from, to).await;
+            match chunk {
+                Some(b) => w.write_all(&b).await?,
+                None => {
+                    w.shutdown().await?;
+                    return Ok(());
+                }
+            }
+        }
+        Ok::<(), std::io::Error>(())
+    };
+    tokio::try_join!(reader, writer).map(|_| ())
+}
+
+#[cfg(test)]
+mod tests;
