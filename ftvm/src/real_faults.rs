@@ -7,7 +7,9 @@
 use ftvm_real::host::fault_net::Side;
 use ftvm_real::host::relay::{LinkEnd, Shape};
 use ftvm_real::host::topology::Host;
-use ftvm_sim::{FaultAction, HostRef, Scenario};
+use std::time::{Duration, Instant};
+
+use ftvm_sim::{FaultAction, HostRef, Scenario, Trigger};
 
 use crate::deploy::{self, status, Deployment, Proc};
 
@@ -109,6 +111,41 @@ fn side_of(h: HostRef, d: &Deployment) -> Option<Side> {
         HostRef::Witness => Some(Side::Witness),
         HostRef::Clients => Some(Side::Clients),
         _ => node_of(d, h).map(Side::Node),
+    }
+}
+
+/// Waits until `when` holds for the active primary, as its status file tells: `protected`
+/// and `syncing` are phases it reports; `sending` and `between_checkpoints` are moments inside
+/// an epoch that no status shows, so those faults fire at their time (the returned note says
+/// so).
+pub fn wait_for(
+    d: &Deployment,
+    when: Trigger,
+    timeout: Duration,
+) -> anyhow::Result<Option<String>> {
+    let phase = match when {
+        Trigger::At => return Ok(None),
+        Trigger::Protected => "protected",
+        Trigger::Syncing => "syncing",
+        Trigger::Sending | Trigger::BetweenCheckpoints => {
+            return Ok(Some(
+                "fired at its time: real hosts do not report where an epoch is".into(),
+            ))
+        }
+    };
+    let t0 = Instant::now();
+    loop {
+        let primary_in = |dir: std::path::PathBuf| {
+            let st = status(&dir);
+            st["role"] == "Primary" && st["phase"] == phase
+        };
+        if primary_in(d.primary_dir()) || primary_in(d.backup_dir()) {
+            return Ok(Some(format!("after the primary reported {phase}")));
+        }
+        if t0.elapsed() > timeout {
+            anyhow::bail!("no primary reported {phase} within {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -284,8 +321,13 @@ fn restart_agent(d: &Deployment, node: u32, n: u32) -> anyhow::Result<Proc> {
     } else {
         (Host::Backup, d.backup_dir(), Host::Primary)
     };
-    // A restarted host comes back empty and rejoins as a backup.
-    let _ = std::fs::remove_dir_all(&dir);
+    // A restarted host comes back empty and rejoins as a backup. Its old state directory is
+    // kept aside (its metrics count in the run's report).
+    let mut old = dir.as_os_str().to_owned();
+    old.push(format!("-before-restart{n}"));
+    std::fs::rename(&dir, &old)
+        .or_else(|_| std::fs::remove_dir_all(&dir))
+        .ok();
     let mut args: Vec<String> = d.backup_args.clone();
     let replace = |args: &mut Vec<String>, flag: &str, value: String| {
         if let Some(i) = args.iter().position(|a| a == flag) {
