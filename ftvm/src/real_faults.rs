@@ -1,6 +1,6 @@
 //! How `ftvm scenario run --real` produces each fault of a scenario file on real hosts, and
-//! what it says it did. Crashes kill processes, restarts start them again, partitions and
-//! isolation change routes and links; loss is nftables drop rules and latency, bandwidth,
+//! what it says it did. Crashes kill processes (a silent one takes the host's links down
+//! first), restarts start them again, partitions and isolation change routes and links; loss is nftables drop rules and latency, bandwidth,
 //! holds and corruption are done by the link relays (`ftvm_real::host::fault_net`). Forged
 //! frames are the simulator's alone: real links authenticate every frame.
 
@@ -166,23 +166,50 @@ fn relayed(a: HostRef, b: HostRef, d: &Deployment) -> Result<(LinkEnd, LinkEnd),
     Ok((x, y))
 }
 
-/// Produces `action` of scenario `s` on the deployment; `restarts` numbers restarted
-/// processes' logs.
+/// What a run's faults left behind that later faults undo.
+#[derive(Debug, Default)]
+pub struct RunState {
+    /// Processes restarted so far (numbers their logs).
+    restarts: u32,
+    /// Hosts whose links were taken down by a silent crash, until they restart.
+    dark: Vec<Host>,
+}
+
+/// Produces `action` of scenario `s` on the deployment.
 pub fn apply(
     s: &Scenario,
     d: &mut Deployment,
     action: &FaultAction,
-    restarts: &mut u32,
+    st: &mut RunState,
 ) -> anyhow::Result<Outcome> {
     use Outcome::{Applied, Skipped};
     Ok(match action {
-        FaultAction::Crash { host, .. } => match (host, node_of(d, *host)) {
+        FaultAction::Crash { host, silent } => match (host, node_of(d, *host)) {
             (HostRef::Witness, _) => {
+                // The witness shares the switch's namespace with the bridges: its silence is
+                // made with routes on the nodes' side, which its relayed links cross.
+                if *silent {
+                    for h in [Host::Primary, Host::Backup] {
+                        d.topo.set_route(h, Host::Switch, false)?;
+                    }
+                    st.dark.push(Host::Switch);
+                }
                 d.witness.child.kill()?;
                 let _ = d.witness.child.wait();
-                Applied("SIGKILL to the witness".into())
+                Applied(if *silent {
+                    "nodes' routes to the witness blackholed, then SIGKILL to the witness".into()
+                } else {
+                    "SIGKILL to the witness".into()
+                })
             }
             (_, Some(n)) => {
+                let h = if n == 1 { Host::Primary } else { Host::Backup };
+                // A power cut: the links go dark first, so no FIN or RST of the dying process
+                // (nor any later one) reaches a peer; they notice by silence.
+                if *silent {
+                    d.topo.set_host_link(h, false)?;
+                    st.dark.push(h);
+                }
                 let p = if n == 1 {
                     &mut d.primary
                 } else {
@@ -190,19 +217,37 @@ pub fn apply(
                 };
                 p.child.kill()?;
                 let _ = p.child.wait();
-                Applied(format!("SIGKILL to node n{n}'s agent (and its QEMU)"))
+                Applied(format!(
+                    "{}SIGKILL to node n{n}'s agent (and its QEMU)",
+                    if *silent {
+                        "host's links down, then "
+                    } else {
+                        ""
+                    }
+                ))
             }
             (_, None) => Skipped(format!("{host} names no agent host now")),
         },
         FaultAction::Restart { host } => {
-            *restarts += 1;
+            st.restarts += 1;
             match (host, node_of(d, *host)) {
                 (HostRef::Witness, _) => {
-                    d.witness = restart_witness(d, *restarts)?;
+                    if st.dark.contains(&Host::Switch) {
+                        st.dark.retain(|&h| h != Host::Switch);
+                        for h in [Host::Primary, Host::Backup] {
+                            d.topo.set_route(h, Host::Switch, true)?;
+                        }
+                    }
+                    d.witness = restart_witness(d, st.restarts)?;
                     Applied("witness started again on its register".into())
                 }
                 (_, Some(n)) => {
-                    let p = restart_agent(d, n, *restarts)?;
+                    let h = if n == 1 { Host::Primary } else { Host::Backup };
+                    if st.dark.contains(&h) {
+                        st.dark.retain(|&x| x != h);
+                        d.topo.set_host_link(h, true)?;
+                    }
+                    let p = restart_agent(d, n, st.restarts)?;
                     if n == 1 {
                         d.primary = p;
                     } else {

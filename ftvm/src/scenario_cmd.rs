@@ -129,13 +129,13 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
     let mut skipped = Vec::new();
     let mut faults = s.faults.clone();
     faults.sort_by_key(|f| f.at);
-    let mut restarts = 0;
+    let mut state = real_faults::RunState::default();
     for f in &faults {
         let wait = f.at.saturating_sub(t0.elapsed());
         std::thread::sleep(wait);
         let waited = real_faults::wait_for(&d, f.when, TRIGGER_TIMEOUT)?;
         let at = t0.elapsed().as_millis();
-        match real_faults::apply(s, &mut d, &f.action, &mut restarts)? {
+        match real_faults::apply(s, &mut d, &f.action, &mut state)? {
             Outcome::Applied(how) => {
                 let how = match waited {
                     Some(note) => format!("{how}; {note}"),
