@@ -114,39 +114,58 @@ fn side_of(h: HostRef, d: &Deployment) -> Option<Side> {
     }
 }
 
-/// Waits until `when` holds for the active primary, as its status file tells: `protected`
-/// and `syncing` are phases it reports; `sending` and `between_checkpoints` are moments inside
-/// an epoch that no status shows, so those faults fire at their time (the returned note says
-/// so).
+/// Waits until `when` holds for the active primary. `protected` and `syncing` are phases its
+/// status file reports; `sending` (at least half of a checkpoint written to its backup's link,
+/// not all) and `between_checkpoints` (none being written) are read from the relay, which
+/// follows the checkpoint link's frames. Returns a note on what was waited for.
 pub fn wait_for(
     d: &Deployment,
     when: Trigger,
     timeout: Duration,
 ) -> anyhow::Result<Option<String>> {
-    let phase = match when {
+    let primary_in = |phase: &str| {
+        [(1, d.primary_dir()), (2, d.backup_dir())]
+            .into_iter()
+            .find(|(_, dir)| {
+                let st = status(dir);
+                st["role"] == "Primary" && (phase.is_empty() || st["phase"] == phase)
+            })
+            .map(|(n, _)| n)
+    };
+    let progress = || {
+        let n = primary_in("")?;
+        let links = d.faults.as_ref()?.links();
+        Some(links.checkpoint_progress(LinkEnd::Node(n), LinkEnd::Node(3 - n)))
+    };
+    let (what, holds): (&str, Box<dyn Fn() -> bool + '_>) = match when {
         Trigger::At => return Ok(None),
-        Trigger::Protected => "protected",
-        Trigger::Syncing => "syncing",
-        Trigger::Sending | Trigger::BetweenCheckpoints => {
-            return Ok(Some(
-                "fired at its time: real hosts do not report where an epoch is".into(),
-            ))
-        }
+        Trigger::Protected => (
+            "the primary reported protected",
+            Box::new(|| primary_in("protected").is_some()),
+        ),
+        Trigger::Syncing => (
+            "the primary reported syncing",
+            Box::new(|| primary_in("syncing").is_some()),
+        ),
+        Trigger::Sending => (
+            "the primary had written half of a checkpoint, not all",
+            Box::new(
+                || matches!(progress(), Some(Some((passed, total))) if passed * 2 >= total && passed < total),
+            ),
+        ),
+        Trigger::BetweenCheckpoints => (
+            "the primary was writing no checkpoint",
+            Box::new(|| matches!(progress(), Some(None))),
+        ),
     };
     let t0 = Instant::now();
-    loop {
-        let primary_in = |dir: std::path::PathBuf| {
-            let st = status(&dir);
-            st["role"] == "Primary" && st["phase"] == phase
-        };
-        if primary_in(d.primary_dir()) || primary_in(d.backup_dir()) {
-            return Ok(Some(format!("after the primary reported {phase}")));
-        }
+    while !holds() {
         if t0.elapsed() > timeout {
-            anyhow::bail!("no primary reported {phase} within {timeout:?}");
+            anyhow::bail!("waited {timeout:?} in vain for the moment when {what}");
         }
-        std::thread::sleep(Duration::from_millis(5));
+        std::thread::sleep(Duration::from_micros(500));
     }
+    Ok(Some(format!("when {what}")))
 }
 
 /// Both ends of a relayed link, or why the link is not relayed.

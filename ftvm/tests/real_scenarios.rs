@@ -64,6 +64,10 @@ fn applied(s: &serde_json::Value, what: &str) -> Vec<String> {
 fn primary_crash_mid_epoch_on_real_hosts() {
     let s = run_real("primary-crash-mid-epoch");
     assert_eq!(applied(&s, "SIGKILL to node").len(), 1);
+    assert_eq!(
+        applied(&s, "when the primary was writing no checkpoint").len(),
+        1
+    );
 }
 
 // ~13 s
@@ -121,14 +125,14 @@ fn witness_outage_on_real_hosts() {
 #[test]
 fn new_primary_failure_on_real_hosts() {
     let s = run_real("new-primary-failure");
-    assert_eq!(applied(&s, "after the primary reported protected").len(), 1);
+    assert_eq!(applied(&s, "when the primary reported protected").len(), 1);
 }
 
 // ~7 s
 #[test]
 fn crash_during_initial_sync_on_real_hosts() {
     let s = run_real("crash-during-initial-sync");
-    assert_eq!(applied(&s, "after the primary reported syncing").len(), 1);
+    assert_eq!(applied(&s, "when the primary reported syncing").len(), 1);
 }
 
 // ~10 s
@@ -144,4 +148,12 @@ fn primary_crash_mid_transfer_on_a_paced_network_on_real_hosts() {
     let s = run_real("primary-crash-mid-transfer");
     // [network] bytes_per_ms = 2000 for 512-byte pages: 16,000 B/ms for 4 KiB pages.
     assert_eq!(applied(&s, "bandwidth 16000 B/ms").len(), 1);
+    assert_eq!(
+        applied(
+            &s,
+            "when the primary had written half of a checkpoint, not all"
+        )
+        .len(),
+        1
+    );
 }

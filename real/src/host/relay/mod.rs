@@ -135,6 +135,13 @@ impl FaultLinks {
         self.lock().arm_corruption(from, to);
     }
 
+    /// How far the checkpoint a sender is writing on `from → to` has come: bytes it has
+    /// written (the relay has read), and the frame's whole length. `None` between checkpoints
+    /// (and on links the relay does not follow).
+    pub fn checkpoint_progress(&self, from: LinkEnd, to: LinkEnd) -> Option<(u64, u64)> {
+        self.lock().checkpoint_progress(from, to)
+    }
+
     /// What the relays did that the run should report (damaged checkpoints), since last asked.
     pub fn take_notes(&self) -> Vec<String> {
         std::mem::take(&mut *self.notes.lock().unwrap_or_else(|e| e.into_inner()))
@@ -345,6 +352,9 @@ async fn pump(
                     )),
                     Seen::Nothing => {}
                 }
+                links
+                    .lock()
+                    .set_checkpoint_progress(from, to, t.checkpoint_progress());
             }
             let due = links.lock().plan(from, to, now, n, &mut rng);
             if tx.send((due, Some(buf))).await.is_err() {

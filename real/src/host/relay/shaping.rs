@@ -59,6 +59,8 @@ struct Direction {
     busy_until: Option<Instant>,
     held: bool,
     corrupt_armed: bool,
+    /// A checkpoint being read from its sender: bytes read, whole length.
+    checkpoint: Option<(u64, u64)>,
 }
 
 /// Every link direction's shape, holds and armed corruptions. Directions not set yet behave
@@ -85,6 +87,7 @@ impl Links {
             busy_until: None,
             held: false,
             corrupt_armed: false,
+            checkpoint: None,
         })
     }
 
@@ -130,6 +133,22 @@ impl Links {
     /// Whether the checkpoint starting on `from → to` must be damaged (consumes the arming).
     pub fn take_corruption(&mut self, from: LinkEnd, to: LinkEnd) -> bool {
         std::mem::take(&mut self.dir(from, to).corrupt_armed)
+    }
+
+    /// Records how far the checkpoint the sender is writing on `from → to` has come.
+    pub fn set_checkpoint_progress(
+        &mut self,
+        from: LinkEnd,
+        to: LinkEnd,
+        progress: Option<(u64, u64)>,
+    ) {
+        self.dir(from, to).checkpoint = progress;
+    }
+
+    /// How far the checkpoint the sender is writing on `from → to` has come (bytes written,
+    /// whole length); `None` between checkpoints.
+    pub fn checkpoint_progress(&self, from: LinkEnd, to: LinkEnd) -> Option<(u64, u64)> {
+        self.dirs.get(&(from, to)).and_then(|d| d.checkpoint)
     }
 
     /// When a chunk of `len` bytes read at `now` on `from → to` is due at the other side: after

@@ -63,9 +63,18 @@ pub struct Tamper {
     head: Vec<u8>,
     /// Bytes of the current frame after `head` still to pass, and where to flip within them.
     pending_flip: Option<u64>,
+    /// Inside a checkpoint frame: bytes of it passed so far, and its whole length (tag
+    /// included).
+    progress: Option<(u64, u64)>,
 }
 
 impl Tamper {
+    /// Inside a checkpoint frame (its header and meta passed): how many of its bytes have
+    /// passed, and its whole length. `None` between checkpoints.
+    pub fn checkpoint_progress(&self) -> Option<(u64, u64)> {
+        self.progress
+    }
+
     /// A tracker for the direction that sends `handshake_messages` handshake messages first
     /// (2 from the dialler, 1 from the listener).
     pub fn new(handshake_messages: u8) -> Tamper {
@@ -79,6 +88,7 @@ impl Tamper {
             },
             head: Vec::with_capacity(HEADER_LEN + META_LEN),
             pending_flip: None,
+            progress: None,
         }
     }
 
@@ -101,7 +111,13 @@ impl Tamper {
                         }
                     }
                     i += k as usize;
+                    if let Some((passed, _)) = &mut self.progress {
+                        *passed += k;
+                    }
                     let n = n - k;
+                    if n == 0 {
+                        self.progress = None;
+                    }
                     self.at = if n > 0 {
                         At::Skip { n, then }
                     } else {
@@ -189,6 +205,10 @@ impl Tamper {
                             };
                         }
                     }
+                    if self.head[6] == KIND_CHECKPOINT {
+                        let head = self.head.len() as u64;
+                        self.progress = Some((head, head + rest));
+                    }
                     self.head.clear();
                     self.at = At::Skip {
                         n: rest,
@@ -274,6 +294,25 @@ mod tests {
             assert_eq!(data[at], clean[at] ^ FLIP);
             assert!(at < second);
         }
+    }
+
+    #[test]
+    fn tells_how_far_a_checkpoint_has_passed() {
+        let (clean, first, second) = stream();
+        let mut data = clean.clone();
+        let mut t = Tamper::new(2);
+        t.pass(&mut data[..first + 10], || false);
+        assert_eq!(t.checkpoint_progress(), None, "inside the header");
+        t.pass(&mut data[first + 10..first + 100], || false);
+        let len = (second - first) as u64;
+        assert_eq!(t.checkpoint_progress(), Some((100, len)));
+        t.pass(&mut data[first + 100..second], || false);
+        assert_eq!(t.checkpoint_progress(), None, "between checkpoints");
+        t.pass(&mut data[second..second + 70], || false);
+        assert_eq!(
+            t.checkpoint_progress(),
+            Some((70, (clean.len() - second) as u64))
+        );
     }
 
     #[test]

@@ -184,3 +184,38 @@ fn a_peer_that_is_down_ends_the_dialled_connection() {
     let mut buf = [0; 1];
     assert_eq!(s.read(&mut buf).unwrap(), 0);
 }
+
+#[test]
+fn a_checkpoint_half_written_by_its_sender_shows_as_in_progress() {
+    let links = FaultLinks::new(Shape::CLEAR);
+    let (_relay, mut s) = relay_to(peer(sink), &links, true);
+    let mut stream = Vec::new();
+    for len in [8u16, 8] {
+        stream.extend_from_slice(b"FTVA\x01\x01");
+        stream.extend_from_slice(&len.to_be_bytes());
+        stream.extend(std::iter::repeat_n(0, usize::from(len)));
+    }
+    let start = stream.len();
+    let pages: Vec<(u64, Vec<u8>)> = (0..20).map(|i| (i, vec![1u8; 64])).collect();
+    let refs: Vec<(u64, &[u8])> = pages.iter().map(|(i, p)| (*i, p.as_slice())).collect();
+    stream.extend(
+        encode_checkpoint(VmId(1), Generation(1), Epoch(2), false, 64, &refs, b"d").unwrap(),
+    );
+    stream.extend([0; crate::auth::TAG_LEN]);
+    let total = (stream.len() - start) as u64;
+    let half = start + (stream.len() - start) * 6 / 10;
+    let progress = || links.checkpoint_progress(A, B);
+    let wait_until = |what: &str, ok: &dyn Fn() -> bool| {
+        let t0 = Instant::now();
+        while !ok() {
+            assert!(t0.elapsed() < Duration::from_secs(5), "never {what}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+    };
+    s.write_all(&stream[..half]).unwrap();
+    let passed = (half - start) as u64;
+    wait_until("in progress", &|| progress() == Some((passed, total)));
+    s.write_all(&stream[half..]).unwrap();
+    wait_until("done", &|| progress().is_none());
+    assert_eq!(links.checkpoint_progress(B, A), None);
+}
