@@ -2,14 +2,16 @@
 //! what it says it did. Crashes kill processes (a silent one takes the host's links down
 //! first), restarts start them again, partitions and isolation change routes and links; loss is nftables drop rules and latency, bandwidth,
 //! holds and corruption are done by the link relays (`ftvm_real::host::fault_net`). Forged
-//! frames are the simulator's alone: real links authenticate every frame.
+//! frames are slipped in by the relays too, but real links authenticate every frame: the
+//! receiver refuses them, which is what a real run shows.
 
 use ftvm_real::host::fault_net::Side;
 use ftvm_real::host::relay::{LinkEnd, Shape};
 use ftvm_real::host::topology::Host;
 use std::time::{Duration, Instant};
 
-use ftvm_sim::{FaultAction, HostRef, Scenario, Trigger};
+use ftvm_model::{Epoch, Generation, NodeId, PeerMsg, RejectReason, VmId};
+use ftvm_sim::{FaultAction, ForgedFrame, HostRef, Scenario, Trigger};
 
 use crate::deploy::{self, status, Deployment, Proc};
 
@@ -21,6 +23,9 @@ pub enum Outcome {
     /// Not produced; why.
     Skipped(String),
 }
+
+/// The VM id of deployments (the agents' default `--vm`).
+const DEPLOYED_VM: u64 = 1;
 
 /// The real guest's page size: what a dirty page costs on the wire.
 const REAL_PAGE_BYTES: u64 = 4096;
@@ -370,13 +375,65 @@ pub fn apply(
             Ok(_) => Skipped("only checkpoint links carry checkpoints".into()),
             Err(why) => Skipped(why),
         },
-        // Real links authenticate every frame and real witness replies ride the exchange's
-        // own keys: a forged frame is refused at the door (real/tests/hostile_peer.rs shows
-        // it), so only the simulator can slip one past to exercise what the model does.
-        FaultAction::ForgeGeneration { .. } | FaultAction::ForgeWitnessReply { .. } => {
-            Skipped("simulator only: real links and witness replies are authenticated".into())
-        }
+        // Real links authenticate every frame and witness exchanges are sealed: the relay,
+        // holding no key, slips the forged frame in with a tag it cannot compute (or damages
+        // the sealed reply), and the receiver must refuse it (the relay reports the
+        // connection's end).
+        FaultAction::ForgeGeneration {
+            from,
+            to,
+            frame,
+            generation,
+        } => match relayed(*from, *to, d) {
+            Ok((x @ LinkEnd::Node(sender), y @ LinkEnd::Node(_))) => {
+                let msg = forged_msg(d, sender, *frame, *generation);
+                fault_net(d)?.links().arm_forgery(x, y, msg);
+                Applied(format!(
+                    "the relay slips the forged frame into the link {x} -> {y} at its next \
+                     frame boundary, with a tag it cannot compute"
+                ))
+            }
+            Ok(_) => Skipped("only checkpoint links carry peer frames".into()),
+            Err(why) => Skipped(why),
+        },
+        FaultAction::ForgeWitnessReply { host } => match side_of(*host, d) {
+            Some(Side::Node(n)) => {
+                fault_net(d)?.links().arm_reply_damage(LinkEnd::Node(n));
+                Applied(format!(
+                    "the relay damages the next witness reply to n{n} (a forged reply cannot \
+                     be sealed without the witness's keys)"
+                ))
+            }
+            _ => Skipped(format!("{host} names no node now")),
+        },
     })
+}
+
+/// The message a `forge-generation` fault slips in, as the simulator builds it (a `Join`
+/// names the sender and claims the real guest's RAM).
+fn forged_msg(d: &Deployment, sender: u32, frame: ForgedFrame, generation: u64) -> PeerMsg {
+    let generation = Generation(generation);
+    match frame {
+        ForgedFrame::Join => PeerMsg::Join {
+            vm: VmId(DEPLOYED_VM),
+            node: NodeId(sender),
+            ram_pages: d.opts.ram_mb * (1 << 20) / REAL_PAGE_BYTES,
+            page_size: REAL_PAGE_BYTES as u32,
+            known: generation,
+        },
+        ForgedFrame::Heartbeat => PeerMsg::Heartbeat {
+            generation,
+            epoch: Epoch(1),
+        },
+        ForgedFrame::Ack => PeerMsg::Ack {
+            generation,
+            epoch: Epoch(1),
+        },
+        ForgedFrame::Reject => PeerMsg::Reject {
+            generation,
+            reason: RejectReason::Busy,
+        },
+    }
 }
 
 fn restart_agent(d: &Deployment, node: u32, n: u32) -> anyhow::Result<Proc> {

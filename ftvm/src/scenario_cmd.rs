@@ -2,8 +2,8 @@
 //! on real hosts: QEMU guests, agents and a witness in network namespaces, faults injected with
 //! SIGKILL, restarts, link changes, nftables loss rules and link relays (latency, bandwidth,
 //! holds, corruption; see `real_faults`), expectations checked on what the agents and a real
-//! client report. Every fault is printed with how it was produced; one real hosts cannot
-//! produce (forged frames) is listed as skipped, never silently.
+//! client report. Every fault is printed with how it was produced, and what the relays did;
+//! one that cannot be produced is listed as skipped, never silently.
 
 use std::path::PathBuf;
 use std::time::{Duration, Instant};

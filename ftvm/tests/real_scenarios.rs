@@ -14,12 +14,16 @@ use common::{guest_dir, repo};
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn run_real(name: &str) -> serde_json::Value {
+    run_real_file(name, &repo().join("scenarios").join(format!("{name}.toml")))
+}
+
+fn run_real_file(name: &str, file: &std::path::Path) -> serde_json::Value {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let summary = std::env::temp_dir().join(format!("ftvm-scenario-{name}.json"));
     let _ = std::fs::remove_file(&summary);
     let out = Command::new(env!("CARGO_BIN_EXE_ftvm"))
         .args(["scenario", "run"])
-        .arg(repo().join("scenarios").join(format!("{name}.toml")))
+        .arg(file)
         .arg("--real")
         .arg("--guest-dir")
         .arg(guest_dir())
@@ -156,4 +160,53 @@ fn primary_crash_mid_transfer_on_a_paced_network_on_real_hosts() {
         .len(),
         1
     );
+}
+
+/// Forgeries on real hosts: not a file of `scenarios/` (there a forged witness reply makes the
+/// simulated primary fence, which a real one cannot be made to do), but the same fault kinds,
+/// produced by the relays. Real links authenticate every frame and witness exchanges are
+/// sealed, so each forgery must end the connection that carried it.
+const FORGERIES: &str = r#"
+name = "forgeries-refused"
+description = "a forged heartbeat of a newer generation on the backup's link, a forged witness reply"
+duration_ms = 3000
+
+[[fault]]
+kind = "forge-generation"
+a = "backup"
+b = "primary"
+frame = "heartbeat"
+generation = 2
+at_ms = 800
+when = "protected"
+
+[[fault]]
+kind = "forge-witness-reply"
+host = "primary"
+at_ms = 1800
+when = "protected"
+
+[[fault]]
+kind = "crash"
+host = "backup"
+silent = false
+at_ms = 1900
+"#;
+
+// ~12 s
+#[test]
+fn forged_frames_and_witness_replies_are_refused_on_real_hosts() {
+    let dir = std::env::temp_dir().join("ftvm-forgeries-scenario");
+    std::fs::create_dir_all(&dir).unwrap();
+    let file = dir.join("forgeries-refused.toml");
+    std::fs::write(&file, FORGERIES).unwrap();
+    let s = run_real_file("forgeries-refused", &file);
+    assert_eq!(applied(&s, "relay: forged Heartbeat").len(), 1, "{s}");
+    assert_eq!(
+        applied(&s, "relay: witness reply witness -> n1 damaged").len(),
+        1,
+        "{s}"
+    );
+    // Each forgery's connection was dropped by its receiver.
+    assert_eq!(applied(&s, "refused").len(), 2, "{s}");
 }

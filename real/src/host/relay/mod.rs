@@ -29,6 +29,9 @@ use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, oneshot, watch};
 
+use ftvm_model::wire::encode_peer;
+use ftvm_model::{PeerMsg, VmId};
+
 pub use shaping::{LinkEnd, Links, Shape};
 use tamper::{Seen, Tamper};
 
@@ -133,6 +136,17 @@ impl FaultLinks {
     /// Damages the next checkpoint `from → to`.
     pub fn arm_corruption(&self, from: LinkEnd, to: LinkEnd) {
         self.lock().arm_corruption(from, to);
+    }
+
+    /// Slips `msg` into the checkpoint link `from → to` at its next frame boundary.
+    pub fn arm_forgery(&self, from: LinkEnd, to: LinkEnd, msg: PeerMsg) {
+        self.lock().arm_forgery(from, to, msg);
+    }
+
+    /// Damages the next witness reply to `node` (a reply the relay cannot forge: witness
+    /// exchanges are sealed).
+    pub fn arm_reply_damage(&self, node: LinkEnd) {
+        self.lock().arm_reply_damage(LinkEnd::Witness, node);
     }
 
     /// How far the checkpoint a sender is writing on `from → to` has come: bytes it has
@@ -309,11 +323,69 @@ async fn relay_connection(local: TcpStream, route: Route, links: FaultLinks) {
     let (lr, lw) = local.into_split();
     let (ur, uw) = upstream.into_split();
     let tamper = |msgs| route.checkpoint_link.then(|| Tamper::new(msgs));
-    let out = pump(lr, uw, route.local, route.remote, tamper(2), links.clone());
-    let back = pump(ur, lw, route.remote, route.local, tamper(1), links);
+    let forged: Forged = Arc::default();
+    let out = pump(
+        lr,
+        uw,
+        (route.local, route.remote),
+        tamper(2),
+        links.clone(),
+        forged.clone(),
+    );
+    let back = pump(
+        ur,
+        lw,
+        (route.remote, route.local),
+        tamper(1),
+        links.clone(),
+        forged.clone(),
+    );
     // A clean end of stream half-closes its direction and waits for the other; an error on
     // either drops both sockets.
     let _ = tokio::try_join!(out, back);
+    let what = forged.lock().unwrap_or_else(|e| e.into_inner()).take();
+    if let Some((at, what)) = what {
+        links.note(format!(
+            "the connection that carried the {what} ended {} ms after it: refused",
+            at.elapsed().as_millis()
+        ));
+    }
+}
+
+/// What a connection's relay slipped in or damaged on purpose, and when (its end is then
+/// reported: the receiver's refusal).
+type Forged = Arc<Mutex<Option<(Instant, String)>>>;
+
+/// Follows the witness's side of an exchange: its first message (the handshake's `Welcome`)
+/// passes untouched; the byte that ends a chunk after it belongs to the reply.
+#[derive(Default)]
+struct ReplyWatch {
+    passed: u64,
+    head: Vec<u8>,
+    welcome_end: Option<u64>,
+}
+
+impl ReplyWatch {
+    /// Damages the last byte of `buf` if it lies in the reply and `want()` says so.
+    fn pass(&mut self, buf: &mut [u8], want: impl FnOnce() -> bool) -> bool {
+        if self.head.len() < 8 {
+            let k = (8 - self.head.len()).min(buf.len());
+            self.head.extend_from_slice(&buf[..k]);
+            if self.head.len() == 8 {
+                let len = u16::from_be_bytes([self.head[6], self.head[7]]);
+                self.welcome_end = Some(8 + u64::from(len));
+            }
+        }
+        self.passed += buf.len() as u64;
+        let in_reply = self.welcome_end.is_some_and(|end| self.passed > end);
+        if in_reply && want() {
+            if let Some(b) = buf.last_mut() {
+                *b ^= 0x5A;
+                return true;
+            }
+        }
+        false
+    }
 }
 
 /// Forwards one direction: reads chunks as they come, plans when each is due, writes them in
@@ -321,11 +393,12 @@ async fn relay_connection(local: TcpStream, route: Route, links: FaultLinks) {
 async fn pump(
     mut r: OwnedReadHalf,
     mut w: OwnedWriteHalf,
-    from: LinkEnd,
-    to: LinkEnd,
+    (from, to): (LinkEnd, LinkEnd),
     mut tamper: Option<Tamper>,
     links: FaultLinks,
+    forged: Forged,
 ) -> std::io::Result<()> {
+    let mut replies = (from == LinkEnd::Witness).then(ReplyWatch::default);
     let (tx, mut rx) = mpsc::channel::<(Instant, Option<Vec<u8>>)>(QUEUE_CHUNKS);
     let reader_links = links.clone();
     let reader = async move {
@@ -342,6 +415,7 @@ async fn pump(
             }
             buf.truncate(n);
             if let Some(t) = &mut tamper {
+                slip_in_forgery(t, &mut buf, (from, to), &links, &forged);
                 match t.pass(&mut buf, || links.lock().take_corruption(from, to)) {
                     Seen::Damaged { epoch } => links.note(format!(
                         "damaged the checkpoint of epoch {epoch} on the wire {from} -> {to}"
@@ -356,7 +430,15 @@ async fn pump(
                     .lock()
                     .set_checkpoint_progress(from, to, t.checkpoint_progress());
             }
-            let due = links.lock().plan(from, to, now, n, &mut rng);
+            if let Some(w) = &mut replies {
+                if w.pass(&mut buf, || links.lock().take_reply_damage(from, to)) {
+                    let what = format!("witness reply {from} -> {to} damaged in flight");
+                    links.note(format!("{what} (a forged reply cannot be sealed)"));
+                    *forged.lock().unwrap_or_else(|e| e.into_inner()) =
+                        Some((Instant::now(), what));
+                }
+            }
+            let due = links.lock().plan(from, to, now, buf.len(), &mut rng);
             if tx.send((due, Some(buf))).await.is_err() {
                 return Ok(());
             }
@@ -381,6 +463,34 @@ async fn pump(
         Ok::<(), std::io::Error>(())
     };
     tokio::try_join!(reader, writer).map(|_| ())
+}
+
+/// Slips an armed forged message into `buf` at the stream's next frame boundary, if that lies
+/// in `buf`: a well-formed frame of the stream's VM followed by a tag the relay cannot compute
+/// (it holds no key), so the receiver must refuse it.
+fn slip_in_forgery(
+    t: &Tamper,
+    buf: &mut Vec<u8>,
+    (from, to): (LinkEnd, LinkEnd),
+    links: &FaultLinks,
+    forged: &Forged,
+) {
+    let (Some(k), Some(vm)) = (t.bytes_to_boundary(), t.vm()) else {
+        return;
+    };
+    let Ok(k) = usize::try_from(k) else { return };
+    if k > buf.len() || !links.lock().forgery_armed(from, to) {
+        return;
+    }
+    let Some(msg) = links.lock().take_forgery(from, to) else {
+        return;
+    };
+    let mut frame = encode_peer(VmId(vm), &msg);
+    frame.extend_from_slice(&[0; crate::auth::TAG_LEN]);
+    buf.splice(k..k, frame);
+    let what = format!("forged {msg:?} slipped into {from} -> {to}",);
+    links.note(format!("{what} (its tag cannot be right)"));
+    *forged.lock().unwrap_or_else(|e| e.into_inner()) = Some((Instant::now(), what));
 }
 
 #[cfg(test)]

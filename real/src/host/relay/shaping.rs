@@ -13,6 +13,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use ftvm_model::PeerMsg;
 use rand::Rng;
 
 /// One end of a relayed link.
@@ -61,6 +62,10 @@ struct Direction {
     corrupt_armed: bool,
     /// A checkpoint being read from its sender: bytes read, whole length.
     checkpoint: Option<(u64, u64)>,
+    /// A peer message to slip in at the next frame boundary.
+    forged: Option<PeerMsg>,
+    /// Damage the next witness reply.
+    damage_reply: bool,
 }
 
 /// Every link direction's shape, holds and armed corruptions. Directions not set yet behave
@@ -88,6 +93,8 @@ impl Links {
             held: false,
             corrupt_armed: false,
             checkpoint: None,
+            forged: None,
+            damage_reply: false,
         })
     }
 
@@ -133,6 +140,33 @@ impl Links {
     /// Whether the checkpoint starting on `from → to` must be damaged (consumes the arming).
     pub fn take_corruption(&mut self, from: LinkEnd, to: LinkEnd) -> bool {
         std::mem::take(&mut self.dir(from, to).corrupt_armed)
+    }
+
+    /// Slips `msg` into `from → to` at its next frame boundary.
+    pub fn arm_forgery(&mut self, from: LinkEnd, to: LinkEnd, msg: PeerMsg) {
+        self.dir(from, to).forged = Some(msg);
+    }
+
+    /// The message to slip in on `from → to` now (consumes it).
+    pub fn take_forgery(&mut self, from: LinkEnd, to: LinkEnd) -> Option<PeerMsg> {
+        self.dir(from, to).forged.take()
+    }
+
+    /// Whether a forgery waits on `from → to`.
+    pub fn forgery_armed(&self, from: LinkEnd, to: LinkEnd) -> bool {
+        self.dirs
+            .get(&(from, to))
+            .is_some_and(|d| d.forged.is_some())
+    }
+
+    /// Damages the next witness reply `from → to`.
+    pub fn arm_reply_damage(&mut self, from: LinkEnd, to: LinkEnd) {
+        self.dir(from, to).damage_reply = true;
+    }
+
+    /// Whether the reply passing `from → to` must be damaged (consumes it).
+    pub fn take_reply_damage(&mut self, from: LinkEnd, to: LinkEnd) -> bool {
+        std::mem::take(&mut self.dir(from, to).damage_reply)
     }
 
     /// Records how far the checkpoint the sender is writing on `from → to` has come.

@@ -66,9 +66,29 @@ pub struct Tamper {
     /// Inside a checkpoint frame: bytes of it passed so far, and its whole length (tag
     /// included).
     progress: Option<(u64, u64)>,
+    /// The VM id of the last frame header seen.
+    vm: Option<u64>,
 }
 
 impl Tamper {
+    /// Bytes until the next frame boundary, once the handshake is over and unless a frame's
+    /// header is half read (0 at a boundary). A forged frame may be slipped in there.
+    pub fn bytes_to_boundary(&self) -> Option<u64> {
+        match self.at {
+            At::Frame if self.head.is_empty() => Some(0),
+            At::Skip {
+                n,
+                then: Then::Frame,
+            } => Some(n),
+            _ => None,
+        }
+    }
+
+    /// The VM id the stream's frames carry (known after the first frame header).
+    pub fn vm(&self) -> Option<u64> {
+        self.vm
+    }
+
     /// Inside a checkpoint frame (its header and meta passed): how many of its bytes have
     /// passed, and its whole length. `None` between checkpoints.
     pub fn checkpoint_progress(&self) -> Option<(u64, u64)> {
@@ -89,6 +109,7 @@ impl Tamper {
             head: Vec::with_capacity(HEADER_LEN + META_LEN),
             pending_flip: None,
             progress: None,
+            vm: None,
         }
     }
 
@@ -176,6 +197,9 @@ impl Tamper {
                     if want == HEADER_LEN && self.head[6] == KIND_CHECKPOINT {
                         continue; // gather the meta too
                     }
+                    let mut vm = [0u8; 8];
+                    vm.copy_from_slice(&self.head[8..16]);
+                    self.vm = Some(u64::from_le_bytes(vm));
                     let mut body = [0u8; 8];
                     body.copy_from_slice(&self.head[24..32]);
                     let body_len = u64::from_le_bytes(body);
@@ -294,6 +318,21 @@ mod tests {
             assert_eq!(data[at], clean[at] ^ FLIP);
             assert!(at < second);
         }
+    }
+
+    #[test]
+    fn knows_where_the_next_frame_starts_and_the_vm() {
+        let (clean, first, _) = stream();
+        let mut data = clean.clone();
+        let mut t = Tamper::new(2);
+        assert_eq!(t.bytes_to_boundary(), None, "in the handshake");
+        t.pass(&mut data[..first - 5], || false);
+        assert_eq!(t.bytes_to_boundary(), Some(5));
+        assert_eq!(t.vm(), Some(1));
+        t.pass(&mut data[first - 5..first], || false);
+        assert_eq!(t.bytes_to_boundary(), Some(0));
+        t.pass(&mut data[first..first + 3], || false);
+        assert_eq!(t.bytes_to_boundary(), None, "inside a header");
     }
 
     #[test]

@@ -219,3 +219,74 @@ fn a_checkpoint_half_written_by_its_sender_shows_as_in_progress() {
     wait_until("done", &|| progress().is_none());
     assert_eq!(links.checkpoint_progress(B, A), None);
 }
+
+#[test]
+fn a_forged_frame_goes_in_at_a_frame_boundary_with_a_tag_no_key_made() {
+    use ftvm_model::wire::encode_peer;
+    use ftvm_model::PeerMsg;
+    let links = FaultLinks::new(Shape::CLEAR);
+    let (_relay, mut s) = relay_to(peer(sink), &links, true);
+    let mut first = Vec::new();
+    for len in [8u16, 8] {
+        first.extend_from_slice(b"FTVA\x01\x01");
+        first.extend_from_slice(&len.to_be_bytes());
+        first.extend(std::iter::repeat_n(0, usize::from(len)));
+    }
+    let heartbeat = |e| {
+        let mut f = encode_peer(
+            VmId(9),
+            &PeerMsg::Heartbeat {
+                generation: Generation(1),
+                epoch: Epoch(e),
+            },
+        );
+        f.extend([0xAA; crate::auth::TAG_LEN]);
+        f
+    };
+    first.extend(heartbeat(1));
+    s.write_all(&first).unwrap();
+    // Let the relay pass the first frame before arming, so the next write starts at a boundary.
+    let t0 = Instant::now();
+    while links.checkpoint_progress(A, B).is_some() || t0.elapsed() < Duration::from_millis(100) {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let forged = PeerMsg::Heartbeat {
+        generation: Generation(u64::MAX),
+        epoch: Epoch(1),
+    };
+    links.arm_forgery(A, B, forged);
+    let second = heartbeat(2);
+    s.write_all(&second).unwrap();
+    s.shutdown(Shutdown::Write).unwrap();
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).unwrap();
+    let mut expect = first.clone();
+    expect.extend(encode_peer(VmId(9), &forged));
+    expect.extend([0; crate::auth::TAG_LEN]);
+    expect.extend(second);
+    assert_eq!(back, expect);
+    let notes = links.take_notes();
+    assert!(notes[0].starts_with("forged Heartbeat"), "{notes:?}");
+    assert!(
+        notes
+            .iter()
+            .any(|n| n.contains("ended") && n.ends_with("refused")),
+        "{notes:?}"
+    );
+}
+
+#[test]
+fn a_witness_reply_is_damaged_after_the_handshake_only() {
+    let mut w = ReplyWatch::default();
+    let mut welcome = b"FTVA\x01\x02\x00\x04abcd".to_vec();
+    assert!(!w.pass(&mut welcome, || true));
+    assert_eq!(welcome, b"FTVA\x01\x02\x00\x04abcd");
+    let mut reply = b"FTVA\x01\x03\x00\x02xy".to_vec();
+    let mut asked = 0;
+    assert!(w.pass(&mut reply, || {
+        asked += 1;
+        true
+    }));
+    assert_eq!(asked, 1);
+    assert_eq!(reply, b"FTVA\x01\x03\x00\x02x\x23");
+}
