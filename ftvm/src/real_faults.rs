@@ -5,7 +5,7 @@
 //! frames are slipped in by the relays too, but real links authenticate every frame: the
 //! receiver refuses them, which is what a real run shows.
 
-use ftvm_real::host::fault_net::Side;
+use ftvm_real::host::fault_net::{self, Side};
 use ftvm_real::host::relay::{LinkEnd, Shape};
 use ftvm_real::host::topology::Host;
 use std::time::{Duration, Instant};
@@ -81,24 +81,67 @@ fn fault_net(d: &mut Deployment) -> anyhow::Result<&mut ftvm_real::host::fault_n
 }
 
 /// Which agent process a scenario host names, at this moment (node 1 runs on the primary
-/// host, node 2 on the backup host, whatever their roles).
+/// host, node 2 on the backup host, node 3 on the spare host, whatever their roles): `primary`
+/// is the unfenced primary of the highest generation, `backup` the node following it, `spare`
+/// the lowest-numbered node that is neither.
 pub fn node_of(d: &Deployment, h: HostRef) -> Option<u32> {
-    let role_of = |n: u32| {
-        let dir = if n == 1 {
-            d.primary_dir()
-        } else {
-            d.backup_dir()
+    let nodes: Vec<u32> = (1..=node_count(d)).collect();
+    let st = |n: u32| status(&d.node_dir(n));
+    let primary = || {
+        nodes
+            .iter()
+            .copied()
+            .filter(|&n| st(n)["role"] == "Primary" && st(n)["phase"] != "fenced")
+            .max_by_key(|&n| st(n)["generation"].as_u64().unwrap_or(0))
+    };
+    let backup = |p: Option<u32>| {
+        let others = nodes.iter().copied().filter(|&n| Some(n) != p);
+        if nodes.len() == 2 {
+            return others.into_iter().next();
+        }
+        let following = |n: u32| {
+            let s = st(n);
+            s["role"] == "Backup"
+                && ["protecting", "syncing", "taking-over", "restoring"]
+                    .iter()
+                    .any(|ph| s["phase"] == *ph)
         };
-        status(&dir)["role"].as_str().map(str::to_string)
+        others.into_iter().find(|&n| following(n))
     };
     match h {
-        HostRef::Node(n) if n == 1 || n == 2 => Some(n),
-        HostRef::Primary => [1, 2]
-            .into_iter()
-            .find(|&n| role_of(n).as_deref() == Some("Primary")),
-        HostRef::Backup => [1, 2]
-            .into_iter()
-            .find(|&n| role_of(n).as_deref() != Some("Primary")),
+        HostRef::Node(n) if nodes.contains(&n) => Some(n),
+        HostRef::Primary => primary(),
+        HostRef::Backup => backup(primary()),
+        HostRef::Spare => {
+            let (p, b) = (primary(), backup(primary()));
+            nodes
+                .iter()
+                .copied()
+                .find(|&n| Some(n) != p && Some(n) != b)
+        }
+        _ => None,
+    }
+}
+
+/// How many agent hosts the deployment has.
+fn node_count(d: &Deployment) -> u32 {
+    if d.spare.is_some() {
+        3
+    } else {
+        2
+    }
+}
+
+fn node_host(n: u32) -> Host {
+    fault_net::host_of(n).unwrap_or(Host::Spare)
+}
+
+/// The agent process of node `n`.
+fn proc_of(d: &mut Deployment, n: u32) -> Option<&mut Proc> {
+    match n {
+        1 => Some(&mut d.primary),
+        2 => Some(&mut d.backup),
+        3 => d.spare.as_mut(),
         _ => None,
     }
 }
@@ -107,7 +150,7 @@ fn host_of(h: HostRef, d: &Deployment) -> Option<Host> {
     match h {
         HostRef::Witness => Some(Host::Switch),
         HostRef::Clients => Some(Host::Client),
-        _ => node_of(d, h).map(|n| if n == 1 { Host::Primary } else { Host::Backup }),
+        _ => node_of(d, h).map(node_host),
     }
 }
 
@@ -129,18 +172,16 @@ pub fn wait_for(
     timeout: Duration,
 ) -> anyhow::Result<Option<String>> {
     let primary_in = |phase: &str| {
-        [(1, d.primary_dir()), (2, d.backup_dir())]
-            .into_iter()
-            .find(|(_, dir)| {
-                let st = status(dir);
-                st["role"] == "Primary" && (phase.is_empty() || st["phase"] == phase)
-            })
-            .map(|(n, _)| n)
+        (1..=node_count(d)).find(|&n| {
+            let st = status(&d.node_dir(n));
+            st["role"] == "Primary" && (phase.is_empty() || st["phase"] == phase)
+        })
     };
     let progress = || {
-        let n = primary_in("")?;
+        let p = node_of(d, HostRef::Primary)?;
+        let b = node_of(d, HostRef::Backup)?;
         let links = d.faults.as_ref()?.links();
-        Some(links.checkpoint_progress(LinkEnd::Node(n), LinkEnd::Node(3 - n)))
+        Some(links.checkpoint_progress(LinkEnd::Node(p), LinkEnd::Node(b)))
     };
     let (what, holds): (&str, Box<dyn Fn() -> bool + '_>) = match when {
         Trigger::At => return Ok(None),
@@ -227,20 +268,17 @@ pub fn apply(
                 })
             }
             (_, Some(n)) => {
-                let h = if n == 1 { Host::Primary } else { Host::Backup };
+                let h = node_host(n);
                 // A power cut: the links go dark first, so no FIN or RST of the dying process
                 // (nor any later one) reaches a peer; they notice by silence.
                 if *silent {
                     d.topo.set_host_link(h, false)?;
                     st.dark.push(h);
                 }
-                let p = if n == 1 {
-                    &mut d.primary
-                } else {
-                    &mut d.backup
-                };
-                p.child.kill()?;
-                let _ = p.child.wait();
+                if let Some(p) = proc_of(d, n) {
+                    p.child.kill()?;
+                    let _ = p.child.wait();
+                }
                 Applied(format!(
                     "{}SIGKILL to node n{n}'s agent (and its QEMU)",
                     if *silent {
@@ -266,16 +304,16 @@ pub fn apply(
                     Applied("witness started again on its register".into())
                 }
                 (_, Some(n)) => {
-                    let h = if n == 1 { Host::Primary } else { Host::Backup };
+                    let h = node_host(n);
                     if st.dark.contains(&h) {
                         st.dark.retain(|&x| x != h);
                         d.topo.set_host_link(h, true)?;
                     }
                     let p = restart_agent(d, n, st.restarts)?;
-                    if n == 1 {
-                        d.primary = p;
-                    } else {
-                        d.backup = p;
+                    match n {
+                        1 => d.primary = p,
+                        2 => d.backup = p,
+                        _ => d.spare = Some(p),
                     }
                     Applied(format!("node n{n}'s agent started again, empty, rejoining"))
                 }
@@ -437,11 +475,8 @@ fn forged_msg(d: &Deployment, sender: u32, frame: ForgedFrame, generation: u64) 
 }
 
 fn restart_agent(d: &Deployment, node: u32, n: u32) -> anyhow::Result<Proc> {
-    let (host, dir, peer_host) = if node == 1 {
-        (Host::Primary, d.primary_dir(), Host::Backup)
-    } else {
-        (Host::Backup, d.backup_dir(), Host::Primary)
-    };
+    let host = node_host(node);
+    let dir = d.node_dir(node);
     // A restarted host comes back empty and rejoins as a backup. Its old state directory is
     // kept aside (its metrics count in the run's report).
     let mut old = dir.as_os_str().to_owned();
@@ -449,18 +484,8 @@ fn restart_agent(d: &Deployment, node: u32, n: u32) -> anyhow::Result<Proc> {
     std::fs::rename(&dir, &old)
         .or_else(|_| std::fs::remove_dir_all(&dir))
         .ok();
-    let mut args: Vec<String> = d.backup_args.clone();
-    let replace = |args: &mut Vec<String>, flag: &str, value: String| {
-        if let Some(i) = args.iter().position(|a| a == flag) {
-            args[i + 1] = value;
-        }
-    };
-    replace(&mut args, "--node", node.to_string());
-    replace(&mut args, "--listen", format!("{}:7000", d.topo.addr(host)));
-    let dial = d.dial(peer_host);
-    replace(&mut args, "--peer", format!("{}={}", 3 - node, dial.peer));
-    replace(&mut args, "--witness", dial.witness.to_string());
-    replace(&mut args, "--state-dir", dir.display().to_string());
+    let mut args: Vec<String> = vec!["backup".into()];
+    args.extend(d.node_args(node));
     args.push("--rejoin".into());
     let log = d.opts.work_dir.join(format!("n{node}-restart{n}.log"));
     deploy::spawn_in(&d.topo, host, "restarted agent", &args, &log)

@@ -77,9 +77,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 }
 
 fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32> {
-    if s.topology.nodes != 2 {
+    if !(2..=3).contains(&s.topology.nodes) {
         bail!(
-            "real runs have two agent hosts; scenario {} has {}",
+            "real runs have two or three agent hosts; scenario {} has {}",
             s.name,
             s.topology.nodes
         );
@@ -100,7 +100,11 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
         verify_every: None,
         keep: false,
     };
-    let mut d = Deployment::start_with(opts, Some(real_faults::network_shape(s)))?;
+    let mut d = Deployment::start_with(
+        opts,
+        Some(real_faults::network_shape(s)),
+        s.topology.nodes == 3,
+    )?;
     // Scenario time starts once the primary is protected, unless a fault is meant for the
     // first sync: then it starts with the hosts, and that fault waits for the sync.
     let from_start = s.faults.iter().any(|f| f.when == Trigger::Syncing);
@@ -178,9 +182,7 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
     if s.expect.reprotected == Some(true) {
         let end = Instant::now();
         let protected = || {
-            [d.primary_dir(), d.backup_dir()]
-                .iter()
-                .any(|dir| status(dir)["phase"] == "protected")
+            (1..=s.topology.nodes).any(|n| status(&d.node_dir(n))["phase"] == "protected")
         };
         while !protected() && end.elapsed() < REPROTECT_GRACE {
             std::thread::sleep(Duration::from_millis(50));
@@ -190,7 +192,9 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
             println!("   protected again {late} ms after the scenario's time (full sync)");
         }
     }
-    let (p, b) = (status(&d.primary_dir()), status(&d.backup_dir()));
+    let nodes: Vec<serde_json::Value> = (1..=s.topology.nodes)
+        .map(|n| status(&d.node_dir(n)))
+        .collect();
     let mut failures = Vec::new();
     let lost = report["lost"].as_u64().unwrap_or(u64::MAX);
     if lost != 0 {
@@ -212,11 +216,12 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
         _ if replies == 0 => failures.push("the client saw no reply at all".into()),
         _ => {}
     }
-    let gen = p["generation"]
-        .as_u64()
-        .unwrap_or(0)
-        .max(b["generation"].as_u64().unwrap_or(0));
-    let failed_over = p["failed_over"] == true || b["failed_over"] == true;
+    let gen = nodes
+        .iter()
+        .filter_map(|st| st["generation"].as_u64())
+        .max()
+        .unwrap_or(0);
+    let failed_over = nodes.iter().any(|st| st["failed_over"] == true);
     if let Some(want) = s.expect.failover {
         if want != failed_over {
             failures.push(format!("expected failover = {want}, saw {failed_over}"));
@@ -227,18 +232,25 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
             failures.push(format!("expected generation ≥ {g}, saw {gen}"));
         }
     }
-    if s.expect.reprotected == Some(true) && p["phase"] != "protected" && b["phase"] != "protected"
-    {
+    if s.expect.reprotected == Some(true) && !nodes.iter().any(|st| st["phase"] == "protected") {
         failures.push("expected the survivor to be protected again at the end".into());
     }
-    let both_primary = p["role"] == "Primary"
-        && b["role"] == "Primary"
-        && p["generation"] == b["generation"]
-        && p["phase"] != "fenced"
-        && b["phase"] != "fenced";
-    if both_primary {
+    let active = |g: u64| {
+        nodes
+            .iter()
+            .filter(|st| {
+                st["role"] == "Primary" && st["phase"] != "fenced" && st["generation"] == g
+            })
+            .count()
+    };
+    let split = nodes
+        .iter()
+        .filter_map(|st| st["generation"].as_u64())
+        .find(|&g| active(g) > 1);
+    if let Some(g) = split {
         failures.push(format!(
-            "single active VM: both hosts are primary of generation {gen}"
+            "single active VM: {} hosts are primary of generation {g}",
+            active(g)
         ));
     }
     let gap_ms = report["longest_gap_us"].as_u64().unwrap_or(0) / 1000;
@@ -270,7 +282,8 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
         }
     }
     let summary = serde_json::json!({
-        "scenario": s.name, "client": report, "primary": p, "backup": b,
+        "scenario": s.name, "client": report, "primary": nodes[0], "backup": nodes[1],
+        "spare": nodes.get(2),
         "applied_faults": applied, "skipped_faults": skipped, "failures": failures,
     });
     if let Some(path) = &a.summary {

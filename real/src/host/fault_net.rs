@@ -1,9 +1,10 @@
-//! Link faults for a local deployment of two agent hosts and a witness: a relay in each agent
-//! host's namespace ([`relay`](super::relay)) carrying its links to the other node and to the
+//! Link faults for a local deployment of two (or three) agent hosts and a witness: a relay in
+//! each agent host's namespace ([`relay`](super::relay)) carrying its links to the other node and to the
 //! witness, and nftables loss rules ([`loss`](super::loss)) on every link, the clients' link to
 //! the VM included.
 //!
-//! Node 1 lives on [`Host::Primary`], node 2 on [`Host::Backup`] (whatever their roles become).
+//! Node 1 lives on [`Host::Primary`], node 2 on [`Host::Backup`], node 3 on [`Host::Spare`]
+//! (whatever their roles become).
 //! Each agent dials the other node at [`FaultNet::peer_addr`] and the witness at
 //! [`FaultNet::witness_addr`], on its own loopback; those addresses are the same in both
 //! namespaces, so one command line fits either host.
@@ -32,8 +33,8 @@ pub enum FaultNetError {
     /// A loss rule was refused.
     #[error(transparent)]
     Loss(#[from] LossError),
-    /// Only nodes 1 and 2 have hosts here.
-    #[error("node n{0} has no host in this deployment (nodes n1 and n2 only)")]
+    /// Only nodes 1, 2 (and 3 with a spare host) have hosts here.
+    #[error("node n{0} has no host in this deployment")]
     NoSuchNode(u32),
 }
 
@@ -64,16 +65,19 @@ impl Side {
 pub struct FaultNet {
     links: FaultLinks,
     loss: LossRules,
-    namespaces: [(Host, String); 3],
-    addrs: [(Host, Ipv4Addr); 4],
+    namespaces: Vec<(Host, String)>,
+    addrs: Vec<(Host, Ipv4Addr)>,
+    nodes: u32,
     vm: Ipv4Addr,
     _relays: Vec<Relay>,
 }
 
-fn host_of(node: u32) -> Result<Host, FaultNetError> {
+/// The host node `k` runs on.
+pub fn host_of(node: u32) -> Result<Host, FaultNetError> {
     match node {
         1 => Ok(Host::Primary),
         2 => Ok(Host::Backup),
+        3 => Ok(Host::Spare),
         k => Err(FaultNetError::NoSuchNode(k)),
     }
 }
@@ -82,42 +86,42 @@ impl FaultNet {
     /// Starts the relays of both agent hosts; every relayed link starts as `defaults`.
     pub fn start(topo: &Topology, defaults: Shape) -> Result<FaultNet, FaultNetError> {
         let links = FaultLinks::new(defaults);
+        let nodes = topo.agent_hosts().len() as u32;
         let mut relays = Vec::new();
-        for (me, other) in [(1, 2), (2, 1)] {
-            let routes = vec![
-                Route {
-                    listen: FaultNet::peer_addr(other),
-                    upstream: SocketAddr::from((topo.addr(host_of(other)?), AGENT_PORT)),
-                    local: LinkEnd::Node(me),
-                    remote: LinkEnd::Node(other),
-                    checkpoint_link: true,
-                },
-                Route {
-                    listen: FaultNet::witness_addr(),
-                    upstream: SocketAddr::from((topo.addr(Host::Switch), WITNESS_PORT)),
-                    local: LinkEnd::Node(me),
-                    remote: LinkEnd::Witness,
-                    checkpoint_link: false,
-                },
-            ];
+        for me in 1..=nodes {
+            let mut routes: Vec<Route> = (1..=nodes)
+                .filter(|&other| other != me)
+                .map(|other| {
+                    Ok(Route {
+                        listen: FaultNet::peer_addr(other),
+                        upstream: SocketAddr::from((topo.addr(host_of(other)?), AGENT_PORT)),
+                        local: LinkEnd::Node(me),
+                        remote: LinkEnd::Node(other),
+                        checkpoint_link: true,
+                    })
+                })
+                .collect::<Result<_, FaultNetError>>()?;
+            routes.push(Route {
+                listen: FaultNet::witness_addr(),
+                upstream: SocketAddr::from((topo.addr(Host::Switch), WITNESS_PORT)),
+                local: LinkEnd::Node(me),
+                remote: LinkEnd::Witness,
+                checkpoint_link: false,
+            });
             relays.push(Relay::start(
                 Some(&topo.ns(host_of(me)?)),
                 routes,
                 links.clone(),
             )?);
         }
-        let ns = |h| (h, topo.ns(h));
-        let addr = |h| (h, topo.addr(h));
+        let mut hosts = topo.agent_hosts();
+        hosts.extend([Host::Switch, Host::Client]);
         Ok(FaultNet {
             links,
             loss: LossRules::new(),
-            namespaces: [ns(Host::Primary), ns(Host::Backup), ns(Host::Client)],
-            addrs: [
-                addr(Host::Primary),
-                addr(Host::Backup),
-                addr(Host::Switch),
-                addr(Host::Client),
-            ],
+            namespaces: hosts.iter().map(|&h| (h, topo.ns(h))).collect(),
+            addrs: hosts.iter().map(|&h| (h, topo.addr(h))).collect(),
+            nodes,
             vm: topo.vm_addr(),
             _relays: relays,
         })
@@ -179,13 +183,14 @@ impl FaultNet {
 
     /// Segment loss on every link.
     pub fn set_loss_everywhere(&mut self, rate: f64) -> Result<(), FaultNetError> {
-        use Side::*;
-        for (a, b) in [
-            (Node(1), Node(2)),
-            (Node(1), Witness),
-            (Node(2), Witness),
-            (Node(1), Clients),
-        ] {
+        let mut links = vec![(Side::Node(1), Side::Clients)];
+        for a in 1..=self.nodes {
+            links.push((Side::Node(a), Side::Witness));
+            for b in a + 1..=self.nodes {
+                links.push((Side::Node(a), Side::Node(b)));
+            }
+        }
+        for (a, b) in links {
             self.set_loss(a, b, rate)?;
         }
         Ok(())
