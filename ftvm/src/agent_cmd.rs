@@ -239,7 +239,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         tracking,
         preload,
         // A TCG boot takes 3-5 s here; one that printed nothing for 15 s has hung (it happens:
-        // DESIGN §9) and is retried.
+        // docs/ARCHITECTURE.md, Platform facts) and is retried.
         boot: BootOptions {
             timeout: Duration::from_secs(15),
             ..BootOptions::default()
@@ -279,6 +279,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         .enable_all()
         .build()
         .context("starting the async runtime")?;
+    let node = args.node;
     let exit = rt.block_on(async move {
         let mut agent = Agent::new(cfg, launcher).context("starting the agent")?;
         let net = NetIo::start(
@@ -297,7 +298,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
     match exit {
         AgentExit::Shutdown => Ok(0),
         AgentExit::Fenced => {
-            eprintln!("ftvm: fenced: another host runs the VM now");
+            tracing::warn!(node, "fenced: another host runs the VM now");
             Ok(3)
         }
     }

@@ -76,6 +76,7 @@ pub fn spawn_in(
         .args(["netns", "exec", &topo.ns(host)])
         .arg(exe)
         .args(args)
+        .args(crate::logging::child_args())
         .stdin(Stdio::null())
         .stdout(log_file.try_clone()?)
         .stderr(log_file)

@@ -17,6 +17,7 @@ mod demo_cmd;
 mod deploy;
 mod guest_args;
 mod keygen_cmd;
+mod logging;
 mod mac_candidates;
 mod plot;
 mod real_faults;
@@ -32,6 +33,8 @@ mod witness_cmd;
     about = "Fault tolerance for unmodified QEMU VMs"
 )]
 struct Cli {
+    #[command(flatten)]
+    log: logging::LogArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -62,6 +65,10 @@ enum Command {
 
 fn main() {
     let cli = Cli::parse();
+    if let Err(e) = logging::init(&cli.log) {
+        eprintln!("ftvm: error: {e:#}");
+        std::process::exit(2);
+    }
     let result = match cli.command {
         Command::Sim(args) => sim_cmd::run(args),
         Command::Primary(args) => agent_cmd::run(agent_cmd::Role::Primary, args),
@@ -77,7 +84,12 @@ fn main() {
     match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
-            eprintln!("ftvm: error: {e:#}");
+            // A log collector reading JSON lines gets the failure as one of them.
+            if logging::is_json() {
+                tracing::error!(error = format!("{e:#}"), "ftvm failed");
+            } else {
+                eprintln!("ftvm: error: {e:#}");
+            }
             std::process::exit(1);
         }
     }

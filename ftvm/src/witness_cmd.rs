@@ -57,12 +57,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     };
     let (store, w) =
         WitnessStore::open(&args.state, VmId(args.vm), how).context("opening the witness state")?;
-    eprintln!(
-        "ftvm witness: VM {} generation {} primary {} on {}",
-        args.vm,
-        w.state().generation,
-        w.state().primary,
-        args.listen
+    tracing::info!(
+        vm = args.vm,
+        generation = w.state().generation.0,
+        primary = w.state().primary.0,
+        listen = %args.listen,
+        "witness serving"
     );
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()

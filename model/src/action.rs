@@ -6,7 +6,7 @@ use crate::status::Phase;
 use crate::witness_msg::WitnessRequest;
 
 /// State of the host's network output gate for the VM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Gate {
     /// Frames wait until a `ReleaseOutput` covers their epoch tag.
     Held,
@@ -16,7 +16,7 @@ pub enum Gate {
 }
 
 /// An effect the driver must carry out, in the order given.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Action {
     /// Pause the VM (a `Capture` follows).
     PauseVm,
@@ -98,7 +98,7 @@ pub enum Action {
 }
 
 /// Events worth a trace line.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Event {
     /// The node's phase changed.
     Phase {

@@ -15,7 +15,8 @@ use crate::ids::Epoch;
 pub struct OutputGate<T> {
     gate: Gate,
     tag: Epoch,
-    released_through: Epoch,
+    /// Highest epoch released (none before the first `ReleaseOutput`).
+    released_through: Option<Epoch>,
     held: VecDeque<(Epoch, T)>,
     fenced: bool,
 }
@@ -32,7 +33,7 @@ impl<T> OutputGate<T> {
         OutputGate {
             gate: Gate::Held,
             tag: Epoch::NONE,
-            released_through: Epoch::NONE,
+            released_through: None,
             held: VecDeque::new(),
             fenced: false,
         }
@@ -40,23 +41,29 @@ impl<T> OutputGate<T> {
 
     /// Apply one node action; returns the frames it released (in emission order).
     pub fn apply(&mut self, action: &Action) -> Vec<T> {
+        self.apply_tagged(action)
+            .into_iter()
+            .map(|(_, f)| f)
+            .collect()
+    }
+
+    /// [`OutputGate::apply`], with the epoch tag of each frame released.
+    pub fn apply_tagged(&mut self, action: &Action) -> Vec<(Epoch, T)> {
         match *action {
             Action::ResumeVm { epoch } => self.tag = epoch,
             Action::StartVm { from, .. } => self.tag = from.next(),
             Action::ReleaseOutput { through } if !self.fenced => {
-                self.released_through = self.released_through.max(through);
+                self.released_through = self.released_through.max(Some(through));
                 let mut out = Vec::new();
                 while self.held.front().is_some_and(|(tag, _)| *tag <= through) {
-                    if let Some((_, frame)) = self.held.pop_front() {
-                        out.push(frame);
-                    }
+                    out.extend(self.held.pop_front());
                 }
                 return out;
             }
             Action::SetOutputGate(gate) if !self.fenced => {
                 self.gate = gate;
                 if gate == Gate::Open {
-                    return self.held.drain(..).map(|(_, f)| f).collect();
+                    return self.held.drain(..).collect();
                 }
             }
             Action::Fence => {
@@ -73,12 +80,18 @@ impl<T> OutputGate<T> {
     pub fn emit(&mut self, frame: T) -> Option<T> {
         if self.fenced {
             None
-        } else if self.gate == Gate::Open || self.tag <= self.released_through {
+        } else if self.gate == Gate::Open || self.released_through.is_some_and(|r| self.tag <= r) {
             Some(frame)
         } else {
             self.held.push_back((self.tag, frame));
             None
         }
+    }
+
+    /// Takes every held frame out of the gate without releasing it (a driver that must account
+    /// for frames a `Fence` is about to drop calls it first).
+    pub fn take_held(&mut self) -> Vec<T> {
+        self.held.drain(..).map(|(_, f)| f).collect()
     }
 
     /// Tag of frames emitted now.
@@ -91,9 +104,9 @@ impl<T> OutputGate<T> {
         self.gate
     }
 
-    /// Highest `ReleaseOutput` seen.
+    /// Highest `ReleaseOutput` seen (`Epoch::NONE` before the first).
     pub fn released_through(&self) -> Epoch {
-        self.released_through
+        self.released_through.unwrap_or(Epoch::NONE)
     }
 
     /// Frames waiting.
@@ -161,6 +174,19 @@ mod tests {
         );
         assert_eq!(g.emit(2), None);
         assert_eq!(g.held(), 0);
+    }
+
+    #[test]
+    fn nothing_passes_before_the_first_release_and_late_frames_of_released_epochs_pass() {
+        let mut g = OutputGate::new();
+        assert_eq!(g.emit(1), None, "untagged frames wait too");
+        g.apply(&Action::ResumeVm { epoch: Epoch(2) });
+        assert_eq!(g.emit(2), None);
+        assert_eq!(
+            g.apply(&Action::ReleaseOutput { through: Epoch(2) }),
+            vec![1, 2]
+        );
+        assert_eq!(g.emit(3), Some(3), "its epoch is released already");
     }
 
     #[test]

@@ -9,7 +9,7 @@ use crate::witness_msg::WitnessReply;
 /// Ordering the driver must keep: every message, checkpoint input and `Heard` of one connection
 /// arrives after that connection's `Connected` (on the connecting side) and before its
 /// `Disconnected`; nothing of an old connection arrives after the `Disconnected`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Input {
     /// The time returned by [`crate::Node::poll_timeout`] has come.
     Timeout,

@@ -32,31 +32,33 @@
 //! A [`Node`] holds one [`Role`]: `Primary` (phases `Waiting`, `Syncing`, `Registering`,
 //! `Protected`, `Dropping`, `Degraded`), `Backup` (`Joining`, `Syncing`, `Protecting`,
 //! `TakingOver`, `Restoring`), `Joiner` (`Locating`: asking the witness whom to join) or
-//! `Fenced`. A backup whose takeover is granted becomes a primary with `failed_over` set
-//! (the contract's "Active").
+//! `Fenced`. A backup whose takeover is granted becomes a primary with `failed_over` set.
 //!
-//! ## Deviations from the protocol contract (docs/PROTOCOL.md describes the final protocol)
+//! ## Rules worth knowing (docs/PROTOCOL.md describes the whole protocol)
 //!
-//! 1. **Registration tokens.** A backup registration is `Registration { node, since }` where
+//! 1. **Registration tokens.** A backup registration is `Registration { node, since }`, where
 //!    `since` is the epoch of the full sync the replica came from. `RegisterBackup`,
-//!    `DropBackup` and `Takeover` carry one, and the witness register has a `floor` (tokens
-//!    `<= floor` are void) and `promoted`. Without them a late duplicate `RegisterBackup`
-//!    could re-register a dropped backup behind a degraded primary's back (split brain and
-//!    lost output); see [`witness`] for the argument. Field `gen` is spelled `generation`
-//!    (`gen` is reserved in Rust 2024).
-//! 2. **Joiner vanishing with `RegisterBackup` outstanding**: the primary does not wait for
-//!    the reply; it sends `DropBackup` with that token at once. The drop raises `floor`, so the
-//!    outstanding register can no longer apply, whatever order they arrive in.
+//!    `DropBackup` and `Takeover` carry one, and the witness register keeps a `floor` (tokens
+//!    `<= floor` are void) and the last `promoted` registration. Without them a late duplicate
+//!    `RegisterBackup` could re-register a dropped backup behind a degraded primary's back
+//!    (split brain and lost output); see [`witness`] for the argument. The register's field is
+//!    spelled `generation` (`gen` is reserved in Rust 2024).
+//! 2. **A joiner vanishing with `RegisterBackup` outstanding** is dropped at once: the primary
+//!    does not wait for the reply but sends `DropBackup` with that token. The drop raises
+//!    `floor`, so the outstanding register can no longer apply, whatever order they arrive in.
 //! 3. **Replies carry their request** (`WitnessReply { request, granted, state }`) so nodes
 //!    ignore stale replies. Nodes resend a request every `witness_retry` until answered.
 //! 4. **Start actions** come out of the first `handle` call; `poll_timeout` is `Time::ZERO`
 //!    before it.
-//! 5. **Extra inputs**: `Heard { from }` (bytes arrived: liveness only, so a long full sync
+//! 5. **Signs of life**: `Heard { from }` (bytes arrived: liveness only, so a long full sync
 //!    does not look like silence) and `CheckpointStarted { epoch }` (always accepted; the
 //!    `AckBeforeCommit` mutant acks on it).
-//! 6. **`SendCheckpoint` carries `generation`** (for the frame header); `Join` carries `known`,
-//!    the newest generation the joiner heard of; `Reject` carries the sender's generation.
-//! 7. **Extra primary phases** `Waiting` (no backup yet, gate held), `Registering`, `Dropping`.
+//! 6. **Generations on the wire**: `SendCheckpoint` carries `generation` (for the frame
+//!    header); `Join` carries `known`, the newest generation the joiner heard of; `Reject`
+//!    carries the sender's generation.
+//! 7. **Primary phases around the witness**: `Waiting` (no backup yet, gate held),
+//!    `Registering` (`RegisterBackup` outstanding) and `Dropping` (`DropBackup` outstanding,
+//!    gate held).
 //! 8. **Release needs registration**: acks of a joiner release output only once its
 //!    `RegisterBackup` is granted (before that, a takeover by it is impossible).
 //! 9. **Fenced nodes rejoin** as joiners after `Config::rejoin_after_fence` (default: the
@@ -79,12 +81,12 @@
 //!     `Reject { Busy }`; the joiner retries). A backup treats `Reject { Busy | HaveBackup }`
 //!     of its primary's generation as a sign of life (no needless takeover); `Heard` counts
 //!     as life only while a stream is under way (`Syncing`, `Protecting`), never while joining.
+//! 14. Wire: a `Join` frame travels under the joiner's VM and known generation; `Join` and
+//!     witness frames are exempt from the stale-generation check (see [`wire::Expect`]).
 //! 15. **A fenced node is silent.** The primary closes its peer's link before `Fence`, and the
 //!     fenced role answers a `Join` by closing its link, never with a `Reject` or a heartbeat,
 //!     so a backup still following it sees only silence and takes over after the failure
 //!     timeout. Drivers close every other checkpoint link at `Fence`.
-//! 14. Wire: a `Join` frame travels under the joiner's VM and known generation; `Join` and
-//!     witness frames are exempt from the stale-generation check (see [`wire::Expect`]).
 //!
 //! ## What a driver must guarantee
 //!

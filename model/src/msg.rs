@@ -6,7 +6,7 @@ use std::fmt;
 use crate::ids::{Epoch, Generation, NodeId, VmId};
 
 /// A control message on the checkpoint link.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum PeerMsg {
     /// Joiner → primary: "make me your backup". `known` is the newest generation the joiner has
     /// heard of (from the witness), `Generation::UNKNOWN` for a fresh backup. A primary that sees
@@ -70,7 +70,7 @@ impl PeerMsg {
 }
 
 /// Why a primary refused a join.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum RejectReason {
     /// The joiner asked for another VM. Permanent.
     WrongVm,

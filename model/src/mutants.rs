@@ -27,16 +27,26 @@ mod enabled {
         /// Backup acks epoch N at `CheckpointStarted { N }`, before N is received, verified and
         /// committed (breaks *output commit* / *no lost commitments*).
         AckBeforeCommit,
+        /// The witness grants a `DropBackup` without raising `floor`: a late duplicate of the
+        /// dropped `RegisterBackup` registers the backup again behind the primary's open gate
+        /// (breaks *output commit*).
+        DropKeepsFloor,
+        /// The witness denies a `Takeover` without raising `floor`: the primary's still
+        /// travelling `RegisterBackup` then names a backup that threw its replica away (breaks
+        /// *liveness*: the registered backup can never take over).
+        DenialKeepsFloor,
     }
 
     impl Mutant {
         /// Every mutant, for test loops.
-        pub const ALL: [Mutant; 5] = [
+        pub const ALL: [Mutant; 7] = [
             Mutant::ReleaseBeforeAck,
             Mutant::CommitPartial,
             Mutant::FailoverWithoutWitness,
             Mutant::ReuseGeneration,
             Mutant::AckBeforeCommit,
+            Mutant::DropKeepsFloor,
+            Mutant::DenialKeepsFloor,
         ];
     }
 }

@@ -424,6 +424,7 @@ mod mutants {
         c.crash(P);
         c.run_for(ms(600));
         c.assert_clean();
-        assert_eq!(Mutant::ALL.len(), 5);
+        // The two witness floor mutants are tested on the witness itself (witness.rs).
+        assert_eq!(Mutant::ALL.len(), 7);
     }
 }

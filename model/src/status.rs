@@ -7,7 +7,7 @@ use crate::ids::{Epoch, Generation, NodeId};
 use crate::witness_msg::Registration;
 
 /// Which role a node currently holds.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum RoleKind {
     /// Runs the VM.
     Primary,
@@ -23,8 +23,8 @@ pub enum RoleKind {
 /// `Dropping`, `Degraded`. Backup phases: `Joining`, `Syncing`, `Protecting`, `TakingOver`,
 /// `Restoring`. Joiner: `Locating`. Fenced: `Fenced`. `Syncing` is shared by both sides of a
 /// sync; [`Status::role`] tells them apart. A backup that failed over is a primary with
-/// [`Status::failed_over`] set (the contract's "Active").
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// [`Status::failed_over`] set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum Phase {
     /// Primary without any backup yet, output held (fresh start, generation 1).
     Waiting,
@@ -80,7 +80,7 @@ impl fmt::Display for Phase {
 }
 
 /// What [`crate::Node::status`] reports. Fields that do not apply to the role are `None`/zero.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Status {
     /// This node.
     pub node: NodeId,
@@ -90,7 +90,7 @@ pub struct Status {
     pub phase: Phase,
     /// Generation the node acts in (primary) or follows (backup); `UNKNOWN` if none yet.
     pub generation: Generation,
-    /// Primary that got its role through a takeover (the contract's "Active").
+    /// Primary that got its role through a takeover.
     pub failed_over: bool,
     /// Primary: the other side (backup or joiner). Backup: its primary.
     pub peer: Option<NodeId>,

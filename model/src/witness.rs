@@ -25,9 +25,10 @@
 //!
 //! # Why the rule is safe
 //!
-//! The properties that matter (DESIGN §5) and why they hold, assuming only that the driver
-//! calls `handle` one request at a time, persists the state before replying, and that the
-//! network may delay, drop, duplicate and reorder requests and replies arbitrarily:
+//! The properties that matter (the invariants of docs/ARCHITECTURE.md, Safety argument) and
+//! why they hold, assuming only that the driver calls `handle` one request at a time,
+//! persists the state before replying, and that the network may delay, drop, duplicate and
+//! reorder requests and replies arbitrarily:
 //!
 //! 1. **At most one primary may release output per generation.** A node acts as primary of
 //!    generation `g` only if it started `g` (generation 1's initial primary) or holds a granted
@@ -67,6 +68,7 @@
 //! price of never needing a lease or synchronized clocks.
 
 use crate::ids::{Epoch, NodeId, VmId};
+use crate::mutants::mutant;
 use crate::time::Time;
 use crate::witness_msg::{WitnessReply, WitnessRequest, WitnessState};
 
@@ -74,19 +76,31 @@ use crate::witness_msg::{WitnessReply, WitnessRequest, WitnessState};
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Witness {
     state: WitnessState,
+    /// A planted bug (test builds only).
+    #[cfg(feature = "mutants")]
+    mutant: Option<crate::mutants::Mutant>,
 }
 
 impl Witness {
     /// A fresh VM whose first primary is `primary`: `{1, primary, None}`.
     pub fn new(vm: VmId, primary: NodeId) -> Witness {
-        Witness {
-            state: WitnessState::initial(vm, primary),
-        }
+        Witness::from_state(WitnessState::initial(vm, primary))
     }
 
     /// Resume from a persisted register.
     pub fn from_state(state: WitnessState) -> Witness {
-        Witness { state }
+        Witness {
+            state,
+            #[cfg(feature = "mutants")]
+            mutant: None,
+        }
+    }
+
+    /// The same witness with `mutant` planted (test builds only).
+    #[cfg(feature = "mutants")]
+    pub fn with_mutant(mut self, mutant: Option<crate::mutants::Mutant>) -> Witness {
+        self.mutant = mutant;
+        self
     }
 
     /// The register; persist it after every `handle` that changed it, before replying.
@@ -128,6 +142,8 @@ impl Witness {
     }
 
     fn apply(&mut self, request: WitnessRequest) -> bool {
+        let drop_keeps_floor = mutant!(self, DropKeepsFloor);
+        let denial_keeps_floor = mutant!(self, DenialKeepsFloor);
         let s = &mut self.state;
         match request {
             WitnessRequest::Query => true,
@@ -159,7 +175,9 @@ impl Witness {
                     false
                 } else {
                     s.backup = None;
-                    s.floor = s.floor.max(backup.since);
+                    if !drop_keeps_floor {
+                        s.floor = s.floor.max(backup.since);
+                    }
                     true
                 }
             }
@@ -180,7 +198,7 @@ impl Witness {
                 {
                     true
                 } else {
-                    if generation == s.generation {
+                    if generation == s.generation && !denial_keeps_floor {
                         s.floor = s.floor.max(backup.since);
                     }
                     false
@@ -424,6 +442,47 @@ mod tests {
         let before = *w.state();
         assert!(!w.handle(T, takeover(1, reg(C, 50))).granted);
         assert_eq!(*w.state(), before);
+    }
+
+    /// The planted floor bugs open exactly the holes the module docs close: a late
+    /// registration after a drop, or after a denied takeover, goes through.
+    #[cfg(feature = "mutants")]
+    #[test]
+    fn floor_mutants_let_a_late_registration_through() {
+        use crate::mutants::Mutant;
+        let sound = || Witness::new(VM, P);
+        let planted = |m| Witness::new(VM, P).with_mutant(Some(m));
+        for (m, mut w) in [
+            (
+                Some(Mutant::DropKeepsFloor),
+                planted(Mutant::DropKeepsFloor),
+            ),
+            (None, sound()),
+        ] {
+            assert!(w.handle(T, register(1, P, reg(B, 5))).granted);
+            assert!(w.handle(T, drop_(1, P, reg(B, 5))).granted);
+            let late = w.handle(T, register(1, P, reg(B, 5))).granted;
+            assert_eq!(late, m.is_some(), "{m:?}: late register after a drop");
+        }
+        for (m, mut w) in [
+            (
+                Some(Mutant::DenialKeepsFloor),
+                planted(Mutant::DenialKeepsFloor),
+            ),
+            (None, sound()),
+        ] {
+            assert!(!w.handle(T, takeover(1, reg(B, 5))).granted);
+            let late = w.handle(T, register(1, P, reg(B, 5))).granted;
+            assert_eq!(late, m.is_some(), "{m:?}: late register after a denial");
+        }
+        // Each bug leaves the other rule alone.
+        let mut w = planted(Mutant::DenialKeepsFloor);
+        w.handle(T, register(1, P, reg(B, 5)));
+        w.handle(T, drop_(1, P, reg(B, 5)));
+        assert!(!w.handle(T, register(1, P, reg(B, 5))).granted);
+        let mut w = planted(Mutant::DropKeepsFloor);
+        w.handle(T, takeover(1, reg(B, 5)));
+        assert!(!w.handle(T, register(1, P, reg(B, 5))).granted);
     }
 
     #[test]

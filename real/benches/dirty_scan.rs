@@ -1,7 +1,7 @@
 //! Scan time of the dirty-page trackers against the number of dirty pages, printed as JSON
-//! lines (one per configuration) — the DESIGN §9 figures: a 256 MiB RAM file mapped by a QEMU
-//! stand-in with the preload library, N scattered random pages written, then one scan timed
-//! (the stand-in is idle during the scan, like a paused VM).
+//! lines (one per configuration), the figures of docs/ARCHITECTURE.md, Dirty pages: a 256 MiB
+//! RAM file mapped by a QEMU stand-in with the preload library, N scattered random pages
+//! written, then one scan timed (the stand-in is idle during the scan, like a paused VM).
 //!
 //! `cargo bench -p ftvm-real --bench dirty_scan`. Environment: `FTVM_BENCH_REPS` (scans per
 //! configuration, default 30), `FTVM_BENCH_MIB` (RAM size, default 256),

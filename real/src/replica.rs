@@ -11,6 +11,10 @@
 //! [`Replica::open`] replays a `journal` left by a crash between 1 and 3; a torn `journal.tmp` is
 //! discarded (it never reached the commit point).
 
+// Values here come off the wire (or go onto it): a cast that drops bits must be a checked
+// conversion, or say why it cannot lose anything.
+#![warn(clippy::cast_possible_truncation)]
+
 use std::fs::{self, File};
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
@@ -58,20 +62,8 @@ pub enum ReplicaError {
     Corrupt(PathBuf),
 }
 
-/// A checkpoint fully received and verified, not yet applied.
-#[derive(Debug, Default, Clone, PartialEq, Eq)]
-pub struct StagedCheckpoint {
-    /// Generation it belongs to.
-    pub generation: u64,
-    /// Epoch it captures.
-    pub epoch: u64,
-    /// Page indices, in the order of `data`.
-    pub indices: Vec<u64>,
-    /// Page contents, `indices.len() * page_size` bytes.
-    pub data: Vec<u8>,
-    /// QEMU device state (migration stream without shared RAM).
-    pub device: Vec<u8>,
-}
+/// A checkpoint fully received and verified, not yet applied (the driver core's type).
+pub use ftvm_driver::StagedCheckpoint;
 
 /// What the replica holds: the last committed checkpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -188,7 +180,8 @@ impl Replica {
         let mut buf = vec![0u8; 1 << 20];
         let mut off = 0u64;
         while off < self.ram_bytes {
-            let n = ((self.ram_bytes - off) as usize).min(buf.len());
+            let n =
+                usize::try_from(self.ram_bytes - off).map_or(buf.len(), |left| left.min(buf.len()));
             self.ram
                 .read_exact_at(&mut buf[..n], off)
                 .map_err(io(&self.ram_path, "read RAM file"))?;
@@ -331,7 +324,9 @@ fn decode_journal(b: &[u8]) -> Option<StagedCheckpoint> {
         ))
     };
     let (generation, epoch) = (word(0)?, word(1)?);
-    let (n, data_len, dev_len) = (word(2)? as usize, word(3)? as usize, word(4)? as usize);
+    // Lengths this host cannot address make the journal unreadable, like any other damage.
+    let len = |i: usize| usize::try_from(word(i)?).ok();
+    let (n, data_len, dev_len) = (len(2)?, len(3)?, len(4)?);
     let mut off = 40;
     let mut indices = Vec::with_capacity(n.min(1 << 24));
     for _ in 0..n {
@@ -344,6 +339,8 @@ fn decode_journal(b: &[u8]) -> Option<StagedCheckpoint> {
     Some(StagedCheckpoint {
         generation,
         epoch,
+        // Only the replica's journal reads it back, which needs no flag.
+        full: false,
         indices,
         data,
         device,
@@ -356,13 +353,65 @@ mod tests {
 
     const PS: usize = 4096;
 
+    const RAM_PAGES: u64 = 100;
+
+    /// What passes the driver's staging fits the replica: `Replica::commit` cannot refuse its
+    /// shape.
+    #[test]
+    fn whatever_passes_staging_commits() {
+        use ftvm_driver::staging::{CheckpointAssembler, Staged, StagingLimits};
+        use ftvm_model::wire::{encode_checkpoint, Expect, StreamDecoder};
+        use ftvm_model::{Epoch, Generation, VmId};
+        let dir = tempfile::tempdir().unwrap();
+        let mut replica = Replica::open(
+            &dir.path().join("r"),
+            &dir.path().join("ram"),
+            RAM_PAGES * PS as u64,
+            PS,
+        )
+        .unwrap();
+        let mut asm = CheckpointAssembler::new(StagingLimits {
+            page_size: 4096u32,
+            ram_pages: RAM_PAGES,
+            max_device_bytes: 1000,
+        });
+        let p = vec![5u8; PS];
+        let last = RAM_PAGES - 1;
+        let bytes = encode_checkpoint(
+            VmId(1),
+            Generation(1),
+            Epoch(1),
+            false,
+            4096u32,
+            &[(last, &p[..]), (0, &p[..])],
+            b"d",
+        )
+        .unwrap();
+        let mut dec = StreamDecoder::new(Expect::vm(VmId(1)));
+        let (mut pos, mut whole) = (0, None);
+        while pos < bytes.len() {
+            let (used, item) = dec.decode(&bytes[pos..]).unwrap();
+            pos += used;
+            if let Some(item) = item {
+                if let Staged::Complete(_, s) = asm.feed(item).unwrap() {
+                    whole = Some(s);
+                }
+            }
+        }
+        let s = whole.expect("the checkpoint passes staging");
+        replica.commit(&s).unwrap();
+        assert_eq!(replica.committed().map(|c| c.epoch), Some(1));
+    }
+
     fn staged(epoch: u64, pages: &[(u64, u8)]) -> StagedCheckpoint {
         StagedCheckpoint {
             generation: 1,
             epoch,
+            full: false,
             indices: pages.iter().map(|p| p.0).collect(),
             data: pages.iter().flat_map(|p| vec![p.1; PS]).collect(),
-            device: vec![epoch as u8; 100],
+            // Device state that differs by epoch: its low byte will do.
+            device: vec![epoch.to_le_bytes()[0]; 100],
         }
     }
 

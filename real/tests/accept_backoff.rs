@@ -77,6 +77,11 @@ fn next_conn() -> ConnId {
 
 /// Runs the listener with room for one accepted link's descriptors and no more.
 fn child() {
+    // The listener reports failed accepts as log events: print them where the parent reads.
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_ansi(false)
+        .init();
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let addr = listener.local_addr().unwrap();
     let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();

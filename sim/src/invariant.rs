@@ -5,7 +5,8 @@ use std::fmt;
 use ftvm_model::{NodeId, Time};
 use serde::Serialize;
 
-/// One checked property (DESIGN §5). Names are the ones scenario files use.
+/// One checked property (docs/ARCHITECTURE.md, Safety argument). Names are the ones scenario
+/// files use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Invariant {
@@ -23,8 +24,9 @@ pub enum Invariant {
     /// releases in it; once a backup took over from epoch E of generation g, no VM releases
     /// output of g tagged after E.
     SingleActive,
-    /// When the active primary dies or is cut off from its backup, that backup is registered
-    /// and can reach the witness, and the primary is dead or can reach the witness cleanly too,
+    /// The witness never registers a backup that gave that replica up (in the same start of
+    /// its software). When the active primary dies or is cut off from its backup, that backup
+    /// is registered and can reach the witness, and the primary is dead or can reach the witness cleanly too,
     /// a VM serves again within failure timeout + restore time + slack.
     Liveness,
     /// The model asked the driver for something impossible (e.g. commit an epoch that was

@@ -37,6 +37,8 @@ pub(crate) struct World {
     pub unfired: Vec<String>,
     /// Simulated time the run covered (set at the end of the run).
     pub elapsed: std::time::Duration,
+    /// The replica tokens each node has held (for the runner's registration check).
+    pub held_tokens: crate::runner::HeldTokens,
 }
 
 pub(crate) type Shared = Rc<RefCell<World>>;

@@ -4,6 +4,7 @@
 
 use std::time::Duration;
 
+use ftvm_sim::scenario::WitnessDisorder;
 use ftvm_sim::{Fault, FaultAction, HostRef, Scenario, Trigger};
 use proptest::prelude::*;
 
@@ -75,6 +76,20 @@ pub enum Disturbance {
     },
     /// Damage the next checkpoint from the primary to its backup.
     Corrupt,
+    /// Witness requests and replies duplicated, reordered and lost for a while.
+    WitnessDisorder {
+        /// How.
+        disorder: WitnessDisorder,
+        /// Back to in-order traffic after this long.
+        lasts_ms: u64,
+    },
+    /// The primary's witness link stalls (its messages held) as it loses its backup, so the
+    /// backup's takeover may overtake what the primary asked the witness; every link heals
+    /// after `heal_ms` from the start of the run.
+    WitnessStall {
+        /// When everything heals (an absolute time: stalls start at the first registration).
+        heal_ms: u64,
+    },
 }
 
 /// A disturbance placed in time.
@@ -193,6 +208,25 @@ impl Timed {
                 from: HostRef::Primary,
                 to: HostRef::Backup,
             })],
+            Disturbance::WitnessDisorder { disorder, lasts_ms } => vec![
+                start(FaultAction::WitnessDisorder(disorder)),
+                undo(
+                    lasts_ms,
+                    FaultAction::WitnessDisorder(WitnessDisorder::default()),
+                ),
+            ],
+            Disturbance::WitnessStall { heal_ms } => vec![
+                start(FaultAction::Hold {
+                    a: HostRef::Primary,
+                    b: HostRef::Witness,
+                }),
+                start(FaultAction::Partition {
+                    a: HostRef::Primary,
+                    b: HostRef::Backup,
+                    oneway: false,
+                }),
+                Fault::at_ms(heal_ms, FaultAction::Heal),
+            ],
         }
     }
 }
@@ -290,7 +324,65 @@ pub fn network_disturbance(nodes: u32) -> impl Strategy<Value = Disturbance> {
             }
         ),
         1 => Just(Disturbance::Corrupt),
+        2 => (witness_disorder(), 50u64..2000)
+            .prop_map(|(disorder, lasts_ms)| Disturbance::WitnessDisorder { disorder, lasts_ms }),
     ]
+}
+
+/// Some disorder of witness traffic (duplicates, reordering, lost replies, late by up to 2 s).
+pub fn witness_disorder() -> impl Strategy<Value = WitnessDisorder> {
+    (0.0f64..0.6, 0.0f64..0.4, 0.0f64..0.3, 1u64..2000).prop_map(
+        |(duplicate, reorder, reply_loss, max_ms)| WitnessDisorder {
+            duplicate,
+            reorder,
+            reply_loss,
+            max_delay: ms(max_ms),
+        },
+    )
+}
+
+/// The races of witness requests: disordered witness traffic from the start, maybe a stall of
+/// the primary's witness link at the first registration (as it loses its backup), then crashes
+/// and network faults, some waiting for the primary to be protected (a registration was just
+/// granted, copies of it may still travel) or to be registering.
+pub fn witness_schedule() -> impl Strategy<Value = Schedule> {
+    (2..=3u32).prop_flat_map(|n| {
+        let step = (
+            40u64..2500,
+            prop_oneof![
+                2 => Just(Trigger::At),
+                1 => Just(Trigger::Protected),
+                1 => Just(Trigger::Registering),
+            ],
+            mixed_disturbance(n),
+        )
+            .prop_map(|(at_ms, when, what)| Timed { at_ms, when, what });
+        (
+            Just(n),
+            witness_disorder(),
+            proptest::option::of(165u64..=195),
+            proptest::collection::vec(step, 1..=5),
+            any::<u64>(),
+        )
+            .prop_map(|(nodes, disorder, stall, mut steps, seed)| {
+                steps.push(Timed {
+                    at_ms: 0,
+                    when: Trigger::At,
+                    what: Disturbance::WitnessDisorder {
+                        disorder,
+                        lasts_ms: 3000,
+                    },
+                });
+                if let Some(heal_ms) = stall {
+                    steps.push(Timed {
+                        at_ms: 0,
+                        when: Trigger::Registering,
+                        what: Disturbance::WitnessStall { heal_ms },
+                    });
+                }
+                Schedule { nodes, steps, seed }
+            })
+    })
 }
 
 /// Crashes and network faults alike.
@@ -298,13 +390,15 @@ pub fn mixed_disturbance(nodes: u32) -> BoxedStrategy<Disturbance> {
     prop_oneof![crash_disturbance(nodes), network_disturbance(nodes)].boxed()
 }
 
-/// The scenario every random schedule is planted into: a short, busy run with two clients.
+/// The scenario every random schedule is planted into: a short, busy run with two clients,
+/// its protocol timings and latencies drawn from each run's seed (`swarm`).
 pub fn base_scenario() -> Scenario {
     Scenario::from_toml(
         r#"
 name = "random"
 description = "base of the random fault schedules"
 duration_ms = 3000
+swarm = true
 
 [vm]
 pages = 64

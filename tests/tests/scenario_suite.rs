@@ -86,6 +86,8 @@ scenario_tests! {
     witness_outage => "witness-outage",
     forged_generation => "forged-generation",
     fenced_primary_goes_silent => "fenced-primary-goes-silent",
+    stale_witness_traffic => "stale-witness-traffic",
+    register_overtaken => "register-overtaken",
 }
 
 /// A scenario file added without a test above would go unchecked: list them all here.
@@ -96,6 +98,25 @@ fn every_scenario_file_has_a_test() {
             TESTED.contains(&name.as_str()),
             "scenarios/{name}.toml has no test in tests/tests/scenario_suite.rs"
         );
+    }
+}
+
+/// Every scenario file also passes, expectations included, when each seed draws its own
+/// protocol timings and latencies (`swarm`): the bounds derived from the timings follow the
+/// ones drawn, and the timings the files picked are not the only ones the protocol survives.
+#[test]
+fn every_scenario_passes_with_swarmed_timings() {
+    for name in scenario_names() {
+        let mut s = load(&name);
+        s.swarm = true;
+        let mut timings = std::collections::BTreeSet::new();
+        for seed in 0..6 {
+            let r = assert_pass(&s, seed);
+            assert!(r.stats.observed.epochs > 0, "{name} seed {seed}: no epoch");
+            let t = s.swarmed(seed).timing;
+            timings.insert((t.epoch, t.failure_timeout, t.witness_retry));
+        }
+        assert!(timings.len() > 1, "{name}: every seed ran the same timings");
     }
 }
 
@@ -193,4 +214,40 @@ fn a_fenced_primary_is_replaced_after_its_silence() {
             "seed {seed}: outage {out:?}"
         );
     }
+}
+
+/// The witness disorder of `stale-witness-traffic` does what the safety argument assumes a
+/// network may do: stale `RegisterBackup` requests reach the witness after the register voided
+/// their token (and are refused), replies are lost after the witness acted, and requests and
+/// replies arrive twice or late.
+#[test]
+fn stale_witness_requests_arrive_after_the_register_changed() {
+    let s = load("stale-witness-traffic");
+    let (mut refused_stale, mut lost, mut twice, mut late) = (0, 0, 0, 0);
+    for seed in 0..6 {
+        let r = run_scenario(&s, seed, &RunOptions::default().traced(true));
+        assert_eq!(r.verdict, Verdict::Pass, "seed {seed}: {}", r.summary());
+        for e in &r.trace {
+            match &e.what {
+                TraceKind::Witness(reply) => {
+                    if let WitnessRequest::RegisterBackup { backup, .. } = reply.request {
+                        if !reply.granted && reply.state.floor >= backup.since {
+                            refused_stale += 1;
+                        }
+                    }
+                }
+                TraceKind::Note(n) if n.contains("lost") => lost += 1,
+                TraceKind::Note(n) if n.contains("arrive again") => twice += 1,
+                TraceKind::Note(n) if n.contains("held back") => late += 1,
+                _ => {}
+            }
+        }
+    }
+    assert!(
+        refused_stale > 0,
+        "no stale RegisterBackup reached the witness"
+    );
+    assert!(lost > 0, "no witness reply was lost");
+    assert!(twice > 0, "no witness message arrived twice");
+    assert!(late > 0, "no witness message arrived only late");
 }

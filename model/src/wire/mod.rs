@@ -9,6 +9,10 @@
 //! Decoding refuses truncated input, damaged bytes (checksums), other protocol versions,
 //! other VMs and older generations with a typed [`WireError`]; it never panics on any input.
 
+// Values here come off the wire (or go onto it): a cast that drops bits must be a checked
+// conversion, or say why it cannot lose anything.
+#![warn(clippy::cast_possible_truncation)]
+
 mod bytes;
 mod checkpoint;
 mod error;

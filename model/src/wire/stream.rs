@@ -253,7 +253,9 @@ impl StreamDecoder {
             }
             State::Message(header) => {
                 // Bounded by `message::body_len`, so this buffer stays small.
-                let need = header.body_len as usize + TRAILER_LEN;
+                let body_len = usize::try_from(header.body_len)
+                    .map_err(|_| WireError::Malformed("body length beyond this host's memory"))?;
+                let need = body_len + TRAILER_LEN;
                 let (used, done) = self.fill(input, need);
                 if !done {
                     return Ok((used, None));

@@ -105,7 +105,10 @@ fn a_reply() -> WitnessReply {
 }
 
 fn page(fill: u8, size: usize) -> Vec<u8> {
-    (0..size).map(|i| fill.wrapping_add(i as u8)).collect()
+    // Bytes counting up from `fill`, wrapping: the low byte of the offset is what is wanted.
+    (0..size)
+        .map(|i| fill.wrapping_add(i.to_le_bytes()[0]))
+        .collect()
 }
 
 fn a_checkpoint() -> (Vec<u8>, Checkpoint) {

@@ -43,7 +43,7 @@ pub const FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 /// to read the uffd. This is what PAGEMAP_SCAN's PAGE_IS_WRITTEN reports.
 pub const FEATURE_WP_ASYNC: u64 = 1 << 15;
 
-/// Features of the tracking uffd (DESIGN §9).
+/// Features of the tracking uffd (docs/ARCHITECTURE.md, Dirty pages).
 pub const ASYNC_TRACKING: u64 =
     FEATURE_WP_ASYNC | FEATURE_WP_UNPOPULATED | FEATURE_WP_HUGETLBFS_SHMEM;
 /// Features of the blocking uffd handed to the agent for copy-on-write capture: faults wait for

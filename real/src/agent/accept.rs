@@ -164,8 +164,11 @@ fn accept_loop(l: Listener, deadlines: mpsc::Sender<Pending>) {
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(e) => {
                 let pause = backoff.failed();
-                eprintln!(
-                    "ftvm: accept on the checkpoint port failed ({e}); retrying in {pause:?}"
+                tracing::warn!(
+                    node = l.node.0,
+                    error = %e,
+                    retry_in = ?pause,
+                    "accept on the checkpoint port failed; retrying"
                 );
                 std::thread::sleep(pause);
                 continue;
@@ -178,9 +181,18 @@ fn accept_loop(l: Listener, deadlines: mpsc::Sender<Pending>) {
             refused.note(peer, l.limits.max_inbound);
             continue;
         }
-        let Ok(socket) = stream.try_clone() else {
-            live.fetch_sub(1, Ordering::AcqRel);
-            continue;
+        let socket = match stream.try_clone() {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(
+                    node = l.node.0,
+                    %peer,
+                    error = %e,
+                    "inbound connection dropped: cloning its socket failed"
+                );
+                live.fetch_sub(1, Ordering::AcqRel);
+                continue;
+            }
         };
         let watch = Arc::new(Watch {
             established: AtomicBool::new(false),
@@ -197,7 +209,7 @@ fn accept_loop(l: Listener, deadlines: mpsc::Sender<Pending>) {
         };
         let node = l.node;
         let refused = move |why: String| {
-            eprintln!("ftvm[{node}]: refused a connection from {peer}: {why}");
+            tracing::warn!(node = node.0, %peer, %why, "refused a connection");
         };
         let started = link::spawn(
             stream,
@@ -217,7 +229,14 @@ fn accept_loop(l: Listener, deadlines: mpsc::Sender<Pending>) {
                     watch,
                 });
             }
-            Err(e) => eprintln!("ftvm: accepting a checkpoint link from {peer}: {e}"),
+            Err(e) => {
+                tracing::warn!(
+                    node = l.node.0,
+                    %peer,
+                    error = %e,
+                    "accepting a checkpoint link failed"
+                )
+            }
         }
     }
 }
@@ -247,9 +266,9 @@ fn watchdog(rx: mpsc::Receiver<Pending>) {
             let Some(p) = waiting.pop_front() else { break };
             // Still there: neither established nor closed.
             if let Some(socket) = p.watch.take_socket() {
-                eprintln!(
-                    "ftvm: inbound connection from {} did not authenticate in time; closed",
-                    p.peer
+                tracing::warn!(
+                    peer = %p.peer,
+                    "inbound connection did not authenticate in time; closed"
                 );
                 // The reader sees the end of the stream, reports the link closed and frees
                 // the slot.
@@ -273,9 +292,11 @@ impl Refusals {
             .logged_at
             .is_none_or(|t| t.elapsed() >= REFUSAL_LOG_EVERY);
         if due {
-            eprintln!(
-                "ftvm: refused {} inbound connection(s) (last from {peer}): {cap} already open",
-                self.unlogged
+            tracing::warn!(
+                refused = self.unlogged,
+                last_peer = %peer,
+                open = cap,
+                "inbound connections refused: the cap is reached"
             );
             self.logged_at = Some(Instant::now());
             self.unlogged = 0;

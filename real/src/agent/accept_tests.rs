@@ -87,7 +87,15 @@ mod live {
             kept.push(ev);
         }
         kept.iter()
-            .filter(|e| matches!(e, Event::Message { .. }))
+            .filter(|e| {
+                matches!(
+                    e,
+                    Event::Link {
+                        event: ftvm_driver::LinkEvent::Message(_),
+                        ..
+                    }
+                )
+            })
             .count()
     }
 

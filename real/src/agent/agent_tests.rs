@@ -1,16 +1,47 @@
 use std::collections::VecDeque;
 
-use ftvm_model::{Config, Epoch, Input, NodeId, Start, VmId};
+use ftvm_driver::{Effect, LinkEvent};
+use ftvm_model::{Action, Config, Epoch, Gate, Generation, Input, NodeId, Start, VmId};
 
-use super::event::{ConnId, Event};
+use super::actions::witness_exchange_timeout;
+use super::event::{CommitError, ConnId, Event};
 use super::mem_vm::MemLauncher;
 use super::*;
 
 fn backup(dir: &std::path::Path) -> Agent<MemLauncher> {
+    agent(dir, NodeId(2), Start::Backup { primary: NodeId(1) })
+}
+
+fn primary(dir: &std::path::Path) -> Agent<MemLauncher> {
+    agent(dir, NodeId(1), Start::Primary)
+}
+
+/// What the core hands `execute` for an action it did no bookkeeping for.
+fn bare(action: Action) -> Effect<ConnId, HeldFrame> {
+    Effect {
+        action,
+        released: Vec::new(),
+        dropped: Vec::new(),
+        close: Vec::new(),
+        staged: None,
+        link: None,
+    }
+}
+
+/// Makes `conn` the live link of `peer` as a dial that connected would.
+fn live_link(agent: &mut Agent<MemLauncher>, conn: ConnId, peer: NodeId) {
+    agent.driver.dialling(peer, conn);
+    assert_eq!(
+        agent.driver.connected(conn, peer),
+        ftvm_driver::Verdict::Feed(Input::Connected { peer })
+    );
+}
+
+fn agent(dir: &std::path::Path, node: NodeId, start: Start) -> Agent<MemLauncher> {
     let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let cfg = AgentConfig {
-        node: NodeId(2),
-        start: Start::Backup { primary: NodeId(1) },
+        node,
+        start,
         model: Config::new(VmId(7), 16, NodeId(0)),
         listen: addr,
         peers: BTreeMap::new(),
@@ -25,10 +56,10 @@ fn backup(dir: &std::path::Path) -> Agent<MemLauncher> {
         verify_every: None,
         limits: AgentLimits::default(),
         identity: Arc::new(
-            crate::auth::Identity::generate_set(&[NodeId(2)])
+            crate::auth::Identity::generate_set(&[node])
                 .unwrap()
                 .1
-                .remove(&NodeId(2))
+                .remove(&node)
                 .unwrap(),
         ),
         protection: Protection::Mac,
@@ -46,20 +77,31 @@ fn backup(dir: &std::path::Path) -> Agent<MemLauncher> {
 }
 
 /// A checkpoint the link's reader dropped reaches the model as the simulator reports one:
-/// `CheckpointReceived { ok: false }`, and nothing of it stays staged.
+/// `CheckpointReceived { ok: false }`, and what arrived of it is staged beside it (nothing, here).
 #[tokio::test]
 async fn a_damaged_checkpoint_reaches_the_model_as_received_not_ok() {
     let dir = tempfile::tempdir().unwrap();
     let mut agent = backup(dir.path());
     let conn = ConnId(1_000_001);
-    agent.conn_peer.insert(conn, NodeId(1));
-    agent.peer_conn.insert(NodeId(1), conn);
-    agent.staged.insert(5, StagedCheckpoint::default());
+    live_link(&mut agent, conn, NodeId(1));
     let mut pending = VecDeque::new();
-    let ev = Event::CheckpointDamaged {
+    let staged = StagedCheckpoint {
+        epoch: 5,
+        ..StagedCheckpoint::default()
+    };
+    let ev = Event::Link {
         conn,
-        epoch: Epoch(5),
-        why: "bad frame".into(),
+        event: LinkEvent::CheckpointReceived(staged),
+    };
+    agent.on_event(ev, &mut pending).await.unwrap();
+    assert!(agent.driver.staged().contains_key(&Epoch(5)));
+    pending.clear();
+    let ev = Event::Link {
+        conn,
+        event: LinkEvent::CheckpointDamaged {
+            epoch: Epoch(5),
+            partial: None,
+        },
     };
     agent.on_event(ev, &mut pending).await.unwrap();
     assert_eq!(
@@ -69,13 +111,15 @@ async fn a_damaged_checkpoint_reaches_the_model_as_received_not_ok() {
             ok: false
         }]
     );
-    assert!(!agent.staged.contains_key(&5));
+    assert!(!agent.driver.staged().contains_key(&Epoch(5)));
     // From a connection that speaks for no peer: nothing.
     pending.clear();
-    let ev = Event::CheckpointDamaged {
+    let ev = Event::Link {
         conn: ConnId(1_000_002),
-        epoch: Epoch(6),
-        why: "bad frame".into(),
+        event: LinkEvent::CheckpointDamaged {
+            epoch: Epoch(6),
+            partial: None,
+        },
     };
     agent.on_event(ev, &mut pending).await.unwrap();
     assert!(pending.is_empty());
@@ -88,7 +132,7 @@ async fn commit_failures_are_typed() {
     let mut agent = backup(dir.path());
     let mut pending = VecDeque::new();
     agent
-        .execute(Action::Commit { epoch: Epoch(3) }, &mut pending)
+        .execute(bare(Action::Commit { epoch: Epoch(3) }), &mut pending)
         .await
         .unwrap();
     let ev = agent.rx.recv().await.unwrap();
@@ -124,5 +168,184 @@ fn a_witness_exchange_outlives_many_resends_within_bounds() {
     assert_eq!(
         witness_exchange_timeout(Duration::from_secs(1)),
         Duration::from_secs(5)
+    );
+}
+
+/// A fresh primary's first `ResumeVm` boots its VM; `PauseVm` and `Capture` then produce a
+/// checkpoint of the epoch with every page when full, and `CaptureDone` for the model.
+#[tokio::test]
+async fn resume_boots_and_capture_stages_the_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = primary(dir.path());
+    let mut pending = VecDeque::new();
+    let resume = bare(Action::ResumeVm { epoch: Epoch(1) });
+    agent.execute(resume, &mut pending).await.unwrap();
+    assert!(agent.vm.is_some(), "booted");
+    agent
+        .execute(bare(Action::PauseVm), &mut pending)
+        .await
+        .unwrap();
+    assert!(agent.paused_at.is_some());
+    let capture = bare(Action::Capture {
+        epoch: Epoch(1),
+        full: true,
+    });
+    agent.execute(capture, &mut pending).await.unwrap();
+    let captured = agent.captured.as_ref().expect("captured");
+    assert_eq!((captured.epoch, captured.full), (1, true));
+    assert_eq!(captured.indices.len(), 16, "a full capture has every page");
+    assert!(matches!(
+        pending.pop_front(),
+        Some(Input::CaptureDone {
+            epoch: Epoch(1),
+            pages: 16,
+            ..
+        })
+    ));
+    let resume = bare(Action::ResumeVm { epoch: Epoch(2) });
+    agent.execute(resume, &mut pending).await.unwrap();
+    assert!(agent.paused_at.is_none(), "the pause was recorded");
+    assert!(
+        agent.open_epochs.contains_key(&1),
+        "epoch 1 waits for its ack"
+    );
+}
+
+/// A capture with no VM is a typed error, not a panic.
+#[tokio::test]
+async fn capture_without_a_vm_fails_typed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = backup(dir.path());
+    let capture = bare(Action::Capture {
+        epoch: Epoch(1),
+        full: false,
+    });
+    let err = agent
+        .execute(capture, &mut VecDeque::new())
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AgentError::Vm(_)), "{err}");
+}
+
+/// A staged checkpoint handed to `Commit` reaches the replica and `Committed` reports it.
+#[tokio::test]
+async fn commit_applies_the_staged_checkpoint() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = backup(dir.path());
+    let staged = StagedCheckpoint {
+        generation: 1,
+        epoch: 4,
+        full: true,
+        indices: vec![3],
+        data: vec![7; 4096],
+        device: b"dev".to_vec(),
+    };
+    let mut commit = bare(Action::Commit { epoch: Epoch(4) });
+    commit.staged = Some(staged);
+    let mut pending = VecDeque::new();
+    agent.execute(commit, &mut pending).await.unwrap();
+    let ev = agent.rx.recv().await.unwrap();
+    agent.on_event(ev, &mut pending).await.unwrap();
+    assert_eq!(pending, [Input::Committed { epoch: Epoch(4) }]);
+    let r = agent.replica.lock().unwrap();
+    assert_eq!(r.committed().map(|c| c.epoch), Some(4));
+    assert_eq!(r.device_state().unwrap(), b"dev");
+}
+
+/// `StartVm` restores the VM from the replica and tells the model it runs.
+#[tokio::test]
+async fn start_vm_restores_from_the_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = backup(dir.path());
+    let mut pending = VecDeque::new();
+    let mut commit = bare(Action::Commit { epoch: Epoch(1) });
+    commit.staged = Some(StagedCheckpoint {
+        generation: 1,
+        epoch: 1,
+        full: true,
+        device: b"dev".to_vec(),
+        ..StagedCheckpoint::default()
+    });
+    agent.execute(commit, &mut pending).await.unwrap();
+    let ev = agent.rx.recv().await.unwrap();
+    agent.on_event(ev, &mut pending).await.unwrap();
+    pending.clear();
+    let start = bare(Action::StartVm {
+        from: Epoch(1),
+        generation: Generation(2),
+    });
+    agent.execute(start, &mut pending).await.unwrap();
+    assert!(agent.vm.is_some());
+    assert_eq!(pending, [Input::VmStarted]);
+    assert_eq!(agent.launcher.launched.lock().unwrap().len(), 1);
+}
+
+/// `Fence` kills the VM and closes the links the core hands it; the frames it drops are
+/// refunded to the output cap.
+#[tokio::test]
+async fn fence_kills_the_vm_and_drops_held_output() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = primary(dir.path());
+    let mut pending = VecDeque::new();
+    let resume = bare(Action::ResumeVm { epoch: Epoch(1) });
+    agent.execute(resume, &mut pending).await.unwrap();
+    let now = Instant::now();
+    agent.output_cap.charge(100, now);
+    let mut fence = bare(Action::Fence);
+    fence.dropped = vec![HeldFrame::new(vec![0; 100], now)];
+    fence.close = vec![ConnId(9)];
+    agent.execute(fence, &mut pending).await.unwrap();
+    assert!(agent.vm.is_none(), "killed");
+    assert_eq!(agent.output_cap.stats(Instant::now()).held_bytes, 0);
+    assert_eq!(agent.output.take_stats().dropped, 1);
+}
+
+/// Frames of the VM go through the core's gate: a fresh primary's gate holds them (tagged
+/// with the epoch), and their bytes stay charged to the output cap until they leave.
+#[tokio::test]
+async fn vm_frames_are_held_at_the_cores_gate() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = primary(dir.path());
+    let mut pending = VecDeque::new();
+    // The start as the agent's loop runs it: the core's effects, executed.
+    for effect in agent.driver.handle(Time::ZERO, Input::Timeout) {
+        agent.execute(effect, &mut pending).await.unwrap();
+    }
+    assert!(agent.vm.is_some(), "booted");
+    agent.output_cap.charge(3, Instant::now());
+    agent
+        .on_event(Event::VmFrame(vec![1, 2, 3]), &mut pending)
+        .await
+        .unwrap();
+    assert_eq!(agent.driver.gate().held(), 1, "held");
+    assert_eq!(agent.driver.gate().gate(), Gate::Held);
+    assert_eq!(agent.output_cap.stats(Instant::now()).held_bytes, 3);
+    assert_eq!(agent.output.take_stats().passed, 0);
+}
+
+/// A replica lock poisoned by a panicking thread stops a takeover with its own error, not as a
+/// configuration problem.
+#[tokio::test]
+async fn a_poisoned_replica_lock_is_its_own_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = backup(dir.path());
+    let replica = agent.replica.clone();
+    let panicked = std::thread::spawn(move || {
+        let _held = replica.lock().unwrap();
+        panic!("poisoning the replica lock on purpose");
+    })
+    .join();
+    assert!(panicked.is_err());
+    let start = bare(Action::StartVm {
+        from: Epoch(1),
+        generation: ftvm_model::Generation(2),
+    });
+    let err = agent
+        .execute(start, &mut VecDeque::new())
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(err, AgentError::ReplicaLockPoisoned),
+        "expected ReplicaLockPoisoned, got {err:?}"
     );
 }

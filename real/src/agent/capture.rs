@@ -1,5 +1,5 @@
-//! The `--capture` choice (DESIGN §1 "Capture modes"): when the primary resumes its VM relative
-//! to sending the checkpoint, and where the pages are sent from.
+//! The `--capture` choice (docs/ARCHITECTURE.md, Capture modes): when the primary resumes its VM
+//! relative to sending the checkpoint, and where the pages are sent from.
 
 /// How a checkpoint's pages are captured and when the VM resumes.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]

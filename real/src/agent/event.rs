@@ -1,6 +1,6 @@
 //! What the agent's helper threads and tasks report to its event loop.
 
-use ftvm_model::{Epoch, PeerMsg, WitnessReply};
+use ftvm_model::{Epoch, WitnessReply};
 
 use super::cow::CowStats;
 use crate::replica::{ReplicaError, StagedCheckpoint};
@@ -49,6 +49,8 @@ pub enum Event {
     ConnectFailed {
         /// The peer we dialled.
         peer: ftvm_model::NodeId,
+        /// The dial's connection id.
+        conn: ConnId,
         /// Why.
         why: String,
     },
@@ -57,38 +59,14 @@ pub enum Event {
         /// On which connection.
         conn: ConnId,
     },
-    /// A control message arrived.
-    Message {
+    /// What the link's reader (the driver core's `LinkReader`) delivered: a message, or a
+    /// checkpoint started, received whole, or cut short (the link closes right after, a
+    /// `LinkClosed` follows).
+    Link {
         /// On which connection.
         conn: ConnId,
-        /// The message.
-        msg: PeerMsg,
-    },
-    /// A checkpoint began to arrive.
-    CheckpointStarted {
-        /// On which connection.
-        conn: ConnId,
-        /// Its epoch.
-        epoch: Epoch,
-    },
-    /// A checkpoint was cut short: damaged bytes, refused by staging's bounds, or the stream
-    /// ended inside it. The link closes right after (a `LinkClosed` follows).
-    CheckpointDamaged {
-        /// On which connection.
-        conn: ConnId,
-        /// Its epoch.
-        epoch: Epoch,
-        /// What was wrong.
-        why: String,
-    },
-    /// A checkpoint arrived whole and its checksum matched.
-    CheckpointReceived {
-        /// On which connection.
-        conn: ConnId,
-        /// Its epoch.
-        epoch: Epoch,
-        /// Its contents.
-        staged: StagedCheckpoint,
+        /// What.
+        event: ftvm_driver::LinkEvent,
     },
     /// Our checkpoint went out; the staging buffer comes back for reuse.
     CheckpointSent {

@@ -107,10 +107,7 @@ impl Shared {
     /// lock right after releasing it would otherwise starve a pause on a busy machine.
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> Result<T, VmError> {
         self.active.store(false, Ordering::Release);
-        let mut s = self
-            .state
-            .lock()
-            .map_err(|_| VmError::Died("state poisoned".into()))?;
+        let mut s = self.state.lock().map_err(|_| VmError::Poisoned)?;
         let r = f(&mut s);
         self.active.store(s.busy(), Ordering::Release);
         Ok(r)
@@ -176,9 +173,23 @@ pub struct MemVm {
     cow_checkpoint: Option<CowCheckpoint>,
 }
 
+fn map_failed(source: crate::dirty::DirtyError) -> VmError {
+    VmError::Dirty {
+        what: "map RAM",
+        source,
+    }
+}
+
+fn cow_err(what: &'static str) -> impl FnOnce(super::cow::CowError) -> VmError {
+    move |source| VmError::Cow { what, source }
+}
+
 /// A memfd of `contents.len()` bytes holding `contents`, mapped writable and read-only.
 fn memfd_ram(contents: &[u8]) -> Result<(GuestRamMut, GuestRam), VmError> {
-    let failed = |e: std::io::Error| VmError::failed("create in-memory RAM", e);
+    let failed = |source| VmError::Io {
+        what: "create in-memory RAM",
+        source,
+    };
     // memfd_create: anonymous shared memory, like QEMU's RAM file in /dev/shm.
     // SAFETY: a valid NUL-terminated name and flags; no memory is passed to the kernel.
     let fd = unsafe { libc::memfd_create(c"ftvm-mem-vm".as_ptr(), libc::MFD_CLOEXEC) };
@@ -196,9 +207,8 @@ fn memfd_ram(contents: &[u8]) -> Result<(GuestRamMut, GuestRam), VmError> {
     let path = PathBuf::from(format!("/proc/self/fd/{}", file.as_raw_fd()));
     let bytes = contents.len() as u64;
     let twin = file.try_clone().map_err(failed)?;
-    let rw =
-        GuestRamMut::from_file(twin, &path, bytes).map_err(|e| VmError::failed("map RAM", e))?;
-    let ro = GuestRam::from_file(file, &path, bytes).map_err(|e| VmError::failed("map RAM", e))?;
+    let rw = GuestRamMut::from_file(twin, &path, bytes).map_err(map_failed)?;
+    let ro = GuestRam::from_file(file, &path, bytes).map_err(map_failed)?;
     Ok((rw, ro))
 }
 
@@ -249,7 +259,10 @@ impl MemVm {
         std::thread::Builder::new()
             .name("mem-vm-guest".into())
             .spawn(move || guest(&s, pages, pages_per_ms, seed))
-            .map_err(|e| VmError::failed("start the guest thread", e))?;
+            .map_err(|source| VmError::Io {
+                what: "start the guest thread",
+                source,
+            })?;
         Ok(MemVm {
             shared,
             cow: None,
@@ -271,7 +284,7 @@ impl MemVm {
     fn with<T>(&self, f: impl FnOnce(&mut State) -> T) -> Result<T, VmError> {
         self.shared.with(|s| {
             if s.dead {
-                Err(VmError::Died("killed".into()))
+                Err(VmError::Killed)
             } else {
                 Ok(f(s))
             }
@@ -299,7 +312,7 @@ impl MemVm {
         let options = self.cow_options;
         shared.with(|s| {
             if s.dead {
-                return Err(VmError::Died("killed".into()));
+                return Err(VmError::Killed);
             }
             if s.running {
                 return Err(VmError::failed("capture", "the VM is running"));
@@ -307,11 +320,15 @@ impl MemVm {
             let fresh = cow.is_none();
             if fresh {
                 // The guest holds the state lock while it writes, so none is mid-write now.
-                let uffd = HandedUffd::register_local(s.ram.base_addr(), s.ram.bytes())
-                    .map_err(|e| VmError::failed("cow capture", e))?;
+                let uffd = HandedUffd::register_local(s.ram.base_addr(), s.ram.bytes()).map_err(
+                    |source| VmError::Dirty {
+                        what: "cow capture",
+                        source,
+                    },
+                )?;
                 *cow = Some(
                     CowEngine::start_with(uffd, shared.ram.clone(), options)
-                        .map_err(|e| VmError::failed("cow capture", e))?,
+                        .map_err(cow_err("cow capture"))?,
                 );
             }
             let engine = cow
@@ -319,16 +336,12 @@ impl MemVm {
                 .ok_or_else(|| VmError::failed("cow capture", "no engine"))?;
             let all = full || fresh;
             let (pages, st) = if mode == CaptureMode::Cow {
-                let (cp, st) = engine
-                    .begin(all)
-                    .map_err(|e| VmError::failed("cow capture", e))?;
+                let (cp, st) = engine.begin(all).map_err(cow_err("cow capture"))?;
                 let pages = cp.indices().to_vec();
                 *slot = Some(cp);
                 (pages, st)
             } else {
-                engine
-                    .rearm(all)
-                    .map_err(|e| VmError::failed("capture", e))?
+                engine.rearm(all).map_err(cow_err("capture"))?
             };
             // Every page the guest wrote must have faulted.
             if !all {
@@ -554,8 +567,10 @@ impl VmLauncher for MemLauncher {
             self.failing_restores -= 1;
             return Err(VmError::failed("restore", "injected start failure"));
         }
-        let ram =
-            std::fs::read(&from.ram_file).map_err(|e| VmError::failed("read replica RAM", e))?;
+        let ram = std::fs::read(&from.ram_file).map_err(|source| VmError::Io {
+            what: "read replica RAM",
+            source,
+        })?;
         if ram.len() != self.ram_bytes {
             return Err(VmError::failed(
                 "restore",
@@ -689,5 +704,56 @@ mod tests {
             .unwrap_err();
         assert!(e.to_string().contains("running"), "{e}");
         assert!(MemVm::start(vec![0; 4 * ps], ps / 2, 1, 1).is_err());
+    }
+
+    /// The errors say what happened in their type: a killed VM, a replica file that is not
+    /// there (with its I/O error as the source), an injected start failure.
+    #[tokio::test]
+    async fn failures_are_typed() {
+        let ps = crate::dirty::page_size();
+        let mut vm = MemVm::start(vec![0; 4 * ps], ps, 1, 1).unwrap();
+        vm.kill().await;
+        let e = vm.pause().await.unwrap_err();
+        assert!(matches!(e, VmError::Killed), "{e:?}");
+        assert!(e.is_gone());
+        let e = vm.ram_digest().unwrap_err();
+        assert!(matches!(e, VmError::Killed), "{e:?}");
+
+        let mut launcher = MemLauncher {
+            ram_bytes: 4 * ps,
+            page_size: ps,
+            pages_per_ms: 1,
+            seed: 1,
+            cow: CowOptions::default(),
+            launched: Default::default(),
+            failing_restores: 1,
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let point = RestorePoint {
+            ram_file: dir.path().join("missing.ram"),
+            device: Vec::new(),
+        };
+        let e = launcher.restore(point.clone()).await.err().unwrap();
+        assert!(
+            matches!(
+                e,
+                VmError::Failed {
+                    what: "restore",
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        assert!(!e.is_gone());
+        let e = launcher.restore(point).await.err().unwrap();
+        match &e {
+            VmError::Io { what, source } => {
+                assert_eq!(*what, "read replica RAM");
+                assert_eq!(source.kind(), std::io::ErrorKind::NotFound);
+            }
+            other => panic!("expected an I/O error, got {other:?}"),
+        }
+        let source = std::error::Error::source(&e).expect("the I/O error as its source");
+        assert!(source.downcast_ref::<std::io::Error>().is_some());
     }
 }

@@ -1,4 +1,5 @@
-//! Per-epoch metrics as JSON lines (DESIGN §8), plus a run summary with the VM idle rate.
+//! Per-epoch metrics as JSON lines (docs/ARCHITECTURE.md, Metrics), plus a run summary with the VM
+//! idle rate.
 
 use std::fs::File;
 use std::io::{BufWriter, Write};
@@ -92,14 +93,14 @@ fn percentile(sorted: &[u64], p: usize) -> u64 {
 
 impl MetricsSink {
     /// A sink writing to `path` (or only summarising when `None`).
-    pub fn new(path: Option<&Path>) -> std::io::Result<MetricsSink> {
+    pub fn new(path: Option<&Path>) -> Result<MetricsSink, crate::secure_fs::SecureFsError> {
         let out = match path {
             // A fresh file (a stale one of ours replaced, a planted link refused), readable by
             // others but writable only by us.
-            Some(p) => Some(BufWriter::new(
-                crate::secure_fs::replace(p, crate::secure_fs::READABLE_FILE_MODE)
-                    .map_err(std::io::Error::other)?,
-            )),
+            Some(p) => Some(BufWriter::new(crate::secure_fs::replace(
+                p,
+                crate::secure_fs::READABLE_FILE_MODE,
+            )?)),
             None => None,
         };
         Ok(MetricsSink {

@@ -4,7 +4,8 @@ use tokio::net::UnixStream;
 use tokio::sync::mpsc::unbounded_channel;
 
 use super::*;
-use crate::net::output::OutputGate;
+use crate::net::output::{HeldFrame, OutputAccount};
+use ftvm_model::{Action, Epoch, OutputGate};
 
 const FRAMES: u32 = 2000;
 const FRAME_LEN: usize = 1000;
@@ -28,9 +29,13 @@ async fn reading_the_vm_pauses_at_the_cap_and_every_frame_comes_out_in_order() {
             write_frame(&mut qemu, &f).await.unwrap();
         }
     });
-    let mut gate = OutputGate::with_cap(cap.clone());
+    // The agent's pair: the model's gate and the account that refunds the cap.
+    let mut gate = OutputGate::<HeldFrame>::new();
+    let mut account = OutputAccount::new(cap.clone());
     let mut epoch = 1;
-    gate.begin_epoch(epoch);
+    gate.apply(&Action::ResumeVm {
+        epoch: Epoch(epoch),
+    });
     let mut out: Vec<Vec<u8>> = Vec::new();
     // No release: the reader must stop at the cap.
     let t0 = Instant::now();
@@ -42,17 +47,17 @@ async fn reading_the_vm_pauses_at_the_cap_and_every_frame_comes_out_in_order() {
         if let Ok(Some(Event::VmFrame(f))) =
             tokio::time::timeout(Duration::from_millis(100), rx.recv()).await
         {
-            assert!(gate.push(f, Instant::now()).is_none());
+            assert!(gate.emit(HeldFrame::new(f, Instant::now())).is_none());
         }
     }
     tokio::time::sleep(Duration::from_millis(300)).await;
     while let Ok(Event::VmFrame(f)) = rx.try_recv() {
-        gate.push(f, Instant::now());
+        assert!(gate.emit(HeldFrame::new(f, Instant::now())).is_none());
     }
     let held = cap.stats(Instant::now()).held_bytes;
     assert!(held >= CAP, "paused below the cap: {held}");
     assert!(held < CAP + FRAME_LEN as u64, "read past the cap: {held}");
-    assert_eq!(gate.held_frames() as u64 * FRAME_LEN as u64, held);
+    assert_eq!(gate.held() as u64 * FRAME_LEN as u64, held);
     assert!(!writer.is_finished(), "the fake QEMU's writes must block");
     // Release epoch after epoch until every frame is out.
     let t0 = Instant::now();
@@ -63,15 +68,23 @@ async fn reading_the_vm_pauses_at_the_cap_and_every_frame_comes_out_in_order() {
             out.len()
         );
         epoch += 1;
-        gate.begin_epoch(epoch);
-        out.extend(gate.release_through(epoch - 1, Instant::now()));
+        gate.apply(&Action::ResumeVm {
+            epoch: Epoch(epoch),
+        });
+        let frames = gate.apply(&Action::ReleaseOutput {
+            through: Epoch(epoch - 1),
+        });
+        out.extend(account.released(frames, Instant::now()));
         while let Ok(Some(Event::VmFrame(f))) =
             tokio::time::timeout(Duration::from_millis(20), rx.recv()).await
         {
-            gate.push(f, Instant::now());
+            assert!(gate.emit(HeldFrame::new(f, Instant::now())).is_none());
             assert!(cap.stats(Instant::now()).held_bytes < CAP + FRAME_LEN as u64);
         }
-        out.extend(gate.release_through(epoch, Instant::now()));
+        let frames = gate.apply(&Action::ReleaseOutput {
+            through: Epoch(epoch),
+        });
+        out.extend(account.released(frames, Instant::now()));
     }
     writer.await.unwrap();
     let seq: Vec<u32> = out

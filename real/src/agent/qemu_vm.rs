@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::capture::CaptureMode;
-use super::cow::{CowCheckpoint, CowEngine, ProtectStats};
+use super::cow::{CowCheckpoint, CowEngine, CowError, ProtectStats};
 use super::vm::{CaptureStats, RestorePoint, Vm, VmError, VmLauncher};
 use crate::dirty::{self, DirtyTracker, GuestRam, HandedUffd, HandoffListener};
 use crate::qemu::{self, BootOptions, ExitWatch, Qemu, QemuConfig};
@@ -56,13 +56,15 @@ pub struct QemuVm {
 }
 
 fn vm_err(what: &'static str) -> impl FnOnce(qemu::QemuError) -> VmError {
-    move |e| {
-        if e.is_gone() {
-            VmError::Died(e.to_string())
-        } else {
-            VmError::failed(what, e)
-        }
-    }
+    move |source| VmError::qemu(what, source)
+}
+
+fn dirty_err(what: &'static str) -> impl FnOnce(dirty::DirtyError) -> VmError {
+    move |source| VmError::Dirty { what, source }
+}
+
+fn cow_err(what: &'static str) -> impl FnOnce(CowError) -> VmError {
+    move |source| VmError::Cow { what, source }
 }
 
 impl QemuVm {
@@ -77,26 +79,26 @@ impl QemuVm {
         let cfg = qemu.config();
         let ram = GuestRam::open(&cfg.ram_file, cfg.ram_bytes)
             .map(Arc::new)
-            .map_err(|e| VmError::failed("map guest RAM", e))?;
+            .map_err(dirty_err("map guest RAM"))?;
         let (tracker, cow): (Option<Box<dyn DirtyTracker + Send>>, _) = match (uffd, tracking) {
             (Some(uffd), _) => (
                 None,
                 Some(
                     CowEngine::start(uffd, ram.clone())
-                        .map_err(|e| VmError::failed("start copy-on-write capture", e))?,
+                        .map_err(cow_err("start copy-on-write capture"))?,
                 ),
             ),
             (None, Tracking::Pagemap) => (
                 Some(Box::new(
                     dirty::PagemapScanner::open(qemu.pid(), &cfg.ram_file)
-                        .map_err(|e| VmError::failed("open PAGEMAP_SCAN tracker", e))?,
+                        .map_err(dirty_err("open PAGEMAP_SCAN tracker"))?,
                 )),
                 None,
             ),
             (None, Tracking::Hash) => (
                 Some(Box::new(
                     dirty::HashTracker::open(&cfg.ram_file, cfg.ram_bytes)
-                        .map_err(|e| VmError::failed("open hash tracker", e))?,
+                        .map_err(dirty_err("open hash tracker"))?,
                 )),
                 None,
             ),
@@ -146,25 +148,19 @@ impl Vm for QemuVm {
         let (pages, protect): (Vec<u64>, ProtectStats) =
             match (&self.cow, self.tracker.as_mut()) {
                 (Some(engine), _) if mode == CaptureMode::Cow => {
-                    let (cp, st) = engine
-                        .begin(all)
-                        .map_err(|e| VmError::failed("cow capture", e))?;
+                    let (cp, st) = engine.begin(all).map_err(cow_err("cow capture"))?;
                     let pages = cp.indices().to_vec();
                     self.cow_checkpoint = Some(cp);
                     (pages, st)
                 }
-                (Some(engine), _) => engine
-                    .rearm(all)
-                    .map_err(|e| VmError::failed("dirty-page log", e))?,
+                (Some(engine), _) => engine.rearm(all).map_err(cow_err("dirty-page log"))?,
                 (None, _) if mode == CaptureMode::Cow => return Err(VmError::failed(
                     "cow capture",
                     "QEMU was not started for copy-on-write capture (no userfaultfd handed over)",
                 )),
                 (None, Some(tracker)) => {
                     // The scan also re-arms tracking, so it runs even when everything is sent anyway.
-                    let dirty = tracker
-                        .collect()
-                        .map_err(|e| VmError::failed("dirty-page scan", e))?;
+                    let dirty = tracker.collect().map_err(dirty_err("dirty-page scan"))?;
                     let pages = if all {
                         (0..self.ram.pages()).collect()
                     } else {
@@ -177,7 +173,10 @@ impl Vm for QemuVm {
         self.first = false;
         let t1 = Instant::now();
         if let Some(&p) = pages.iter().find(|&&p| p >= self.ram.pages()) {
-            return Err(VmError::failed("capture", format!("page {p} out of range")));
+            return Err(VmError::PageOutOfRange {
+                page: p,
+                pages: self.ram.pages(),
+            });
         }
         out.data.clear();
         if mode.copies_pages() {
@@ -218,12 +217,17 @@ impl Vm for QemuVm {
     }
 
     async fn kill(&mut self) {
-        let _ = self.qemu.kill().await;
+        if let Err(e) = self.qemu.kill().await {
+            tracing::error!(
+                pid = self.qemu.pid(),
+                error = %e,
+                "killing QEMU failed; it may still run"
+            );
+        }
     }
 
     async fn died(&mut self) -> VmError {
-        let st = self.exit.ended().await;
-        VmError::Died(format!("QEMU exited on its own ({st})"))
+        VmError::Exited(self.exit.ended().await)
     }
 }
 
@@ -290,14 +294,14 @@ impl QemuLauncher {
 fn listen_for_uffd(sock: Option<&Path>) -> Result<Option<HandoffListener>, VmError> {
     sock.map(HandoffListener::bind)
         .transpose()
-        .map_err(|e| VmError::failed("listen for QEMU's userfaultfd", e))
+        .map_err(dirty_err("listen for QEMU's userfaultfd"))
 }
 
 fn take_uffd(listener: Option<&HandoffListener>, pid: u32) -> Result<Option<HandedUffd>, VmError> {
     listener
         .map(|l| l.take(pid, HANDOFF_TIMEOUT))
         .transpose()
-        .map_err(|e| VmError::failed("cow capture", e))
+        .map_err(dirty_err("take QEMU's userfaultfd"))
 }
 
 impl VmLauncher for QemuLauncher {
@@ -307,15 +311,13 @@ impl VmLauncher for QemuLauncher {
         let (cfg, sock) = self.with_tracking(self.base.clone())?;
         // Listening before QEMU starts: it blocks in its RAM mmap until the handover is acked.
         let listener = listen_for_uffd(sock.as_deref())?;
-        let booted = qemu::boot(&cfg, &self.boot)
-            .await
-            .map_err(|e| VmError::failed("boot", e))?;
-        for (i, r) in booted.retry_reasons.iter().enumerate() {
-            eprintln!("ftvm: boot try {} failed and was retried: {r}", i + 1);
-        }
-        eprintln!(
-            "ftvm: guest ready after {:?} ({} tries)",
-            booted.boot_time, booted.tries
+        let booted = qemu::boot(&cfg, &self.boot).await.map_err(vm_err("boot"))?;
+        // Each failed try was logged as it failed (`qemu::boot`).
+        tracing::info!(
+            pid = booted.qemu.pid(),
+            boot_time = ?booted.boot_time,
+            tries = booted.tries,
+            "guest ready"
         );
         let mut q = booted.qemu;
         let uffd = take_uffd(listener.as_ref(), q.pid())?;
@@ -327,14 +329,28 @@ impl VmLauncher for QemuLauncher {
     }
 
     async fn restore(&mut self, from: RestorePoint) -> Result<QemuVm, VmError> {
-        crate::secure_fs::private_dir(&self.restore_dir)
-            .map_err(|e| VmError::failed("create restore directory", e))?;
+        let restored = self.start_restored(from).await;
+        // The caller may try again; each failed start is worth a line in the log either way.
+        if let Err(e) = &restored {
+            tracing::warn!(error = %e, "starting the restored QEMU failed");
+        }
+        restored
+    }
+}
+
+impl QemuLauncher {
+    /// [`VmLauncher::restore`] without the log line.
+    async fn start_restored(&mut self, from: RestorePoint) -> Result<QemuVm, VmError> {
+        crate::secure_fs::private_dir(&self.restore_dir).map_err(|source| VmError::File {
+            what: "create restore directory",
+            source,
+        })?;
         let (cfg, sock) =
             self.with_tracking(self.base.incoming(&from.ram_file, &self.restore_dir))?;
         let listener = listen_for_uffd(sock.as_deref())?;
         let mut q = Qemu::spawn_incoming(cfg)
             .await
-            .map_err(|e| VmError::failed("start the restore QEMU", e))?;
+            .map_err(vm_err("start the restore QEMU"))?;
         let uffd = take_uffd(listener.as_ref(), q.pid())?;
         drop(listener);
         q.restore_device_state(&from.device)

@@ -7,33 +7,125 @@ use std::path::PathBuf;
 use std::sync::Arc;
 
 use super::capture::CaptureMode;
-use super::cow::CowCheckpoint;
-use crate::dirty::GuestRam;
+use super::cow::{CowCheckpoint, CowError};
+use crate::dirty::{DirtyError, GuestRam};
+use crate::qemu::QemuError;
 use crate::replica::StagedCheckpoint;
+use crate::secure_fs::SecureFsError;
 
-/// Errors of a VM backend.
+/// Errors of a VM backend. Each failure keeps its typed cause (a [`QemuError`], a
+/// [`DirtyError`], ...) as its `source`, so a caller can tell a dead VM from a refused command
+/// and match on what went wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    /// The VM (its hypervisor process) is gone.
-    #[error("the VM died: {0}")]
-    Died(String),
-    /// An operation on the VM failed.
-    #[error("{what}: {detail}")]
-    Failed {
+    /// QEMU (or its monitor) went away while `what` was under way.
+    #[error("the VM died during {what}: {source}")]
+    Died {
+        /// Operation under way.
+        what: &'static str,
+        /// How QEMU was found gone ([`QemuError::is_gone`]).
+        #[source]
+        source: QemuError,
+    },
+    /// The hypervisor process exited on its own while nothing was asked of it.
+    #[error("the VM died: QEMU exited on its own ({0})")]
+    Exited(std::process::ExitStatus),
+    /// The VM was killed (fenced or shut down) before this call.
+    #[error("the VM was killed")]
+    Killed,
+    /// The in-memory VM's state lock was poisoned: its guest thread panicked.
+    #[error("the VM's state lock was poisoned (its guest thread panicked)")]
+    Poisoned,
+    /// QEMU failed or refused an operation (start, boot, a QMP command, a migration).
+    #[error("{what}: {source}")]
+    Qemu {
         /// Operation.
         what: &'static str,
         /// Cause.
-        detail: String,
+        #[source]
+        source: QemuError,
+    },
+    /// Mapping guest RAM or finding its written pages failed.
+    #[error("{what}: {source}")]
+    Dirty {
+        /// Operation.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: DirtyError,
+    },
+    /// The copy-on-write engine failed.
+    #[error("{what}: {source}")]
+    Cow {
+        /// Operation.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: CowError,
+    },
+    /// A file or directory the VM needs was refused or could not be made.
+    #[error("{what}: {source}")]
+    File {
+        /// Operation.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: SecureFsError,
+    },
+    /// A system call failed.
+    #[error("{what}: {source}")]
+    Io {
+        /// Operation.
+        what: &'static str,
+        /// Cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The dirty-page log named a page beyond guest RAM.
+    #[error("capture: page {page} out of range (guest RAM has {pages} pages)")]
+    PageOutOfRange {
+        /// The page.
+        page: u64,
+        /// Pages of guest RAM.
+        pages: u64,
+    },
+    /// An operation refused for a reason of its own, with no underlying error: the VM's state
+    /// or setup does not allow it (capturing a running VM, cow capture without cow support).
+    #[error("{what}: {why}")]
+    Failed {
+        /// Operation.
+        what: &'static str,
+        /// Why it was refused.
+        why: String,
     },
 }
 
 impl VmError {
-    /// Shorthand for [`VmError::Failed`].
-    pub fn failed(what: &'static str, detail: impl std::fmt::Display) -> VmError {
+    /// Shorthand for [`VmError::Failed`]. It takes text, not an error: a failure with a cause
+    /// goes into the variant of that cause's type.
+    pub fn failed(what: &'static str, why: impl Into<String>) -> VmError {
         VmError::Failed {
             what,
-            detail: detail.to_string(),
+            why: why.into(),
         }
+    }
+
+    /// A QEMU failure during `what`: [`VmError::Died`] when QEMU is gone, else
+    /// [`VmError::Qemu`].
+    pub fn qemu(what: &'static str, source: QemuError) -> VmError {
+        if source.is_gone() {
+            VmError::Died { what, source }
+        } else {
+            VmError::Qemu { what, source }
+        }
+    }
+
+    /// True when the VM is gone (died, exited or killed), not merely refusing an operation.
+    pub fn is_gone(&self) -> bool {
+        matches!(
+            self,
+            VmError::Died { .. } | VmError::Exited(_) | VmError::Killed | VmError::Poisoned
+        )
     }
 }
 
@@ -115,4 +207,48 @@ pub trait VmLauncher: Send {
         &mut self,
         from: RestorePoint,
     ) -> impl Future<Output = Result<Self::Vm, VmError>> + Send;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::error::Error;
+
+    /// A QEMU that is gone makes a dead VM, a refused command does not; either way the
+    /// [`QemuError`] stays reachable as the source, to match on.
+    #[test]
+    fn qemu_failures_keep_their_error_and_say_whether_the_vm_is_gone() {
+        let gone = VmError::qemu("QMP stop", QemuError::QmpClosed);
+        assert!(
+            matches!(
+                gone,
+                VmError::Died {
+                    what: "QMP stop",
+                    source: QemuError::QmpClosed
+                }
+            ),
+            "{gone:?}"
+        );
+        assert!(gone.is_gone());
+        assert_eq!(
+            gone.to_string(),
+            "the VM died during QMP stop: QMP connection closed"
+        );
+
+        let refused = VmError::qemu(
+            "QMP cont",
+            QemuError::Qmp {
+                command: "cont".into(),
+                class: "GenericError".into(),
+                desc: "no".into(),
+            },
+        );
+        assert!(!refused.is_gone());
+        let source = refused.source().expect("the QEMU error as source");
+        match source.downcast_ref::<QemuError>() {
+            Some(QemuError::Qmp { command, .. }) => assert_eq!(command, "cont"),
+            other => panic!("expected the QMP error, got {other:?}"),
+        }
+        assert!(refused.to_string().starts_with("QMP cont: QMP cont failed"));
+    }
 }

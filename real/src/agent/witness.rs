@@ -104,7 +104,7 @@ pub async fn serve(
             Err(e) => {
                 // Out of descriptors and the like: back off instead of spinning.
                 backoff = (backoff * 2).clamp(Duration::from_millis(10), Duration::from_secs(1));
-                eprintln!("witness: accept: {e}; retrying in {backoff:?}");
+                tracing::warn!(error = %e, ?backoff, "witness: accept failed; retrying");
                 tokio::time::sleep(backoff).await;
                 continue;
             }
@@ -118,10 +118,13 @@ pub async fn serve(
             .await;
             match served {
                 Ok(Ok(())) => {}
-                Ok(Err(e)) => eprintln!("witness: connection from {from}: {e}"),
-                Err(_) => eprintln!(
-                    "witness: connection from {from}: no request within {:?}",
-                    limits.deadline
+                Ok(Err(e)) => {
+                    tracing::warn!(peer = %from, error = %e, "witness: connection failed")
+                }
+                Err(_) => tracing::warn!(
+                    peer = %from,
+                    deadline = ?limits.deadline,
+                    "witness: connection closed: no request in time"
                 ),
             }
             drop(slot);
@@ -171,14 +174,14 @@ async fn serve_one(
             (false, Some(s)) if s != from => "denied (not its request to make)",
             (false, _) => "denied",
         };
-        eprintln!(
-            "witness: {:?} from node {} -> {} (generation {}, primary {}, backup {:?})",
-            req,
-            from,
+        tracing::info!(
+            request = ?req,
+            node = from.0,
             verdict,
-            reply.state.generation,
-            reply.state.primary,
-            reply.state.backup.map(|b| b.node)
+            generation = reply.state.generation.0,
+            primary = reply.state.primary.0,
+            backup = ?reply.state.backup.map(|b| b.node.0),
+            "witness: {verdict}"
         );
     }
     let frame = wire::encode_witness_reply(&reply);

@@ -40,7 +40,10 @@ impl Encryptor {
         let at = self.out.len();
         self.out.resize(at + 2 + MAX_MSG, 0);
         let n = self.t.seal(&self.plain, &mut self.out[at + 2..])?;
-        self.out[at..at + 2].copy_from_slice(&(n as u16).to_be_bytes());
+        // At most MAX_MSG (= u16::MAX) bytes fit the slice; a longer one would not fit the
+        // 2-byte length and is refused rather than sent with a wrong one.
+        let len = u16::try_from(n).map_err(|_| snow::Error::Input)?;
+        self.out[at..at + 2].copy_from_slice(&len.to_be_bytes());
         self.out.truncate(at + 2 + n);
         self.plain.clear();
         Ok(())

@@ -15,6 +15,10 @@
 //! messages instead ([`crypt`]), which costs a copy of every page. Witness exchanges are small
 //! and always travel as Noise transport messages.
 
+// Values here come off the wire (or go onto it): a cast that drops bits must be a checked
+// conversion, or say why it cannot lose anything.
+#![warn(clippy::cast_possible_truncation)]
+
 pub mod crypt;
 pub mod handshake;
 pub mod keys;

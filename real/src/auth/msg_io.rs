@@ -27,12 +27,12 @@ pub(crate) enum Kind {
     Sealed = 3,
 }
 
-fn head(kind: Kind, len: usize) -> [u8; HEAD_LEN] {
+fn head(kind: Kind, len: u16) -> [u8; HEAD_LEN] {
     let mut h = [0; HEAD_LEN];
     h[..4].copy_from_slice(&MAGIC);
     h[4] = VERSION;
     h[5] = kind as u8;
-    h[6..].copy_from_slice(&(len as u16).to_be_bytes());
+    h[6..].copy_from_slice(&len.to_be_bytes());
     h
 }
 
@@ -46,18 +46,20 @@ fn parse(h: &[u8; HEAD_LEN], want: Kind) -> Result<usize, AuthError> {
     Ok(usize::from(u16::from_be_bytes([h[6], h[7]])))
 }
 
-fn check_len(len: usize) -> Result<(), AuthError> {
+/// The length field of a `len`-byte message: at most a Noise message (which fits its 2 bytes).
+fn wire_len(len: usize) -> Result<u16, AuthError> {
+    const TOO_LONG: AuthError = AuthError::Malformed("message longer than a Noise message");
     if len > MAX_MSG {
-        return Err(AuthError::Malformed("message longer than a Noise message"));
+        return Err(TOO_LONG);
     }
-    Ok(())
+    u16::try_from(len).map_err(|_| TOO_LONG)
 }
 
 /// Writes one message.
 pub(crate) fn write(w: &mut impl Write, kind: Kind, body: &[u8]) -> Result<(), AuthError> {
-    check_len(body.len())?;
+    let len = wire_len(body.len())?;
     let mut out = Vec::with_capacity(HEAD_LEN + body.len());
-    out.extend_from_slice(&head(kind, body.len()));
+    out.extend_from_slice(&head(kind, len));
     out.extend_from_slice(body);
     w.write_all(&out)?;
     Ok(())
@@ -79,9 +81,9 @@ pub(crate) async fn write_async(
     kind: Kind,
     body: &[u8],
 ) -> Result<(), AuthError> {
-    check_len(body.len())?;
+    let len = wire_len(body.len())?;
     let mut out = Vec::with_capacity(HEAD_LEN + body.len());
-    out.extend_from_slice(&head(kind, body.len()));
+    out.extend_from_slice(&head(kind, len));
     out.extend_from_slice(body);
     w.write_all(&out).await?;
     Ok(())
@@ -130,5 +132,21 @@ mod tests {
             read(&mut &buf[..5], Kind::Hello),
             Err(AuthError::Io(_))
         ));
+    }
+
+    /// The length field is two bytes: the longest message fits it exactly, one byte more is
+    /// refused before anything is written (a truncated length would desynchronise the stream).
+    #[test]
+    fn a_message_longer_than_its_length_field_is_refused() {
+        let mut buf = Vec::new();
+        let longest = vec![7u8; MAX_MSG];
+        write(&mut buf, Kind::Sealed, &longest).unwrap();
+        assert_eq!(read(&mut &buf[..], Kind::Sealed).unwrap(), longest);
+        let mut buf = Vec::new();
+        assert!(matches!(
+            write(&mut buf, Kind::Sealed, &vec![7u8; MAX_MSG + 1]),
+            Err(AuthError::Malformed(_))
+        ));
+        assert!(buf.is_empty());
     }
 }

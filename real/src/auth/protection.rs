@@ -114,3 +114,28 @@ impl LinkOpener {
         }
     }
 }
+
+/// The real links' frames reach the driver's `LinkReader` through their opener: authenticated
+/// (or decrypted) first, decoded after.
+impl ftvm_driver::ItemDecoder for LinkOpener {
+    type Error = OpenError;
+
+    fn decode<'a>(
+        &'a mut self,
+        input: &'a [u8],
+    ) -> Result<(usize, Option<ftvm_model::wire::Item<'a>>), OpenError> {
+        LinkOpener::decode(self, input)
+    }
+
+    fn pending(&self) -> bool {
+        LinkOpener::pending(self)
+    }
+
+    fn set_min_generation(&mut self, generation: Generation) {
+        LinkOpener::set_min_generation(self, generation)
+    }
+
+    fn finish(&self) -> Result<(), OpenError> {
+        LinkOpener::finish(self)
+    }
+}

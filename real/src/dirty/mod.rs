@@ -1,4 +1,4 @@
-//! Dirty-page tracking of the guest RAM file (DESIGN §2, §9).
+//! Dirty-page tracking of the guest RAM file (docs/ARCHITECTURE.md, Dirty pages).
 //!
 //! - [`PagemapScanner`]: the real thing — QEMU runs with the ftvm preload library
 //!   ([`preload_library_path`]), which registers a write-protect-async userfaultfd on the RAM

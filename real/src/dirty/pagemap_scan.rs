@@ -1,7 +1,8 @@
 //! Dirty pages of QEMU's guest RAM from outside QEMU: the `PAGEMAP_SCAN` ioctl (Linux 6.7+) on
 //! `/proc/<pid>/pagemap` reports the pages written since they were last write-protected and
 //! write-protects them again, in one call. It relies on the preload library having registered
-//! a `UFFD_FEATURE_WP_ASYNC` userfaultfd on the RAM mapping inside QEMU (DESIGN §2, §9).
+//! a `UFFD_FEATURE_WP_ASYNC` userfaultfd on the RAM mapping inside QEMU (docs/ARCHITECTURE.md,
+//! Dirty pages).
 //!
 //! Debian 12's headers lack the interface, so the struct and constants are defined here.
 
@@ -157,7 +158,8 @@ impl PagemapScanner {
                 );
             }
             // A full buffer means the walk stopped early: go on from where it stopped. (With
-            // fewer regions the walk finished, even if walk_end lags behind — DESIGN §9.)
+            // fewer regions the walk finished, even if walk_end lags behind: docs/ARCHITECTURE.md,
+            // Dirty pages.)
             if n < self.buf.len() || arg.walk_end >= end {
                 break;
             }

@@ -1,5 +1,5 @@
 //! A local "data centre" on one machine: network namespaces for the primary host, the backup host,
-//! the witness and a client (DESIGN: hosts are processes in network namespaces), joined by two
+//! the witness and a client (docs/ARCHITECTURE.md, Local deployments), joined by two
 //! networks with a bridge each in a switch namespace:
 //!
 //! - the **service network** 10.77.S.0/24 carries only the VM's traffic: each host namespace

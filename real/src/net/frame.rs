@@ -1,5 +1,5 @@
 //! QEMU's `-netdev stream` framing: each Ethernet frame travels as a 4-byte big-endian length
-//! followed by the frame (DESIGN §3, §9).
+//! followed by the frame (docs/ARCHITECTURE.md, Output commit).
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 

@@ -67,8 +67,12 @@ pub async fn boot(config: &QemuConfig, opts: &BootOptions) -> Result<Booted> {
                     boot_time,
                 });
             }
-            Err(reason) => {
+            Err(reason) if attempt < max_tries => {
                 tracing::warn!(attempt, max_tries, %reason, "guest boot failed; retrying");
+                retry_reasons.push(reason);
+            }
+            Err(reason) => {
+                tracing::error!(attempt, max_tries, %reason, "guest boot failed; giving up");
                 retry_reasons.push(reason);
             }
         }
@@ -113,7 +117,13 @@ async fn try_boot(
                 ),
                 other => other.to_string(),
             };
-            let _ = qemu.kill().await;
+            if let Err(e) = qemu.kill().await {
+                tracing::error!(
+                    pid = qemu.pid(),
+                    error = %e,
+                    "killing the QEMU of a failed boot failed"
+                );
+            }
             Err(reason)
         }
     }

@@ -93,7 +93,9 @@ pub async fn capture_device_state(qmp: &mut Qmp) -> Result<Vec<u8>> {
         Ok(Ok(_)) => {}
         Ok(Err(e)) => return Err(QemuError::io("read device-state stream", e)),
         Err(_) => {
-            let _ = qmp.execute("migrate_cancel", None).await;
+            if let Err(e) = qmp.execute("migrate_cancel", None).await {
+                tracing::warn!(error = %e, "cancelling a device-state capture that timed out failed");
+            }
             return Err(QemuError::Timeout {
                 what: "device-state stream to end".into(),
                 after: MIGRATION_TIMEOUT,

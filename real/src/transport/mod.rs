@@ -1,5 +1,5 @@
-//! Checkpoint transports: how a checkpoint's bytes leave the primary (DESIGN §1 "Zero-copy facts
-//! to respect", §9).
+//! Checkpoint transports: how a checkpoint's bytes leave the primary (what they rely on:
+//! docs/ARCHITECTURE.md, Zero-copy sends).
 //!
 //! A checkpoint is mostly guest pages sent straight from the mapped guest RAM (or from a staging
 //! buffer). With a zero-copy send the kernel reads those pages *after* the send call returned —
@@ -102,7 +102,8 @@ pub struct TransportOptions {
     /// Most payload bytes per send syscall (each call also takes at most `IOV_MAX` iovecs).
     pub max_bytes_per_call: usize,
     /// Calls smaller than this go out as plain sends even on zero-copy transports: zero-copy
-    /// only pays above ~10 KB per call (DESIGN §1). 0 makes every call zero-copy.
+    /// only pays above ~10 KB per call (docs/ARCHITECTURE.md, Zero-copy sends). 0 makes every
+    /// call zero-copy.
     pub zerocopy_min_bytes: usize,
     /// How long a send or a wait for release may go without any progress before it fails with
     /// [`TransportError::Stalled`] (the peer stopped reading).

@@ -47,12 +47,25 @@ pub(crate) trait Completions {
     /// everything sent, so that its caller may free or reuse the memory afterwards.
     fn settle(&mut self, stall: Duration) {
         let deadline = Instant::now() + stall;
-        if self.reap_ready().is_err() {
-            return;
+        let mut failed = self.reap_ready().err();
+        while failed.is_none() && self.tracker().outstanding() > 0 && Instant::now() < deadline {
+            failed = self.wait_ready(Duration::from_millis(10)).err();
         }
-        while self.tracker().outstanding() > 0 && Instant::now() < deadline {
-            if self.wait_ready(Duration::from_millis(10)).is_err() {
-                break;
+        // Nothing to return to a drop; but memory the kernel may still read is about to be
+        // reused, which the log must show (the receiver's checksums catch what it changes).
+        let outstanding = self.tracker().outstanding();
+        if outstanding > 0 {
+            match failed {
+                Some(e) => tracing::warn!(
+                    outstanding,
+                    error = %e,
+                    "transport closed with zero-copy sends unreleased: waiting for them failed"
+                ),
+                None => tracing::warn!(
+                    outstanding,
+                    ?stall,
+                    "transport closed with zero-copy sends unreleased after waiting"
+                ),
             }
         }
     }

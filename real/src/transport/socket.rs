@@ -1,5 +1,5 @@
 //! The few socket syscalls the transports make, with the constants Debian's headers and the
-//! `libc` crate lack (DESIGN §9).
+//! `libc` crate lack (docs/ARCHITECTURE.md, Zero-copy sends).
 
 use std::io;
 use std::os::fd::RawFd;

@@ -1,6 +1,8 @@
 //! The witness host: `ftvm_model::Witness` behind a TCP port. Requests are handled one at a
 //! time (the host is single-threaded: that is the linearization point) and the register is
-//! written to the simulated disk before the reply is sent, so a restart forgets no grant.
+//! written to the simulated disk before the reply is sent, so a restart forgets no grant. The
+//! run's witness disorder may lose a reply after the register changed (the sender then learns
+//! the outcome from a resend).
 
 use std::net::{IpAddr, Ipv4Addr};
 
@@ -11,6 +13,7 @@ use tokio::task::spawn_local;
 use turmoil::net::{TcpListener, TcpStream};
 
 use crate::net::{write_shaped, WITNESS_PORT};
+use crate::runner::HeldTokens;
 use crate::scenario::VM_ID;
 use crate::trace::{HostId, TraceKind};
 use crate::world::{now, Shared};
@@ -51,7 +54,10 @@ async fn serve(w: Shared, stream: TcpStream, from: HostId) {
             };
             let reply = {
                 let mut world = w.borrow_mut();
-                let mut witness = Witness::from_state(world.witness_disk);
+                let witness = Witness::from_state(world.witness_disk);
+                #[cfg(feature = "mutants")]
+                let witness = witness.with_mutant(world.config.mutant);
+                let mut witness = witness;
                 let t = now();
                 // The simulated network tells who sent it, as the real witness's authenticated
                 // connections do; the same authorization applies.
@@ -61,9 +67,19 @@ async fn serve(w: Shared, stream: TcpStream, from: HostId) {
                 };
                 world.witness_disk = *witness.state();
                 world.obs.witness_handled(&reply);
+                HeldTokens::check(&mut world, t);
                 world.note(t, HostId::Witness, TraceKind::Witness(reply));
                 reply
             };
+            let lost = w.borrow_mut().shaper.disorder.reply_lost();
+            if lost {
+                w.borrow_mut().note(
+                    now(),
+                    HostId::Witness,
+                    TraceKind::Note(format!("reply to {from}'s {:?} lost", reply.request)),
+                );
+                continue;
+            }
             let bytes = encode_witness_reply(&reply);
             if write_shaped(&w, &mut wr, HostId::Witness, from, &bytes)
                 .await

@@ -1,6 +1,7 @@
 //! Simulated sockets: well-known ports, and the shaped writer every host uses so bandwidth,
 //! loss, corruption and forgery faults apply to all traffic alike.
 
+pub(crate) mod disorder;
 pub(crate) mod shaper;
 
 use std::time::Duration;

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use ftvm_model::Time;
 
+use super::disorder::Disorder;
 use crate::rng::SimRng;
 use crate::scenario::Network;
 use crate::trace::HostId;
@@ -36,10 +37,13 @@ pub(crate) struct Shaper {
     /// Nodes whose next witness reply is forged.
     forged_replies: BTreeSet<HostId>,
     rng: SimRng,
+    /// Duplicates, reordering and lost replies of witness exchanges.
+    pub disorder: Disorder,
 }
 
 impl Shaper {
-    pub fn new(net: &Network, rng: SimRng) -> Shaper {
+    /// `rng` drives segment loss, `disorder_rng` the witness-traffic disorder.
+    pub fn new(net: &Network, rng: SimRng, disorder_rng: SimRng) -> Shaper {
         Shaper {
             defaults: Link {
                 bytes_per_ms: net.bytes_per_ms,
@@ -53,6 +57,7 @@ impl Shaper {
             forged: BTreeMap::new(),
             forged_replies: BTreeSet::new(),
             rng,
+            disorder: Disorder::new(net.witness, disorder_rng),
         }
     }
 
@@ -153,6 +158,7 @@ mod tests {
             rto: Duration::from_millis(40),
             chunk_bytes: 1000,
             step: Duration::from_millis(2),
+            witness: Default::default(),
         }
     }
 
@@ -161,7 +167,11 @@ mod tests {
 
     #[test]
     fn bandwidth_serialises_segments() {
-        let mut s = Shaper::new(&net(Some(1000), 0.0), SimRng::derive(1, 1));
+        let mut s = Shaper::new(
+            &net(Some(1000), 0.0),
+            SimRng::derive(1, 1),
+            SimRng::derive(1, 2),
+        );
         assert_eq!(s.plan(A, B, Time(0), 1000), Time(1000));
         assert_eq!(s.plan(A, B, Time(0), 500), Time(1500));
         // The other direction is independent.
@@ -174,7 +184,7 @@ mod tests {
 
     #[test]
     fn loss_delays_by_the_rto() {
-        let mut s = Shaper::new(&net(None, 0.0), SimRng::derive(1, 1));
+        let mut s = Shaper::new(&net(None, 0.0), SimRng::derive(1, 1), SimRng::derive(1, 2));
         s.set_loss(A, B, 0.999_999);
         assert_eq!(s.plan(A, B, Time(0), 10), Time(40_000));
         assert_eq!(s.loss(B, A), 0.999_999);

@@ -10,7 +10,7 @@ use turmoil::Sim;
 
 use crate::rng::SimRng;
 use crate::scenario::{
-    Fault, FaultAction, ForgedFrame, HostRef, Scenario, Trigger, VM_ID, WITNESS_ID,
+    Fault, FaultAction, ForgedFrame, HostRef, Scenario, Trigger, WitnessDisorder, VM_ID, WITNESS_ID,
 };
 use crate::trace::{HostId, TraceKind};
 use crate::world::Shared;
@@ -138,6 +138,7 @@ impl FaultPlan {
                 Resolved::Forge(a, b, msg)
             }
             FaultAction::ForgeWitnessReply { host } => Resolved::ForgeReply(h(host)?),
+            FaultAction::WitnessDisorder(d) => Resolved::Disorder(*d),
         })
     }
 
@@ -234,6 +235,7 @@ impl FaultPlan {
                 w.borrow_mut().shaper.arm_forgery(a, b, frame);
             }
             Resolved::ForgeReply(host) => w.borrow_mut().shaper.arm_reply_forgery(host),
+            Resolved::Disorder(d) => w.borrow_mut().shaper.disorder.set(d),
         }
         let _ = t;
     }
@@ -275,6 +277,7 @@ enum Resolved {
     Corrupt(HostId, HostId),
     Forge(HostId, HostId, PeerMsg),
     ForgeReply(HostId),
+    Disorder(WitnessDisorder),
 }
 
 impl Resolved {
@@ -313,6 +316,7 @@ impl Resolved {
             Resolved::Corrupt(a, b) => format!("damage the next checkpoint {a} -> {b}"),
             Resolved::Forge(a, b, msg) => format!("forge {msg:?} on the link {a} -> {b}"),
             Resolved::ForgeReply(h) => format!("forge the next witness reply to {h}"),
+            Resolved::Disorder(d) => d.to_string(),
         }
     }
 }
@@ -397,6 +401,7 @@ fn trigger_holds(w: &Shared, when: Trigger) -> bool {
         Trigger::Sending => half_sent,
         Trigger::BetweenCheckpoints => !sending,
         Trigger::Syncing => phase == Some(Phase::Syncing),
+        Trigger::Registering => phase == Some(Phase::Registering),
         Trigger::Protected => phase == Some(Phase::Protected),
     }
 }

@@ -3,6 +3,9 @@
 
 mod expect;
 mod faults;
+mod registration;
+
+pub(crate) use registration::HeldTokens;
 
 use std::cell::RefCell;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -23,12 +26,33 @@ use faults::FaultPlan;
 
 /// Random stream of the link shaper.
 const SHAPER_STREAM: u64 = 3_000;
+/// Random stream of the witness-traffic disorder.
+const DISORDER_STREAM: u64 = 5_000;
 
 /// Run scenario `s` with `seed`. Never panics: a panic inside the simulation is reported as
 /// [`Verdict::Crashed`].
 pub fn run_scenario(s: &Scenario, seed: u64, opts: &RunOptions) -> RunReport {
     let wall = Instant::now();
+    // With `swarm`, this seed's own timings; every bound below derives from them.
+    let s = &s.swarmed(seed);
     let world = new_world(s, seed, opts);
+    if s.swarm {
+        let (t, n) = (&s.timing, &s.network);
+        let what = format!(
+            "swarm: epoch {:?}, heartbeat {:?}, failure timeout {:?}, witness retry {:?}, \
+             join retry {:?}, latency {:?}..{:?}",
+            t.epoch,
+            t.heartbeat,
+            t.failure_timeout,
+            t.witness_retry,
+            t.join_retry,
+            n.latency_min,
+            n.latency_max
+        );
+        world
+            .borrow_mut()
+            .note(Time::ZERO, HostId::Runner, TraceKind::Note(what));
+    }
     let crashed = catch_unwind(AssertUnwindSafe(|| simulate(s, seed, &world))).err();
     let world = match Rc::try_unwrap(world) {
         Ok(cell) => cell.into_inner(),
@@ -59,13 +83,18 @@ fn new_world(s: &Scenario, seed: u64, opts: &RunOptions) -> Shared {
         seed,
         obs: Observer::new(s.expect.invariants.clone(), initial),
         trace: Trace::new(opts.trace),
-        shaper: Shaper::new(&s.network, SimRng::derive(seed, SHAPER_STREAM)),
+        shaper: Shaper::new(
+            &s.network,
+            SimRng::derive(seed, SHAPER_STREAM),
+            SimRng::derive(seed, DISORDER_STREAM),
+        ),
         witness_disk: initial,
         starts: Default::default(),
         sending: Default::default(),
         bytes_sent: 0,
         unfired: Vec::new(),
         elapsed: Duration::ZERO,
+        held_tokens: HeldTokens::default(),
     }))
 }
 
@@ -110,6 +139,11 @@ fn simulate(s: &Scenario, seed: u64, world: &Shared) {
             break;
         }
         let stepped = sim.step();
+        {
+            let mut wb = world.borrow_mut();
+            HeldTokens::note(&mut wb);
+            HeldTokens::check(&mut wb, Time::from_duration(sim.elapsed()));
+        }
         // A primary that stopped its VM in this step while the witness still names it (a fence
         // that was no takeover): its backup must notice the silence and take over in time.
         if before.is_some_and(|(p, _)| fenced(world, p)) {
@@ -177,6 +211,9 @@ fn watch_liveness(
             && !plan.blocked(wh, bh)
             && wb.shaper.loss(bh, wh) == 0.0
             && wb.shaper.loss(wh, bh) == 0.0
+            // Reordered witness traffic or lost replies may hold a takeover up by as much as
+            // the disorder's delay bound: such a path is not clean either.
+            && !wb.shaper.disorder.config().slows()
     };
     // A live primary whose path to the witness is damaged may still win the race for the
     // register (its requests get through) and then never hear that it won: nobody can serve

@@ -3,6 +3,8 @@
 use std::fmt;
 use std::time::Duration;
 
+use super::WitnessDisorder;
+
 /// A host named in a fault. `Primary`/`Backup` are resolved when the fault fires (the active
 /// primary, and the backup following it), so "crash the new primary" needs no node name.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -64,6 +66,9 @@ pub enum Trigger {
     BetweenCheckpoints,
     /// Wait until the active primary is fully syncing a joiner.
     Syncing,
+    /// Wait until the active primary has asked the witness to register its backup and has no
+    /// answer yet.
+    Registering,
     /// Wait until the active primary is protected by a registered backup.
     Protected,
 }
@@ -75,6 +80,7 @@ impl Trigger {
             "sending" => Trigger::Sending,
             "between_checkpoints" => Trigger::BetweenCheckpoints,
             "syncing" => Trigger::Syncing,
+            "registering" => Trigger::Registering,
             "protected" => Trigger::Protected,
             _ => return None,
         })
@@ -225,6 +231,9 @@ pub enum FaultAction {
         /// The node.
         host: HostRef,
     },
+    /// From now on, witness requests and replies are duplicated, reordered and lost as this
+    /// says (all zero: in order again).
+    WitnessDisorder(WitnessDisorder),
 }
 
 impl fmt::Display for FaultAction {
@@ -277,6 +286,7 @@ impl fmt::Display for FaultAction {
             FaultAction::ForgeWitnessReply { host } => {
                 write!(f, "forge the next witness reply to {host}")
             }
+            FaultAction::WitnessDisorder(d) => write!(f, "{d}"),
         }
     }
 }

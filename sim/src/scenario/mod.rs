@@ -2,9 +2,11 @@
 //! The file format is documented in scenarios/README.md; [`Scenario::from_toml`] and
 //! [`Scenario::load`] parse and check it and never panic.
 
+mod disorder;
 mod error;
 mod fault;
 mod spec;
+mod swarm;
 
 use std::collections::BTreeSet;
 use std::path::Path;
@@ -12,6 +14,7 @@ use std::time::Duration;
 
 use ftvm_model::{Config, NodeId, VmId};
 
+pub use disorder::WitnessDisorder;
 pub use error::ScenarioError;
 pub use fault::{Fault, FaultAction, ForgedFrame, HostRef, Trigger};
 
@@ -90,6 +93,8 @@ pub struct Network {
     /// up to a whole step. Each step costs every host's runtime a turn whatever happens, so the
     /// step sets the simulator's speed: 2 ms runs about twice as fast as 1 ms.
     pub step: Duration,
+    /// Duplicated, reordered and lost witness messages.
+    pub witness: WitnessDisorder,
 }
 
 /// Client behaviour.
@@ -150,6 +155,9 @@ pub struct Scenario {
     pub faults: Vec<Fault>,
     /// Expectations.
     pub expect: Expect,
+    /// Draw the protocol timings and link latencies of each run from its seed, around the
+    /// values above (see [`Scenario::swarmed`]).
+    pub swarm: bool,
 }
 
 fn ms(v: u64) -> Duration {
@@ -251,6 +259,12 @@ impl Scenario {
                 rto: ms(f.network.rto_ms),
                 chunk_bytes: usize::try_from(f.network.chunk_bytes).unwrap_or(usize::MAX),
                 step: ms(f.network.step_ms),
+                witness: WitnessDisorder {
+                    duplicate: f.network.witness_duplicate,
+                    reorder: f.network.witness_reorder,
+                    reply_loss: f.network.witness_reply_loss,
+                    max_delay: ms(f.network.witness_delay_max_ms),
+                },
             },
             clients: ClientSpec {
                 timeout: ms(f.clients.timeout_ms),
@@ -269,6 +283,7 @@ impl Scenario {
                 max_fences: f.expect.max_fences,
                 liveness_slack: ms(f.expect.liveness_slack_ms),
             },
+            swarm: f.swarm,
         })
     }
 
@@ -320,6 +335,7 @@ impl Scenario {
                 self.timing.epoch.as_millis()
             ));
         }
+        net.witness.check("network.witness_*")?;
         if net.chunk_bytes < 64 {
             return Err("network.chunk_bytes must be at least 64".into());
         }
@@ -396,6 +412,7 @@ impl Scenario {
                 }
                 Ok(())
             }
+            FaultAction::WitnessDisorder(d) => d.check("witness-disorder"),
             FaultAction::Heal => Ok(()),
         }
     }
@@ -449,6 +466,7 @@ fn allowed(kind: &str) -> Option<&'static [&'static str]> {
         "flap" => &["a", "b", "period_ms", "count"],
         "forge-generation" => &["a", "b", "frame", "generation"],
         "forge-witness-reply" => &["host"],
+        "witness-disorder" => &["duplicate", "reorder", "reply_loss", "max_ms"],
         _ => return None,
     })
 }
@@ -456,10 +474,11 @@ fn allowed(kind: &str) -> Option<&'static [&'static str]> {
 fn fault_from_file(f: &FaultFile) -> Result<Vec<Fault>, String> {
     let allowed = allowed(&f.kind).ok_or_else(|| {
         "unknown kind (use crash, restart, partition, repair, isolate, heal, hold, release, \
-         loss, latency, bandwidth, corrupt, flap, forge-generation, forge-witness-reply)"
+         loss, latency, bandwidth, corrupt, flap, forge-generation, forge-witness-reply, \
+         witness-disorder)"
             .to_string()
     })?;
-    let set: [(&str, bool); 13] = [
+    let set: [(&str, bool); 16] = [
         ("host", f.host.is_some()),
         ("a", f.a.is_some()),
         ("b", f.b.is_some()),
@@ -473,6 +492,9 @@ fn fault_from_file(f: &FaultFile) -> Result<Vec<Fault>, String> {
         ("count", f.count.is_some()),
         ("frame", f.frame.is_some()),
         ("generation", f.generation.is_some()),
+        ("duplicate", f.duplicate.is_some()),
+        ("reorder", f.reorder.is_some()),
+        ("reply_loss", f.reply_loss.is_some()),
     ];
     if let Some((name, _)) = set.iter().find(|(n, s)| *s && !allowed.contains(n)) {
         return Err(format!("field `{name}` does not apply to this kind"));
@@ -483,7 +505,7 @@ fn fault_from_file(f: &FaultFile) -> Result<Vec<Fault>, String> {
         Some(w) => Trigger::parse(w).ok_or_else(|| {
             format!(
                 "`when`: unknown trigger `{w}` (use at, sending, between_checkpoints, syncing, \
-                 protected)"
+                 registering, protected)"
             )
         })?,
     };
@@ -552,6 +574,12 @@ fn fault_from_file(f: &FaultFile) -> Result<Vec<Fault>, String> {
         "forge-witness-reply" => one(FaultAction::ForgeWitnessReply {
             host: host_field(&f.host, "host")?,
         }),
+        "witness-disorder" => one(FaultAction::WitnessDisorder(WitnessDisorder {
+            duplicate: f.duplicate.unwrap_or(0.0),
+            reorder: f.reorder.unwrap_or(0.0),
+            reply_loss: f.reply_loss.unwrap_or(0.0),
+            max_delay: ms(f.max_ms.unwrap_or(0)),
+        })),
         "loss" => {
             let link = match (&f.a, &f.b) {
                 (None, None) => None,

@@ -25,6 +25,8 @@ pub(super) struct ScenarioFile {
     pub faults: Vec<FaultFile>,
     #[serde(default)]
     pub expect: ExpectFile,
+    #[serde(default)]
+    pub swarm: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -105,6 +107,10 @@ pub(super) struct NetworkFile {
     pub rto_ms: u64,
     pub chunk_bytes: u64,
     pub step_ms: u64,
+    pub witness_duplicate: f64,
+    pub witness_reorder: f64,
+    pub witness_reply_loss: f64,
+    pub witness_delay_max_ms: u64,
 }
 
 impl Default for NetworkFile {
@@ -117,6 +123,10 @@ impl Default for NetworkFile {
             rto_ms: 40,
             chunk_bytes: 4096,
             step_ms: 2,
+            witness_duplicate: 0.0,
+            witness_reorder: 0.0,
+            witness_reply_loss: 0.0,
+            witness_delay_max_ms: 0,
         }
     }
 }
@@ -162,6 +172,9 @@ pub(super) struct FaultFile {
     pub count: Option<u32>,
     pub frame: Option<String>,
     pub generation: Option<u64>,
+    pub duplicate: Option<f64>,
+    pub reorder: Option<f64>,
+    pub reply_loss: Option<f64>,
 }
 
 #[derive(Debug, Deserialize)]

@@ -228,3 +228,89 @@ fn missing_file_is_an_io_error() {
     assert!(matches!(e, ScenarioError::Io { .. }));
     assert!(e.to_string().contains("/nonexistent/x.toml"));
 }
+
+#[test]
+fn witness_disorder_parses_from_the_network_table_and_as_a_fault() {
+    let s = parse(
+        r#"
+name = "d"
+duration_ms = 2000
+swarm = true
+
+[network]
+witness_duplicate = 0.25
+witness_reorder = 0.5
+witness_reply_loss = 0.1
+witness_delay_max_ms = 700
+
+[[fault]]
+kind = "witness-disorder"
+duplicate = 0.3
+max_ms = 100
+at_ms = 500
+when = "registering"
+
+[[fault]]
+kind = "witness-disorder"
+at_ms = 900
+"#,
+    )
+    .unwrap();
+    assert!(s.swarm);
+    assert_eq!(
+        s.network.witness,
+        WitnessDisorder {
+            duplicate: 0.25,
+            reorder: 0.5,
+            reply_loss: 0.1,
+            max_delay: Duration::from_millis(700),
+        }
+    );
+    assert_eq!(s.faults[0].when, Trigger::Registering);
+    assert_eq!(
+        s.faults[0].action,
+        FaultAction::WitnessDisorder(WitnessDisorder {
+            duplicate: 0.3,
+            reorder: 0.0,
+            reply_loss: 0.0,
+            max_delay: Duration::from_millis(100),
+        })
+    );
+    // No rates: back to in-order traffic.
+    assert_eq!(
+        s.faults[1].action,
+        FaultAction::WitnessDisorder(WitnessDisorder::default())
+    );
+    assert!(!parse("name = \"x\"\nduration_ms = 5\n").unwrap().swarm);
+}
+
+#[test]
+fn witness_disorder_out_of_range_is_refused() {
+    let head = "name = \"x\"\nduration_ms = 500\n";
+    for (body, want) in [
+        (
+            "[network]\nwitness_duplicate = 1.5\nwitness_delay_max_ms = 5\n",
+            "duplicate",
+        ),
+        (
+            "[network]\nwitness_duplicate = 0.6\nwitness_reorder = 0.6\nwitness_delay_max_ms = 5\n",
+            "duplicate + reorder",
+        ),
+        ("[network]\nwitness_reorder = 0.2\n", "delay bound"),
+        (
+            "[[fault]]\nkind = \"witness-disorder\"\nat_ms = 1\nreply_loss = -0.1\n",
+            "reply_loss",
+        ),
+        (
+            "[[fault]]\nkind = \"witness-disorder\"\nat_ms = 1\nduplicate = 0.1\nmax_ms = 90000\n",
+            "at most 60000",
+        ),
+        (
+            "[[fault]]\nkind = \"crash\"\nhost = \"n1\"\nat_ms = 1\nreorder = 0.1\n",
+            "reorder",
+        ),
+    ] {
+        let e = err(&format!("{head}{body}"));
+        assert!(e.contains(want), "{body}: {e}");
+    }
+}

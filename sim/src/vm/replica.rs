@@ -1,25 +1,11 @@
 //! The backup's replica (RAM + device state of its last committed epoch) and the checkpoints
 //! staged beside it until the model says commit.
 
+use ftvm_driver::StagedCheckpoint;
 use ftvm_model::{Epoch, Generation, NodeId};
 
 use super::ram::{state_hash, Ram};
 use crate::scenario::VmSpec;
-
-/// One received checkpoint (possibly truncated or damaged when `complete` is false).
-#[derive(Clone, Debug)]
-pub(crate) struct Staged {
-    /// Primary that sent it.
-    pub from: NodeId,
-    /// Generation in its frame header.
-    pub generation: Generation,
-    pub epoch: Epoch,
-    pub full: bool,
-    pub pages: Vec<(u64, Vec<u8>)>,
-    pub device: Vec<u8>,
-    /// Fully received and checksum-verified.
-    pub complete: bool,
-}
 
 /// Where a replica's contents come from: the primary, its generation, and the epoch.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,24 +36,24 @@ impl Replica {
         }
     }
 
-    /// Apply a staged checkpoint in one step (the simulated commit is atomic). Page records
-    /// outside the RAM are skipped; a short device state overwrites only its prefix (which is
-    /// exactly the damage a partial commit does).
-    pub fn apply(&mut self, cp: &Staged) {
-        for (index, data) in &cp.pages {
-            self.ram.set_page(*index, data);
+    /// Apply a staged checkpoint sent by `from` in one step (the simulated commit is atomic).
+    /// Staging kept page records inside the RAM; a short device state overwrites only its
+    /// prefix (which is exactly the damage a partial commit does).
+    pub fn apply(&mut self, cp: &StagedCheckpoint, from: NodeId, page_size: usize) {
+        for (index, data) in cp.pages(page_size) {
+            self.ram.set_page(index, data);
         }
         if self.device.len() < cp.device.len() {
             self.device.resize(cp.device.len(), 0);
         }
         self.device[..cp.device.len()].copy_from_slice(&cp.device);
         self.committed = Some(Origin {
-            primary: cp.from,
-            generation: cp.generation,
-            epoch: cp.epoch,
+            primary: from,
+            generation: Generation(cp.generation),
+            epoch: Epoch(cp.epoch),
         });
         if cp.full {
-            self.since = Some(cp.epoch);
+            self.since = Some(Epoch(cp.epoch));
         }
     }
 

@@ -1,7 +1,8 @@
-//! Copy-on-write capture (`--capture cow`, DESIGN §1): at the capture the epoch's dirty pages are
-//! write-protected with a blocking userfaultfd and the VM resumes at once; the sender then sends
-//! the pages straight from guest RAM while the guest runs. A guest write to a protected page
-//! blocks its thread in a fault that the [`CowEngine`]'s handler thread resolves:
+//! Copy-on-write capture (`--capture cow`, docs/ARCHITECTURE.md, Capture modes): at the capture
+//! the epoch's dirty pages are write-protected with a blocking userfaultfd and the VM resumes at
+//! once; the sender then sends the pages straight from guest RAM while the guest runs. A guest
+//! write to a protected page blocks its thread in a fault that the [`CowEngine`]'s handler
+//! thread resolves:
 //!
 //! - the page is in a checkpoint and not yet sent (`Unsent`): copy it into that checkpoint's side
 //!   buffer (the sender will use the copy), then unprotect;
@@ -248,7 +249,7 @@ impl Shared {
     /// Logs the first failed early pass (later ones would only repeat it).
     fn report_early_failure(&self, e: &CowError) {
         if !self.early_failed.swap(true, Ordering::AcqRel) {
-            eprintln!("ftvm: an early write-protect pass failed: {e}");
+            tracing::warn!(error = %e, "copy-on-write: an early write-protect pass failed");
         }
     }
 
@@ -715,15 +716,21 @@ fn handler(shared: &Shared, stop: &OwnedFd) {
             return;
         }
     };
-    eprintln!("ftvm: copy-on-write fault handler failed: {failure}; unprotecting guest RAM");
+    tracing::error!(%failure, "copy-on-write fault handler failed; unprotecting guest RAM");
     if let Ok(mut g) = shared.inner.lock() {
         g.failed = Some(failure);
     }
     // Nobody resolves faults any more: no writer may stay blocked.
     let all = shared.uffd.range();
-    let _ = shared
+    if let Err(e) = shared
         .uffd
-        .write_protect(all.start, all.end - all.start, false);
+        .write_protect(all.start, all.end - all.start, false)
+    {
+        tracing::error!(
+            error = %e,
+            "copy-on-write: unprotecting guest RAM failed; guest writes may stay blocked"
+        );
+    }
 }
 
 /// One copy-on-write checkpoint, for its sender: the pages' states and side copies. Dropping it

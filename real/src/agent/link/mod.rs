@@ -6,6 +6,10 @@
 //! incrementally and stages arriving checkpoints. Both report to the agent's event loop through
 //! a channel. [`frames`] builds and sends checkpoint frames; [`read`] is the reader.
 
+// Values here come off the wire (or go onto it): a cast that drops bits must be a checked
+// conversion, or say why it cannot lose anything.
+#![warn(clippy::cast_possible_truncation)]
+
 mod frames;
 mod read;
 
@@ -293,7 +297,10 @@ fn writer(
     };
     let why = match transport::open(kind, stream, TransportOptions::default()) {
         Ok(t) => serve(t, vm, page_size, &mut sealer, &rx, &events, &mut bufs),
-        Err(e) => format!("transport: {e}"),
+        Err(e) => {
+            tracing::warn!(conn = conn.0, %kind, error = %e, "checkpoint transport unavailable");
+            format!("transport: {e}")
+        }
     };
     // Only now, with the transport dropped (it waits for outstanding releases), may the loop
     // treat this link's buffers as free.
@@ -379,7 +386,7 @@ fn serve(
                 let _ = events.send(Event::CheckpointSent {
                     epoch: Epoch(staged.epoch),
                     bytes,
-                    send_us: started.elapsed().as_micros() as u64,
+                    send_us: u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX),
                     stats: t.stats(),
                     cow,
                     staged,

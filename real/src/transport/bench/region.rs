@@ -1,5 +1,6 @@
 //! A large shared memory region standing in for guest RAM: a memfd mapped `MAP_SHARED`, like the
-//! `/dev/shm` file QEMU's RAM lives in (DESIGN §2), filled so no page is the shared zero page.
+//! `/dev/shm` file QEMU's RAM lives in (docs/ARCHITECTURE.md, Dirty pages), filled so no page
+//! is the shared zero page.
 
 use std::io;
 use std::os::fd::{FromRawFd, OwnedFd};

@@ -1,22 +1,41 @@
-//! Carrying out the model's actions. Actions whose effect completes at once in the simulation
-//! (capture, commit) push their answering input onto `queue`, which `feed` handles next.
+//! Carrying out the model's actions, with the driver core's bookkeeping already done (see
+//! `ftvm_driver::Effect`). Actions whose effect completes at once in the simulation (capture,
+//! commit) push their answering input onto `queue`, which `feed` handles next.
 
 use std::collections::VecDeque;
 
+use ftvm_driver::{Effect, StagedCheckpoint};
 use ftvm_model::wire::{encode_checkpoint, HEADER_LEN, META_LEN, RECORD_HEADER_LEN};
-use ftvm_model::{Action, Epoch, Generation, Input, NodeId, OutputGate, Time, WitnessRequest};
+use ftvm_model::{Action, Epoch, Generation, Input, NodeId, Time, WitnessRequest};
 use tokio::task::spawn_local;
 use turmoil::net::TcpStream;
 
+use super::event::ConnId;
 use super::event::HostEvent;
-use super::{witness_call, Conn, NodeHost};
+use super::{witness_call, Conn, NodeHost, OutFrame};
 use crate::invariant::Invariant;
 use crate::net::{Job, PEER_PORT};
 use crate::trace::{HostId, TraceKind};
 use crate::vm::SimVm;
 
 impl NodeHost {
-    pub(super) fn exec(&mut self, t: Time, action: Action, queue: &mut VecDeque<Input>) {
+    pub(super) fn exec(
+        &mut self,
+        t: Time,
+        effect: Effect<ConnId, OutFrame>,
+        queue: &mut VecDeque<Input>,
+    ) {
+        let Effect {
+            action,
+            released,
+            close,
+            staged,
+            link,
+            ..
+        } = effect;
+        for conn in close {
+            self.links.remove(&conn);
+        }
         match action {
             Action::PauseVm => {
                 if let Some(vm) = self.vm.as_mut() {
@@ -28,42 +47,38 @@ impl NodeHost {
                 if let Some(vm) = self.vm.as_mut() {
                     vm.resume(t);
                 }
-                self.gate.apply(&action);
             }
             Action::SendCheckpoint {
                 to,
                 epoch,
                 full,
                 generation,
-            } => self.send_checkpoint(t, to, epoch, full, generation, queue),
-            Action::Send { to, msg } => {
+            } => self.send_checkpoint(t, to, link, epoch, full, generation, queue),
+            Action::Send { msg, .. } => {
                 let bytes = ftvm_model::wire::encode_peer(self.vm_id, &msg);
-                if let Some(w) = self.peers.get(&to).and_then(|c| c.writer.as_ref()) {
+                if let Some(w) = link.and_then(|c| self.writer(c)) {
                     let _ = w.send(Job::Bytes(bytes));
                 }
             }
             Action::Connect { to } => self.connect(to),
-            Action::Disconnect { peer } => {
-                self.peers.remove(&peer);
-            }
+            Action::Disconnect { .. } | Action::Log(_) => {}
             Action::ToWitness(request) => self.ask_witness(request),
-            Action::ReleaseOutput { .. } | Action::SetOutputGate(_) => {
-                let frames = self.gate.apply(&action);
-                self.release(t, frames);
-            }
-            Action::Commit { epoch } => self.commit(t, epoch, queue),
-            Action::DiscardStaged => self.staged.clear(),
-            Action::StartVm { from, generation } => self.start_vm(t, from, generation, &action),
+            Action::ReleaseOutput { .. } | Action::SetOutputGate(_) => self.release(t, released),
+            Action::Commit { epoch } => self.commit(t, epoch, staged, queue),
+            Action::DiscardStaged => self.staged_from.clear(),
+            Action::StartVm { from, generation } => self.start_vm(t, from, generation),
             Action::Fence => {
-                self.gate.apply(&action);
-                self.gate = OutputGate::new();
                 self.vm = None;
                 self.instance = 0;
                 self.captured.clear();
+                self.staged_from.clear();
                 self.restore_at = None;
             }
-            Action::Log(_) => {}
         }
+    }
+
+    fn writer(&self, conn: ConnId) -> Option<tokio::sync::mpsc::UnboundedSender<Job>> {
+        self.links.get(&conn).and_then(|c| c.writer.clone())
     }
 
     fn driver_error(&self, t: Time, detail: String) {
@@ -97,10 +112,12 @@ impl NodeHost {
         });
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn send_checkpoint(
         &mut self,
         t: Time,
         to: NodeId,
+        link: Option<ConnId>,
         epoch: Epoch,
         full: bool,
         generation: Generation,
@@ -111,7 +128,7 @@ impl NodeHost {
         let Some(cap) = self.captured.remove(&epoch) else {
             return self.driver_error(t, format!("SendCheckpoint of {epoch}, never captured"));
         };
-        let Some(writer) = self.peers.get(&to).and_then(|c| c.writer.clone()) else {
+        let Some(writer) = link.and_then(|c| self.writer(c)) else {
             // The link is already gone; tell the model the way a dead socket would.
             queue.push_back(Input::Disconnected { peer: to });
             return;
@@ -157,6 +174,7 @@ impl NodeHost {
 
     fn connect(&mut self, to: NodeId) {
         let id = self.new_conn_id();
+        self.driver.dialling(to, id);
         let tx = self.tx.clone();
         let name = format!("n{}", to.0);
         let task = spawn_local(async move {
@@ -170,11 +188,10 @@ impl NodeHost {
             };
             let _ = tx.send(ev);
         });
-        // Replaces (and so closes) any previous link to `to`.
-        self.peers.insert(
-            to,
+        // The core dropped any previous link to `to` (closed above, from the effect).
+        self.links.insert(
+            id,
             Conn {
-                id,
                 writer: None,
                 tasks: vec![task],
             },
@@ -183,7 +200,7 @@ impl NodeHost {
 
     fn ask_witness(&mut self, request: WitnessRequest) {
         // A call outliving a few resends is stale; the model has resent it by then.
-        let limit = self.node.config().witness_retry * 4;
+        let limit = self.driver.node().config().witness_retry * 4;
         spawn_local(witness_call::call_witness(
             self.w.clone(),
             self.me,
@@ -194,11 +211,19 @@ impl NodeHost {
         ));
     }
 
-    fn commit(&mut self, t: Time, epoch: Epoch, queue: &mut VecDeque<Input>) {
-        let Some(cp) = self.staged.remove(&epoch) else {
+    fn commit(
+        &mut self,
+        t: Time,
+        epoch: Epoch,
+        staged: Option<StagedCheckpoint>,
+        queue: &mut VecDeque<Input>,
+    ) {
+        let from = self.staged_from.remove(&epoch);
+        self.staged_from.retain(|&e, _| e > epoch);
+        let (Some(cp), Some(from)) = (staged, from) else {
             return self.driver_error(t, format!("Commit of {epoch}, which is not staged"));
         };
-        self.replica.apply(&cp);
+        self.replica.apply(&cp, from, self.spec.page_size as usize);
         let hash = self.replica.state_hash();
         let origin = self.replica.committed;
         {
@@ -213,7 +238,7 @@ impl NodeHost {
         queue.push_back(Input::Committed { epoch });
     }
 
-    fn start_vm(&mut self, t: Time, from: Epoch, generation: Generation, action: &Action) {
+    fn start_vm(&mut self, t: Time, from: Epoch, generation: Generation) {
         let Some(origin) = self.replica.committed.filter(|o| o.epoch == from) else {
             return self.driver_error(
                 t,
@@ -240,7 +265,6 @@ impl NodeHost {
         };
         self.vm = Some(vm);
         self.vm_generation = generation;
-        self.gate.apply(action);
         self.restore_at = Some(t + restore);
     }
 }

@@ -1,6 +1,8 @@
-//! A protocol node's host: the thin driver around `ftvm_model::Node`. It owns the sockets,
-//! the simulated VM, the replica and the output gate; it turns socket and VM events into model
-//! inputs, and the model's actions into effects (see `exec`). Every decision is the model's.
+//! A protocol node's host: the simulator's I/O around the shared driver core
+//! (`ftvm_driver::NodeDriver`, the one the real agent runs). It owns the sockets, the simulated
+//! VM and the replica; the core owns the model node, the connection ↔ peer table, the output
+//! gate and the staged checkpoints. Socket and VM events go to the core, and the effects it
+//! returns are carried out in `exec`. Every decision is the model's.
 
 mod accept;
 mod event;
@@ -10,7 +12,8 @@ mod witness_call;
 
 use std::collections::{BTreeMap, VecDeque};
 
-use ftvm_model::{Epoch, Generation, Input, Node, NodeId, OutputGate, Start, Time, VmId};
+use ftvm_driver::{NodeDriver, StagingLimits, Verdict};
+use ftvm_model::{Epoch, Generation, Input, Node, NodeId, Start, Time, VmId};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::{spawn_local, JoinHandle};
 use turmoil::net::TcpStream;
@@ -19,7 +22,7 @@ use crate::net::{write_loop, Job, WriterNote, PEER_PORT, SERVICE_PORT};
 use crate::observer::Instance;
 use crate::scenario::{VmSpec, VM_ID};
 use crate::trace::{HostId, TraceKind};
-use crate::vm::replica::{Replica, Staged};
+use crate::vm::replica::Replica;
 use crate::vm::service::Reply;
 use crate::vm::{Captured, SimVm};
 use crate::world::{now, Shared};
@@ -37,7 +40,6 @@ pub(crate) struct OutFrame {
 
 /// One connection: its writer and the tasks to stop when it is dropped.
 struct Conn {
-    id: ConnId,
     writer: Option<UnboundedSender<Job>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -56,16 +58,17 @@ pub(crate) struct NodeHost {
     host: HostId,
     spec: VmSpec,
     vm_id: VmId,
-    node: Node,
+    driver: NodeDriver<ConnId, OutFrame>,
     vm: Option<SimVm>,
     instance: Instance,
     vm_generation: Generation,
-    gate: OutputGate<OutFrame>,
     restore_at: Option<Time>,
     captured: BTreeMap<Epoch, Captured>,
     replica: Replica,
-    staged: BTreeMap<Epoch, Staged>,
-    peers: BTreeMap<NodeId, Conn>,
+    /// The primary that sent each staged checkpoint (the observer's origin of a commit).
+    staged_from: BTreeMap<Epoch, NodeId>,
+    /// Checkpoint-link connections (dialling, accepted or live) and their tasks.
+    links: BTreeMap<ConnId, Conn>,
     clients: BTreeMap<ConnId, Conn>,
     next_conn: ConnId,
     tx: UnboundedSender<HostEvent>,
@@ -103,15 +106,14 @@ pub(crate) async fn run_node(w: Shared, me: NodeId) -> turmoil::Result {
         replica: Replica::empty(&spec),
         spec,
         vm_id: VM_ID,
-        node: Node::new(config, me, start),
+        driver: NodeDriver::new(Node::new(config, me, start)),
         vm: None,
         instance: 0,
         vm_generation: Generation::UNKNOWN,
-        gate: OutputGate::new(),
         restore_at: None,
         captured: BTreeMap::new(),
-        staged: BTreeMap::new(),
-        peers: BTreeMap::new(),
+        staged_from: BTreeMap::new(),
+        links: BTreeMap::new(),
         clients: BTreeMap::new(),
         next_conn: 0,
         tx,
@@ -149,7 +151,7 @@ impl NodeHost {
     }
 
     fn next_due(&self) -> Option<Time> {
-        match (self.node.poll_timeout(), self.restore_at) {
+        match (self.driver.poll_timeout(), self.restore_at) {
             (Some(a), Some(b)) => Some(a.min(b)),
             (a, b) => a.or(b),
         }
@@ -164,7 +166,7 @@ impl NodeHost {
             }
             self.feed(Input::VmStarted);
         }
-        if self.node.poll_timeout().is_some_and(|d| d <= t) {
+        if self.driver.poll_timeout().is_some_and(|d| d <= t) {
             self.feed(Input::Timeout);
         }
     }
@@ -175,12 +177,12 @@ impl NodeHost {
         while let Some(input) = queue.pop_front() {
             let t = now();
             self.note(t, TraceKind::Input(input));
-            for action in self.node.handle(t, input) {
-                self.note(t, TraceKind::Action(action));
-                self.exec(t, action, &mut queue);
+            for effect in self.driver.handle(t, input) {
+                self.note(t, TraceKind::Action(effect.action));
+                self.exec(t, effect, &mut queue);
             }
             let running = self.vm.as_ref().is_some_and(SimVm::is_running);
-            let status = self.node.status();
+            let status = self.driver.status();
             self.w.borrow_mut().obs.status(t, self.me, status, running);
         }
     }
@@ -189,11 +191,18 @@ impl NodeHost {
         self.w.borrow_mut().note(t, self.host, what);
     }
 
-    fn conn_peer(&self, conn: ConnId) -> Option<NodeId> {
-        self.peers
-            .iter()
-            .find(|(_, c)| c.id == conn && c.writer.is_some())
-            .map(|(p, _)| *p)
+    /// What the core says about a connection event: close what it names, feed the input.
+    fn apply(&mut self, verdict: Verdict<ConnId>) {
+        match verdict {
+            Verdict::Ignore => {}
+            Verdict::Feed(input) => self.feed(input),
+            Verdict::Close(conn, input) => {
+                self.links.remove(&conn);
+                if let Some(input) = input {
+                    self.feed(input);
+                }
+            }
+        }
     }
 
     fn new_conn_id(&mut self) -> ConnId {
@@ -206,7 +215,12 @@ impl NodeHost {
         let (rd, wr) = stream.into_split();
         let (jobs, job_rx) = unbounded_channel();
         let tx = self.tx.clone();
-        let reader = spawn_local(peer_io::read_peer(rd, id, peer, self.vm_id, tx.clone()));
+        let limits = StagingLimits {
+            page_size: self.spec.page_size,
+            ram_pages: self.spec.pages,
+            max_device_bytes: ftvm_driver::staging::DEFAULT_MAX_DEVICE_BYTES,
+        };
+        let reader = spawn_local(peer_io::read_peer(rd, id, self.vm_id, limits, tx.clone()));
         let writer = spawn_local(write_loop(
             self.w.clone(),
             wr,
@@ -222,7 +236,6 @@ impl NodeHost {
             },
         ));
         Conn {
-            id,
             writer: Some(jobs),
             tasks: vec![reader, writer],
         }
@@ -232,58 +245,52 @@ impl NodeHost {
         match ev {
             HostEvent::PeerAccepted { peer, stream } => {
                 let id = self.new_conn_id();
-                let conn = self.attach(id, peer, stream);
-                self.peers.insert(peer, conn);
+                // Accepted links speak for the node their address names, once it joins.
+                if self.driver.accepted(id, peer) {
+                    let conn = self.attach(id, peer, stream);
+                    self.links.insert(id, conn);
+                }
             }
             HostEvent::Connected { conn, peer, stream } => {
-                let pending = self
-                    .peers
-                    .get(&peer)
-                    .is_some_and(|c| c.id == conn && c.writer.is_none());
-                if pending {
+                let verdict = self.driver.connected(conn, peer);
+                if verdict != Verdict::Close(conn, None) {
                     let c = self.attach(conn, peer, stream);
-                    self.peers.insert(peer, c);
-                    self.feed(Input::Connected { peer });
+                    self.links.insert(conn, c);
                 }
+                self.apply(verdict);
             }
             HostEvent::ConnectFailed { conn, peer } => {
-                if self.peers.get(&peer).is_some_and(|c| c.id == conn) {
-                    self.peers.remove(&peer);
-                    self.feed(Input::Disconnected { peer });
-                }
+                self.links.remove(&conn);
+                let verdict = self.driver.connect_failed(conn, peer);
+                self.apply(verdict);
             }
-            HostEvent::Peer { conn, msg } => {
-                if let Some(from) = self.conn_peer(conn) {
-                    self.feed(Input::Message { from, msg });
+            HostEvent::Link { conn, event } => {
+                if let ftvm_driver::LinkEvent::CheckpointReceived(cp) = &event {
+                    if let Some(from) = self.driver.peer_of(conn) {
+                        self.staged_from.insert(Epoch(cp.epoch), from);
+                    }
                 }
+                if let ftvm_driver::LinkEvent::CheckpointDamaged { epoch, .. } = &event {
+                    if let Some(from) = self.driver.peer_of(conn) {
+                        self.staged_from.insert(*epoch, from);
+                    }
+                }
+                let verdict = self.driver.on_link(conn, event);
+                self.apply(verdict);
             }
             HostEvent::Heard { conn } => {
-                if let Some(from) = self.conn_peer(conn) {
-                    self.feed(Input::Heard { from });
-                }
-            }
-            HostEvent::CheckpointStarted { conn, epoch } => {
-                if self.conn_peer(conn).is_some() {
-                    self.feed(Input::CheckpointStarted { epoch });
-                }
-            }
-            HostEvent::CheckpointDone { conn, cp } => {
-                if self.conn_peer(conn).is_some() {
-                    let (epoch, ok) = (cp.epoch, cp.complete);
-                    self.staged.insert(epoch, *cp);
-                    self.feed(Input::CheckpointReceived { epoch, ok });
-                }
+                let verdict = self.driver.heard(conn);
+                self.apply(verdict);
             }
             HostEvent::CheckpointSent { conn, epoch } => {
-                if self.conn_peer(conn).is_some() {
+                if self.driver.peer_of(conn).is_some() {
                     self.feed(Input::CheckpointSent { epoch });
                 }
             }
             HostEvent::Closed { conn } => {
-                if let Some(peer) = self.conn_peer(conn) {
-                    self.peers.remove(&peer);
-                    self.feed(Input::Disconnected { peer });
-                }
+                self.links.remove(&conn);
+                let verdict = self.driver.closed(conn);
+                self.apply(verdict);
             }
             HostEvent::Witness(reply) => self.feed(Input::WitnessReply(reply)),
             HostEvent::ClientAccepted { stream } => self.accept_client(stream),
@@ -310,7 +317,6 @@ impl NodeHost {
         self.clients.insert(
             id,
             Conn {
-                id,
                 writer: Some(jobs),
                 tasks: vec![reader, writer],
             },
@@ -331,9 +337,9 @@ impl NodeHost {
             reply,
             instance: self.instance,
             generation: self.vm_generation,
-            tag: self.gate.tag(),
+            tag: self.driver.gate().tag(),
         };
-        if let Some(f) = self.gate.emit(frame) {
+        if let Some(f) = self.driver.emit(t, frame) {
             self.release(t, vec![f]);
         }
     }

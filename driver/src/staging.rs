@@ -1,4 +1,4 @@
-//! Staging of arriving checkpoints on a backup, sans I/O: the link's reader feeds it the
+//! Staging of arriving checkpoints on a backup: the link reader feeds it the
 //! decoder's checkpoint items and gets back a whole [`StagedCheckpoint`] or a typed reason to
 //! drop it. Everything a peer claims is checked against this VM before it costs memory:
 //!
@@ -15,10 +15,13 @@
 //! its shape). A violation drops the checkpoint and the link (the reader stops), never the
 //! agent.
 
+// Values here come off the wire (or go onto it): a cast that drops bits must be a checked
+// conversion, or say why it cannot lose anything.
+
 use ftvm_model::wire::{CheckpointMeta, Item};
 use ftvm_model::{Epoch, Generation};
 
-use crate::replica::StagedCheckpoint;
+use crate::checkpoint::StagedCheckpoint;
 
 /// Default cap on a checkpoint's device state (QEMU's migration stream without guest RAM).
 /// The agent's QEMU (`-nodefaults`, virtio-net, no display) sends 42 KB for the test guest
@@ -122,6 +125,17 @@ pub struct CheckpointAssembler {
     open: Option<Epoch>,
     /// One bit per guest page: sent in the current checkpoint.
     seen: Vec<u64>,
+    /// What arrived of the last checkpoint dropped on an error, until [`Self::abort`].
+    partial: Option<StagedCheckpoint>,
+}
+
+/// A checkpoint given up before its end.
+#[derive(Debug)]
+pub struct Aborted {
+    /// Its epoch.
+    pub epoch: Epoch,
+    /// What of it arrived (none when its beginning was already refused).
+    pub partial: Option<StagedCheckpoint>,
 }
 
 impl CheckpointAssembler {
@@ -132,6 +146,7 @@ impl CheckpointAssembler {
             cur: None,
             open: None,
             seen: Vec::new(),
+            partial: None,
         }
     }
 
@@ -150,11 +165,15 @@ impl CheckpointAssembler {
         }
     }
 
-    /// The link ends (or failed): drops a checkpoint in progress and returns its epoch, to be
-    /// reported as received damaged.
-    pub fn abort(&mut self) -> Option<Epoch> {
+    /// The link ends (or failed): gives up the checkpoint in progress, if one began, with what
+    /// of it arrived. The caller reports it as received damaged (`ok: false`); the partial
+    /// contents are kept beside it so that a model that wrongly commits it (a planted bug)
+    /// leaves a visibly wrong replica instead of a missing one.
+    pub fn abort(&mut self) -> Option<Aborted> {
         self.drop_current();
-        self.open.take()
+        let epoch = self.open.take()?;
+        let partial = self.partial.take().filter(|p| p.epoch == epoch.0);
+        Some(Aborted { epoch, partial })
     }
 
     fn begin(
@@ -205,6 +224,7 @@ impl CheckpointAssembler {
         let staged = StagedCheckpoint {
             generation: generation.0,
             epoch,
+            full: meta.full,
             indices: Vec::with_capacity(first),
             data: Vec::with_capacity(first * l.page_size as usize),
             device: Vec::with_capacity(device.min(INITIAL_DEVICE_BYTES)),
@@ -244,7 +264,14 @@ impl CheckpointAssembler {
                 ))
             }
         }
-        let claimed_pages = meta.page_count as usize;
+        // `begin` bounded the count by guest RAM; a count this host cannot address is refused
+        // all the same rather than truncated.
+        let claimed_pages =
+            usize::try_from(meta.page_count).map_err(|_| StagingError::PageCount {
+                epoch,
+                count: meta.page_count,
+                ram_pages,
+            })?;
         grow_within(&mut s.indices, 1, claimed_pages);
         s.indices.push(index);
         grow_within(
@@ -257,6 +284,7 @@ impl CheckpointAssembler {
     }
 
     fn device(&mut self, offset: u64, data: &[u8]) -> Result<(), StagingError> {
+        let max_device = self.limits.max_device_bytes;
         let Some((meta, s)) = self.cur.as_mut() else {
             return Err(StagingError::OutOfPlace(
                 "device state outside a checkpoint",
@@ -268,7 +296,12 @@ impl CheckpointAssembler {
                 "device state beyond the checkpoint's shape",
             ));
         }
-        grow_within(&mut s.device, data.len(), meta.device_len as usize);
+        let device_len = usize::try_from(meta.device_len).map_err(|_| StagingError::DeviceLen {
+            epoch: s.epoch,
+            len: meta.device_len,
+            cap: max_device,
+        })?;
+        grow_within(&mut s.device, data.len(), device_len);
         s.device.extend_from_slice(data);
         Ok(())
     }
@@ -295,7 +328,7 @@ impl CheckpointAssembler {
 
     fn drop_current(&mut self) {
         self.clear_seen();
-        self.cur = None;
+        self.partial = self.cur.take().map(|(_, s)| s);
     }
 
     /// Unmarks the pages of the current checkpoint (cheaper than clearing all of RAM's bits).

@@ -1,0 +1,29 @@
+//! A checkpoint as both executors hold it between the wire and the replica: page indices with
+//! their contents in one buffer, and the device state.
+
+/// One checkpoint received (or captured), not yet applied to a replica.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct StagedCheckpoint {
+    /// Generation it belongs to.
+    pub generation: u64,
+    /// Epoch it captures.
+    pub epoch: u64,
+    /// A full checkpoint (all of RAM: a sync), not only the pages dirtied in its epoch.
+    pub full: bool,
+    /// Page indices, in the order of `data`.
+    pub indices: Vec<u64>,
+    /// Page contents, `indices.len() * page_size` bytes.
+    pub data: Vec<u8>,
+    /// Device state (QEMU's migration stream without shared RAM, or the simulated VM's).
+    pub device: Vec<u8>,
+}
+
+impl StagedCheckpoint {
+    /// The pages as `(index, contents)` pairs of `page_size` bytes each.
+    pub fn pages(&self, page_size: usize) -> impl Iterator<Item = (u64, &[u8])> + '_ {
+        self.indices
+            .iter()
+            .copied()
+            .zip(self.data.chunks(page_size.max(1)))
+    }
+}

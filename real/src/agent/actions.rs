@@ -1,0 +1,517 @@
+//! Carrying out the model's actions on the real VM, sockets and replica, one function per
+//! action. The driver core has done the bookkeeping of each before it gets here (see
+//! `ftvm_driver::Effect`): the frames a release lets out, the checkpoint a commit applies, the
+//! connections a disconnect or fence closes, the link a send goes on.
+
+use std::collections::VecDeque;
+use std::net::TcpStream;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use ftvm_driver::Effect;
+use ftvm_model::{Action, Epoch, Generation, Input, NodeId, PeerMsg, WitnessRequest};
+
+use super::capture::CaptureMode;
+use super::event::{CommitError, ConnId, Event};
+use super::link::{self, CowPages, Outgoing, PausedPages, Side};
+use super::metrics::EpochMetrics;
+use super::vm::{RestorePoint, Vm, VmError, VmLauncher};
+use super::{new_conn, witness, Agent, AgentError};
+use crate::net::output::HeldFrame;
+use crate::replica::StagedCheckpoint;
+
+impl<L: VmLauncher> Agent<L> {
+    /// Carries out one action with the core's bookkeeping of it.
+    pub(super) async fn execute(
+        &mut self,
+        effect: Effect<ConnId, HeldFrame>,
+        pending: &mut VecDeque<Input>,
+    ) -> Result<(), AgentError> {
+        let Effect {
+            action,
+            released,
+            dropped,
+            close,
+            staged,
+            link,
+        } = effect;
+        for conn in close {
+            self.drop_conn(conn);
+        }
+        if !dropped.is_empty() {
+            self.output.dropped(dropped, Instant::now());
+        }
+        match action {
+            Action::PauseVm => self.pause_vm().await,
+            Action::Capture { epoch, full } => self.capture(epoch, full, pending).await,
+            Action::ResumeVm { epoch } => self.resume_vm(epoch).await,
+            Action::SendCheckpoint {
+                epoch,
+                full,
+                generation,
+                ..
+            } => {
+                self.send_checkpoint(link, epoch, full, generation);
+                Ok(())
+            }
+            Action::Send { msg, .. } => {
+                self.send(link, msg);
+                Ok(())
+            }
+            Action::Connect { to } => {
+                self.connect(to);
+                Ok(())
+            }
+            Action::ToWitness(request) => {
+                self.ask_witness(request);
+                Ok(())
+            }
+            Action::ReleaseOutput { through } => {
+                self.release_output(through, released).await;
+                Ok(())
+            }
+            Action::SetOutputGate(_) => {
+                self.send_released(released).await;
+                Ok(())
+            }
+            Action::Commit { epoch } => {
+                self.commit(epoch, staged);
+                Ok(())
+            }
+            Action::StartVm { from, generation } => self.start_vm(from, generation, pending).await,
+            Action::Fence => {
+                self.fence().await;
+                Ok(())
+            }
+            // Closed above / cleared by the core.
+            Action::Disconnect { .. } | Action::DiscardStaged => Ok(()),
+            Action::Log(e) => {
+                self.log(format_args!("{e:?}"));
+                Ok(())
+            }
+        }
+    }
+
+    async fn pause_vm(&mut self) -> Result<(), AgentError> {
+        if let Some(vm) = self.vm.as_mut() {
+            vm.prepare_pause().await?;
+        }
+        self.paused_at = Some(Instant::now());
+        if let Some(vm) = self.vm.as_mut() {
+            vm.pause().await?;
+        }
+        Ok(())
+    }
+
+    async fn capture(
+        &mut self,
+        epoch: Epoch,
+        full: bool,
+        pending: &mut VecDeque<Input>,
+    ) -> Result<(), AgentError> {
+        let mut buf = self
+            .spare
+            .take()
+            .or_else(|| self.captured.take())
+            .unwrap_or_default();
+        // A cow checkpoint never sent finishes here (its pages stay protected; their next
+        // writes are logged as usual).
+        self.captured_cow = None;
+        let Some(vm) = self.vm.as_mut() else {
+            return Err(VmError::failed("capture", "no VM is running").into());
+        };
+        let stats = vm.capture(full, self.cfg.capture, &mut buf).await?;
+        if self.cfg.capture == CaptureMode::Cow {
+            let cow = vm.take_cow().ok_or_else(|| {
+                VmError::failed(
+                    "cow capture",
+                    "this VM does not support copy-on-write capture",
+                )
+            })?;
+            self.captured_cow = Some(cow);
+        }
+        buf.generation = self.driver.status().generation.0;
+        buf.epoch = epoch.0;
+        buf.full = full;
+        if self.verify_due(epoch) {
+            if let Some(vm) = self.vm.as_mut() {
+                let digest = vm.ram_digest()?;
+                self.record_digest(epoch, digest);
+            }
+        }
+        let page_bytes = buf.indices.len() as u64 * u64::from(self.cfg.model.page_size);
+        let bytes = page_bytes + buf.device.len() as u64;
+        let m = EpochMetrics {
+            epoch: epoch.0,
+            generation: buf.generation,
+            full,
+            dirty_pages: stats.pages,
+            scan_us: stats.scan_us,
+            copy_us: stats.copy_us,
+            device_us: stats.device_us,
+            early_protected: stats.early_protected,
+            protected: stats.protected,
+            ..EpochMetrics::default()
+        };
+        self.open_epochs.insert(epoch.0, (m, None));
+        self.captured = Some(buf);
+        pending.push_back(Input::CaptureDone {
+            epoch,
+            pages: stats.pages,
+            bytes,
+        });
+        Ok(())
+    }
+
+    async fn resume_vm(&mut self, epoch: Epoch) -> Result<(), AgentError> {
+        match self.vm.as_mut() {
+            // The checkpoint just captured goes out from guest RAM first.
+            Some(_) if self.cfg.capture == CaptureMode::PausedSend => {
+                self.resume.defer(epoch);
+                return Ok(());
+            }
+            Some(vm) => vm.resume().await?,
+            // A fresh primary's first action: boot the VM.
+            None => self.vm = Some(self.launcher.boot().await?),
+        }
+        self.resumed(epoch);
+        Ok(())
+    }
+
+    /// The VM runs again from `epoch` on: record the pause. (The gate tags frames with `epoch`
+    /// since the model's `ResumeVm`: while a paused-send resume is held, frames still read from
+    /// the netdev were emitted before the pause and are held one epoch longer, never shorter.)
+    fn resumed(&mut self, epoch: Epoch) {
+        if let Some(paused) = self.paused_at.take() {
+            let us = u64::try_from(paused.elapsed().as_micros()).unwrap_or(u64::MAX);
+            if let Some((m, _)) = self.open_epochs.get_mut(&(epoch.0.saturating_sub(1))) {
+                m.pause_us = us;
+            }
+        }
+    }
+
+    /// paused-send: resumes the VM once its checkpoint is out (see `ResumeGate`).
+    pub(super) async fn resume_if_due(&mut self) -> Result<(), AgentError> {
+        let Some(epoch) = self.resume.due() else {
+            return Ok(());
+        };
+        if let Some(vm) = self.vm.as_mut() {
+            vm.resume().await?;
+            self.resumed(epoch);
+        }
+        Ok(())
+    }
+
+    fn send_checkpoint(
+        &mut self,
+        conn: Option<ConnId>,
+        epoch: Epoch,
+        full: bool,
+        generation: Generation,
+    ) {
+        let link = conn.and_then(|c| self.links.get(&c).map(|l| (c, l)));
+        let cow = self.captured_cow.take();
+        let (Some((conn, link)), Some(staged)) = (link, self.captured.take()) else {
+            // No link (its loss is already reported) or nothing captured: keep the buffer for
+            // reuse; the model hears of the link loss.
+            return;
+        };
+        if staged.epoch != epoch.0 {
+            self.spare = Some(staged);
+            return;
+        }
+        let paused = self.cfg.capture == CaptureMode::PausedSend;
+        let out = match (self.vm.as_ref().filter(|_| paused), cow) {
+            // SAFETY: the VM stays paused until this link reports the checkpoint sent or goes
+            // away: its ResumeVm is held in `self.resume`, which hears of both (CheckpointSent,
+            // drop_conn).
+            (Some(vm), _) => Outgoing::PausedSend(unsafe {
+                PausedPages::new(generation, full, staged, vm.guest_ram())
+            }),
+            (None, Some(cow)) => {
+                Outgoing::Cow(Box::new(CowPages::new(generation, full, staged, cow)))
+            }
+            (None, None) => Outgoing::Checkpoint {
+                generation,
+                full,
+                staged,
+            },
+        };
+        match link.try_send(out) {
+            Ok(()) if paused => self.resume.sending(conn, epoch),
+            Ok(()) => {}
+            // The writer is gone; its LinkClosed tells the model.
+            Err(out) => self.spare = out.into_staged(),
+        }
+    }
+
+    fn send(&mut self, conn: Option<ConnId>, msg: PeerMsg) {
+        if let Some(link) = conn.and_then(|c| self.links.get(&c)) {
+            link.send(Outgoing::Peer(msg));
+        }
+    }
+
+    fn connect(&mut self, to: NodeId) {
+        let tx = self.tx.clone();
+        let conn = new_conn();
+        self.driver.dialling(to, conn);
+        let failed = |why: &str| {
+            let why = why.to_string();
+            let _ = tx.send(Event::ConnectFailed {
+                peer: to,
+                conn,
+                why,
+            });
+        };
+        let Some(addr) = self.cfg.peers.get(&to).copied() else {
+            return failed("no address configured for that node");
+        };
+        let Some(key) = self.cfg.identity.trust.nodes.get(&to).copied() else {
+            return failed("no public key for that node in the key directory");
+        };
+        let setup = self.link_setup();
+        tokio::task::spawn_blocking(move || {
+            let failed = match TcpStream::connect_timeout(&addr, Duration::from_millis(500)) {
+                Ok(stream) => {
+                    let events = tx.clone();
+                    let announce = move |link, peer| {
+                        let _ = events.send(Event::Connected { peer, conn, link });
+                    };
+                    let events = tx.clone();
+                    let refused = move |why: String| {
+                        let why = format!("{addr}: {why}");
+                        let _ = events.send(Event::ConnectFailed {
+                            peer: to,
+                            conn,
+                            why,
+                        });
+                    };
+                    let side = Side::Dial { peer: to, key };
+                    link::spawn(
+                        stream,
+                        conn,
+                        side,
+                        setup,
+                        None,
+                        tx.clone(),
+                        announce,
+                        refused,
+                    )
+                    .err()
+                    .map(|e| e.to_string())
+                }
+                Err(e) => Some(format!("{addr}: {e}")),
+            };
+            if let Some(why) = failed {
+                let _ = tx.send(Event::ConnectFailed {
+                    peer: to,
+                    conn,
+                    why,
+                });
+            }
+        });
+    }
+
+    fn ask_witness(&mut self, req: WitnessRequest) {
+        let (addr, vm, tx) = (self.cfg.witness, self.cfg.model.vm, self.tx.clone());
+        let identity = self.cfg.identity.clone();
+        if matches!(req, WitnessRequest::Takeover { .. }) && self.takeover_started.is_none() {
+            self.takeover_started = Some(Instant::now());
+        }
+        // An exchange (handshake, request, the witness's two fsyncs, reply) may take longer
+        // than the model's resend interval on a loaded host: it is left to finish instead of
+        // being abandoned at each resend, and a resend of a request still in flight is not sent
+        // twice.
+        if !lock_inflight(&self.witness_inflight).insert(req) {
+            return;
+        }
+        let inflight = self.witness_inflight.clone();
+        let timeout = witness_exchange_timeout(self.cfg.model.witness_retry);
+        tokio::spawn(async move {
+            // No reply is fine: the node resends after `witness_retry`.
+            let answer = witness::request(addr, &identity, vm, req, timeout).await;
+            lock_inflight(&inflight).remove(&req);
+            match answer {
+                Ok(reply) => {
+                    let _ = tx.send(Event::Witness(reply));
+                }
+                // Refused by the witness's authentication: say so, it will not heal.
+                Err(e @ witness::WitnessError::Auth { .. }) => {
+                    tracing::error!(error = %e, "witness exchange refused by authentication")
+                }
+                Err(_) => {}
+            }
+        });
+    }
+
+    async fn release_output(&mut self, through: Epoch, released: Vec<HeldFrame>) {
+        let frames = self.output.released(released, Instant::now());
+        let stats = self.output.take_stats();
+        self.close_epochs(through, frames.len() as u64, stats.longest_hold_us);
+        if let Some(net) = &self.net {
+            net.to_wire(frames).await;
+        }
+    }
+
+    /// Degraded (or held again): what the gate let go leaves now.
+    async fn send_released(&mut self, released: Vec<HeldFrame>) {
+        let frames = self.output.released(released, Instant::now());
+        if let Some(net) = &self.net {
+            net.to_wire(frames).await;
+        }
+    }
+
+    /// Applies the staged checkpoint to the replica off the event loop; `Committed` reports it.
+    fn commit(&mut self, epoch: Epoch, staged: Option<StagedCheckpoint>) {
+        let replica = self.replica.clone();
+        let tx = self.tx.clone();
+        let verify = self.verify_due(epoch).then(|| self.verify_path());
+        tokio::task::spawn_blocking(move || {
+            let error = match staged {
+                None => Some(CommitError::NotStaged),
+                Some(s) => match replica.lock() {
+                    Ok(mut r) => r.commit(&s).err().map(CommitError::from).or_else(|| {
+                        let path = verify?;
+                        match r.ram_digest() {
+                            Ok(d) => {
+                                append_digest(&path, epoch, s.generation, d);
+                                None
+                            }
+                            Err(e) => Some(e.into()),
+                        }
+                    }),
+                    Err(_) => Some(CommitError::LockPoisoned),
+                },
+            };
+            let _ = tx.send(Event::Committed { epoch, error });
+        });
+    }
+
+    async fn start_vm(
+        &mut self,
+        from: Epoch,
+        generation: Generation,
+        pending: &mut VecDeque<Input>,
+    ) -> Result<(), AgentError> {
+        let point = {
+            let r = self
+                .replica
+                .lock()
+                .map_err(|_| AgentError::ReplicaLockPoisoned)?;
+            RestorePoint {
+                ram_file: r.ram_path().to_path_buf(),
+                device: r.device_state()?,
+            }
+        };
+        self.log(format_args!(
+            "failover: restoring epoch {from} as generation {generation}"
+        ));
+        // The replica is only read until the restored VM runs (QEMU restores with `-incoming`,
+        // which leaves shared RAM alone), so a start that failed can be tried again from the
+        // same point: one failed QEMU start must not lose the VM.
+        let vm = match self.launcher.restore(point.clone()).await {
+            Ok(vm) => vm,
+            Err(e) => {
+                self.log(format_args!(
+                    "failover: starting the restored VM failed ({e}); trying once more"
+                ));
+                self.launcher.restore(point).await?
+            }
+        };
+        self.vm = Some(vm);
+        if let Some(t) = self.takeover_started.take() {
+            let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
+            self.failover_us = Some(us);
+            self.log(format_args!(
+                "failover: VM running {us} us after the takeover request"
+            ));
+        }
+        pending.push_back(Input::VmStarted);
+        Ok(())
+    }
+
+    async fn fence(&mut self) {
+        self.log(format_args!(
+            "fenced: stopping the VM, dropping held output"
+        ));
+        self.captured_cow = None;
+        if let Some(mut vm) = self.vm.take() {
+            vm.kill().await;
+        }
+        self.resume.clear();
+        // The core closed every checkpoint link (above): a backup still following us hears
+        // silence and takes over.
+    }
+
+    /// Epochs up to `through` are acked: finish and record their metrics.
+    fn close_epochs(&mut self, through: Epoch, frames: u64, longest_hold_us: u64) {
+        let now = Instant::now();
+        let done: Vec<u64> = self
+            .open_epochs
+            .range(..=through.0)
+            .map(|(&e, _)| e)
+            .collect();
+        for e in done {
+            if let Some((mut m, sent)) = self.open_epochs.remove(&e) {
+                m.ack_us = sent
+                    .map(|s| u64::try_from(now.duration_since(s).as_micros()).unwrap_or(u64::MAX))
+                    .unwrap_or(0);
+                if e == through.0 {
+                    m.frames_released = frames;
+                    m.longest_hold_us = longest_hold_us;
+                    let cap = self.output_cap.take_since_last(now);
+                    m.output_held_bytes = cap.held_bytes;
+                    m.output_cap_hits = cap.cap_hits;
+                    m.output_cap_paused_us = cap.cap_paused_us;
+                }
+                self.metrics.record(&m);
+            }
+        }
+    }
+
+    fn verify_due(&self, epoch: Epoch) -> bool {
+        self.cfg
+            .verify_every
+            .is_some_and(|k| k > 0 && epoch.0.is_multiple_of(k))
+    }
+
+    fn verify_path(&self) -> PathBuf {
+        self.cfg.replica_dir.join("verify.jsonl")
+    }
+
+    fn record_digest(&self, epoch: Epoch, digest: u64) {
+        append_digest(
+            &self.verify_path(),
+            epoch,
+            self.driver.status().generation.0,
+            digest,
+        );
+    }
+}
+
+/// The witness requests whose exchange is under way.
+pub(super) type Inflight = Arc<Mutex<std::collections::HashSet<WitnessRequest>>>;
+
+fn lock_inflight(
+    f: &Inflight,
+) -> std::sync::MutexGuard<'_, std::collections::HashSet<WitnessRequest>> {
+    f.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// How long one witness exchange may take: many resend intervals, at least half a second.
+pub(super) fn witness_exchange_timeout(retry: Duration) -> Duration {
+    (retry * 20).clamp(Duration::from_millis(500), Duration::from_secs(5))
+}
+
+fn append_digest(path: &std::path::Path, epoch: Epoch, generation: u64, digest: u64) {
+    use std::io::Write;
+    let line = format!(
+        "{{\"epoch\":{},\"generation\":{},\"digest\":{}}}\n",
+        epoch.0, generation, digest
+    );
+    // Verification output is best effort; a missing line makes the verifying test fail.
+    if let Ok(mut f) = crate::secure_fs::open_append(path, crate::secure_fs::READABLE_FILE_MODE) {
+        let _ = f.write_all(line.as_bytes());
+    }
+}
