@@ -55,9 +55,20 @@ pub fn network_shape(s: &Scenario) -> Shape {
 }
 
 /// Applies the scenario's `[network]` loss (latency and bandwidth are the relays' starting
-/// shape); returns what was done.
-pub fn apply_network(s: &Scenario, d: &mut Deployment) -> anyhow::Result<Vec<String>> {
+/// shape); returns what was done, and what of it could not be produced (witness traffic
+/// disorder: the relays keep every exchange's order and deliver it once).
+pub fn apply_network(
+    s: &Scenario,
+    d: &mut Deployment,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let n = &s.network;
+    let mut skipped = Vec::new();
+    if n.witness.active() {
+        skipped.push(format!(
+            "network: {} (the relays neither duplicate, reorder nor drop witness exchanges)",
+            n.witness
+        ));
+    }
     let mut done = vec![format!(
         "network: latency {}..{} ms and bandwidth {} on the replication and witness links (relays)",
         n.latency_min.as_millis(),
@@ -71,7 +82,18 @@ pub fn apply_network(s: &Scenario, d: &mut Deployment) -> anyhow::Result<Vec<Str
             n.loss
         ));
     }
-    Ok(done)
+    Ok((done, skipped))
+}
+
+/// Why faults waiting for `when` cannot be produced on real hosts, if they cannot.
+pub fn unproducible_trigger(when: Trigger) -> Option<&'static str> {
+    match when {
+        Trigger::Registering => Some(
+            "no real-host moment for an outstanding registration: the request takes one \
+             loopback round trip, too short to catch from the status file",
+        ),
+        _ => None,
+    }
 }
 
 fn fault_net(d: &mut Deployment) -> anyhow::Result<&mut ftvm_real::host::fault_net::FaultNet> {
@@ -198,6 +220,10 @@ pub fn wait_for(
             Box::new(
                 || matches!(progress(), Some(Some((passed, total))) if passed * 2 >= total && passed < total),
             ),
+        ),
+        Trigger::Registering => anyhow::bail!(
+            "{}",
+            unproducible_trigger(when).unwrap_or("the registering trigger")
         ),
         Trigger::BetweenCheckpoints => (
             "the primary was writing no checkpoint",
@@ -434,6 +460,9 @@ pub fn apply(
             Ok(_) => Skipped("only checkpoint links carry peer frames".into()),
             Err(why) => Skipped(why),
         },
+        FaultAction::WitnessDisorder(_) => {
+            Skipped("the relays neither duplicate, reorder nor drop witness exchanges".into())
+        }
         FaultAction::ForgeWitnessReply { host } => match side_of(*host, d) {
             Some(Side::Node(n)) => {
                 fault_net(d)?.links().arm_reply_damage(LinkEnd::Node(n));

@@ -126,17 +126,25 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
     let out = w.join("client.json");
     let mut client = d.client(s.duration.as_secs_f64() + 2.0, &out)?;
     let t0 = Instant::now();
-    let mut applied = real_faults::apply_network(s, &mut d)?;
+    let (mut applied, mut skipped) = real_faults::apply_network(s, &mut d)?;
     for line in &applied {
         println!("   t=    0 ms  {line}");
     }
-    let mut skipped = Vec::new();
+    for line in &skipped {
+        println!("   t=    0 ms  SKIPPED {line}");
+    }
     let mut faults = s.faults.clone();
     faults.sort_by_key(|f| f.at);
     let mut state = real_faults::RunState::default();
     for f in &faults {
         let wait = f.at.saturating_sub(t0.elapsed());
         std::thread::sleep(wait);
+        if let Some(why) = real_faults::unproducible_trigger(f.when) {
+            let at = t0.elapsed().as_millis();
+            println!("   t={at:>5} ms  {}: SKIPPED ({why})", f.action);
+            skipped.push(format!("{} ({why})", f.action));
+            continue;
+        }
         let waited = real_faults::wait_for(&d, f.when, TRIGGER_TIMEOUT)?;
         let at = t0.elapsed().as_millis();
         match real_faults::apply(s, &mut d, &f.action, &mut state)? {
@@ -181,9 +189,8 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
     // say how long it took past the end.
     if s.expect.reprotected == Some(true) {
         let end = Instant::now();
-        let protected = || {
-            (1..=s.topology.nodes).any(|n| status(&d.node_dir(n))["phase"] == "protected")
-        };
+        let protected =
+            || (1..=s.topology.nodes).any(|n| status(&d.node_dir(n))["phase"] == "protected");
         while !protected() && end.elapsed() < REPROTECT_GRACE {
             std::thread::sleep(Duration::from_millis(50));
         }
