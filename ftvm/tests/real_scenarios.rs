@@ -162,6 +162,31 @@ fn primary_crash_mid_transfer_on_a_paced_network_on_real_hosts() {
     );
 }
 
+// ~10 s
+#[test]
+fn steady_on_real_hosts() {
+    let s = run_real("steady");
+    assert_eq!(s["primary"]["generation"], 1, "{s}");
+    assert_eq!(s["primary"]["phase"], "protected", "{s}");
+    assert_eq!(s["backup"]["phase"], "protecting", "{s}");
+    assert!(s["spare"].is_null(), "{s}");
+}
+
+// ~10 s
+#[test]
+fn forged_generation_with_a_spare_third_node_on_real_hosts() {
+    let s = run_real("forged-generation");
+    // The spare host ran (node 3) and its link to the primary carried the forged Join.
+    assert_eq!(s["spare"]["node"], 3, "{s}");
+    assert_eq!(applied(&s, "relay: forged Join").len(), 1, "{s}");
+    assert_eq!(applied(&s, "slipped into n3 -> n1").len(), 2, "{s}");
+    assert_eq!(applied(&s, "relay: forged Heartbeat").len(), 1, "{s}");
+    // Each forgery's connection was dropped by its receiver; no failover, no fence.
+    assert_eq!(applied(&s, "refused").len(), 2, "{s}");
+    assert_eq!(s["primary"]["generation"], 1, "{s}");
+    assert_eq!(s["primary"]["role"], "Primary", "{s}");
+}
+
 /// Forgeries on real hosts: not a file of `scenarios/` (there a forged witness reply makes the
 /// simulated primary fence, which a real one cannot be made to do), but the same fault kinds,
 /// produced by the relays. Real links authenticate every frame and witness exchanges are
