@@ -260,6 +260,17 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
             active(g)
         ));
     }
+    // A forgery is armed on its link and slipped in at the link's next frame boundary: a link
+    // that carried no frame before the end (a spare that did not ask to join again) never
+    // delivered it, and the run did not show what the file asks for.
+    let count = |p: &dyn Fn(&str) -> bool| applied.iter().filter(|l| p(l)).count();
+    let armed = count(&|l| l.contains(" forge a ") && l.contains("the relay slips"));
+    let slipped = count(&|l| l.starts_with("relay: forged "));
+    if slipped < armed {
+        failures.push(format!(
+            "{armed} forged frames armed, only {slipped} slipped into their links before the end"
+        ));
+    }
     let gap_ms = report["longest_gap_us"].as_u64().unwrap_or(0) / 1000;
     // A re-protection's full sync holds the VM's output from its capture until the backup acks
     // it (the whole RAM through the replica's journal: seconds at real RAM sizes, nothing with
