@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ftvm_real::auth::keys;
+use ftvm_real::host::fault_net::FaultNet;
+use ftvm_real::host::relay::Shape;
 use ftvm_real::host::topology::{Host, Topology};
 use ftvm_real::secure_fs;
 
@@ -153,6 +155,8 @@ pub fn is_root() -> bool {
 
 /// A running deployment.
 pub struct Deployment {
+    /// The link relays and loss rules, when the agents dial through them (stopped first).
+    pub faults: Option<FaultNet>,
     /// The hosts.
     pub topo: Topology,
     /// Options it runs with.
@@ -163,10 +167,12 @@ pub struct Deployment {
     pub backup: Proc,
     /// The primary agent.
     pub primary: Proc,
+    /// The spare agent (node 3), in deployments with a spare host.
+    pub spare: Option<Proc>,
     /// Arguments the backup agent was started with (to restart it).
     pub backup_args: Vec<String>,
     /// Where this deployment's guest RAM files live (removed last).
-    _ram_dir: RamDir,
+    ram_dir: RamDir,
 }
 
 /// The guest RAM files of one deployment, in a /dev/shm directory named after its namespace
@@ -202,20 +208,37 @@ impl Drop for RamDir {
 impl Deployment {
     /// Creates the hosts and starts witness, backup and primary (not waiting for protection).
     pub fn start(opts: DeployOpts) -> anyhow::Result<Deployment> {
+        Deployment::start_with(opts, None, false)
+    }
+
+    /// As [`Deployment::start`], but with `relayed` the agents dial each other and the witness
+    /// through fault-injecting relays whose links start shaped so (see [`FaultNet`]), and with
+    /// `spare` a third agent (node 3, on [`Host::Spare`]) keeps asking node 1 to let it join.
+    pub fn start_with(
+        opts: DeployOpts,
+        relayed: Option<Shape>,
+        spare: bool,
+    ) -> anyhow::Result<Deployment> {
         if !is_root() {
             bail!("deployments create network namespaces and tap devices: run as root");
         }
         secure_fs::fresh_private_dir(&opts.work_dir).context("the work directory")?;
-        let mut topo = Topology::create(&opts.prefix, opts.subnet).context("creating the hosts")?;
+        let mut topo = Topology::create_hosts(&opts.prefix, opts.subnet, spare)
+            .context("creating the hosts")?;
         if opts.keep {
             topo.keep();
         }
+        let faults = match relayed {
+            Some(shape) => Some(FaultNet::start(&topo, shape).context("starting the link relays")?),
+            None => None,
+        };
+        let relays = faults.is_some();
         let w = opts.work_dir.clone();
         secure_fs::private_dir(&crate::run_check::journal_dir(&w)).context("the journals")?;
         let ram_dir = RamDir::create(&opts)?;
         // Hosts that are namespaces of one machine share one key directory; real hosts would
         // each hold only their own private key.
-        for name in ["node-1", "node-2", "witness"] {
+        for name in ["node-1", "node-2", "node-3", "witness"] {
             keys::generate_into(&keys_dir(&w), name)
                 .with_context(|| format!("generating {name}'s keys"))?;
         }
@@ -228,7 +251,7 @@ impl Deployment {
             &w.join("witness.log"),
         )?;
         let mut backup_args: Vec<String> = vec!["backup".into()];
-        backup_args.extend(agent_args(&topo, &opts, Host::Backup, &ram_dir.path));
+        backup_args.extend(node_args(&topo, &opts, &ram_dir.path, relays, 2));
         let backup = spawn_in(
             &topo,
             Host::Backup,
@@ -237,7 +260,7 @@ impl Deployment {
             &w.join("backup.log"),
         )?;
         let mut pargs: Vec<String> = vec!["primary".into()];
-        pargs.extend(agent_args(&topo, &opts, Host::Primary, &ram_dir.path));
+        pargs.extend(node_args(&topo, &opts, &ram_dir.path, relays, 1));
         let primary = spawn_in(
             &topo,
             Host::Primary,
@@ -245,15 +268,46 @@ impl Deployment {
             &pargs,
             &w.join("primary.log"),
         )?;
+        let spare = if spare {
+            let mut args: Vec<String> = vec!["backup".into()];
+            args.extend(node_args(&topo, &opts, &ram_dir.path, relays, 3));
+            Some(spawn_in(
+                &topo,
+                Host::Spare,
+                "spare agent",
+                &args,
+                &w.join("spare.log"),
+            )?)
+        } else {
+            None
+        };
         Ok(Deployment {
+            faults,
             topo,
             opts,
             witness,
             backup,
             primary,
+            spare,
             backup_args,
-            _ram_dir: ram_dir,
+            ram_dir,
         })
+    }
+
+    /// The command line (after the role) of node `node`'s agent in this deployment.
+    pub fn node_args(&self, node: u32) -> Vec<String> {
+        node_args(
+            &self.topo,
+            &self.opts,
+            &self.ram_dir.path,
+            self.faults.is_some(),
+            node,
+        )
+    }
+
+    /// State directory of node `node` (1: the primary host, 2: the backup host, 3: the spare).
+    pub fn node_dir(&self, node: u32) -> PathBuf {
+        self.opts.work_dir.join(node_dir_name(node))
     }
 
     /// State directory of the primary host.
@@ -374,22 +428,77 @@ pub fn witness_args(topo: &Topology, work_dir: &Path, init: bool) -> Vec<String>
     a
 }
 
-/// The agent command line of `host` (the primary is node 1, the backup node 2).
-fn agent_args(topo: &Topology, o: &DeployOpts, host: Host, ram_dir: &Path) -> Vec<String> {
-    let (node, peer, peer_node, dir) = if host == Host::Primary {
-        (1, Host::Backup, 2, "primary")
-    } else {
-        (2, Host::Primary, 1, "backup")
+/// The state directory's name of node `node`.
+fn node_dir_name(node: u32) -> &'static str {
+    match node {
+        1 => "primary",
+        2 => "backup",
+        _ => "spare",
+    }
+}
+
+/// The agent command line (after the role) of node `node`: it dials every other node and the
+/// witness directly, or through the relays on its own host (`relayed`); a node other than 1
+/// follows node 1 first.
+fn node_args(
+    topo: &Topology,
+    o: &DeployOpts,
+    ram_dir: &Path,
+    relayed: bool,
+    node: u32,
+) -> Vec<String> {
+    let nodes = topo.agent_hosts().len() as u32;
+    let host_of = |n: u32| match n {
+        1 => Host::Primary,
+        2 => Host::Backup,
+        _ => Host::Spare,
     };
+    let peers: Vec<(u32, SocketAddr)> = (1..=nodes)
+        .filter(|&m| m != node)
+        .map(|m| {
+            let addr = if relayed {
+                FaultNet::peer_addr(m)
+            } else {
+                SocketAddr::from((topo.addr(host_of(m)), 7000))
+            };
+            (m, addr)
+        })
+        .collect();
+    let witness = if relayed {
+        FaultNet::witness_addr()
+    } else {
+        SocketAddr::from((topo.addr(Host::Switch), 7100))
+    };
+    let mut a = agent_args(topo, o, node, host_of(node), ram_dir, &peers, witness);
+    if node != 1 && peers.len() > 1 {
+        a.extend(["--primary".into(), "1".into()]);
+    }
+    a
+}
+
+/// The agent command line of node `node` on `host`.
+fn agent_args(
+    topo: &Topology,
+    o: &DeployOpts,
+    node: u32,
+    host: Host,
+    ram_dir: &Path,
+    peers: &[(u32, SocketAddr)],
+    witness: SocketAddr,
+) -> Vec<String> {
+    let dir = node_dir_name(node);
     let mut a: Vec<String> = vec![
         "--node".into(),
         node.to_string(),
         "--listen".into(),
         format!("{}:7000", topo.addr(host)),
-        "--peer".into(),
-        format!("{peer_node}={}:7000", topo.addr(peer)),
+    ];
+    for (n, addr) in peers {
+        a.extend(["--peer".into(), format!("{n}={addr}")]);
+    }
+    a.extend([
         "--witness".into(),
-        format!("{}:7100", topo.addr(Host::Switch)),
+        witness.to_string(),
         "--keys".into(),
         keys_dir(&o.work_dir).display().to_string(),
         "--guest-dir".into(),
@@ -419,7 +528,7 @@ fn agent_args(topo: &Topology, o: &DeployOpts, host: Host, ram_dir: &Path) -> Ve
             .display()
             .to_string(),
         "--verbose".into(),
-    ];
+    ]);
     if let Some(m) = &o.mutant {
         a.push("--mutant".into());
         a.push(m.clone());

@@ -20,6 +20,7 @@ mod keygen_cmd;
 mod logging;
 mod mac_candidates;
 mod plot;
+mod real_faults;
 mod run_check;
 mod scenario_cmd;
 mod sim_cmd;

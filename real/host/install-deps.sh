@@ -10,6 +10,7 @@ packages=(
   cpio              # packs the initramfs
   gcc libc6-dev     # builds the static guest service
   iproute2          # ip netns / veth / bridge for the local host pair
+  nftables          # nft: segment loss on real-host scenario links (numgen drop rules)
   curl              # drives the guest service by hand
   lz4 binutils      # the guest build unpacks and inspects kernel modules
   procps            # pgrep/ps for scripts

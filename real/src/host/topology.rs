@@ -56,6 +56,8 @@ pub enum Host {
     Switch,
     /// Drives the VM's service.
     Client,
+    /// A third agent host, waiting to join (only in topologies made with a spare).
+    Spare,
 }
 
 impl Host {
@@ -65,6 +67,7 @@ impl Host {
             Host::Backup => "bak",
             Host::Switch => "sw",
             Host::Client => "cli",
+            Host::Spare => "spr",
         }
     }
 }
@@ -75,6 +78,7 @@ pub struct Topology {
     prefix: String,
     subnet: u8,
     keep: bool,
+    spare: bool,
 }
 
 /// Runs `ip` with `args`, turning a failure into an error carrying its stderr.
@@ -97,6 +101,11 @@ impl Topology {
     /// Builds the namespaces, links and addresses. `prefix` keeps parallel topologies apart,
     /// `subnet` picks 10.77.<subnet>.0/24. A leftover topology of the same prefix is removed first.
     pub fn create(prefix: &str, subnet: u8) -> Result<Topology, TopologyError> {
+        Topology::create_hosts(prefix, subnet, false)
+    }
+
+    /// As [`Topology::create`], with a third agent host ([`Host::Spare`]) when `spare`.
+    pub fn create_hosts(prefix: &str, subnet: u8, spare: bool) -> Result<Topology, TopologyError> {
         let ok = !prefix.is_empty()
             && prefix.len() <= 8
             && prefix
@@ -109,6 +118,7 @@ impl Topology {
             prefix: prefix.to_string(),
             subnet,
             keep: false,
+            spare,
         };
         topo.remove();
         topo.build()?;
@@ -117,7 +127,9 @@ impl Topology {
 
     fn build(&self) -> Result<(), TopologyError> {
         let sw = self.ns(Host::Switch);
-        for h in [Host::Switch, Host::Primary, Host::Backup, Host::Client] {
+        let mut hosts = vec![Host::Switch, Host::Client];
+        hosts.extend(self.agent_hosts());
+        for &h in &hosts {
             ip(&["netns", "add", &self.ns(h)])?;
             ip(&["-n", &self.ns(h), "link", "set", "lo", "up"])?;
         }
@@ -156,7 +168,9 @@ impl Topology {
         ip(&["-n", &sw, "addr", "add", &sw_addr, "dev", "br1"])?;
         ip(&["-n", &sw, "link", "set", "br1", "up"])?;
         seal_service_bridge(&sw)?;
-        for h in [Host::Primary, Host::Backup, Host::Client] {
+        let mut hosts = vec![Host::Client];
+        hosts.extend(self.agent_hosts());
+        for h in hosts {
             let port = self.switch_port(h);
             let ns = self.ns(h);
             ip(&[
@@ -203,6 +217,15 @@ impl Topology {
         Ok(())
     }
 
+    /// The hosts agents run on: primary and backup, and the spare if there is one.
+    pub fn agent_hosts(&self) -> Vec<Host> {
+        let mut h = vec![Host::Primary, Host::Backup];
+        if self.spare {
+            h.push(Host::Spare);
+        }
+        h
+    }
+
     /// Name of a host's network namespace.
     pub fn ns(&self, h: Host) -> String {
         format!("{}{}", self.prefix, h.suffix())
@@ -216,6 +239,7 @@ impl Topology {
             Host::Backup => Ipv4Addr::new(10, 78, self.subnet, 2),
             Host::Switch => Ipv4Addr::new(10, 78, self.subnet, 254),
             Host::Client => Ipv4Addr::new(10, 77, self.subnet, 100),
+            Host::Spare => Ipv4Addr::new(10, 78, self.subnet, 3),
         }
     }
 
@@ -243,7 +267,7 @@ impl Topology {
         let state = if up { "up" } else { "down" };
         let sw = self.ns(Host::Switch);
         ip(&["-n", &sw, "link", "set", &self.switch_port(h), state])?;
-        if matches!(h, Host::Primary | Host::Backup) {
+        if matches!(h, Host::Primary | Host::Backup | Host::Spare) {
             ip(&["-n", &sw, "link", "set", &self.replication_port(h), state])?;
         }
         Ok(())
@@ -280,8 +304,10 @@ impl Topology {
     /// Removes every blackhole route set by [`Topology::set_route`] or
     /// [`Topology::set_pair_link`].
     pub fn clear_routes(&self) -> Result<(), TopologyError> {
-        for from in [Host::Primary, Host::Backup, Host::Switch] {
-            for to in [Host::Primary, Host::Backup, Host::Switch, Host::Client] {
+        let mut froms = self.agent_hosts();
+        froms.push(Host::Switch);
+        for &from in &froms {
+            for to in froms.iter().copied().chain([Host::Client]) {
                 if from != to {
                     self.set_route(from, to, true)?;
                 }
@@ -306,7 +332,13 @@ impl Topology {
     }
 
     fn remove(&self) {
-        for h in [Host::Primary, Host::Backup, Host::Client, Host::Switch] {
+        for h in [
+            Host::Primary,
+            Host::Backup,
+            Host::Spare,
+            Host::Client,
+            Host::Switch,
+        ] {
             // Deleting a namespace deletes its veth ends and bridges; errors mean it was absent.
             let _ = ip(&["netns", "del", &self.ns(h)]);
         }

@@ -1,0 +1,532 @@
+//! How `ftvm scenario run --real` produces each fault of a scenario file on real hosts, and
+//! what it says it did. Crashes kill processes (a silent one takes the host's links down
+//! first), restarts start them again, partitions and isolation change routes and links; loss is nftables drop rules and latency, bandwidth,
+//! holds and corruption are done by the link relays (`ftvm_real::host::fault_net`). Forged
+//! frames are slipped in by the relays too, but real links authenticate every frame: the
+//! receiver refuses them, which is what a real run shows.
+
+use ftvm_real::host::fault_net::{self, Side};
+use ftvm_real::host::relay::{LinkEnd, Shape};
+use ftvm_real::host::topology::Host;
+use std::time::{Duration, Instant};
+
+use ftvm_model::{Epoch, Generation, NodeId, PeerMsg, RejectReason, VmId};
+use ftvm_sim::{FaultAction, ForgedFrame, HostRef, Scenario, Trigger};
+
+use crate::deploy::{self, status, Deployment, Proc};
+
+/// What became of one fault.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome {
+    /// Produced; how.
+    Applied(String),
+    /// Not produced; why.
+    Skipped(String),
+}
+
+/// The VM id of deployments (the agents' default `--vm`).
+const DEPLOYED_VM: u64 = 1;
+
+/// The real guest's page size: what a dirty page costs on the wire.
+const REAL_PAGE_BYTES: u64 = 4096;
+
+/// A scenario's bandwidth on real hosts: scaled by the ratio of the real guest's page size to
+/// the scenario's `vm.page_size`, so that a checkpoint of as many dirty pages takes as long on
+/// the wire as in the simulator (the simulated VM has 128 pages of 512 bytes; the real guest's
+/// pages are 4 KiB).
+pub fn real_bandwidth(s: &Scenario, bytes_per_ms: Option<u64>) -> Option<u64> {
+    let scale = (REAL_PAGE_BYTES / u64::from(s.vm.page_size.max(1))).max(1);
+    bytes_per_ms
+        .filter(|&b| b > 0)
+        .map(|b| b.saturating_mul(scale))
+}
+
+fn describe_bandwidth(bytes_per_ms: Option<u64>) -> String {
+    bytes_per_ms.map_or("unlimited".to_string(), |b| format!("{b} B/ms"))
+}
+
+/// The relayed links' starting shape from a scenario's `[network]` table.
+pub fn network_shape(s: &Scenario) -> Shape {
+    Shape {
+        latency_min: s.network.latency_min,
+        latency_max: s.network.latency_max,
+        bytes_per_ms: real_bandwidth(s, s.network.bytes_per_ms),
+    }
+}
+
+/// Applies the scenario's `[network]` loss (latency and bandwidth are the relays' starting
+/// shape); returns what was done, and what of it could not be produced (witness traffic
+/// disorder: the relays keep every exchange's order and deliver it once).
+pub fn apply_network(
+    s: &Scenario,
+    d: &mut Deployment,
+) -> anyhow::Result<(Vec<String>, Vec<String>)> {
+    let n = &s.network;
+    let mut skipped = Vec::new();
+    if n.witness.active() {
+        skipped.push(format!(
+            "network: {} (the relays neither duplicate, reorder nor drop witness exchanges)",
+            n.witness
+        ));
+    }
+    let mut done = vec![format!(
+        "network: latency {}..{} ms and bandwidth {} on the replication and witness links (relays)",
+        n.latency_min.as_millis(),
+        n.latency_max.as_millis(),
+        describe_bandwidth(real_bandwidth(s, n.bytes_per_ms)),
+    )];
+    if n.loss > 0.0 {
+        fault_net(d)?.set_loss_everywhere(n.loss)?;
+        done.push(format!(
+            "network: loss {} on every link (nftables drop rules; TCP resends)",
+            n.loss
+        ));
+    }
+    Ok((done, skipped))
+}
+
+/// Why faults waiting for `when` cannot be produced on real hosts, if they cannot.
+pub fn unproducible_trigger(when: Trigger) -> Option<&'static str> {
+    match when {
+        Trigger::Registering => Some(
+            "no real-host moment for an outstanding registration: the request takes one \
+             loopback round trip, too short to catch from the status file",
+        ),
+        _ => None,
+    }
+}
+
+fn fault_net(d: &mut Deployment) -> anyhow::Result<&mut ftvm_real::host::fault_net::FaultNet> {
+    d.faults
+        .as_mut()
+        .ok_or_else(|| anyhow::anyhow!("the deployment has no link relays"))
+}
+
+/// Which agent process a scenario host names, at this moment (node 1 runs on the primary
+/// host, node 2 on the backup host, node 3 on the spare host, whatever their roles): `primary`
+/// is the unfenced primary of the highest generation, `backup` the node following it, `spare`
+/// the lowest-numbered node that is neither.
+pub fn node_of(d: &Deployment, h: HostRef) -> Option<u32> {
+    let nodes: Vec<u32> = (1..=node_count(d)).collect();
+    let st = |n: u32| status(&d.node_dir(n));
+    let primary = || {
+        nodes
+            .iter()
+            .copied()
+            .filter(|&n| st(n)["role"] == "Primary" && st(n)["phase"] != "fenced")
+            .max_by_key(|&n| st(n)["generation"].as_u64().unwrap_or(0))
+    };
+    let backup = |p: Option<u32>| {
+        let others = nodes.iter().copied().filter(|&n| Some(n) != p);
+        if nodes.len() == 2 {
+            return others.into_iter().next();
+        }
+        let following = |n: u32| {
+            let s = st(n);
+            s["role"] == "Backup"
+                && ["protecting", "syncing", "taking-over", "restoring"]
+                    .iter()
+                    .any(|ph| s["phase"] == *ph)
+        };
+        others.into_iter().find(|&n| following(n))
+    };
+    match h {
+        HostRef::Node(n) if nodes.contains(&n) => Some(n),
+        HostRef::Primary => primary(),
+        HostRef::Backup => backup(primary()),
+        HostRef::Spare => {
+            let (p, b) = (primary(), backup(primary()));
+            nodes
+                .iter()
+                .copied()
+                .find(|&n| Some(n) != p && Some(n) != b)
+        }
+        _ => None,
+    }
+}
+
+/// How many agent hosts the deployment has.
+fn node_count(d: &Deployment) -> u32 {
+    if d.spare.is_some() {
+        3
+    } else {
+        2
+    }
+}
+
+fn node_host(n: u32) -> Host {
+    fault_net::host_of(n).unwrap_or(Host::Spare)
+}
+
+/// The agent process of node `n`.
+fn proc_of(d: &mut Deployment, n: u32) -> Option<&mut Proc> {
+    match n {
+        1 => Some(&mut d.primary),
+        2 => Some(&mut d.backup),
+        3 => d.spare.as_mut(),
+        _ => None,
+    }
+}
+
+fn host_of(h: HostRef, d: &Deployment) -> Option<Host> {
+    match h {
+        HostRef::Witness => Some(Host::Switch),
+        HostRef::Clients => Some(Host::Client),
+        _ => node_of(d, h).map(node_host),
+    }
+}
+
+fn side_of(h: HostRef, d: &Deployment) -> Option<Side> {
+    match h {
+        HostRef::Witness => Some(Side::Witness),
+        HostRef::Clients => Some(Side::Clients),
+        _ => node_of(d, h).map(Side::Node),
+    }
+}
+
+/// Waits until `when` holds for the active primary. `protected` and `syncing` are phases its
+/// status file reports; `sending` (at least half of a checkpoint written to its backup's link,
+/// not all) and `between_checkpoints` (none being written) are read from the relay, which
+/// follows the checkpoint link's frames. Returns a note on what was waited for.
+pub fn wait_for(
+    d: &Deployment,
+    when: Trigger,
+    timeout: Duration,
+) -> anyhow::Result<Option<String>> {
+    let primary_in = |phase: &str| {
+        (1..=node_count(d)).find(|&n| {
+            let st = status(&d.node_dir(n));
+            st["role"] == "Primary" && (phase.is_empty() || st["phase"] == phase)
+        })
+    };
+    let progress = || {
+        let p = node_of(d, HostRef::Primary)?;
+        let b = node_of(d, HostRef::Backup)?;
+        let links = d.faults.as_ref()?.links();
+        Some(links.checkpoint_progress(LinkEnd::Node(p), LinkEnd::Node(b)))
+    };
+    let (what, holds): (&str, Box<dyn Fn() -> bool + '_>) = match when {
+        Trigger::At => return Ok(None),
+        Trigger::Protected => (
+            "the primary reported protected",
+            Box::new(|| primary_in("protected").is_some()),
+        ),
+        Trigger::Syncing => (
+            "the primary reported syncing",
+            Box::new(|| primary_in("syncing").is_some()),
+        ),
+        Trigger::Sending => (
+            "the primary had written half of a checkpoint, not all",
+            Box::new(
+                || matches!(progress(), Some(Some((passed, total))) if passed * 2 >= total && passed < total),
+            ),
+        ),
+        Trigger::Registering => anyhow::bail!(
+            "{}",
+            unproducible_trigger(when).unwrap_or("the registering trigger")
+        ),
+        Trigger::BetweenCheckpoints => (
+            "the primary was writing no checkpoint",
+            Box::new(|| matches!(progress(), Some(None))),
+        ),
+    };
+    let t0 = Instant::now();
+    while !holds() {
+        if t0.elapsed() > timeout {
+            anyhow::bail!("waited {timeout:?} in vain for the moment when {what}");
+        }
+        std::thread::sleep(Duration::from_micros(500));
+    }
+    Ok(Some(format!("when {what}")))
+}
+
+/// Both ends of a relayed link, or why the link is not relayed.
+fn relayed(a: HostRef, b: HostRef, d: &Deployment) -> Result<(LinkEnd, LinkEnd), String> {
+    let end = |h| {
+        side_of(h, d)
+            .ok_or_else(|| format!("{h} names no host now"))?
+            .link_end()
+            .ok_or_else(|| {
+                "the clients' link carries the VM's bridged traffic, not relayed".to_string()
+            })
+    };
+    let (x, y) = (end(a)?, end(b)?);
+    if x == y {
+        return Err(format!("{a} and {b} are the same host"));
+    }
+    Ok((x, y))
+}
+
+/// What a run's faults left behind that later faults undo.
+#[derive(Debug, Default)]
+pub struct RunState {
+    /// Processes restarted so far (numbers their logs).
+    restarts: u32,
+    /// Hosts whose links were taken down by a silent crash, until they restart.
+    dark: Vec<Host>,
+}
+
+/// Produces `action` of scenario `s` on the deployment.
+pub fn apply(
+    s: &Scenario,
+    d: &mut Deployment,
+    action: &FaultAction,
+    st: &mut RunState,
+) -> anyhow::Result<Outcome> {
+    use Outcome::{Applied, Skipped};
+    Ok(match action {
+        FaultAction::Crash { host, silent } => match (host, node_of(d, *host)) {
+            (HostRef::Witness, _) => {
+                // The witness shares the switch's namespace with the bridges: its silence is
+                // made with routes on the nodes' side, which its relayed links cross.
+                if *silent {
+                    for h in [Host::Primary, Host::Backup] {
+                        d.topo.set_route(h, Host::Switch, false)?;
+                    }
+                    st.dark.push(Host::Switch);
+                }
+                d.witness.child.kill()?;
+                let _ = d.witness.child.wait();
+                Applied(if *silent {
+                    "nodes' routes to the witness blackholed, then SIGKILL to the witness".into()
+                } else {
+                    "SIGKILL to the witness".into()
+                })
+            }
+            (_, Some(n)) => {
+                let h = node_host(n);
+                // A power cut: the links go dark first, so no FIN or RST of the dying process
+                // (nor any later one) reaches a peer; they notice by silence.
+                if *silent {
+                    d.topo.set_host_link(h, false)?;
+                    st.dark.push(h);
+                }
+                if let Some(p) = proc_of(d, n) {
+                    p.child.kill()?;
+                    let _ = p.child.wait();
+                }
+                Applied(format!(
+                    "{}SIGKILL to node n{n}'s agent (and its QEMU)",
+                    if *silent {
+                        "host's links down, then "
+                    } else {
+                        ""
+                    }
+                ))
+            }
+            (_, None) => Skipped(format!("{host} names no agent host now")),
+        },
+        FaultAction::Restart { host } => {
+            st.restarts += 1;
+            match (host, node_of(d, *host)) {
+                (HostRef::Witness, _) => {
+                    if st.dark.contains(&Host::Switch) {
+                        st.dark.retain(|&h| h != Host::Switch);
+                        for h in [Host::Primary, Host::Backup] {
+                            d.topo.set_route(h, Host::Switch, true)?;
+                        }
+                    }
+                    d.witness = restart_witness(d, st.restarts)?;
+                    Applied("witness started again on its register".into())
+                }
+                (_, Some(n)) => {
+                    let h = node_host(n);
+                    if st.dark.contains(&h) {
+                        st.dark.retain(|&x| x != h);
+                        d.topo.set_host_link(h, true)?;
+                    }
+                    let p = restart_agent(d, n, st.restarts)?;
+                    match n {
+                        1 => d.primary = p,
+                        2 => d.backup = p,
+                        _ => d.spare = Some(p),
+                    }
+                    Applied(format!("node n{n}'s agent started again, empty, rejoining"))
+                }
+                (_, None) => Skipped(format!("{host} names no agent host now")),
+            }
+        }
+        FaultAction::Partition { a, b, oneway } | FaultAction::Repair { a, b, oneway } => {
+            let up = matches!(action, FaultAction::Repair { .. });
+            match (host_of(*a, d), host_of(*b, d)) {
+                (Some(hx), Some(hy)) if hx != Host::Client && hy != Host::Client => {
+                    d.topo.set_route(hx, hy, up)?;
+                    if !oneway {
+                        d.topo.set_route(hy, hx, up)?;
+                    }
+                    Applied(format!(
+                        "blackhole routes {}",
+                        if up { "removed" } else { "added" }
+                    ))
+                }
+                _ => Skipped(
+                    "the clients' link carries the VM's bridged traffic: not cut by routes".into(),
+                ),
+            }
+        }
+        FaultAction::Isolate { host } => match host_of(*host, d) {
+            Some(h) if h != Host::Client && h != Host::Switch => {
+                d.topo.set_host_link(h, false)?;
+                Applied(format!("{h:?} host's links to the switch down"))
+            }
+            _ => Skipped(format!("{host}: only an agent host can be isolated here")),
+        },
+        FaultAction::Heal => {
+            for h in [Host::Primary, Host::Backup, Host::Client] {
+                d.topo.set_host_link(h, true)?;
+            }
+            d.topo.clear_routes()?;
+            fault_net(d)?.links().release_all();
+            Applied("links up, blackhole routes removed, holds released".into())
+        }
+        FaultAction::Loss { link, rate } => {
+            let net = fault_net(d)?;
+            match link {
+                None => {
+                    net.set_loss_everywhere(*rate)?;
+                    Applied("nftables drop rules on every link (TCP resends)".into())
+                }
+                Some((a, b)) => match (side_of(*a, d), side_of(*b, d)) {
+                    (Some(x), Some(y)) => {
+                        if fault_net(d)?.set_loss(x, y, *rate)? {
+                            Applied("nftables drop rules on the link (TCP resends)".into())
+                        } else {
+                            Skipped("no traffic ever crosses that link here".into())
+                        }
+                    }
+                    _ => Skipped("a host of the link names nobody now".into()),
+                },
+            }
+        }
+        FaultAction::Latency { a, b, min, max } => match relayed(*a, *b, d) {
+            Ok((x, y)) => {
+                fault_net(d)?.links().set_latency(x, y, *min, *max);
+                Applied("the relay delays each chunk both ways".into())
+            }
+            Err(why) => Skipped(why),
+        },
+        FaultAction::Bandwidth { a, b, bytes_per_ms } => match relayed(*a, *b, d) {
+            Ok((x, y)) => {
+                let real = real_bandwidth(s, *bytes_per_ms);
+                fault_net(d)?.links().set_bandwidth(x, y, real);
+                Applied(format!(
+                    "the relay paces both directions at {} (scaled to 4 KiB pages)",
+                    describe_bandwidth(real)
+                ))
+            }
+            Err(why) => Skipped(why),
+        },
+        FaultAction::Hold { a, b } | FaultAction::Release { a, b } => {
+            let hold = matches!(action, FaultAction::Hold { .. });
+            match relayed(*a, *b, d) {
+                Ok((x, y)) => {
+                    fault_net(d)?.links().set_hold(x, y, hold);
+                    Applied(format!(
+                        "the relay {} the link's bytes",
+                        if hold { "holds" } else { "delivers" }
+                    ))
+                }
+                Err(why) => Skipped(why),
+            }
+        }
+        FaultAction::Corrupt { from, to } => match relayed(*from, *to, d) {
+            Ok((x @ LinkEnd::Node(_), y @ LinkEnd::Node(_))) => {
+                fault_net(d)?.links().arm_corruption(x, y);
+                Applied(format!(
+                    "the relay flips a page byte of the next checkpoint {x} -> {y}"
+                ))
+            }
+            Ok(_) => Skipped("only checkpoint links carry checkpoints".into()),
+            Err(why) => Skipped(why),
+        },
+        // Real links authenticate every frame and witness exchanges are sealed: the relay,
+        // holding no key, slips the forged frame in with a tag it cannot compute (or damages
+        // the sealed reply), and the receiver must refuse it (the relay reports the
+        // connection's end).
+        FaultAction::ForgeGeneration {
+            from,
+            to,
+            frame,
+            generation,
+        } => match relayed(*from, *to, d) {
+            Ok((x @ LinkEnd::Node(sender), y @ LinkEnd::Node(_))) => {
+                let msg = forged_msg(d, sender, *frame, *generation);
+                fault_net(d)?.links().arm_forgery(x, y, msg);
+                Applied(format!(
+                    "the relay slips the forged frame into the link {x} -> {y} at its next \
+                     frame boundary, with a tag it cannot compute"
+                ))
+            }
+            Ok(_) => Skipped("only checkpoint links carry peer frames".into()),
+            Err(why) => Skipped(why),
+        },
+        FaultAction::WitnessDisorder(_) => {
+            Skipped("the relays neither duplicate, reorder nor drop witness exchanges".into())
+        }
+        FaultAction::ForgeWitnessReply { host } => match side_of(*host, d) {
+            Some(Side::Node(n)) => {
+                fault_net(d)?.links().arm_reply_damage(LinkEnd::Node(n));
+                Applied(format!(
+                    "the relay damages the next witness reply to n{n} (a forged reply cannot \
+                     be sealed without the witness's keys)"
+                ))
+            }
+            _ => Skipped(format!("{host} names no node now")),
+        },
+    })
+}
+
+/// The message a `forge-generation` fault slips in, as the simulator builds it (a `Join`
+/// names the sender and claims the real guest's RAM).
+fn forged_msg(d: &Deployment, sender: u32, frame: ForgedFrame, generation: u64) -> PeerMsg {
+    let generation = Generation(generation);
+    match frame {
+        ForgedFrame::Join => PeerMsg::Join {
+            vm: VmId(DEPLOYED_VM),
+            node: NodeId(sender),
+            ram_pages: d.opts.ram_mb * (1 << 20) / REAL_PAGE_BYTES,
+            page_size: REAL_PAGE_BYTES as u32,
+            known: generation,
+        },
+        ForgedFrame::Heartbeat => PeerMsg::Heartbeat {
+            generation,
+            epoch: Epoch(1),
+        },
+        ForgedFrame::Ack => PeerMsg::Ack {
+            generation,
+            epoch: Epoch(1),
+        },
+        ForgedFrame::Reject => PeerMsg::Reject {
+            generation,
+            reason: RejectReason::Busy,
+        },
+    }
+}
+
+fn restart_agent(d: &Deployment, node: u32, n: u32) -> anyhow::Result<Proc> {
+    let host = node_host(node);
+    let dir = d.node_dir(node);
+    // A restarted host comes back empty and rejoins as a backup. Its old state directory is
+    // kept aside (its metrics count in the run's report).
+    let mut old = dir.as_os_str().to_owned();
+    old.push(format!("-before-restart{n}"));
+    std::fs::rename(&dir, &old)
+        .or_else(|_| std::fs::remove_dir_all(&dir))
+        .ok();
+    let mut args: Vec<String> = vec!["backup".into()];
+    args.extend(d.node_args(node));
+    args.push("--rejoin".into());
+    let log = d.opts.work_dir.join(format!("n{node}-restart{n}.log"));
+    deploy::spawn_in(&d.topo, host, "restarted agent", &args, &log)
+}
+
+fn restart_witness(d: &Deployment, n: u32) -> anyhow::Result<Proc> {
+    let w = &d.opts.work_dir;
+    deploy::spawn_in(
+        &d.topo,
+        Host::Switch,
+        "witness",
+        &deploy::witness_args(&d.topo, w, false),
+        &w.join(format!("witness-restart{n}.log")),
+    )
+}
