@@ -6,11 +6,12 @@
 //! receiver refuses them, which is what a real run shows.
 
 use ftvm_real::host::fault_net::{self, Side};
-use ftvm_real::host::relay::{LinkEnd, Shape};
+use ftvm_real::host::relay::{ExchangeDisorder, LinkEnd, Shape};
 use ftvm_real::host::topology::Host;
 use std::time::{Duration, Instant};
 
 use ftvm_model::{Epoch, Generation, NodeId, PeerMsg, RejectReason, VmId};
+use ftvm_sim::scenario::WitnessDisorder;
 use ftvm_sim::{FaultAction, ForgedFrame, HostRef, Scenario, Trigger};
 
 use crate::deploy::{self, status, Deployment, Proc};
@@ -54,27 +55,66 @@ pub fn network_shape(s: &Scenario) -> Shape {
     }
 }
 
-/// Applies the scenario's `[network]` loss (latency and bandwidth are the relays' starting
-/// shape); returns what was done, and what of it could not be produced (witness traffic
-/// disorder: the relays keep every exchange's order and deliver it once).
+/// How long the deployed agents wait for a witness reply (their model's default resend
+/// interval, as the agent turns it into an exchange timeout).
+fn agent_witness_timeout() -> Duration {
+    let cfg = ftvm_model::Config::new(VmId(DEPLOYED_VM), 1, NodeId(0));
+    ftvm_real::agent::witness_exchange_timeout(cfg.witness_retry)
+}
+
+/// Switches the witness relays' exchange disorder to `w` (off when it is inactive); returns
+/// how it is produced.
+fn set_witness_disorder(
+    s: &Scenario,
+    d: &mut Deployment,
+    w: &WitnessDisorder,
+) -> anyhow::Result<String> {
+    let agent_timeout = agent_witness_timeout();
+    let cfg = w.active().then_some(ExchangeDisorder {
+        duplicate: w.duplicate,
+        reorder: w.reorder,
+        reply_loss: w.reply_loss,
+        max_delay: w.max_delay,
+        agent_timeout,
+    });
+    let seed = s.name.bytes().fold(0xcbf2_9ce4_8422_2325_u64, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x100_0000_01b3)
+    });
+    fault_net(d)?.links().set_witness_disorder(cfg, seed);
+    Ok(if w.active() {
+        format!(
+            "{w} (witness relays, per exchange, each its own authenticated connection: a late \
+             exchange's request is held 1..={max} ms, and later exchanges overtake it; a \
+             duplicate is a request held past the agents' {t} ms timeout, so the agent resends \
+             over a new connection and the witness sees the request twice (a replayed \
+             connection would fail its Noise handshake); a lost reply is dropped after the \
+             witness answered, and the agent times out and resends)",
+            max = w.max_delay.as_millis(),
+            t = agent_timeout.as_millis(),
+        )
+    } else {
+        "witness traffic in order again (witness relays)".to_string()
+    })
+}
+
+/// Applies the scenario's `[network]` loss and witness disorder (latency and bandwidth are
+/// the relays' starting shape); returns what was done, and what of it could not be produced.
 pub fn apply_network(
     s: &Scenario,
     d: &mut Deployment,
 ) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let n = &s.network;
-    let mut skipped = Vec::new();
-    if n.witness.active() {
-        skipped.push(format!(
-            "network: {} (the relays neither duplicate, reorder nor drop witness exchanges)",
-            n.witness
-        ));
-    }
+    let skipped = Vec::new();
     let mut done = vec![format!(
         "network: latency {}..{} ms and bandwidth {} on the replication and witness links (relays)",
         n.latency_min.as_millis(),
         n.latency_max.as_millis(),
         describe_bandwidth(real_bandwidth(s, n.bytes_per_ms)),
     )];
+    if n.witness.active() {
+        let how = set_witness_disorder(s, d, &n.witness)?;
+        done.push(format!("network: {how}"));
+    }
     if n.loss > 0.0 {
         fault_net(d)?.set_loss_everywhere(n.loss)?;
         done.push(format!(
@@ -85,15 +125,9 @@ pub fn apply_network(
     Ok((done, skipped))
 }
 
-/// Why faults waiting for `when` cannot be produced on real hosts, if they cannot.
-pub fn unproducible_trigger(when: Trigger) -> Option<&'static str> {
-    match when {
-        Trigger::Registering => Some(
-            "no real-host moment for an outstanding registration: the request takes one \
-             loopback round trip, too short to catch from the status file",
-        ),
-        _ => None,
-    }
+/// What the witness disorder did to the exchanges so far, if it was ever switched on.
+pub fn witness_disorder_summary(d: &Deployment) -> Option<String> {
+    d.faults.as_ref()?.links().witness_disorder_summary()
 }
 
 fn fault_net(d: &mut Deployment) -> anyhow::Result<&mut ftvm_real::host::fault_net::FaultNet> {
@@ -221,9 +255,18 @@ pub fn wait_for(
                 || matches!(progress(), Some(Some((passed, total))) if passed * 2 >= total && passed < total),
             ),
         ),
-        Trigger::Registering => anyhow::bail!(
-            "{}",
-            unproducible_trigger(when).unwrap_or("the registering trigger")
+        // A fresh primary asks the witness nothing before its first `RegisterBackup` (it
+        // queries only when a peer claims a newer generation): with the primary's witness link
+        // held from the hosts' start, the first bytes the relay holds on it are that
+        // registration's exchange.
+        Trigger::Registering => (
+            "the relay held the primary's first witness exchange (its RegisterBackup)",
+            Box::new(|| {
+                let p = primary_in("").unwrap_or(1);
+                d.faults
+                    .as_ref()
+                    .is_some_and(|f| f.links().held_chunks(LinkEnd::Node(p), LinkEnd::Witness) > 0)
+            }),
         ),
         Trigger::BetweenCheckpoints => (
             "the primary was writing no checkpoint",
@@ -317,6 +360,22 @@ pub fn apply(
             (_, None) => Skipped(format!("{host} names no agent host now")),
         },
         FaultAction::Restart { host } => {
+            // Only a crashed host can be started again, as in the simulator: bouncing a running
+            // one would wipe its replica (a crash nobody scheduled).
+            let running = match (host, node_of(d, *host)) {
+                (HostRef::Witness, _) => d.witness.child.try_wait()?.is_none(),
+                (_, Some(n)) => match proc_of(d, n) {
+                    Some(p) => p.child.try_wait()?.is_none(),
+                    None => false,
+                },
+                (_, None) => false,
+            };
+            if running {
+                return Ok(Applied(format!(
+                    "nothing to do: {host} is running (a restart starts only a crashed host, \
+                     as in the simulator)"
+                )));
+            }
             st.restarts += 1;
             match (host, node_of(d, *host)) {
                 (HostRef::Witness, _) => {
@@ -460,9 +519,7 @@ pub fn apply(
             Ok(_) => Skipped("only checkpoint links carry peer frames".into()),
             Err(why) => Skipped(why),
         },
-        FaultAction::WitnessDisorder(_) => {
-            Skipped("the relays neither duplicate, reorder nor drop witness exchanges".into())
-        }
+        FaultAction::WitnessDisorder(w) => Applied(set_witness_disorder(s, d, w)?),
         FaultAction::ForgeWitnessReply { host } => match side_of(*host, d) {
             Some(Side::Node(n)) => {
                 fault_net(d)?.links().arm_reply_damage(LinkEnd::Node(n));

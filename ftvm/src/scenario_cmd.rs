@@ -19,6 +19,9 @@ use crate::real_faults::{self, Outcome};
 /// throttled link included).
 const TRIGGER_TIMEOUT: Duration = Duration::from_secs(180);
 
+/// Seconds a client of a run starting at the first registration stays on past the usual end.
+const REGISTERING_CLIENT_SLACK: f64 = 12.0;
+
 /// How long after the scenario's time a re-protection expected at the end may still finish.
 const REPROTECT_GRACE: Duration = Duration::from_secs(20);
 
@@ -113,8 +116,28 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
         s.topology.nodes == 3,
     )?;
     // Scenario time starts once the primary is protected, unless a fault is meant for the
-    // first sync: then it starts with the hosts, and that fault waits for the sync.
-    let from_start = s.faults.iter().any(|f| f.when == Trigger::Syncing);
+    // first sync: then it starts with the hosts, and that fault waits for the sync. A fault
+    // meant for the first registration (a hold of the primary's witness link) is applied as
+    // the hosts start, before the primary asks the witness anything; scenario time then starts
+    // when the relay holds that first exchange, as the simulator's trigger fires when the
+    // registration is outstanding.
+    let registering = s.faults.iter().any(|f| f.when == Trigger::Registering);
+    let from_start = registering || s.faults.iter().any(|f| f.when == Trigger::Syncing);
+    let (mut applied, mut skipped) = real_faults::apply_network(s, &mut d)?;
+    let mut state = real_faults::RunState::default();
+    let mut early = Vec::new();
+    if registering {
+        for f in s.faults.iter().filter(|f| f.when == Trigger::Registering) {
+            let outcome = real_faults::apply(s, &mut d, &f.action, &mut state)?;
+            early.push((f, outcome));
+        }
+        let held = real_faults::wait_for(&d, Trigger::Registering, TRIGGER_TIMEOUT)?;
+        for (_, outcome) in early.iter_mut() {
+            if let (Outcome::Applied(how), Some(note)) = (outcome, &held) {
+                *how = format!("{how} from the hosts' start; scenario time starts {note}");
+            }
+        }
+    }
     if from_start {
         println!(
             "== {}: hosts started; running {} ms of scenario time from here",
@@ -131,27 +154,45 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
     }
     let w = a.work_dir.clone();
     let out = w.join("client.json");
-    let mut client = d.client(s.duration.as_secs_f64() + 2.0, &out)?;
+    // A run that starts at the first registration re-protects with real full syncs and witness
+    // exchanges that its disorder may hold past the agents' timeout: seconds where the
+    // simulator takes milliseconds, during which the primary's output waits for protection.
+    // Its client stays on past the scenario's time to see the service come back.
+    let slack = if registering {
+        REGISTERING_CLIENT_SLACK
+    } else {
+        0.0
+    };
+    let mut client = d.client(s.duration.as_secs_f64() + 2.0 + slack, &out)?;
     let t0 = Instant::now();
-    let (mut applied, mut skipped) = real_faults::apply_network(s, &mut d)?;
     for line in &applied {
         println!("   t=    0 ms  {line}");
     }
     for line in &skipped {
         println!("   t=    0 ms  SKIPPED {line}");
     }
-    let mut faults = s.faults.clone();
+    for (f, outcome) in &early {
+        match outcome {
+            Outcome::Applied(how) => {
+                println!("   t=    0 ms  {}: applied ({how})", f.action);
+                applied.push(format!("t=0 ms {}: {how}", f.action));
+            }
+            Outcome::Skipped(why) => {
+                println!("   t=    0 ms  {}: SKIPPED ({why})", f.action);
+                skipped.push(format!("{} ({why})", f.action));
+            }
+        }
+    }
+    let mut faults: Vec<_> = s
+        .faults
+        .iter()
+        .filter(|f| f.when != Trigger::Registering)
+        .cloned()
+        .collect();
     faults.sort_by_key(|f| f.at);
-    let mut state = real_faults::RunState::default();
     for f in &faults {
         let wait = f.at.saturating_sub(t0.elapsed());
         std::thread::sleep(wait);
-        if let Some(why) = real_faults::unproducible_trigger(f.when) {
-            let at = t0.elapsed().as_millis();
-            println!("   t={at:>5} ms  {}: SKIPPED ({why})", f.action);
-            skipped.push(format!("{} ({why})", f.action));
-            continue;
-        }
         let waited = real_faults::wait_for(&d, f.when, TRIGGER_TIMEOUT)?;
         let at = t0.elapsed().as_millis();
         match real_faults::apply(s, &mut d, &f.action, &mut state)? {
@@ -189,6 +230,10 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
     {
         println!("   relay: {note}");
         applied.push(format!("relay: {note}"));
+    }
+    if let Some(line) = real_faults::witness_disorder_summary(&d) {
+        println!("   relay: {line}");
+        applied.push(format!("relay: {line}"));
     }
     let report = client_report(&out);
     // A re-protection at the end is a full sync of real RAM (seconds, where the simulator's

@@ -270,3 +270,64 @@ fn forged_frames_and_witness_replies_are_refused_on_real_hosts() {
     // Each forgery's connection was dropped by its receiver.
     assert_eq!(applied(&s, "refused").len(), 2, "{s}");
 }
+
+/// The witness's journaled replies to `request` (a `WitnessRequest` variant's name) in the run
+/// of scenario `name`, in order.
+fn witness_replies(name: &str, request: &str) -> Vec<serde_json::Value> {
+    let path = std::env::temp_dir()
+        .join(format!("ftvm-scenario-{name}"))
+        .join("journals")
+        .join("witness.jsonl");
+    let text = std::fs::read_to_string(&path).expect("the witness's journal");
+    text.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| {
+            let r = &v["reply"]["request"];
+            r == request || r.get(request).is_some()
+        })
+        .collect()
+}
+
+// ~25 s
+#[test]
+fn register_overtaken_on_real_hosts() {
+    let s = run_real("register-overtaken");
+    // The primary's witness link was held from the hosts' start, and the scenario's clock
+    // started when the relay held its first exchange: its first RegisterBackup.
+    assert_eq!(
+        applied(
+            &s,
+            "held the primary's first witness exchange (its RegisterBackup)"
+        )
+        .len(),
+        1
+    );
+    assert_eq!(applied(&s, "release n1 <-> witness").len(), 1);
+    assert_eq!(applied(&s, "witness traffic: duplicate 0.6").len(), 1);
+    assert_eq!(applied(&s, "relay: witness disorder:").len(), 1);
+    // The held registration (or its resend) reached the witness and was answered.
+    assert!(!witness_replies("register-overtaken", "RegisterBackup").is_empty());
+}
+
+// ~30 s
+#[test]
+fn stale_witness_traffic_on_real_hosts() {
+    let s = run_real("stale-witness-traffic");
+    assert_eq!(
+        applied(
+            &s,
+            "held the primary's first witness exchange (its RegisterBackup)"
+        )
+        .len(),
+        1
+    );
+    assert_eq!(
+        applied(
+            &s,
+            "witness traffic: duplicate 0.3, reorder 0.3, reply loss 0.1"
+        )
+        .len(),
+        1
+    );
+    assert_eq!(applied(&s, "relay: witness disorder:").len(), 1);
+}

@@ -500,7 +500,7 @@ fn lock_inflight(
 }
 
 /// How long one witness exchange may take: many resend intervals, at least half a second.
-pub(super) fn witness_exchange_timeout(retry: Duration) -> Duration {
+pub fn witness_exchange_timeout(retry: Duration) -> Duration {
     (retry * 20).clamp(Duration::from_millis(500), Duration::from_secs(5))
 }
 

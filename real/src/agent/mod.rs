@@ -7,6 +7,7 @@
 
 pub mod accept;
 mod actions;
+pub use actions::witness_exchange_timeout;
 pub mod capture;
 pub mod cow;
 pub mod event;

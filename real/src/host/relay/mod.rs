@@ -18,12 +18,13 @@
 pub mod shaping;
 pub mod tamper;
 
+use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -41,6 +42,61 @@ pub const CHUNK: usize = 16 * 1024;
 pub const QUEUE_CHUNKS: usize = 64;
 /// How long the relay tries to reach the real peer for an accepted connection.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a connection whose witness reply was dropped stays open after the witness closed
+/// it (the agent gives the exchange up before that).
+const REPLY_LOSS_LINGER: Duration = Duration::from_secs(6);
+/// The latest a late witness exchange's request is delivered after its connection opened: the
+/// witness gives a connection 2 s to authenticate and send its request, and a request later
+/// than that would be lost, not late.
+const LATEST_REQUEST: Duration = Duration::from_millis(1800);
+
+/// Disorder of witness exchanges, as real links can have it. Every exchange is its own TCP
+/// connection with a Noise handshake, so the relay cannot replay a request (the replayed
+/// handshake would be refused); it can deliver an exchange's request late (later exchanges
+/// overtake it) and drop the witness's reply after the witness acted on the request (the
+/// agent times out and resends). A duplicate is made of both: the request is held past the
+/// agent's timeout, the agent resends over a new connection, and the late request is delivered
+/// too, so the witness sees the request twice.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct ExchangeDisorder {
+    /// Probability that an exchange's request is held past the agent's timeout (the witness
+    /// then sees it and its resend).
+    pub duplicate: f64,
+    /// Probability that an exchange's request is delivered `1..=max_delay` late.
+    pub reorder: f64,
+    /// Probability that the witness's reply is dropped.
+    pub reply_loss: f64,
+    /// The bound of a late delivery.
+    pub max_delay: Duration,
+    /// How long an agent waits for a witness reply before it gives the exchange up.
+    pub agent_timeout: Duration,
+}
+
+/// What the relay does to one witness exchange.
+#[derive(Clone, Copy, Debug, Default)]
+struct ExchangeFate {
+    /// Added to the delivery of the request (everything after the dialler's first message).
+    delay: Duration,
+    /// Drop the witness's reply (everything after its handshake message), and keep the
+    /// connection open until the agent gives up.
+    drop_reply: bool,
+}
+
+/// What the witness disorder did so far.
+#[derive(Clone, Copy, Debug, Default)]
+struct DisorderCounts {
+    exchanges: u64,
+    late: u64,
+    past_timeout: u64,
+    replies_dropped: u64,
+}
+
+/// The witness disorder of a deployment's relays.
+struct Disorder {
+    cfg: ExchangeDisorder,
+    rng: StdRng,
+    counts: DisorderCounts,
+}
 
 /// Errors starting a relay.
 #[derive(Debug, thiserror::Error)]
@@ -94,6 +150,10 @@ pub struct FaultLinks {
     /// Bumped whenever a hold is released, so held writers look again.
     released: Arc<watch::Sender<()>>,
     notes: Arc<Mutex<Vec<String>>>,
+    /// Witness exchange disorder, when switched on.
+    disorder: Arc<Mutex<Option<Disorder>>>,
+    /// Chunks that found their link held, per direction.
+    held_chunks: Arc<Mutex<BTreeMap<(LinkEnd, LinkEnd), u64>>>,
 }
 
 impl FaultLinks {
@@ -103,7 +163,72 @@ impl FaultLinks {
             links: Arc::new(Mutex::new(Links::new(defaults))),
             released: Arc::new(watch::channel(()).0),
             notes: Arc::default(),
+            disorder: Arc::default(),
+            held_chunks: Arc::default(),
         }
+    }
+
+    /// Switches witness exchange disorder on (`seed` seeds its choices), or off (`None`).
+    pub fn set_witness_disorder(&self, cfg: Option<ExchangeDisorder>, seed: u64) {
+        let mut d = self.disorder.lock().unwrap_or_else(|e| e.into_inner());
+        let counts = d.as_ref().map(|d| d.counts).unwrap_or_default();
+        *d = cfg.map(|cfg| Disorder {
+            cfg,
+            rng: StdRng::seed_from_u64(seed),
+            counts,
+        });
+    }
+
+    /// What the witness disorder did to the exchanges so far, if it was ever switched on.
+    pub fn witness_disorder_summary(&self) -> Option<String> {
+        let d = self.disorder.lock().unwrap_or_else(|e| e.into_inner());
+        let c = d.as_ref()?.counts;
+        Some(format!(
+            "witness disorder: {} of {} exchanges delivered late ({} past the agent's timeout: \
+             it resent, and the witness saw the request twice), {} replies dropped after the \
+             witness answered",
+            c.late, c.exchanges, c.past_timeout, c.replies_dropped
+        ))
+    }
+
+    /// Chooses the fate of a new witness exchange.
+    fn exchange_fate(&self) -> ExchangeFate {
+        let mut guard = self.disorder.lock().unwrap_or_else(|e| e.into_inner());
+        let Some(d) = guard.as_mut() else {
+            return ExchangeFate::default();
+        };
+        let cfg = d.cfg;
+        let max_ms = (cfg.max_delay.as_millis() as u64).max(1);
+        let r: f64 = d.rng.gen();
+        let delay = if r < cfg.duplicate {
+            // Past the agent's timeout, within the witness's deadline.
+            let lo = (cfg.agent_timeout + Duration::from_millis(50)).min(LATEST_REQUEST);
+            let hi = cfg.max_delay.max(lo).min(LATEST_REQUEST);
+            let span = (hi - lo).as_millis() as u64;
+            lo + Duration::from_millis(d.rng.gen_range(0..=span))
+        } else if r < cfg.duplicate + cfg.reorder {
+            Duration::from_millis(d.rng.gen_range(1..=max_ms)).min(LATEST_REQUEST)
+        } else {
+            Duration::ZERO
+        };
+        let drop_reply = cfg.reply_loss > 0.0 && d.rng.gen_bool(cfg.reply_loss.min(1.0));
+        d.counts.exchanges += 1;
+        if !delay.is_zero() {
+            d.counts.late += 1;
+        }
+        if delay > cfg.agent_timeout {
+            d.counts.past_timeout += 1;
+        }
+        if drop_reply {
+            d.counts.replies_dropped += 1;
+        }
+        ExchangeFate { delay, drop_reply }
+    }
+
+    /// How many chunks `from → to` found the link held (and waited for its release).
+    pub fn held_chunks(&self, from: LinkEnd, to: LinkEnd) -> u64 {
+        let h = self.held_chunks.lock().unwrap_or_else(|e| e.into_inner());
+        h.get(&(from, to)).copied().unwrap_or(0)
     }
 
     fn lock(&self) -> MutexGuard<'_, Links> {
@@ -170,6 +295,14 @@ impl FaultLinks {
     }
 
     async fn wait_released(&self, from: LinkEnd, to: LinkEnd) {
+        if self.lock().held(from, to) {
+            *self
+                .held_chunks
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .entry((from, to))
+                .or_default() += 1;
+        }
         let mut rx = self.released.subscribe();
         while self.lock().held(from, to) {
             if rx.changed().await.is_err() {
@@ -324,6 +457,11 @@ async fn relay_connection(local: TcpStream, route: Route, links: FaultLinks) {
     let (ur, uw) = upstream.into_split();
     let tamper = |msgs| route.checkpoint_link.then(|| Tamper::new(msgs));
     let forged: Forged = Arc::default();
+    let fate = if route.remote == LinkEnd::Witness {
+        links.exchange_fate()
+    } else {
+        ExchangeFate::default()
+    };
     let out = pump(
         lr,
         uw,
@@ -331,6 +469,7 @@ async fn relay_connection(local: TcpStream, route: Route, links: FaultLinks) {
         tamper(2),
         links.clone(),
         forged.clone(),
+        fate,
     );
     let back = pump(
         ur,
@@ -339,6 +478,7 @@ async fn relay_connection(local: TcpStream, route: Route, links: FaultLinks) {
         tamper(1),
         links.clone(),
         forged.clone(),
+        fate,
     );
     // A clean end of stream half-closes its direction and waits for the other; an error on
     // either drops both sockets.
@@ -356,8 +496,8 @@ async fn relay_connection(local: TcpStream, route: Route, links: FaultLinks) {
 /// reported: the receiver's refusal).
 type Forged = Arc<Mutex<Option<(Instant, String)>>>;
 
-/// Follows the witness's side of an exchange: its first message (the handshake's `Welcome`)
-/// passes untouched; the byte that ends a chunk after it belongs to the reply.
+/// Follows one side of a witness exchange past its first handshake message (the dialler's
+/// `Hello`, the witness's `Welcome`): what comes after it is the request, or the reply.
 #[derive(Default)]
 struct ReplyWatch {
     passed: u64,
@@ -366,8 +506,8 @@ struct ReplyWatch {
 }
 
 impl ReplyWatch {
-    /// Damages the last byte of `buf` if it lies in the reply and `want()` says so.
-    fn pass(&mut self, buf: &mut [u8], want: impl FnOnce() -> bool) -> bool {
+    /// Follows `buf`; returns where in it the bytes after the first message start, if any do.
+    fn after_first(&mut self, buf: &[u8]) -> Option<usize> {
         if self.head.len() < 8 {
             let k = (8 - self.head.len()).min(buf.len());
             self.head.extend_from_slice(&buf[..k]);
@@ -376,8 +516,15 @@ impl ReplyWatch {
                 self.welcome_end = Some(8 + u64::from(len));
             }
         }
+        let before = self.passed;
         self.passed += buf.len() as u64;
-        let in_reply = self.welcome_end.is_some_and(|end| self.passed > end);
+        let end = self.welcome_end?;
+        (self.passed > end).then(|| end.saturating_sub(before) as usize)
+    }
+
+    /// Damages the last byte of `buf` if it lies in the reply and `want()` says so.
+    fn pass(&mut self, buf: &mut [u8], want: impl FnOnce() -> bool) -> bool {
+        let in_reply = self.after_first(buf).is_some();
         if in_reply && want() {
             if let Some(b) = buf.last_mut() {
                 *b ^= 0x5A;
@@ -397,8 +544,12 @@ async fn pump(
     mut tamper: Option<Tamper>,
     links: FaultLinks,
     forged: Forged,
+    fate: ExchangeFate,
 ) -> std::io::Result<()> {
     let mut replies = (from == LinkEnd::Witness).then(ReplyWatch::default);
+    // The request of a late witness exchange: everything after the dialler's `Hello`.
+    let mut request = (to == LinkEnd::Witness && !fate.delay.is_zero()).then(ReplyWatch::default);
+    let drop_reply = from == LinkEnd::Witness && fate.drop_reply;
     let (tx, mut rx) = mpsc::channel::<(Instant, Option<Vec<u8>>)>(QUEUE_CHUNKS);
     let reader_links = links.clone();
     let reader = async move {
@@ -430,7 +581,21 @@ async fn pump(
                     .lock()
                     .set_checkpoint_progress(from, to, t.checkpoint_progress());
             }
-            if let Some(w) = &mut replies {
+            let mut late = Duration::ZERO;
+            if let Some(w) = &mut request {
+                if w.after_first(&buf).is_some() {
+                    late = fate.delay;
+                }
+            }
+            if let (true, Some(w)) = (drop_reply, &mut replies) {
+                // The reply is lost on its way back; the witness acted on the request.
+                if let Some(k) = w.after_first(&buf) {
+                    buf.truncate(k);
+                    if buf.is_empty() {
+                        continue;
+                    }
+                }
+            } else if let Some(w) = &mut replies {
                 if w.pass(&mut buf, || links.lock().take_reply_damage(from, to)) {
                     let what = format!("witness reply {from} -> {to} damaged in flight");
                     links.note(format!("{what} (a forged reply cannot be sealed)"));
@@ -438,7 +603,7 @@ async fn pump(
                         Some((Instant::now(), what));
                 }
             }
-            let due = links.lock().plan(from, to, now, buf.len(), &mut rng);
+            let due = links.lock().plan(from, to, now, buf.len(), &mut rng) + late;
             if tx.send((due, Some(buf))).await.is_err() {
                 return Ok(());
             }
@@ -455,6 +620,10 @@ async fn pump(
             match chunk {
                 Some(b) => w.write_all(&b).await?,
                 None => {
+                    if drop_reply {
+                        // The agent hears neither reply nor end: it times out and resends.
+                        tokio::time::sleep(REPLY_LOSS_LINGER).await;
+                    }
                     w.shutdown().await?;
                     return Ok(());
                 }
