@@ -265,7 +265,14 @@ fn a_forged_frame_goes_in_at_a_frame_boundary_with_a_tag_no_key_made() {
     expect.extend([0; crate::auth::TAG_LEN]);
     expect.extend(second);
     assert_eq!(back, expect);
-    let notes = links.take_notes();
+    // The connection's end is noted once both directions are done, which may come just after
+    // the reader saw the end of stream.
+    let mut notes = links.take_notes();
+    let t0 = Instant::now();
+    while !notes.iter().any(|n| n.contains("ended")) && t0.elapsed() < Duration::from_secs(2) {
+        std::thread::sleep(Duration::from_millis(5));
+        notes.extend(links.take_notes());
+    }
     assert!(notes[0].starts_with("forged Heartbeat"), "{notes:?}");
     assert!(
         notes
@@ -289,4 +296,102 @@ fn a_witness_reply_is_damaged_after_the_handshake_only() {
     }));
     assert_eq!(asked, 1);
     assert_eq!(reply, b"FTVA\x01\x03\x00\x02x\x23");
+}
+
+/// A stand-in witness: reads a 12-byte `Hello`, answers a 12-byte `Welcome`, reads a 10-byte
+/// request, answers a 10-byte reply and ends the connection.
+fn fake_witness(mut s: StdStream) {
+    let mut hello = [0; 12];
+    if s.read_exact(&mut hello).is_err() {
+        return;
+    }
+    let _ = s.write_all(b"FTVA\x01\x02\x00\x04abcd");
+    let mut req = [0; 10];
+    if s.read_exact(&mut req).is_err() {
+        return;
+    }
+    let _ = s.write_all(b"FTVA\x01\x03\x00\x02xy");
+    let _ = s.shutdown(Shutdown::Write);
+}
+
+fn witness_relay(links: &FaultLinks) -> (Relay, StdStream) {
+    let relay = Relay::start(
+        None,
+        vec![Route {
+            listen: "127.0.0.1:0".parse().unwrap(),
+            upstream: peer(fake_witness),
+            local: A,
+            remote: LinkEnd::Witness,
+            checkpoint_link: false,
+        }],
+        links.clone(),
+    )
+    .unwrap();
+    let s = StdStream::connect(relay.addrs()[0]).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    (relay, s)
+}
+
+fn disorder(duplicate: f64, reorder: f64, reply_loss: f64) -> ExchangeDisorder {
+    ExchangeDisorder {
+        duplicate,
+        reorder,
+        reply_loss,
+        max_delay: Duration::from_millis(300),
+        agent_timeout: Duration::from_millis(200),
+    }
+}
+
+#[test]
+fn a_duplicated_witness_request_is_held_past_the_agents_timeout_after_the_hello_only() {
+    let links = FaultLinks::new(Shape::CLEAR);
+    links.set_witness_disorder(Some(disorder(1.0, 0.0, 0.0)), 7);
+    let (_relay, mut s) = witness_relay(&links);
+    let t0 = Instant::now();
+    s.write_all(b"FTVA\x01\x01\x00\x04hhhh").unwrap();
+    let mut welcome = [0; 12];
+    s.read_exact(&mut welcome).unwrap();
+    assert!(
+        t0.elapsed() < Duration::from_millis(200),
+        "the handshake is not delayed"
+    );
+    let t1 = Instant::now();
+    s.write_all(b"FTVA\x01\x03\x00\x02rq").unwrap();
+    let mut reply = [0; 10];
+    s.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply, b"FTVA\x01\x03\x00\x02xy");
+    assert!(
+        t1.elapsed() >= Duration::from_millis(250),
+        "{:?}",
+        t1.elapsed()
+    );
+    let summary = links.witness_disorder_summary().unwrap();
+    assert!(
+        summary.contains("1 of 1 exchanges delivered late (1 past"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn a_lost_witness_reply_is_dropped_after_the_welcome_and_the_connection_stays_open() {
+    let links = FaultLinks::new(Shape::CLEAR);
+    links.set_witness_disorder(Some(disorder(0.0, 0.0, 1.0)), 7);
+    let (_relay, mut s) = witness_relay(&links);
+    s.write_all(b"FTVA\x01\x01\x00\x04hhhh").unwrap();
+    let mut welcome = [0; 12];
+    s.read_exact(&mut welcome).unwrap();
+    assert_eq!(&welcome, b"FTVA\x01\x02\x00\x04abcd");
+    s.write_all(b"FTVA\x01\x03\x00\x02rq").unwrap();
+    s.set_read_timeout(Some(Duration::from_millis(500)))
+        .unwrap();
+    let mut buf = [0; 10];
+    let err = s
+        .read(&mut buf)
+        .expect_err("neither reply nor end of stream");
+    assert!(matches!(
+        err.kind(),
+        std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+    ));
+    let summary = links.witness_disorder_summary().unwrap();
+    assert!(summary.contains("1 replies dropped"), "{summary}");
 }
