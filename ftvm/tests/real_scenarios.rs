@@ -2,7 +2,7 @@
 //! through `ftvm scenario run --real`, every fault produced (loss by nftables; latency,
 //! bandwidth, holds and corruption by the link relays): each test asserts that no fault was
 //! skipped. Wall time per file on a 2-core machine with TCG guests, measured with
-//! `ftvm scenario run scenarios/FILE --real`: 9-22 s (noted per test).
+//! `ftvm scenario run scenarios/FILE --real`: 9-27 s (noted per test).
 
 mod common;
 
@@ -288,7 +288,7 @@ fn witness_replies(name: &str, request: &str) -> Vec<serde_json::Value> {
         .collect()
 }
 
-// ~25 s
+// ~24 s
 #[test]
 fn register_overtaken_on_real_hosts() {
     let s = run_real("register-overtaken");
@@ -309,7 +309,7 @@ fn register_overtaken_on_real_hosts() {
     assert!(!witness_replies("register-overtaken", "RegisterBackup").is_empty());
 }
 
-// ~30 s
+// ~26 s
 #[test]
 fn stale_witness_traffic_on_real_hosts() {
     let s = run_real("stale-witness-traffic");
