@@ -577,9 +577,11 @@ async fn pump(
                     )),
                     Seen::Nothing => {}
                 }
-                links
-                    .lock()
-                    .set_checkpoint_progress(from, to, t.checkpoint_progress());
+                let mut l = links.lock();
+                l.set_checkpoint_progress(from, to, t.checkpoint_progress());
+                if let Some(vm) = t.vm() {
+                    l.note_vm(vm);
+                }
             }
             let mut late = Duration::ZERO;
             if let Some(w) = &mut request {
@@ -644,7 +646,10 @@ fn slip_in_forgery(
     links: &FaultLinks,
     forged: &Forged,
 ) {
-    let (Some(k), Some(vm)) = (t.bytes_to_boundary(), t.vm()) else {
+    // A joiner's connection carries one frame (its Join) before it is refused: the VM id may
+    // come from a frame header seen on another link, so the forgery can go in before that one.
+    let vm = t.vm().or_else(|| links.lock().vm());
+    let (Some(k), Some(vm)) = (t.bytes_to_boundary(), vm) else {
         return;
     };
     let Ok(k) = usize::try_from(k) else { return };

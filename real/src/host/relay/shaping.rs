@@ -74,6 +74,8 @@ struct Direction {
 pub struct Links {
     defaults: Shape,
     dirs: HashMap<(LinkEnd, LinkEnd), Direction>,
+    /// The VM id the links' frames carry, once any frame header passed.
+    vm: Option<u64>,
 }
 
 impl Links {
@@ -82,6 +84,7 @@ impl Links {
         Links {
             defaults,
             dirs: HashMap::new(),
+            vm: None,
         }
     }
 
@@ -140,6 +143,16 @@ impl Links {
     /// Whether the checkpoint starting on `from → to` must be damaged (consumes the arming).
     pub fn take_corruption(&mut self, from: LinkEnd, to: LinkEnd) -> bool {
         std::mem::take(&mut self.dir(from, to).corrupt_armed)
+    }
+
+    /// Notes the VM id a frame header carried.
+    pub fn note_vm(&mut self, vm: u64) {
+        self.vm = Some(vm);
+    }
+
+    /// The VM id frames on these links carry, if any frame header passed yet.
+    pub fn vm(&self) -> Option<u64> {
+        self.vm
     }
 
     /// Slips `msg` into `from → to` at its next frame boundary.

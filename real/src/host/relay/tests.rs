@@ -395,3 +395,59 @@ fn a_lost_witness_reply_is_dropped_after_the_welcome_and_the_connection_stays_op
     let summary = links.witness_disorder_summary().unwrap();
     assert!(summary.contains("1 replies dropped"), "{summary}");
 }
+
+/// A joiner's connection carries its handshake and one frame before it is refused: with the VM
+/// id learnt from another connection's frames, the forgery goes in ahead of that first frame.
+#[test]
+fn a_forgery_goes_in_before_a_connections_first_frame_once_the_vm_is_known() {
+    use ftvm_model::wire::encode_peer;
+    use ftvm_model::PeerMsg;
+    let links = FaultLinks::new(Shape::CLEAR);
+    let forged = PeerMsg::Heartbeat {
+        generation: Generation(u64::MAX),
+        epoch: Epoch(1),
+    };
+    let handshake = || {
+        let mut h = Vec::new();
+        for len in [8u16, 8] {
+            h.extend_from_slice(b"FTVA\x01\x01");
+            h.extend_from_slice(&len.to_be_bytes());
+            h.extend(std::iter::repeat_n(0, usize::from(len)));
+        }
+        h
+    };
+    let mut join = encode_peer(
+        VmId(9),
+        &PeerMsg::Heartbeat {
+            generation: Generation(1),
+            epoch: Epoch(3),
+        },
+    );
+    join.extend([0xAA; crate::auth::TAG_LEN]);
+    // Without a VM id seen anywhere, the relay cannot forge a frame of this stream.
+    let run = |armed: bool| {
+        let (_relay, mut s) = relay_to(peer(sink), &links, true);
+        s.write_all(&handshake()).unwrap();
+        std::thread::sleep(Duration::from_millis(100));
+        if armed {
+            links.arm_forgery(A, B, forged);
+        }
+        s.write_all(&join).unwrap();
+        s.shutdown(Shutdown::Write).unwrap();
+        let mut back = Vec::new();
+        s.read_to_end(&mut back).unwrap();
+        back
+    };
+    let first = run(true);
+    let mut plain = handshake();
+    plain.extend(&join);
+    assert_eq!(first, plain, "forged with no VM id known");
+    // The first connection's frame taught the relay the VM id; the still-armed forgery goes in
+    // ahead of the next connection's only frame.
+    let second = run(false);
+    let mut expect = handshake();
+    expect.extend(encode_peer(VmId(9), &forged));
+    expect.extend([0; crate::auth::TAG_LEN]);
+    expect.extend(&join);
+    assert_eq!(second, expect);
+}
