@@ -86,6 +86,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
 }
 
 fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32> {
+    let (real, why) = s.on_real_hosts();
+    let s = &real;
+    if let Some(why) = why {
+        println!("== {}: real hosts expect another outcome: {why}", s.name);
+    }
     if !(2..=3).contains(&s.topology.nodes) {
         bail!(
             "real runs have two or three agent hosts; scenario {} has {}",

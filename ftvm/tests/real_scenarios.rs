@@ -221,6 +221,24 @@ fn forged_generation_with_a_spare_third_node_on_real_hosts() {
     assert_eq!(s["primary"]["role"], "Primary", "{s}");
 }
 
+// The simulator's forged witness reply fences the primary; a real one cannot be sealed (the
+// relay can only damage it) and the forged Join that would make the primary ask is refused at
+// its tag, so nothing fences. The file's `[expect_real]` says so; both faults run. ~12 s
+#[test]
+fn fenced_primary_goes_silent_on_real_hosts_where_the_forged_reply_is_refused() {
+    let s = run_real("fenced-primary-goes-silent");
+    assert_eq!(applied(&s, "relay: forged Join").len(), 1, "{s}");
+    // The reply damage is armed; on real hosts the refused Join never makes the primary ask
+    // the witness, so no reply may come to damage (the simulator's primary does ask).
+    assert_eq!(
+        applied(&s, "the relay damages the next witness reply to n1").len(),
+        1,
+        "{s}"
+    );
+    assert_eq!(s["primary"]["generation"], 1, "{s}");
+    assert_eq!(s["primary"]["role"], "Primary", "{s}");
+}
+
 /// Forgeries on real hosts: not a file of `scenarios/` (there a forged witness reply makes the
 /// simulated primary fence, which a real one cannot be made to do), but the same fault kinds,
 /// produced by the relays. Real links authenticate every frame and witness exchanges are

@@ -2,7 +2,7 @@
 //! the file is met. `ftvm sim scenarios/<name>.toml --seeds 0..200` runs the wider sweep.
 
 use ftvm_model::{Action, Event, NodeId, WitnessRequest};
-use ftvm_sim::{run_scenario, HostId, RunOptions, TraceKind, Verdict};
+use ftvm_sim::{run_scenario, HostId, RunOptions, Scenario, TraceKind, Verdict};
 use ftvm_tests::{assert_pass, load, scenario_names};
 
 /// Seeds every scenario runs with under `cargo test` (a fixed set: a failure names its seed).
@@ -250,4 +250,23 @@ fn stale_witness_requests_arrive_after_the_register_changed() {
     assert!(lost > 0, "no witness reply was lost");
     assert!(twice > 0, "no witness message arrived twice");
     assert!(late > 0, "no witness message arrived only late");
+}
+
+/// `[expect_real]` replaces what it names for real hosts only, and must say why.
+#[test]
+fn real_host_expectations_replace_only_what_they_name() {
+    let s = load("fenced-primary-goes-silent");
+    assert_eq!(s.expect.failover, Some(true));
+    let (real, why) = s.on_real_hosts();
+    assert!(why.is_some_and(|w| w.contains("sealed")));
+    assert_eq!(real.expect.failover, Some(false));
+    assert_eq!(real.expect.min_generation, Some(1));
+    assert_eq!(real.expect.max_fences, Some(0));
+    assert_eq!(real.expect.min_replies, s.expect.min_replies);
+    let (same, none) = load("steady").on_real_hosts();
+    assert!(none.is_none());
+    assert_eq!(same, load("steady"));
+    let text = "name = \"x\"\nduration_ms = 1000\n[expect_real]\nwhy = \" \"\nfailover = false\n";
+    let err = Scenario::from_toml(text, "inline").unwrap_err().to_string();
+    assert!(err.contains("expect_real.why"), "{err}");
 }

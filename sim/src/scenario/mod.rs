@@ -132,6 +132,21 @@ pub struct Expect {
     pub liveness_slack: Duration,
 }
 
+/// Expectations that differ on real hosts, with the reason: a fault whose effect the
+/// simulator lets through to the model (a forged witness reply) may be refused on real hosts
+/// before the model sees it, and then its outcome differs by design.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpectReal {
+    /// Why real hosts see another outcome.
+    pub why: String,
+    /// Replaces `failover`.
+    pub failover: Option<bool>,
+    /// Replaces `min_generation`.
+    pub min_generation: Option<u64>,
+    /// Replaces `max_fences`.
+    pub max_fences: Option<u64>,
+}
+
 /// A checked scenario.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Scenario {
@@ -155,6 +170,9 @@ pub struct Scenario {
     pub faults: Vec<Fault>,
     /// Expectations.
     pub expect: Expect,
+    /// Where real hosts must see other outcomes than the simulator (see
+    /// [`Scenario::on_real_hosts`]).
+    pub expect_real: Option<ExpectReal>,
     /// Draw the protocol timings and link latencies of each run from its seed, around the
     /// values above (see [`Scenario::swarmed`]).
     pub swarm: bool,
@@ -283,14 +301,46 @@ impl Scenario {
                 max_fences: f.expect.max_fences,
                 liveness_slack: ms(f.expect.liveness_slack_ms),
             },
+            expect_real: f.expect_real.map(|r| ExpectReal {
+                why: r.why,
+                failover: r.failover,
+                min_generation: r.min_generation,
+                max_fences: r.max_fences,
+            }),
             swarm: f.swarm,
         })
+    }
+
+    /// The scenario with the expectations real hosts must meet (`[expect_real]` replaces what
+    /// it names); the reason, if any differ.
+    pub fn on_real_hosts(&self) -> (Scenario, Option<String>) {
+        let mut s = self.clone();
+        let Some(r) = &self.expect_real else {
+            return (s, None);
+        };
+        if r.failover.is_some() {
+            s.expect.failover = r.failover;
+        }
+        if r.min_generation.is_some() {
+            s.expect.min_generation = r.min_generation;
+        }
+        if r.max_fences.is_some() {
+            s.expect.max_fences = r.max_fences;
+        }
+        (s, Some(r.why.clone()))
     }
 
     /// Checks everything a programmatically built scenario could get wrong too.
     pub fn check(&self) -> Result<(), String> {
         if self.name.trim().is_empty() {
             return Err("name must not be empty".into());
+        }
+        if self
+            .expect_real
+            .as_ref()
+            .is_some_and(|r| r.why.trim().is_empty())
+        {
+            return Err("expect_real.why must say why real hosts see another outcome".into());
         }
         if self.duration.is_zero() || self.duration > Duration::from_secs(3600) {
             return Err("duration_ms must be in 1..=3600000".into());

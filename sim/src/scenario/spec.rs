@@ -25,8 +25,19 @@ pub(super) struct ScenarioFile {
     pub faults: Vec<FaultFile>,
     #[serde(default)]
     pub expect: ExpectFile,
+    pub expect_real: Option<ExpectRealFile>,
     #[serde(default)]
     pub swarm: bool,
+}
+
+/// `[expect_real]`: what differs on real hosts, and why.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct ExpectRealFile {
+    pub why: String,
+    pub failover: Option<bool>,
+    pub min_generation: Option<u64>,
+    pub max_fences: Option<u64>,
 }
 
 #[derive(Debug, Deserialize)]
