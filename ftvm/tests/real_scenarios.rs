@@ -348,3 +348,20 @@ fn stale_witness_traffic_on_real_hosts() {
     );
     assert_eq!(applied(&s, "relay: witness disorder:").len(), 1);
 }
+
+/// Every file of `scenarios/` runs on real hosts in this suite (a new file needs its test here).
+#[test]
+fn every_scenario_file_has_a_real_host_test() {
+    let me = include_str!("real_scenarios.rs");
+    let mut missing = Vec::new();
+    for entry in std::fs::read_dir(repo().join("scenarios")).expect("scenarios/") {
+        let path = entry.expect("a directory entry").path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            if !me.contains(&format!("run_real(\"{name}\")")) {
+                missing.push(name);
+            }
+        }
+    }
+    assert!(missing.is_empty(), "no real-host test for {missing:?}");
+}
