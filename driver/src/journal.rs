@@ -35,14 +35,16 @@ pub enum Record {
     },
 }
 
-/// A journal line as an executor writes it: the entry with its node and a wall clock, so that
-/// the journals of several hosts can be merged in one order (hosts that share a clock, as the
-/// test hosts do; across machines, as well as their clocks agree).
+/// A journal line as an executor writes it: the entry with its node and a clock reading, so
+/// that the journals of several hosts can be merged in one order. Real hosts stamp the
+/// machine's monotonic clock, which every process of one machine shares (as the test hosts,
+/// processes in network namespaces, do); the simulator stamps simulated time. Journals of
+/// separate machines do not merge meaningfully.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct HostEntry {
     /// The node that recorded it.
     pub node: NodeId,
-    /// Microseconds since the Unix epoch when it was written.
+    /// When it was written: microseconds on the host's clock (see above).
     pub wall_us: u64,
     /// The entry.
     #[serde(flatten)]
@@ -71,7 +73,7 @@ pub enum HostLine {
 /// is the register's history.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct WitnessEntry {
-    /// Microseconds since the Unix epoch when the witness decided.
+    /// When the witness decided, on the same clock as [`HostEntry::wall_us`].
     pub wall_us: u64,
     /// The reply it computed (request, verdict, register after it).
     pub reply: WitnessReply,

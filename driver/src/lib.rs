@@ -31,6 +31,6 @@ pub mod staging;
 pub use checkpoint::StagedCheckpoint;
 pub use journal::{Journal, Record};
 pub use link::{ItemDecoder, LinkError, LinkEvent, LinkReader};
-pub use node_driver::{Effect, NodeDriver, Verdict};
+pub use node_driver::{Effect, Emitted, NodeDriver, Verdict};
 pub use peers::PeerTable;
 pub use staging::{StagingError, StagingLimits};

@@ -55,6 +55,16 @@ pub enum Verdict<C> {
     Close(C, Option<Input>),
 }
 
+/// What became of a frame the VM emitted.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Emitted<F> {
+    /// The frame, if it may leave now (the gate holds it otherwise, or drops it when fenced).
+    pub frame: Option<F>,
+    /// Feed this input to [`NodeDriver::handle`]: the first frame of the running epoch is held
+    /// (`OutputHeld`, which may end the epoch early under the output epoch policy).
+    pub feed: Option<Input>,
+}
+
 /// A node, its connections, its output gate and its staged checkpoints.
 #[derive(Debug)]
 pub struct NodeDriver<C, F> {
@@ -63,6 +73,8 @@ pub struct NodeDriver<C, F> {
     gate: OutputGate<F>,
     staged: BTreeMap<Epoch, StagedCheckpoint>,
     journal: Option<Journal>,
+    /// The newest epoch whose held output the node was told of (`OutputHeld`).
+    told_held: Option<Epoch>,
 }
 
 impl<C: Copy + Ord, F> NodeDriver<C, F> {
@@ -74,6 +86,7 @@ impl<C: Copy + Ord, F> NodeDriver<C, F> {
             gate: OutputGate::new(),
             staged: BTreeMap::new(),
             journal: None,
+            told_held: None,
         }
     }
 
@@ -145,10 +158,13 @@ impl<C: Copy + Ord, F> NodeDriver<C, F> {
                 if self.gate.is_fenced() {
                     self.gate = OutputGate::new();
                 }
+                // Its tags restart from the restored epoch.
+                self.told_held = None;
                 self.gate.apply(&action);
             }
             Action::Fence => {
                 e.dropped = self.gate.take_held();
+                self.told_held = None;
                 self.gate.apply(&action);
                 self.staged.clear();
                 e.close = self.peers.drain();
@@ -181,11 +197,19 @@ impl<C: Copy + Ord, F> NodeDriver<C, F> {
         j.push(now, Record::Released { frames, newest });
     }
 
-    /// The VM emitted `frame` at `now`: returns it if it may leave now (the gate holds it
-    /// otherwise, or drops it when fenced).
-    pub fn emit(&mut self, now: Time, frame: F) -> Option<F> {
+    /// The VM emitted `frame` at `now`: whether it may leave now, and what to tell the node.
+    pub fn emit(&mut self, now: Time, frame: F) -> Emitted<F> {
         let tag = self.gate.tag();
-        let out = self.gate.emit(frame)?;
+        let Some(out) = self.gate.emit(frame) else {
+            let first = !self.gate.is_fenced() && self.told_held.is_none_or(|e| e < tag);
+            if first {
+                self.told_held = Some(tag);
+            }
+            return Emitted {
+                frame: None,
+                feed: first.then_some(Input::OutputHeld { epoch: tag }),
+            };
+        };
         if let Some(j) = self.journal.as_mut() {
             j.push(
                 now,
@@ -195,7 +219,10 @@ impl<C: Copy + Ord, F> NodeDriver<C, F> {
                 },
             );
         }
-        Some(out)
+        Emitted {
+            frame: Some(out),
+            feed: None,
+        }
     }
 
     /// An incoming connection proved to be `proven`: whether it may stay (see

@@ -107,19 +107,23 @@ fn the_gate_holds_releases_opens_and_a_fence_drops_and_closes_everything() {
     live(&mut d, 5, 1);
     assert!(d.accepted(6, NodeId(3)));
     d.bookkeep(Time::ZERO, Action::ResumeVm { epoch: Epoch(1) });
-    assert_eq!(d.emit(Time::ZERO, "a"), None);
+    assert_eq!(d.emit(Time::ZERO, "a").frame, None);
     d.bookkeep(Time::ZERO, Action::ResumeVm { epoch: Epoch(2) });
-    assert_eq!(d.emit(Time::ZERO, "b"), None);
+    assert_eq!(d.emit(Time::ZERO, "b").frame, None);
     let e = d.bookkeep(Time::ZERO, Action::ReleaseOutput { through: Epoch(1) });
     assert_eq!(e.released, vec!["a"]);
     // The VM runs epoch 2, which is not released: "c" waits too.
-    assert_eq!(d.emit(Time::ZERO, "c"), None);
+    assert_eq!(d.emit(Time::ZERO, "c").frame, None);
     let e = d.bookkeep(Time::ZERO, Action::Fence);
     assert_eq!(e.dropped, vec!["b", "c"]);
     let mut closed = e.close;
     closed.sort();
     assert_eq!(closed, vec![5, 6]);
-    assert_eq!(d.emit(Time::ZERO, "d"), None, "fenced: nothing leaves");
+    assert_eq!(
+        d.emit(Time::ZERO, "d").frame,
+        None,
+        "fenced: nothing leaves"
+    );
     let e = d.bookkeep(Time::ZERO, Action::SetOutputGate(Gate::Open));
     assert!(e.released.is_empty());
     // Taking over later runs a new VM behind a new gate, tagged from the restored epoch on.
@@ -134,7 +138,7 @@ fn the_gate_holds_releases_opens_and_a_fence_drops_and_closes_everything() {
     assert_eq!(d.gate().tag(), Epoch(10));
     let e = d.bookkeep(Time::ZERO, Action::SetOutputGate(Gate::Open));
     assert!(e.released.is_empty(), "the old VM's frames stayed dropped");
-    assert_eq!(d.emit(Time::ZERO, "e"), Some("e"));
+    assert_eq!(d.emit(Time::ZERO, "e").frame, Some("e"));
 }
 
 #[test]
@@ -180,4 +184,39 @@ fn a_journal_replays_to_the_same_actions_and_a_tampered_one_does_not() {
         replay(config(), NodeId(1), Start::Rejoin, &twice).unwrap(),
         2 * inputs
     );
+}
+
+#[test]
+fn the_node_hears_of_held_output_once_per_epoch_and_never_when_it_leaves_or_is_dropped() {
+    let mut d = backup();
+    let held = |e| Some(Input::OutputHeld { epoch: Epoch(e) });
+    d.bookkeep(Time::ZERO, Action::ResumeVm { epoch: Epoch(1) });
+    assert_eq!(d.emit(Time::ZERO, "a").feed, held(1));
+    assert_eq!(d.emit(Time::ZERO, "b").feed, None, "once per epoch");
+    d.bookkeep(Time::ZERO, Action::ResumeVm { epoch: Epoch(2) });
+    assert_eq!(d.emit(Time::ZERO, "c").feed, held(2));
+    d.bookkeep(Time::ZERO, Action::SetOutputGate(Gate::Open));
+    let out = d.emit(Time::ZERO, "d");
+    assert_eq!(
+        (out.frame, out.feed),
+        (Some("d"), None),
+        "an open gate holds nothing"
+    );
+    d.bookkeep(Time::ZERO, Action::SetOutputGate(Gate::Held));
+    d.bookkeep(Time::ZERO, Action::Fence);
+    assert_eq!(
+        d.emit(Time::ZERO, "e").feed,
+        None,
+        "fenced: dropped, not held"
+    );
+    // A takeover restarts the tags below the old ones: the first held frame is told again.
+    d.bookkeep(
+        Time::ZERO,
+        Action::StartVm {
+            from: Epoch(0),
+            generation: Generation(2),
+        },
+    );
+    d.bookkeep(Time::ZERO, Action::SetOutputGate(Gate::Held));
+    assert_eq!(d.emit(Time::ZERO, "f").feed, held(1));
 }

@@ -67,9 +67,11 @@ pub struct Args {
     /// Tap device carrying the VM's network on this host (absent: released frames are dropped).
     #[arg(long)]
     tap: Option<String>,
-    /// Epoch length in milliseconds.
+    /// Epoch length in milliseconds (the longest epoch under `--epoch-policy output`).
     #[arg(long, default_value_t = 25)]
     epoch_ms: u64,
+    #[command(flatten)]
+    epoch: crate::epoch_policy_args::EpochPolicyArgs,
     /// Heartbeat interval in milliseconds.
     #[arg(long, default_value_t = 20)]
     heartbeat_ms: u64,
@@ -216,6 +218,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
 
     let mut model = Config::new(VmId(args.vm), ram_bytes / u64::from(page_size), NodeId(0));
     model.epoch_interval = Duration::from_millis(args.epoch_ms);
+    model.epoch_policy = args.epoch.policy();
     model.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
     model.failure_timeout = Duration::from_millis(args.failure_timeout_ms);
     #[cfg(feature = "mutants")]

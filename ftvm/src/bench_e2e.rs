@@ -1,7 +1,8 @@
 //! `ftvm bench e2e`: the thesis's figures end to end. For each configuration a fresh local
-//! deployment protects the demo guest while the client drives it for a fixed time; the primary's
-//! epoch metrics give the pause and send-updated-states times and the VM idle rate, the client
-//! gives response times. An unprotected VM (straight on the tap) is the baseline, measured in the
+//! deployment protects the demo guest while clients drive it for a fixed time, once per client
+//! count; the primary's epoch metrics written during that time give the pause, send and ack
+//! times, the checkpoints per second and the VM idle rate, the clients give response times and
+//! replies per second. An unprotected VM (straight on the tap) is the baseline, measured in the
 //! same run so the ratios are fair.
 
 use std::path::PathBuf;
@@ -10,7 +11,8 @@ use std::time::Duration;
 use anyhow::Context;
 use ftvm_real::host::topology::{Host, Topology};
 
-use crate::deploy::{self, client_report, status, DeployOpts, Deployment};
+use crate::deploy::{self, client_report, DeployOpts, Deployment};
+use crate::epoch_policy_args::EpochPolicyArgs;
 
 /// Arguments of `ftvm bench e2e`.
 #[derive(clap::Args)]
@@ -18,9 +20,19 @@ pub struct E2eArgs {
     /// Directory with the guest (`real/guest/build.sh` prints it).
     #[arg(long)]
     guest_dir: PathBuf,
-    /// Output directory for `e2e.json` and `e2e.md`.
+    /// Output directory for `<name>.json`, `.md` and `.png`.
     #[arg(long, default_value = "docs/bench")]
     out: PathBuf,
+    /// Name of the output files (`e2e-policy` for the epoch-policy comparison in the README).
+    #[arg(long, default_value = "e2e")]
+    name: String,
+    /// Epoch policies (comma separated: fixed, output; the output policy's bounds are the
+    /// agent's defaults).
+    #[arg(long, value_delimiter = ',', default_value = "fixed")]
+    policies: Vec<String>,
+    /// Concurrent clients (comma separated), each on its own connection, one run each.
+    #[arg(long, value_delimiter = ',', default_value = "1")]
+    clients: Vec<u32>,
     /// Epoch lengths in ms (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "10,25,50,100")]
     epochs: Vec<u64>,
@@ -44,10 +56,14 @@ pub struct E2eArgs {
     accel: String,
 }
 
-#[derive(Debug, Clone, serde::Serialize)]
+#[derive(Debug, Clone, Default, serde::Serialize)]
 struct Row {
     config: String,
     epoch_ms: Option<u64>,
+    /// Epoch policy (`None`: unprotected).
+    policy: Option<String>,
+    clients: u32,
+    replies_per_s: f64,
     dirty_pages_per_s: u64,
     transport: Option<String>,
     capture: Option<String>,
@@ -60,6 +76,9 @@ struct Row {
     send_mean_us: u64,
     send_p50_us: u64,
     send_p99_us: u64,
+    ack_p50_us: u64,
+    ack_p99_us: u64,
+    checkpoints_per_s: f64,
     idle_rate: f64,
 }
 
@@ -72,68 +91,157 @@ pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
     if a.seconds.is_nan() || a.seconds <= 0.0 || a.epochs.contains(&0) {
         anyhow::bail!("--seconds and every epoch must be positive");
     }
+    if a.clients.is_empty() || a.clients.contains(&0) {
+        anyhow::bail!("--clients must list positive client counts");
+    }
+    let policies = a
+        .policies
+        .iter()
+        .map(|p| match p.as_str() {
+            "fixed" | "output" => Ok(EpochPolicyArgs {
+                epoch_policy: p.clone(),
+                ..EpochPolicyArgs::default()
+            }),
+            other => Err(anyhow::anyhow!(
+                "--policies: unknown epoch policy {other:?} (fixed, output)"
+            )),
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let work = std::env::temp_dir().join("ftvm-bench-e2e");
     let mut rows = Vec::new();
     for &dirty in &a.dirty {
         eprintln!("== unprotected, dirty {dirty} pages/s");
-        rows.push(baseline(&a, dirty, &work).context("unprotected baseline")?);
+        rows.extend(baseline(&a, dirty, &work).context("unprotected baseline")?);
         for &epoch in &a.epochs {
             for t in &a.transports {
                 for c in &a.captures {
-                    let capture = (!c.is_empty()).then(|| c.clone());
-                    eprintln!("== epoch {epoch} ms, dirty {dirty}, transport {t}, capture {c}");
-                    let opts = DeployOpts {
-                        guest_dir: a.guest_dir.clone(),
-                        work_dir: work.clone(),
-                        ram_mb: a.ram_mb,
-                        epoch_ms: epoch,
-                        dirty_pages: dirty,
-                        accel: a.accel.clone(),
-                        transport: t.clone(),
-                        capture: capture.clone(),
-                        failure_timeout_ms: 1000,
-                        prefix: "ftvmb".into(),
-                        subnet: 60,
-                        verify_every: None,
-                        keep: false,
-                        mutant: None,
-                    };
-                    let mut d = Deployment::start(opts)?;
-                    d.wait_protected(Duration::from_secs(180))?;
-                    let out = work.join("client.json");
-                    let mut client = d.client(a.seconds, &out)?;
-                    client.child.wait().context("waiting for the client")?;
-                    let r = client_report(&out);
-                    let s = &status(&d.primary_dir())["summary"];
-                    rows.push(Row {
-                        config: "protected".into(),
-                        epoch_ms: Some(epoch),
-                        dirty_pages_per_s: dirty,
-                        transport: Some(t.clone()),
-                        capture: capture.clone(),
-                        replies: u(&r["replies"]),
-                        resp_mean_us: u(&r["mean_us"]),
-                        resp_p50_us: u(&r["p50_us"]),
-                        resp_p99_us: u(&r["p99_us"]),
-                        pause_p50_us: u(&s["pause_p50_us"]),
-                        pause_p99_us: u(&s["pause_p99_us"]),
-                        send_mean_us: u(&s["send_mean_us"]),
-                        send_p50_us: u(&s["send_p50_us"]),
-                        send_p99_us: u(&s["send_p99_us"]),
-                        idle_rate: s["idle_rate"].as_f64().unwrap_or(0.0),
-                    });
-                    drop(d);
+                    for policy in &policies {
+                        let capture = (!c.is_empty()).then(|| c.clone());
+                        eprintln!(
+                            "== epoch {epoch} ms ({} policy), dirty {dirty}, transport {t}, \
+                             capture {c}",
+                            policy.epoch_policy
+                        );
+                        let opts = DeployOpts {
+                            guest_dir: a.guest_dir.clone(),
+                            work_dir: work.clone(),
+                            ram_mb: a.ram_mb,
+                            epoch_ms: epoch,
+                            epoch_policy: policy.policy(),
+                            dirty_pages: dirty,
+                            accel: a.accel.clone(),
+                            transport: t.clone(),
+                            capture: capture.clone(),
+                            failure_timeout_ms: 1000,
+                            prefix: "ftvmb".into(),
+                            subnet: 60,
+                            verify_every: None,
+                            keep: false,
+                            mutant: None,
+                        };
+                        let mut d = Deployment::start(opts)?;
+                        d.wait_protected(Duration::from_secs(180))?;
+                        let metrics = d.primary_dir().join("metrics.jsonl");
+                        for &n in &a.clients {
+                            let seen = epoch_lines(&metrics).len();
+                            let out = work.join("client.json");
+                            let mut client = d.clients(n, a.seconds, &out)?;
+                            client.child.wait().context("waiting for the clients")?;
+                            let r = client_report(&out);
+                            let lines = epoch_lines(&metrics);
+                            let e = Epochs::of(lines.get(seen..).unwrap_or_default(), a.seconds);
+                            rows.push(Row {
+                                config: "protected".into(),
+                                epoch_ms: Some(epoch),
+                                policy: Some(policy.epoch_policy.clone()),
+                                clients: n,
+                                replies_per_s: u(&r["replies"]) as f64 / a.seconds,
+                                dirty_pages_per_s: dirty,
+                                transport: Some(t.clone()),
+                                capture: capture.clone(),
+                                replies: u(&r["replies"]),
+                                resp_mean_us: u(&r["mean_us"]),
+                                resp_p50_us: u(&r["p50_us"]),
+                                resp_p99_us: u(&r["p99_us"]),
+                                pause_p50_us: e.pause_p50_us,
+                                pause_p99_us: e.pause_p99_us,
+                                send_mean_us: e.send_mean_us,
+                                send_p50_us: e.send_p50_us,
+                                send_p99_us: e.send_p99_us,
+                                ack_p50_us: e.ack_p50_us,
+                                ack_p99_us: e.ack_p99_us,
+                                checkpoints_per_s: e.per_s,
+                                idle_rate: e.idle_rate,
+                            });
+                        }
+                        drop(d);
+                    }
                 }
             }
         }
     }
-    crate::bench_cmd::write_results(&a.out, "e2e", &rows, &markdown(&rows), || {
-        crate::plot::e2e(&a.out)
+    let name = a.name.clone();
+    crate::bench_cmd::write_results(&a.out, &name, &rows, &markdown(&rows), || {
+        crate::plot::e2e(&a.out, &name)
     })?;
     Ok(0)
 }
 
-fn baseline(a: &E2eArgs, dirty: u64, work: &std::path::Path) -> anyhow::Result<Row> {
+/// The incremental checkpoints' lines of a primary's metrics file (acked epochs, in order).
+fn epoch_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|v| v["full"].as_bool() == Some(false))
+        .collect()
+}
+
+/// What the checkpoints acked during one client run cost.
+#[derive(Debug, Default, PartialEq)]
+struct Epochs {
+    pause_p50_us: u64,
+    pause_p99_us: u64,
+    send_mean_us: u64,
+    send_p50_us: u64,
+    send_p99_us: u64,
+    ack_p50_us: u64,
+    ack_p99_us: u64,
+    per_s: f64,
+    idle_rate: f64,
+}
+
+impl Epochs {
+    fn of(lines: &[serde_json::Value], seconds: f64) -> Epochs {
+        let col = |k: &str| {
+            let mut v: Vec<u64> = lines.iter().map(|l| u(&l[k])).collect();
+            v.sort_unstable();
+            v
+        };
+        let pct = |v: &[u64], p: usize| {
+            if v.is_empty() {
+                0
+            } else {
+                v[(v.len() * p / 100).min(v.len() - 1)]
+            }
+        };
+        let (pause, send, ack) = (col("pause_us"), col("send_us"), col("ack_us"));
+        Epochs {
+            pause_p50_us: pct(&pause, 50),
+            pause_p99_us: pct(&pause, 99),
+            send_mean_us: send.iter().sum::<u64>() / (send.len().max(1) as u64),
+            send_p50_us: pct(&send, 50),
+            send_p99_us: pct(&send, 99),
+            ack_p50_us: pct(&ack, 50),
+            ack_p99_us: pct(&ack, 99),
+            per_s: lines.len() as f64 / seconds,
+            idle_rate: pause.iter().sum::<u64>() as f64 / (seconds * 1e6),
+        }
+    }
+}
+
+/// The unprotected VM, straight on the tap: one row per client count.
+fn baseline(a: &E2eArgs, dirty: u64, work: &std::path::Path) -> anyhow::Result<Vec<Row>> {
     ftvm_real::secure_fs::fresh_private_dir(work).context("the work directory")?;
     let topo = Topology::create("ftvmb", 60).context("creating the hosts")?;
     let mut vm = deploy::spawn_in(
@@ -166,66 +274,91 @@ fn baseline(a: &E2eArgs, dirty: u64, work: &std::path::Path) -> anyhow::Result<R
         &mut [&mut vm],
         || std::fs::read_to_string(&log).is_ok_and(|s| s.contains("guest ready")),
     )?;
-    let out = work.join("client.json");
-    let mut client = deploy::spawn_in(
-        &topo,
-        Host::Client,
-        "client",
-        &[
-            "client".into(),
-            "--addr".into(),
-            format!("{}:80", topo.vm_addr()),
-            "--seconds".into(),
-            a.seconds.to_string(),
-        ],
-        &out,
-    )?;
-    client.child.wait().context("waiting for the client")?;
-    let r = client_report(&out);
-    Ok(Row {
-        config: "unprotected".into(),
-        epoch_ms: None,
-        dirty_pages_per_s: dirty,
-        transport: None,
-        capture: None,
-        replies: u(&r["replies"]),
-        resp_mean_us: u(&r["mean_us"]),
-        resp_p50_us: u(&r["p50_us"]),
-        resp_p99_us: u(&r["p99_us"]),
-        pause_p50_us: 0,
-        pause_p99_us: 0,
-        send_mean_us: 0,
-        send_p50_us: 0,
-        send_p99_us: 0,
-        idle_rate: 0.0,
-    })
+    let mut rows = Vec::new();
+    for &n in &a.clients {
+        let out = work.join("client.json");
+        let mut client = deploy::spawn_in(
+            &topo,
+            Host::Client,
+            "client",
+            &[
+                "client".into(),
+                "--addr".into(),
+                format!("{}:80", topo.vm_addr()),
+                "--seconds".into(),
+                a.seconds.to_string(),
+                "--clients".into(),
+                n.to_string(),
+            ],
+            &out,
+        )?;
+        client.child.wait().context("waiting for the clients")?;
+        let r = client_report(&out);
+        rows.push(Row {
+            config: "unprotected".into(),
+            epoch_ms: None,
+            policy: None,
+            clients: n,
+            replies_per_s: u(&r["replies"]) as f64 / a.seconds,
+            dirty_pages_per_s: dirty,
+            transport: None,
+            capture: None,
+            replies: u(&r["replies"]),
+            resp_mean_us: u(&r["mean_us"]),
+            resp_p50_us: u(&r["p50_us"]),
+            resp_p99_us: u(&r["p99_us"]),
+            ..Row::default()
+        });
+    }
+    Ok(rows)
 }
 
 fn markdown(rows: &[Row]) -> String {
     let mut s = String::from(
-        "| config | epoch ms | dirty pages/s | transport | capture | replies | resp mean µs | resp p50 µs | resp p99 µs | pause p50 µs | pause p99 µs | send mean µs | send p99 µs | VM idle rate |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| config | policy | epoch ms | clients | dirty pages/s | transport | capture | replies/s | resp p50 µs | resp p99 µs | pause p50 µs | pause p99 µs | send p50 µs | ack p50 µs | checkpoints/s | VM idle rate |\n|---|---|---:|---:|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
     );
     for r in rows {
         let opt = |o: &Option<String>| o.clone().unwrap_or_else(|| "-".into());
         s.push_str(&format!(
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} |\n",
+            "| {} | {} | {} | {} | {} | {} | {} | {:.0} | {} | {} | {} | {} | {} | {} | {:.1} | {:.3} |\n",
             r.config,
+            opt(&r.policy),
             r.epoch_ms
                 .map(|e| e.to_string())
                 .unwrap_or_else(|| "-".into()),
+            r.clients,
             r.dirty_pages_per_s,
             opt(&r.transport),
             opt(&r.capture),
-            r.replies,
-            r.resp_mean_us,
+            r.replies_per_s,
             r.resp_p50_us,
             r.resp_p99_us,
             r.pause_p50_us,
             r.pause_p99_us,
-            r.send_mean_us,
-            r.send_p99_us,
+            r.send_p50_us,
+            r.ack_p50_us,
+            r.checkpoints_per_s,
             r.idle_rate
         ));
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_client_run_is_summarised_from_its_own_epochs() {
+        let line = |pause: u64, send: u64, ack: u64| serde_json::json!({"full": false, "pause_us": pause, "send_us": send, "ack_us": ack});
+        let lines: Vec<_> = (1..=100).map(|i| line(i * 10, i, 1000 + i)).collect();
+        let e = Epochs::of(&lines, 2.0);
+        assert_eq!(e.pause_p50_us, 510);
+        assert_eq!(e.pause_p99_us, 1000);
+        assert_eq!(e.ack_p50_us, 1051);
+        assert_eq!(e.per_s, 50.0);
+        // 50,500 µs paused in 2 s.
+        assert!((e.idle_rate - 0.02525).abs() < 1e-9, "{}", e.idle_rate);
+        assert_eq!(Epochs::of(&[], 1.0), Epochs::default());
+    }
 }

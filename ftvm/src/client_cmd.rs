@@ -1,4 +1,5 @@
-//! `ftvm client`: drives the guest's counter service over one persistent connection.
+//! `ftvm client`: drives the guest's counter service over persistent connections (one per
+//! client).
 
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
@@ -20,6 +21,10 @@ pub struct Args {
     /// Print every reply value as it arrives (one line each, on stderr).
     #[arg(long)]
     progress: bool,
+    /// Clients at once, each on its own connection, each sending its next request when its
+    /// reply came.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    clients: u32,
 }
 
 /// Runs the client and prints its report as one JSON line; exits 2 if any state was lost.
@@ -33,15 +38,16 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         .context("starting the async runtime")?;
     let deadline = Instant::now() + Duration::from_secs_f64(args.seconds);
     let progress = args.progress;
-    let report = rt.block_on(ftvm_real::client::run_counter_client(
+    let report = rt.block_on(ftvm_real::client::run_counter_clients(
         args.addr,
+        args.clients as usize,
         Duration::from_millis(args.timeout_ms),
         deadline,
-        move |v| {
+        std::sync::Arc::new(move |v| {
             if progress {
                 eprintln!("reply {v}");
             }
-        },
+        }),
     ));
     println!(
         "{}",

@@ -27,6 +27,8 @@ pub struct Args {
     /// Epoch length in milliseconds.
     #[arg(long, default_value_t = 25)]
     epoch_ms: u64,
+    #[command(flatten)]
+    epoch: crate::epoch_policy_args::EpochPolicyArgs,
     /// Pages per second the guest rewrites besides serving requests.
     #[arg(long, default_value_t = 1000)]
     dirty_pages: u64,
@@ -93,6 +95,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         work_dir: args.work_dir.clone(),
         ram_mb: args.ram_mb,
         epoch_ms: args.epoch_ms,
+        epoch_policy: args.epoch.policy(),
         dirty_pages: args.dirty_pages,
         accel: args.accel.clone(),
         transport: args.transport.clone(),

@@ -22,8 +22,10 @@ pub struct DeployOpts {
     pub work_dir: PathBuf,
     /// Guest RAM in MiB.
     pub ram_mb: u64,
-    /// Epoch in ms.
+    /// Epoch in ms (the longest epoch under the output policy).
     pub epoch_ms: u64,
+    /// When epochs end.
+    pub epoch_policy: ftvm_model::EpochPolicy,
     /// Guest dirtying rate, pages/s.
     pub dirty_pages: u64,
     /// QEMU accelerator.
@@ -376,6 +378,11 @@ impl Deployment {
 
     /// Starts the client for `seconds`; its JSON report goes to `out`.
     pub fn client(&self, seconds: f64, out: &Path) -> anyhow::Result<Proc> {
+        self.clients(1, seconds, out)
+    }
+
+    /// `n` clients at once, as one process writing one report to `out`.
+    pub fn clients(&self, n: u32, seconds: f64, out: &Path) -> anyhow::Result<Proc> {
         spawn_in(
             &self.topo,
             Host::Client,
@@ -386,6 +393,8 @@ impl Deployment {
                 format!("{}:80", self.topo.vm_addr()),
                 "--seconds".into(),
                 seconds.to_string(),
+                "--clients".into(),
+                n.to_string(),
             ],
             out,
         )
@@ -529,6 +538,7 @@ fn agent_args(
             .to_string(),
         "--verbose".into(),
     ]);
+    a.extend(crate::epoch_policy_args::EpochPolicyArgs::of(o.epoch_policy).to_args());
     if let Some(m) = &o.mutant {
         a.push("--mutant".into());
         a.push(m.clone());

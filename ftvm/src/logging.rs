@@ -43,7 +43,11 @@ pub struct LogArgs {
 /// The options the log was set up with, passed on to the agents a command starts.
 static CHOSEN: OnceLock<LogArgs> = OnceLock::new();
 
-/// The filter: `--log-level`, else `RUST_LOG`, else `info`. A filter that does not parse is an
+/// What is logged by default: ours at `info`; the simulator's network library only warnings
+/// (at `info` it prints every simulated host and bind of every seed).
+const DEFAULT_FILTER: &str = "turmoil=warn,info";
+
+/// The filter: `--log-level`, else `RUST_LOG`, else [`DEFAULT_FILTER`]. A filter that does not parse is an
 /// error rather than a silently empty log.
 fn filter(args: &LogArgs, rust_log: Option<&str>) -> anyhow::Result<EnvFilter> {
     match (args.log_level.as_deref(), rust_log) {
@@ -52,7 +56,7 @@ fn filter(args: &LogArgs, rust_log: Option<&str>) -> anyhow::Result<EnvFilter> {
         (None, Some(f)) if !f.trim().is_empty() => {
             EnvFilter::try_new(f).map_err(|e| anyhow!("RUST_LOG={f:?}: {e}"))
         }
-        _ => Ok(EnvFilter::new("info")),
+        _ => Ok(EnvFilter::new(DEFAULT_FILTER)),
     }
 }
 
@@ -138,8 +142,11 @@ mod tests {
         assert_eq!(filter(&flag, Some("error")).unwrap().to_string(), "debug");
         let none = LogArgs::default();
         assert_eq!(filter(&none, Some("warn")).unwrap().to_string(), "warn");
-        assert_eq!(filter(&none, None).unwrap().to_string(), "info");
-        assert_eq!(filter(&none, Some(" ")).unwrap().to_string(), "info");
+        assert_eq!(filter(&none, None).unwrap().to_string(), DEFAULT_FILTER);
+        assert_eq!(
+            filter(&none, Some(" ")).unwrap().to_string(),
+            DEFAULT_FILTER
+        );
         let bad = LogArgs {
             log_level: Some("info,=[".into()),
             ..LogArgs::default()

@@ -411,13 +411,32 @@ struct E2eRow {
     capture: Option<String>,
     resp_p50_us: u64,
     idle_rate: f64,
+    /// Epoch policy (absent in files written before it existed: fixed).
+    #[serde(default)]
+    policy: Option<String>,
+    #[serde(default = "one")]
+    clients: u32,
+    #[serde(default)]
+    replies_per_s: f64,
 }
 
-/// `e2e.png` from `e2e.json`: client response time (median) and VM idle rate against the epoch
-/// length, per load × transport × capture mode; the unprotected VM's response time dashed.
-pub fn e2e(dir: &Path) -> anyhow::Result<PathBuf> {
-    let json = dir.join("e2e.json");
+fn one() -> u32 {
+    1
+}
+
+/// `<name>.png` from `<name>.json`: with several client counts or epoch policies, the policy
+/// comparison ([`e2e_policies`]); otherwise client response time (median) and VM idle rate
+/// against the epoch length, per load × transport × capture mode, the unprotected VM's
+/// response time dashed.
+pub fn e2e(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let json = dir.join(format!("{name}.json"));
     let rows: Vec<E2eRow> = read_json(&json)?;
+    let mut policies: Vec<&str> = rows.iter().filter_map(|r| r.policy.as_deref()).collect();
+    policies.sort_unstable();
+    policies.dedup();
+    if policies.len() > 1 || rows.iter().any(|r| r.clients > 1) {
+        return e2e_policies(&rows, &dir.join(format!("{name}.png")));
+    }
     let protected: Vec<&E2eRow> = rows.iter().filter(|r| r.epoch_ms.is_some()).collect();
     if protected.is_empty() {
         anyhow::bail!("{} has no protected configuration", json.display());
@@ -487,9 +506,57 @@ pub fn e2e(dir: &Path) -> anyhow::Result<PathBuf> {
             series: series(&|r| r.idle_rate),
         },
     ];
-    let path = dir.join("e2e.png");
+    let path = dir.join(format!("{name}.png"));
     render(&path, &panels)?;
     Ok(path)
+}
+
+/// The epoch-policy comparison: response time (median), replies per second and VM idle rate
+/// against the number of concurrent clients, one line per policy and the unprotected VM.
+fn e2e_policies(rows: &[E2eRow], path: &Path) -> anyhow::Result<PathBuf> {
+    let key = |r: &E2eRow| match &r.policy {
+        Some(p) => format!("{p} epochs"),
+        None => "unprotected".to_string(),
+    };
+    let mut keys: Vec<String> = Vec::new();
+    for r in rows {
+        if !keys.contains(&key(r)) {
+            keys.push(key(r));
+        }
+    }
+    let series = |f: &dyn Fn(&E2eRow) -> f64| -> Vec<Series> {
+        keys.iter()
+            .enumerate()
+            .map(|(i, k)| Series {
+                label: k.clone(),
+                points: rows
+                    .iter()
+                    .filter(|r| &key(r) == k)
+                    .map(|r| (f64::from(r.clients), f(r)))
+                    .collect(),
+                colour: i,
+                dashed: k == "unprotected",
+            })
+            .collect()
+    };
+    let panel = |title: &str, y: &str, f: &dyn Fn(&E2eRow) -> f64| Panel {
+        title: title.into(),
+        x_label: "concurrent clients".into(),
+        y_label: y.into(),
+        log2_x: true,
+        series: series(f),
+    };
+    let panels = [
+        panel("Client response time (median)", "response (ms)", &|r| {
+            r.resp_p50_us as f64 / 1000.0
+        }),
+        panel("Replies per second", "replies/s", &|r| r.replies_per_s),
+        panel("VM idle rate (share of time paused)", "idle rate", &|r| {
+            r.idle_rate
+        }),
+    ];
+    render(path, &panels)?;
+    Ok(path.to_path_buf())
 }
 
 /// `auth.png`: pause and send-updated-states time against the pages written per epoch, one line
@@ -674,8 +741,10 @@ pub fn all(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     if dir.join("transport.json").exists() {
         done.push(transport(dir)?);
     }
-    if dir.join("e2e.json").exists() {
-        done.push(e2e(dir)?);
+    for name in ["e2e", "e2e-policy"] {
+        if dir.join(format!("{name}.json")).exists() {
+            done.push(e2e(dir, name)?);
+        }
     }
     let auth = dir.join("auth.json");
     if auth.exists() {

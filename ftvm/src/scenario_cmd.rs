@@ -58,6 +58,9 @@ struct RunArgs {
     /// Write the outcome as JSON here.
     #[arg(long)]
     summary: Option<PathBuf>,
+    /// Run under this epoch policy instead of the file's (`fixed` or `output`).
+    #[arg(long, value_parser = ["fixed", "output"])]
+    epoch_policy: Option<String>,
     /// Plant one of the model's protocol bugs in both agents (test builds with the `mutants`
     /// feature only), e.g. `release-before-ack`: the run's invariant check must catch it.
     #[cfg(feature = "mutants")]
@@ -68,7 +71,10 @@ struct RunArgs {
 /// Runs the command.
 pub fn run(args: Args) -> anyhow::Result<i32> {
     let What::Run(a) = args.what;
-    let s = Scenario::load(&a.file).with_context(|| format!("loading {}", a.file.display()))?;
+    let mut s = Scenario::load(&a.file).with_context(|| format!("loading {}", a.file.display()))?;
+    if let Some(p) = &a.epoch_policy {
+        s = s.with_epoch_policy_named(p).map_err(anyhow::Error::msg)?;
+    }
     if !a.real {
         let report = ftvm_sim::run_scenario(&s, 0, &ftvm_sim::RunOptions::default());
         println!("{}", report.summary());
@@ -104,6 +110,7 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
         work_dir: a.work_dir.clone(),
         ram_mb: a.ram_mb,
         epoch_ms: s.timing.epoch.as_millis().max(1) as u64,
+        epoch_policy: s.timing.epoch_policy,
         dirty_pages: 1000,
         accel: "tcg".into(),
         transport: "copy".into(),

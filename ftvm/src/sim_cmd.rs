@@ -37,6 +37,9 @@ pub struct Args {
     /// `--bench` reports single-threaded speed unless asked otherwise.
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=256))]
     pub jobs: u32,
+    /// Run under this epoch policy instead of the file's (`fixed` or `output`).
+    #[arg(long, value_parser = ["fixed", "output"])]
+    pub epoch_policy: Option<String>,
 }
 
 fn parse_range(s: &str) -> Result<Range<u64>, String> {
@@ -80,7 +83,12 @@ struct Bench {
 
 /// Run the command; returns the process exit code (0: every seed passed).
 pub fn run(args: Args) -> anyhow::Result<i32> {
-    let scenario = Scenario::load(&args.scenario)?;
+    let mut scenario = Scenario::load(&args.scenario)?;
+    if let Some(p) = &args.epoch_policy {
+        scenario = scenario
+            .with_epoch_policy_named(p)
+            .map_err(anyhow::Error::msg)?;
+    }
     let seeds = match (args.seed, &args.seeds) {
         (_, Some(r)) => r.clone(),
         (Some(s), None) => s..s.saturating_add(1),

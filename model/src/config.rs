@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use crate::epoch_policy::EpochPolicy;
 use crate::ids::{NodeId, VmId};
 #[cfg(feature = "mutants")]
 use crate::mutants::Mutant;
@@ -19,8 +20,12 @@ pub struct Config {
     pub ram_pages: u64,
     /// Guest page size in bytes (4096 on x86).
     pub page_size: u32,
-    /// How long the VM runs between two captures when the link keeps up (default 25 ms).
+    /// How long the VM runs between two captures when the link keeps up (default 25 ms); under
+    /// [`EpochPolicy::Output`] the longest epoch.
     pub epoch_interval: Duration,
+    /// When an epoch ends: every `epoch_interval` (default) or early when output waits.
+    #[serde(default)]
+    pub epoch_policy: EpochPolicy,
     /// How often each side tells the other it is alive (default 10 ms).
     pub heartbeat_interval: Duration,
     /// Silence after which the peer counts as lost (default 150 ms).
@@ -79,6 +84,9 @@ pub enum ConfigError {
     /// At least one checkpoint must be allowed in flight.
     #[error("max_unacked must be at least 1")]
     NoCheckpointInFlight,
+    /// The idle bound of output-driven epochs is a percentage of time.
+    #[error("the output epoch policy's max idle share must be 1 to 100 percent, not {0}")]
+    IdleShare(u8),
 }
 
 impl Config {
@@ -91,6 +99,7 @@ impl Config {
             ram_pages,
             page_size: 4096,
             epoch_interval: Duration::from_millis(25),
+            epoch_policy: EpochPolicy::Fixed,
             heartbeat_interval: Duration::from_millis(10),
             failure_timeout,
             witness_retry: Duration::from_millis(50),
@@ -129,6 +138,11 @@ impl Config {
         if self.max_unacked == 0 {
             return Err(ConfigError::NoCheckpointInFlight);
         }
+        if let EpochPolicy::Output(p) = self.epoch_policy {
+            if !(1..=100).contains(&p.max_idle_pct) {
+                return Err(ConfigError::IdleShare(p.max_idle_pct));
+            }
+        }
         Ok(())
     }
 
@@ -142,6 +156,9 @@ impl Config {
         c.witness_retry = c.witness_retry.max(min);
         c.join_retry = c.join_retry.max(min);
         c.max_unacked = c.max_unacked.max(1);
+        if let EpochPolicy::Output(p) = &mut c.epoch_policy {
+            p.max_idle_pct = p.max_idle_pct.clamp(1, 100);
+        }
         c
     }
 }
@@ -180,5 +197,11 @@ mod tests {
         assert_eq!(c.validate(), Err(ConfigError::NoCheckpointInFlight));
         let s = c.sanitized();
         assert_eq!(s.max_unacked, 1);
+        let mut c = Config::new(VmId(1), 1024, NodeId(9));
+        c.epoch_policy = EpochPolicy::Output(crate::OutputDriven {
+            min_gap: Duration::ZERO,
+            max_idle_pct: 0,
+        });
+        assert_eq!(c.validate(), Err(ConfigError::IdleShare(0)));
     }
 }

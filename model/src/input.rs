@@ -50,6 +50,13 @@ pub enum Input {
         /// Bytes captured (metrics only).
         bytes: u64,
     },
+    /// Primary: the gate holds a frame of the running epoch `epoch` (the driver says so once per
+    /// epoch, at its first held frame). Under [`crate::EpochPolicy::Output`] it may end the epoch
+    /// early; otherwise it changes nothing.
+    OutputHeld {
+        /// Tag of the held frame.
+        epoch: Epoch,
+    },
     /// Primary: checkpoint `epoch` is fully handed to the socket and its buffers are reusable.
     CheckpointSent {
         /// Sent epoch.

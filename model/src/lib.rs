@@ -100,7 +100,8 @@
 //! * Witness: call [`Witness::handle`] one request at a time and persist [`Witness::state`]
 //!   before sending the reply; requests/replies may be lost, delayed or duplicated.
 //! * Tag frames with the epoch of the last `ResumeVm` (or `from + 1` after `StartVm`) and gate
-//!   them exactly as [`OutputGate`] does.
+//!   them exactly as [`OutputGate`] does. Report the first frame of an epoch the gate holds
+//!   with `OutputHeld` (the output epoch policy ends epochs on it; see [`EpochPolicy`]).
 //! * At `Fence`, close every checkpoint link, not only the peer the model disconnects: a
 //!   node that stopped its VM must look dead to every backup.
 //!
@@ -116,6 +117,7 @@ mod action;
 mod backup;
 mod config;
 mod ctx;
+mod epoch_policy;
 mod fenced;
 mod gate;
 mod ids;
@@ -138,6 +140,7 @@ mod witness_msg;
 pub use action::{Action, Event, Gate};
 pub use backup::Backup;
 pub use config::{Config, ConfigError, Start};
+pub use epoch_policy::{EpochPolicy, OutputDriven};
 pub use fenced::{FenceReason, Fenced};
 pub use gate::OutputGate;
 pub use ids::{Epoch, Generation, NodeId, VmId};

@@ -31,9 +31,12 @@
 //! If the witness cannot be reached, the primary keeps running with its output held, as with
 //! any other unanswered request.
 
+use std::time::Duration;
+
 use crate::action::{Action, Event, Gate};
 use crate::config::Config;
 use crate::ctx::Ctx;
+use crate::epoch_policy::EpochPolicy;
 use crate::fenced::{FenceReason, Fenced};
 use crate::ids::{Epoch, Generation, NodeId};
 use crate::input::Input;
@@ -86,6 +89,14 @@ pub struct Primary {
     acked: Epoch,
     released: Epoch,
     next_capture_at: Time,
+    /// The gate holds output of the running epoch (told by `OutputHeld`); cleared at capture.
+    output_waiting: bool,
+    /// When the last capture paused the VM.
+    paused_at: Time,
+    /// When the VM last resumed after a capture, and how long that pause was (the output
+    /// policy's idle bound spaces early captures by it).
+    resumed_at: Time,
+    last_pause: Duration,
     peer: Option<Peer>,
     /// Newest registration asked of the witness in this generation and not yet dropped.
     token: Option<Registration>,
@@ -114,6 +125,10 @@ impl Primary {
             acked: Epoch::NONE,
             released: Epoch::NONE,
             next_capture_at: Time::ZERO,
+            output_waiting: false,
+            paused_at: Time::ZERO,
+            resumed_at: Time::ZERO,
+            last_pause: Duration::ZERO,
             peer: None,
             token: None,
             pending: None,
@@ -164,6 +179,13 @@ impl Primary {
             }
             Input::CaptureDone { epoch, .. } => {
                 self.on_capture_done(ctx, epoch);
+                None
+            }
+            Input::OutputHeld { epoch } => {
+                // Frames held while their epoch is being captured leave with its ack anyway.
+                if epoch == self.running && self.capturing.is_none() {
+                    self.output_waiting = true;
+                }
                 None
             }
             Input::CheckpointSent { epoch } => {
@@ -356,6 +378,8 @@ impl Primary {
         ctx.act(Action::PauseVm);
         ctx.act(Action::Capture { epoch, full });
         self.capturing = Some(epoch);
+        self.output_waiting = false;
+        self.paused_at = ctx.now;
         self.next_capture_at = ctx.now + ctx.cfg.epoch_interval;
     }
 
@@ -366,6 +390,8 @@ impl Primary {
         self.capturing = None;
         self.captured = epoch;
         self.running = epoch.next();
+        self.last_pause = ctx.now.saturating_since(self.paused_at);
+        self.resumed_at = ctx.now;
         ctx.act(Action::ResumeVm {
             epoch: self.running,
         });
@@ -539,8 +565,22 @@ impl Primary {
         self.capturing.is_none() && self.sending.is_none() && unacked < cfg.max_unacked
     }
 
+    /// When output waiting at the gate may end the epoch early (`None`: it may not).
+    fn early_capture_at(&self, cfg: &Config) -> Option<Time> {
+        match cfg.epoch_policy {
+            EpochPolicy::Output(p) if self.output_waiting => {
+                Some(p.earliest(self.resumed_at, self.last_pause))
+            }
+            _ => None,
+        }
+    }
+
     fn maybe_capture(&mut self, ctx: &mut Ctx<'_>) {
-        if self.can_capture(ctx.cfg) && ctx.now >= self.next_capture_at {
+        if !self.can_capture(ctx.cfg) {
+            return;
+        }
+        let early = self.early_capture_at(ctx.cfg).is_some_and(|t| ctx.now >= t);
+        if early || ctx.now >= self.next_capture_at {
             self.capture(ctx, false);
         }
     }
@@ -560,6 +600,9 @@ impl Primary {
         }
         if self.can_capture(cfg) {
             at(self.next_capture_at);
+            if let Some(early) = self.early_capture_at(cfg) {
+                at(early);
+            }
         }
         t
     }

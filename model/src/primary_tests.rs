@@ -74,8 +74,13 @@ fn reg(e: u64) -> Registration {
 
 /// A primary with backup B registered (sync epoch 1 acked) and a witness that agrees.
 fn protected() -> (One, Witness) {
-    let mut w = Witness::new(config().vm, P);
-    let mut p = One::new(P, Start::Primary);
+    protected_with(config())
+}
+
+/// [`protected`] under `cfg`.
+fn protected_with(cfg: crate::config::Config) -> (One, Witness) {
+    let mut w = Witness::new(cfg.vm, P);
+    let mut p = One::with(cfg, P, Start::Primary);
     p.on(Input::Timeout);
     p.on(join(B));
     p.on(Input::CaptureDone {
@@ -692,4 +697,102 @@ fn same_backup_joining_afresh_is_treated_as_lost() {
             reject(B, RejectReason::Busy)
         ]
     );
+}
+
+// --- Epoch policies ---
+
+fn output_driven(max_idle_pct: u8) -> crate::config::Config {
+    let mut cfg = config();
+    cfg.epoch_policy = crate::EpochPolicy::Output(crate::OutputDriven {
+        min_gap: Duration::from_millis(1),
+        max_idle_pct,
+    });
+    cfg
+}
+
+fn captures(a: &[Action]) -> Vec<Epoch> {
+    a.iter()
+        .filter_map(|a| match a {
+            Action::Capture { epoch, .. } => Some(*epoch),
+            _ => None,
+        })
+        .collect()
+}
+
+fn capture_done(p: &mut One, e: u64) -> Vec<Action> {
+    p.on(Input::CaptureDone {
+        epoch: Epoch(e),
+        pages: 1,
+        bytes: 4096,
+    })
+}
+
+#[test]
+fn under_fixed_epochs_held_output_waits_for_the_epoch_to_end() {
+    let (mut p, _w) = protected();
+    p.now = p.now + Duration::from_millis(2);
+    let a = p.on(Input::OutputHeld { epoch: Epoch(2) });
+    assert!(captures(&a).is_empty(), "{a:?}");
+    assert_eq!(
+        p.node.poll_timeout(),
+        Some(crate::time::Time::from_duration(Duration::from_millis(10))),
+        "only the heartbeat is due before the epoch's end"
+    );
+}
+
+#[test]
+fn under_the_output_policy_held_output_ends_the_epoch_after_the_gap() {
+    let (mut p, _w) = protected_with(output_driven(25));
+    // The sync capture took no time, so the 1 ms minimum gap rules.
+    p.now = p.now + Duration::from_micros(500);
+    let a = p.on(Input::OutputHeld { epoch: Epoch(2) });
+    assert!(captures(&a).is_empty(), "within the gap: {a:?}");
+    assert_eq!(
+        p.node.poll_timeout(),
+        Some(crate::time::Time::from_duration(Duration::from_millis(1)))
+    );
+    let a = p.at(crate::time::Time::from_duration(Duration::from_millis(1)));
+    assert_eq!(captures(&a), [Epoch(2)]);
+    // A frame of the epoch under capture does not ask for another one.
+    p.on(Input::OutputHeld { epoch: Epoch(2) });
+    // This pause lasts 4 ms: at 25 % idle the VM must now run 12 ms before an early capture.
+    p.now = p.now + Duration::from_millis(4);
+    let a = capture_done(&mut p, 2);
+    assert!(a.contains(&Action::ResumeVm { epoch: Epoch(3) }), "{a:?}");
+    p.on(Input::CheckpointSent { epoch: Epoch(2) });
+    p.on(ack(B, 2));
+    let resumed = p.now;
+    p.now = p.now + Duration::from_millis(1);
+    let a = p.on(Input::OutputHeld { epoch: Epoch(3) });
+    assert!(captures(&a).is_empty(), "{a:?}");
+    let a = p.at(resumed + Duration::from_millis(11));
+    assert!(captures(&a).is_empty(), "{a:?}");
+    let a = p.at(resumed + Duration::from_millis(12));
+    assert_eq!(captures(&a), [Epoch(3)]);
+}
+
+#[test]
+fn held_output_never_puts_more_than_max_unacked_checkpoints_in_flight() {
+    let (mut p, _w) = protected_with(output_driven(100));
+    for e in 2..=3 {
+        p.now = p.now + Duration::from_millis(1);
+        let a = p.on(Input::OutputHeld { epoch: Epoch(e) });
+        assert_eq!(captures(&a), [Epoch(e)], "epoch {e}");
+        capture_done(&mut p, e);
+        p.on(Input::CheckpointSent { epoch: Epoch(e) });
+    }
+    // Epochs 2 and 3 unacked: the limit of 2 is reached.
+    p.now = p.now + Duration::from_millis(1);
+    let a = p.on(Input::OutputHeld { epoch: Epoch(4) });
+    assert!(captures(&a).is_empty(), "{a:?}");
+    let a = p.on(ack(B, 2));
+    assert_eq!(captures(&a), [Epoch(4)], "the ack frees a slot: {a:?}");
+}
+
+#[test]
+fn held_output_of_an_old_epoch_changes_nothing() {
+    let (mut p, _w) = protected_with(output_driven(25));
+    p.now = p.now + Duration::from_millis(5);
+    let a = p.on(Input::OutputHeld { epoch: Epoch(1) });
+    assert!(captures(&a).is_empty(), "{a:?}");
 }

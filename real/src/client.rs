@@ -110,8 +110,56 @@ pub async fn run_counter_client(
     addr: SocketAddr,
     request_timeout: Duration,
     deadline: Instant,
-    mut on_reply: impl FnMut(u64),
+    on_reply: impl FnMut(u64),
 ) -> ClientReport {
+    let (mut report, mut latencies) = drive(addr, request_timeout, deadline, on_reply).await;
+    report.summarise(&mut latencies);
+    report
+}
+
+/// `clients` clients, each on its own connection, drive `GET /incr` at once until `deadline`;
+/// one report for all of them (a client's replies must rise among themselves: the counter is
+/// shared, so replies to different clients may arrive in any order).
+pub async fn run_counter_clients(
+    addr: SocketAddr,
+    clients: usize,
+    request_timeout: Duration,
+    deadline: Instant,
+    on_reply: std::sync::Arc<dyn Fn(u64) + Send + Sync>,
+) -> ClientReport {
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..clients.max(1) {
+        let f = on_reply.clone();
+        set.spawn(drive(addr, request_timeout, deadline, move |v| f(v)));
+    }
+    let mut all = ClientReport::default();
+    let mut latencies = Vec::new();
+    while let Some(done) = set.join_next().await {
+        match done {
+            Ok((r, l)) => {
+                all.replies += r.replies;
+                all.errors += r.errors;
+                all.connections += r.connections;
+                all.lost += r.lost;
+                all.max_seen = all.max_seen.max(r.max_seen);
+                all.longest_gap_us = all.longest_gap_us.max(r.longest_gap_us);
+                latencies.extend(l);
+            }
+            // A client task that died is a client that saw an error.
+            Err(_) => all.errors += 1,
+        }
+    }
+    all.summarise(&mut latencies);
+    all
+}
+
+/// One client's loop: its report (without the latency figures) and its response times (µs).
+async fn drive(
+    addr: SocketAddr,
+    request_timeout: Duration,
+    deadline: Instant,
+    mut on_reply: impl FnMut(u64),
+) -> (ClientReport, Vec<u64>) {
     let mut report = ClientReport::default();
     let mut conn: Option<Connection> = None;
     let mut last_reply = Instant::now();
@@ -159,11 +207,18 @@ pub async fn run_counter_client(
             }
         }
     }
-    if !latencies.is_empty() {
+    (report, latencies)
+}
+
+impl ClientReport {
+    /// Fills in the response-time figures from `latencies` (µs).
+    fn summarise(&mut self, latencies: &mut [u64]) {
+        if latencies.is_empty() {
+            return;
+        }
         latencies.sort_unstable();
-        report.p50_us = latencies[latencies.len() / 2];
-        report.p99_us = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
-        report.mean_us = latencies.iter().sum::<u64>() / latencies.len() as u64;
+        self.p50_us = latencies[latencies.len() / 2];
+        self.p99_us = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
+        self.mean_us = latencies.iter().sum::<u64>() / latencies.len() as u64;
     }
-    report
 }

@@ -10,7 +10,6 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -62,11 +61,18 @@ pub enum JournalFileError {
     },
 }
 
-/// Microseconds since the Unix epoch, now (0 for a clock before 1970).
-pub fn wall_us() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+/// Microseconds on the machine's monotonic clock, now: what journal lines are stamped with.
+///
+/// One clock for every process of the machine (the test hosts are processes in network
+/// namespaces), and one that is never stepped. The realtime clock would not do: an agent
+/// stamps its lines from `Instant` (monotonic) offsets, and while NTP slews or steps the
+/// realtime clock, a witness stamping realtime drifts against it by milliseconds within seconds,
+/// enough to merge a witness's decision after the release it allowed.
+pub fn clock_us() -> u64 {
+    nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_or(0, |t| {
+        let us = i128::from(t.tv_sec()) * 1_000_000 + i128::from(t.tv_nsec()) / 1_000;
+        u64::try_from(us).unwrap_or(0)
+    })
 }
 
 /// Appends records to a journal file.

@@ -42,7 +42,7 @@ pub use journal_check::{check_journals, HostJournal, JournalReport};
 pub use observer::ObservedStats;
 pub use report::{RunOptions, RunReport, RunStats, Verdict};
 pub use rng::SimRng;
-pub use runner::run_scenario;
+pub use runner::{idle_pct, run_scenario};
 pub use scenario::{Fault, FaultAction, ForgedFrame, HostRef, Scenario, ScenarioError, Trigger};
 pub use trace::{HostId, TraceEvent, TraceKind};
 pub use vm::service::{Reply, Request};

@@ -1,6 +1,7 @@
 //! What a run returns: the verdict, the evidence, the trace and the numbers.
 
 use std::fmt;
+use std::time::Duration;
 
 use serde::Serialize;
 
@@ -124,7 +125,8 @@ impl RunReport {
         let s = &self.stats;
         let o = &s.observed;
         let mut line = format!(
-            "seed {}: {} {} (epochs {}, failovers {}, generation {}, replies {}, {:.0}x real time)",
+            "seed {}: {} {} (epochs {}, failovers {}, generation {}, replies {}, response p50 \
+             {:.1} ms, VM paused {:.1}%, {:.0}x real time)",
             self.seed,
             self.verdict,
             self.scenario,
@@ -132,6 +134,8 @@ impl RunReport {
             o.failovers,
             o.max_generation,
             o.replies_seen,
+            o.response_p50_us as f64 / 1e3,
+            crate::runner::idle_pct(o.paused_us, Duration::from_millis(s.sim_ms)),
             s.speedup()
         );
         if let Some(v) = &self.violation {

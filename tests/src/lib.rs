@@ -104,3 +104,15 @@ pub fn proptest_config(local_cases: u32) -> proptest::test_runner::Config {
     }
     c
 }
+
+/// `s` under the other epoch policy: `output` (default bounds) for a fixed-epoch file, `fixed`
+/// for an output-driven one.
+pub fn under_other_policy(s: &Scenario) -> Scenario {
+    let other = match s.timing.epoch_policy {
+        ftvm_model::EpochPolicy::Fixed => {
+            ftvm_model::EpochPolicy::Output(ftvm_model::OutputDriven::default())
+        }
+        ftvm_model::EpochPolicy::Output(_) => ftvm_model::EpochPolicy::Fixed,
+    };
+    s.with_epoch_policy(other)
+}

@@ -9,7 +9,7 @@
 
 use ftvm_model::Mutant;
 use ftvm_sim::{run_scenario, Invariant, RunOptions, Scenario, Verdict};
-use ftvm_tests::{load, scenario_names};
+use ftvm_tests::{load, scenario_names, under_other_policy};
 
 /// Seeds tried per mutant and scenario before giving up on that pair.
 const SEED_BOUND: u64 = 20;
@@ -69,31 +69,38 @@ fn every_mutant_is_caught_by_the_invariant_it_breaks() {
     let mut table = String::from("mutant / scenario: first seed caught (invariant)\n");
     let mut failures = Vec::new();
     for m in Mutant::ALL {
-        // The designated scenario must catch it, by an invariant the bug breaks.
+        // The designated scenario must catch it, by an invariant the bug breaks, under both
+        // epoch policies.
         let name = designated(m);
-        let s = load(name);
-        match first_catch(&s, m) {
-            None => failures.push(format!("{m:?} survived {name} over seeds 0..{SEED_BOUND}")),
-            Some((seed, inv, detail)) => {
-                if !breaks(m).contains(&inv) {
-                    failures.push(format!(
-                        "{m:?} on {name} seed {seed} was caught by {inv:?}, expected one of \
+        let file = load(name);
+        for s in [file.clone(), under_other_policy(&file)] {
+            let policy = s.timing.epoch_policy.name();
+            match first_catch(&s, m) {
+                None => failures.push(format!(
+                    "{m:?} survived {name} ({policy} epochs) over seeds 0..{SEED_BOUND}"
+                )),
+                Some((seed, inv, detail)) => {
+                    if !breaks(m).contains(&inv) {
+                        failures.push(format!(
+                            "{m:?} on {name} seed {seed} was caught by {inv:?}, expected one of \
                          {:?}: {detail}",
-                        breaks(m)
+                            breaks(m)
+                        ));
+                    }
+                    // The same run without the bug is clean: the mutant, not the scenario, broke it.
+                    let clean = run_scenario(&s, seed, &RunOptions::default());
+                    if clean.verdict != Verdict::Pass {
+                        failures.push(format!(
+                            "{name} seed {seed} fails without any mutant: {}",
+                            clean.summary()
+                        ));
+                    }
+                    table.push_str(&format!(
+                        "{m:?} / {name}, {policy} epochs: seed {seed} ({inv:?}), {} seed(s) to \
+                     catch\n",
+                        seed + 1
                     ));
                 }
-                // The same run without the bug is clean: the mutant, not the scenario, broke it.
-                let clean = run_scenario(&s, seed, &RunOptions::default());
-                if clean.verdict != Verdict::Pass {
-                    failures.push(format!(
-                        "{name} seed {seed} fails without any mutant: {}",
-                        clean.summary()
-                    ));
-                }
-                table.push_str(&format!(
-                    "{m:?} / {name}: seed {seed} ({inv:?}), {} seed(s) to catch\n",
-                    seed + 1
-                ));
             }
         }
     }

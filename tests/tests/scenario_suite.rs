@@ -64,6 +64,13 @@ macro_rules! scenario_tests {
             for seed in SEEDS {
                 epochs += assert_pass(&s, seed).stats.observed.epochs;
             }
+            // And under the other epoch policy: every invariant and expectation but the
+            // response time a file promises for its own policy.
+            let mut other = ftvm_tests::under_other_policy(&s);
+            other.expect.max_response_p50 = None;
+            for seed in SEEDS {
+                epochs += assert_pass(&other, seed).stats.observed.epochs;
+            }
             // A run that checkpoints nothing proves nothing.
             assert!(epochs > 0, "{}: no epoch was committed over {SEEDS:?}", $file);
         }
@@ -88,6 +95,7 @@ scenario_tests! {
     fenced_primary_goes_silent => "fenced-primary-goes-silent",
     stale_witness_traffic => "stale-witness-traffic",
     register_overtaken => "register-overtaken",
+    output_driven_epochs => "output-driven-epochs",
 }
 
 /// A scenario file added without a test above would go unchecked: list them all here.
@@ -269,4 +277,42 @@ fn real_host_expectations_replace_only_what_they_name() {
     let text = "name = \"x\"\nduration_ms = 1000\n[expect_real]\nwhy = \" \"\nfailover = false\n";
     let err = Scenario::from_toml(text, "inline").unwrap_err().to_string();
     assert!(err.contains("expect_real.why"), "{err}");
+}
+
+/// What the output epoch policy is for, shown in the simulator on the same seeds: clients get
+/// their replies at least twice as fast as under fixed 25 ms epochs, the service answers at
+/// least as many requests, and the VM stays paused no more than the policy's bound.
+#[test]
+fn output_driven_epochs_answer_faster_within_their_idle_bound() {
+    let output = load("output-driven-epochs");
+    let ftvm_model::EpochPolicy::Output(bounds) = output.timing.epoch_policy else {
+        panic!("output-driven-epochs.toml must use the output policy");
+    };
+    let mut fixed = output.with_epoch_policy(ftvm_model::EpochPolicy::Fixed);
+    fixed.expect.max_response_p50 = None;
+    fixed.expect.max_idle_pct = None;
+    for seed in 0..6 {
+        let o = assert_pass(&output, seed).stats;
+        let f = assert_pass(&fixed, seed).stats;
+        let (op, fp) = (o.observed.response_p50_us, f.observed.response_p50_us);
+        assert!(
+            op > 0 && op * 2 <= fp,
+            "seed {seed}: response p50 {op} µs under the output policy, {fp} µs fixed"
+        );
+        assert!(
+            o.observed.replies_seen >= f.observed.replies_seen,
+            "seed {seed}: {} replies under the output policy, {} fixed",
+            o.observed.replies_seen,
+            f.observed.replies_seen
+        );
+        let idle = ftvm_sim::idle_pct(
+            o.observed.paused_us,
+            std::time::Duration::from_millis(o.sim_ms),
+        );
+        assert!(
+            idle > 0.0 && idle <= f64::from(bounds.max_idle_pct),
+            "seed {seed}: VM paused {idle:.1}% (bound {}%)",
+            bounds.max_idle_pct
+        );
+    }
 }

@@ -74,6 +74,10 @@ pub struct RunSummary {
     pub send_p99_us: u64,
     /// Mean send-updated-states time.
     pub send_mean_us: u64,
+    /// Median time from a checkpoint's send to its ack.
+    pub ack_p50_us: u64,
+    /// 99th percentile of the same.
+    pub ack_p99_us: u64,
 }
 
 /// Writes epoch lines and accumulates the summary.
@@ -82,6 +86,7 @@ pub struct MetricsSink {
     started: Option<Instant>,
     pauses: Vec<u64>,
     sends: Vec<u64>,
+    acks: Vec<u64>,
 }
 
 fn percentile(sorted: &[u64], p: usize) -> u64 {
@@ -108,6 +113,7 @@ impl MetricsSink {
             started: None,
             pauses: Vec::new(),
             sends: Vec::new(),
+            acks: Vec::new(),
         })
     }
 
@@ -117,6 +123,7 @@ impl MetricsSink {
             self.started.get_or_insert_with(Instant::now);
             self.pauses.push(m.pause_us);
             self.sends.push(m.send_us);
+            self.acks.push(m.ack_us);
         }
         if let Some(out) = self.out.as_mut() {
             if let Ok(line) = serde_json::to_string(m) {
@@ -138,6 +145,8 @@ impl MetricsSink {
         p.sort_unstable();
         let mut s = self.sends.clone();
         s.sort_unstable();
+        let mut a = self.acks.clone();
+        a.sort_unstable();
         RunSummary {
             epochs: p.len() as u64,
             wall_us,
@@ -156,6 +165,8 @@ impl MetricsSink {
             } else {
                 s.iter().sum::<u64>() / s.len() as u64
             },
+            ack_p50_us: percentile(&a, 50),
+            ack_p99_us: percentile(&a, 99),
         }
     }
 }

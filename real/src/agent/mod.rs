@@ -51,7 +51,7 @@ use self::resume_gate::ResumeGate;
 use self::staging::StagingLimits;
 use self::vm::{Vm, VmError, VmLauncher};
 use crate::auth::{Identity, Protection};
-use crate::journal_file::{wall_us, JournalWriter};
+use crate::journal_file::{clock_us, JournalWriter};
 use crate::net::backpressure::OutputCap;
 use crate::net::output::{HeldFrame, OutputAccount};
 use crate::replica::{Replica, ReplicaError, StagedCheckpoint};
@@ -199,7 +199,7 @@ pub struct Agent<L: VmLauncher> {
 /// Where the core's journal goes, and the wall clock of model time zero.
 struct JournalOut {
     file: JournalWriter,
-    origin_wall_us: u64,
+    origin_clock_us: u64,
 }
 
 impl<L: VmLauncher> Agent<L> {
@@ -219,7 +219,7 @@ impl<L: VmLauncher> Agent<L> {
         let (tx, rx) = unbounded_channel();
         let output_cap = Arc::new(OutputCap::new(cfg.limits.output_cap_bytes));
         let mut driver = NodeDriver::new(Node::new(cfg.model.clone(), cfg.node, cfg.start));
-        let (origin, origin_wall_us) = (Instant::now(), wall_us());
+        let (origin, origin_clock_us) = (Instant::now(), clock_us());
         let journal = match &cfg.journal {
             Some(path) => {
                 let mut file = JournalWriter::open(path)?;
@@ -230,7 +230,7 @@ impl<L: VmLauncher> Agent<L> {
                 driver.record(Time::ZERO, cfg.start, Journal::new());
                 Some(JournalOut {
                     file,
-                    origin_wall_us,
+                    origin_clock_us,
                 })
             }
             None => None,
@@ -366,7 +366,7 @@ impl<L: VmLauncher> Agent<L> {
             return Ok(());
         }
         let node = self.cfg.node;
-        let origin = out.origin_wall_us;
+        let origin = out.origin_clock_us;
         out.file.append(entries.into_iter().map(|entry| {
             HostLine::Entry(HostEntry {
                 node,

@@ -89,7 +89,7 @@ impl<L: VmLauncher> Agent<L> {
                     })
                 }
             },
-            Event::VmFrame(frame) => self.vm_frame(frame).await?,
+            Event::VmFrame(frame) => self.vm_frame(frame, pending).await?,
             Event::WireFrame(frame) => {
                 if let Some(net) = &self.net {
                     net.to_vm(&frame).await;
@@ -132,8 +132,13 @@ impl<L: VmLauncher> Agent<L> {
         }
     }
 
-    /// A frame from the VM goes to the gate; it leaves now only if the gate lets it.
-    async fn vm_frame(&mut self, frame: Vec<u8>) -> Result<(), AgentError> {
+    /// A frame from the VM goes to the gate; it leaves now only if the gate lets it. The node
+    /// hears of the first frame held in an epoch (`OutputHeld`).
+    async fn vm_frame(
+        &mut self,
+        frame: Vec<u8>,
+        pending: &mut VecDeque<Input>,
+    ) -> Result<(), AgentError> {
         let now = Instant::now();
         let frame = HeldFrame::new(frame, now);
         if self.driver.gate().is_fenced() {
@@ -141,7 +146,9 @@ impl<L: VmLauncher> Agent<L> {
             return Ok(());
         }
         let t = self.now();
-        if let Some(f) = self.driver.emit(t, frame) {
+        let out = self.driver.emit(t, frame);
+        pending.extend(out.feed);
+        if let Some(f) = out.frame {
             // Journaled before it leaves (see `write_journal`).
             self.write_journal()?;
             let bytes = self.output.passed(f, now);

@@ -17,7 +17,7 @@ use tokio::sync::{Mutex, Semaphore};
 
 use crate::auth::handshake::{self, Purpose};
 use crate::auth::{AuthError, Identity};
-use crate::journal_file::{wall_us, JournalWriter};
+use crate::journal_file::{clock_us, JournalWriter};
 use ftvm_driver::journal::WitnessEntry;
 
 use super::witness_store::{StoreError, WitnessStore};
@@ -191,7 +191,7 @@ async fn serve_one(
         store.save(d.witness.state()).map_err(WitnessError::from)?;
         if let Some(journal) = d.journal.as_mut() {
             let line = WitnessEntry {
-                wall_us: wall_us(),
+                wall_us: clock_us(),
                 reply,
             };
             // The journal is for checking the run afterwards: losing it must not stop the

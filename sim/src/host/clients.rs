@@ -59,10 +59,15 @@ async fn client(w: Shared, c: u32) {
             req,
             key: rng.below(counters) as u32,
         };
+        let sent = now();
         loop {
             match attempt(&w, &mut link, target, &request, spec.timeout).await {
                 Ok(reply) => {
-                    w.borrow_mut().obs.client_saw(now(), target, &reply);
+                    let t = now();
+                    let mut world = w.borrow_mut();
+                    world.obs.client_saw(t, target, &reply);
+                    world.obs.response(t.saturating_since(sent));
+                    drop(world);
                     note(
                         &w,
                         TraceKind::ClientReply {

@@ -21,8 +21,10 @@ pub(crate) struct Watch {
 }
 
 impl Observer {
-    /// Start watching: some VM must serve by `deadline` (unless already watching this
-    /// primary and generation).
+    /// Start watching: some VM must serve by `deadline`. Already watching this primary and
+    /// generation, the watch keeps its start but its deadline moves to `deadline` if later: a
+    /// second fault on the same primary (a crash just before it would have noticed a cut) can
+    /// restart the recovery it must wait for, and the promise counts from the last fault.
     pub fn arm_liveness(
         &mut self,
         now: Time,
@@ -31,10 +33,12 @@ impl Observer {
         backup: NodeId,
         deadline: Time,
     ) {
-        if self
+        if let Some(w) = self
             .watch
-            .is_some_and(|w| w.primary == primary && w.generation == generation)
+            .as_mut()
+            .filter(|w| w.primary == primary && w.generation == generation)
         {
+            w.deadline = w.deadline.max(deadline);
             return;
         }
         self.watch = Some(Watch {

@@ -42,6 +42,12 @@ pub struct ObservedStats {
     pub outages_ms: Vec<u64>,
     /// Times a primary stopped its VM (fenced itself).
     pub fences: u64,
+    /// Time VMs spent paused by captures, summed over hosts (microseconds).
+    pub paused_us: u64,
+    /// Clients' response times, request sent → reply received, retries included (µs).
+    pub response_p50_us: u64,
+    /// 99th percentile of the same.
+    pub response_p99_us: u64,
 }
 
 pub(crate) struct Observer {
@@ -67,6 +73,8 @@ pub(crate) struct Observer {
     max_released: BTreeMap<u32, u64>,
     nodes: BTreeMap<NodeId, NodeView>,
     watch: Option<Watch>,
+    /// Every response time clients saw (µs), summarised into `stats` by [`Observer::settle`].
+    responses: Vec<u64>,
     pub stats: ObservedStats,
 }
 
@@ -90,6 +98,7 @@ impl Observer {
             max_released: BTreeMap::new(),
             nodes: BTreeMap::new(),
             watch: None,
+            responses: Vec::new(),
             stats: ObservedStats {
                 max_generation: initial.generation.0,
                 ..ObservedStats::default()
@@ -112,6 +121,30 @@ impl Observer {
                 detail,
             });
         }
+    }
+
+    // ---- performance as the clients and the VM see it -----------------------------------
+
+    /// A capture kept a VM paused for `d`.
+    pub fn paused(&mut self, d: std::time::Duration) {
+        self.stats.paused_us += u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+    }
+
+    /// A client got its reply `d` after it first sent the request.
+    pub fn response(&mut self, d: std::time::Duration) {
+        self.responses
+            .push(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    }
+
+    /// Summarises what is kept per event into `stats` (at the end of a run).
+    pub fn settle(&mut self) {
+        self.responses.sort_unstable();
+        let pct = |p: usize| {
+            let n = self.responses.len();
+            (n > 0).then(|| self.responses[((n - 1) * p).div_ceil(100)])
+        };
+        self.stats.response_p50_us = pct(50).unwrap_or(0);
+        self.stats.response_p99_us = pct(99).unwrap_or(0);
     }
 
     // ---- node views --------------------------------------------------------------------

@@ -9,7 +9,8 @@ use crate::report::{RunReport, RunStats, Verdict};
 use crate::scenario::Scenario;
 use crate::world::World;
 
-pub(super) fn judge(s: &Scenario, seed: u64, world: World, wall: Duration) -> RunReport {
+pub(super) fn judge(s: &Scenario, seed: u64, mut world: World, wall: Duration) -> RunReport {
+    world.obs.settle();
     let o = &world.obs.stats;
     let e = &s.expect;
     let mut unmet = Vec::new();
@@ -64,6 +65,24 @@ pub(super) fn judge(s: &Scenario, seed: u64, world: World, wall: Duration) -> Ru
             o.fences
         ));
     }
+    if let Some(max) = e.max_response_p50 {
+        let p50 = Duration::from_micros(o.response_p50_us);
+        if o.replies_seen == 0 || p50 > max {
+            unmet.push(format!(
+                "expected a median response time <= {} ms, clients saw {:.2} ms",
+                max.as_millis(),
+                p50.as_secs_f64() * 1e3
+            ));
+        }
+    }
+    if let Some(max) = e.max_idle_pct {
+        let idle = idle_pct(o.paused_us, world.elapsed);
+        if idle > f64::from(max) {
+            unmet.push(format!(
+                "expected the VM paused at most {max}% of the run, it was {idle:.1}%"
+            ));
+        }
+    }
     for f in &world.unfired {
         unmet.push(format!("fault never fired: {f}"));
     }
@@ -93,4 +112,10 @@ pub(super) fn judge(s: &Scenario, seed: u64, world: World, wall: Duration) -> Ru
             .unwrap_or_default(),
         witness_journal: world.witness_journal.unwrap_or_default(),
     }
+}
+
+/// Share of the run's `elapsed` time VMs spent paused, in percent.
+pub fn idle_pct(paused_us: u64, elapsed: Duration) -> f64 {
+    let total = elapsed.as_micros().max(1) as f64;
+    paused_us as f64 * 100.0 / total
 }

@@ -2,6 +2,7 @@
 //! millisecond, fire faults, run the time-based checks, and judge the expectations at the end.
 
 mod expect;
+pub use expect::idle_pct;
 mod faults;
 mod registration;
 

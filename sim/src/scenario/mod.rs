@@ -12,7 +12,7 @@ use std::collections::BTreeSet;
 use std::path::Path;
 use std::time::Duration;
 
-use ftvm_model::{Config, NodeId, VmId};
+use ftvm_model::{Config, EpochPolicy, NodeId, OutputDriven, VmId};
 
 pub use disorder::WitnessDisorder;
 pub use error::ScenarioError;
@@ -40,6 +40,9 @@ pub struct VmSpec {
     pub writes_per_tick: u32,
     /// Workload tick.
     pub tick: Duration,
+    /// How long each capture keeps the simulated VM paused (requests arriving meanwhile wait
+    /// for the resume, as a paused guest's packets do). Zero: captures take no time.
+    pub capture_pause: Duration,
 }
 
 /// Protocol timers (the model's [`Config`]) plus the simulated restore time.
@@ -61,6 +64,8 @@ pub struct Timing {
     pub restore: Duration,
     /// Delay before a fenced node rejoins (`None`: stays fenced).
     pub rejoin_after_fence: Option<Duration>,
+    /// When epochs end.
+    pub epoch_policy: EpochPolicy,
 }
 
 /// Hosts of the run: nodes `n1..=nN` (n1 starts as primary, the others as backups/joiners),
@@ -130,6 +135,10 @@ pub struct Expect {
     /// Allowance on top of failure timeout + restore for the liveness check (witness round
     /// trips, retransmissions, timer granularity).
     pub liveness_slack: Duration,
+    /// The clients' median response time (request sent → reply received) is at most this.
+    pub max_response_p50: Option<Duration>,
+    /// The VM spent at most this share of the run paused by captures, in percent.
+    pub max_idle_pct: Option<u8>,
 }
 
 /// Expectations that differ on real hosts, with the reason: a fault whose effect the
@@ -254,6 +263,7 @@ impl Scenario {
                 counters: f.vm.counters,
                 writes_per_tick: f.vm.writes_per_tick,
                 tick: ms(f.vm.tick_ms),
+                capture_pause: Duration::from_micros(f.vm.capture_pause_us),
             },
             timing: Timing {
                 epoch: ms(t.epoch_ms),
@@ -264,6 +274,7 @@ impl Scenario {
                 max_unacked: t.max_unacked,
                 restore: ms(t.restore_ms),
                 rejoin_after_fence,
+                epoch_policy: epoch_policy(&t.epoch_policy, t.min_gap_us, t.max_idle_pct)?,
             },
             topology: Topology {
                 nodes: f.topology.nodes,
@@ -300,6 +311,8 @@ impl Scenario {
                 max_outage: f.expect.max_outage_ms.map(ms),
                 max_fences: f.expect.max_fences,
                 liveness_slack: ms(f.expect.liveness_slack_ms),
+                max_response_p50: f.expect.max_response_p50_ms.map(ms),
+                max_idle_pct: f.expect.max_idle_pct,
             },
             expect_real: f.expect_real.map(|r| ExpectReal {
                 why: r.why,
@@ -478,8 +491,40 @@ impl Scenario {
         c.join_retry = self.timing.join_retry;
         c.max_unacked = self.timing.max_unacked;
         c.rejoin_after_fence = self.timing.rejoin_after_fence;
+        c.epoch_policy = self.timing.epoch_policy;
         c
     }
+
+    /// The scenario run under another epoch policy (what `--epoch-policy` does to a file, and
+    /// how the suites run every file under both policies).
+    pub fn with_epoch_policy(&self, policy: EpochPolicy) -> Scenario {
+        let mut s = self.clone();
+        s.timing.epoch_policy = policy;
+        s
+    }
+
+    /// The scenario under the policy named `name` (`fixed`, `output`); `output` keeps the
+    /// file's bounds when it has them, the defaults otherwise.
+    pub fn with_epoch_policy_named(&self, name: &str) -> Result<Scenario, String> {
+        let bounds = match self.timing.epoch_policy {
+            EpochPolicy::Output(b) => b,
+            EpochPolicy::Fixed => OutputDriven::default(),
+        };
+        EpochPolicy::named(name, bounds)
+            .map(|p| self.with_epoch_policy(p))
+            .ok_or_else(|| format!("unknown epoch policy \"{name}\" (fixed, output)"))
+    }
+}
+
+/// `timing.epoch_policy` with its bounds: `fixed` or `output`.
+pub fn epoch_policy(name: &str, min_gap_us: u64, max_idle_pct: u8) -> Result<EpochPolicy, String> {
+    let bounds = OutputDriven {
+        min_gap: Duration::from_micros(min_gap_us),
+        max_idle_pct,
+    };
+    EpochPolicy::named(name, bounds).ok_or_else(|| {
+        format!("timing.epoch_policy is \"{name}\"; it must be \"fixed\" or \"output\"")
+    })
 }
 
 fn line_col(text: &str, offset: usize) -> String {

@@ -48,6 +48,7 @@ pub(super) struct VmFile {
     pub counters: u64,
     pub writes_per_tick: u32,
     pub tick_ms: u64,
+    pub capture_pause_us: u64,
 }
 
 impl Default for VmFile {
@@ -58,6 +59,7 @@ impl Default for VmFile {
             counters: 8,
             writes_per_tick: 2,
             tick_ms: 1,
+            capture_pause_us: 0,
         }
     }
 }
@@ -74,6 +76,9 @@ pub(super) struct TimingFile {
     pub restore_ms: u64,
     pub rejoin_after_fence_ms: Option<u64>,
     pub stay_fenced: bool,
+    pub epoch_policy: String,
+    pub min_gap_us: u64,
+    pub max_idle_pct: u8,
 }
 
 impl Default for TimingFile {
@@ -88,6 +93,9 @@ impl Default for TimingFile {
             restore_ms: 20,
             rejoin_after_fence_ms: None,
             stay_fenced: false,
+            epoch_policy: "fixed".into(),
+            min_gap_us: 1000,
+            max_idle_pct: 25,
         }
     }
 }
@@ -200,6 +208,8 @@ pub(super) struct ExpectFile {
     pub max_outage_ms: Option<u64>,
     pub max_fences: Option<u64>,
     pub liveness_slack_ms: u64,
+    pub max_response_p50_ms: Option<u64>,
+    pub max_idle_pct: Option<u8>,
 }
 
 impl Default for ExpectFile {
@@ -213,6 +223,8 @@ impl Default for ExpectFile {
             max_replies: None,
             max_outage_ms: None,
             max_fences: None,
+            max_response_p50_ms: None,
+            max_idle_pct: None,
             liveness_slack_ms: 100,
         }
     }

@@ -10,6 +10,8 @@
 
 use std::time::Duration;
 
+use ftvm_model::{EpochPolicy, OutputDriven};
+
 use super::Scenario;
 use crate::rng::SimRng;
 
@@ -25,8 +27,9 @@ fn scaled(rng: &mut SimRng, d: Duration, lo: u64, hi: u64) -> Duration {
 impl Scenario {
     /// The scenario as run with `seed`: itself, or with `swarm` its timings drawn from the
     /// seed (epoch ×0.5–2, heartbeat ×0.5–2, failure timeout ×0.6–2 and at least three
-    /// heartbeats, witness retry ×0.4–2.5, join retry ×0.5–2, latencies ×0.5–3) and the
-    /// expectations that depend on them adjusted. The result always passes [`Scenario::check`].
+    /// heartbeats, witness retry ×0.4–2.5, join retry ×0.5–2, latencies ×0.5–3), half the
+    /// time under the other epoch policy (output bounds drawn too), captures pausing the VM
+    /// up to 1 ms, and the expectations that depend on them adjusted. The result always passes [`Scenario::check`].
     pub fn swarmed(&self, seed: u64) -> Scenario {
         if !self.swarm {
             return self.clone();
@@ -43,6 +46,21 @@ impl Scenario {
         let n = &mut s.network;
         n.latency_max = scaled(&mut rng, n.latency_max, 500, 3000);
         n.latency_min = scaled(&mut rng, n.latency_min, 500, 1500).min(n.latency_max);
+        // Drawn after the timings above, so adding these left the earlier draws unchanged.
+        // Half the seeds end epochs on output (the other policy than the file's half the
+        // time), with bounds of their own; captures pause the VM for up to a millisecond.
+        if rng.below(2) == 1 {
+            s.timing.epoch_policy = match self.timing.epoch_policy {
+                EpochPolicy::Fixed => EpochPolicy::Output(OutputDriven {
+                    min_gap: Duration::from_micros(rng.below(3000)),
+                    max_idle_pct: 10 + u8::try_from(rng.below(91)).unwrap_or(90),
+                }),
+                EpochPolicy::Output(_) => EpochPolicy::Fixed,
+            };
+        }
+        if s.vm.capture_pause.is_zero() {
+            s.vm.capture_pause = Duration::from_micros(rng.below(1000));
+        }
 
         let grow = |new: Duration, old: Duration| new.saturating_sub(old);
         let (a, b) = (&s.timing, &self.timing);
@@ -53,6 +71,15 @@ impl Scenario {
         let round_trips = grow(s.network.latency_max, self.network.latency_max) * 4;
         if let Some(max) = s.expect.max_outage.as_mut() {
             *max += waits + grow(a.failure_timeout, b.failure_timeout) + round_trips;
+        }
+        // A response crosses the client link and waits for a checkpoint's round trip: longer
+        // latencies lengthen it by as much. Under fixed epochs it waits for the epoch's end,
+        // so a bound made for output-driven epochs no longer applies.
+        if let Some(max) = s.expect.max_response_p50.as_mut() {
+            *max += round_trips;
+        }
+        if a.epoch_policy == EpochPolicy::Fixed {
+            s.expect.max_response_p50 = None;
         }
         if a.epoch > b.epoch {
             let shrink = |n: u64| n * b.epoch.as_micros() as u64 / a.epoch.as_micros() as u64;

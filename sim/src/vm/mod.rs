@@ -199,6 +199,7 @@ mod tests {
             counters: 4,
             writes_per_tick: 3,
             tick: Duration::from_millis(1),
+            capture_pause: Duration::ZERO,
         }
     }
 

@@ -40,12 +40,21 @@ impl NodeHost {
             Action::PauseVm => {
                 if let Some(vm) = self.vm.as_mut() {
                     vm.pause(t);
+                    self.paused_since.get_or_insert(t);
                 }
             }
             Action::Capture { epoch, full } => self.capture(t, epoch, full, queue),
             Action::ResumeVm { .. } => {
                 if let Some(vm) = self.vm.as_mut() {
                     vm.resume(t);
+                }
+                if let Some(since) = self.paused_since.take() {
+                    self.w.borrow_mut().obs.paused(t.saturating_since(since));
+                }
+                // Requests that came in while paused, in their order (their replies are
+                // tagged with the epoch that starts now).
+                for (conn, req) in std::mem::take(&mut self.deferred) {
+                    self.serve(conn, req, queue);
                 }
             }
             Action::SendCheckpoint {
@@ -69,6 +78,9 @@ impl NodeHost {
             Action::StartVm { from, generation } => self.start_vm(t, from, generation),
             Action::Fence => {
                 self.vm = None;
+                self.capture_done = None;
+                self.paused_since = None;
+                self.deferred.clear();
                 self.instance = 0;
                 self.captured.clear();
                 self.staged_from.clear();
@@ -110,11 +122,15 @@ impl NodeHost {
             world.note(t, self.host, TraceKind::Captured { epoch, hash });
         }
         self.captured.insert(epoch, cap);
-        queue.push_back(Input::CaptureDone {
+        let done = Input::CaptureDone {
             epoch,
             pages,
             bytes,
-        });
+        };
+        match self.spec.capture_pause {
+            d if d.is_zero() => queue.push_back(done),
+            d => self.capture_done = Some((t + d, done)),
+        }
     }
 
     #[allow(clippy::too_many_arguments)]

@@ -64,6 +64,13 @@ pub(crate) struct NodeHost {
     instance: Instance,
     vm_generation: Generation,
     restore_at: Option<Time>,
+    /// A capture under way that keeps the VM paused (`VmSpec::capture_pause`): when it ends,
+    /// and its `CaptureDone`.
+    capture_done: Option<(Time, Input)>,
+    /// When the VM was paused for the capture under way.
+    paused_since: Option<Time>,
+    /// Client requests that arrived while the VM was paused, served at the resume.
+    deferred: Vec<(ConnId, crate::vm::service::Request)>,
     captured: BTreeMap<Epoch, Captured>,
     replica: Replica,
     /// The primary that sent each staged checkpoint (the observer's origin of a commit).
@@ -121,6 +128,9 @@ pub(crate) async fn run_node(w: Shared, me: NodeId) -> turmoil::Result {
         instance: 0,
         vm_generation: Generation::UNKNOWN,
         restore_at: None,
+        capture_done: None,
+        paused_since: None,
+        deferred: Vec::new(),
         captured: BTreeMap::new(),
         staged_from: BTreeMap::new(),
         links: BTreeMap::new(),
@@ -164,10 +174,14 @@ impl NodeHost {
     }
 
     fn next_due(&self) -> Option<Time> {
-        match (self.driver.poll_timeout(), self.restore_at) {
-            (Some(a), Some(b)) => Some(a.min(b)),
-            (a, b) => a.or(b),
-        }
+        [
+            self.driver.poll_timeout(),
+            self.restore_at,
+            self.capture_done.map(|(t, _)| t),
+        ]
+        .into_iter()
+        .flatten()
+        .min()
     }
 
     fn on_due(&mut self) {
@@ -179,6 +193,10 @@ impl NodeHost {
             }
             self.feed(Input::VmStarted);
         }
+        if let Some((_, done)) = self.capture_done.filter(|(at, _)| *at <= t) {
+            self.capture_done = None;
+            self.feed(done);
+        }
         if self.driver.poll_timeout().is_some_and(|d| d <= t) {
             self.feed(Input::Timeout);
         }
@@ -186,7 +204,11 @@ impl NodeHost {
 
     /// Feed one input, carry out the actions, and feed the inputs they produce at once.
     fn feed(&mut self, input: Input) {
-        let mut queue = VecDeque::from([input]);
+        self.feed_all(VecDeque::from([input]));
+    }
+
+    /// Feed inputs in order, and the inputs their actions produce.
+    fn feed_all(&mut self, mut queue: VecDeque<Input>) {
         while let Some(input) = queue.pop_front() {
             let t = now();
             self.note(t, TraceKind::Input(input));
@@ -324,7 +346,11 @@ impl NodeHost {
             }
             HostEvent::Witness(reply) => self.feed(Input::WitnessReply(reply)),
             HostEvent::ClientAccepted { stream } => self.accept_client(stream),
-            HostEvent::Request { client_conn, req } => self.serve(client_conn, req),
+            HostEvent::Request { client_conn, req } => {
+                let mut queue = VecDeque::new();
+                self.serve(client_conn, req, &mut queue);
+                self.feed_all(queue);
+            }
             HostEvent::ClientClosed { client_conn } => {
                 self.clients.remove(&client_conn);
             }
@@ -354,9 +380,19 @@ impl NodeHost {
     }
 
     /// The VM handles a request if it runs here; otherwise the connection is refused (the
-    /// client then tries another host).
-    fn serve(&mut self, client_conn: ConnId, req: crate::vm::service::Request) {
+    /// client then tries another host). A VM paused by a capture handles it at the resume.
+    /// What the node must hear of it (held output) goes onto `queue`.
+    fn serve(
+        &mut self,
+        client_conn: ConnId,
+        req: crate::vm::service::Request,
+        queue: &mut VecDeque<Input>,
+    ) {
         let t = now();
+        if self.paused_since.is_some() && self.vm.is_some() {
+            self.deferred.push((client_conn, req));
+            return;
+        }
         let Some(vm) = self.vm.as_mut().filter(|vm| vm.is_running()) else {
             self.clients.remove(&client_conn);
             return;
@@ -369,9 +405,11 @@ impl NodeHost {
             generation: self.vm_generation,
             tag: self.driver.gate().tag(),
         };
-        if let Some(f) = self.driver.emit(t, frame) {
+        let out = self.driver.emit(t, frame);
+        if let Some(f) = out.frame {
             self.release(t, vec![f]);
         }
+        queue.extend(out.feed);
         self.flush_journal();
     }
 
