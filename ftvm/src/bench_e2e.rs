@@ -26,8 +26,9 @@ pub struct E2eArgs {
     /// Name of the output files (`e2e-policy` for the epoch-policy comparison in the README).
     #[arg(long, default_value = "e2e")]
     name: String,
-    /// Epoch policies (comma separated: fixed, output; the output policy's bounds are the
-    /// agent's defaults).
+    /// Epoch policies (comma separated): `fixed`, `output` (the agent's default bounds) or
+    /// `output:PCT` (the output policy with `--max-idle-pct PCT`), e.g. `fixed,output:25,output:50`
+    /// for the trade-off between response time and VM idle rate.
     #[arg(long, value_delimiter = ',', default_value = "fixed")]
     policies: Vec<String>,
     /// Concurrent clients (comma separated), each on its own connection, one run each.
@@ -97,15 +98,7 @@ pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
     let policies = a
         .policies
         .iter()
-        .map(|p| match p.as_str() {
-            "fixed" | "output" => Ok(EpochPolicyArgs {
-                epoch_policy: p.clone(),
-                ..EpochPolicyArgs::default()
-            }),
-            other => Err(anyhow::anyhow!(
-                "--policies: unknown epoch policy {other:?} (fixed, output)"
-            )),
-        })
+        .map(|p| policy_spec(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
     let work = std::env::temp_dir().join("ftvm-bench-e2e");
     let mut rows = Vec::new();
@@ -120,14 +113,14 @@ pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
                         eprintln!(
                             "== epoch {epoch} ms ({} policy), dirty {dirty}, transport {t}, \
                              capture {c}",
-                            policy.epoch_policy
+                            policy.0
                         );
                         let opts = DeployOpts {
                             guest_dir: a.guest_dir.clone(),
                             work_dir: work.clone(),
                             ram_mb: a.ram_mb,
                             epoch_ms: epoch,
-                            epoch_policy: policy.policy(),
+                            epoch_policy: policy.1.policy(),
                             dirty_pages: dirty,
                             accel: a.accel.clone(),
                             transport: t.clone(),
@@ -153,7 +146,7 @@ pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
                             rows.push(Row {
                                 config: "protected".into(),
                                 epoch_ms: Some(epoch),
-                                policy: Some(policy.epoch_policy.clone()),
+                                policy: Some(policy.0.clone()),
                                 clients: n,
                                 replies_per_s: u(&r["replies"]) as f64 / a.seconds,
                                 dirty_pages_per_s: dirty,
@@ -185,6 +178,30 @@ pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
         crate::plot::e2e(&a.out, &name)
     })?;
     Ok(0)
+}
+
+/// A `--policies` entry: its label and the agent flags it stands for.
+fn policy_spec(spec: &str) -> anyhow::Result<(String, EpochPolicyArgs)> {
+    let (name, pct) = match spec.split_once(':') {
+        Some((n, p)) => (n, Some(p)),
+        None => (spec, None),
+    };
+    let mut args = EpochPolicyArgs {
+        epoch_policy: name.to_string(),
+        ..EpochPolicyArgs::default()
+    };
+    match (name, pct) {
+        ("fixed", None) | ("output", None) => {}
+        ("output", Some(p)) => {
+            args.max_idle_pct = p
+                .parse()
+                .ok()
+                .filter(|v| (1..=100).contains(v))
+                .ok_or_else(|| anyhow::anyhow!("--policies {spec}: PCT must be 1 to 100"))?;
+        }
+        _ => anyhow::bail!("--policies: unknown epoch policy {spec:?} (fixed, output, output:PCT)"),
+    }
+    Ok((spec.to_string(), args))
 }
 
 /// The incremental checkpoints' lines of a primary's metrics file (acked epochs, in order).
@@ -360,5 +377,18 @@ mod tests {
         // 50,500 µs paused in 2 s.
         assert!((e.idle_rate - 0.02525).abs() < 1e-9, "{}", e.idle_rate);
         assert_eq!(Epochs::of(&[], 1.0), Epochs::default());
+    }
+
+    #[test]
+    fn policy_specs_name_a_policy_and_its_idle_bound() {
+        let (label, a) = policy_spec("output:50").unwrap();
+        assert_eq!(
+            (label.as_str(), a.epoch_policy.as_str(), a.max_idle_pct),
+            ("output:50", "output", 50)
+        );
+        assert_eq!(policy_spec("fixed").unwrap().1, EpochPolicyArgs::default());
+        for bad in ["eager", "output:0", "output:101", "output:x", "fixed:10"] {
+            assert!(policy_spec(bad).is_err(), "{bad}");
+        }
     }
 }

@@ -18,7 +18,7 @@ pub struct EpochPolicyArgs {
     pub min_gap_us: u64,
     /// Output policy: largest share of time (percent, 1-100) early captures may keep the VM
     /// paused; after a pause p the next early capture waits p × (100 − pct) / pct.
-    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u8).range(1..=100))]
+    #[arg(long, default_value_t = 50, value_parser = clap::value_parser!(u8).range(1..=100))]
     pub max_idle_pct: u8,
 }
 
@@ -85,7 +85,7 @@ mod tests {
             p,
             EpochPolicy::Output(OutputDriven {
                 min_gap: Duration::from_micros(500),
-                max_idle_pct: 25
+                max_idle_pct: 50
             })
         );
         assert_eq!(EpochPolicyArgs::of(p), c.policy);

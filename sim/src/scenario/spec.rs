@@ -95,7 +95,7 @@ impl Default for TimingFile {
             stay_fenced: false,
             epoch_policy: "fixed".into(),
             min_gap_us: 1000,
-            max_idle_pct: 25,
+            max_idle_pct: 50,
         }
     }
 }
