@@ -349,6 +349,48 @@ fn stale_witness_traffic_on_real_hosts() {
     assert_eq!(applied(&s, "relay: witness disorder:").len(), 1);
 }
 
+/// When node `node` started each capture in the run of scenario `name` (µs, journal clock).
+fn journaled_captures(name: &str, node: u32) -> Vec<u64> {
+    use ftvm_driver::journal::{HostLine, Record};
+    let path = std::env::temp_dir()
+        .join(format!("ftvm-scenario-{name}"))
+        .join("journals")
+        .join(format!("node-{node}.jsonl"));
+    let text = std::fs::read_to_string(&path).expect("the node's journal");
+    text.lines()
+        .filter_map(|l| match serde_json::from_str::<HostLine>(l) {
+            Ok(HostLine::Entry(e)) => match e.entry.record {
+                Record::Action(ftvm_model::Action::Capture { full: false, .. }) => Some(e.wall_us),
+                _ => None,
+            },
+            _ => None,
+        })
+        .collect()
+}
+
+// ~15 s
+#[test]
+fn output_driven_epochs_on_real_hosts() {
+    // The agents run the file's output policy: held replies end epochs early. (The file's
+    // response and idle bounds are simulated figures; `ftvm bench e2e --policies` measures the
+    // real ones.)
+    let s = run_real("output-driven-epochs");
+    assert_eq!(s["client"]["errors"], 0, "{s}");
+    let held = journaled_inputs("output-driven-epochs", 1)
+        .into_iter()
+        .filter(|i| matches!(i, ftvm_model::Input::OutputHeld { .. }))
+        .count();
+    assert!(held > 10, "the primary heard of held output {held} times");
+    // Some captures came sooner than the 25 ms epoch would have: output ended those epochs.
+    let at = journaled_captures("output-driven-epochs", 1);
+    let early = at.windows(2).filter(|w| w[1] - w[0] < 20_000).count();
+    assert!(
+        early * 4 > at.len(),
+        "{early} of {} captures came less than 20 ms after the previous one",
+        at.len()
+    );
+}
+
 /// Every file of `scenarios/` runs on real hosts in this suite (a new file needs its test here).
 #[test]
 fn every_scenario_file_has_a_real_host_test() {
