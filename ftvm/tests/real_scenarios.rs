@@ -53,9 +53,9 @@ fn run_real_file(name: &str, file: &std::path::Path) -> serde_json::Value {
     s
 }
 
-/// The model inputs node `node`'s journal recorded in the run of scenario `name`.
-fn journaled_inputs(name: &str, node: u32) -> Vec<ftvm_model::Input> {
-    use ftvm_driver::journal::{HostLine, Record};
+/// The entries node `node`'s journal recorded in the run of scenario `name`.
+fn journal_entries(name: &str, node: u32) -> Vec<ftvm_driver::journal::HostEntry> {
+    use ftvm_driver::journal::HostLine;
     let path = std::env::temp_dir()
         .join(format!("ftvm-scenario-{name}"))
         .join("journals")
@@ -63,12 +63,20 @@ fn journaled_inputs(name: &str, node: u32) -> Vec<ftvm_model::Input> {
     let text = std::fs::read_to_string(&path).expect("the node's journal");
     text.lines()
         .filter_map(|l| match serde_json::from_str::<HostLine>(l) {
-            Ok(HostLine::Entry(e)) => match e.entry.record {
-                Record::Input(input) => Some(input),
-                _ => None,
-            },
+            Ok(HostLine::Entry(e)) => Some(e),
             Ok(HostLine::Config { .. }) => None,
             Err(e) => panic!("{}: {e}: {l}", path.display()),
+        })
+        .collect()
+}
+
+/// The model inputs node `node`'s journal recorded in the run of scenario `name`.
+fn journaled_inputs(name: &str, node: u32) -> Vec<ftvm_model::Input> {
+    journal_entries(name, node)
+        .into_iter()
+        .filter_map(|e| match e.entry.record {
+            ftvm_driver::journal::Record::Input(input) => Some(input),
+            _ => None,
         })
         .collect()
 }
@@ -349,20 +357,15 @@ fn stale_witness_traffic_on_real_hosts() {
     assert_eq!(applied(&s, "relay: witness disorder:").len(), 1);
 }
 
-/// When node `node` started each capture in the run of scenario `name` (µs, journal clock).
+/// When node `node` started each incremental capture in the run of scenario `name` (µs on the
+/// journal's clock).
 fn journaled_captures(name: &str, node: u32) -> Vec<u64> {
-    use ftvm_driver::journal::{HostLine, Record};
-    let path = std::env::temp_dir()
-        .join(format!("ftvm-scenario-{name}"))
-        .join("journals")
-        .join(format!("node-{node}.jsonl"));
-    let text = std::fs::read_to_string(&path).expect("the node's journal");
-    text.lines()
-        .filter_map(|l| match serde_json::from_str::<HostLine>(l) {
-            Ok(HostLine::Entry(e)) => match e.entry.record {
-                Record::Action(ftvm_model::Action::Capture { full: false, .. }) => Some(e.wall_us),
-                _ => None,
-            },
+    use ftvm_driver::journal::Record;
+    use ftvm_model::Action;
+    journal_entries(name, node)
+        .into_iter()
+        .filter_map(|e| match e.entry.record {
+            Record::Action(Action::Capture { full: false, .. }) => Some(e.wall_us),
             _ => None,
         })
         .collect()
