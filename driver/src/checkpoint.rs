@@ -16,6 +16,10 @@ pub struct StagedCheckpoint {
     pub data: Vec<u8>,
     /// Device state (QEMU's migration stream without shared RAM, or the simulated VM's).
     pub device: Vec<u8>,
+    /// The executor's handle on a copy of this checkpoint it keeps outside this value (the real
+    /// backup: the replica journal its link reader wrote as the pages arrived, so that a commit
+    /// does not write them again); 0: none. The driver core only carries it.
+    pub spooled: u64,
 }
 
 impl StagedCheckpoint {

@@ -108,6 +108,11 @@ where
         self.floor
     }
 
+    /// The checkpoint being received, as far as it arrived.
+    pub fn in_progress(&self) -> Option<&StagedCheckpoint> {
+        self.assembler.in_progress()
+    }
+
     /// Feeds bytes read from the link, appending what they delivered to `out`. After an error
     /// the link is unusable: call [`LinkReader::close`] and drop the connection.
     pub fn feed(

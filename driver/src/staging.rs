@@ -176,6 +176,12 @@ impl CheckpointAssembler {
         Some(Aborted { epoch, partial })
     }
 
+    /// The checkpoint being received, as far as it arrived (an executor may copy its bytes
+    /// elsewhere as they arrive).
+    pub fn in_progress(&self) -> Option<&StagedCheckpoint> {
+        self.cur.as_ref().map(|(_, s)| s)
+    }
+
     fn begin(
         &mut self,
         generation: Generation,
@@ -228,6 +234,7 @@ impl CheckpointAssembler {
             indices: Vec::with_capacity(first),
             data: Vec::with_capacity(first * l.page_size as usize),
             device: Vec::with_capacity(device.min(INITIAL_DEVICE_BYTES)),
+            spooled: 0,
         };
         self.cur = Some((meta, staged));
         Ok(Staged::Started(meta.epoch))

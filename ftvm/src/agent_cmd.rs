@@ -99,6 +99,14 @@ pub struct Args {
     /// commit) in <state-dir>/replica/verify.jsonl, to prove the replica matches. For tests.
     #[arg(long)]
     verify_every: Option<u64>,
+    /// Make every replica commit survive a host crash too: `fsync` the journal before its
+    /// commit point, the replica directory after it, and the device state and metadata (the
+    /// behaviour before commits went at memory speed). Only useful with a --state-dir on
+    /// persistent storage and guest RAM that outlives a reboot; by default a commit survives a
+    /// crash of the agent process, costs no sync, and the replica (on tmpfs beside the RAM
+    /// file) is lost with the host.
+    #[arg(long)]
+    durable_replica: bool,
     /// Most MiB of guest frames held behind the output gate; at the cap the agent stops reading
     /// the VM's network (the guest's transmit stalls, nothing is dropped) until acks release it.
     #[arg(long, default_value_t = DEFAULT_OUTPUT_CAP_BYTES >> 20, value_parser = clap::value_parser!(u64).range(1..))]
@@ -283,6 +291,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         witness: args.witness,
         replica_dir: args.state_dir.join("replica"),
         replica_ram,
+        replica_durable: args.durable_replica,
         transport,
         capture,
         metrics: Some(args.state_dir.join("metrics.jsonl")),

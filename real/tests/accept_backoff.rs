@@ -118,6 +118,7 @@ fn child() {
         identity: std::sync::Arc::new(ids.remove(&NodeId(1)).unwrap()),
         handshake_deadline: Duration::from_secs(60),
         protection: Protection::Mac,
+        spool: None,
     };
     accept::spawn(Listener {
         listener,

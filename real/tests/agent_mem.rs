@@ -319,6 +319,7 @@ async fn a_backup_drops_bad_checkpoints_and_their_links_but_keeps_running_and_it
     b.cfg.model.join_retry = Duration::from_millis(50);
     let b_status = b.cfg.status_file.clone().unwrap();
     let ram_file = b.cfg.replica_ram.clone();
+    let journal = b.cfg.replica_dir.join("journal");
     let backup = Agent::new(b.cfg.clone(), launcher(&b)).unwrap();
     let btask = tokio::spawn(backup.run(std::future::pending()));
 
@@ -361,7 +362,13 @@ async fn a_backup_drops_bad_checkpoints_and_their_links_but_keeps_running_and_it
             let t0 = Instant::now();
             let closed = read_until(&mut s, &mut dec, |_| None::<()>).is_none();
             results.push((bad, fill, closed, t0.elapsed()));
-            // Nothing of the bad checkpoint reached the replica: it is the sync, whole.
+            // Nothing of the bad checkpoint reached the replica: it is the sync, whole. (The ack
+            // goes at the commit point; the sync's pages reach the RAM file after it, and its
+            // journal is gone once they have.)
+            let t1 = Instant::now();
+            while journal.exists() && t1.elapsed() < Duration::from_secs(10) {
+                std::thread::sleep(Duration::from_millis(5));
+            }
             let replica = std::fs::read(&ram_file).unwrap();
             assert!(
                 replica.iter().all(|&x| x == fill),

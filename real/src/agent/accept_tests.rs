@@ -73,6 +73,7 @@ mod live {
             identity: Arc::new(me),
             handshake_deadline: deadline,
             protection: Protection::Mac,
+            spool: None,
         };
         (setup, peer)
     }

@@ -226,9 +226,9 @@ impl<L: VmLauncher> Agent<L> {
             // SAFETY: the VM stays paused until this link reports the checkpoint sent or goes
             // away: its ResumeVm is held in `self.resume`, which hears of both (CheckpointSent,
             // drop_conn).
-            (Some(vm), _) => Outgoing::PausedSend(unsafe {
+            (Some(vm), _) => Outgoing::PausedSend(Box::new(unsafe {
                 PausedPages::new(generation, full, staged, vm.guest_ram())
-            }),
+            })),
             (None, Some(cow)) => {
                 Outgoing::Cow(Box::new(CowPages::new(generation, full, staged, cow)))
             }
@@ -362,29 +362,48 @@ impl<L: VmLauncher> Agent<L> {
         }
     }
 
-    /// Applies the staged checkpoint to the replica off the event loop; `Committed` reports it.
+    /// Commits the staged checkpoint to the replica off the event loop; `Committed` reports it
+    /// at the commit point (the rename of its journal), and the applier thread then applies its
+    /// pages to the RAM file, at a lower priority than the ack's path. Whatever reads the
+    /// replica before that (the next commit, a failover's `start_vm`) applies it first from the
+    /// journal (`Replica::settle`). An epoch whose RAM digest is recorded (`verify_every`) is
+    /// applied here, so that the digest is of that checkpoint and not of a later one.
     fn commit(&mut self, epoch: Epoch, staged: Option<StagedCheckpoint>) {
         let replica = self.replica.clone();
         let tx = self.tx.clone();
         let verify = self.verify_due(epoch).then(|| self.verify_path());
+        let applier = self.applier.clone();
         tokio::task::spawn_blocking(move || {
-            let error = match staged {
-                None => Some(CommitError::NotStaged),
-                Some(s) => match replica.lock() {
-                    Ok(mut r) => r.commit(&s).err().map(CommitError::from).or_else(|| {
-                        let path = verify?;
-                        match r.ram_digest() {
-                            Ok(d) => {
-                                append_digest(&path, epoch, s.generation, d);
-                                None
-                            }
-                            Err(e) => Some(e.into()),
-                        }
-                    }),
-                    Err(_) => Some(CommitError::LockPoisoned),
-                },
+            let committed = |error| {
+                let _ = tx.send(Event::Committed { epoch, error });
             };
-            let _ = tx.send(Event::Committed { epoch, error });
+            let Some(s) = staged else {
+                return committed(Some(CommitError::NotStaged));
+            };
+            let Ok(mut r) = replica.lock() else {
+                return committed(Some(CommitError::LockPoisoned));
+            };
+            if let Err(e) = r.commit_point(&s) {
+                return committed(Some(e.into()));
+            }
+            committed(None);
+            let job = ApplyJob {
+                epoch,
+                staged: s,
+                verify,
+            };
+            if job.verify.is_some() {
+                // The digest must be of this checkpoint: applied here, before the next commit
+                // can take the lock.
+                return job.run(&mut r);
+            }
+            drop(r);
+            if let Err(std::sync::mpsc::SendError(job)) = applier.send(job) {
+                // No applier thread: apply here.
+                if let Ok(mut r) = replica.lock() {
+                    job.run(&mut r);
+                }
+            }
         });
     }
 
@@ -395,13 +414,16 @@ impl<L: VmLauncher> Agent<L> {
         pending: &mut VecDeque<Input>,
     ) -> Result<(), AgentError> {
         let point = {
-            let r = self
+            let mut r = self
                 .replica
                 .lock()
                 .map_err(|_| AgentError::ReplicaLockPoisoned)?;
+            // The last commit's pages in the RAM file before QEMU maps it (a no-op unless its
+            // apply failed: the commit applies them under this lock).
+            r.settle()?;
             RestorePoint {
-                ram_file: r.ram_path().to_path_buf(),
                 device: r.device_state()?,
+                ram_file: r.ram_path().to_path_buf(),
             }
         };
         self.log(format_args!(
@@ -488,6 +510,66 @@ impl<L: VmLauncher> Agent<L> {
             digest,
         );
     }
+}
+
+/// A committed checkpoint to apply to the replica.
+pub(super) struct ApplyJob {
+    epoch: Epoch,
+    staged: StagedCheckpoint,
+    /// Where to append the replica's RAM digest once applied (verification runs).
+    verify: Option<PathBuf>,
+}
+
+impl ApplyJob {
+    fn run(self, r: &mut crate::replica::Replica) {
+        let ApplyJob {
+            epoch,
+            staged,
+            verify,
+        } = self;
+        // A failure leaves the journal to replay: the next commit or read of the replica
+        // applies it again, or fails with its error.
+        let applied = r.apply_committed(&staged).and_then(|()| match &verify {
+            Some(path) => r
+                .ram_digest()
+                .map(|d| append_digest(path, epoch, staged.generation, d)),
+            None => Ok(()),
+        });
+        if let Err(e) = applied {
+            tracing::error!(epoch = epoch.0, error = %e, "applying a committed checkpoint failed");
+        }
+    }
+}
+
+/// Where committed checkpoints go to be applied: a thread of lower priority (nice +10), so
+/// that copying 10,000 pages into the RAM file does not take a CPU from the ack on its way
+/// out. It ends when the agent drops its sender.
+pub(super) fn spawn_applier(
+    replica: Arc<Mutex<crate::replica::Replica>>,
+) -> std::sync::mpsc::Sender<ApplyJob> {
+    let (tx, rx) = std::sync::mpsc::channel::<ApplyJob>();
+    let spawned = std::thread::Builder::new()
+        .name("replica-apply".into())
+        .spawn(move || {
+            // SAFETY: setpriority only reads its integer arguments; `who` 0 with PRIO_PROCESS is
+            // the calling thread on Linux (each thread has its own nice value). Failing to
+            // lower the priority leaves the thread at the default one, which is harmless.
+            unsafe {
+                libc::setpriority(libc::PRIO_PROCESS, 0, 10);
+            }
+            while let Ok(job) = rx.recv() {
+                let Ok(mut r) = replica.lock() else {
+                    // The next commit reports the poisoned lock.
+                    return;
+                };
+                job.run(&mut r);
+            }
+        });
+    if let Err(e) = spawned {
+        // The receiver is gone with the closure: every commit applies its checkpoint itself.
+        tracing::warn!(error = %e, "no replica apply thread; commits apply in place");
+    }
+    tx
 }
 
 /// The witness requests whose exchange is under way.

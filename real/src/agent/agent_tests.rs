@@ -41,6 +41,7 @@ fn agent(dir: &std::path::Path, node: NodeId, start: Start) -> Agent<MemLauncher
         witness: addr,
         replica_dir: dir.join("replica"),
         replica_ram: dir.join("replica.ram"),
+        replica_durable: false,
         transport: TransportKind::Copy,
         capture: CaptureMode::Staged,
         metrics: None,
@@ -233,6 +234,7 @@ async fn commit_applies_the_staged_checkpoint() {
         indices: vec![3],
         data: vec![7; 4096],
         device: b"dev".to_vec(),
+        spooled: 0,
     };
     let mut commit = bare(Action::Commit { epoch: Epoch(4) });
     commit.staged = Some(staged);
@@ -241,7 +243,7 @@ async fn commit_applies_the_staged_checkpoint() {
     let ev = agent.rx.recv().await.unwrap();
     agent.on_event(ev, &mut pending).await.unwrap();
     assert_eq!(pending, [Input::Committed { epoch: Epoch(4) }]);
-    let r = agent.replica.lock().unwrap();
+    let mut r = agent.replica.lock().unwrap();
     assert_eq!(r.committed().map(|c| c.epoch), Some(4));
     assert_eq!(r.device_state().unwrap(), b"dev");
 }

@@ -54,7 +54,7 @@ use crate::auth::{Identity, Protection};
 use crate::journal_file::{clock_us, JournalWriter};
 use crate::net::backpressure::OutputCap;
 use crate::net::output::{HeldFrame, OutputAccount};
-use crate::replica::{Replica, ReplicaError, StagedCheckpoint};
+use crate::replica::{Durability, JournalSpool, Replica, ReplicaError, StagedCheckpoint};
 use crate::transport::TransportKind;
 
 /// Errors that stop an agent.
@@ -118,6 +118,10 @@ pub struct AgentConfig {
     pub replica_dir: PathBuf,
     /// The replica's RAM file (on tmpfs: the restored QEMU maps it as guest RAM).
     pub replica_ram: PathBuf,
+    /// Make each commit survive a host crash too (`fsync` of the journal, the replica directory,
+    /// the device blob and the metadata), for a `replica_dir` on persistent storage. Off, a
+    /// commit survives a crash of this process only, and costs no sync (see `crate::replica`).
+    pub replica_durable: bool,
     /// How checkpoints leave this host.
     pub transport: TransportKind,
     /// How checkpoints are captured, and when the VM resumes.
@@ -175,6 +179,10 @@ pub struct Agent<L: VmLauncher> {
     /// Witness requests whose exchange is under way.
     witness_inflight: actions::Inflight,
     replica: Arc<Mutex<Replica>>,
+    /// Where link readers write arriving checkpoints' journals (the replica's).
+    spool: Arc<JournalSpool>,
+    /// The thread applying committed checkpoints to the replica.
+    applier: std::sync::mpsc::Sender<actions::ApplyJob>,
     spare: Option<StagedCheckpoint>,
     captured: Option<StagedCheckpoint>,
     /// cow: the write-protected pages of `captured`, until handed to its link.
@@ -209,12 +217,20 @@ impl<L: VmLauncher> Agent<L> {
             .validate()
             .map_err(|e| AgentError::Config(e.to_string()))?;
         let ram_bytes = cfg.model.ram_pages * u64::from(cfg.model.page_size);
-        let replica = Replica::open(
+        let durability = if cfg.replica_durable {
+            Durability::Durable
+        } else {
+            Durability::Atomic
+        };
+        let replica = Replica::open_with(
             &cfg.replica_dir,
             &cfg.replica_ram,
             ram_bytes,
             cfg.model.page_size as usize,
+            durability,
         )?;
+        let spool = replica.spool();
+        let replica = Arc::new(Mutex::new(replica));
         let metrics = MetricsSink::new(cfg.metrics.as_deref()).map_err(AgentError::Metrics)?;
         let (tx, rx) = unbounded_channel();
         let output_cap = Arc::new(OutputCap::new(cfg.limits.output_cap_bytes));
@@ -245,7 +261,9 @@ impl<L: VmLauncher> Agent<L> {
             rx,
             links: HashMap::new(),
             witness_inflight: actions::Inflight::default(),
-            replica: Arc::new(Mutex::new(replica)),
+            applier: actions::spawn_applier(replica.clone()),
+            replica,
+            spool,
             spare: None,
             captured: None,
             captured_cow: None,
@@ -385,6 +403,7 @@ impl<L: VmLauncher> Agent<L> {
             identity: self.cfg.identity.clone(),
             handshake_deadline: self.cfg.limits.conn.handshake_deadline,
             protection: self.cfg.protection,
+            spool: Some(self.spool.clone()),
         }
     }
 

@@ -105,6 +105,7 @@ pub fn host(
             witness,
             replica_dir: d.join("replica"),
             replica_ram: d.join("replica.ram"),
+            replica_durable: false,
             transport: TransportKind::Copy,
             capture: CaptureMode::Staged,
             metrics: Some(d.join("metrics.jsonl")),

@@ -32,7 +32,7 @@ use super::cow::CowCheckpoint;
 use super::event::{ConnId, Event};
 use super::staging::StagingLimits;
 use crate::dirty::GuestRam;
-use crate::replica::StagedCheckpoint;
+use crate::replica::{JournalSpool, StagedCheckpoint};
 use crate::transport::{self, Transport, TransportKind, TransportOptions};
 use frames::{encrypted, send_checkpoint, send_encrypted_checkpoint, Frame, Pages};
 use read::read_loop;
@@ -52,7 +52,7 @@ pub enum Outgoing {
         staged: StagedCheckpoint,
     },
     /// A checkpoint whose pages are sent straight from guest RAM (paused-send).
-    PausedSend(PausedPages),
+    PausedSend(Box<PausedPages>),
     /// A copy-on-write checkpoint: pages sent from write-protected guest RAM while the VM runs,
     /// or from the copies its fault handler made.
     Cow(Box<CowPages>),
@@ -189,6 +189,9 @@ pub struct LinkSetup {
     pub handshake_deadline: Duration,
     /// How frames are protected after the handshake.
     pub protection: Protection,
+    /// Where the reader writes each arriving checkpoint's replica journal as its pages come
+    /// (none: the commit writes it whole).
+    pub spool: Option<Arc<JournalSpool>>,
 }
 
 /// Authenticates a connected stream (under the setup's deadline), then starts its threads.
@@ -265,7 +268,16 @@ fn start(
         .spawn(move || writer(stream, conn, vm, ps, kind, sealer, rx, ev))
         .map_err(io)?;
     announce(Link { tx, socket }, peer);
-    read_loop(reader, conn, opener, setup.staging, admission, events);
+    let stage = setup.spool.as_ref().map(|s| s.writer());
+    read_loop(
+        reader,
+        conn,
+        opener,
+        setup.staging,
+        stage,
+        admission,
+        events,
+    );
     Ok(())
 }
 

@@ -1,6 +1,7 @@
 //! The reading half of a link: its bytes go to the driver core's `LinkReader` (the same one the
 //! simulator runs), which authenticates and decodes them, stages arriving checkpoints under the
-//! VM's bounds and reports what arrived; this thread only reads the socket and forwards.
+//! VM's bounds and reports what arrived; this thread reads the socket, forwards, and copies
+//! arriving checkpoints into replica journals (`crate::replica::StageWriter`).
 
 use std::io::Read;
 use std::net::{Shutdown, TcpStream};
@@ -12,6 +13,7 @@ use tokio::sync::mpsc::UnboundedSender;
 use crate::agent::accept::Admission;
 use crate::agent::event::{ConnId, Event};
 use crate::auth::LinkOpener;
+use crate::replica::StageWriter;
 
 /// Minimum spacing of `Heard` events: liveness needs no more.
 const HEARD_EVERY: Duration = Duration::from_millis(5);
@@ -21,6 +23,8 @@ pub(super) fn read_loop(
     conn: ConnId,
     dec: LinkOpener,
     limits: StagingLimits,
+    // Copies arriving checkpoints into replica journals as their pages come.
+    mut stage: Option<StageWriter>,
     // Held until the reader ends: it frees the connection's slot under the listener's cap.
     admission: Option<Admission>,
     events: UnboundedSender<Event>,
@@ -46,8 +50,15 @@ pub(super) fn read_loop(
             let _ = events.send(Event::Heard { conn });
         }
         let fed = reader.feed(&buf[..n], &mut delivered);
-        for event in delivered.drain(..) {
+        for mut event in delivered.drain(..) {
+            if let (Some(w), LinkEvent::CheckpointReceived(s)) = (stage.as_mut(), &mut event) {
+                // Its journal is sealed before the node hears of it: a commit finds it whole.
+                w.seal(s);
+            }
             let _ = events.send(Event::Link { conn, event });
+        }
+        if let Some(w) = stage.as_mut() {
+            w.follow(reader.in_progress());
         }
         if let Err(e) = fed {
             break e.to_string();

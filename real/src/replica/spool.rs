@@ -1,0 +1,301 @@
+//! Journals written while a checkpoint arrives: a link reader copies each checkpoint's bytes
+//! into a `stage.N` file of the replica directory as they come (in chunks of [`CHUNK`]), with a
+//! running checksum, and seals it (indices, device state, header) when the checkpoint ends
+//! whole. The commit then only renames the sealed file to `journal` (see the parent module).
+//!
+//! Files are reused: a journal whose pages were applied goes back to the spool as a spare
+//! (renamed to a fresh `stage.N`), so a checkpoint overwrites tmpfs pages that already exist
+//! instead of allocating them. Bytes past a journal's contents (an older, longer checkpoint's)
+//! are ignored: the header gives the lengths.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::os::unix::fs::FileExt;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use xxhash_rust::xxh3::Xxh3;
+
+use super::{io, Committed, JournalHeader, ReplicaError, StagedCheckpoint, HEADER_LEN};
+use crate::secure_fs::{self, Durability, PRIVATE_FILE_MODE};
+
+/// Name prefix of spool files in the replica directory.
+pub(super) const STAGE_PREFIX: &str = "stage.";
+/// Page bytes gathered before a write: big enough to amortise the call, small enough that the
+/// write left at the end of a checkpoint is short.
+const CHUNK: usize = 256 << 10;
+/// Spare files kept for reuse.
+const MAX_SPARES: usize = 2;
+/// A file larger than this (say, once a full sync's journal) is deleted rather than kept as a
+/// spare, so that a big VM's tmpfs does not hold its RAM size twice more for nothing.
+const SPARE_MAX_BYTES: u64 = 128 << 20;
+/// Sealed journals kept for a commit at most; the oldest ones beyond are recycled (their
+/// checkpoint, if it is committed after all, is then written whole at the commit).
+const MAX_PREPARED: usize = 4;
+
+/// Tokens of sealed journals (the `spooled` field of a staged checkpoint), unique in the
+/// process.
+static NEXT_TOKEN: AtomicU64 = AtomicU64::new(1);
+
+/// A spool file and where it is.
+#[derive(Debug)]
+pub(super) struct SpoolFile {
+    pub(super) path: PathBuf,
+    pub(super) file: File,
+}
+
+/// A sealed journal waiting for its commit.
+#[derive(Debug)]
+pub(super) struct Prepared {
+    pub(super) file: SpoolFile,
+    pub(super) header: JournalHeader,
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    spares: Vec<SpoolFile>,
+    prepared: BTreeMap<u64, Prepared>,
+}
+
+/// The replica's journal files: spares, and journals sealed by link readers until a commit
+/// takes them. Shared by the replica and every link reader of the agent.
+#[derive(Debug)]
+pub struct JournalSpool {
+    dir: PathBuf,
+    durability: Durability,
+    next_name: AtomicU64,
+    inner: Mutex<Inner>,
+}
+
+impl JournalSpool {
+    pub(super) fn new(dir: PathBuf, durability: Durability) -> Arc<JournalSpool> {
+        Arc::new(JournalSpool {
+            dir,
+            durability,
+            next_name: AtomicU64::new(1),
+            inner: Mutex::new(Inner::default()),
+        })
+    }
+
+    /// A writer for one link's checkpoints.
+    pub fn writer(self: &Arc<Self>) -> StageWriter {
+        StageWriter {
+            spool: self.clone(),
+            cur: None,
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // The state is a list and a map updated in single steps: still consistent after a panic.
+        self.inner.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A fresh name for a spool file.
+    pub(super) fn fresh_path(&self) -> PathBuf {
+        let n = self.next_name.fetch_add(1, Ordering::Relaxed);
+        self.dir.join(format!("{STAGE_PREFIX}{n}"))
+    }
+
+    /// A file to write a journal into: a spare, or a new one (0600, never through a link).
+    pub(super) fn file(&self) -> Result<SpoolFile, ReplicaError> {
+        if let Some(f) = self.lock().spares.pop() {
+            return Ok(f);
+        }
+        let path = self.fresh_path();
+        let file = secure_fs::replace(&path, PRIVATE_FILE_MODE)?;
+        Ok(SpoolFile { path, file })
+    }
+
+    /// Takes back a file no longer needed: kept as a spare, or deleted.
+    pub(super) fn recycle(&self, f: SpoolFile) {
+        let small = f.file.metadata().is_ok_and(|m| m.len() <= SPARE_MAX_BYTES);
+        {
+            let mut inner = self.lock();
+            if small && inner.spares.len() < MAX_SPARES {
+                inner.spares.push(f);
+                return;
+            }
+        }
+        let _ = fs::remove_file(&f.path);
+    }
+
+    fn prepare(&self, p: Prepared) -> u64 {
+        let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
+        let mut evicted = Vec::new();
+        {
+            let mut inner = self.lock();
+            inner.prepared.insert(token, p);
+            while inner.prepared.len() > MAX_PREPARED {
+                if let Some((_, old)) = inner.prepared.pop_first() {
+                    evicted.push(old.file);
+                }
+            }
+        }
+        for f in evicted {
+            self.recycle(f);
+        }
+        token
+    }
+
+    /// The sealed journal of `token`, if it is still kept.
+    pub(super) fn take(&self, token: u64) -> Option<Prepared> {
+        if token == 0 {
+            return None;
+        }
+        self.lock().prepared.remove(&token)
+    }
+
+    /// Recycles the sealed journals of checkpoints at or before `c`: the model commits in
+    /// order, so they will never be committed.
+    pub(super) fn discard_through(&self, c: Committed) {
+        let old: Vec<Prepared> = {
+            let mut inner = self.lock();
+            let tokens: Vec<u64> = inner
+                .prepared
+                .iter()
+                .filter(|(_, p)| p.header.committed() <= c)
+                .map(|(&t, _)| t)
+                .collect();
+            tokens
+                .iter()
+                .filter_map(|t| inner.prepared.remove(t))
+                .collect()
+        };
+        for p in old {
+            self.recycle(p.file);
+        }
+    }
+}
+
+/// The checkpoint a writer is copying.
+struct Stage {
+    generation: u64,
+    epoch: u64,
+    file: SpoolFile,
+    /// Page bytes written so far.
+    written: usize,
+    hasher: Xxh3,
+}
+
+/// Copies one link's arriving checkpoints into spool files (in the link's reader thread).
+pub struct StageWriter {
+    spool: Arc<JournalSpool>,
+    cur: Option<Stage>,
+}
+
+impl StageWriter {
+    /// Follows the checkpoint being received (`None`: none is, or the one in progress was
+    /// dropped): writes the page bytes that arrived since the last call once they make a chunk.
+    /// A failure only costs the speed-up: the commit writes the checkpoint whole instead.
+    pub fn follow(&mut self, in_progress: Option<&StagedCheckpoint>) {
+        let Some(s) = in_progress else {
+            self.drop_current();
+            return;
+        };
+        if let Err(e) = self.write_pages(s, CHUNK) {
+            tracing::warn!(error = %e, epoch = s.epoch, "replica: writing the journal ahead failed");
+            self.drop_current();
+        }
+    }
+
+    /// The checkpoint arrived whole: writes the rest of it and the header, hands the sealed
+    /// journal to the spool and marks `s` with its token (0 if it failed).
+    pub fn seal(&mut self, s: &mut StagedCheckpoint) {
+        s.spooled = match self.seal_inner(s) {
+            Ok(token) => token,
+            Err(e) => {
+                tracing::warn!(error = %e, epoch = s.epoch, "replica: sealing the journal failed");
+                self.drop_current();
+                0
+            }
+        };
+    }
+
+    fn seal_inner(&mut self, s: &StagedCheckpoint) -> Result<u64, ReplicaError> {
+        self.write_pages(s, 0)?;
+        let Some(mut c) = self.cur.take() else {
+            return Err(ReplicaError::Corrupt(self.spool.dir.clone()));
+        };
+        let mut tail = Vec::with_capacity(s.indices.len() * 8 + s.device.len());
+        for i in &s.indices {
+            tail.extend_from_slice(&i.to_le_bytes());
+        }
+        tail.extend_from_slice(&s.device);
+        let at = (HEADER_LEN + c.written) as u64;
+        let f = &c.file;
+        let written = f
+            .file
+            .write_all_at(&tail, at)
+            .map_err(io(&f.path, "write journal"));
+        if let Err(e) = written {
+            self.spool.recycle(c.file);
+            return Err(e);
+        }
+        c.hasher.update(&tail);
+        let header = JournalHeader::of(s);
+        let bytes = header.seal(&mut c.hasher);
+        let done = f
+            .file
+            .write_all_at(&bytes, 0)
+            .map_err(io(&f.path, "write journal header"))
+            .and_then(|()| match self.spool.durability {
+                Durability::Durable => f.file.sync_data().map_err(io(&f.path, "sync journal")),
+                Durability::Atomic => Ok(()),
+            });
+        match done {
+            Ok(()) => Ok(self.spool.prepare(Prepared {
+                file: c.file,
+                header,
+            })),
+            Err(e) => {
+                self.spool.recycle(c.file);
+                Err(e)
+            }
+        }
+    }
+
+    /// Writes the page bytes of `s` not written yet, if there are at least `min` of them
+    /// (starting a new file when `s` is another checkpoint than the current one).
+    fn write_pages(&mut self, s: &StagedCheckpoint, min: usize) -> Result<(), ReplicaError> {
+        let same = self.cur.as_ref().is_some_and(|c| {
+            (c.generation, c.epoch) == (s.generation, s.epoch) && c.written <= s.data.len()
+        });
+        if !same {
+            self.drop_current();
+            self.cur = Some(Stage {
+                generation: s.generation,
+                epoch: s.epoch,
+                file: self.spool.file()?,
+                written: 0,
+                hasher: Xxh3::new(),
+            });
+        }
+        let Some(c) = self.cur.as_mut() else {
+            return Ok(());
+        };
+        let new = &s.data[c.written..];
+        if new.is_empty() || new.len() < min {
+            return Ok(());
+        }
+        c.file
+            .file
+            .write_all_at(new, (HEADER_LEN + c.written) as u64)
+            .map_err(io(&c.file.path, "write journal"))?;
+        c.hasher.update(new);
+        c.written = s.data.len();
+        Ok(())
+    }
+
+    fn drop_current(&mut self) {
+        if let Some(c) = self.cur.take() {
+            self.spool.recycle(c.file);
+        }
+    }
+}
+
+impl Drop for StageWriter {
+    fn drop(&mut self) {
+        self.drop_current();
+    }
+}
