@@ -31,6 +31,8 @@
 //! backup's end of the checkpoint → ack is 0.7–0.8 ms (p50) in every capture mode, and the apply
 //! runs after the ack. Spool files are reused (no tmpfs allocation per checkpoint), and there
 //! are as many as checkpoints in flight (one being received, one committed and being applied).
+//! The cost moves to the link reader, which copies each page once more: 10–20 ms more send time
+//! per 40 MB where the reader is the slower end of the transfer (docs/bench/README.md).
 //!
 //! **Durability.** By default ([`Durability::Atomic`]) nothing is synced: the RAM file lives on
 //! tmpfs, which a host reboot loses anyway (the replica directory is best put there too), and a

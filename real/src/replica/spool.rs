@@ -83,6 +83,7 @@ impl JournalSpool {
         StageWriter {
             spool: self.clone(),
             cur: None,
+            failed: None,
         }
     }
 
@@ -182,6 +183,8 @@ struct Stage {
 pub struct StageWriter {
     spool: Arc<JournalSpool>,
     cur: Option<Stage>,
+    /// The (generation, epoch) whose journal failed: not tried again (its commit writes it).
+    failed: Option<(u64, u64)>,
 }
 
 impl StageWriter {
@@ -189,12 +192,13 @@ impl StageWriter {
     /// dropped): writes the page bytes that arrived since the last call once they make a chunk.
     /// A failure only costs the speed-up: the commit writes the checkpoint whole instead.
     pub fn follow(&mut self, in_progress: Option<&StagedCheckpoint>) {
-        let Some(s) = in_progress else {
+        let Some(s) = in_progress.filter(|s| self.failed != Some((s.generation, s.epoch))) else {
             self.drop_current();
             return;
         };
         if let Err(e) = self.write_pages(s, CHUNK) {
             tracing::warn!(error = %e, epoch = s.epoch, "replica: writing the journal ahead failed");
+            self.failed = Some((s.generation, s.epoch));
             self.drop_current();
         }
     }
@@ -202,6 +206,10 @@ impl StageWriter {
     /// The checkpoint arrived whole: writes the rest of it and the header, hands the sealed
     /// journal to the spool and marks `s` with its token (0 if it failed).
     pub fn seal(&mut self, s: &mut StagedCheckpoint) {
+        if self.failed == Some((s.generation, s.epoch)) {
+            s.spooled = 0;
+            return;
+        }
         s.spooled = match self.seal_inner(s) {
             Ok(token) => token,
             Err(e) => {
