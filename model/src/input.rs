@@ -50,6 +50,14 @@ pub enum Input {
         /// Bytes captured (metrics only).
         bytes: u64,
     },
+    /// Primary: the VM runs again after a capture, with frames tagged `epoch` (the answer to
+    /// `ResumeVm`, once the VM really runs: with some capture modes that is long after
+    /// `CaptureDone`). Optional: the output epoch policy measures the pause up to it, and up to
+    /// `CaptureDone` from a driver that does not send it.
+    Resumed {
+        /// The epoch the VM now runs.
+        epoch: Epoch,
+    },
     /// Primary: the gate holds a frame of the running epoch `epoch` (the driver says so once per
     /// epoch, at its first held frame). Under [`crate::EpochPolicy::Output`] it may end the epoch
     /// early; otherwise it changes nothing.

@@ -97,6 +97,9 @@ pub struct Primary {
     /// policy's idle bound spaces early captures by it).
     resumed_at: Time,
     last_pause: Duration,
+    /// The last capture's pause may still be measured by a `Resumed` (until then it counts up
+    /// to `CaptureDone`).
+    pause_open: bool,
     peer: Option<Peer>,
     /// Newest registration asked of the witness in this generation and not yet dropped.
     token: Option<Registration>,
@@ -129,6 +132,7 @@ impl Primary {
             paused_at: Time::ZERO,
             resumed_at: Time::ZERO,
             last_pause: Duration::ZERO,
+            pause_open: false,
             peer: None,
             token: None,
             pending: None,
@@ -179,6 +183,16 @@ impl Primary {
             }
             Input::CaptureDone { epoch, .. } => {
                 self.on_capture_done(ctx, epoch);
+                None
+            }
+            Input::Resumed { epoch } => {
+                // The capture's pause really ended now: the output policy spaces early captures
+                // by it. (A fresh VM's first resume is its boot, no pause.)
+                if self.pause_open && epoch == self.running && self.capturing.is_none() {
+                    self.pause_open = false;
+                    self.last_pause = ctx.now.saturating_since(self.paused_at);
+                    self.resumed_at = ctx.now;
+                }
                 None
             }
             Input::OutputHeld { epoch } => {
@@ -380,6 +394,7 @@ impl Primary {
         self.capturing = Some(epoch);
         self.output_waiting = false;
         self.paused_at = ctx.now;
+        self.pause_open = true;
         self.next_capture_at = ctx.now + ctx.cfg.epoch_interval;
     }
 

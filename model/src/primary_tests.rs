@@ -796,3 +796,28 @@ fn held_output_of_an_old_epoch_changes_nothing() {
     let a = p.on(Input::OutputHeld { epoch: Epoch(1) });
     assert!(captures(&a).is_empty(), "{a:?}");
 }
+
+#[test]
+fn a_resume_reported_late_lengthens_the_pause_the_output_policy_spaces_captures_by() {
+    let (mut p, _w) = protected_with(output_driven(50));
+    p.now = p.now + Duration::from_millis(1);
+    let a = p.on(Input::OutputHeld { epoch: Epoch(2) });
+    assert_eq!(captures(&a), [Epoch(2)]);
+    // CaptureDone 1 ms after the capture, but the VM runs again only 4 ms after it.
+    p.now = p.now + Duration::from_millis(1);
+    capture_done(&mut p, 2);
+    p.on(Input::CheckpointSent { epoch: Epoch(2) });
+    p.now = p.now + Duration::from_millis(3);
+    p.on(Input::Resumed { epoch: Epoch(3) });
+    let resumed = p.now;
+    p.on(ack(B, 2));
+    let a = p.on(Input::OutputHeld { epoch: Epoch(3) });
+    assert!(captures(&a).is_empty(), "{a:?}");
+    // At 50 % the VM must run as long as it was paused (4 ms), counted from the real resume.
+    let a = p.at(resumed + Duration::from_micros(3_900));
+    assert!(captures(&a).is_empty(), "{a:?}");
+    let a = p.at(resumed + Duration::from_millis(4));
+    assert_eq!(captures(&a), [Epoch(3)]);
+    // A second report of the same resume changes nothing.
+    p.on(Input::Resumed { epoch: Epoch(3) });
+}

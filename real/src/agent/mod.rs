@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use ftvm_driver::journal::{HostEntry, HostLine, Journal};
 use ftvm_driver::NodeDriver;
-use ftvm_model::{Input, Node, NodeId, Start, Status, Time};
+use ftvm_model::{Epoch, Input, Node, NodeId, Start, Status, Time};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use self::capture::CaptureMode;
@@ -194,6 +194,8 @@ pub struct Agent<L: VmLauncher> {
     metrics: MetricsSink,
     open_epochs: BTreeMap<u64, (EpochMetrics, Option<Instant>)>,
     paused_at: Option<Instant>,
+    /// The VM ran again (from this epoch) since the model last heard of it: `Input::Resumed`.
+    resumed_note: Option<Epoch>,
     /// paused-send: the resume held until the checkpoint is out.
     resume: ResumeGate,
     last_status: Option<Status>,
@@ -273,6 +275,7 @@ impl<L: VmLauncher> Agent<L> {
             metrics,
             open_epochs: BTreeMap::new(),
             paused_at: None,
+            resumed_note: None,
             resume: ResumeGate::default(),
             last_status: None,
             takeover_started: None,
@@ -339,6 +342,10 @@ impl<L: VmLauncher> Agent<L> {
                     self.execute(effect, &mut pending).await?;
                 }
                 self.resume_if_due().await?;
+                // Next in line: the model measures the pause up to when it hears of the resume.
+                if let Some(r) = self.take_resumed() {
+                    pending.push_front(r);
+                }
                 self.note_status();
             }
             // Listen only once the start actions ran (a fresh primary boots its VM in them):
@@ -369,8 +376,18 @@ impl<L: VmLauncher> Agent<L> {
             if let Some(ev) = ev {
                 self.on_event(ev, &mut pending).await?;
                 self.resume_if_due().await?;
+                if let Some(r) = self.take_resumed() {
+                    pending.push_front(r);
+                }
             }
         }
+    }
+
+    /// `Resumed` for the model once the VM runs again after a capture.
+    fn take_resumed(&mut self) -> Option<Input> {
+        self.resumed_note
+            .take()
+            .map(|epoch| Input::Resumed { epoch })
     }
 
     /// Appends what the core journaled since the last call, each line stamped with the wall

@@ -44,9 +44,10 @@ impl NodeHost {
                 }
             }
             Action::Capture { epoch, full } => self.capture(t, epoch, full, queue),
-            Action::ResumeVm { .. } => {
+            Action::ResumeVm { epoch } => {
                 if let Some(vm) = self.vm.as_mut() {
                     vm.resume(t);
+                    queue.push_back(Input::Resumed { epoch });
                 }
                 if let Some(since) = self.paused_since.take() {
                     self.w.borrow_mut().obs.paused(t.saturating_since(since));
