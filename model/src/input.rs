@@ -57,6 +57,9 @@ pub enum Input {
     Resumed {
         /// The epoch the VM now runs.
         epoch: Epoch,
+        /// How long the VM was stopped, as the driver measured it (stop → cont), in µs;
+        /// 0: not measured (the model then counts from its `Capture` to this input).
+        paused_us: u64,
     },
     /// Primary: the gate holds a frame of the running epoch `epoch` (the driver says so once per
     /// epoch, at its first held frame). Under [`crate::EpochPolicy::Output`] it may end the epoch

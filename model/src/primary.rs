@@ -185,12 +185,17 @@ impl Primary {
                 self.on_capture_done(ctx, epoch);
                 None
             }
-            Input::Resumed { epoch } => {
+            Input::Resumed { epoch, paused_us } => {
                 // The capture's pause really ended now: the output policy spaces early captures
-                // by it. (A fresh VM's first resume is its boot, no pause.)
+                // by it, counted from here (at or after the real resume, so the VM runs at
+                // least the gap). (A fresh VM's first resume is its boot, no pause.)
                 if self.pause_open && epoch == self.running && self.capturing.is_none() {
                     self.pause_open = false;
-                    self.last_pause = ctx.now.saturating_since(self.paused_at);
+                    let seen = ctx.now.saturating_since(self.paused_at);
+                    self.last_pause = match paused_us {
+                        0 => seen,
+                        us => Duration::from_micros(us).min(seen),
+                    };
                     self.resumed_at = ctx.now;
                 }
                 None

@@ -808,7 +808,10 @@ fn a_resume_reported_late_lengthens_the_pause_the_output_policy_spaces_captures_
     capture_done(&mut p, 2);
     p.on(Input::CheckpointSent { epoch: Epoch(2) });
     p.now = p.now + Duration::from_millis(3);
-    p.on(Input::Resumed { epoch: Epoch(3) });
+    p.on(Input::Resumed {
+        epoch: Epoch(3),
+        paused_us: 0,
+    });
     let resumed = p.now;
     p.on(ack(B, 2));
     let a = p.on(Input::OutputHeld { epoch: Epoch(3) });
@@ -819,5 +822,34 @@ fn a_resume_reported_late_lengthens_the_pause_the_output_policy_spaces_captures_
     let a = p.at(resumed + Duration::from_millis(4));
     assert_eq!(captures(&a), [Epoch(3)]);
     // A second report of the same resume changes nothing.
-    p.on(Input::Resumed { epoch: Epoch(3) });
+    p.on(Input::Resumed {
+        epoch: Epoch(3),
+        paused_us: 0,
+    });
+}
+
+#[test]
+fn the_pause_the_driver_measured_is_the_one_the_output_policy_uses() {
+    let (mut p, _w) = protected_with(output_driven(50));
+    p.now = p.now + Duration::from_millis(1);
+    assert_eq!(
+        captures(&p.on(Input::OutputHeld { epoch: Epoch(2) })),
+        [Epoch(2)]
+    );
+    p.now = p.now + Duration::from_millis(4);
+    capture_done(&mut p, 2);
+    p.on(Input::CheckpointSent { epoch: Epoch(2) });
+    // The model saw 4 ms from its Capture; the VM was stopped 2 ms of them.
+    p.on(Input::Resumed {
+        epoch: Epoch(3),
+        paused_us: 2_000,
+    });
+    let resumed = p.now;
+    p.on(ack(B, 2));
+    p.on(Input::OutputHeld { epoch: Epoch(3) });
+    assert!(captures(&p.at(resumed + Duration::from_micros(1_900))).is_empty());
+    assert_eq!(
+        captures(&p.at(resumed + Duration::from_millis(2))),
+        [Epoch(3)]
+    );
 }

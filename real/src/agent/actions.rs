@@ -183,14 +183,17 @@ impl<L: VmLauncher> Agent<L> {
     /// since the model's `ResumeVm`: while a paused-send resume is held, frames still read from
     /// the netdev were emitted before the pause and are held one epoch longer, never shorter.)
     fn resumed(&mut self, epoch: Epoch) {
-        // The model hears of it (the output epoch policy measures pauses up to here).
-        self.resumed_note = Some(epoch);
+        // The model hears of it with the pause measured here (stop → cont), which the output
+        // epoch policy spaces early captures by.
+        let mut paused_us = 0;
         if let Some(paused) = self.paused_at.take() {
             let us = u64::try_from(paused.elapsed().as_micros()).unwrap_or(u64::MAX);
+            paused_us = us.max(1);
             if let Some((m, _)) = self.open_epochs.get_mut(&(epoch.0.saturating_sub(1))) {
                 m.pause_us = us;
             }
         }
+        self.resumed_note = Some((epoch, paused_us));
     }
 
     /// paused-send: resumes the VM once its checkpoint is out (see `ResumeGate`).

@@ -194,8 +194,9 @@ pub struct Agent<L: VmLauncher> {
     metrics: MetricsSink,
     open_epochs: BTreeMap<u64, (EpochMetrics, Option<Instant>)>,
     paused_at: Option<Instant>,
-    /// The VM ran again (from this epoch) since the model last heard of it: `Input::Resumed`.
-    resumed_note: Option<Epoch>,
+    /// The VM ran again (from this epoch, after this many µs stopped) since the model last
+    /// heard of it: `Input::Resumed`.
+    resumed_note: Option<(Epoch, u64)>,
     /// paused-send: the resume held until the checkpoint is out.
     resume: ResumeGate,
     last_status: Option<Status>,
@@ -387,7 +388,7 @@ impl<L: VmLauncher> Agent<L> {
     fn take_resumed(&mut self) -> Option<Input> {
         self.resumed_note
             .take()
-            .map(|epoch| Input::Resumed { epoch })
+            .map(|(epoch, paused_us)| Input::Resumed { epoch, paused_us })
     }
 
     /// Appends what the core journaled since the last call, each line stamped with the wall

@@ -45,12 +45,20 @@ impl NodeHost {
             }
             Action::Capture { epoch, full } => self.capture(t, epoch, full, queue),
             Action::ResumeVm { epoch } => {
+                let paused = self
+                    .paused_since
+                    .take()
+                    .map(|since| t.saturating_since(since));
+                if let Some(d) = paused {
+                    self.w.borrow_mut().obs.paused(d);
+                }
                 if let Some(vm) = self.vm.as_mut() {
                     vm.resume(t);
-                    queue.push_back(Input::Resumed { epoch });
-                }
-                if let Some(since) = self.paused_since.take() {
-                    self.w.borrow_mut().obs.paused(t.saturating_since(since));
+                    let paused_us = paused.map_or(0, |d| d.as_micros().max(1));
+                    queue.push_back(Input::Resumed {
+                        epoch,
+                        paused_us: u64::try_from(paused_us).unwrap_or(u64::MAX),
+                    });
                 }
                 // Requests that came in while paused, in their order (their replies are
                 // tagged with the epoch that starts now).
