@@ -117,7 +117,13 @@ fn draw_panel(area: &DrawingArea<BitMapBackend<'_>, Shift>, p: &Panel) -> anyhow
     let log2 = p.log2_x;
     let x_fmt = move |v: &f64| {
         if log2 {
-            format!("{}", 2f64.powf(*v).round())
+            // Only whole powers of two: between them 2^v rounds to repeated or odd labels.
+            let e = v.round();
+            if (v - e).abs() < 0.05 {
+                format!("{}", 2f64.powf(e))
+            } else {
+                String::new()
+            }
         } else {
             format!("{v}")
         }
