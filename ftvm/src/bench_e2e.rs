@@ -72,15 +72,9 @@ struct Row {
     resp_mean_us: u64,
     resp_p50_us: u64,
     resp_p99_us: u64,
-    pause_p50_us: u64,
-    pause_p99_us: u64,
-    send_mean_us: u64,
-    send_p50_us: u64,
-    send_p99_us: u64,
-    ack_p50_us: u64,
-    ack_p99_us: u64,
-    checkpoints_per_s: f64,
-    idle_rate: f64,
+    /// The primary's checkpoints during the client run (zero unprotected).
+    #[serde(flatten)]
+    epochs: Epochs,
 }
 
 fn u(v: &serde_json::Value) -> u64 {
@@ -156,15 +150,7 @@ pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
                                 resp_mean_us: u(&r["mean_us"]),
                                 resp_p50_us: u(&r["p50_us"]),
                                 resp_p99_us: u(&r["p99_us"]),
-                                pause_p50_us: e.pause_p50_us,
-                                pause_p99_us: e.pause_p99_us,
-                                send_mean_us: e.send_mean_us,
-                                send_p50_us: e.send_p50_us,
-                                send_p99_us: e.send_p99_us,
-                                ack_p50_us: e.ack_p50_us,
-                                ack_p99_us: e.ack_p99_us,
-                                checkpoints_per_s: e.per_s,
-                                idle_rate: e.idle_rate,
+                                epochs: e,
                             });
                         }
                         drop(d);
@@ -215,7 +201,7 @@ fn epoch_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
 }
 
 /// What the checkpoints acked during one client run cost.
-#[derive(Debug, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq, serde::Serialize)]
 struct Epochs {
     pause_p50_us: u64,
     pause_p99_us: u64,
@@ -224,7 +210,7 @@ struct Epochs {
     send_p99_us: u64,
     ack_p50_us: u64,
     ack_p99_us: u64,
-    per_s: f64,
+    checkpoints_per_s: f64,
     idle_rate: f64,
 }
 
@@ -235,13 +221,7 @@ impl Epochs {
             v.sort_unstable();
             v
         };
-        let pct = |v: &[u64], p: usize| {
-            if v.is_empty() {
-                0
-            } else {
-                v[(v.len() * p / 100).min(v.len() - 1)]
-            }
-        };
+        let pct = ftvm_real::agent::metrics::percentile;
         let (pause, send, ack) = (col("pause_us"), col("send_us"), col("ack_us"));
         Epochs {
             pause_p50_us: pct(&pause, 50),
@@ -251,7 +231,7 @@ impl Epochs {
             send_p99_us: pct(&send, 99),
             ack_p50_us: pct(&ack, 50),
             ack_p99_us: pct(&ack, 99),
-            per_s: lines.len() as f64 / seconds,
+            checkpoints_per_s: lines.len() as f64 / seconds,
             idle_rate: pause.iter().sum::<u64>() as f64 / (seconds * 1e6),
         }
     }
@@ -350,12 +330,12 @@ fn markdown(rows: &[Row]) -> String {
             r.replies_per_s,
             r.resp_p50_us,
             r.resp_p99_us,
-            r.pause_p50_us,
-            r.pause_p99_us,
-            r.send_p50_us,
-            r.ack_p50_us,
-            r.checkpoints_per_s,
-            r.idle_rate
+            r.epochs.pause_p50_us,
+            r.epochs.pause_p99_us,
+            r.epochs.send_p50_us,
+            r.epochs.ack_p50_us,
+            r.epochs.checkpoints_per_s,
+            r.epochs.idle_rate
         ));
     }
     s
@@ -373,7 +353,7 @@ mod tests {
         assert_eq!(e.pause_p50_us, 510);
         assert_eq!(e.pause_p99_us, 1000);
         assert_eq!(e.ack_p50_us, 1051);
-        assert_eq!(e.per_s, 50.0);
+        assert_eq!(e.checkpoints_per_s, 50.0);
         // 50,500 µs paused in 2 s.
         assert!((e.idle_rate - 0.02525).abs() < 1e-9, "{}", e.idle_rate);
         assert_eq!(Epochs::of(&[], 1.0), Epochs::default());

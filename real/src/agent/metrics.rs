@@ -89,7 +89,9 @@ pub struct MetricsSink {
     acks: Vec<u64>,
 }
 
-fn percentile(sorted: &[u64], p: usize) -> u64 {
+/// The `p`-th percentile of `sorted` (index `len × p / 100`, the summary's and the e2e
+/// benchmark's definition); 0 when empty.
+pub fn percentile(sorted: &[u64], p: usize) -> u64 {
     if sorted.is_empty() {
         return 0;
     }
