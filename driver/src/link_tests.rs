@@ -1,4 +1,7 @@
-use ftvm_model::wire::{encode_checkpoint, encode_peer, Expect, StreamDecoder};
+use ftvm_model::wire::{
+    encode_checkpoint, encode_checkpoint_with_disk, encode_peer, Expect, StreamDecoder,
+    DISK_BLOCK_SIZE,
+};
 use ftvm_model::{Generation, VmId};
 
 use super::*;
@@ -11,7 +14,26 @@ fn limits() -> StagingLimits {
         page_size: PS,
         ram_pages: 64,
         max_device_bytes: 1 << 20,
+        disk_blocks: 32,
     }
+}
+
+/// A checkpoint of two pages and two disk blocks (`fill` and `fill + 1` bytes).
+fn disk_checkpoint(generation: u64, epoch: u64, fill: u8) -> Vec<u8> {
+    let page = vec![3u8; PS as usize];
+    let a = vec![fill; DISK_BLOCK_SIZE as usize];
+    let b = vec![fill.wrapping_add(1); DISK_BLOCK_SIZE as usize];
+    encode_checkpoint_with_disk(
+        VM,
+        Generation(generation),
+        Epoch(epoch),
+        false,
+        PS,
+        &[(5, &page[..]), (9, &page[..])],
+        &[(31, &a[..]), (0, &b[..])],
+        b"device",
+    )
+    .unwrap()
 }
 
 fn reader() -> LinkReader<StreamDecoder> {
@@ -216,4 +238,103 @@ fn a_buffering_decoder_loses_no_byte() {
         }
         assert_eq!(kinds(&out), kinds(&expected), "in pieces of {chunk}");
     }
+}
+
+#[test]
+fn disk_blocks_come_out_whole_however_the_bytes_are_split() {
+    let bytes = [
+        disk_checkpoint(1, 1, 10),
+        heartbeat(1),
+        disk_checkpoint(1, 2, 20),
+    ]
+    .concat();
+    for chunk in [1, 7, 100, 4097, bytes.len()] {
+        let mut r = reader();
+        let mut out = Vec::new();
+        for piece in bytes.chunks(chunk) {
+            r.feed(piece, &mut out).unwrap();
+        }
+        r.end_of_stream().unwrap();
+        let whole: Vec<&StagedCheckpoint> = out
+            .iter()
+            .filter_map(|e| match e {
+                LinkEvent::CheckpointReceived(s) => Some(s),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(whole.len(), 2, "in pieces of {chunk}");
+        for (s, fill) in whole.iter().zip([10u8, 20]) {
+            assert_eq!(s.indices, vec![5, 9]);
+            assert_eq!(s.disk_indices, vec![31, 0]);
+            let blocks: Vec<(u64, u8)> = s.disk_blocks().map(|(i, d)| (i, d[0])).collect();
+            assert_eq!(blocks, vec![(31, fill), (0, fill + 1)]);
+            assert!(s
+                .disk_blocks()
+                .all(|(_, d)| d.len() == DISK_BLOCK_SIZE as usize));
+        }
+    }
+}
+
+#[test]
+fn a_damaged_disk_part_is_reported_with_what_arrived_and_never_received() {
+    let mut bytes = disk_checkpoint(1, 7, 1);
+    // A byte inside the second disk block: the pages and the first block arrived.
+    let at = bytes.len() - 4 - b"device".len() - 10;
+    bytes[at] ^= 0x40;
+    let mut r = reader();
+    let mut out = Vec::new();
+    assert!(r.feed(&bytes, &mut out).is_err(), "the checksum fails");
+    assert_eq!(kinds(&out), vec!["start e7".to_string()]);
+    match r.close() {
+        Some(LinkEvent::CheckpointDamaged { epoch, partial }) => {
+            assert_eq!(epoch, Epoch(7));
+            let partial = partial.unwrap();
+            assert_eq!(partial.indices, vec![5, 9]);
+            assert_eq!(partial.disk_indices, vec![31, 0]);
+        }
+        other => panic!("expected a damaged checkpoint, got {other:?}"),
+    }
+    // Cut inside the disk part.
+    let bytes = disk_checkpoint(1, 8, 1);
+    let mut r = reader();
+    r.feed(&bytes[..bytes.len() - 4 - 6 - 100], &mut out)
+        .unwrap();
+    assert!(matches!(r.end_of_stream(), Err(LinkError::Truncated(_))));
+    match r.close() {
+        Some(LinkEvent::CheckpointDamaged { epoch, partial }) => {
+            assert_eq!(epoch, Epoch(8));
+            assert_eq!(
+                partial.unwrap().disk_indices,
+                vec![31],
+                "the whole block only"
+            );
+        }
+        other => panic!("expected a damaged checkpoint, got {other:?}"),
+    }
+}
+
+#[test]
+fn disk_blocks_to_a_vm_without_a_disk_end_the_link() {
+    let no_disk = StagingLimits {
+        disk_blocks: 0,
+        ..limits()
+    };
+    let mut r = LinkReader::new(StreamDecoder::new(Expect::vm(VM)), no_disk);
+    let mut out = Vec::new();
+    let e = r.feed(&disk_checkpoint(1, 4, 1), &mut out).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            LinkError::Staging(StagingError::NoDisk { epoch: 4, count: 2 })
+        ),
+        "{e}"
+    );
+    assert!(out.is_empty(), "the checkpoint never started");
+    assert!(matches!(
+        r.close(),
+        Some(LinkEvent::CheckpointDamaged {
+            epoch: Epoch(4),
+            partial: None
+        })
+    ));
 }

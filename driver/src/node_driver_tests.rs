@@ -153,6 +153,7 @@ fn a_journal_replays_to_the_same_actions_and_a_tampered_one_does_not() {
         ram_pages: 16,
         page_size: 4096,
         known: Generation::UNKNOWN,
+        disk_blocks: 0,
     };
     let t = Time::from_duration(std::time::Duration::from_millis(3));
     let from = NodeId(2);

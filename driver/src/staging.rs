@@ -4,21 +4,27 @@
 //!
 //! - at `CheckpointBegin`: the page size is the VM's, the page count is at most the VM's RAM
 //!   pages, the device state is at most [`StagingLimits::max_device_bytes`];
+//! - at `CheckpointBegin`, for disk blocks: the VM has a protected disk at all, and the block
+//!   count is at most the disk's blocks ([`StagingLimits::disk_blocks`]);
 //! - per page: its index lies in guest RAM and was not sent before in the same checkpoint (the
 //!   wire encoder does not order pages, so duplicates are refused with a bitmap of RAM pages,
 //!   one bit per page, allocated once per link from the VM's size, never from the wire);
+//! - per disk block, the same against the disk: index in range, not repeated (a second
+//!   bitmap, one bit per disk block, allocated from the disk's size the first time a
+//!   checkpoint with disk blocks begins);
 //! - buffers grow as bytes arrive, geometrically and never past what was claimed: a peer that
-//!   claims a big checkpoint and sends nothing holds at most [`INITIAL_PAGES`] pages and
-//!   [`INITIAL_DEVICE_BYTES`].
+//!   claims a big checkpoint and sends nothing holds at most [`INITIAL_PAGES`] pages,
+//!   [`INITIAL_DISK_BLOCKS`] disk blocks and [`INITIAL_DEVICE_BYTES`].
 //!
 //! So a checkpoint that passes staging always fits the replica (`Replica::commit` cannot fail on
 //! its shape). A violation drops the checkpoint and the link (the reader stops), never the
-//! agent.
+//! agent. Nothing staged is applied anywhere before the decoder's `CheckpointEnd` verified the
+//! checksum: the assembler only fills a [`StagedCheckpoint`], the executor commits it later.
 
 // Values here come off the wire (or go onto it): a cast that drops bits must be a checked
 // conversion, or say why it cannot lose anything.
 
-use ftvm_model::wire::{CheckpointMeta, Item};
+use ftvm_model::wire::{CheckpointMeta, Item, DISK_BLOCK_SIZE};
 use ftvm_model::{Epoch, Generation};
 
 use crate::checkpoint::StagedCheckpoint;
@@ -33,6 +39,9 @@ pub const DEFAULT_MAX_DEVICE_BYTES: u64 = 32 << 20;
 /// Pages reserved at `CheckpointBegin` at most, whatever the peer claims.
 pub const INITIAL_PAGES: usize = 64;
 
+/// Disk blocks reserved at `CheckpointBegin` at most, whatever the peer claims.
+pub const INITIAL_DISK_BLOCKS: usize = 16;
+
 /// Device-state bytes reserved at `CheckpointBegin` at most, whatever the peer claims.
 pub const INITIAL_DEVICE_BYTES: usize = 128 << 10;
 
@@ -45,6 +54,9 @@ pub struct StagingLimits {
     pub ram_pages: u64,
     /// Largest device state accepted.
     pub max_device_bytes: u64,
+    /// The replica disk's size in blocks of [`DISK_BLOCK_SIZE`] bytes; 0: this VM has no
+    /// protected disk, and a checkpoint carrying disk blocks is refused.
+    pub disk_blocks: u64,
 }
 
 /// Why a checkpoint was dropped.
@@ -98,6 +110,42 @@ pub enum StagingError {
         /// Index sent.
         index: u64,
     },
+    /// Disk blocks for a VM without a protected disk.
+    #[error("checkpoint {epoch}: {count} disk blocks, this VM has no protected disk")]
+    NoDisk {
+        /// Epoch claimed.
+        epoch: u64,
+        /// Disk blocks claimed.
+        count: u64,
+    },
+    /// More disk blocks than the disk has.
+    #[error("checkpoint {epoch}: {count} disk blocks, the disk has {disk_blocks}")]
+    DiskBlockCount {
+        /// Epoch claimed.
+        epoch: u64,
+        /// Disk blocks claimed.
+        count: u64,
+        /// The VM's.
+        disk_blocks: u64,
+    },
+    /// A disk block index outside the disk.
+    #[error("checkpoint {epoch}: disk block {index} is outside the disk ({disk_blocks} blocks)")]
+    DiskBlockIndex {
+        /// Epoch.
+        epoch: u64,
+        /// Index sent.
+        index: u64,
+        /// The VM's.
+        disk_blocks: u64,
+    },
+    /// The same disk block twice in one checkpoint.
+    #[error("checkpoint {epoch}: disk block {index} sent twice")]
+    DuplicateDiskBlock {
+        /// Epoch.
+        epoch: u64,
+        /// Index sent.
+        index: u64,
+    },
     /// A checkpoint item out of place (the decoder never produces one; kept as an error rather
     /// than a panic).
     #[error("checkpoint item out of place: {0}")]
@@ -125,6 +173,9 @@ pub struct CheckpointAssembler {
     open: Option<Epoch>,
     /// One bit per guest page: sent in the current checkpoint.
     seen: Vec<u64>,
+    /// One bit per disk block: sent in the current checkpoint (empty until a checkpoint with
+    /// disk blocks begins).
+    disk_seen: Vec<u64>,
     /// What arrived of the last checkpoint dropped on an error, until [`Self::abort`].
     partial: Option<StagedCheckpoint>,
 }
@@ -146,6 +197,7 @@ impl CheckpointAssembler {
             cur: None,
             open: None,
             seen: Vec::new(),
+            disk_seen: Vec::new(),
             partial: None,
         }
     }
@@ -157,6 +209,9 @@ impl CheckpointAssembler {
         match item {
             Item::CheckpointBegin { generation, meta } => self.begin(generation, meta),
             Item::Page { index, data } => self.page(index, data).map(|()| Staged::Nothing),
+            Item::DiskBlock { index, data } => {
+                self.disk_block(index, data).map(|()| Staged::Nothing)
+            }
             Item::Device { offset, data } => self.device(offset, data).map(|()| Staged::Nothing),
             Item::CheckpointEnd { epoch } => self.end(epoch),
             Item::Peer(_) | Item::WitnessRequest(_) | Item::WitnessReply(_) => Err(
@@ -218,21 +273,44 @@ impl CheckpointAssembler {
                 cap: l.max_device_bytes,
             });
         }
+        if meta.disk_blocks > 0 && l.disk_blocks == 0 {
+            return Err(StagingError::NoDisk {
+                epoch,
+                count: meta.disk_blocks,
+            });
+        }
+        if meta.disk_blocks > l.disk_blocks {
+            return Err(StagingError::DiskBlockCount {
+                epoch,
+                count: meta.disk_blocks,
+                disk_blocks: l.disk_blocks,
+            });
+        }
         let words = usize::try_from(l.ram_pages.div_ceil(64)).unwrap_or(usize::MAX);
         if self.seen.len() != words {
             // Once per link: sized by this VM, not by the peer.
             self.seen = vec![0; words];
         }
+        let disk_words = usize::try_from(l.disk_blocks.div_ceil(64)).unwrap_or(usize::MAX);
+        if meta.disk_blocks > 0 && self.disk_seen.len() != disk_words {
+            // Once per link, and only for a peer that sends disk blocks: sized by this VM's
+            // disk, not by the peer.
+            self.disk_seen = vec![0; disk_words];
+        }
         // Bounded by the checks above.
         let pages = usize::try_from(meta.page_count).unwrap_or(usize::MAX);
+        let blocks = usize::try_from(meta.disk_blocks).unwrap_or(usize::MAX);
         let device = usize::try_from(meta.device_len).unwrap_or(usize::MAX);
         let first = pages.min(INITIAL_PAGES);
+        let first_blocks = blocks.min(INITIAL_DISK_BLOCKS);
         let staged = StagedCheckpoint {
             generation: generation.0,
             epoch,
             full: meta.full,
             indices: Vec::with_capacity(first),
             data: Vec::with_capacity(first * l.page_size as usize),
+            disk_indices: Vec::with_capacity(first_blocks),
+            disk_data: Vec::with_capacity(first_blocks * DISK_BLOCK_SIZE as usize),
             device: Vec::with_capacity(device.min(INITIAL_DEVICE_BYTES)),
             spooled: 0,
         };
@@ -290,6 +368,63 @@ impl CheckpointAssembler {
         Ok(())
     }
 
+    fn disk_block(&mut self, index: u64, data: &[u8]) -> Result<(), StagingError> {
+        let disk_blocks = self.limits.disk_blocks;
+        let Some((meta, s)) = self.cur.as_mut() else {
+            return Err(StagingError::OutOfPlace(
+                "a disk block outside a checkpoint",
+            ));
+        };
+        let epoch = s.epoch;
+        if s.indices.len() as u64 != meta.page_count {
+            return Err(StagingError::OutOfPlace(
+                "a disk block before the last page",
+            ));
+        }
+        if data.len() != DISK_BLOCK_SIZE as usize || s.disk_indices.len() as u64 >= meta.disk_blocks
+        {
+            return Err(StagingError::OutOfPlace(
+                "a disk block beyond the checkpoint's shape",
+            ));
+        }
+        if index >= disk_blocks {
+            return Err(StagingError::DiskBlockIndex {
+                epoch,
+                index,
+                disk_blocks,
+            });
+        }
+        // In range: `disk_seen` has a bit for every block below `disk_blocks`.
+        let bit = 1u64 << (index % 64);
+        match self.disk_seen.get_mut((index / 64) as usize) {
+            Some(w) if *w & bit != 0 => {
+                return Err(StagingError::DuplicateDiskBlock { epoch, index });
+            }
+            Some(w) => *w |= bit,
+            None => {
+                return Err(StagingError::OutOfPlace(
+                    "a disk block before its checkpoint began",
+                ))
+            }
+        }
+        // `begin` bounded the count by the disk's size.
+        let claimed =
+            usize::try_from(meta.disk_blocks).map_err(|_| StagingError::DiskBlockCount {
+                epoch,
+                count: meta.disk_blocks,
+                disk_blocks,
+            })?;
+        grow_within(&mut s.disk_indices, 1, claimed);
+        s.disk_indices.push(index);
+        grow_within(
+            &mut s.disk_data,
+            data.len(),
+            claimed.saturating_mul(data.len()),
+        );
+        s.disk_data.extend_from_slice(data);
+        Ok(())
+    }
+
     fn device(&mut self, offset: u64, data: &[u8]) -> Result<(), StagingError> {
         let max_device = self.limits.max_device_bytes;
         let Some((meta, s)) = self.cur.as_mut() else {
@@ -317,6 +452,7 @@ impl CheckpointAssembler {
         let complete = self.cur.as_ref().is_some_and(|(meta, s)| {
             meta.epoch == epoch
                 && s.indices.len() as u64 == meta.page_count
+                && s.disk_indices.len() as u64 == meta.disk_blocks
                 && s.device.len() as u64 == meta.device_len
         });
         if !complete {
@@ -335,17 +471,27 @@ impl CheckpointAssembler {
 
     fn drop_current(&mut self) {
         self.clear_seen();
-        self.partial = self.cur.take().map(|(_, s)| s);
+        // Keep what a checkpoint dropped earlier (on a short end) left for `abort`.
+        if let Some((_, s)) = self.cur.take() {
+            self.partial = Some(s);
+        }
     }
 
-    /// Unmarks the pages of the current checkpoint (cheaper than clearing all of RAM's bits).
+    /// Unmarks the pages and disk blocks of the current checkpoint (cheaper than clearing all
+    /// of RAM's and the disk's bits).
     fn clear_seen(&mut self) {
         if let Some((_, s)) = &self.cur {
-            for &index in &s.indices {
-                if let Some(w) = self.seen.get_mut((index / 64) as usize) {
-                    *w &= !(1u64 << (index % 64));
-                }
-            }
+            unmark(&mut self.seen, &s.indices);
+            unmark(&mut self.disk_seen, &s.disk_indices);
+        }
+    }
+}
+
+/// Clears the bits of `indices` in `bitmap`.
+fn unmark(bitmap: &mut [u64], indices: &[u64]) {
+    for &index in indices {
+        if let Some(w) = bitmap.get_mut((index / 64) as usize) {
+            *w &= !(1u64 << (index % 64));
         }
     }
 }

@@ -273,6 +273,7 @@ fn prefix(pages: usize) -> anyhow::Result<Vec<u8>> {
         page_size: PAGE as u32,
         page_count: pages as u64,
         device_len: 0,
+        disk_blocks: 0,
     };
     let (_, prefix) = CheckpointEncoder::new(VmId(1), Generation(1), meta)
         .context("encoding a checkpoint prefix")?;

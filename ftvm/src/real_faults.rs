@@ -544,6 +544,7 @@ fn forged_msg(d: &Deployment, sender: u32, frame: ForgedFrame, generation: u64) 
             ram_pages: d.opts.ram_mb * (1 << 20) / REAL_PAGE_BYTES,
             page_size: REAL_PAGE_BYTES as u32,
             known: generation,
+            disk_blocks: 0,
         },
         ForgedFrame::Heartbeat => PeerMsg::Heartbeat {
             generation,

@@ -136,6 +136,7 @@ impl Backup {
                         node: ctx.me,
                         ram_pages: ctx.cfg.ram_pages,
                         page_size: ctx.cfg.page_size,
+                        disk_blocks: ctx.cfg.disk_blocks,
                         known: self.generation,
                     };
                     ctx.act(Action::Send {

@@ -88,6 +88,7 @@ fn joins_syncs_commits_and_acks_in_order() {
         node: B,
         ram_pages: cfg.ram_pages,
         page_size: cfg.page_size,
+        disk_blocks: cfg.disk_blocks,
         known: Generation::UNKNOWN,
     };
     assert_eq!(
@@ -364,6 +365,7 @@ fn a_backup_refuses_joiners() {
         node: c,
         ram_pages: cfg.ram_pages,
         page_size: cfg.page_size,
+        disk_blocks: cfg.disk_blocks,
         known: G1,
     };
     let a = b.on(Input::Message { from: c, msg: join });
@@ -414,4 +416,34 @@ fn bytes_while_joining_are_no_sign_of_life() {
     assert!(asked.is_some(), "no takeover within the failure timeout");
     assert!(waited <= ft + step, "asked after {waited:?}");
     assert_eq!(b.status().phase, Phase::TakingOver);
+}
+
+#[test]
+fn a_backup_announces_its_disk_and_a_disk_mismatch_fences_it() {
+    let mut cfg = config();
+    cfg.disk_blocks = 1 << 20;
+    let mut b = One::with(cfg.clone(), B, Start::Backup { primary: P });
+    assert_eq!(b.on(Input::Timeout), vec![Action::Connect { to: P }]);
+    let join = PeerMsg::Join {
+        vm: cfg.vm,
+        node: B,
+        ram_pages: cfg.ram_pages,
+        page_size: cfg.page_size,
+        disk_blocks: 1 << 20,
+        known: Generation::UNKNOWN,
+    };
+    assert_eq!(
+        b.on(Input::Connected { peer: P }),
+        vec![Action::Send { to: P, msg: join }]
+    );
+    let msg = PeerMsg::Reject {
+        generation: G1,
+        reason: RejectReason::DiskSizeMismatch,
+    };
+    assert_eq!(
+        b.on(from_p(msg)),
+        vec![Action::Disconnect { peer: P }, Action::Fence]
+    );
+    assert_eq!(b.status().role, RoleKind::Fenced);
+    assert_eq!(b.node.poll_timeout(), None, "misconfigured: never retries");
 }

@@ -8,7 +8,7 @@ use crate::ids::{NodeId, VmId};
 use crate::mutants::Mutant;
 
 /// Protocol parameters. Every node of one VM (and the witness) must agree on `vm`, `ram_pages`,
-/// `page_size` and `witness`; the timers may differ per host.
+/// `page_size`, `disk_blocks` and `witness`; the timers may differ per host.
 ///
 /// Build it with [`Config::new`] and then adjust fields: the struct has a cfg-gated field
 /// (`mutant`) so struct literals would not compile in both feature configurations.
@@ -20,6 +20,11 @@ pub struct Config {
     pub ram_pages: u64,
     /// Guest page size in bytes (4096 on x86).
     pub page_size: u32,
+    /// Protected disk size in blocks of [`crate::wire::DISK_BLOCK_SIZE`] bytes; 0 (the default,
+    /// so configurations written before disks still parse): the VM has no protected disk. A
+    /// joiner with a different size is rejected.
+    #[serde(default)]
+    pub disk_blocks: u64,
     /// How long the VM runs between two captures when the link keeps up (default 25 ms); under
     /// [`EpochPolicy::Output`] the longest epoch.
     pub epoch_interval: Duration,
@@ -84,6 +89,9 @@ pub enum ConfigError {
     /// At least one checkpoint must be allowed in flight.
     #[error("max_unacked must be at least 1")]
     NoCheckpointInFlight,
+    /// The disk's bytes must be addressable: `disk_blocks × DISK_BLOCK_SIZE` fits in a u64.
+    #[error("disk_blocks {0} is too large (the disk's size in bytes overflows)")]
+    DiskTooLarge(u64),
     /// The idle bound of output-driven epochs is a percentage of time.
     #[error("the output epoch policy's max idle share must be 1 to 100 percent, not {0}")]
     IdleShare(u8),
@@ -98,6 +106,7 @@ impl Config {
             vm,
             ram_pages,
             page_size: 4096,
+            disk_blocks: 0,
             epoch_interval: Duration::from_millis(25),
             epoch_policy: EpochPolicy::Fixed,
             heartbeat_interval: Duration::from_millis(10),
@@ -137,6 +146,13 @@ impl Config {
         }
         if self.max_unacked == 0 {
             return Err(ConfigError::NoCheckpointInFlight);
+        }
+        if self
+            .disk_blocks
+            .checked_mul(u64::from(crate::wire::DISK_BLOCK_SIZE))
+            .is_none()
+        {
+            return Err(ConfigError::DiskTooLarge(self.disk_blocks));
         }
         if let EpochPolicy::Output(p) = self.epoch_policy {
             if !(1..=100).contains(&p.max_idle_pct) {
@@ -195,6 +211,11 @@ mod tests {
         let mut c = Config::new(VmId(1), 1024, NodeId(9));
         c.max_unacked = 0;
         assert_eq!(c.validate(), Err(ConfigError::NoCheckpointInFlight));
+        let mut d = Config::new(VmId(1), 1024, NodeId(9));
+        d.disk_blocks = u64::MAX / 2;
+        assert_eq!(d.validate(), Err(ConfigError::DiskTooLarge(u64::MAX / 2)));
+        d.disk_blocks = 1 << 20;
+        assert_eq!(d.validate(), Ok(()));
         let s = c.sanitized();
         assert_eq!(s.max_unacked, 1);
         let mut c = Config::new(VmId(1), 1024, NodeId(9));

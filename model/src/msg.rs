@@ -21,6 +21,9 @@ pub enum PeerMsg {
         ram_pages: u64,
         /// Joiner's page size in bytes.
         page_size: u32,
+        /// Joiner's replica disk size in blocks of [`crate::wire::DISK_BLOCK_SIZE`] bytes (0: the
+        /// VM has no protected disk).
+        disk_blocks: u64,
         /// Newest generation the joiner knows of.
         known: Generation,
     },
@@ -78,6 +81,8 @@ pub enum RejectReason {
     RamSizeMismatch,
     /// Page size differs. Permanent.
     PageSizeMismatch,
+    /// Replica disk size differs from the VM's. Permanent.
+    DiskSizeMismatch,
     /// The primary already has a backup (at most one). Retry later.
     HaveBackup,
     /// The primary is busy (settling a lost backup with the witness, or mid-capture). Retry.
@@ -91,7 +96,10 @@ impl RejectReason {
     pub fn is_permanent(self) -> bool {
         matches!(
             self,
-            RejectReason::WrongVm | RejectReason::RamSizeMismatch | RejectReason::PageSizeMismatch
+            RejectReason::WrongVm
+                | RejectReason::RamSizeMismatch
+                | RejectReason::PageSizeMismatch
+                | RejectReason::DiskSizeMismatch
         )
     }
 
@@ -104,6 +112,7 @@ impl RejectReason {
             RejectReason::HaveBackup => 4,
             RejectReason::Busy => 5,
             RejectReason::NotPrimary => 6,
+            RejectReason::DiskSizeMismatch => 7,
         }
     }
 
@@ -116,6 +125,7 @@ impl RejectReason {
             4 => RejectReason::HaveBackup,
             5 => RejectReason::Busy,
             6 => RejectReason::NotPrimary,
+            7 => RejectReason::DiskSizeMismatch,
             _ => return None,
         })
     }
@@ -127,6 +137,7 @@ impl fmt::Display for RejectReason {
             RejectReason::WrongVm => "wrong VM",
             RejectReason::RamSizeMismatch => "RAM size mismatch",
             RejectReason::PageSizeMismatch => "page size mismatch",
+            RejectReason::DiskSizeMismatch => "disk size mismatch",
             RejectReason::HaveBackup => "primary already has a backup",
             RejectReason::Busy => "primary busy",
             RejectReason::NotPrimary => "not the primary",
@@ -147,12 +158,17 @@ mod tests {
             RejectReason::HaveBackup,
             RejectReason::Busy,
             RejectReason::NotPrimary,
+            RejectReason::DiskSizeMismatch,
         ] {
             assert_eq!(RejectReason::from_code(r.code()), Some(r));
-            assert_eq!(r.is_permanent(), r.code() <= 3);
+            assert_eq!(r.is_permanent(), r.code() <= 3 || r.code() == 7);
         }
+        assert_eq!(
+            RejectReason::DiskSizeMismatch.to_string(),
+            "disk size mismatch"
+        );
         assert_eq!(RejectReason::from_code(0), None);
-        assert_eq!(RejectReason::from_code(7), None);
+        assert_eq!(RejectReason::from_code(8), None);
     }
 
     #[test]
@@ -162,6 +178,7 @@ mod tests {
             node: NodeId(2),
             ram_pages: 3,
             page_size: 4096,
+            disk_blocks: 0,
             known: Generation(5),
         };
         assert_eq!(j.generation(), Generation(5));

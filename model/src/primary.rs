@@ -58,6 +58,14 @@ enum PPhase {
 }
 
 /// The backup or joiner this primary streams to.
+/// The replica shape a `Join` announces, checked against this VM's.
+#[derive(Clone, Copy, Debug)]
+struct JoinerSize {
+    ram_pages: u64,
+    page_size: u32,
+    disk_blocks: u64,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct Peer {
     node: NodeId,
@@ -304,9 +312,15 @@ impl Primary {
                 node,
                 ram_pages,
                 page_size,
+                disk_blocks,
                 ..
             } => {
-                self.on_join(ctx, from, vm, node, ram_pages, page_size);
+                let size = JoinerSize {
+                    ram_pages,
+                    page_size,
+                    disk_blocks,
+                };
+                self.on_join(ctx, from, vm, node, size);
             }
             PeerMsg::Ack { generation, epoch } => {
                 if generation < self.generation {
@@ -343,17 +357,21 @@ impl Primary {
         from: NodeId,
         vm: crate::ids::VmId,
         node: NodeId,
-        ram_pages: u64,
-        page_size: u32,
+        size: JoinerSize,
     ) {
         if vm != ctx.cfg.vm {
             return self.reject(ctx, from, RejectReason::WrongVm);
         }
-        if ram_pages != ctx.cfg.ram_pages {
+        if size.ram_pages != ctx.cfg.ram_pages {
             return self.reject(ctx, from, RejectReason::RamSizeMismatch);
         }
-        if page_size != ctx.cfg.page_size {
+        if size.page_size != ctx.cfg.page_size {
             return self.reject(ctx, from, RejectReason::PageSizeMismatch);
+        }
+        // A replica disk of another size could not hold (or would not fill) the VM's disk:
+        // after a takeover the VM would see a different disk.
+        if size.disk_blocks != ctx.cfg.disk_blocks {
+            return self.reject(ctx, from, RejectReason::DiskSizeMismatch);
         }
         if from == ctx.me || node != from {
             return; // a confused or spoofed join; nothing sane to answer

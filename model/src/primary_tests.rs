@@ -26,6 +26,7 @@ fn join(from: NodeId) -> Input {
             node: from,
             ram_pages: cfg.ram_pages,
             page_size: cfg.page_size,
+            disk_blocks: cfg.disk_blocks,
             known: Generation::UNKNOWN,
         },
     }
@@ -311,22 +312,27 @@ fn bad_joins_are_rejected() {
     let cfg = config();
     let mut p = One::new(P, Start::Primary);
     p.on(Input::Timeout);
-    let bad = |vm: VmId, ram_pages: u64, page_size: u32| Input::Message {
+    let bad = |vm: VmId, ram_pages: u64, page_size: u32, disk_blocks: u64| Input::Message {
         from: C,
         msg: PeerMsg::Join {
             vm,
             node: C,
             ram_pages,
             page_size,
+            disk_blocks,
             known: G1,
         },
     };
-    let a = p.on(bad(VmId(99), cfg.ram_pages, cfg.page_size));
+    let (ram, page, disk) = (cfg.ram_pages, cfg.page_size, cfg.disk_blocks);
+    let a = p.on(bad(VmId(99), ram, page, disk));
     assert_eq!(a, vec![reject(C, RejectReason::WrongVm)]);
-    let a = p.on(bad(cfg.vm, cfg.ram_pages + 1, cfg.page_size));
+    let a = p.on(bad(cfg.vm, ram + 1, page, disk));
     assert_eq!(a, vec![reject(C, RejectReason::RamSizeMismatch)]);
-    let a = p.on(bad(cfg.vm, cfg.ram_pages, 2 * cfg.page_size));
+    let a = p.on(bad(cfg.vm, ram, 2 * page, disk));
     assert_eq!(a, vec![reject(C, RejectReason::PageSizeMismatch)]);
+    // A disk where the VM has none.
+    let a = p.on(bad(cfg.vm, ram, page, 8));
+    assert_eq!(a, vec![reject(C, RejectReason::DiskSizeMismatch)]);
     assert_eq!(p.status().phase, Phase::Waiting);
     // A second backup while one is syncing.
     p.on(join(B));
@@ -513,6 +519,7 @@ fn claim_join(from: NodeId, known: Generation) -> Input {
             node: from,
             ram_pages: cfg.ram_pages,
             page_size: cfg.page_size,
+            disk_blocks: cfg.disk_blocks,
             known,
         },
     }
@@ -852,4 +859,46 @@ fn the_pause_the_driver_measured_is_the_one_the_output_policy_uses() {
         captures(&p.at(resumed + Duration::from_millis(2))),
         [Epoch(3)]
     );
+}
+
+#[test]
+fn a_joiner_with_another_disk_size_is_refused_for_good() {
+    let mut cfg = config();
+    cfg.disk_blocks = 64;
+    let mut p = One::with(cfg.clone(), P, Start::Primary);
+    p.on(Input::Timeout);
+    let join = |disk_blocks: u64| Input::Message {
+        from: B,
+        msg: PeerMsg::Join {
+            vm: cfg.vm,
+            node: B,
+            ram_pages: cfg.ram_pages,
+            page_size: cfg.page_size,
+            disk_blocks,
+            known: Generation::UNKNOWN,
+        },
+    };
+    // No disk, a smaller one, a larger one: all refused, and the reason is permanent.
+    for disk in [0, 63, 65] {
+        assert_eq!(
+            p.on(join(disk)),
+            vec![reject(B, RejectReason::DiskSizeMismatch)]
+        );
+        assert_eq!(p.status().phase, Phase::Waiting);
+        assert_eq!(p.status().peer, None);
+    }
+    assert!(RejectReason::DiskSizeMismatch.is_permanent());
+    // The same disk size is accepted: the primary starts the sync.
+    let a = p.on(join(64));
+    assert!(
+        !a.iter().any(|a| matches!(
+            a,
+            Action::Send {
+                msg: PeerMsg::Reject { .. },
+                ..
+            }
+        )),
+        "{a:?}"
+    );
+    assert_eq!(p.status().peer, Some(B));
 }

@@ -632,6 +632,8 @@ fn decode_body(h: JournalHeader, sum: u64, mut body: Vec<u8>) -> Option<StagedCh
         data: body,
         device: device.to_vec(),
         spooled: 0,
+        disk_data: Vec::new(),
+        disk_indices: Vec::new(),
     })
 }
 
@@ -662,6 +664,7 @@ mod tests {
             page_size: 4096u32,
             ram_pages: RAM_PAGES,
             max_device_bytes: 1000,
+            disk_blocks: 0,
         });
         let p = vec![5u8; PS];
         let last = RAM_PAGES - 1;
@@ -712,6 +715,7 @@ mod tests {
             page_size: 4096u32,
             ram_pages: RAM_PAGES,
             max_device_bytes: 1000,
+            disk_blocks: 0,
         });
         let contents: Vec<Vec<u8>> = pages.iter().map(|p| vec![p.1; PS]).collect();
         let list: Vec<(u64, &[u8])> = pages
@@ -878,6 +882,8 @@ mod tests {
             // Device state that differs by epoch: its low byte will do.
             device: vec![epoch.to_le_bytes()[0]; 100],
             spooled: 0,
+            disk_data: Vec::new(),
+            disk_indices: Vec::new(),
         }
     }
 

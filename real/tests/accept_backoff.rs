@@ -113,6 +113,7 @@ fn child() {
             page_size: 4096,
             ram_pages: 16,
             max_device_bytes: 1 << 20,
+            disk_blocks: 0,
         },
         kind: TransportKind::Copy,
         identity: std::sync::Arc::new(ids.remove(&NodeId(1)).unwrap()),

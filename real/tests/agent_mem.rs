@@ -217,6 +217,7 @@ fn begin_only(epoch: u64, page_count: u64, device_len: u64) -> Vec<u8> {
         page_size: PAGE as u32,
         page_count,
         device_len,
+        disk_blocks: 0,
     };
     CheckpointEncoder::new(VmId(7), Generation(1), meta)
         .unwrap()

@@ -1,14 +1,15 @@
 //! Fuzz-style test of the wire decoders (`StreamDecoder` and `wire::decode`), for a fixed wall
 //! time: random byte streams, forged headers with valid checksums, and valid streams of every
-//! frame kind (peer messages, checkpoints with pages and device state, witness requests and
-//! replies) damaged by bit flips, truncations, splices, huge length fields and garbage, each
-//! fed whole and cut into chunks at random points.
+//! frame kind (peer messages, checkpoints with pages, disk blocks and device state, witness
+//! requests and replies) damaged by bit flips, truncations, splices, huge length fields and
+//! garbage, each fed whole and cut into chunks at random points; and checkpoints damaged or cut
+//! inside their disk section, which must be refused exactly like damage to their pages.
 //!
 //! Every case asserts: no panic; every call makes progress; a frame is reported verified (a peer
 //! message, a witness request or reply, a checkpoint's end) only if its bytes on the wire are
 //! exactly the encoding of what was decoded, so checksums held and nothing was read loosely;
 //! the decoder's buffer stays within twice the largest piece it gathers (a page of the size
-//! the frame declared, or a small fixed-size piece); the items do not depend on where the
+//! the frame declared, a disk block, or a small fixed-size piece); the items do not depend on where the
 //! stream was cut; `wire::decode` agrees with the stream decoder on the first frame; and after
 //! an error the decoder is dead (the same error for any later input and at `finish`), as
 //! `StreamDecoder` documents. Mutations with a known outcome (a bit flip, a cut, garbage at a
@@ -20,8 +21,8 @@
 use std::time::{Duration, Instant};
 
 use ftvm_model::wire::{
-    self, CheckpointMeta, Expect, Frame, Item, StreamDecoder, WireError, HEADER_LEN, MAGIC,
-    MAX_PAGE_SIZE, VERSION,
+    self, CheckpointMeta, Expect, Frame, Item, Part, StreamDecoder, WireError, DISK_BLOCK_SIZE,
+    HEADER_LEN, MAGIC, MAX_PAGE_SIZE, META_LEN, VERSION,
 };
 use ftvm_model::{
     Epoch, Generation, NodeId, PeerMsg, Registration, RejectReason, VmId, WitnessReply,
@@ -40,8 +41,9 @@ fn expect() -> Expect {
     }
 }
 
-/// The largest piece other than a page the decoder gathers: a header (36 bytes), a checkpoint
-/// meta (29) or a fixed-size body with its trailer (a witness reply's 80 + 4), rounded up.
+/// The largest piece other than a page or disk block the decoder gathers: a header (36 bytes),
+/// a checkpoint meta (37) or a fixed-size body with its trailer (a witness reply's 80 + 4),
+/// rounded up.
 const SMALL_PIECE: usize = 128;
 
 /// Wire codes of the frame kinds.
@@ -88,6 +90,7 @@ fn peer_msg(rng: &mut StdRng, stale_ok: bool) -> PeerMsg {
             page_size: 4096,
             // Exempt from the generation check: any, the unknown one included.
             known: Generation(rng.gen_range(0..6)),
+            disk_blocks: if rng.gen_bool(0.5) { 0 } else { rng.gen() },
         },
         1 => PeerMsg::Reject {
             generation,
@@ -98,7 +101,8 @@ fn peer_msg(rng: &mut StdRng, stale_ok: bool) -> PeerMsg {
                 RejectReason::HaveBackup,
                 RejectReason::Busy,
                 RejectReason::NotPrimary,
-            ][rng.gen_range(0..6)],
+                RejectReason::DiskSizeMismatch,
+            ][rng.gen_range(0..7)],
         },
         2 => PeerMsg::SyncStart {
             generation,
@@ -183,14 +187,29 @@ fn checkpoint(rng: &mut StdRng, stale_ok: bool) -> Vec<u8> {
         rng.gen_range(1..300)
     };
     let device = random_bytes(rng, device_len);
+    let blocks = if rng.gen_bool(0.5) {
+        0
+    } else {
+        rng.gen_range(1..4)
+    };
+    let disk: Vec<(u64, Vec<u8>)> = (0..blocks)
+        .map(|_| {
+            (
+                rng.gen_range(0..1 << 30),
+                random_bytes(rng, DISK_BLOCK_SIZE as usize),
+            )
+        })
+        .collect();
     let refs: Vec<(u64, &[u8])> = pages.iter().map(|(i, p)| (*i, p.as_slice())).collect();
-    wire::encode_checkpoint(
+    let disk_refs: Vec<(u64, &[u8])> = disk.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+    wire::encode_checkpoint_with_disk(
         VM,
         generation(rng, stale_ok),
         epoch(rng),
         rng.gen(),
         page_size,
         &refs,
+        &disk_refs,
         &device,
     )
     .expect("a valid checkpoint encodes")
@@ -234,13 +253,21 @@ fn sealed_header(kind: u8, flags: u8, vm: VmId, generation: u64, body_len: u64) 
 }
 
 /// Checkpoint meta bytes.
-fn meta_bytes(epoch: u64, full: u8, page_size: u32, page_count: u64, device_len: u64) -> Vec<u8> {
+fn meta_bytes(
+    epoch: u64,
+    full: u8,
+    page_size: u32,
+    page_count: u64,
+    device_len: u64,
+    disk_blocks: u64,
+) -> Vec<u8> {
     let mut m = Vec::new();
     m.extend_from_slice(&epoch.to_le_bytes());
     m.push(full);
     m.extend_from_slice(&page_size.to_le_bytes());
     m.extend_from_slice(&page_count.to_le_bytes());
     m.extend_from_slice(&device_len.to_le_bytes());
+    m.extend_from_slice(&disk_blocks.to_le_bytes());
     m
 }
 
@@ -255,6 +282,7 @@ enum Event {
     Reply(WitnessReply),
     Begin(Generation, CheckpointMeta),
     Page(u64, Vec<u8>),
+    DiskBlock(u64, Vec<u8>),
     /// Device chunks merged (their split follows the input's).
     Device(Vec<u8>),
     End(Epoch),
@@ -276,6 +304,7 @@ struct Partial {
     generation: Generation,
     meta: CheckpointMeta,
     pages: Vec<(u64, Vec<u8>)>,
+    disk: Vec<(u64, Vec<u8>)>,
     device: Vec<u8>,
 }
 
@@ -289,13 +318,15 @@ fn encoding_of(event: &Event, partial: Option<&Partial>, ctx: &str) -> Vec<u8> {
             let p = partial.unwrap_or_else(|| panic!("{ctx}: checkpoint end without a begin"));
             assert_eq!(*epoch, p.meta.epoch, "{ctx}: end names another epoch");
             let refs: Vec<(u64, &[u8])> = p.pages.iter().map(|(i, d)| (*i, d.as_slice())).collect();
-            wire::encode_checkpoint(
+            let disk: Vec<(u64, &[u8])> = p.disk.iter().map(|(i, d)| (*i, d.as_slice())).collect();
+            wire::encode_checkpoint_with_disk(
                 VM,
                 p.generation,
                 p.meta.epoch,
                 p.meta.full,
                 p.meta.page_size,
                 &refs,
+                &disk,
                 &p.device,
             )
             .unwrap_or_else(|e| panic!("{ctx}: a verified checkpoint does not encode: {e}"))
@@ -329,6 +360,7 @@ fn feed(stream: &[u8], cuts: &[usize], ctx: &str) -> Outcome {
                     Item::WitnessReply(r) => Event::Reply(r),
                     Item::CheckpointBegin { generation, meta } => Event::Begin(generation, meta),
                     Item::Page { index, data } => Event::Page(index, data.to_vec()),
+                    Item::DiskBlock { index, data } => Event::DiskBlock(index, data.to_vec()),
                     Item::Device { data, .. } => Event::Device(data.to_vec()),
                     Item::CheckpointEnd { epoch } => Event::End(epoch),
                 });
@@ -367,10 +399,14 @@ fn feed(stream: &[u8], cuts: &[usize], ctx: &str) -> Outcome {
                         "{ctx}: a checkpoint began inside another"
                     );
                     largest_page = largest_page.max(meta.page_size as usize);
+                    if meta.disk_blocks > 0 {
+                        largest_page = largest_page.max(DISK_BLOCK_SIZE as usize);
+                    }
                     partial = Some(Partial {
                         generation: *generation,
                         meta: *meta,
                         pages: Vec::new(),
+                        disk: Vec::new(),
                         device: Vec::new(),
                     });
                 }
@@ -383,7 +419,28 @@ fn feed(stream: &[u8], cuts: &[usize], ctx: &str) -> Outcome {
                         (p.pages.len() as u64) < p.meta.page_count,
                         "{ctx}: extra page"
                     );
+                    assert!(p.disk.is_empty(), "{ctx}: a page after a disk block");
                     p.pages.push((*index, data.clone()));
+                }
+                Event::DiskBlock(index, data) => {
+                    let p = partial
+                        .as_mut()
+                        .unwrap_or_else(|| panic!("{ctx}: disk block outside a checkpoint"));
+                    assert_eq!(data.len(), DISK_BLOCK_SIZE as usize, "{ctx}: block length");
+                    assert_eq!(
+                        p.pages.len() as u64,
+                        p.meta.page_count,
+                        "{ctx}: a disk block before the last page"
+                    );
+                    assert!(
+                        (p.disk.len() as u64) < p.meta.disk_blocks,
+                        "{ctx}: extra disk block"
+                    );
+                    assert!(
+                        p.device.is_empty(),
+                        "{ctx}: a disk block after device state"
+                    );
+                    p.disk.push((*index, data.clone()));
                 }
                 Event::Device(data) => {
                     let p = partial
@@ -503,13 +560,16 @@ fn check(rng: &mut StdRng, stream: &[u8], ctx: &str) -> Outcome {
                 Frame::Checkpoint(c) => {
                     let refs: Vec<(u64, &[u8])> =
                         c.pages.iter().map(|(i, d)| (*i, d.as_slice())).collect();
-                    wire::encode_checkpoint(
+                    let disk: Vec<(u64, &[u8])> =
+                        c.disk.iter().map(|(i, d)| (*i, d.as_slice())).collect();
+                    wire::encode_checkpoint_with_disk(
                         VM,
                         c.generation,
                         c.meta.epoch,
                         c.meta.full,
                         c.meta.page_size,
                         &refs,
+                        &disk,
                         &c.device,
                     )
                     .unwrap_or_else(|e| panic!("{ctx}: decoded checkpoint does not encode: {e}"))
@@ -659,19 +719,35 @@ fn huge_length(rng: &mut StdRng, ctx: &str) {
     let generation = generation(rng, false).0;
     let mut stream;
     if kind == CHECKPOINT_CODE && rng.gen_bool(0.7) {
-        // A meta that agrees with the header: a checkpoint of 2^k-byte pages, many of them.
+        // A meta that agrees with the header: a checkpoint of 2^k-byte pages, many of them,
+        // or (sometimes) of no pages and many disk blocks.
         let page_size = 1u32 << rng.gen_range(0..=21);
         let record = 8 + u64::from(page_size);
+        let disk_record = 8 + u64::from(DISK_BLOCK_SIZE);
         let device_len = rng.gen_range(0..1000);
         // At least 8 MiB: more than the longest tail below, so it never completes.
-        let page_count = (1u64 << rng.gen_range(23..40)) / record + 1;
-        let body = 29 + page_count * record + device_len;
+        let (page_count, disk_blocks) = if rng.gen_bool(0.3) {
+            (0, (1u64 << rng.gen_range(23..40)) / disk_record + 1)
+        } else {
+            (
+                (1u64 << rng.gen_range(23..40)) / record + 1,
+                rng.gen_range(0..3),
+            )
+        };
+        let body = META_LEN as u64 + page_count * record + disk_blocks * disk_record + device_len;
         stream = sealed_header(kind, 0, VM, generation, body);
-        stream.extend(meta_bytes(1, 0, page_size, page_count, device_len));
+        stream.extend(meta_bytes(
+            1,
+            0,
+            page_size,
+            page_count,
+            device_len,
+            disk_blocks,
+        ));
     } else {
         stream = sealed_header(kind, 0, VM, generation, body_len);
         if kind == CHECKPOINT_CODE {
-            stream.extend(meta_bytes(1, 0, 4096, rng.gen(), rng.gen()));
+            stream.extend(meta_bytes(1, 0, 4096, rng.gen(), rng.gen(), rng.gen()));
         }
     }
     let header_only = stream.len() == HEADER_LEN;
@@ -732,13 +808,27 @@ fn forged(rng: &mut StdRng, ctx: &str) {
             let page_size = if rng.gen_bool(0.8) { 16 } else { rng.gen() };
             let count = rng.gen_range(0..3);
             let device_len = rng.gen_range(0..40);
-            let mut b = meta_bytes(rng.gen(), rng.gen_range(0..3), page_size, count, device_len);
-            let rest = count as usize * (8 + page_size as usize % 64) + device_len as usize;
+            let blocks = if rng.gen_bool(0.8) {
+                0
+            } else {
+                rng.gen_range(0..2)
+            };
+            let mut b = meta_bytes(
+                rng.gen(),
+                rng.gen_range(0..3),
+                page_size,
+                count,
+                device_len,
+                blocks,
+            );
+            let rest = count as usize * (8 + page_size as usize % 64)
+                + blocks as usize * (8 + DISK_BLOCK_SIZE as usize)
+                + device_len as usize;
             b.extend(random_bytes(rng, rest));
             b
         } else {
             let len = match kind {
-                1 => 16,
+                1 => 24,
                 2 => 1,
                 3..=5 => 8,
                 32 => 25,
@@ -771,9 +861,68 @@ fn forged(rng: &mut StdRng, ctx: &str) {
     check(rng, &stream, ctx);
 }
 
+/// A valid checkpoint with disk blocks, as the only frame or after others, damaged inside its
+/// disk section (a block's index or contents): refused as `Corrupted` body, exactly as damage to
+/// a page is, after handing out at most the records before the checksum; or cut inside its disk
+/// section: `Truncated` by exactly the missing bytes, and never reported verified.
+fn disk_damage(rng: &mut StdRng, ctx: &str) {
+    let before = rng.gen_range(0..3);
+    let (mut stream, ends) = valid_stream(rng, before);
+    let start = stream.len();
+    let page_size = 64u32;
+    let pages: Vec<(u64, Vec<u8>)> = (0..rng.gen_range(0..3))
+        .map(|i| (i, random_bytes(rng, page_size as usize)))
+        .collect();
+    let disk: Vec<(u64, Vec<u8>)> = (0..rng.gen_range(1..4))
+        .map(|i| (i * 7, random_bytes(rng, DISK_BLOCK_SIZE as usize)))
+        .collect();
+    let device_len = rng.gen_range(0..50);
+    let device = random_bytes(rng, device_len);
+    let refs: Vec<(u64, &[u8])> = pages.iter().map(|(i, p)| (*i, p.as_slice())).collect();
+    let disk_refs: Vec<(u64, &[u8])> = disk.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+    let frame = wire::encode_checkpoint_with_disk(
+        VM,
+        MIN_GEN,
+        Epoch(5),
+        false,
+        page_size,
+        &refs,
+        &disk_refs,
+        &device,
+    )
+    .unwrap();
+    stream.extend(&frame);
+    let disk_start = start + HEADER_LEN + META_LEN + pages.len() * (8 + page_size as usize);
+    let disk_end = disk_start + disk.len() * (8 + DISK_BLOCK_SIZE as usize);
+    let at = rng.gen_range(disk_start..disk_end);
+    if rng.gen_bool(0.5) {
+        stream[at] ^= 1 << rng.gen_range(0..8);
+        let ctx = format!("{ctx} (disk bit flipped at {at})");
+        let o = check(rng, &stream, &ctx);
+        assert_eq!(o.frame_ends, ends, "{ctx}: frames before the damaged one");
+        assert_eq!(
+            o.error,
+            Some(WireError::Corrupted { part: Part::Body }),
+            "{ctx}"
+        );
+    } else {
+        let ctx = format!("{ctx} (cut in the disk section at {at})");
+        let o = check(rng, &stream[..at], &ctx);
+        assert_eq!(o.frame_ends, ends, "{ctx}: frames before the cut one");
+        assert_eq!(o.error, None, "{ctx}");
+        assert_eq!(
+            o.finish,
+            Err(WireError::Truncated {
+                needed: (stream.len() - at) as u64
+            }),
+            "{ctx}"
+        );
+    }
+}
+
 type Strategy = (&'static str, fn(&mut StdRng, &str));
 
-const STRATEGIES: [Strategy; 8] = [
+const STRATEGIES: [Strategy; 9] = [
     ("valid", valid),
     ("bit-flip", bit_flip),
     ("truncate", truncate),
@@ -782,6 +931,7 @@ const STRATEGIES: [Strategy; 8] = [
     ("huge-length", huge_length),
     ("random", random),
     ("forged", forged),
+    ("disk-damage", disk_damage),
 ];
 
 fn run_case(strategy: usize, seed: u64) {
@@ -840,9 +990,9 @@ fn decoders_survive_random_and_mutated_streams() {
 fn a_huge_claim_is_buffered_only_as_its_bytes_arrive() {
     let page_size = MAX_PAGE_SIZE;
     let count = 1u64 << 30;
-    let body = 29 + count * (8 + u64::from(page_size));
+    let body = META_LEN as u64 + count * (8 + u64::from(page_size));
     let mut head = sealed_header(CHECKPOINT_CODE, 0, VM, MIN_GEN.0, body);
-    head.extend(meta_bytes(1, 0, page_size, count, 0));
+    head.extend(meta_bytes(1, 0, page_size, count, 0, 0));
     let mut dec = StreamDecoder::new(expect());
     let mut input = &head[..];
     let mut began = false;

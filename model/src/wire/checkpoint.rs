@@ -3,14 +3,21 @@
 //! ```text
 //! header (kind Checkpoint, body_len)            36 bytes, see `header`
 //! meta: epoch u64, full u8, page_size u32,
-//!       page_count u64, device_len u64          29 bytes
+//!       page_count u64, device_len u64,
+//!       disk_blocks u64                         37 bytes
 //! page_count × { page index u64, page bytes }
+//! disk_blocks × { block index u64, 4096 bytes } (DISK_BLOCK_SIZE)
 //! device state                                  device_len bytes
 //! crc32 of meta + records + device state        4 bytes
 //! ```
-//! The encoder never touches page bytes except to checksum them, so the driver can hand the
-//! kernel iovecs that point straight into guest RAM: prefix, then for each page its 8-byte
-//! record header and the page slice, then the device state, then the trailer.
+//! The encoder never touches page or block bytes except to checksum them, so the driver can
+//! hand the kernel iovecs that point straight into guest RAM (or a disk staging buffer):
+//! prefix, then for each page its 8-byte record header and the page slice, then the same for
+//! each disk block, then the device state, then the trailer.
+//!
+//! Disk blocks are the guest disk writes of the checkpoint's epoch (the whole disk for a full
+//! checkpoint). They sit inside the same frame, under the same checksum, as the epoch's pages
+//! and device state, so a backup commits an epoch's disk writes atomically with its RAM.
 
 use super::bytes::{Reader, Writer};
 use super::error::WireError;
@@ -18,9 +25,18 @@ use super::header::{FrameKind, Header, HEADER_LEN, TRAILER_LEN};
 use crate::ids::{Epoch, Generation, VmId};
 
 /// Meta block length.
-pub const META_LEN: usize = 29;
-/// Record header length (page index).
+pub const META_LEN: usize = 37;
+/// Record header length (page or disk block index).
 pub const RECORD_HEADER_LEN: usize = 8;
+/// Bytes per disk block record, whatever the guest page size.
+///
+/// The guest's (and QEMU's, and the agent's NBD server's) write granularity is a 512-byte
+/// sector, but tracking sectors would make the dirty bitmap eight times larger and the records
+/// eight times more numerous; 4 KiB blocks keep the bitmap small (one bit per 4 KiB of disk)
+/// and match the host page cache, which reads and writes the disk image in 4 KiB pages anyway.
+/// It is fixed rather than tied to `page_size` because the disk's geometry does not change
+/// with the guest's RAM pages (2 MiB huge pages would make every disk write a 2 MiB record).
+pub const DISK_BLOCK_SIZE: u32 = 4096;
 /// Largest page size a frame may declare (2 MiB huge pages).
 pub const MAX_PAGE_SIZE: u32 = 1 << 21;
 
@@ -37,6 +53,9 @@ pub struct CheckpointMeta {
     pub page_count: u64,
     /// Bytes of device state.
     pub device_len: u64,
+    /// Number of disk block records ([`DISK_BLOCK_SIZE`] bytes each); 0 for a VM without a
+    /// protected disk.
+    pub disk_blocks: u64,
 }
 
 impl CheckpointMeta {
@@ -46,8 +65,10 @@ impl CheckpointMeta {
             return None;
         }
         let record = RECORD_HEADER_LEN as u64 + u64::from(self.page_size);
+        let disk_record = RECORD_HEADER_LEN as u64 + u64::from(DISK_BLOCK_SIZE);
         self.page_count
             .checked_mul(record)?
+            .checked_add(self.disk_blocks.checked_mul(disk_record)?)?
             .checked_add(META_LEN as u64)?
             .checked_add(self.device_len)
     }
@@ -66,6 +87,7 @@ impl CheckpointMeta {
         w.u32(self.page_size);
         w.u64(self.page_count);
         w.u64(self.device_len);
+        w.u64(self.disk_blocks);
         let mut out = [0u8; META_LEN];
         out.copy_from_slice(&v);
         out
@@ -80,6 +102,7 @@ impl CheckpointMeta {
             page_size: r.u32()?,
             page_count: r.u64()?,
             device_len: r.u64()?,
+            disk_blocks: r.u64()?,
         };
         r.end()?;
         match meta.body_len() {
@@ -100,10 +123,14 @@ impl CheckpointMeta {
 /// use ftvm_model::wire::{CheckpointEncoder, CheckpointMeta};
 /// use ftvm_model::{Epoch, Generation, VmId};
 /// let page = [7u8; 4096];
-/// let meta = CheckpointMeta { epoch: Epoch(3), full: false, page_size: 4096, page_count: 1, device_len: 2 };
+/// let block = [9u8; 4096];
+/// let meta = CheckpointMeta {
+///     epoch: Epoch(3), full: false, page_size: 4096, page_count: 1, device_len: 2, disk_blocks: 1,
+/// };
 /// let (mut enc, prefix) = CheckpointEncoder::new(VmId(1), Generation(1), meta).unwrap();
-/// let record = enc.page(42, &page).unwrap();   // send `record`, then `page` itself
-/// enc.device(b"dv").unwrap();                  // send the device bytes
+/// let record = enc.page(42, &page).unwrap();          // send `record`, then `page` itself
+/// let disk = enc.disk_block(5, &block).unwrap();      // send `disk`, then `block` itself
+/// enc.device(b"dv").unwrap();                         // send the device bytes
 /// let trailer = enc.finish().unwrap();         // send the trailer
 /// # let _ = (prefix, record, trailer);
 /// ```
@@ -111,6 +138,7 @@ impl CheckpointMeta {
 pub struct CheckpointEncoder {
     meta: CheckpointMeta,
     pages_left: u64,
+    disk_left: u64,
     device_left: u64,
     crc: crc32fast::Hasher,
 }
@@ -143,6 +171,7 @@ impl CheckpointEncoder {
         let enc = CheckpointEncoder {
             meta,
             pages_left: meta.page_count,
+            disk_left: meta.disk_blocks,
             device_left: meta.device_len,
             crc,
         };
@@ -166,11 +195,43 @@ impl CheckpointEncoder {
         Ok(record)
     }
 
-    /// Account for the next chunk of device state (after all pages).
+    /// Account for one disk block (after all pages, before the device state); returns its
+    /// record header, to be sent right before `block`.
+    pub fn disk_block(
+        &mut self,
+        index: u64,
+        block: &[u8],
+    ) -> Result<[u8; RECORD_HEADER_LEN], WireError> {
+        if self.pages_left != 0 {
+            return Err(WireError::EncoderMisuse("disk block before the last page"));
+        }
+        if self.disk_left == 0 {
+            return Err(WireError::EncoderMisuse(
+                "more disk blocks than disk_blocks",
+            ));
+        }
+        if block.len() as u64 != u64::from(DISK_BLOCK_SIZE) {
+            return Err(WireError::EncoderMisuse(
+                "disk block length differs from DISK_BLOCK_SIZE",
+            ));
+        }
+        self.disk_left -= 1;
+        let record = index.to_le_bytes();
+        self.crc.update(&record);
+        self.crc.update(block);
+        Ok(record)
+    }
+
+    /// Account for the next chunk of device state (after all pages and disk blocks).
     pub fn device(&mut self, chunk: &[u8]) -> Result<(), WireError> {
         if self.pages_left != 0 {
             return Err(WireError::EncoderMisuse(
                 "device state before the last page",
+            ));
+        }
+        if self.disk_left != 0 {
+            return Err(WireError::EncoderMisuse(
+                "device state before the last disk block",
             ));
         }
         if chunk.len() as u64 > self.device_left {
@@ -187,6 +248,11 @@ impl CheckpointEncoder {
     pub fn finish(self) -> Result<[u8; TRAILER_LEN], WireError> {
         if self.pages_left != 0 {
             return Err(WireError::EncoderMisuse("fewer pages than page_count"));
+        }
+        if self.disk_left != 0 {
+            return Err(WireError::EncoderMisuse(
+                "fewer disk blocks than disk_blocks",
+            ));
         }
         if self.device_left != 0 {
             return Err(WireError::EncoderMisuse(
@@ -206,11 +272,14 @@ pub struct Checkpoint {
     pub meta: CheckpointMeta,
     /// `(page index, page bytes)` in frame order.
     pub pages: Vec<(u64, Vec<u8>)>,
+    /// `(disk block index, DISK_BLOCK_SIZE bytes)` in frame order.
+    pub disk: Vec<(u64, Vec<u8>)>,
     /// Device state.
     pub device: Vec<u8>,
 }
 
-/// Encode a whole checkpoint into one buffer (copies; for tests and the simulator).
+/// Encode a whole checkpoint without disk blocks into one buffer (copies; for tests and the
+/// simulator).
 pub fn encode_checkpoint(
     vm: VmId,
     generation: Generation,
@@ -220,12 +289,29 @@ pub fn encode_checkpoint(
     pages: &[(u64, &[u8])],
     device: &[u8],
 ) -> Result<Vec<u8>, WireError> {
+    encode_checkpoint_with_disk(vm, generation, epoch, full, page_size, pages, &[], device)
+}
+
+/// Encode a whole checkpoint with disk blocks (each [`DISK_BLOCK_SIZE`] bytes) into one
+/// buffer (copies; for tests and the simulator).
+#[allow(clippy::too_many_arguments)] // the frame's fields, in frame order
+pub fn encode_checkpoint_with_disk(
+    vm: VmId,
+    generation: Generation,
+    epoch: Epoch,
+    full: bool,
+    page_size: u32,
+    pages: &[(u64, &[u8])],
+    disk: &[(u64, &[u8])],
+    device: &[u8],
+) -> Result<Vec<u8>, WireError> {
     let meta = CheckpointMeta {
         epoch,
         full,
         page_size,
         page_count: pages.len() as u64,
         device_len: device.len() as u64,
+        disk_blocks: disk.len() as u64,
     };
     let (mut enc, prefix) = CheckpointEncoder::new(vm, generation, meta)?;
     let cap = usize::try_from(meta.frame_len().unwrap_or(0)).unwrap_or(0);
@@ -234,6 +320,10 @@ pub fn encode_checkpoint(
     for &(index, page) in pages {
         out.extend_from_slice(&enc.page(index, page)?);
         out.extend_from_slice(page);
+    }
+    for &(index, block) in disk {
+        out.extend_from_slice(&enc.disk_block(index, block)?);
+        out.extend_from_slice(block);
     }
     enc.device(device)?;
     out.extend_from_slice(device);

@@ -15,7 +15,7 @@ const STATE_LEN: u64 = 54;
 /// Fixed body length of a message kind (`None` for checkpoints, whose length varies).
 pub(crate) fn body_len(kind: FrameKind) -> Option<u64> {
     Some(match kind {
-        FrameKind::Join => 16,
+        FrameKind::Join => 24,
         FrameKind::Reject => 1,
         FrameKind::SyncStart | FrameKind::Ack | FrameKind::Heartbeat => 8,
         FrameKind::WitnessRequest => REQUEST_LEN,
@@ -32,11 +32,13 @@ pub(crate) fn encode_peer(msg: &PeerMsg, body: &mut Vec<u8>) -> (FrameKind, Gene
             node,
             ram_pages,
             page_size,
+            disk_blocks,
             ..
         } => {
             w.u32(node.0);
             w.u64(ram_pages);
             w.u32(page_size);
+            w.u64(disk_blocks);
             FrameKind::Join
         }
         PeerMsg::Reject { reason, .. } => {
@@ -73,6 +75,7 @@ pub(crate) fn decode_peer(
             node: NodeId(r.u32()?),
             ram_pages: r.u64()?,
             page_size: r.u32()?,
+            disk_blocks: r.u64()?,
             known: generation,
         },
         FrameKind::Reject => PeerMsg::Reject {

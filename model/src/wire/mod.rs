@@ -2,7 +2,8 @@
 //! VM, generation, body length, header crc32), a body and a crc32 of the body.
 //!
 //! * [`encode_peer`], [`encode_witness_request`], [`encode_witness_reply`]: small frames.
-//! * [`CheckpointEncoder`]: a checkpoint frame streamed from borrowed page slices.
+//! * [`CheckpointEncoder`]: a checkpoint frame streamed from borrowed page and disk block
+//!   slices.
 //! * [`StreamDecoder`]: incremental decoding of a connection's byte stream.
 //! * [`decode`]: one whole frame from a buffer.
 //!
@@ -21,8 +22,8 @@ mod message;
 mod stream;
 
 pub use checkpoint::{
-    encode_checkpoint, Checkpoint, CheckpointEncoder, CheckpointMeta, CheckpointPrefix,
-    MAX_PAGE_SIZE, META_LEN, RECORD_HEADER_LEN,
+    encode_checkpoint, encode_checkpoint_with_disk, Checkpoint, CheckpointEncoder, CheckpointMeta,
+    CheckpointPrefix, DISK_BLOCK_SIZE, MAX_PAGE_SIZE, META_LEN, RECORD_HEADER_LEN,
 };
 pub use error::{Part, WireError};
 pub use header::{Expect, FrameKind, Header, HEADER_LEN, MAGIC, TRAILER_LEN, VERSION};
@@ -123,6 +124,7 @@ pub fn decode(bytes: &[u8], expect: &Expect) -> Result<(Frame, usize), WireError
                     generation,
                     meta,
                     pages,
+                    disk: Vec::new(),
                     device: Vec::new(),
                 });
                 None
@@ -130,6 +132,12 @@ pub fn decode(bytes: &[u8], expect: &Expect) -> Result<(Frame, usize), WireError
             Some(Item::Page { index, data }) => {
                 if let Some(c) = cp.as_mut() {
                     c.pages.push((index, data.to_vec()));
+                }
+                None
+            }
+            Some(Item::DiskBlock { index, data }) => {
+                if let Some(c) = cp.as_mut() {
+                    c.disk.push((index, data.to_vec()));
                 }
                 None
             }

@@ -1,9 +1,10 @@
-//! Incremental decoder: feed it whatever the socket returned, get frames, page records and
-//! device-state chunks as soon as they are complete. Whole pages that sit in the input are
-//! lent out without copying; only pieces split across reads are gathered in a small buffer.
+//! Incremental decoder: feed it whatever the socket returned, get frames, page records, disk
+//! block records and device-state chunks as soon as they are complete. Whole records that sit
+//! in the input are lent out without copying; only pieces split across reads are gathered in a
+//! small buffer.
 
 use super::bytes::Reader;
-use super::checkpoint::{CheckpointMeta, META_LEN, RECORD_HEADER_LEN};
+use super::checkpoint::{CheckpointMeta, DISK_BLOCK_SIZE, META_LEN, RECORD_HEADER_LEN};
 use super::error::{Part, WireError};
 use super::header::{Expect, FrameKind, Header, HEADER_LEN, TRAILER_LEN};
 use super::message;
@@ -34,6 +35,14 @@ pub enum Item<'a> {
         /// `page_size` bytes.
         data: &'a [u8],
     },
+    /// One disk block record (not yet verified: stage it, apply only after `CheckpointEnd`).
+    /// Disk blocks come after every page and before the device state.
+    DiskBlock {
+        /// Block index on the guest disk (in [`DISK_BLOCK_SIZE`] units).
+        index: u64,
+        /// [`DISK_BLOCK_SIZE`] bytes.
+        data: &'a [u8],
+    },
     /// A chunk of device state at `offset` (not yet verified).
     Device {
         /// Offset within the device state.
@@ -53,18 +62,37 @@ enum State {
     Header,
     Message(Header),
     Meta(Header),
-    RecordHeader,
-    Page { index: u64 },
+    RecordHeader(Section),
+    Record { index: u64, section: Section },
     Device,
     Trailer,
+}
+
+/// Which run of records of a checkpoint is being read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Section {
+    /// Guest RAM pages (`page_size` bytes each).
+    Ram,
+    /// Disk blocks ([`DISK_BLOCK_SIZE`] bytes each).
+    Disk,
 }
 
 /// Where a finished step's item lives (resolved to borrows after error handling).
 enum Ready {
     Owned(OwnedItem),
-    PageInInput { index: u64, len: usize },
-    PageInBuf { index: u64 },
-    DeviceInInput { offset: u64, len: usize },
+    RecordInInput {
+        index: u64,
+        len: usize,
+        section: Section,
+    },
+    RecordInBuf {
+        index: u64,
+        section: Section,
+    },
+    DeviceInInput {
+        offset: u64,
+        len: usize,
+    },
 }
 
 enum OwnedItem {
@@ -91,6 +119,7 @@ pub struct StreamDecoder {
     crc: crc32fast::Hasher,
     meta: Option<CheckpointMeta>,
     pages_left: u64,
+    disk_left: u64,
     device_off: u64,
     poisoned: Option<WireError>,
 }
@@ -106,6 +135,7 @@ impl StreamDecoder {
             crc: crc32fast::Hasher::new(),
             meta: None,
             pages_left: 0,
+            disk_left: 0,
             device_off: 0,
             poisoned: None,
         }
@@ -145,14 +175,12 @@ impl StreamDecoder {
                 Item::CheckpointBegin { generation, meta }
             }
             Ready::Owned(OwnedItem::End { epoch }) => Item::CheckpointEnd { epoch },
-            Ready::PageInInput { index, len } => Item::Page {
+            Ready::RecordInInput {
                 index,
-                data: &input[..len],
-            },
-            Ready::PageInBuf { index } => Item::Page {
-                index,
-                data: &self.buf,
-            },
+                len,
+                section,
+            } => record_item(section, index, &input[..len]),
+            Ready::RecordInBuf { index, section } => record_item(section, index, &self.buf),
             Ready::DeviceInInput { offset, len } => Item::Device {
                 offset,
                 data: &input[..len],
@@ -180,8 +208,8 @@ impl StreamDecoder {
     /// Heap bytes this decoder holds for pieces split across reads (its buffer's capacity).
     /// It grows only as bytes arrive and never beyond twice the largest piece it gathers: a
     /// page (at most [`MAX_PAGE_SIZE`](super::MAX_PAGE_SIZE), as the frame's meta declares),
-    /// a header, a checkpoint meta or a small frame's fixed-size body. Page records and
-    /// device state that sit whole in the input are lent out, not buffered.
+    /// a disk block, a header, a checkpoint meta or a small frame's fixed-size body. Records
+    /// and device state that sit whole in the input are lent out, not buffered.
     pub fn buffered_capacity(&self) -> usize {
         self.buf.capacity()
     }
@@ -194,14 +222,17 @@ impl StreamDecoder {
             self.buf.len() as u64
         };
         let trailer = TRAILER_LEN as u64;
-        // Bytes after the current point: `records` whole page records, `page_extra` bytes of
-        // the page being read, the rest of the device state, the trailer.
-        let rest_of_checkpoint = |records: u64, page_extra: u64| -> u64 {
+        // Bytes after the current point: `pages` whole page records and `blocks` whole disk
+        // block records, `extra` bytes of the record being read, the rest of the device state,
+        // the trailer.
+        let rest_of_checkpoint = |pages: u64, blocks: u64, extra: u64| -> u64 {
             let Some(meta) = self.meta else { return 0 };
             let record = RECORD_HEADER_LEN as u64 + u64::from(meta.page_size);
-            records
+            let disk_record = RECORD_HEADER_LEN as u64 + u64::from(DISK_BLOCK_SIZE);
+            pages
                 .saturating_mul(record)
-                .saturating_add(page_extra)
+                .saturating_add(blocks.saturating_mul(disk_record))
+                .saturating_add(extra)
                 .saturating_add(meta.device_len.saturating_sub(self.device_off))
                 .saturating_add(trailer)
         };
@@ -210,14 +241,27 @@ impl StreamDecoder {
             State::Header => HEADER_LEN as u64 - buffered,
             State::Message(h) => h.body_len.saturating_add(trailer).saturating_sub(buffered),
             State::Meta(h) => h.body_len.saturating_add(trailer).saturating_sub(buffered),
-            State::RecordHeader => rest_of_checkpoint(self.pages_left, 0).saturating_sub(buffered),
-            State::Page { .. } => {
-                let page = self.meta.map_or(0, |m| u64::from(m.page_size));
-                let records = self.pages_left.saturating_sub(1);
-                rest_of_checkpoint(records, page).saturating_sub(buffered)
+            State::RecordHeader(_) => {
+                rest_of_checkpoint(self.pages_left, self.disk_left, 0).saturating_sub(buffered)
             }
-            State::Device => rest_of_checkpoint(0, 0),
+            State::Record { section, .. } => {
+                let size = self.record_size(section) as u64;
+                let (pages, blocks) = match section {
+                    Section::Ram => (self.pages_left.saturating_sub(1), self.disk_left),
+                    Section::Disk => (0, self.disk_left.saturating_sub(1)),
+                };
+                rest_of_checkpoint(pages, blocks, size).saturating_sub(buffered)
+            }
+            State::Device => rest_of_checkpoint(0, 0, 0),
             State::Trailer => trailer - buffered,
+        }
+    }
+
+    /// Bytes of one record's contents in `section`.
+    fn record_size(&self, section: Section) -> usize {
+        match section {
+            Section::Ram => self.meta.map_or(0, |m| m.page_size as usize),
+            Section::Disk => DISK_BLOCK_SIZE as usize,
         }
     }
 
@@ -281,6 +325,7 @@ impl StreamDecoder {
                 self.buf.clear();
                 self.meta = Some(meta);
                 self.pages_left = meta.page_count;
+                self.disk_left = meta.disk_blocks;
                 self.device_off = 0;
                 self.after_page();
                 let begin = OwnedItem::Begin {
@@ -289,39 +334,38 @@ impl StreamDecoder {
                 };
                 Ok((used, Some(Ready::Owned(begin))))
             }
-            State::RecordHeader => {
+            State::RecordHeader(section) => {
                 let (used, done) = self.fill(input, RECORD_HEADER_LEN);
                 if done {
                     self.crc.update(&self.buf);
                     let index = Reader::new(&self.buf).u64()?;
                     self.buf.clear();
-                    self.state = State::Page { index };
+                    self.state = State::Record { index, section };
                 }
                 Ok((used, None))
             }
-            State::Page { index } => {
-                let page_size = self.meta.map_or(0, |m| m.page_size as usize);
-                if self.buf.is_empty() && input.len() >= page_size {
-                    self.crc.update(&input[..page_size]);
-                    self.pages_left -= 1;
-                    self.after_page();
+            State::Record { index, section } => {
+                let size = self.record_size(section);
+                if self.buf.is_empty() && input.len() >= size {
+                    self.crc.update(&input[..size]);
+                    self.record_done(section);
                     return Ok((
-                        page_size,
-                        Some(Ready::PageInInput {
+                        size,
+                        Some(Ready::RecordInInput {
                             index,
-                            len: page_size,
+                            len: size,
+                            section,
                         }),
                     ));
                 }
-                let (used, done) = self.fill(input, page_size);
+                let (used, done) = self.fill(input, size);
                 if !done {
                     return Ok((used, None));
                 }
                 self.crc.update(&self.buf);
                 self.clear_buf = true;
-                self.pages_left -= 1;
-                self.after_page();
-                Ok((used, Some(Ready::PageInBuf { index })))
+                self.record_done(section);
+                Ok((used, Some(Ready::RecordInBuf { index, section })))
             }
             State::Device => {
                 let left = self.meta.map_or(0, |m| m.device_len) - self.device_off;
@@ -356,16 +400,36 @@ impl StreamDecoder {
         }
     }
 
-    /// Next state once a page record (or the meta) is through.
+    /// Counts a finished record of `section` and moves on.
+    fn record_done(&mut self, section: Section) {
+        match section {
+            Section::Ram => self.pages_left -= 1,
+            Section::Disk => self.disk_left -= 1,
+        }
+        self.after_page();
+    }
+
+    /// Next state once a record (or the meta) is through: pages, then disk blocks, then the
+    /// device state, then the trailer.
     fn after_page(&mut self) {
         let device_len = self.meta.map_or(0, |m| m.device_len);
         self.state = if self.pages_left > 0 {
-            State::RecordHeader
+            State::RecordHeader(Section::Ram)
+        } else if self.disk_left > 0 {
+            State::RecordHeader(Section::Disk)
         } else if device_len > 0 {
             State::Device
         } else {
             State::Trailer
         };
+    }
+}
+
+/// The item for a finished record of `section`.
+fn record_item(section: Section, index: u64, data: &[u8]) -> Item<'_> {
+    match section {
+        Section::Ram => Item::Page { index, data },
+        Section::Disk => Item::DiskBlock { index, data },
     }
 }
 

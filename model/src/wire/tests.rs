@@ -24,6 +24,7 @@ fn all_peer_msgs() -> Vec<PeerMsg> {
             node: NodeId(4),
             ram_pages: 1 << 20,
             page_size: 4096,
+            disk_blocks: 1 << 24,
             known: g,
         },
         PeerMsg::Join {
@@ -31,6 +32,7 @@ fn all_peer_msgs() -> Vec<PeerMsg> {
             node: NodeId(5),
             ram_pages: 9,
             page_size: 4096,
+            disk_blocks: 0,
             known: Generation::UNKNOWN,
         },
         PeerMsg::Reject {
@@ -40,6 +42,10 @@ fn all_peer_msgs() -> Vec<PeerMsg> {
         PeerMsg::Reject {
             generation: g,
             reason: RejectReason::HaveBackup,
+        },
+        PeerMsg::Reject {
+            generation: g,
+            reason: RejectReason::DiskSizeMismatch,
         },
         PeerMsg::SyncStart {
             generation: g,
@@ -111,17 +117,23 @@ fn page(fill: u8, size: usize) -> Vec<u8> {
         .collect()
 }
 
+const BLOCK: usize = DISK_BLOCK_SIZE as usize;
+
+/// Two pages of 64 bytes, two disk blocks, device state.
 fn a_checkpoint() -> (Vec<u8>, Checkpoint) {
     let p1 = page(1, 64);
     let p2 = page(9, 64);
+    let d1 = page(33, BLOCK);
+    let d2 = page(77, BLOCK);
     let device = b"device-state-bytes".to_vec();
-    let bytes = encode_checkpoint(
+    let bytes = encode_checkpoint_with_disk(
         VM,
         Generation(3),
         Epoch(12),
         false,
         64,
         &[(5, &p1), (900, &p2)],
+        &[(3, &d1), (1 << 40, &d2)],
         &device,
     )
     .unwrap();
@@ -133,11 +145,18 @@ fn a_checkpoint() -> (Vec<u8>, Checkpoint) {
             page_size: 64,
             page_count: 2,
             device_len: device.len() as u64,
+            disk_blocks: 2,
         },
         pages: vec![(5, p1), (900, p2)],
+        disk: vec![(3, d1), (1 << 40, d2)],
         device,
     };
     (bytes, cp)
+}
+
+/// Offset of the first disk block's contents in [`a_checkpoint`]'s frame.
+fn first_block_at() -> usize {
+    HEADER_LEN + META_LEN + 2 * (RECORD_HEADER_LEN + 64) + RECORD_HEADER_LEN
 }
 
 /// Rewrite the header crc after editing header bytes.
@@ -195,8 +214,95 @@ fn empty_checkpoint_round_trips() {
     let Frame::Checkpoint(cp) = decode(&bytes, &expect(1)).unwrap().0 else {
         panic!()
     };
-    assert!(cp.pages.is_empty() && cp.device.is_empty());
+    assert!(cp.pages.is_empty() && cp.disk.is_empty() && cp.device.is_empty());
     assert!(cp.meta.full);
+    assert_eq!(cp.meta.disk_blocks, 0);
+}
+
+#[test]
+fn disk_blocks_sit_between_pages_and_device_state() {
+    let (bytes, cp) = a_checkpoint();
+    assert_eq!(
+        bytes.len(),
+        HEADER_LEN
+            + META_LEN
+            + 2 * (RECORD_HEADER_LEN + 64)
+            + 2 * (RECORD_HEADER_LEN + BLOCK)
+            + cp.device.len()
+            + TRAILER_LEN
+    );
+    let at = first_block_at();
+    assert_eq!(bytes[at - RECORD_HEADER_LEN..at], 3u64.to_le_bytes());
+    assert_eq!(bytes[at..at + BLOCK], cp.disk[0].1[..]);
+    let device_at = bytes.len() - TRAILER_LEN - cp.device.len();
+    assert_eq!(bytes[device_at..device_at + cp.device.len()], cp.device[..]);
+    // The meta's last field is the disk block count.
+    let count_at = HEADER_LEN + META_LEN - 8;
+    assert_eq!(bytes[count_at..count_at + 8], 2u64.to_le_bytes());
+}
+
+#[test]
+fn disk_only_checkpoint_round_trips() {
+    let block = page(5, BLOCK);
+    let bytes = encode_checkpoint_with_disk(
+        VM,
+        Generation(1),
+        Epoch(4),
+        false,
+        4096,
+        &[],
+        &[(0, &block)],
+        &[],
+    )
+    .unwrap();
+    let Frame::Checkpoint(cp) = decode(&bytes, &expect(1)).unwrap().0 else {
+        panic!()
+    };
+    assert!(cp.pages.is_empty() && cp.device.is_empty());
+    assert_eq!(cp.disk, vec![(0, block)]);
+}
+
+#[test]
+fn corrupt_disk_part_is_refused_like_a_corrupt_page() {
+    let (cp, _) = a_checkpoint();
+    for i in [
+        first_block_at() - RECORD_HEADER_LEN, // the block index
+        first_block_at(),
+        first_block_at() + BLOCK - 1,
+        first_block_at() + BLOCK + RECORD_HEADER_LEN + 100, // second block
+    ] {
+        let mut bad = cp.clone();
+        bad[i] ^= 0x10;
+        assert_eq!(
+            decode(&bad, &expect(0)),
+            Err(WireError::Corrupted { part: Part::Body }),
+            "byte {i}"
+        );
+        // The stream decoder hands out the damaged block but never the checkpoint's end.
+        let items = stream_items(&bad, 100);
+        assert_eq!(items, Err(WireError::Corrupted { part: Part::Body }));
+    }
+}
+
+#[test]
+fn a_frame_cut_in_its_disk_part_is_truncated() {
+    let (cp, _) = a_checkpoint();
+    for cut in [
+        first_block_at() - RECORD_HEADER_LEN,
+        first_block_at() - 1,
+        first_block_at(),
+        first_block_at() + BLOCK / 2,
+        first_block_at() + BLOCK,
+        first_block_at() + BLOCK + RECORD_HEADER_LEN + BLOCK - 1,
+    ] {
+        assert_eq!(
+            decode(&cp[..cut], &expect(0)),
+            Err(WireError::Truncated {
+                needed: (cp.len() - cut) as u64
+            }),
+            "cut at {cut}"
+        );
+    }
 }
 
 #[test]
@@ -206,6 +312,10 @@ fn zero_copy_encoder_pieces_make_the_same_frame() {
     let mut pieces = prefix.to_vec();
     for (index, data) in &cp.pages {
         pieces.extend_from_slice(&enc.page(*index, data).unwrap());
+        pieces.extend_from_slice(data);
+    }
+    for (index, data) in &cp.disk {
+        pieces.extend_from_slice(&enc.disk_block(*index, data).unwrap());
         pieces.extend_from_slice(data);
     }
     // Device state may be fed in chunks.
@@ -225,6 +335,7 @@ fn encoder_refuses_misuse() {
         page_size: 64,
         page_count: 1,
         device_len: 2,
+        disk_blocks: 0,
     };
     let (mut enc, _) = CheckpointEncoder::new(VM, Generation(1), meta).unwrap();
     assert!(matches!(
@@ -256,6 +367,57 @@ fn encoder_refuses_misuse() {
         ..meta
     };
     assert!(CheckpointEncoder::new(VM, Generation(1), bad).is_err());
+    let huge = CheckpointMeta {
+        disk_blocks: u64::MAX / 8,
+        ..meta
+    };
+    assert_eq!(huge.body_len(), None, "disk size overflow");
+    assert!(CheckpointEncoder::new(VM, Generation(1), huge).is_err());
+}
+
+#[test]
+fn encoder_refuses_disk_misuse() {
+    let meta = CheckpointMeta {
+        epoch: Epoch(1),
+        full: false,
+        page_size: 64,
+        page_count: 1,
+        device_len: 2,
+        disk_blocks: 2,
+    };
+    let block = [0u8; BLOCK];
+    fn misuse<T>(r: Result<T, WireError>) -> bool {
+        matches!(r, Err(WireError::EncoderMisuse(_)))
+    }
+    let (mut enc, _) = CheckpointEncoder::new(VM, Generation(1), meta).unwrap();
+    assert!(misuse(enc.disk_block(0, &block)), "disk block before pages");
+    enc.page(0, &[0; 64]).unwrap();
+    assert!(
+        misuse(enc.disk_block(0, &block[..BLOCK - 1])),
+        "short block"
+    );
+    assert!(misuse(enc.disk_block(0, &[0; 64])), "a page-sized block");
+    enc.disk_block(7, &block).unwrap();
+    assert!(misuse(enc.device(b"x")), "device before the last block");
+    assert!(misuse(enc.clone().finish()), "a block short");
+    enc.disk_block(8, &block).unwrap();
+    assert!(misuse(enc.disk_block(9, &block)), "too many blocks");
+    enc.device(b"xy").unwrap();
+    assert!(
+        misuse(enc.clone().disk_block(9, &block)),
+        "block after device"
+    );
+    assert!(enc.finish().is_ok());
+    // A frame without a disk refuses any block.
+    let no_disk = CheckpointMeta {
+        disk_blocks: 0,
+        device_len: 0,
+        page_count: 0,
+        ..meta
+    };
+    let (mut enc, _) = CheckpointEncoder::new(VM, Generation(1), no_disk).unwrap();
+    assert!(misuse(enc.disk_block(0, &block)));
+    assert!(enc.finish().is_ok());
 }
 
 #[test]
@@ -379,14 +541,25 @@ fn wrong_magic_and_version() {
     let mut bad = frame.clone();
     bad[0] = b'X';
     assert_eq!(decode(&bad, &expect(0)), Err(WireError::BadMagic));
-    let mut v2 = frame;
-    v2[4..6].copy_from_slice(&2u16.to_le_bytes());
+    let mut v2 = frame.clone();
+    v2[4..6].copy_from_slice(&(VERSION + 1).to_le_bytes());
     reseal_header(&mut v2);
     assert_eq!(
         decode(&v2, &expect(0)),
         Err(WireError::WrongVersion {
-            found: 2,
-            supported: 1
+            found: VERSION + 1,
+            supported: VERSION
+        })
+    );
+    // A peer of the layout before disk blocks (version 1) is named as such, not misparsed.
+    let mut v1 = frame;
+    v1[4..6].copy_from_slice(&1u16.to_le_bytes());
+    reseal_header(&mut v1);
+    assert_eq!(
+        decode(&v1, &expect(0)),
+        Err(WireError::WrongVersion {
+            found: 1,
+            supported: VERSION
         })
     );
     // The version is checked before the checksum, so a future layout is named as such.
@@ -419,6 +592,7 @@ fn wrong_vm_is_refused() {
         node: NodeId(3),
         ram_pages: 1,
         page_size: 4096,
+        disk_blocks: 0,
         known: Generation(0),
     };
     let frame = encode_peer(VM, &join);
@@ -518,6 +692,25 @@ fn malformed_frames_are_named() {
             "checkpoint length disagrees with its meta"
         ))
     );
+    // The same for a disk block count that disagrees with the body length.
+    let (mut cp, _) = a_checkpoint();
+    let count_at = HEADER_LEN + META_LEN - 8;
+    cp[count_at..count_at + 8].copy_from_slice(&3u64.to_le_bytes());
+    assert_eq!(
+        decode(&cp, &expect(0)),
+        Err(WireError::Malformed(
+            "checkpoint length disagrees with its meta"
+        ))
+    );
+    // A disk block count so large the body length overflows.
+    let (mut cp, _) = a_checkpoint();
+    cp[count_at..count_at + 8].copy_from_slice(&u64::MAX.to_le_bytes());
+    assert_eq!(
+        decode(&cp, &expect(0)),
+        Err(WireError::Malformed(
+            "bad checkpoint page size or size overflow"
+        ))
+    );
 }
 
 /// Feed `bytes` in chunks of `chunk` and collect owned items.
@@ -533,6 +726,10 @@ fn stream_items(bytes: &[u8], chunk: usize) -> Result<Vec<String>, WireError> {
                 Some(Item::Page { index, data }) => {
                     page_bytes.extend_from_slice(data);
                     out.push(format!("page {index} {}", data.len()));
+                }
+                Some(Item::DiskBlock { index, data }) => {
+                    page_bytes.extend_from_slice(data);
+                    out.push(format!("disk {index} {}", data.len()));
                 }
                 Some(Item::Device { offset, data }) => {
                     page_bytes.extend_from_slice(data);
@@ -572,6 +769,10 @@ fn streaming_at_every_chunk_size_gives_the_same_items() {
         reference.iter().filter(|s| s.starts_with("page")).count(),
         4
     );
+    assert_eq!(
+        reference.iter().filter(|s| s.starts_with("disk")).count(),
+        4
+    );
     assert!(reference.iter().any(|s| s.contains("CheckpointEnd")));
     for chunk in 1..=97 {
         let got = stream_items(&bytes, chunk).unwrap();
@@ -592,9 +793,12 @@ fn whole_pages_in_the_input_are_lent_not_copied() {
         let base = input.as_ptr() as usize;
         let len = input.len();
         let (used, item) = dec.decode(input).unwrap();
-        if let Some(Item::Page { data, .. }) = item {
+        if let Some(Item::Page { data, .. } | Item::DiskBlock { data, .. }) = item {
             let p = data.as_ptr() as usize;
-            assert!(p >= base && p + data.len() <= base + len, "page was copied");
+            assert!(
+                p >= base && p + data.len() <= base + len,
+                "record was copied"
+            );
         }
         input = &input[used..];
     }
@@ -644,20 +848,26 @@ fn arb_gen() -> impl Strategy<Value = Generation> {
 }
 
 fn arb_reason() -> impl Strategy<Value = RejectReason> {
-    (1u8..=6).prop_map(|c| RejectReason::from_code(c).unwrap())
+    (1u8..=7).prop_map(|c| RejectReason::from_code(c).unwrap())
 }
 
 fn arb_peer_msg() -> impl Strategy<Value = PeerMsg> {
     prop_oneof![
-        (any::<u32>(), any::<u64>(), any::<u32>(), arb_gen()).prop_map(|(n, r, p, known)| {
-            PeerMsg::Join {
+        (
+            any::<u32>(),
+            any::<u64>(),
+            any::<u32>(),
+            any::<u64>(),
+            arb_gen()
+        )
+            .prop_map(|(n, r, p, d, known)| PeerMsg::Join {
                 vm: VM,
                 node: NodeId(n),
                 ram_pages: r,
                 page_size: p,
+                disk_blocks: d,
                 known,
-            }
-        }),
+            }),
         (arb_gen(), arb_reason())
             .prop_map(|(generation, reason)| PeerMsg::Reject { generation, reason }),
         (arb_gen(), any::<u64>()).prop_map(|(generation, e)| PeerMsg::SyncStart {
@@ -750,6 +960,7 @@ proptest! {
     #[test]
     fn prop_checkpoint_round_trip_any_chunking(
         pages in proptest::collection::vec((any::<u64>(), any::<u8>()), 0..6),
+        blocks in proptest::collection::vec((any::<u64>(), any::<u8>()), 0..3),
         device in proptest::collection::vec(any::<u8>(), 0..100),
         epoch in any::<u64>(),
         full in any::<bool>(),
@@ -757,16 +968,25 @@ proptest! {
     ) {
         let data: Vec<(u64, Vec<u8>)> = pages.iter().map(|&(i, f)| (i, page(f, 32))).collect();
         let refs: Vec<(u64, &[u8])> = data.iter().map(|(i, p)| (*i, p.as_slice())).collect();
-        let bytes = encode_checkpoint(VM, Generation(1), Epoch(epoch), full, 32, &refs, &device).unwrap();
+        let disk: Vec<(u64, Vec<u8>)> =
+            blocks.iter().map(|&(i, f)| (i, page(f, BLOCK))).collect();
+        let disk_refs: Vec<(u64, &[u8])> = disk.iter().map(|(i, b)| (*i, b.as_slice())).collect();
+        let bytes = encode_checkpoint_with_disk(
+            VM, Generation(1), Epoch(epoch), full, 32, &refs, &disk_refs, &device,
+        )
+        .unwrap();
         let Frame::Checkpoint(cp) = decode(&bytes, &expect(1)).unwrap().0 else {
             return Err(TestCaseError::fail("not a checkpoint"));
         };
         prop_assert_eq!(&cp.pages, &data);
+        prop_assert_eq!(&cp.disk, &disk);
+        prop_assert_eq!(cp.meta.disk_blocks, disk.len() as u64);
         prop_assert_eq!(&cp.device, &device);
         prop_assert_eq!(cp.meta.epoch, Epoch(epoch));
         prop_assert_eq!(cp.meta.full, full);
         let items = stream_items(&bytes, chunk).unwrap();
         prop_assert_eq!(items.iter().filter(|s| s.starts_with("page")).count(), data.len());
+        prop_assert_eq!(items.iter().filter(|s| s.starts_with("disk")).count(), disk.len());
     }
 
     #[test]

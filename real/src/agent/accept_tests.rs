@@ -68,6 +68,7 @@ mod live {
                 page_size: 4096,
                 ram_pages: 16,
                 max_device_bytes: 1 << 20,
+                disk_blocks: 0,
             },
             kind: TransportKind::Copy,
             identity: Arc::new(me),
@@ -186,6 +187,7 @@ mod live {
             ram_pages: 16,
             page_size: 4096,
             known: Generation(0),
+            disk_blocks: 0,
         };
         let frame = ftvm_model::wire::encode_peer(VmId(7), &join);
         peer.write_all(&frame).unwrap();

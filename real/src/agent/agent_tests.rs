@@ -235,6 +235,8 @@ async fn commit_applies_the_staged_checkpoint() {
         data: vec![7; 4096],
         device: b"dev".to_vec(),
         spooled: 0,
+        disk_data: Vec::new(),
+        disk_indices: Vec::new(),
     };
     let mut commit = bare(Action::Commit { epoch: Epoch(4) });
     commit.staged = Some(staged);

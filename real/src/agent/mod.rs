@@ -302,6 +302,7 @@ impl<L: VmLauncher> Agent<L> {
             page_size: self.cfg.model.page_size,
             ram_pages: self.cfg.model.ram_pages,
             max_device_bytes: self.cfg.limits.max_device_bytes,
+            disk_blocks: 0,
         }
     }
 

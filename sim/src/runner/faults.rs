@@ -331,6 +331,7 @@ fn forged_msg(s: &Scenario, sender: NodeId, frame: ForgedFrame, generation: u64)
             ram_pages: s.vm.pages,
             page_size: s.vm.page_size,
             known: generation,
+            disk_blocks: 0,
         },
         ForgedFrame::Heartbeat => PeerMsg::Heartbeat {
             generation,

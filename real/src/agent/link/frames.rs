@@ -63,6 +63,7 @@ impl Frame {
             page_size: self.page_size,
             page_count: staged.indices.len() as u64,
             device_len: staged.device.len() as u64,
+            disk_blocks: 0,
         }
     }
 }

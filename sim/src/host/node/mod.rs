@@ -271,6 +271,7 @@ impl NodeHost {
             page_size: self.spec.page_size,
             ram_pages: self.spec.pages,
             max_device_bytes: ftvm_driver::staging::DEFAULT_MAX_DEVICE_BYTES,
+            disk_blocks: 0,
         };
         let reader = spawn_local(peer_io::read_peer(rd, id, self.vm_id, limits, tx.clone()));
         let writer = spawn_local(write_loop(
