@@ -42,15 +42,23 @@
 //! blob and metadata, as every commit did before.
 //!
 //! Journal layout: a [`HEADER_LEN`]-byte header (magic, generation, epoch, page count, page
-//! bytes, device bytes, checksum; the rest zero), then the page contents, the page indices (u64
-//! little-endian) and the device state. The checksum is xxh3-64 of the pages, indices and device
-//! state followed by the header's first 48 bytes. Bytes past the device state are ignored (a
-//! reused file may hold an older, longer journal there).
+//! bytes, device bytes, disk block count, full flag, checksum; the rest zero), then the page
+//! contents, the disk blocks' contents, the page indices and disk block indices (u64
+//! little-endian) and the device state. The checksum is xxh3-64 of all of that followed by the
+//! header's first 64 bytes. Bytes past the device state are ignored (a reused file may hold an
+//! older, longer journal there).
+//!
+//! **Disks.** A VM with a protected disk has a replica disk image ([`DiskSpec`]) beside the RAM
+//! file; a checkpoint's disk blocks travel in the same journal as its pages and are applied by
+//! the same step 2, so the commit point covers RAM, disk and device state at once.
 
 // Values here come off the wire (or go onto it): a cast that drops bits must be a checked
 // conversion, or say why it cannot lose anything.
 #![warn(clippy::cast_possible_truncation)]
 
+mod disk;
+#[cfg(test)]
+mod disk_tests;
 mod spool;
 
 use std::fs::{self, File};
@@ -59,10 +67,13 @@ use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use ftvm_model::wire::DISK_BLOCK_SIZE;
 use xxhash_rust::xxh3::Xxh3;
 
 pub use crate::secure_fs::Durability;
 use crate::secure_fs::{self, SecureFsError, PRIVATE_FILE_MODE};
+pub use disk::DiskSpec;
+use disk::ReplicaDisk;
 pub use spool::{JournalSpool, StageWriter};
 use spool::{SpoolFile, STAGE_PREFIX};
 
@@ -88,6 +99,27 @@ pub enum ReplicaError {
         pages: u64,
         /// Page size.
         page_size: usize,
+    },
+    /// A disk block index lies outside the replica disk, or the disk part is malformed.
+    #[error("checkpoint disk block {index} does not fit a disk of {blocks} blocks")]
+    BadDiskBlock {
+        /// Offending block index (`u64::MAX`: data and index list disagree).
+        index: u64,
+        /// Blocks of the disk.
+        blocks: u64,
+    },
+    /// A checkpoint carries disk blocks but this replica has no disk.
+    #[error("checkpoint carries disk blocks but this replica has no disk")]
+    NoDisk,
+    /// The replica disk image has another size than the VM's disk.
+    #[error("replica disk {path} is {found} bytes, the VM's disk is {expected}")]
+    DiskSizeMismatch {
+        /// The image.
+        path: PathBuf,
+        /// Size found.
+        found: u64,
+        /// Size configured.
+        expected: u64,
     },
     /// The replica on disk belongs to another RAM size.
     #[error("replica RAM file is {found} bytes, expected {expected}")]
@@ -136,6 +168,8 @@ pub struct Replica {
     durability: Durability,
     spool: Arc<JournalSpool>,
     unapplied: Option<Unapplied>,
+    /// The protected disk's replica, if the VM has one.
+    disk: Option<ReplicaDisk>,
 }
 
 fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> ReplicaError {
@@ -145,9 +179,9 @@ fn io(path: &Path, what: &'static str) -> impl FnOnce(std::io::Error) -> Replica
 
 /// Bytes before a journal's pages.
 pub const HEADER_LEN: usize = 4096;
-const JOURNAL_MAGIC: &[u8; 8] = b"FTVMJRN2";
-/// Header bytes the checksum covers (magic and the five lengths and names).
-const HEADER_FIELDS: usize = 48;
+const JOURNAL_MAGIC: &[u8; 8] = b"FTVMJRN3";
+/// Header bytes the checksum covers (magic and the seven words: names, lengths, full flag).
+const HEADER_FIELDS: usize = 64;
 
 /// What a journal's header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -157,6 +191,10 @@ struct JournalHeader {
     pages: u64,
     data_len: u64,
     device_len: u64,
+    /// Disk blocks (their contents follow the pages', their indices the pages' indices).
+    disk_blocks: u64,
+    /// A full checkpoint: applying it zeroes the replica disk first.
+    full: bool,
 }
 
 impl JournalHeader {
@@ -167,6 +205,8 @@ impl JournalHeader {
             pages: s.indices.len() as u64,
             data_len: s.data.len() as u64,
             device_len: s.device.len() as u64,
+            disk_blocks: s.disk_indices.len() as u64,
+            full: s.full,
         }
     }
 
@@ -186,6 +226,8 @@ impl JournalHeader {
             self.pages,
             self.data_len,
             self.device_len,
+            self.disk_blocks,
+            u64::from(self.full),
         ]
         .into_iter()
         .enumerate()
@@ -222,16 +264,33 @@ impl JournalHeader {
             pages: word(2)?,
             data_len: word(3)?,
             device_len: word(4)?,
+            disk_blocks: word(5)?,
+            full: match word(6)? {
+                0 => false,
+                1 => true,
+                _ => return None,
+            },
         };
-        Some((h, word(5)?))
+        Some((h, word(7)?))
     }
 
-    /// Bytes of the body (pages, indices, device state), if this host can address them.
+    /// Bytes of the disk blocks' contents.
+    fn disk_data_len(&self) -> Option<usize> {
+        usize::try_from(self.disk_blocks)
+            .ok()?
+            .checked_mul(DISK_BLOCK_SIZE as usize)
+    }
+
+    /// Bytes of the body (pages, disk blocks, indices, device state), if this host can address
+    /// them.
     fn body_len(&self) -> Option<usize> {
         let pages = usize::try_from(self.pages).ok()?;
+        let blocks = usize::try_from(self.disk_blocks).ok()?;
         let data = usize::try_from(self.data_len).ok()?;
         let device = usize::try_from(self.device_len).ok()?;
-        data.checked_add(pages.checked_mul(8)?)?.checked_add(device)
+        data.checked_add(self.disk_data_len()?)?
+            .checked_add(pages.checked_add(blocks)?.checked_mul(8)?)?
+            .checked_add(device)
     }
 }
 
@@ -256,7 +315,21 @@ impl Replica {
         page_size: usize,
         durability: Durability,
     ) -> Result<Replica, ReplicaError> {
+        Replica::open_with_disk(dir, ram_path, ram_bytes, page_size, durability, None)
+    }
+
+    /// [`Replica::open_with`] for a VM with a protected disk (`disk`), whose replica image is
+    /// created sparse if absent and refused if it has another size.
+    pub fn open_with_disk(
+        dir: &Path,
+        ram_path: &Path,
+        ram_bytes: u64,
+        page_size: usize,
+        durability: Durability,
+        disk: Option<&DiskSpec>,
+    ) -> Result<Replica, ReplicaError> {
         secure_fs::private_dir(dir)?;
+        let disk = disk.map(ReplicaDisk::open).transpose()?;
         let (ram, _) = secure_fs::open_or_create_private(ram_path)?;
         let found = ram.metadata().map_err(io(ram_path, "stat"))?.len();
         // Only a committed checkpoint or a journal to replay gives the RAM file's contents a
@@ -286,6 +359,7 @@ impl Replica {
             durability,
             spool: JournalSpool::new(dir.to_path_buf(), durability),
             unapplied: None,
+            disk,
         };
         // Nothing that never reached the commit point counts.
         secure_fs::remove_stale(&r.dir.join("journal.tmp"))?;
@@ -332,7 +406,16 @@ impl Replica {
             .set_len(self.ram_bytes)
             .map_err(io(&self.ram_path, "size RAM file"))?;
         self.committed = None;
+        if let Some(d) = self.disk.as_mut() {
+            d.zero()?;
+        }
         Ok(())
+    }
+
+    /// Path of the replica disk image, if the VM has a disk (a failover serves it to the
+    /// restored VM: call [`Replica::settle`] first).
+    pub fn disk_path(&self) -> Option<&Path> {
+        self.disk.as_ref().map(ReplicaDisk::path)
     }
 
     /// The last committed checkpoint, if any (possibly not applied yet: see [`Replica::settle`]).
@@ -493,7 +576,11 @@ impl Replica {
                 page_size: self.page_size,
             });
         }
-        Ok(())
+        match &self.disk {
+            Some(d) => d.check(staged),
+            None if staged.disk_indices.is_empty() && staged.disk_data.is_empty() => Ok(()),
+            None => Err(ReplicaError::NoDisk),
+        }
     }
 
     /// Writes the pages of a checkpoint that passed [`Replica::check`] into the RAM file.
@@ -502,6 +589,12 @@ impl Replica {
             self.ram
                 .write_all_at(page, index * self.page_size as u64)
                 .map_err(io(&self.ram_path, "write page"))?;
+        }
+        if let Some(d) = self.disk.as_mut() {
+            d.apply(staged)?;
+            if self.durability == Durability::Durable {
+                d.sync()?;
+            }
         }
         Ok(())
     }
@@ -560,17 +653,30 @@ fn remove_if_present(path: &Path) -> Result<(), ReplicaError> {
 /// A whole journal of `s` (see the module docs for the layout).
 fn encode_journal(s: &StagedCheckpoint) -> Vec<u8> {
     let mut b = vec![0u8; HEADER_LEN];
-    b.reserve(s.data.len() + s.indices.len() * 8 + s.device.len());
+    b.reserve(
+        s.data.len() + s.disk_data.len() + (s.indices.len() + s.disk_indices.len()) * 8 + s.device.len(),
+    );
     b.extend_from_slice(&s.data);
-    for i in &s.indices {
-        b.extend_from_slice(&i.to_le_bytes());
-    }
-    b.extend_from_slice(&s.device);
+    b.extend_from_slice(&journal_tail(s));
     let mut h = Xxh3::new();
     h.update(&b[HEADER_LEN..]);
     let header = JournalHeader::of(s).seal(&mut h);
     b[..HEADER_LEN].copy_from_slice(&header);
     b
+}
+
+/// What follows the page contents in a journal: the disk blocks' contents, the page indices, the
+/// disk block indices (u64 little-endian) and the device state.
+fn journal_tail(s: &StagedCheckpoint) -> Vec<u8> {
+    let mut tail = Vec::with_capacity(
+        s.disk_data.len() + (s.indices.len() + s.disk_indices.len()) * 8 + s.device.len(),
+    );
+    tail.extend_from_slice(&s.disk_data);
+    for i in s.indices.iter().chain(&s.disk_indices) {
+        tail.extend_from_slice(&i.to_le_bytes());
+    }
+    tail.extend_from_slice(&s.device);
+    tail
 }
 
 /// The contents of a replica file (never through a symbolic link, only a file of ours), or None
@@ -616,24 +722,30 @@ fn decode_body(h: JournalHeader, sum: u64, mut body: Vec<u8>) -> Option<StagedCh
     }
     let data_len = usize::try_from(h.data_len).ok()?;
     let pages = usize::try_from(h.pages).ok()?;
-    let rest = body.split_off(data_len);
-    let (index_bytes, device) = rest.split_at_checked(pages.checked_mul(8)?)?;
-    let indices = index_bytes
-        .chunks_exact(8)
-        .map(|c| c.try_into().map(u64::from_le_bytes))
-        .collect::<Result<Vec<u64>, _>>()
-        .ok()?;
+    let blocks = usize::try_from(h.disk_blocks).ok()?;
+    let mut disk_data = body.split_off(data_len);
+    let rest = disk_data.split_off(h.disk_data_len()?);
+    let (index_bytes, rest) = rest.split_at_checked(pages.checked_mul(8)?)?;
+    let (disk_index_bytes, device) = rest.split_at_checked(blocks.checked_mul(8)?)?;
+    let words = |b: &[u8]| {
+        b.chunks_exact(8)
+            .map(|c| c.try_into().map(u64::from_le_bytes))
+            .collect::<Result<Vec<u64>, _>>()
+            .ok()
+    };
+    let indices = words(index_bytes)?;
+    let disk_indices = words(disk_index_bytes)?;
     Some(StagedCheckpoint {
         generation: h.generation,
         epoch: h.epoch,
-        // Only the replica's journal reads it back, which needs no flag.
-        full: false,
+        // Applying a full checkpoint zeroes the replica disk first.
+        full: h.full,
         indices,
         data: body,
         device: device.to_vec(),
         spooled: 0,
-        disk_data: Vec::new(),
-        disk_indices: Vec::new(),
+        disk_data,
+        disk_indices,
     })
 }
 

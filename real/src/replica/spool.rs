@@ -17,7 +17,9 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use xxhash_rust::xxh3::Xxh3;
 
-use super::{io, Committed, JournalHeader, ReplicaError, StagedCheckpoint, HEADER_LEN};
+use super::{
+    io, journal_tail, Committed, JournalHeader, ReplicaError, StagedCheckpoint, HEADER_LEN,
+};
 use crate::secure_fs::{self, Durability, PRIVATE_FILE_MODE};
 
 /// Name prefix of spool files in the replica directory.
@@ -225,11 +227,7 @@ impl StageWriter {
         let Some(mut c) = self.cur.take() else {
             return Err(ReplicaError::Corrupt(self.spool.dir.clone()));
         };
-        let mut tail = Vec::with_capacity(s.indices.len() * 8 + s.device.len());
-        for i in &s.indices {
-            tail.extend_from_slice(&i.to_le_bytes());
-        }
-        tail.extend_from_slice(&s.device);
+        let tail = journal_tail(s);
         let at = (HEADER_LEN + c.written) as u64;
         let f = &c.file;
         let written = f

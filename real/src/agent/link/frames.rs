@@ -5,7 +5,7 @@ use std::collections::VecDeque;
 use std::io::IoSlice;
 use std::ops::Range;
 
-use ftvm_model::wire::{CheckpointEncoder, CheckpointMeta, RECORD_HEADER_LEN};
+use ftvm_model::wire::{CheckpointEncoder, CheckpointMeta, DISK_BLOCK_SIZE, RECORD_HEADER_LEN};
 use ftvm_model::{Epoch, Generation, VmId};
 
 use super::FrameBufs;
@@ -63,13 +63,13 @@ impl Frame {
             page_size: self.page_size,
             page_count: staged.indices.len() as u64,
             device_len: staged.device.len() as u64,
-            disk_blocks: 0,
+            disk_blocks: staged.disk_indices.len() as u64,
         }
     }
 }
 
-/// Sends one checkpoint frame — prefix, page records each followed by its page, device state,
-/// trailer, then the frame's tag — as a pipeline of vectored sends, then waits until the
+/// Sends one checkpoint frame — prefix, page records each followed by its page, disk block
+/// records each followed by its block, device state, trailer, then the frame's tag — as a pipeline of vectored sends, then waits until the
 /// transport released all of it. The tag runs over each page in the same pass as the checksum,
 /// over the very bytes handed to the transport. Returns bytes sent (the tag included). On error the transport is broken and must be dropped before the page
 /// memory and `bufs` are released (see `fail` in the link module).
@@ -153,6 +153,27 @@ pub(super) fn send_checkpoint(
                 in_flight.pop_front();
             }
         }
+    }
+    // Disk blocks always come from the staging buffer (copied at capture, whatever the mode).
+    let blocks = staged.disk_indices.len();
+    bufs.disk_records.clear();
+    bufs.disk_records.resize(blocks, [0; RECORD_HEADER_LEN]);
+    for first in (0..blocks).step_by(PAGES_PER_BATCH) {
+        let last = (first + PAGES_PER_BATCH).min(blocks);
+        let mut segs = Vec::with_capacity(2 * (last - first));
+        for i in first..last {
+            let block = disk_block(staged, i)?;
+            bufs.disk_records[i] = enc
+                .disk_block(staged.disk_indices[i], block)
+                .map_err(|e| e.to_string())?;
+            feed(&bufs.disk_records[i]);
+            feed(block);
+        }
+        for i in first..last {
+            segs.push(IoSlice::new(&bufs.disk_records[i]));
+            segs.push(IoSlice::new(disk_block(staged, i)?));
+        }
+        send(t, &segs)?;
     }
     enc.device(&staged.device).map_err(|e| e.to_string())?;
     bufs.trailer = enc.finish().map_err(|e| e.to_string())?;
@@ -245,12 +266,27 @@ pub(super) fn send_encrypted_checkpoint(
             cow.released(first..last);
         }
     }
+    for (i, &index) in staged.disk_indices.iter().enumerate() {
+        let block = disk_block(staged, i)?;
+        let record = enc.disk_block(index, block).map_err(|e| e.to_string())?;
+        e.push(&record, &mut flush).map_err(fail)?;
+        e.push(block, &mut flush).map_err(fail)?;
+    }
     enc.device(&staged.device).map_err(|e| e.to_string())?;
     let trailer = enc.finish().map_err(|e| e.to_string())?;
     e.push(&staged.device, &mut flush).map_err(fail)?;
     e.push(&trailer, &mut flush).map_err(fail)?;
     e.finish(&mut flush).map_err(fail)?;
     Ok(bytes)
+}
+
+/// The `i`-th disk block of the checkpoint.
+fn disk_block(staged: &StagedCheckpoint, i: usize) -> Result<&[u8], String> {
+    let bs = DISK_BLOCK_SIZE as usize;
+    staged
+        .disk_data
+        .get(i * bs..(i + 1) * bs)
+        .ok_or_else(|| "staged disk data shorter than its block list".to_string())
 }
 
 /// Pages per vectored send of a checkpoint (2 iovecs each, within IOV_MAX).

@@ -286,6 +286,8 @@ fn start(
 struct FrameBufs {
     prefix: CheckpointPrefix,
     records: Vec<[u8; RECORD_HEADER_LEN]>,
+    /// Record headers of the disk blocks, like `records` for pages.
+    disk_records: Vec<[u8; RECORD_HEADER_LEN]>,
     trailer: [u8; TRAILER_LEN],
     tag: [u8; TAG_LEN],
 }
@@ -304,6 +306,7 @@ fn writer(
     let mut bufs = FrameBufs {
         prefix: [0; std::mem::size_of::<CheckpointPrefix>()],
         records: Vec::new(),
+        disk_records: Vec::new(),
         trailer: [0; TRAILER_LEN],
         tag: [0; TAG_LEN],
     };
