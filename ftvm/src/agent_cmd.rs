@@ -291,6 +291,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         witness: args.witness,
         replica_dir: args.state_dir.join("replica"),
         replica_ram,
+        replica_disk: None,
         replica_durable: args.durable_replica,
         transport,
         capture,

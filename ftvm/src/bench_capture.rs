@@ -590,6 +590,7 @@ fn agent_config(
         witness: net.witness,
         replica_dir: d.join("replica"),
         replica_ram: d.join("replica.ram"),
+        replica_disk: None,
         replica_durable: false,
         transport,
         capture: mode,

@@ -5,7 +5,7 @@
 
 use std::collections::VecDeque;
 use std::net::TcpStream;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -429,6 +429,7 @@ impl<L: VmLauncher> Agent<L> {
             RestorePoint {
                 device: r.device_state()?,
                 ram_file: r.ram_path().to_path_buf(),
+                disk: r.disk_path().map(Path::to_path_buf),
             }
         };
         self.log(format_args!(

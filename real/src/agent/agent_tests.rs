@@ -41,6 +41,7 @@ fn agent(dir: &std::path::Path, node: NodeId, start: Start) -> Agent<MemLauncher
         witness: addr,
         replica_dir: dir.join("replica"),
         replica_ram: dir.join("replica.ram"),
+        replica_disk: None,
         replica_durable: false,
         transport: TransportKind::Copy,
         capture: CaptureMode::Staged,

@@ -730,6 +730,7 @@ mod tests {
         };
         let dir = tempfile::tempdir().unwrap();
         let point = RestorePoint {
+            disk: None,
             ram_file: dir.path().join("missing.ram"),
             device: Vec::new(),
         };

@@ -54,7 +54,9 @@ use crate::auth::{Identity, Protection};
 use crate::journal_file::{clock_us, JournalWriter};
 use crate::net::backpressure::OutputCap;
 use crate::net::output::{HeldFrame, OutputAccount};
-use crate::replica::{Durability, JournalSpool, Replica, ReplicaError, StagedCheckpoint};
+use crate::replica::{
+    DiskSpec, Durability, JournalSpool, Replica, ReplicaError, StagedCheckpoint,
+};
 use crate::transport::TransportKind;
 
 /// Errors that stop an agent.
@@ -118,6 +120,10 @@ pub struct AgentConfig {
     pub replica_dir: PathBuf,
     /// The replica's RAM file (on tmpfs: the restored QEMU maps it as guest RAM).
     pub replica_ram: PathBuf,
+    /// This host's image of the VM's disk (raw, `model.disk_blocks` blocks), for a VM with a
+    /// protected disk: the replica disk while this agent is a backup, the disk its restored VM
+    /// runs on after a failover (and the one a booting primary's VM runs on).
+    pub replica_disk: Option<PathBuf>,
     /// Make each commit survive a host crash too (`fsync` of the journal, the replica directory,
     /// the device blob and the metadata), for a `replica_dir` on persistent storage. Off, a
     /// commit survives a crash of this process only, and costs no sync (see `crate::replica`).
@@ -225,12 +231,25 @@ impl<L: VmLauncher> Agent<L> {
         } else {
             Durability::Atomic
         };
-        let replica = Replica::open_with(
+        let disk = match (&cfg.replica_disk, cfg.model.disk_blocks) {
+            (_, 0) => None,
+            (Some(path), blocks) => Some(DiskSpec {
+                path: path.clone(),
+                blocks,
+            }),
+            (None, _) => {
+                return Err(AgentError::Config(
+                    "the VM has a protected disk but this agent was given no disk image".into(),
+                ))
+            }
+        };
+        let replica = Replica::open_with_disk(
             &cfg.replica_dir,
             &cfg.replica_ram,
             ram_bytes,
             cfg.model.page_size as usize,
             durability,
+            disk.as_ref(),
         )?;
         let spool = replica.spool();
         let replica = Arc::new(Mutex::new(replica));
@@ -302,7 +321,7 @@ impl<L: VmLauncher> Agent<L> {
             page_size: self.cfg.model.page_size,
             ram_pages: self.cfg.model.ram_pages,
             max_device_bytes: self.cfg.limits.max_device_bytes,
-            disk_blocks: 0,
+            disk_blocks: self.cfg.model.disk_blocks,
         }
     }
 

@@ -194,6 +194,9 @@ pub struct RestorePoint {
     pub ram_file: PathBuf,
     /// Device state of the committed checkpoint.
     pub device: Vec<u8>,
+    /// The replica disk image (applied through the committed checkpoint), for a VM with a
+    /// protected disk: the restored VM runs on it.
+    pub disk: Option<PathBuf>,
 }
 
 /// Starts VMs: the first one on a fresh primary, and a restored one at failover.

@@ -107,6 +107,7 @@ fn config(dir: &Path, node: u32, start: Start, run: &Run, addrs: &Addrs) -> Agen
         witness: addrs.witness,
         replica_dir: d.join("replica"),
         replica_ram: d.join("replica.ram"),
+        replica_disk: None,
         replica_durable: false,
         transport: run.transport,
         capture: run.capture,

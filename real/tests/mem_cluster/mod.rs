@@ -105,6 +105,7 @@ pub fn host(
             witness,
             replica_dir: d.join("replica"),
             replica_ram: d.join("replica.ram"),
+            replica_disk: None,
             replica_durable: false,
             transport: TransportKind::Copy,
             capture: CaptureMode::Staged,
