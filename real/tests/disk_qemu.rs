@@ -82,7 +82,7 @@ fn assert_images_equal(primary: &Path, replica: &Path, when: &str) {
 }
 
 #[tokio::test]
-async fn dirty_blocks_taken_at_each_pause_keep_a_replica_identical() {
+async fn replica_from_dirty_blocks_equals_primary_and_restores_into_a_second_qemu() {
     let _one_at_a_time = BOOT_LOCK.lock().await;
     let guest = guest().await;
     let dir = tempfile::tempdir().unwrap();
@@ -198,8 +198,56 @@ async fn dirty_blocks_taken_at_each_pause_keep_a_replica_identical() {
     );
     assert!(stats.writes > 500 && stats.failed_connections == 0 && stats.refused == 0);
     assert_eq!(stats.connections, 1);
+
+    // Failover: the checkpoint (device state, RAM copy, replica disk) restored into a second
+    // QEMU whose disk is the replica, served by a second server; the guest writes on where it
+    // was, into the replica.
+    let blob = qemu.capture_device_state().await.unwrap();
+    let ram_copy = ram_file("ram-copy");
+    std::fs::copy(&ram.0, &ram_copy.0).unwrap();
     qemu.kill().await.unwrap();
     server.stop();
+    drop(replica);
+    let backup = DiskServer::start(
+        DiskImage::open(&replica_path).unwrap(),
+        dir.path().join("backup-disk.sock"),
+        DiskServerConfig::new("vda"),
+    )
+    .unwrap();
+    let run2 = dir.path().join("restored");
+    std::fs::create_dir_all(&run2).unwrap();
+    let mut incoming = cfg.incoming(&ram_copy.0, &run2);
+    incoming.disk.as_mut().unwrap().socket = backup.socket().to_path_buf();
+    let mut restored = ftvm_real::qemu::Qemu::spawn_incoming(incoming)
+        .await
+        .unwrap();
+    restored.restore_device_state(&blob).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while backup.stats().writes < 200 {
+        assert!(
+            Instant::now() < deadline,
+            "restored guest wrote {:?}",
+            backup.stats()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    restored.stop().await.unwrap();
+    // The restored guest wrote on from the block after the checkpoint's last one.
+    let mut after = backup.take_dirty();
+    let mut want: Vec<u64> = (0..after.len() as u64)
+        .map(|j| (boundary as u64 + j) % WRITTEN_BLOCKS)
+        .collect();
+    after.sort_unstable();
+    want.sort_unstable();
+    assert_eq!(after, want, "writer resumed in place");
+    let image = DiskImage::open(&replica_path).unwrap();
+    for i in 0..WRITTEN_BLOCKS {
+        image.read_block(i, &mut block).unwrap();
+        stamp(i, &block);
+    }
+    eprintln!("restored guest wrote {:?}", backup.stats());
+    restored.kill().await.unwrap();
+    backup.stop();
 }
 
 #[tokio::test]
@@ -216,4 +264,52 @@ async fn qemu_fails_to_start_when_no_disk_server_listens() {
         }
         other => panic!("expected QEMU to die, got {other:?}"),
     }
+}
+
+#[tokio::test]
+async fn guest_io_fails_fast_and_qemu_stays_responsive_when_the_server_goes() {
+    let _one_at_a_time = BOOT_LOCK.lock().await;
+    let guest = guest().await;
+    let dir = tempfile::tempdir().unwrap();
+    let ram = ram_file("gone");
+    let socket = dir.path().join("disk.sock");
+    let server = DiskServer::start(
+        DiskImage::create(dir.path().join("primary.img"), DISK).unwrap(),
+        &socket,
+        DiskServerConfig::new("vda"),
+    )
+    .unwrap();
+    let cfg = config(&guest, &ram.0, dir.path(), &socket);
+    let mut qemu = boot(&cfg, &BootOptions::default()).await.unwrap().qemu;
+    let mut serial = qemu.serial();
+    serial
+        .wait_for("ftvm-diskwriter: writing", Duration::from_secs(30))
+        .await
+        .unwrap();
+    server.stop();
+    // reconnect-delay=0: the guest's next write fails at once instead of QEMU waiting for a
+    // server that is not coming back.
+    serial
+        .wait_for("ftvm-diskwriter: write of block", Duration::from_secs(20))
+        .await
+        .unwrap();
+    let t = Instant::now();
+    qemu.stop().await.unwrap();
+    assert!(
+        t.elapsed() < Duration::from_secs(5),
+        "stop took {:?}",
+        t.elapsed()
+    );
+    eprintln!(
+        "{}",
+        serial
+            .read_all()
+            .unwrap()
+            .lines()
+            .filter(|l| l.contains("vda") || l.contains("diskwriter: write of"))
+            .take(4)
+            .collect::<Vec<_>>()
+            .join("\n")
+    );
+    qemu.kill().await.unwrap();
 }
