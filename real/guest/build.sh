@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Builds the ftvm test guest: Debian's cloud kernel (downloaded and unpacked, not installed) and a
 # busybox initramfs that loads the virtio modules, configures eth0 and runs ftvm-guestd (our small
-# static HTTP counter service, see service/). Debian packages and our own C sources only.
+# static HTTP counter service, see service/) and, if asked, ftvm-diskwriter (diskwriter/). Debian packages and our own C sources only.
 #
 # Output: a directory holding vmlinuz, initrd.img and cmdline (default kernel arguments). Its path
 # is the LAST line on stdout; everything else goes to stderr. The directory is cached under
 # ${FTVM_CACHE:-/var/cache/ftvm}/guest/<inputs hash>/ and reused until an input changes: this
-# script, init.sh, service/*, the kernel package version, busybox-static's and gcc's versions.
+# script, init.sh, service/*, diskwriter/*, the kernel package version, busybox-static's and gcc's versions.
 #
 # Environment:
 #   FTVM_CACHE             cache root (default /var/cache/ftvm)
@@ -21,8 +21,9 @@ set -euo pipefail
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 cache=${FTVM_CACHE:-/var/cache/ftvm}/guest
 # Modules the guest needs (their dependencies are added from the modules' own metadata):
-# virtio-mmio transport (microvm's devices) and the network card.
-root_modules=(virtio_mmio virtio_net)
+# virtio-mmio transport (microvm's devices), the network card and the disk (/dev/vda, present
+# only when the VM is given one).
+root_modules=(virtio_mmio virtio_net virtio_blk)
 # Default kernel arguments (tsc_early_khz=<this host's TSC rate> is added at build time, see
 # tools/tsc-khz.c). tsc=reliable keeps the clocksource watchdog from swapping the TSC for
 # jiffies, which lose ticks under TCG. The rest only shortens the boot (~15% of its CPU time):
@@ -179,7 +180,7 @@ busybox=$(dpkg -L busybox-static | grep -m 1 '/busybox$') || die "busybox-static
 key=$(
   {
     cat "$here/build.sh" "$here/init.sh"
-    for d in service tools; do
+    for d in service diskwriter tools; do
       (cd "$here/$d" && for f in $(find . -maxdepth 1 -type f | LC_ALL=C sort); do echo "== $d/$f"; cat "$f"; done)
     done
     echo "kernel $kernel_pkg $kernel_version $kernel_format_wanted"
@@ -248,6 +249,9 @@ chmod 755 "$rootfs/init" "$rootfs/bin/busybox"
 log "compiling ftvm-guestd"
 gcc -static -O2 -s -pthread -Wall -Wextra -o "$rootfs/bin/ftvm-guestd" \
   "$here"/service/*.c >&2 || die "compiling the guest service failed"
+log "compiling ftvm-diskwriter"
+gcc -static -O2 -s -Wall -Wextra -o "$rootfs/bin/ftvm-diskwriter" \
+  "$here"/diskwriter/diskwriter.c >&2 || die "compiling the disk writer failed"
 
 # The initramfs stays uncompressed: decompressing it under TCG would only slow the boot.
 (cd "$rootfs" && find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc -R 0:0 --quiet) >"$dest/initrd.img" ||

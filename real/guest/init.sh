@@ -1,5 +1,5 @@
 #!/bin/busybox sh
-# /init of the ftvm test guest (busybox initramfs, no disk): loads the virtio modules, configures
+# /init of the ftvm test guest (busybox initramfs, no root disk): loads the virtio modules, configures
 # eth0 from the kernel command line, then runs ftvm-guestd, which prints FTVM-GUEST-READY on the
 # serial console once it listens. PID 1 must never exit (the kernel would panic), so the service
 # is restarted if it ever dies — loudly, since its RAM state is lost then.
@@ -11,6 +11,9 @@
 #   ftvm.dirty=N        pages per second the dirtier rewrites from boot on (default 0)
 #   ftvm.dirtymb=M      size of the dirtier's buffer in MiB (default 64)
 #   ftvm.dirtymode=scatter|seq   page order of the dirtier (default scatter)
+#   ftvm.diskwrite=N|max  ftvm-diskwriter writes N 4 KiB blocks per second (max: unpaced) to
+#                       /dev/vda from boot on, a pattern the host can verify (default 0: off)
+#   ftvm.diskblocks=N   the writer cycles over the first N blocks only (default: the whole disk)
 
 /bin/busybox mkdir -p /proc /sys /dev /tmp /run /sbin /usr/bin /usr/sbin
 /bin/busybox --install -s
@@ -34,6 +37,8 @@ port=80
 dirty=0
 dirtymb=64
 dirtymode=scatter
+diskwrite=0
+diskblocks=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
         ftvm.ip=*) ip=${arg#ftvm.ip=} ;;
@@ -42,6 +47,8 @@ for arg in $(cat /proc/cmdline); do
         ftvm.dirty=*) dirty=${arg#ftvm.dirty=} ;;
         ftvm.dirtymb=*) dirtymb=${arg#ftvm.dirtymb=} ;;
         ftvm.dirtymode=*) dirtymode=${arg#ftvm.dirtymode=} ;;
+        ftvm.diskwrite=*) diskwrite=${arg#ftvm.diskwrite=} ;;
+        ftvm.diskblocks=*) diskblocks=${arg#ftvm.diskblocks=} ;;
     esac
 done
 if [ -z "$gw_set" ] && [ "$ip" = 10.0.2.15/24 ]; then
@@ -64,6 +71,21 @@ if [ -e /sys/class/net/eth0 ]; then
     say "eth0 $(cat /sys/class/net/eth0/address) $ip gw ${gw:-none}"
 else
     say "no eth0 (no virtio-net device?); serving on loopback only"
+fi
+
+if [ "$diskwrite" != 0 ]; then
+    # virtio_blk probes the disk asynchronously, like the NIC above.
+    tries=0
+    while [ ! -b /dev/vda ] && [ $tries -lt 50 ]; do
+        sleep 0.1
+        tries=$((tries + 1))
+    done
+    if [ -b /dev/vda ]; then
+        /bin/ftvm-diskwriter -r "$diskwrite" -n "$diskblocks" /dev/vda &
+        say "disk writer started on /dev/vda ($diskwrite blocks/s)"
+    else
+        say "ftvm.diskwrite=$diskwrite but no /dev/vda (no virtio-blk device?)"
+    fi
 fi
 
 while :; do

@@ -4,6 +4,7 @@ pub mod agent;
 pub mod auth;
 pub mod client;
 pub mod dirty;
+pub mod disk;
 pub mod host;
 pub mod journal_file;
 pub mod log_tail;

@@ -75,6 +75,19 @@ pub struct NetConfig {
     pub backend: NetBackend,
 }
 
+/// The guest's disk, served by the agent over NBD on a unix socket (see `crate::disk`).
+///
+/// QEMU connects when it starts and never reconnects (`reconnect-delay=0`, `open-timeout=0`):
+/// the server must listen before QEMU starts, and if the agent's end goes away the guest's
+/// pending and later requests fail at once instead of QEMU silently waiting for a reconnect.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskConfig {
+    /// The agent's listening socket.
+    pub socket: PathBuf,
+    /// Export name the agent serves (no commas).
+    pub export: String,
+}
+
 /// Everything needed to start one QEMU.
 #[derive(Debug, Clone)]
 pub struct QemuConfig {
@@ -109,6 +122,8 @@ pub struct QemuConfig {
     pub qmp_socket: PathBuf,
     /// The network card, if any.
     pub net: Option<NetConfig>,
+    /// The disk (`/dev/vda` in the guest), if any; the same on primary and restore target.
+    pub disk: Option<DiskConfig>,
     /// Start with `-incoming defer` (a restore target waiting for `migrate-incoming`).
     pub incoming_defer: bool,
     /// Run under QEMU's seccomp filter (`-sandbox on`, see [`SANDBOX`]): on by default, since
@@ -150,6 +165,7 @@ impl QemuConfig {
             stderr_log: run_dir.join("qemu.stderr"),
             qmp_socket: run_dir.join("qmp.sock"),
             net: None,
+            disk: None,
             incoming_defer: false,
             sandbox: true,
             run_as: None,
@@ -185,6 +201,9 @@ impl QemuConfig {
         }
         if let Some(net) = &self.net {
             check_mac(&net.mac)?;
+        }
+        if let Some(disk) = &self.disk {
+            check_export(&disk.export)?;
         }
         for (what, path) in [
             ("kernel", Some(&self.kernel)),
@@ -258,6 +277,22 @@ impl QemuConfig {
                 "-device",
                 format!("virtio-net-device,netdev=n0,mac={}", net.mac),
             );
+        }
+        if let Some(disk) = &self.disk {
+            check_export(&disk.export)?;
+            // cache.direct=off, cache.no-flush=off: the defaults, spelled out because they
+            // matter — the guest's flushes must reach the agent (as NBD_CMD_FLUSH), and O_DIRECT
+            // means nothing on a socket.
+            a.pair(
+                "-blockdev",
+                format!(
+                    "driver=nbd,node-name=disk0,server.type=unix,server.path={},export={},\
+                     reconnect-delay=0,open-timeout=0,cache.direct=off,cache.no-flush=off",
+                    opt_path(&disk.socket)?,
+                    disk.export
+                ),
+            );
+            a.pair("-device", "virtio-blk-device,drive=disk0");
         }
         if self.incoming_defer {
             a.pair("-incoming", "defer");
@@ -341,6 +376,17 @@ fn check_mac(mac: &str) -> Result<()> {
             "MAC address {mac:?} is not six hex pairs separated by colons"
         )))
     }
+}
+
+/// An NBD export name as it can appear in a QEMU option: non-empty, at most 4096 bytes (the
+/// protocol's limit), no comma (QEMU's option separator).
+fn check_export(name: &str) -> Result<()> {
+    if name.is_empty() || name.len() > 4096 || name.contains(',') {
+        return Err(QemuError::InvalidConfig(format!(
+            "disk export name {name:?} must be 1..=4096 bytes without commas"
+        )));
+    }
+    Ok(())
 }
 
 /// The user QEMU drops to by default (`-runas`), when it exists: created by
@@ -470,6 +516,34 @@ mod tests {
             s.contains("-netdev user,id=n0,hostfwd=tcp:127.0.0.1:1-:80,hostfwd=udp::2-:53"),
             "{s}"
         );
+    }
+
+    #[test]
+    fn disk_is_an_nbd_blockdev_on_both_primary_and_restore_target() {
+        let mut c = cfg();
+        assert!(!joined(&c).contains("-blockdev"));
+        c.disk = Some(DiskConfig {
+            socket: "/run/vm/disk,0.sock".into(),
+            export: "vda".into(),
+        });
+        let want_blockdev = "-blockdev driver=nbd,node-name=disk0,server.type=unix,\
+             server.path=/run/vm/disk,,0.sock,export=vda,reconnect-delay=0,open-timeout=0,\
+             cache.direct=off,cache.no-flush=off";
+        let want_device = "-device virtio-blk-device,drive=disk0";
+        let s = joined(&c);
+        assert!(s.contains(want_blockdev), "{s}");
+        assert!(s.contains(want_device), "{s}");
+        assert!(!s.contains("-drive"), "{s}");
+        let inc = joined(&c.incoming("/dev/shm/replica", "/run/standby"));
+        assert!(inc.contains(want_blockdev), "{inc}");
+        assert!(inc.contains(want_device), "{inc}");
+        for bad in ["", "a,b", &"x".repeat(4097)] {
+            c.disk.as_mut().unwrap().export = bad.to_string();
+            assert!(
+                matches!(c.args(), Err(QemuError::InvalidConfig(_))),
+                "{bad:?}"
+            );
+        }
     }
 
     #[test]

@@ -16,7 +16,7 @@ pub mod serial;
 
 pub use boot::{boot, BootOptions, Booted, GUEST_READY_MARKER};
 pub use config::{
-    find_binary, unprivileged_user_exists, Accel, NetBackend, NetConfig, QemuConfig,
+    find_binary, unprivileged_user_exists, Accel, DiskConfig, NetBackend, NetConfig, QemuConfig,
     DEFAULT_BINARY, DEFAULT_QEMU_USER,
 };
 pub use devstate::{

@@ -1,0 +1,216 @@
+//! A raw disk image file: the bytes the guest sees at the same offsets.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+use super::error::DiskError;
+use super::BLOCK_SIZE;
+
+/// One raw image, opened read-write. Positional I/O only, so it can be shared by threads.
+#[derive(Debug)]
+pub struct DiskImage {
+    file: File,
+    path: PathBuf,
+    size: u64,
+}
+
+impl DiskImage {
+    /// Creates (or truncates) `path` as a sparse image of `size` bytes reading as zeroes,
+    /// mode 0600 (it holds the guest's data).
+    pub fn create(path: impl AsRef<Path>, size: u64) -> Result<DiskImage, DiskError> {
+        check_size(size)?;
+        let path = path.as_ref();
+        let image_err = |source| DiskError::Image {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(0o600)
+            .open(path)
+            .map_err(image_err)?;
+        file.set_len(size).map_err(image_err)?;
+        Ok(DiskImage {
+            file,
+            path: path.to_path_buf(),
+            size,
+        })
+    }
+
+    /// Opens an existing image; its size must be whole blocks.
+    pub fn open(path: impl AsRef<Path>) -> Result<DiskImage, DiskError> {
+        let path = path.as_ref();
+        let image_err = |source| DiskError::Image {
+            path: path.to_path_buf(),
+            source,
+        };
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(path)
+            .map_err(image_err)?;
+        let size = file.metadata().map_err(image_err)?.len();
+        check_size(size)?;
+        Ok(DiskImage {
+            file,
+            path: path.to_path_buf(),
+            size,
+        })
+    }
+
+    /// The image file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size in bytes.
+    pub fn size(&self) -> u64 {
+        self.size
+    }
+
+    /// Size in blocks of [`BLOCK_SIZE`].
+    pub fn blocks(&self) -> u64 {
+        self.size / BLOCK_SIZE
+    }
+
+    /// Fills `buf` from `offset` (the caller keeps the range inside the image).
+    pub fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        self.file.read_exact_at(buf, offset)
+    }
+
+    /// Writes `data` at `offset` (the caller keeps the range inside the image).
+    pub fn write_at(&self, data: &[u8], offset: u64) -> io::Result<()> {
+        self.file.write_all_at(data, offset)
+    }
+
+    /// Makes `len` bytes at `offset` read as zeroes: a hole where the file system can punch one,
+    /// written zeroes where it cannot.
+    pub fn zero_range(&self, offset: u64, len: u64) -> io::Result<()> {
+        use nix::fcntl::{fallocate, FallocateFlags};
+        if len == 0 {
+            return Ok(());
+        }
+        let (Ok(o), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+            return Err(io::Error::from(io::ErrorKind::InvalidInput));
+        };
+        let punch = FallocateFlags::FALLOC_FL_PUNCH_HOLE | FallocateFlags::FALLOC_FL_KEEP_SIZE;
+        match fallocate(&self.file, punch, o, l) {
+            Ok(()) => Ok(()),
+            Err(nix::errno::Errno::EOPNOTSUPP) => {
+                static ZEROES: [u8; 64 * 1024] = [0; 64 * 1024];
+                let (mut at, end) = (offset, offset + len);
+                while at < end {
+                    let n = (end - at).min(ZEROES.len() as u64) as usize;
+                    self.file.write_all_at(&ZEROES[..n], at)?;
+                    at += n as u64;
+                }
+                Ok(())
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Reads block `index`.
+    pub fn read_block(
+        &self,
+        index: u64,
+        buf: &mut [u8; BLOCK_SIZE as usize],
+    ) -> Result<(), DiskError> {
+        self.check_block(index)?;
+        Ok(self.read_at(buf, index * BLOCK_SIZE)?)
+    }
+
+    /// Writes block `index` (a replica applying a checkpoint).
+    pub fn write_block(
+        &self,
+        index: u64,
+        buf: &[u8; BLOCK_SIZE as usize],
+    ) -> Result<(), DiskError> {
+        self.check_block(index)?;
+        Ok(self.write_at(buf, index * BLOCK_SIZE)?)
+    }
+
+    /// `fdatasync`.
+    pub fn sync_data(&self) -> io::Result<()> {
+        self.file.sync_data()
+    }
+
+    fn check_block(&self, index: u64) -> Result<(), DiskError> {
+        if index < self.blocks() {
+            Ok(())
+        } else {
+            Err(DiskError::BlockOutOfRange {
+                index,
+                blocks: self.blocks(),
+            })
+        }
+    }
+}
+
+fn check_size(size: u64) -> Result<(), DiskError> {
+    if size == 0 || !size.is_multiple_of(BLOCK_SIZE) {
+        return Err(DiskError::BadSize(size));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_write_read_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk.img");
+        let img = DiskImage::create(&p, 4 * BLOCK_SIZE).unwrap();
+        assert_eq!(img.blocks(), 4);
+        let mut b = [0u8; BLOCK_SIZE as usize];
+        img.read_block(3, &mut b).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        img.write_block(2, &[9u8; BLOCK_SIZE as usize]).unwrap();
+        img.zero_range(2 * BLOCK_SIZE + 100, 200).unwrap();
+        img.read_block(2, &mut b).unwrap();
+        assert!(b[..100].iter().all(|&x| x == 9));
+        assert!(b[100..300].iter().all(|&x| x == 0));
+        assert!(b[300..].iter().all(|&x| x == 9));
+        assert!(matches!(
+            img.read_block(4, &mut b),
+            Err(DiskError::BlockOutOfRange {
+                index: 4,
+                blocks: 4
+            })
+        ));
+        drop(img);
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&p).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
+        assert_eq!(DiskImage::open(&p).unwrap().size(), 4 * BLOCK_SIZE);
+    }
+
+    #[test]
+    fn sizes_must_be_whole_blocks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("disk.img");
+        assert!(matches!(
+            DiskImage::create(&p, 0),
+            Err(DiskError::BadSize(0))
+        ));
+        assert!(matches!(
+            DiskImage::create(&p, 4095),
+            Err(DiskError::BadSize(_))
+        ));
+        std::fs::write(&p, [0u8; 100]).unwrap();
+        assert!(matches!(DiskImage::open(&p), Err(DiskError::BadSize(100))));
+        assert!(matches!(
+            DiskImage::open(dir.path().join("missing")),
+            Err(DiskError::Image { .. })
+        ));
+    }
+}
