@@ -10,7 +10,8 @@
  *
  *   "FTVMDSK1" | k (u64 LE) | r (u64 LE) | k * 0x9E3779B97F4A7C15 ^ r (u64 LE)
  *
- * A block the writer never reached is still all zeroes. Progress goes to stdout (the serial
+ * -n 0 (the default) means the whole device. A block the writer never reached is still all zeroes.
+ * A failed write is reported and the writer moves on to the next block a second later. Progress goes to stdout (the serial
  * console) once a second: "ftvm-diskwriter: round R block K writes W rate B/s".
  * With -r max the writes are unpaced: the rate line is then the device's guest-side throughput.
  */
@@ -64,12 +65,31 @@ int main(int argc, char **argv)
 
     while ((opt = getopt(argc, argv, "r:n:")) != -1) {
         switch (opt) {
-        case 'r':
-            rate = strcmp(optarg, "max") == 0 ? 0 : strtoul(optarg, NULL, 10);
+        case 'r': {
+            char *end;
+            if (strcmp(optarg, "max") == 0) {
+                rate = 0;
+                break;
+            }
+            errno = 0;
+            rate = strtoul(optarg, &end, 10);
+            if (errno || *end || end == optarg || rate == 0) {
+                fprintf(stderr, "ftvm-diskwriter: bad rate '%s' (blocks per second or max)\n",
+                        optarg);
+                return 2;
+            }
             break;
-        case 'n':
-            nblocks = strtoull(optarg, NULL, 10);
+        }
+        case 'n': {
+            char *end;
+            errno = 0;
+            nblocks = strtoull(optarg, &end, 10);
+            if (errno || *end || end == optarg) {
+                fprintf(stderr, "ftvm-diskwriter: bad block count '%s'\n", optarg);
+                return 2;
+            }
             break;
+        }
         default:
             fprintf(stderr, "usage: %s [-r BLOCKS_PER_SECOND|max] [-n BLOCKS] DEVICE\n", argv[0]);
             return 2;
