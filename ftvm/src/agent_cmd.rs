@@ -61,6 +61,12 @@ pub struct Args {
     /// State directory: replica, QEMU sockets and logs, metrics, status.
     #[arg(long)]
     state_dir: PathBuf,
+    /// The VM's disk on this host: a raw image whose size (whole 4 KiB blocks) every agent of
+    /// the VM must share. The primary's VM runs on it (served by this agent over NBD); a
+    /// backup's replica disk is this file, overwritten by the sync; after a failover the
+    /// restored VM runs on it. Absent: the VM has no disk.
+    #[arg(long)]
+    disk: Option<PathBuf>,
     /// Directory for guest RAM files (must be tmpfs-like: QEMU maps them shared).
     #[arg(long, default_value = "/dev/shm")]
     ram_dir: PathBuf,
@@ -228,6 +234,9 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
     model.epoch_interval = Duration::from_millis(args.epoch_ms);
     model.epoch_policy = args.epoch.policy();
     model.heartbeat_interval = Duration::from_millis(args.heartbeat_ms);
+    if let Some(disk) = &args.disk {
+        model.disk_blocks = disk_blocks(disk)?;
+    }
     model.failure_timeout = Duration::from_millis(args.failure_timeout_ms);
     #[cfg(feature = "mutants")]
     {
@@ -281,6 +290,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         },
         page_size: page_size as usize,
         capture,
+        disk: args.disk.clone(),
     };
     let cfg = AgentConfig {
         node: NodeId(args.node),
@@ -291,7 +301,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         witness: args.witness,
         replica_dir: args.state_dir.join("replica"),
         replica_ram,
-        replica_disk: None,
+        replica_disk: args.disk.clone(),
         replica_durable: args.durable_replica,
         transport,
         capture,
@@ -365,4 +375,20 @@ mod tests {
         assert!(e.contains("--tracking pagemap"), "{e}");
         assert!(qemu_user("no-such-user-ftvm", true).is_err());
     }
+}
+
+/// The size of the disk image at `path` in 4 KiB blocks (a size that is not whole blocks, or a
+/// missing file, is refused with the reason).
+fn disk_blocks(path: &std::path::Path) -> anyhow::Result<u64> {
+    let block = u64::from(ftvm_model::wire::DISK_BLOCK_SIZE);
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("the disk image {}", path.display()))?
+        .len();
+    if len == 0 || len % block != 0 {
+        bail!(
+            "the disk image {} is {len} bytes, not a positive multiple of {block}",
+            path.display()
+        );
+    }
+    Ok(len / block)
 }

@@ -42,6 +42,7 @@ fn launcher(guest: &GuestImage, ram: &Path, run_dir: &Path, capture: CaptureMode
         boot: BootOptions::default(),
         page_size: 4096,
         capture,
+        disk: None,
     }
 }
 

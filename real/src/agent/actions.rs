@@ -141,7 +141,7 @@ impl<L: VmLauncher> Agent<L> {
             }
         }
         let page_bytes = buf.indices.len() as u64 * u64::from(self.cfg.model.page_size);
-        let bytes = page_bytes + buf.device.len() as u64;
+        let bytes = page_bytes + buf.disk_data.len() as u64 + buf.device.len() as u64;
         let m = EpochMetrics {
             epoch: epoch.0,
             generation: buf.generation,
@@ -150,6 +150,8 @@ impl<L: VmLauncher> Agent<L> {
             scan_us: stats.scan_us,
             copy_us: stats.copy_us,
             device_us: stats.device_us,
+            disk_blocks: stats.disk_blocks,
+            disk_us: stats.disk_us,
             early_protected: stats.early_protected,
             protected: stats.protected,
             ..EpochMetrics::default()

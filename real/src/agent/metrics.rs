@@ -27,6 +27,12 @@ pub struct EpochMetrics {
     pub copy_us: u64,
     /// Saving device state.
     pub device_us: u64,
+    /// Disk blocks captured (written in the epoch; every block holding data for a full one).
+    #[serde(default)]
+    pub disk_blocks: u64,
+    /// Finding and reading them while paused.
+    #[serde(default)]
+    pub disk_us: u64,
     /// Copy-on-write engine: pages write-protected by early passes while the VM ran before this
     /// capture, and pages still writable at the capture, protected while paused.
     pub early_protected: u64,

@@ -15,7 +15,8 @@ use super::capture::CaptureMode;
 use super::cow::{CowCheckpoint, CowEngine, CowError, ProtectStats};
 use super::vm::{CaptureStats, RestorePoint, Vm, VmError, VmLauncher};
 use crate::dirty::{self, DirtyTracker, GuestRam, HandedUffd, HandoffListener};
-use crate::qemu::{self, BootOptions, ExitWatch, Qemu, QemuConfig};
+use crate::disk::{DiskImage, DiskServer, DiskServerConfig};
+use crate::qemu::{self, BootOptions, DiskConfig, ExitWatch, Qemu, QemuConfig};
 use crate::replica::StagedCheckpoint;
 
 /// How dirty pages are found.
@@ -53,6 +54,9 @@ pub struct QemuVm {
     cow_checkpoint: Option<CowCheckpoint>,
     page_size: usize,
     first: bool,
+    /// The VM's disk, served by this agent (declared after `qemu`: it stops after QEMU is
+    /// gone, never under a running guest).
+    disk: Option<DiskServer>,
 }
 
 fn vm_err(what: &'static str) -> impl FnOnce(qemu::QemuError) -> VmError {
@@ -75,6 +79,7 @@ impl QemuVm {
         tracking: Tracking,
         page_size: usize,
         uffd: Option<HandedUffd>,
+        disk: Option<DiskServer>,
     ) -> Result<QemuVm, VmError> {
         let cfg = qemu.config();
         let ram = GuestRam::open(&cfg.ram_file, cfg.ram_bytes)
@@ -112,12 +117,37 @@ impl QemuVm {
             cow_checkpoint: None,
             page_size,
             first: true,
+            disk,
         })
     }
 
     /// QEMU's process id.
     pub fn pid(&self) -> u32 {
         self.qemu.pid()
+    }
+}
+
+impl QemuVm {
+    /// While paused (QEMU's `stop` drained the guest's disk requests): the disk blocks written
+    /// since the last capture — every block holding data when `all` — copied into `out`. They
+    /// are read now because the guest overwrites the image in place once it runs again.
+    fn capture_disk(&mut self, all: bool, out: &mut StagedCheckpoint) -> Result<u64, VmError> {
+        out.disk_indices.clear();
+        out.disk_data.clear();
+        let Some(disk) = &self.disk else {
+            return Ok(0);
+        };
+        let dirty = disk.take_dirty();
+        out.disk_indices = if all {
+            disk.image()
+                .data_blocks()
+                .map_err(|e| VmError::failed("find the disk's data blocks", e.to_string()))?
+        } else {
+            dirty
+        };
+        disk.read_blocks(&out.disk_indices, &mut out.disk_data)
+            .map_err(|e| VmError::failed("read dirty disk blocks", e.to_string()))?;
+        Ok(out.disk_indices.len() as u64)
     }
 }
 
@@ -188,6 +218,8 @@ impl Vm for QemuVm {
         }
         out.indices = pages;
         let t2 = Instant::now();
+        let disk_blocks = self.capture_disk(all, out)?;
+        let t_disk = Instant::now();
         out.device = self
             .qemu
             .capture_device_state()
@@ -198,7 +230,9 @@ impl Vm for QemuVm {
             pages: out.indices.len() as u64,
             scan_us: (t1 - t0).as_micros() as u64,
             copy_us: (t2 - t1).as_micros() as u64,
-            device_us: (t3 - t2).as_micros() as u64,
+            device_us: (t3 - t_disk).as_micros() as u64,
+            disk_blocks,
+            disk_us: (t_disk - t2).as_micros() as u64,
             early_protected: protect.early_pages,
             protected: protect.protected,
         })
@@ -248,6 +282,25 @@ pub struct QemuLauncher {
     /// The capture mode the agent uses: [`CaptureMode::Cow`] starts QEMU with the preload
     /// library in handoff mode, and dirty pages then come from write faults.
     pub capture: CaptureMode,
+    /// The VM's disk image (raw) on this host, served by the agent to QEMU's NBD client; a
+    /// restored VM runs on the replica disk its restore point names instead.
+    pub disk: Option<PathBuf>,
+}
+
+/// Export name of the VM's disk on the agent's NBD socket.
+const DISK_EXPORT: &str = "vda";
+
+/// Serves `image` on `socket` and points `cfg` at it; the server must run before QEMU starts.
+fn serve_disk(image: &Path, socket: PathBuf, cfg: &mut QemuConfig) -> Result<DiskServer, VmError> {
+    let disk_err = |what| move |e: crate::disk::DiskError| VmError::failed(what, e.to_string());
+    let image = DiskImage::open(image).map_err(disk_err("open the VM's disk image"))?;
+    let server = DiskServer::start(image, socket, DiskServerConfig::new(DISK_EXPORT))
+        .map_err(disk_err("serve the VM's disk"))?;
+    cfg.disk = Some(DiskConfig {
+        socket: server.socket().to_path_buf(),
+        export: DISK_EXPORT.into(),
+    });
+    Ok(server)
 }
 
 /// How long a started QEMU may take to hand over its uffd (it does so while mapping RAM, before
@@ -308,7 +361,15 @@ impl VmLauncher for QemuLauncher {
     type Vm = QemuVm;
 
     async fn boot(&mut self) -> Result<QemuVm, VmError> {
-        let (cfg, sock) = self.with_tracking(self.base.clone())?;
+        let (mut cfg, sock) = self.with_tracking(self.base.clone())?;
+        let disk = match &self.disk {
+            Some(image) => Some(serve_disk(
+                image,
+                cfg.qmp_socket.with_file_name("disk.sock"),
+                &mut cfg,
+            )?),
+            None => None,
+        };
         // Listening before QEMU starts: it blocks in its RAM mmap until the handover is acked.
         let listener = listen_for_uffd(sock.as_deref())?;
         let booted = qemu::boot(&cfg, &self.boot).await.map_err(vm_err("boot"))?;
@@ -325,7 +386,7 @@ impl VmLauncher for QemuLauncher {
         qemu::enable_ignore_shared(q.qmp())
             .await
             .map_err(vm_err("enable x-ignore-shared"))?;
-        QemuVm::new(q, self.tracking, self.page_size, uffd)
+        QemuVm::new(q, self.tracking, self.page_size, uffd, disk)
     }
 
     async fn restore(&mut self, from: RestorePoint) -> Result<QemuVm, VmError> {
@@ -345,8 +406,22 @@ impl QemuLauncher {
             what: "create restore directory",
             source,
         })?;
-        let (cfg, sock) =
+        let (mut cfg, sock) =
             self.with_tracking(self.base.incoming(&from.ram_file, &self.restore_dir))?;
+        let disk = match (&from.disk, &self.disk) {
+            (Some(image), _) => Some(serve_disk(
+                image,
+                self.restore_dir.join("disk.sock"),
+                &mut cfg,
+            )?),
+            (None, Some(_)) => {
+                return Err(VmError::failed(
+                    "restore",
+                    "the VM has a disk but the restore point names no replica disk",
+                ))
+            }
+            (None, None) => None,
+        };
         let listener = listen_for_uffd(sock.as_deref())?;
         let mut q = Qemu::spawn_incoming(cfg)
             .await
@@ -356,7 +431,7 @@ impl QemuLauncher {
         q.restore_device_state(&from.device)
             .await
             .map_err(vm_err("restore device state"))?;
-        QemuVm::new(q, self.tracking, self.page_size, uffd)
+        QemuVm::new(q, self.tracking, self.page_size, uffd, disk)
     }
 }
 

@@ -145,6 +145,10 @@ pub struct CaptureStats {
     pub early_protected: u64,
     /// Pages write-protected during this capture (cow engine).
     pub protected: u64,
+    /// Disk blocks captured (written since the last capture; all holding data for a full one).
+    pub disk_blocks: u64,
+    /// Microseconds spent finding and reading them (paused).
+    pub disk_us: u64,
 }
 
 /// A running VM the agent protects.
