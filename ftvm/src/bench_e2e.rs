@@ -124,6 +124,7 @@ pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
                             subnet: 60,
                             verify_every: None,
                             keep: false,
+                            disk: None,
                             mutant: None,
                         };
                         let mut d = Deployment::start(opts)?;

@@ -105,6 +105,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         subnet: args.subnet,
         verify_every: args.verify_every,
         keep: args.keep,
+        disk: None,
         #[cfg(feature = "mutants")]
         mutant: args.mutant.clone(),
         #[cfg(not(feature = "mutants"))]

@@ -47,6 +47,60 @@ pub struct DeployOpts {
     pub mutant: Option<String>,
     /// Leave namespaces behind.
     pub keep: bool,
+    /// The VM's disk (None: a diskless VM).
+    pub disk: Option<DeployDisk>,
+}
+
+/// The protected VM's disk in a deployment: each agent gets its own raw image in
+/// `<work>/disks/` — the primary's a sparse copy of `source` (or zeroes), every other one zeroes
+/// of the same size, filled by its sync.
+#[derive(Debug, Clone)]
+pub struct DeployDisk {
+    /// Image the VM starts from (its size is the disk's); None: an empty disk of `bytes`.
+    pub source: Option<PathBuf>,
+    /// Size of an empty disk, in bytes (whole 4 KiB blocks).
+    pub bytes: u64,
+    /// The guest's disk writer (`ftvm.diskwrite=`: blocks per second or `max`), if any.
+    pub guest_write: Option<String>,
+}
+
+impl DeployDisk {
+    /// Node `node`'s image in a deployment in `work_dir`.
+    pub fn image(work_dir: &Path, node: u32) -> PathBuf {
+        work_dir.join("disks").join(format!("n{node}.raw"))
+    }
+
+    /// Creates every node's image (`nodes` of them): node 1's from the source.
+    fn create(&self, work_dir: &Path, nodes: u32) -> anyhow::Result<()> {
+        secure_fs::private_dir(&work_dir.join("disks")).context("the disk directory")?;
+        let bytes = match &self.source {
+            Some(src) => {
+                let dst = DeployDisk::image(work_dir, 1);
+                let st = Command::new("cp")
+                    .arg("--sparse=always")
+                    .arg(src)
+                    .arg(&dst)
+                    .status()
+                    .context("running cp")?;
+                if !st.success() {
+                    bail!("copying the disk image {} failed ({st})", src.display());
+                }
+                std::fs::metadata(&dst)
+                    .with_context(|| format!("the disk image {}", dst.display()))?
+                    .len()
+            }
+            None => self.bytes,
+        };
+        let first = if self.source.is_some() { 2 } else { 1 };
+        for node in first..=nodes {
+            let p = DeployDisk::image(work_dir, node);
+            let f = secure_fs::replace(&p, secure_fs::PRIVATE_FILE_MODE)
+                .with_context(|| format!("creating {}", p.display()))?;
+            f.set_len(bytes)
+                .with_context(|| format!("sizing {}", p.display()))?;
+        }
+        Ok(())
+    }
 }
 
 /// A child process that is killed when dropped.
@@ -238,6 +292,9 @@ impl Deployment {
         let w = opts.work_dir.clone();
         secure_fs::private_dir(&crate::run_check::journal_dir(&w)).context("the journals")?;
         let ram_dir = RamDir::create(&opts)?;
+        if let Some(disk) = &opts.disk {
+            disk.create(&w, topo.agent_hosts().len() as u32)?;
+        }
         // Hosts that are namespaces of one machine share one key directory; real hosts would
         // each hold only their own private key.
         for name in ["node-1", "node-2", "node-3", "witness"] {
@@ -539,6 +596,14 @@ fn agent_args(
         "--verbose".into(),
     ]);
     a.extend(crate::epoch_policy_args::EpochPolicyArgs::of(o.epoch_policy).to_args());
+    if let Some(disk) = &o.disk {
+        a.push("--disk".into());
+        a.push(DeployDisk::image(&o.work_dir, node).display().to_string());
+        if let Some(rate) = &disk.guest_write {
+            a.push("--disk-write".into());
+            a.push(rate.clone());
+        }
+    }
     if let Some(m) = &o.mutant {
         a.push("--mutant".into());
         a.push(m.clone());

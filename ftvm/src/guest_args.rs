@@ -27,6 +27,10 @@ pub struct GuestArgs {
     /// Pages per second the guest's dirtying workload rewrites (0: idle).
     #[arg(long, default_value_t = 0)]
     pub dirty_pages: u64,
+    /// The guest's disk writer: 4 KiB blocks per second it writes to its disk, or `max`
+    /// (`ftvm.diskwrite=` on the kernel command line; needs a VM with a disk).
+    #[arg(long, value_parser = parse_disk_write)]
+    pub disk_write: Option<String>,
 }
 
 impl GuestArgs {
@@ -53,9 +57,22 @@ impl GuestArgs {
         if let Some(ip) = &self.vm_ip {
             cfg.append.push_str(&format!(" ftvm.ip={ip}"));
         }
+        if let Some(rate) = &self.disk_write {
+            cfg.append.push_str(&format!(" ftvm.diskwrite={rate}"));
+        }
         if self.dirty_pages > 0 {
             cfg.append
                 .push_str(&format!(" ftvm.dirty={}", self.dirty_pages));
         }
+    }
+}
+
+/// `--disk-write`: a number of blocks per second or `max` (it goes onto the kernel command
+/// line, so nothing else is let through).
+fn parse_disk_write(s: &str) -> Result<String, String> {
+    if s == "max" || s.parse::<u64>().is_ok() {
+        Ok(s.to_string())
+    } else {
+        Err(format!("{s:?} is neither a number of blocks per second nor `max`"))
     }
 }

@@ -120,6 +120,7 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
         subnet: 70,
         verify_every: None,
         keep: false,
+        disk: None,
         mutant: mutant_of(a),
     };
     let mut d = Deployment::start_with(
