@@ -29,6 +29,8 @@ pub struct Args {
     epoch_ms: u64,
     #[command(flatten)]
     epoch: crate::epoch_policy_args::EpochPolicyArgs,
+    #[command(flatten)]
+    disk: crate::disk_args::DiskArgs,
     /// Pages per second the guest rewrites besides serving requests.
     #[arg(long, default_value_t = 1000)]
     dirty_pages: u64,
@@ -105,7 +107,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         subnet: args.subnet,
         verify_every: args.verify_every,
         keep: args.keep,
-        disk: None,
+        disk: args.disk.deploy_disk()?,
         #[cfg(feature = "mutants")]
         mutant: args.mutant.clone(),
         #[cfg(not(feature = "mutants"))]
@@ -230,13 +232,17 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         None => None,
     };
     if let Some(n) = verified {
-        println!("== replica verified equal to the primary's RAM at {n} checkpoints");
+        println!(
+            "== replica verified equal to the primary's RAM at {} checkpoints, its disk at {}",
+            n.ram, n.disk
+        );
     }
     println!("   logs, metrics and status files: {}", w.display());
     let survivor = if args.kill == "primary" { &bdir } else { &pdir };
     let summary = serde_json::json!({
         "killed": args.kill,
-        "verified_checkpoints": verified,
+        "verified_checkpoints": verified.map(|n| n.ram),
+        "verified_disk_checkpoints": verified.map(|n| n.disk),
         "client": report,
         "takeover_ms": takeover_ms,
         "reprotect_ms": reprotect_ms,

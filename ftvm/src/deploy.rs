@@ -619,9 +619,20 @@ fn agent_args(
     a
 }
 
-/// Compares the RAM digests both hosts recorded; returns how many checkpoints were compared.
-pub fn compare_digests(pdir: &Path, bdir: &Path) -> anyhow::Result<usize> {
-    let read = |dir: &Path| -> std::collections::BTreeMap<(u64, u64), u64> {
+/// What [`compare_digests`] compared.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DigestsCompared {
+    /// Checkpoints whose RAM digests both hosts recorded (all equal).
+    pub ram: usize,
+    /// Of those, checkpoints whose disk digests both recorded (all equal).
+    pub disk: usize,
+}
+
+/// Compares the RAM (and disk) digests both hosts recorded; fails on the first checkpoint where
+/// they differ.
+pub fn compare_digests(pdir: &Path, bdir: &Path) -> anyhow::Result<DigestsCompared> {
+    type Digests = std::collections::BTreeMap<(u64, u64), (u64, Option<u64>)>;
+    let read = |dir: &Path| -> Digests {
         std::fs::read_to_string(dir.join("replica/verify.jsonl"))
             .unwrap_or_default()
             .lines()
@@ -629,23 +640,34 @@ pub fn compare_digests(pdir: &Path, bdir: &Path) -> anyhow::Result<usize> {
             .filter_map(|v| {
                 Some((
                     (v["generation"].as_u64()?, v["epoch"].as_u64()?),
-                    v["digest"].as_u64()?,
+                    (v["digest"].as_u64()?, v["disk_digest"].as_u64()),
                 ))
             })
             .collect()
     };
     let (p, b) = (read(pdir), read(bdir));
-    let mut n = 0;
-    for (key, d) in &p {
-        if let Some(bd) = b.get(key) {
-            if bd != d {
+    let mut n = DigestsCompared::default();
+    for (key, (ram, disk)) in &p {
+        let Some((bram, bdisk)) = b.get(key) else {
+            continue;
+        };
+        if bram != ram {
+            bail!(
+                "replica differs from the primary's RAM at generation {} epoch {}",
+                key.0,
+                key.1
+            );
+        }
+        n.ram += 1;
+        if let (Some(d), Some(bd)) = (disk, bdisk) {
+            if d != bd {
                 bail!(
-                    "replica differs from the primary's RAM at generation {} epoch {}",
+                    "replica disk differs from the primary's disk at generation {} epoch {}",
                     key.0,
                     key.1
                 );
             }
-            n += 1;
+            n.disk += 1;
         }
     }
     Ok(n)

@@ -15,6 +15,7 @@ mod bench_mac;
 mod client_cmd;
 mod demo_cmd;
 mod deploy;
+mod disk_args;
 mod epoch_policy_args;
 mod guest_args;
 mod keygen_cmd;

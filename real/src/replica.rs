@@ -456,6 +456,13 @@ impl Replica {
         Ok(h.digest())
     }
 
+    /// A digest (xxh3-64) of the replica disk, if the VM has one, comparable with the primary's
+    /// disk digest.
+    pub fn disk_digest(&mut self) -> Result<Option<u64>, ReplicaError> {
+        self.settle()?;
+        self.disk.as_ref().map(ReplicaDisk::digest).transpose()
+    }
+
     /// The committed device state.
     pub fn device_state(&mut self) -> Result<Vec<u8>, ReplicaError> {
         self.settle()?;

@@ -137,7 +137,8 @@ impl<L: VmLauncher> Agent<L> {
         if self.verify_due(epoch) {
             if let Some(vm) = self.vm.as_mut() {
                 let digest = vm.ram_digest()?;
-                self.record_digest(epoch, digest);
+                let disk = vm.disk_digest()?;
+                self.record_digest(epoch, digest, disk);
             }
         }
         let page_bytes = buf.indices.len() as u64 * u64::from(self.cfg.model.page_size);
@@ -510,12 +511,13 @@ impl<L: VmLauncher> Agent<L> {
         self.cfg.replica_dir.join("verify.jsonl")
     }
 
-    fn record_digest(&self, epoch: Epoch, digest: u64) {
+    fn record_digest(&self, epoch: Epoch, digest: u64, disk: Option<u64>) {
         append_digest(
             &self.verify_path(),
             epoch,
             self.driver.status().generation.0,
             digest,
+            disk,
         );
     }
 }
@@ -538,9 +540,11 @@ impl ApplyJob {
         // A failure leaves the journal to replay: the next commit or read of the replica
         // applies it again, or fails with its error.
         let applied = r.apply_committed(&staged).and_then(|()| match &verify {
-            Some(path) => r
-                .ram_digest()
-                .map(|d| append_digest(path, epoch, staged.generation, d)),
+            Some(path) => r.ram_digest().and_then(|d| {
+                let disk = r.disk_digest()?;
+                append_digest(path, epoch, staged.generation, d, disk);
+                Ok(())
+            }),
             None => Ok(()),
         });
         if let Err(e) = applied {
@@ -594,10 +598,17 @@ pub fn witness_exchange_timeout(retry: Duration) -> Duration {
     (retry * 20).clamp(Duration::from_millis(500), Duration::from_secs(5))
 }
 
-fn append_digest(path: &std::path::Path, epoch: Epoch, generation: u64, digest: u64) {
+fn append_digest(
+    path: &std::path::Path,
+    epoch: Epoch,
+    generation: u64,
+    digest: u64,
+    disk: Option<u64>,
+) {
     use std::io::Write;
+    let disk = disk.map_or(String::new(), |d| format!(",\"disk_digest\":{d}"));
     let line = format!(
-        "{{\"epoch\":{},\"generation\":{},\"digest\":{}}}\n",
+        "{{\"epoch\":{},\"generation\":{},\"digest\":{}{disk}}}\n",
         epoch.0, generation, digest
     );
     // Verification output is best effort; a missing line makes the verifying test fail.

@@ -250,6 +250,14 @@ impl Vm for QemuVm {
         Ok(xxhash_rust::xxh3::xxh3_64(self.ram.as_slice()))
     }
 
+    fn disk_digest(&mut self) -> Result<Option<u64>, VmError> {
+        self.disk
+            .as_ref()
+            .map(|d| d.image().digest())
+            .transpose()
+            .map_err(|e| VmError::failed("digest of the disk", e.to_string()))
+    }
+
     async fn kill(&mut self) {
         if let Err(e) = self.qemu.kill().await {
             tracing::error!(

@@ -185,6 +185,10 @@ pub trait Vm: Send {
     }
     /// While paused: a digest (xxh3-64) of all of guest RAM, for verifying the replica.
     fn ram_digest(&mut self) -> Result<u64, VmError>;
+    /// While paused: a digest (xxh3-64) of the VM's disk, if it has one.
+    fn disk_digest(&mut self) -> Result<Option<u64>, VmError> {
+        Ok(None)
+    }
     /// Stops the VM for good (fencing, shutdown).
     fn kill(&mut self) -> impl Future<Output = ()> + Send;
     /// Resolves when the VM dies on its own (never, for a VM that is still running).

@@ -172,6 +172,11 @@ impl DiskImage {
         Ok(blocks)
     }
 
+    /// A digest (xxh3-64) of the whole image, comparable with the replica disk's.
+    pub fn digest(&self) -> io::Result<u64> {
+        digest_file(&self.file, self.size)
+    }
+
     fn check_block(&self, index: u64) -> Result<(), DiskError> {
         if index < self.blocks() {
             Ok(())
@@ -182,6 +187,20 @@ impl DiskImage {
             })
         }
     }
+}
+
+/// xxh3-64 of the first `size` bytes of `file`, read in 1 MiB pieces.
+pub fn digest_file(file: &File, size: u64) -> io::Result<u64> {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut off = 0u64;
+    while off < size {
+        let n = usize::try_from(size - off).map_or(buf.len(), |left| left.min(buf.len()));
+        file.read_exact_at(&mut buf[..n], off)?;
+        h.update(&buf[..n]);
+        off += n as u64;
+    }
+    Ok(h.digest())
 }
 
 fn check_size(size: u64) -> Result<(), DiskError> {

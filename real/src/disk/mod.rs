@@ -13,7 +13,7 @@ mod stats;
 
 pub use dirty::DirtyBlocks;
 pub use error::DiskError;
-pub use image::DiskImage;
+pub use image::{digest_file, DiskImage};
 pub use server::{DiskServer, DiskServerConfig, DEFAULT_MAX_PAYLOAD};
 pub use stats::DiskStats;
 

@@ -105,6 +105,12 @@ impl ReplicaDisk {
             .map_err(io(path, "size disk image"))
     }
 
+    /// A digest (xxh3-64) of the whole image, comparable with the primary's disk digest.
+    pub(super) fn digest(&self) -> Result<u64, ReplicaError> {
+        crate::disk::digest_file(&self.file, self.spec.bytes())
+            .map_err(io(&self.spec.path, "read disk"))
+    }
+
     /// Makes the applied blocks durable (for a replica opened as durable).
     pub(super) fn sync(&self) -> Result<(), ReplicaError> {
         self.file
