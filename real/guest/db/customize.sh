@@ -28,7 +28,7 @@ chroot "$root" mariadbd --user=mysql --bootstrap --log-warnings=0 <"$src/setup.s
 # The bootstrap server stops cleanly at the end of its input (redo log checkpointed).
 rm -rf "$root/run/mysqld"/* "$root/var/log/mysql"/*
 
-say "stripping docs, man pages, locales, apt lists and caches"
+say "stripping docs, man pages, locales"
 rm -rf "$root"/usr/share/doc/* "$root"/usr/share/man/* "$root"/usr/share/info/* \
   "$root"/usr/share/lintian "$root"/usr/share/linda "$root"/var/cache/man/*
 find "$root/usr/share/locale" -mindepth 1 -maxdepth 1 ! -name locale.alias -exec rm -rf {} +
@@ -39,5 +39,18 @@ for d in "$root"/usr/share/mysql "$root"/usr/share/mariadb; do
     if [ -f "$l/errmsg.sys" ] && [ "$(basename "$l")" != english ]; then rm -rf "$l"; fi
   done
 done
-rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/* "$root"/var/cache/debconf/*-old \
-  "$root"/var/log/*.log "$root"/var/log/apt/* "$root"/tmp/*
+# MariaDB's ~40 command line tools are ~4 MB each (statically linked helpers): keep what the guest
+# and a person debugging it use (the dpkg database then lists files that are gone: this root is
+# never upgraded, it is rebuilt).
+keep=" mariadb mariadb-admin mariadb-dump mariadb-install-db my_print_defaults resolveip mysql mysqladmin mysqldump mysql_install_db "
+for pkg in mariadb-client mariadb-client-core mariadb-server mariadb-server-core; do
+  chroot "$root" dpkg-query -L "$pkg" 2>/dev/null || true
+done | grep '^/usr/bin/' | sort -u | while read -r f; do
+  case $keep in *" ${f##*/} "*) continue ;; esac
+  rm -f "$root$f"
+done
+# Not /tmp, /var/lib/apt/lists or /var/cache/apt: mmdebstrap cleans those itself after this
+# hook, and its apt configuration lives in the chroot's /tmp until then (without it, its final
+# "apt-get update" with no sources runs with the HOST's configuration and empties the host's apt
+# lists: seen here).
+rm -rf "$root"/var/cache/debconf/*-old "$root"/var/log/*.log "$root"/var/log/apt/*
