@@ -6,7 +6,8 @@
 # Output: a directory holding vmlinuz, initrd.img and cmdline (default kernel arguments). Its path
 # is the LAST line on stdout; everything else goes to stderr. The directory is cached under
 # ${FTVM_CACHE:-/var/cache/ftvm}/guest/<inputs hash>/ and reused until an input changes: this
-# script, init.sh, service/*, the kernel package version, busybox-static's and gcc's versions.
+# script, lib.sh (the functions it shares with build-db.sh), init.sh, service/*, the kernel
+# package version, busybox-static's and gcc's versions.
 #
 # Environment:
 #   FTVM_CACHE             cache root (default /var/cache/ftvm)
