@@ -146,6 +146,12 @@ mmdebstrap --mode=root --variant=minbase --include=mariadb-server \
   "deb $security_mirror $suite-security main" >&2 ||
   die "mmdebstrap failed"
 log "root file system: $(du -sh "$work/root" | cut -f 1) in $(($(date +%s) - t_deb)) s"
+# mmdebstrap's clean-up runs apt-get update with no sources; should its configuration ever be
+# missing (a hook that empties the chroot's /tmp did that), it empties the HOST's apt lists.
+if ! apt-cache policy mariadb-server 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+  log "warning: the host's apt lists are empty after mmdebstrap; running apt-get update"
+  apt-get update -qq >&2 || log "warning: apt-get update failed; run it by hand"
+fi
 installed=$(chroot "$work/root" dpkg-query -W -f='${Version}' mariadb-server) ||
   die "mariadb-server is not installed in the root"
 [[ -x $work/root/sbin/ftvm-init && -d $work/root/var/lib/mysql/sbtest ]] ||
