@@ -148,7 +148,7 @@ mmdebstrap --mode=root --variant=minbase --include=mariadb-server \
 log "root file system: $(du -sh "$work/root" | cut -f 1) in $(($(date +%s) - t_deb)) s"
 # mmdebstrap's clean-up runs apt-get update with no sources; should its configuration ever be
 # missing (a hook that empties the chroot's /tmp did that), it empties the HOST's apt lists.
-if ! apt-cache policy mariadb-server 2>/dev/null | grep -q 'Candidate: [0-9]'; then
+if [[ $(apt-cache policy mariadb-server 2>/dev/null | sed -n 's/^ *Candidate: //p') != "$mariadb_version" ]]; then
   log "warning: the host's apt lists are empty after mmdebstrap; running apt-get update"
   apt-get update -qq >&2 || log "warning: apt-get update failed; run it by hand"
 fi
