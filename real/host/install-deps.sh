@@ -16,6 +16,10 @@ packages=(
   procps            # pgrep/ps for scripts
   iputils-ping      # reachability checks in topology tests
   fonts-dejavu-core # the font of the benchmark plots (ftvm bench ... writes PNGs)
+  mmdebstrap        # the database guest's Debian root (real/guest/build-db.sh)
+  e2fsprogs         # mkfs.ext4 -d: its disk image, without loop mounts
+  mariadb-client    # checks the database guest from the host (boot-test-db.sh)
+  sysbench          # OLTP load on the database guest (boot-test-db.sh)
 )
 
 missing=()
