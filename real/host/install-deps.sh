@@ -20,6 +20,7 @@ packages=(
   e2fsprogs         # mkfs.ext4 -d: its disk image, without loop mounts
   mariadb-client    # checks the database guest from the host (boot-test-db.sh)
   sysbench          # OLTP load on the database guest (boot-test-db.sh)
+  qemu-utils        # qemu-img: the tests inspect replica disks as a user would
 )
 
 missing=()
