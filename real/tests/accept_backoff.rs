@@ -120,6 +120,7 @@ fn child() {
         handshake_deadline: Duration::from_secs(60),
         protection: Protection::Mac,
         spool: None,
+        progress: Default::default(),
     };
     accept::spawn(Listener {
         listener,

@@ -75,6 +75,7 @@ mod live {
             handshake_deadline: deadline,
             protection: Protection::Mac,
             spool: None,
+            progress: Default::default(),
         };
         (setup, peer)
     }

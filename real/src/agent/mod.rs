@@ -207,6 +207,8 @@ pub struct Agent<L: VmLauncher> {
     takeover_started: Option<Instant>,
     failover_us: Option<u64>,
     status_written: Instant,
+    /// How far a full checkpoint going out to a backup has got (the status file shows it).
+    sync_progress: Arc<link::SyncProgress>,
     /// The journal file, when recording.
     journal: Option<JournalOut>,
 }
@@ -299,6 +301,7 @@ impl<L: VmLauncher> Agent<L> {
             takeover_started: None,
             failover_us: None,
             status_written: Instant::now(),
+            sync_progress: Arc::default(),
             journal,
         })
     }
@@ -440,6 +443,7 @@ impl<L: VmLauncher> Agent<L> {
             handshake_deadline: self.cfg.limits.conn.handshake_deadline,
             protection: self.cfg.protection,
             spool: Some(self.spool.clone()),
+            progress: self.sync_progress.clone(),
         }
     }
 

@@ -31,6 +31,8 @@ pub struct StatusReport {
     pub summary: RunSummary,
     /// The output gate's byte cap: held bytes, the cap, how often and how long it was hit.
     pub output: CapStats,
+    /// A backup's sync under way: bytes of the full checkpoint sent so far, rate, time left.
+    pub sync: Option<super::link::SyncReport>,
 }
 
 impl<L: VmLauncher> Agent<L> {
@@ -72,6 +74,7 @@ impl<L: VmLauncher> Agent<L> {
             failover_us: self.failover_us,
             summary: self.metrics.summary(),
             output: self.output_cap.stats(Instant::now()),
+            sync: self.sync_progress.report(),
         }
     }
 

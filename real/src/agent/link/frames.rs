@@ -8,7 +8,7 @@ use std::ops::Range;
 use ftvm_model::wire::{CheckpointEncoder, CheckpointMeta, DISK_BLOCK_SIZE, RECORD_HEADER_LEN};
 use ftvm_model::{Epoch, Generation, VmId};
 
-use super::FrameBufs;
+use super::{FrameBufs, SyncProgress};
 use crate::agent::cow::CowCheckpoint;
 use crate::auth::crypt::Encryptor;
 use crate::auth::{FrameSealer, TAG_LEN};
@@ -80,6 +80,7 @@ pub(super) fn send_checkpoint(
     staged: &StagedCheckpoint,
     pages: Pages<'_>,
     bufs: &mut FrameBufs,
+    progress: Option<&SyncProgress>,
 ) -> Result<u64, String> {
     let ps = frame.page_size as usize;
     let n = staged.indices.len();
@@ -141,6 +142,9 @@ pub(super) fn send_checkpoint(
             segs.push(IoSlice::new(pages.get(i, staged.indices[i], ps)?));
         }
         let ticket = send(t, &segs)?;
+        if let Some(p) = progress {
+            p.add(segs.iter().map(|s| s.len() as u64).sum());
+        }
         if let Pages::Cow(cow) = &pages {
             // Let writes to released batches go ahead now rather than at the end of the frame.
             in_flight.push_back((ticket, first..last));
@@ -174,6 +178,9 @@ pub(super) fn send_checkpoint(
             segs.push(IoSlice::new(disk_block(staged, i)?));
         }
         send(t, &segs)?;
+        if let Some(p) = progress {
+            p.add(segs.iter().map(|s| s.len() as u64).sum());
+        }
     }
     enc.device(&staged.device).map_err(|e| e.to_string())?;
     bufs.trailer = enc.finish().map_err(|e| e.to_string())?;
@@ -239,6 +246,7 @@ pub(super) fn send_encrypted_checkpoint(
     e: &mut Encryptor,
     staged: &StagedCheckpoint,
     pages: Pages<'_>,
+    progress: Option<&SyncProgress>,
 ) -> Result<u64, String> {
     let ps = frame.page_size as usize;
     let n = staged.indices.len();
@@ -261,6 +269,9 @@ pub(super) fn send_encrypted_checkpoint(
             e.push(&record, &mut flush).map_err(fail)?;
             e.push(page, &mut flush).map_err(fail)?;
         }
+        if let Some(p) = progress {
+            p.add((last - first) as u64 * (RECORD_HEADER_LEN + ps) as u64);
+        }
         // The batch's pages are copied into ciphertext: the guest may write them again.
         if let Pages::Cow(cow) = &pages {
             cow.released(first..last);
@@ -271,6 +282,9 @@ pub(super) fn send_encrypted_checkpoint(
         let record = enc.disk_block(index, block).map_err(|e| e.to_string())?;
         e.push(&record, &mut flush).map_err(fail)?;
         e.push(block, &mut flush).map_err(fail)?;
+        if let Some(p) = progress {
+            p.add((RECORD_HEADER_LEN + block.len()) as u64);
+        }
     }
     enc.device(&staged.device).map_err(|e| e.to_string())?;
     let trailer = enc.finish().map_err(|e| e.to_string())?;

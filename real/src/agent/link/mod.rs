@@ -11,7 +11,10 @@
 #![warn(clippy::cast_possible_truncation)]
 
 mod frames;
+mod progress;
 mod read;
+
+pub use progress::{SyncProgress, SyncReport};
 
 use std::io::IoSlice;
 use std::net::{Shutdown, TcpStream};
@@ -192,6 +195,8 @@ pub struct LinkSetup {
     /// Where the reader writes each arriving checkpoint's replica journal as its pages come
     /// (none: the commit writes it whole).
     pub spool: Option<Arc<JournalSpool>>,
+    /// Where the writer reports how far a full checkpoint (a sync) has got.
+    pub progress: Arc<SyncProgress>,
 }
 
 /// Authenticates a connected stream (under the setup's deadline), then starts its threads.
@@ -263,9 +268,10 @@ fn start(
     let dec = StreamDecoder::new(Expect::vm(vm));
     let (sealer, opener) = protection::halves(setup.protection, acc, dec);
     let (ps, kind) = (setup.staging.page_size, setup.kind);
+    let progress = setup.progress.clone();
     std::thread::Builder::new()
         .name(format!("link{}-tx", conn.0))
-        .spawn(move || writer(stream, conn, vm, ps, kind, sealer, rx, ev))
+        .spawn(move || writer(stream, conn, vm, ps, kind, sealer, rx, ev, progress))
         .map_err(io)?;
     announce(Link { tx, socket }, peer);
     let stage = setup.spool.as_ref().map(|s| s.writer());
@@ -302,6 +308,7 @@ fn writer(
     mut sealer: LinkSealer,
     rx: mpsc::Receiver<Outgoing>,
     events: UnboundedSender<Event>,
+    progress: Arc<SyncProgress>,
 ) {
     let mut bufs = FrameBufs {
         prefix: [0; std::mem::size_of::<CheckpointPrefix>()],
@@ -311,7 +318,7 @@ fn writer(
         tag: [0; TAG_LEN],
     };
     let why = match transport::open(kind, stream, TransportOptions::default()) {
-        Ok(t) => serve(t, vm, page_size, &mut sealer, &rx, &events, &mut bufs),
+        Ok(t) => serve(t, vm, page_size, &mut sealer, &rx, &events, &mut bufs, &progress),
         Err(e) => {
             tracing::warn!(conn = conn.0, %kind, error = %e, "checkpoint transport unavailable");
             format!("transport: {e}")
@@ -338,6 +345,7 @@ fn serve(
     rx: &mpsc::Receiver<Outgoing>,
     events: &UnboundedSender<Event>,
     bufs: &mut FrameBufs,
+    progress: &SyncProgress,
 ) -> String {
     while let Ok(out) = rx.recv() {
         let (generation, full, staged, ram, cow) = match out {
@@ -381,17 +389,24 @@ fn serve(
             full,
             page_size,
         };
+        let watch = full.then_some(progress);
+        if let (Some(p), Some(total)) = (watch, frame.meta(&staged).frame_len()) {
+            p.begin(total);
+        }
         let sent = match sealer {
             LinkSealer::Mac(s) => {
-                send_checkpoint(t.as_mut(), &frame, Some(s), &staged, pages, bufs)
+                send_checkpoint(t.as_mut(), &frame, Some(s), &staged, pages, bufs, watch)
             }
             LinkSealer::Unprotected => {
-                send_checkpoint(t.as_mut(), &frame, None, &staged, pages, bufs)
+                send_checkpoint(t.as_mut(), &frame, None, &staged, pages, bufs, watch)
             }
             LinkSealer::Encrypt(e) => {
-                send_encrypted_checkpoint(t.as_mut(), &frame, e, &staged, pages)
+                send_encrypted_checkpoint(t.as_mut(), &frame, e, &staged, pages, watch)
             }
         };
+        if let Some(p) = watch {
+            p.end();
+        }
         match sent {
             Ok(bytes) => {
                 // Everything is released: the buffer may be reused and the VM may run (and
