@@ -23,7 +23,8 @@
 //! * [`Witness::new`]`(vm, primary)`, [`Witness::handle`]`(now, request) -> WitnessReply`,
 //!   [`Witness::state`] (persist it before replying), [`Witness::from_state`].
 //! * [`wire`]: versioned binary frames for [`PeerMsg`], witness requests/replies and
-//!   checkpoints, with typed [`wire::WireError`]s.
+//!   checkpoints (guest pages, then the epoch's disk blocks of [`wire::DISK_BLOCK_SIZE`], then
+//!   device state), with typed [`wire::WireError`]s.
 //! * [`OutputGate`]: the reference semantics of `ResumeVm` tags, `ReleaseOutput`,
 //!   `SetOutputGate` and `Fence` for frames, usable by drivers and checkers.
 //!
@@ -63,7 +64,7 @@
 //!    `RegisterBackup` is granted (before that, a takeover by it is impossible).
 //! 9. **Fenced nodes rejoin** as joiners after `Config::rejoin_after_fence` (default: the
 //!    failure timeout); `None` keeps them fenced. A joiner refused for a permanent reason
-//!    (wrong VM, RAM or page size) is fenced for good.
+//!    (wrong VM, RAM, page or disk size) is fenced for good.
 //! 10. `StartVm { from, generation }` starts the VM with frames tagged `from + 1`; the model
 //!     does not emit a `ResumeVm` after it. The gate is set `Open` just before `StartVm`.
 //! 11. **A denied `Takeover` voids its token** at the witness (raises `floor`): the backup

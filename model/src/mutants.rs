@@ -35,11 +35,17 @@ mod enabled {
         /// travelling `RegisterBackup` then names a backup that threw its replica away (breaks
         /// *liveness*: the registered backup can never take over).
         DenialKeepsFloor,
+        /// An executor bug, not the model's: the simulator's backup writes a checkpoint's disk
+        /// blocks to its replica disk as the checkpoint arrives (whole, cut short or damaged),
+        /// not at its commit, so the replica disk holds writes of an epoch it never committed
+        /// (breaks *disk consistency*). The model behaves as always; the simulated replica
+        /// (`ftvm-sim`, `host/node`) reads this value.
+        DiskWritesBeforeCommit,
     }
 
     impl Mutant {
         /// Every mutant, for test loops.
-        pub const ALL: [Mutant; 7] = [
+        pub const ALL: [Mutant; 8] = [
             Mutant::ReleaseBeforeAck,
             Mutant::CommitPartial,
             Mutant::FailoverWithoutWitness,
@@ -47,6 +53,7 @@ mod enabled {
             Mutant::AckBeforeCommit,
             Mutant::DropKeepsFloor,
             Mutant::DenialKeepsFloor,
+            Mutant::DiskWritesBeforeCommit,
         ];
     }
 }

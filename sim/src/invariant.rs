@@ -17,6 +17,11 @@ pub enum Invariant {
     /// state) at the end of the committed epoch; primaries capture epochs in strictly
     /// increasing order.
     PrefixConsistency,
+    /// A replica's disk holds exactly the disk writes of the epochs it committed: after every
+    /// commit of epoch N it equals the primary's disk as captured at N, between commits it
+    /// does not change (no write of an uncommitted epoch reaches it), and a VM resumed by
+    /// failover starts from the disk of the epoch it resumes from.
+    DiskConsistency,
     /// A VM resumed by failover holds every counter value any released reply carried, and no
     /// counter value is ever handed out to two different requests (diverging histories).
     NoLostCommitments,
@@ -36,9 +41,10 @@ pub enum Invariant {
 
 impl Invariant {
     /// Every invariant a scenario can switch on (`Driver` is always on).
-    pub const ALL: [Invariant; 5] = [
+    pub const ALL: [Invariant; 6] = [
         Invariant::OutputCommit,
         Invariant::PrefixConsistency,
+        Invariant::DiskConsistency,
         Invariant::NoLostCommitments,
         Invariant::SingleActive,
         Invariant::Liveness,
@@ -49,6 +55,7 @@ impl Invariant {
         match self {
             Invariant::OutputCommit => "output_commit",
             Invariant::PrefixConsistency => "prefix_consistency",
+            Invariant::DiskConsistency => "disk_consistency",
             Invariant::NoLostCommitments => "no_lost_commitments",
             Invariant::SingleActive => "single_active",
             Invariant::Liveness => "liveness",

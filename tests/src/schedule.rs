@@ -403,6 +403,8 @@ swarm = true
 [vm]
 pages = 64
 writes_per_tick = 3
+disk_blocks = 32
+disk_writes_per_tick = 1
 
 [topology]
 clients = 2

@@ -37,6 +37,8 @@ fn breaks(m: Mutant) -> &'static [Invariant] {
         ],
         // The register names a backup that gave its replica up.
         Mutant::DenialKeepsFloor => &[Invariant::Liveness],
+        // The replica disk takes writes of an epoch it did not (or not yet) commit.
+        Mutant::DiskWritesBeforeCommit => &[Invariant::DiskConsistency],
     }
 }
 
@@ -50,6 +52,7 @@ fn designated(m: Mutant) -> &'static str {
         Mutant::AckBeforeCommit => "primary-crash-mid-transfer",
         Mutant::DropKeepsFloor => "stale-witness-traffic",
         Mutant::DenialKeepsFloor => "register-overtaken",
+        Mutant::DiskWritesBeforeCommit => "disk-crash-mid-epoch",
     }
 }
 

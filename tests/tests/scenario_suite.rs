@@ -96,6 +96,8 @@ scenario_tests! {
     stale_witness_traffic => "stale-witness-traffic",
     register_overtaken => "register-overtaken",
     output_driven_epochs => "output-driven-epochs",
+    disk_crash_mid_epoch => "disk-crash-mid-epoch",
+    disk_failover_during_sync => "disk-failover-during-sync",
 }
 
 /// A scenario file added without a test above would go unchecked: list them all here.

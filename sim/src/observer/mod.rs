@@ -5,6 +5,7 @@
 //! The observer sees the whole simulated world at once (all replicas, the witness register),
 //! which no real node can; that global view is what makes the checks exact.
 
+mod disk;
 mod liveness;
 mod release;
 mod view;
@@ -73,6 +74,8 @@ pub(crate) struct Observer {
     max_released: BTreeMap<u32, u64>,
     nodes: BTreeMap<NodeId, NodeView>,
     watch: Option<Watch>,
+    /// Disk consistency's memory (`disk.rs`).
+    disk: disk::DiskWatch,
     /// Every response time clients saw (µs), summarised into `stats` by [`Observer::settle`].
     responses: Vec<u64>,
     pub stats: ObservedStats,
@@ -98,6 +101,7 @@ impl Observer {
             max_released: BTreeMap::new(),
             nodes: BTreeMap::new(),
             watch: None,
+            disk: disk::DiskWatch::default(),
             responses: Vec::new(),
             stats: ObservedStats {
                 max_generation: initial.generation.0,

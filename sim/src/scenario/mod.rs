@@ -25,6 +25,8 @@ use spec::{FaultFile, ScenarioFile};
 pub const WITNESS_ID: NodeId = NodeId(100);
 /// The protected VM's id.
 pub const VM_ID: VmId = VmId(1);
+/// Largest simulated disk, in 4 KiB blocks (64 MiB: every host holds a copy or two).
+pub const MAX_DISK_BLOCKS: u64 = 1 << 14;
 
 /// The simulated VM and its workload.
 #[derive(Clone, Debug, PartialEq)]
@@ -43,6 +45,10 @@ pub struct VmSpec {
     /// How long each capture keeps the simulated VM paused (requests arriving meanwhile wait
     /// for the resume, as a paused guest's packets do). Zero: captures take no time.
     pub capture_pause: Duration,
+    /// Protected disk size in blocks of `DISK_BLOCK_SIZE` (4 KiB); 0: no disk.
+    pub disk_blocks: u64,
+    /// Disk block writes per workload tick (each writes a value no other write ever wrote).
+    pub disk_writes_per_tick: u32,
 }
 
 /// Protocol timers (the model's [`Config`]) plus the simulated restore time.
@@ -264,6 +270,8 @@ impl Scenario {
                 writes_per_tick: f.vm.writes_per_tick,
                 tick: ms(f.vm.tick_ms),
                 capture_pause: Duration::from_micros(f.vm.capture_pause_us),
+                disk_blocks: f.vm.disk_blocks,
+                disk_writes_per_tick: f.vm.disk_writes_per_tick,
             },
             timing: Timing {
                 epoch: ms(t.epoch_ms),
@@ -367,6 +375,14 @@ impl Scenario {
         }
         if vm.counters == 0 || vm.counters >= vm.pages {
             return Err("vm.counters must be at least 1 and below vm.pages".into());
+        }
+        if vm.disk_blocks > MAX_DISK_BLOCKS {
+            return Err(format!(
+                "vm.disk_blocks must be at most {MAX_DISK_BLOCKS} (4 KiB blocks)"
+            ));
+        }
+        if vm.disk_writes_per_tick > 0 && vm.disk_blocks == 0 {
+            return Err("vm.disk_writes_per_tick needs a disk (vm.disk_blocks > 0)".into());
         }
         if vm.tick.is_zero() {
             return Err("vm.tick_ms must be at least 1".into());
@@ -484,6 +500,7 @@ impl Scenario {
     pub fn model_config(&self) -> Config {
         let mut c = Config::new(VM_ID, self.vm.pages, WITNESS_ID);
         c.page_size = self.vm.page_size;
+        c.disk_blocks = self.vm.disk_blocks;
         c.epoch_interval = self.timing.epoch;
         c.heartbeat_interval = self.timing.heartbeat;
         c.failure_timeout = self.timing.failure_timeout;

@@ -1,11 +1,13 @@
-//! The simulated VM: guest RAM, a seeded workload that dirties pages every tick, and the
-//! counter service whose state lives in RAM. Its "device state" (vCPU registers, so to speak)
-//! is the workload's RNG state and two counters; it travels in every checkpoint.
+//! The simulated VM: guest RAM, a disk, a seeded workload that dirties pages (and disk blocks)
+//! every tick, and the counter service whose state lives in RAM. Its "device state" (vCPU
+//! registers, so to speak) is the workload's RNG state and two counters; it travels in every
+//! checkpoint. Disk writes travel in the checkpoint of the epoch that made them, like pages.
 //!
 //! Time only matters through [`SimVm::advance_to`]: the workload's ticks since the last call
 //! are played then, in order. Nothing can observe the VM between two calls (captures and
 //! requests call it first), so this is the same as ticking eagerly, and much cheaper.
 
+pub(crate) mod disk;
 pub(crate) mod ram;
 pub(crate) mod replica;
 pub mod service;
@@ -16,16 +18,19 @@ use ftvm_model::Time;
 
 use crate::rng::SimRng;
 use crate::scenario::VmSpec;
+use disk::Disk;
 use ram::{state_hash, Ram};
 use service::{Reply, Request};
 
 /// Device state length: workload RNG state, ticks run, requests served (u64 LE each).
 pub(crate) const DEVICE_LEN: usize = 24;
 
-/// Pages and device state of one capture.
+/// Pages, disk blocks and device state of one capture.
 #[derive(Clone, Debug, Default)]
 pub(crate) struct Captured {
     pub pages: Vec<(u64, Vec<u8>)>,
+    /// Disk blocks written since the last capture (the whole disk for a full one).
+    pub disk: Vec<(u64, Vec<u8>)>,
     pub device: Vec<u8>,
 }
 
@@ -35,6 +40,9 @@ pub(crate) struct SimVm {
     ram: Ram,
     dirty: Vec<bool>,
     dirty_list: Vec<u64>,
+    disk: Disk,
+    disk_dirty: Vec<bool>,
+    disk_dirty_list: Vec<u64>,
     rng: SimRng,
     ticks: u64,
     served: u64,
@@ -43,16 +51,17 @@ pub(crate) struct SimVm {
 }
 
 impl SimVm {
-    /// A freshly booted VM (zeroed RAM), not running yet.
+    /// A freshly booted VM (zeroed RAM and disk), not running yet.
     pub fn fresh(spec: &VmSpec, workload_seed: u64) -> SimVm {
         let ram = Ram::new(spec.pages, spec.page_size);
-        SimVm::with(spec, ram, SimRng::derive(workload_seed, 0), 0, 0)
+        let disk = Disk::new(spec.disk_blocks);
+        SimVm::with(spec, ram, disk, SimRng::derive(workload_seed, 0), 0, 0)
     }
 
-    /// A VM restored from a replica's RAM and device state, not running yet. A short or
+    /// A VM restored from a replica's RAM, disk and device state, not running yet. A short or
     /// damaged device state is padded with zeros (only a buggy commit can produce one, and
     /// the prefix check has reported it by then).
-    pub fn restore(spec: &VmSpec, ram: Ram, device: &[u8]) -> SimVm {
+    pub fn restore(spec: &VmSpec, ram: Ram, disk: Disk, device: &[u8]) -> SimVm {
         let word = |i: usize| {
             let mut w = [0u8; 8];
             for (k, b) in w.iter_mut().enumerate() {
@@ -60,16 +69,27 @@ impl SimVm {
             }
             u64::from_le_bytes(w)
         };
-        SimVm::with(spec, ram, SimRng::from_state(word(0)), word(1), word(2))
+        SimVm::with(
+            spec,
+            ram,
+            disk,
+            SimRng::from_state(word(0)),
+            word(1),
+            word(2),
+        )
     }
 
-    fn with(spec: &VmSpec, ram: Ram, rng: SimRng, ticks: u64, served: u64) -> SimVm {
+    fn with(spec: &VmSpec, ram: Ram, disk: Disk, rng: SimRng, ticks: u64, served: u64) -> SimVm {
         let n = usize::try_from(spec.pages).unwrap_or(0);
+        let blocks = usize::try_from(disk.blocks()).unwrap_or(0);
         SimVm {
             spec: spec.clone(),
             ram,
             dirty: vec![false; n],
             dirty_list: Vec::new(),
+            disk,
+            disk_dirty: vec![false; blocks],
+            disk_dirty_list: Vec::new(),
             rng,
             ticks,
             served,
@@ -116,7 +136,28 @@ impl SimVm {
             let value = self.rng.next_u64();
             self.write(page, offset, value);
         }
+        // Disk writes draw from the workload's RNG only when there are any, so a VM without
+        // disk writes runs exactly as before disks existed.
+        let blocks = self.disk.blocks();
+        let block_words = u64::from(ftvm_model::wire::DISK_BLOCK_SIZE / 8);
+        for i in 0..self.spec.disk_writes_per_tick {
+            if blocks == 0 {
+                break;
+            }
+            let block = self.rng.below(blocks);
+            let offset = (self.rng.below(block_words) * 8) as usize;
+            // Distinct for every write of this VM's history: tick number and write number.
+            let value = (self.ticks << 16 | u64::from(i)) + 1;
+            self.write_disk(block, offset, value);
+        }
         self.ticks += 1;
+    }
+
+    fn write_disk(&mut self, block: u64, offset: usize, value: u64) {
+        if self.disk.write_u64(block, offset, value) && !self.disk_dirty[block as usize] {
+            self.disk_dirty[block as usize] = true;
+            self.disk_dirty_list.push(block);
+        }
     }
 
     fn write(&mut self, page: u64, offset: usize, value: u64) {
@@ -150,9 +191,22 @@ impl SimVm {
         d
     }
 
-    /// Dirty pages since the last capture (all pages when `full`) and device state; clears
-    /// the dirty set. Pages go out in index order.
+    /// Dirty pages and disk blocks since the last capture (all of RAM and the whole disk when
+    /// `full`) and device state; clears the dirty sets. Pages and blocks go out in index order.
     pub fn capture(&mut self, full: bool) -> Captured {
+        let mut blocks = std::mem::take(&mut self.disk_dirty_list);
+        for &b in &blocks {
+            self.disk_dirty[b as usize] = false;
+        }
+        if full {
+            blocks = (0..self.disk.blocks()).collect();
+        } else {
+            blocks.sort_unstable();
+        }
+        let disk = blocks
+            .into_iter()
+            .map(|b| (b, self.disk.block(b).to_vec()))
+            .collect();
         let mut list = std::mem::take(&mut self.dirty_list);
         for &p in &list {
             self.dirty[p as usize] = false;
@@ -168,8 +222,14 @@ impl SimVm {
             .collect();
         Captured {
             pages,
+            disk,
             device: self.device(),
         }
+    }
+
+    /// Hash of the disk (what a replica's disk committed at this epoch must hash to).
+    pub fn disk_hash(&self) -> u64 {
+        self.disk.hash()
     }
 
     /// Hash of RAM + device state (what a replica of this epoch must hash to).
@@ -200,6 +260,8 @@ mod tests {
             writes_per_tick: 3,
             tick: Duration::from_millis(1),
             capture_pause: Duration::ZERO,
+            disk_blocks: 8,
+            disk_writes_per_tick: 2,
         }
     }
 
@@ -243,14 +305,60 @@ mod tests {
         let inc = vm.capture(false);
         assert!(inc.pages.iter().any(|(p, _)| *p == 2));
         assert!(inc.pages.windows(2).all(|w| w[0].0 < w[1].0));
-        // Replay both captures onto an empty RAM.
+        assert_eq!(full.disk.len(), 8, "a full capture holds the whole disk");
+        assert!(!inc.disk.is_empty() && inc.disk.len() <= 8);
+        assert!(inc.disk.windows(2).all(|w| w[0].0 < w[1].0));
+        // Replay both captures onto an empty RAM and disk.
         let mut ram = Ram::new(32, 64);
         for (p, d) in full.pages.iter().chain(inc.pages.iter()) {
             assert!(ram.set_page(*p, d));
         }
-        let restored = SimVm::restore(&spec(), ram, &inc.device);
+        let mut disk = Disk::new(8);
+        for (b, d) in full.disk.iter().chain(inc.disk.iter()) {
+            assert!(disk.set_block(*b, d));
+        }
+        assert_eq!(disk.hash(), vm.disk_hash());
+        let restored = SimVm::restore(&spec(), ram, disk, &inc.device);
         assert_eq!(restored.state_hash(), vm.state_hash());
+        assert_eq!(restored.disk_hash(), vm.disk_hash());
         assert_eq!(restored.counters(), vec![0, 0, 1, 0]);
-        assert!(vm.capture(false).pages.is_empty(), "dirty set was cleared");
+        let empty = vm.capture(false);
+        assert!(empty.pages.is_empty(), "dirty set was cleared");
+        assert!(empty.disk.is_empty(), "dirty disk set was cleared");
+    }
+
+    #[test]
+    fn every_disk_write_is_distinct_and_a_vm_without_disk_writes_is_unchanged() {
+        let mut s = spec();
+        s.disk_blocks = 1;
+        s.disk_writes_per_tick = 1;
+        let mut vm = SimVm::fresh(&s, 4);
+        vm.resume(Time(0));
+        let mut seen = std::collections::BTreeSet::new();
+        for t in 1..=64u64 {
+            vm.advance_to(Time(t * 1000));
+            let words: Vec<u64> = vm
+                .disk
+                .block(0)
+                .chunks(8)
+                .map(|w| u64::from_le_bytes(w.try_into().unwrap()))
+                .collect();
+            // The newest write is the largest value on the disk, and never seen before.
+            let newest = *words.iter().max().unwrap();
+            assert!(seen.insert(newest), "write value {newest} repeated");
+        }
+        // Disk writes do not disturb the RAM workload when there are none.
+        let mut without = spec();
+        without.disk_writes_per_tick = 0;
+        let mut other = without.clone();
+        other.disk_blocks = 0;
+        let mut a = SimVm::fresh(&without, 5);
+        let mut b = SimVm::fresh(&other, 5);
+        for vm in [&mut a, &mut b] {
+            vm.resume(Time(0));
+            vm.advance_to(Time(20_000));
+        }
+        assert_eq!(a.state_hash(), b.state_hash());
+        assert_eq!(a.disk_hash(), Disk::new(8).hash(), "nothing written");
     }
 }

@@ -1,9 +1,12 @@
-//! The backup's replica (RAM + device state of its last committed epoch) and the checkpoints
-//! staged beside it until the model says commit.
+//! The backup's replica (RAM, disk and device state of its last committed epoch) and the
+//! checkpoints staged beside it until the model says commit. An epoch's disk writes reach the
+//! replica disk only at its commit, together with its pages: a takeover resumes from a disk
+//! holding exactly the writes of the epochs committed.
 
 use ftvm_driver::StagedCheckpoint;
 use ftvm_model::{Epoch, Generation, NodeId};
 
+use super::disk::Disk;
 use super::ram::{state_hash, Ram};
 use crate::scenario::VmSpec;
 
@@ -18,6 +21,7 @@ pub(crate) struct Origin {
 #[derive(Clone, Debug)]
 pub(crate) struct Replica {
     pub ram: Ram,
+    pub disk: Disk,
     pub device: Vec<u8>,
     /// Last committed checkpoint.
     pub committed: Option<Origin>,
@@ -26,10 +30,11 @@ pub(crate) struct Replica {
 }
 
 impl Replica {
-    /// An empty replica (zeroed pages, no device state).
+    /// An empty replica (zeroed pages and disk, no device state).
     pub fn empty(spec: &VmSpec) -> Replica {
         Replica {
             ram: Ram::new(spec.pages, spec.page_size),
+            disk: Disk::new(spec.disk_blocks),
             device: Vec::new(),
             committed: None,
             since: None,
@@ -43,6 +48,7 @@ impl Replica {
         for (index, data) in cp.pages(page_size) {
             self.ram.set_page(index, data);
         }
+        self.write_disk(cp);
         if self.device.len() < cp.device.len() {
             self.device.resize(cp.device.len(), 0);
         }
@@ -54,6 +60,15 @@ impl Replica {
         });
         if cp.full {
             self.since = Some(Epoch(cp.epoch));
+        }
+    }
+
+    /// Writes the checkpoint's disk blocks to the replica disk (staging kept them inside it).
+    /// Only [`Replica::apply`] may call this, at the commit; the planted
+    /// `DiskWritesBeforeCommit` bug calls it as a checkpoint arrives.
+    pub fn write_disk(&mut self, cp: &StagedCheckpoint) {
+        for (index, data) in cp.disk_blocks() {
+            self.disk.set_block(index, data);
         }
     }
 

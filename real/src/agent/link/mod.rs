@@ -151,6 +151,10 @@ impl Link {
 
     /// Queues `out` for the writer thread, or gives it back if the writer is gone (then no
     /// event will ever report on it; a [`Event::LinkClosed`] was or will be sent).
+    // The error is the value itself, handed back for reuse, and moves only on the rare refusal.
+    // (`StagedCheckpoint` grew two disk vectors; whether to box `Outgoing::Checkpoint`
+    // instead is the agent's call.)
+    #[allow(clippy::result_large_err)]
     pub fn try_send(&self, out: Outgoing) -> Result<(), Outgoing> {
         self.tx.send(out).map_err(|e| e.0)
     }

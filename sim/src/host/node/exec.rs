@@ -5,7 +5,9 @@
 use std::collections::VecDeque;
 
 use ftvm_driver::{Effect, StagedCheckpoint};
-use ftvm_model::wire::{encode_checkpoint, HEADER_LEN, META_LEN, RECORD_HEADER_LEN};
+use ftvm_model::wire::{
+    encode_checkpoint_with_disk, DISK_BLOCK_SIZE, HEADER_LEN, META_LEN, RECORD_HEADER_LEN,
+};
 use ftvm_model::{Action, Epoch, Generation, Input, NodeId, Time, WitnessRequest};
 use tokio::task::spawn_local;
 use turmoil::net::TcpStream;
@@ -116,8 +118,11 @@ impl NodeHost {
         vm.pause(t);
         let cap = vm.capture(full);
         let hash = vm.state_hash();
+        let disk_hash = vm.disk_hash();
         let pages = cap.pages.len() as u64;
-        let bytes = pages * u64::from(self.spec.page_size) + cap.device.len() as u64;
+        let bytes = pages * u64::from(self.spec.page_size)
+            + cap.disk.len() as u64 * u64::from(DISK_BLOCK_SIZE)
+            + cap.device.len() as u64;
         {
             let mut world = self.w.borrow_mut();
             world.obs.captured(
@@ -128,6 +133,9 @@ impl NodeHost {
                 epoch,
                 Some(hash),
             );
+            world
+                .obs
+                .captured_disk(self.me, self.vm_generation, epoch, disk_hash);
             world.note(t, self.host, TraceKind::Captured { epoch, hash });
         }
         self.captured.insert(epoch, cap);
@@ -164,14 +172,16 @@ impl NodeHost {
             return;
         };
         let pages: Vec<(u64, &[u8])> = cap.pages.iter().map(|(i, d)| (*i, &d[..])).collect();
+        let disk: Vec<(u64, &[u8])> = cap.disk.iter().map(|(i, d)| (*i, &d[..])).collect();
         let page_size = self.spec.page_size;
-        let mut bytes = match encode_checkpoint(
+        let mut bytes = match encode_checkpoint_with_disk(
             self.vm_id,
             generation,
             epoch,
             full,
             page_size,
             &pages,
+            &disk,
             &cap.device,
         ) {
             Ok(b) => b,
@@ -255,6 +265,7 @@ impl NodeHost {
         };
         self.replica.apply(&cp, from, self.spec.page_size as usize);
         let hash = self.replica.state_hash();
+        let disk_hash = self.replica.disk.hash();
         let origin = self.replica.committed;
         {
             let mut world = self.w.borrow_mut();
@@ -262,6 +273,7 @@ impl NodeHost {
                 world
                     .obs
                     .committed(t, self.me, origin, self.replica.since, Some(hash));
+                world.obs.committed_disk(t, self.me, origin, disk_hash);
             }
             world.note(t, self.host, TraceKind::Committed { epoch, hash });
         }
@@ -278,9 +290,15 @@ impl NodeHost {
                 ),
             );
         };
-        let vm = SimVm::restore(&self.spec, self.replica.ram.clone(), &self.replica.device);
+        let vm = SimVm::restore(
+            &self.spec,
+            self.replica.ram.clone(),
+            self.replica.disk.clone(),
+            &self.replica.device,
+        );
         let restore = {
             let mut world = self.w.borrow_mut();
+            world.obs.restored_disk(t, self.me, origin, vm.disk_hash());
             let instance = world.obs.new_instance(self.me);
             world.obs.restored(
                 t,

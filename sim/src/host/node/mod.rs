@@ -141,6 +141,8 @@ pub(crate) async fn run_node(w: Shared, me: NodeId) -> turmoil::Result {
     if w.borrow().journals.is_some() {
         host.driver.record(now(), start, Journal::new());
     }
+    let empty_disk = host.replica.disk.hash();
+    w.borrow_mut().obs.replica_disk_reset(me, empty_disk);
     if start == Start::Primary {
         host.vm = Some(SimVm::fresh(&host.spec, seed));
         host.instance = w.borrow_mut().obs.new_instance(me);
@@ -170,6 +172,9 @@ impl NodeHost {
                 Some(ev) => self.on_event(ev),
                 None => self.on_due(),
             }
+            // The replica disk moves only at commits (disk consistency).
+            let disk = self.replica.disk.hash();
+            self.w.borrow_mut().obs.replica_disk(now(), self.me, disk);
         }
     }
 
@@ -271,7 +276,7 @@ impl NodeHost {
             page_size: self.spec.page_size,
             ram_pages: self.spec.pages,
             max_device_bytes: ftvm_driver::staging::DEFAULT_MAX_DEVICE_BYTES,
-            disk_blocks: 0,
+            disk_blocks: self.spec.disk_blocks,
         };
         let reader = spawn_local(peer_io::read_peer(rd, id, self.vm_id, limits, tx.clone()));
         let writer = spawn_local(write_loop(
@@ -318,6 +323,8 @@ impl NodeHost {
                 self.apply(verdict);
             }
             HostEvent::Link { conn, event } => {
+                #[cfg(feature = "mutants")]
+                self.mutant_disk_writes_on_arrival(&event);
                 if let ftvm_driver::LinkEvent::CheckpointReceived(cp) = &event {
                     if let Some(from) = self.driver.peer_of(conn) {
                         self.staged_from.insert(Epoch(cp.epoch), from);
@@ -355,6 +362,24 @@ impl NodeHost {
             HostEvent::ClientClosed { client_conn } => {
                 self.clients.remove(&client_conn);
             }
+        }
+    }
+
+    /// The planted `DiskWritesBeforeCommit` bug: an arriving checkpoint's disk blocks (what of
+    /// them arrived, for one cut short or damaged) go to the replica disk at once, not at its
+    /// commit.
+    #[cfg(feature = "mutants")]
+    fn mutant_disk_writes_on_arrival(&mut self, event: &ftvm_driver::LinkEvent) {
+        use ftvm_driver::LinkEvent;
+        if self.w.borrow().config.mutant != Some(ftvm_model::Mutant::DiskWritesBeforeCommit) {
+            return;
+        }
+        match event {
+            LinkEvent::CheckpointReceived(cp)
+            | LinkEvent::CheckpointDamaged {
+                partial: Some(cp), ..
+            } => self.replica.write_disk(cp),
+            _ => {}
         }
     }
 
