@@ -379,14 +379,25 @@ impl Deployment {
         self.opts.work_dir.join("backup")
     }
 
-    /// Waits until the primary reports `protected`.
+    /// Waits until the primary reports `protected`, printing the progress of a long sync (from
+    /// the primary's status file) once a second.
     pub fn wait_protected(&mut self, timeout: Duration) -> anyhow::Result<()> {
         let pdir = self.primary_dir();
+        let mut shown = Instant::now();
         wait_until(
             "the primary to be protected",
             timeout,
             &mut [&mut self.witness, &mut self.backup, &mut self.primary],
-            || status(&pdir)["phase"] == "protected",
+            || {
+                let st = status(&pdir);
+                if shown.elapsed() >= Duration::from_secs(1) {
+                    if let Some(line) = sync_progress_line(&st["sync"]) {
+                        println!("   {line}");
+                        shown = Instant::now();
+                    }
+                }
+                st["phase"] == "protected"
+            },
         )
     }
 
@@ -456,6 +467,28 @@ impl Deployment {
             out,
         )
     }
+}
+
+/// `syncing the backup: 120/410 MiB (29%) at 85.0 MiB/s, 3.4 s left`, from a status file's
+/// `sync` object (None when no sync is under way).
+pub fn sync_progress_line(sync: &serde_json::Value) -> Option<String> {
+    let done = sync["bytes_done"].as_u64()?;
+    let total = sync["bytes_total"].as_u64()?.max(1);
+    let rate = sync["rate_bytes_per_s"].as_f64().unwrap_or(0.0);
+    let eta = sync["eta_s"].as_f64().unwrap_or(-1.0);
+    let mib = |b: f64| b / f64::from(1u32 << 20);
+    let left = if eta >= 0.0 {
+        format!("{eta:.1} s left")
+    } else {
+        "time left unknown".into()
+    };
+    Some(format!(
+        "syncing the backup: {:.0}/{:.0} MiB ({}%) at {:.1} MiB/s, {left}",
+        mib(done as f64),
+        mib(total as f64),
+        done * 100 / total,
+        mib(rate),
+    ))
 }
 
 /// Reads the last JSON line a client wrote.
@@ -676,6 +709,19 @@ pub fn compare_digests(pdir: &Path, bdir: &Path) -> anyhow::Result<DigestsCompar
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sync_progress_reads_the_status_file_object() {
+        let v = serde_json::json!({
+            "bytes_done": 120u64 << 20, "bytes_total": 480u64 << 20,
+            "rate_bytes_per_s": 85.0 * 1048576.0, "eta_s": 4.2
+        });
+        assert_eq!(
+            sync_progress_line(&v).unwrap(),
+            "syncing the backup: 120/480 MiB (25%) at 85.0 MiB/s, 4.2 s left"
+        );
+        assert_eq!(sync_progress_line(&serde_json::Value::Null), None);
+    }
 
     #[test]
     fn last_words_quotes_the_closing_lines_and_says_when_there_are_none() {

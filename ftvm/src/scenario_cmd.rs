@@ -91,6 +91,20 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     run_real(&s, &a, guest_dir)
 }
 
+/// The real VM's disk for a scenario whose simulated VM has one: as many 4 KiB blocks, with the
+/// small guest's disk writer at the scenario's write rate (blocks per tick, per second here).
+fn real_disk(s: &Scenario) -> Option<crate::deploy::DeployDisk> {
+    (s.vm.disk_blocks > 0).then(|| {
+        let tick_ms = (s.vm.tick.as_millis() as u64).max(1);
+        let per_s = u64::from(s.vm.disk_writes_per_tick) * 1000 / tick_ms;
+        crate::deploy::DeployDisk {
+            source: None,
+            bytes: s.vm.disk_blocks * u64::from(ftvm_model::wire::DISK_BLOCK_SIZE),
+            guest_write: (per_s > 0).then(|| per_s.to_string()),
+        }
+    })
+}
+
 fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32> {
     let (real, why) = s.on_real_hosts();
     let s = &real;
@@ -120,7 +134,7 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
         subnet: 70,
         verify_every: None,
         keep: false,
-        disk: None,
+        disk: real_disk(s),
         mutant: mutant_of(a),
     };
     let mut d = Deployment::start_with(

@@ -394,18 +394,16 @@ fn output_driven_epochs_on_real_hosts() {
     );
 }
 
-// The disk scenarios need the real agent's protected disk (issue 11, the agent's NBD server),
-// which does not exist yet: until it does they run in the simulator only.
+// The disk scenarios: the VM's disk is served by its agent, the small guest's disk writer
+// writes it at the scenario's rate, and the journals' invariant check covers the run.
 
 #[test]
-#[ignore = "the real agent serves no protected disk yet (issue 11)"]
 fn disk_crash_mid_epoch_on_real_hosts() {
     let s = run_real("disk-crash-mid-epoch");
     assert_eq!(applied(&s, "SIGKILL to node").len(), 1, "{s}");
 }
 
 #[test]
-#[ignore = "the real agent serves no protected disk yet (issue 11)"]
 fn disk_failover_during_sync_on_real_hosts() {
     let s = run_real("disk-failover-during-sync");
     assert_eq!(applied(&s, "SIGKILL to node").len(), 3, "{s}");

@@ -322,7 +322,16 @@ fn writer(
         tag: [0; TAG_LEN],
     };
     let why = match transport::open(kind, stream, TransportOptions::default()) {
-        Ok(t) => serve(t, vm, page_size, &mut sealer, &rx, &events, &mut bufs, &progress),
+        Ok(t) => serve(
+            t,
+            vm,
+            page_size,
+            &mut sealer,
+            &rx,
+            &events,
+            &mut bufs,
+            &progress,
+        ),
         Err(e) => {
             tracing::warn!(conn = conn.0, %kind, error = %e, "checkpoint transport unavailable");
             format!("transport: {e}")
