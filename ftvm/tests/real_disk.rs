@@ -118,7 +118,7 @@ fn writer_progress(serial: &Path) -> u64 {
     log.lines()
         .filter_map(|l| l.split(" writes ").nth(1))
         .filter_map(|rest| rest.split_whitespace().next()?.parse::<u64>().ok())
-        .last()
+        .next_back()
         .unwrap_or(0)
 }
 

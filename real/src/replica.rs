@@ -667,6 +667,7 @@ fn encode_journal(s: &StagedCheckpoint) -> Vec<u8> {
             + s.device.len(),
     );
     b.extend_from_slice(&s.data);
+    b.extend_from_slice(&s.disk_data);
     b.extend_from_slice(&journal_tail(s));
     let mut h = Xxh3::new();
     h.update(&b[HEADER_LEN..]);
@@ -675,13 +676,11 @@ fn encode_journal(s: &StagedCheckpoint) -> Vec<u8> {
     b
 }
 
-/// What follows the page contents in a journal: the disk blocks' contents, the page indices, the
-/// disk block indices (u64 little-endian) and the device state.
+/// What follows the page and disk block contents in a journal: the page indices, the disk block
+/// indices (u64 little-endian) and the device state.
 fn journal_tail(s: &StagedCheckpoint) -> Vec<u8> {
-    let mut tail = Vec::with_capacity(
-        s.disk_data.len() + (s.indices.len() + s.disk_indices.len()) * 8 + s.device.len(),
-    );
-    tail.extend_from_slice(&s.disk_data);
+    let mut tail =
+        Vec::with_capacity((s.indices.len() + s.disk_indices.len()) * 8 + s.device.len());
     for i in s.indices.iter().chain(&s.disk_indices) {
         tail.extend_from_slice(&i.to_le_bytes());
     }

@@ -118,6 +118,7 @@ impl<L: VmLauncher> Agent<L> {
         // A cow checkpoint never sent finishes here (its pages stay protected; their next
         // writes are logged as usual).
         self.captured_cow = None;
+        self.captured_disk = None;
         let Some(vm) = self.vm.as_mut() else {
             return Err(VmError::failed("capture", "no VM is running").into());
         };
@@ -131,6 +132,7 @@ impl<L: VmLauncher> Agent<L> {
             })?;
             self.captured_cow = Some(cow);
         }
+        self.captured_disk = vm.take_disk_sync();
         buf.generation = self.driver.status().generation.0;
         buf.epoch = epoch.0;
         buf.full = full;
@@ -220,6 +222,7 @@ impl<L: VmLauncher> Agent<L> {
     ) {
         let link = conn.and_then(|c| self.links.get(&c).map(|l| (c, l)));
         let cow = self.captured_cow.take();
+        let disk = self.captured_disk.take();
         let (Some((conn, link)), Some(staged)) = (link, self.captured.take()) else {
             // No link (its loss is already reported) or nothing captured: keep the buffer for
             // reuse; the model hears of the link loss.
@@ -231,19 +234,24 @@ impl<L: VmLauncher> Agent<L> {
         }
         let paused = self.cfg.capture == CaptureMode::PausedSend;
         let out = match (self.vm.as_ref().filter(|_| paused), cow) {
-            // SAFETY: the VM stays paused until this link reports the checkpoint sent or goes
-            // away: its ResumeVm is held in `self.resume`, which hears of both (CheckpointSent,
-            // drop_conn).
-            (Some(vm), _) => Outgoing::PausedSend(Box::new(unsafe {
-                PausedPages::new(generation, full, staged, vm.guest_ram())
-            })),
+            (Some(vm), _) => {
+                // SAFETY: the VM stays paused until this link reports the checkpoint sent or goes
+                // away: its ResumeVm is held in `self.resume`, which hears of both (CheckpointSent,
+                // drop_conn).
+                let mut p = unsafe { PausedPages::new(generation, full, staged, vm.guest_ram()) };
+                p.disk = disk;
+                Outgoing::PausedSend(Box::new(p))
+            }
             (None, Some(cow)) => {
-                Outgoing::Cow(Box::new(CowPages::new(generation, full, staged, cow)))
+                let mut c = CowPages::new(generation, full, staged, cow);
+                c.disk = disk;
+                Outgoing::Cow(Box::new(c))
             }
             (None, None) => Outgoing::Checkpoint {
                 generation,
                 full,
                 staged,
+                disk,
             },
         };
         match link.try_send(out) {
@@ -467,6 +475,7 @@ impl<L: VmLauncher> Agent<L> {
             "fenced: stopping the VM, dropping held output"
         ));
         self.captured_cow = None;
+        self.captured_disk = None;
         if let Some(mut vm) = self.vm.take() {
             vm.kill().await;
         }

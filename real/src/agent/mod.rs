@@ -191,6 +191,8 @@ pub struct Agent<L: VmLauncher> {
     captured: Option<StagedCheckpoint>,
     /// cow: the write-protected pages of `captured`, until handed to its link.
     captured_cow: Option<CowCheckpoint>,
+    /// The disk snapshot a full capture's disk blocks are read from as they are sent.
+    captured_disk: Option<link::DiskSync>,
     /// Accounts for the frames the core's gate holds and lets go.
     output: OutputAccount,
     output_cap: Arc<OutputCap>,
@@ -289,6 +291,7 @@ impl<L: VmLauncher> Agent<L> {
             spare: None,
             captured: None,
             captured_cow: None,
+            captured_disk: None,
             output: OutputAccount::new(output_cap.clone()),
             output_cap,
             net: None,

@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::capture::CaptureMode;
 use super::cow::{CowCheckpoint, CowEngine, CowError, ProtectStats};
+use super::link::DiskSync;
 use super::vm::{CaptureStats, RestorePoint, Vm, VmError, VmLauncher};
 use crate::dirty::{self, DirtyTracker, GuestRam, HandedUffd, HandoffListener};
 use crate::disk::{DiskImage, DiskServer, DiskServerConfig};
@@ -57,6 +58,8 @@ pub struct QemuVm {
     /// The VM's disk, served by this agent (declared after `qemu`: it stops after QEMU is
     /// gone, never under a running guest).
     disk: Option<DiskServer>,
+    /// The snapshot of the last full capture, until the agent takes it.
+    disk_sync: Option<DiskSync>,
 }
 
 fn vm_err(what: &'static str) -> impl FnOnce(qemu::QemuError) -> VmError {
@@ -118,6 +121,7 @@ impl QemuVm {
             page_size,
             first: true,
             disk,
+            disk_sync: None,
         })
     }
 
@@ -129,24 +133,33 @@ impl QemuVm {
 
 impl QemuVm {
     /// While paused (QEMU's `stop` drained the guest's disk requests): the disk blocks written
-    /// since the last capture — every block holding data when `all` — copied into `out`. They
-    /// are read now because the guest overwrites the image in place once it runs again.
+    /// since the last capture, copied into `out` now, because the guest overwrites the image in
+    /// place once it runs again. When `all` (a sync), every block holding data instead, listed
+    /// only: they are read from a snapshot as they are sent, while the VM runs (a few GiB would
+    /// otherwise pause it for seconds and sit in memory).
     fn capture_disk(&mut self, all: bool, out: &mut StagedCheckpoint) -> Result<u64, VmError> {
         out.disk_indices.clear();
         out.disk_data.clear();
+        self.disk_sync = None;
         let Some(disk) = &self.disk else {
             return Ok(0);
         };
         let dirty = disk.take_dirty();
-        out.disk_indices = if all {
-            disk.image()
+        if all {
+            let blocks = disk
+                .image()
                 .data_blocks()
-                .map_err(|e| VmError::failed("find the disk's data blocks", e.to_string()))?
+                .map_err(|e| VmError::failed("find the disk's data blocks", e.to_string()))?;
+            out.disk_indices.clone_from(&blocks);
+            self.disk_sync = Some(DiskSync {
+                snapshot: disk.snapshot(blocks),
+                reader: disk.snapshot_reader(),
+            });
         } else {
-            dirty
-        };
-        disk.read_blocks(&out.disk_indices, &mut out.disk_data)
-            .map_err(|e| VmError::failed("read dirty disk blocks", e.to_string()))?;
+            out.disk_indices = dirty;
+            disk.read_blocks(&out.disk_indices, &mut out.disk_data)
+                .map_err(|e| VmError::failed("read dirty disk blocks", e.to_string()))?;
+        }
         Ok(out.disk_indices.len() as u64)
     }
 }
@@ -248,6 +261,10 @@ impl Vm for QemuVm {
 
     fn ram_digest(&mut self) -> Result<u64, VmError> {
         Ok(xxhash_rust::xxh3::xxh3_64(self.ram.as_slice()))
+    }
+
+    fn take_disk_sync(&mut self) -> Option<DiskSync> {
+        self.disk_sync.take()
     }
 
     fn disk_digest(&mut self) -> Result<Option<u64>, VmError> {

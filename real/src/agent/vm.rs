@@ -185,6 +185,12 @@ pub trait Vm: Send {
     }
     /// While paused: a digest (xxh3-64) of all of guest RAM, for verifying the replica.
     fn ram_digest(&mut self) -> Result<u64, VmError>;
+    /// The disk snapshot of the last full capture (once): its disk blocks are read from it as
+    /// they are sent, while the VM runs. None for a VM without a disk or a capture whose blocks
+    /// were copied into the checkpoint.
+    fn take_disk_sync(&mut self) -> Option<super::link::DiskSync> {
+        None
+    }
     /// While paused: a digest (xxh3-64) of the VM's disk, if it has one.
     fn disk_digest(&mut self) -> Result<Option<u64>, VmError> {
         Ok(None)

@@ -9,12 +9,14 @@ mod error;
 mod image;
 pub mod nbd;
 mod server;
+mod snapshot;
 mod stats;
 
 pub use dirty::DirtyBlocks;
 pub use error::DiskError;
 pub use image::{digest_file, DiskImage};
-pub use server::{DiskServer, DiskServerConfig, DEFAULT_MAX_PAYLOAD};
+pub use server::{DiskServer, DiskServerConfig, SnapshotReader, DEFAULT_MAX_PAYLOAD};
+pub use snapshot::DiskSnapshot;
 pub use stats::DiskStats;
 
 /// The unit of dirty tracking and capture.

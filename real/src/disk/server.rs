@@ -12,7 +12,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, Weak};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
@@ -23,6 +23,7 @@ use super::nbd::proto::{
     Request, TFLAG_HAS_FLAGS, TFLAG_SEND_FLUSH, TFLAG_SEND_TRIM, TFLAG_SEND_WRITE_ZEROES,
 };
 use super::nbd::{negotiate, serve, Backend, Export, NbdError, Negotiated};
+use super::snapshot::DiskSnapshot;
 use super::stats::{Counters, DiskStats};
 use super::BLOCK_SIZE;
 
@@ -83,6 +84,8 @@ struct Shared {
     config: DiskServerConfig,
     stopping: AtomicBool,
     conns: Mutex<Connections>,
+    /// The snapshot a full checkpoint is being read from, while its sender holds it.
+    snapshot: Mutex<Weak<DiskSnapshot>>,
 }
 
 #[derive(Debug, Default)]
@@ -126,6 +129,7 @@ impl DiskServer {
             config,
             stopping: AtomicBool::new(false),
             conns: Mutex::new(Connections::default()),
+            snapshot: Mutex::new(Weak::new()),
         });
         let accept = {
             let (shared, listener) = (shared.clone(), listener.clone());
@@ -171,6 +175,26 @@ impl DiskServer {
 
     /// Appends the contents of blocks `indices` to `out`, in the order given ([`BLOCK_SIZE`]
     /// bytes each); runs of consecutive indices are read with one `pread`.
+    /// While the VM is paused: a snapshot of `blocks` (sorted, no repeats) to read a full
+    /// checkpoint's disk part from while the guest runs on (see [`DiskSnapshot`]); it lasts as
+    /// long as the returned handle.
+    pub fn snapshot(&self, blocks: Vec<u64>) -> Arc<DiskSnapshot> {
+        let snap = Arc::new(DiskSnapshot::new(blocks));
+        *self
+            .shared
+            .snapshot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::downgrade(&snap);
+        snap
+    }
+
+    /// A handle for reading snapshots from another thread (the link writer).
+    pub fn snapshot_reader(&self) -> SnapshotReader {
+        SnapshotReader {
+            shared: self.shared.clone(),
+        }
+    }
+
     pub fn read_blocks(&self, indices: &[u64], out: &mut Vec<u8>) -> Result<(), DiskError> {
         let blocks = self.blocks();
         if let Some(&index) = indices.iter().find(|&&i| i >= blocks) {
@@ -332,6 +356,35 @@ fn run_connection(shared: &Shared, stream: UnixStream) {
     }
 }
 
+/// Reads a full checkpoint's disk blocks from its snapshot, on the link writer's thread.
+#[derive(Debug, Clone)]
+pub struct SnapshotReader {
+    shared: Arc<Shared>,
+}
+
+impl SnapshotReader {
+    /// The `pos`-th block of `snap` as it was when it was taken, into `out` (4096 bytes).
+    pub fn read(&self, snap: &DiskSnapshot, pos: usize, out: &mut [u8]) -> Result<(), DiskError> {
+        snap.read(&self.shared.image, pos, out)
+    }
+}
+
+impl Shared {
+    /// A full checkpoint being read from a snapshot keeps the old contents of what a write is
+    /// about to overwrite.
+    fn before_write(&self, offset: u64, len: u64) -> io::Result<()> {
+        let snap = self
+            .snapshot
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .upgrade();
+        match snap {
+            Some(s) => s.before_write(&self.image, offset, len),
+            None => Ok(()),
+        }
+    }
+}
+
 impl Backend for Shared {
     fn read_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         self.image.read_at(buf, offset)?;
@@ -341,6 +394,7 @@ impl Backend for Shared {
     }
 
     fn write_at(&self, data: &[u8], offset: u64, fua: bool) -> io::Result<()> {
+        self.before_write(offset, data.len() as u64)?;
         let written = self.image.write_at(data, offset);
         // Marked after the write and before the reply: a take() between the two only moves the
         // block to the next checkpoint, never drops it; marked even if the write failed part
@@ -356,6 +410,7 @@ impl Backend for Shared {
     }
 
     fn zero_at(&self, offset: u64, length: u64, fua: bool) -> io::Result<()> {
+        self.before_write(offset, length)?;
         let zeroed = self.image.zero_range(offset, length);
         self.dirty.mark_range(offset, length);
         zeroed?;

@@ -178,6 +178,9 @@ struct Stage {
     file: SpoolFile,
     /// Page bytes written so far.
     written: usize,
+    /// Disk block bytes written so far (they follow the pages, which are complete once the
+    /// first block arrived).
+    disk_written: usize,
     hasher: Xxh3,
 }
 
@@ -228,7 +231,7 @@ impl StageWriter {
             return Err(ReplicaError::Corrupt(self.spool.dir.clone()));
         };
         let tail = journal_tail(s);
-        let at = (HEADER_LEN + c.written) as u64;
+        let at = (HEADER_LEN + c.written + c.disk_written) as u64;
         let f = &c.file;
         let written = f
             .file
@@ -265,7 +268,9 @@ impl StageWriter {
     /// (starting a new file when `s` is another checkpoint than the current one).
     fn write_pages(&mut self, s: &StagedCheckpoint, min: usize) -> Result<(), ReplicaError> {
         let same = self.cur.as_ref().is_some_and(|c| {
-            (c.generation, c.epoch) == (s.generation, s.epoch) && c.written <= s.data.len()
+            (c.generation, c.epoch) == (s.generation, s.epoch)
+                && c.written <= s.data.len()
+                && c.disk_written <= s.disk_data.len()
         });
         if !same {
             self.drop_current();
@@ -274,22 +279,38 @@ impl StageWriter {
                 epoch: s.epoch,
                 file: self.spool.file()?,
                 written: 0,
+                disk_written: 0,
                 hasher: Xxh3::new(),
             });
         }
         let Some(c) = self.cur.as_mut() else {
             return Ok(());
         };
+        // Disk blocks arriving means the pages are complete: write what is left of them first
+        // (the journal's body is pages, then disk blocks).
+        let disk_begun = !s.disk_data.is_empty();
         let new = &s.data[c.written..];
+        if !new.is_empty() && (disk_begun || new.len() >= min) {
+            c.file
+                .file
+                .write_all_at(new, (HEADER_LEN + c.written) as u64)
+                .map_err(io(&c.file.path, "write journal"))?;
+            c.hasher.update(new);
+            c.written = s.data.len();
+        }
+        let Some(new) = s.disk_data.get(c.disk_written..) else {
+            return Ok(());
+        };
         if new.is_empty() || new.len() < min {
             return Ok(());
         }
+        let at = HEADER_LEN + s.data.len() + c.disk_written;
         c.file
             .file
-            .write_all_at(new, (HEADER_LEN + c.written) as u64)
+            .write_all_at(new, at as u64)
             .map_err(io(&c.file.path, "write journal"))?;
         c.hasher.update(new);
-        c.written = s.data.len();
+        c.disk_written = s.disk_data.len();
         Ok(())
     }
 

@@ -8,7 +8,7 @@ use std::ops::Range;
 use ftvm_model::wire::{CheckpointEncoder, CheckpointMeta, DISK_BLOCK_SIZE, RECORD_HEADER_LEN};
 use ftvm_model::{Epoch, Generation, VmId};
 
-use super::{FrameBufs, SyncProgress};
+use super::{DiskSync, FrameBufs, SyncProgress};
 use crate::agent::cow::CowCheckpoint;
 use crate::auth::crypt::Encryptor;
 use crate::auth::{FrameSealer, TAG_LEN};
@@ -46,6 +46,46 @@ impl Pages<'_> {
     }
 }
 
+/// Where a checkpoint's disk blocks are.
+pub(super) enum DiskBlocks<'a> {
+    /// Copied at the capture, in the order of the indices.
+    Staged(&'a [u8]),
+    /// A full checkpoint's: read from the disk's snapshot as they go out.
+    Snapshot(&'a DiskSync),
+}
+
+impl DiskBlocks<'_> {
+    /// Puts blocks `first..last` of the checkpoint into `buf` (a snapshot's are read; staged
+    /// ones are copied only for the encrypted path, which copies everything anyway) and returns
+    /// their bytes, `BLOCK` each.
+    fn batch<'b>(
+        &'b self,
+        staged: &'b StagedCheckpoint,
+        first: usize,
+        last: usize,
+        buf: &'b mut Vec<u8>,
+    ) -> Result<&'b [u8], String> {
+        let bs = DISK_BLOCK_SIZE as usize;
+        match self {
+            DiskBlocks::Staged(data) => data
+                .get(first * bs..last * bs)
+                .ok_or_else(|| "staged disk data shorter than its block list".to_string()),
+            DiskBlocks::Snapshot(d) => {
+                if d.snapshot.blocks().get(first..last) != staged.disk_indices.get(first..last) {
+                    return Err("the disk snapshot lists other blocks than the checkpoint".into());
+                }
+                buf.resize((last - first) * bs, 0);
+                for (k, out) in buf.chunks_mut(bs).enumerate() {
+                    d.reader
+                        .read(&d.snapshot, first + k, out)
+                        .map_err(|e| format!("disk block #{}: {e}", first + k))?;
+                }
+                Ok(&buf[..])
+            }
+        }
+    }
+}
+
 /// The frame header fields of a checkpoint.
 pub(super) struct Frame {
     pub(super) vm: VmId,
@@ -73,12 +113,14 @@ impl Frame {
 /// transport released all of it. The tag runs over each page in the same pass as the checksum,
 /// over the very bytes handed to the transport. Returns bytes sent (the tag included). On error the transport is broken and must be dropped before the page
 /// memory and `bufs` are released (see `fail` in the link module).
+#[allow(clippy::too_many_arguments)]
 pub(super) fn send_checkpoint(
     t: &mut dyn Transport,
     frame: &Frame,
     sealer: Option<&mut FrameSealer>,
     staged: &StagedCheckpoint,
     pages: Pages<'_>,
+    disk: DiskBlocks<'_>,
     bufs: &mut FrameBufs,
     progress: Option<&SyncProgress>,
 ) -> Result<u64, String> {
@@ -158,28 +200,34 @@ pub(super) fn send_checkpoint(
             }
         }
     }
-    // Disk blocks always come from the staging buffer (copied at capture, whatever the mode).
+    // Disk blocks come from the staging buffer (copied at capture), or for a full checkpoint
+    // from the disk's snapshot, a batch at a time into `bufs.disk_batch`.
     let blocks = staged.disk_indices.len();
+    let bs = DISK_BLOCK_SIZE as usize;
     bufs.disk_records.clear();
     bufs.disk_records.resize(blocks, [0; RECORD_HEADER_LEN]);
     for first in (0..blocks).step_by(PAGES_PER_BATCH) {
         let last = (first + PAGES_PER_BATCH).min(blocks);
-        let mut segs = Vec::with_capacity(2 * (last - first));
-        for i in first..last {
-            let block = disk_block(staged, i)?;
+        let data = disk.batch(staged, first, last, &mut bufs.disk_batch)?;
+        for (i, block) in (first..last).zip(data.chunks(bs)) {
             bufs.disk_records[i] = enc
                 .disk_block(staged.disk_indices[i], block)
                 .map_err(|e| e.to_string())?;
             feed(&bufs.disk_records[i]);
             feed(block);
         }
-        for i in first..last {
+        let mut segs = Vec::with_capacity(2 * (last - first));
+        for (i, block) in (first..last).zip(data.chunks(bs)) {
             segs.push(IoSlice::new(&bufs.disk_records[i]));
-            segs.push(IoSlice::new(disk_block(staged, i)?));
+            segs.push(IoSlice::new(block));
         }
-        send(t, &segs)?;
+        let ticket = send(t, &segs)?;
         if let Some(p) = progress {
             p.add(segs.iter().map(|s| s.len() as u64).sum());
+        }
+        if let DiskBlocks::Snapshot(_) = disk {
+            // The batch buffer is refilled next: the transport must be done with it.
+            t.wait_released(ticket).map_err(|e| e.to_string())?;
         }
     }
     enc.device(&staged.device).map_err(|e| e.to_string())?;
@@ -246,6 +294,7 @@ pub(super) fn send_encrypted_checkpoint(
     e: &mut Encryptor,
     staged: &StagedCheckpoint,
     pages: Pages<'_>,
+    disk: DiskBlocks<'_>,
     progress: Option<&SyncProgress>,
 ) -> Result<u64, String> {
     let ps = frame.page_size as usize;
@@ -277,13 +326,21 @@ pub(super) fn send_encrypted_checkpoint(
             cow.released(first..last);
         }
     }
-    for (i, &index) in staged.disk_indices.iter().enumerate() {
-        let block = disk_block(staged, i)?;
-        let record = enc.disk_block(index, block).map_err(|e| e.to_string())?;
-        e.push(&record, &mut flush).map_err(fail)?;
-        e.push(block, &mut flush).map_err(fail)?;
+    let blocks = staged.disk_indices.len();
+    let bs = DISK_BLOCK_SIZE as usize;
+    let mut batch = Vec::new();
+    for first in (0..blocks).step_by(PAGES_PER_BATCH) {
+        let last = (first + PAGES_PER_BATCH).min(blocks);
+        let data = disk.batch(staged, first, last, &mut batch)?;
+        for (i, block) in (first..last).zip(data.chunks(bs)) {
+            let record = enc
+                .disk_block(staged.disk_indices[i], block)
+                .map_err(|e| e.to_string())?;
+            e.push(&record, &mut flush).map_err(fail)?;
+            e.push(block, &mut flush).map_err(fail)?;
+        }
         if let Some(p) = progress {
-            p.add((RECORD_HEADER_LEN + block.len()) as u64);
+            p.add((last - first) as u64 * (RECORD_HEADER_LEN + bs) as u64);
         }
     }
     enc.device(&staged.device).map_err(|e| e.to_string())?;
@@ -292,15 +349,6 @@ pub(super) fn send_encrypted_checkpoint(
     e.push(&trailer, &mut flush).map_err(fail)?;
     e.finish(&mut flush).map_err(fail)?;
     Ok(bytes)
-}
-
-/// The `i`-th disk block of the checkpoint.
-fn disk_block(staged: &StagedCheckpoint, i: usize) -> Result<&[u8], String> {
-    let bs = DISK_BLOCK_SIZE as usize;
-    staged
-        .disk_data
-        .get(i * bs..(i + 1) * bs)
-        .ok_or_else(|| "staged disk data shorter than its block list".to_string())
 }
 
 /// Pages per vectored send of a checkpoint (2 iovecs each, within IOV_MAX).

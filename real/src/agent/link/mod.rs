@@ -37,7 +37,7 @@ use super::staging::StagingLimits;
 use crate::dirty::GuestRam;
 use crate::replica::{JournalSpool, StagedCheckpoint};
 use crate::transport::{self, Transport, TransportKind, TransportOptions};
-use frames::{encrypted, send_checkpoint, send_encrypted_checkpoint, Frame, Pages};
+use frames::{encrypted, send_checkpoint, send_encrypted_checkpoint, DiskBlocks, Frame, Pages};
 use read::read_loop;
 
 /// Something to send on a link.
@@ -53,6 +53,9 @@ pub enum Outgoing {
         full: bool,
         /// Pages and device state.
         staged: StagedCheckpoint,
+        /// A full checkpoint's disk blocks, read from a snapshot as they are sent (None: they
+        /// are in `staged`).
+        disk: Option<DiskSync>,
     },
     /// A checkpoint whose pages are sent straight from guest RAM (paused-send).
     PausedSend(Box<PausedPages>),
@@ -81,6 +84,8 @@ pub struct PausedPages {
     full: bool,
     staged: StagedCheckpoint,
     ram: Arc<GuestRam>,
+    /// See [`Outgoing::Checkpoint`].
+    pub disk: Option<DiskSync>,
 }
 
 impl PausedPages {
@@ -105,6 +110,7 @@ impl PausedPages {
             full,
             staged,
             ram,
+            disk: None,
         }
     }
 }
@@ -117,6 +123,8 @@ pub struct CowPages {
     full: bool,
     staged: StagedCheckpoint,
     cow: CowCheckpoint,
+    /// See [`Outgoing::Checkpoint`].
+    pub disk: Option<DiskSync>,
 }
 
 impl CowPages {
@@ -132,8 +140,19 @@ impl CowPages {
             full,
             staged,
             cow,
+            disk: None,
         }
     }
+}
+
+/// A full checkpoint's disk part, read from the VM's disk as it goes out: the snapshot keeps
+/// what the guest overwrites meanwhile (`crate::disk::DiskSnapshot`). Its blocks are the
+/// checkpoint's `disk_indices`.
+pub struct DiskSync {
+    /// The blocks and the old contents of those overwritten since the capture.
+    pub snapshot: Arc<crate::disk::DiskSnapshot>,
+    /// Reads them from the disk image.
+    pub reader: crate::disk::SnapshotReader,
 }
 
 /// The agent's handle on a link. Dropping it closes the connection.
@@ -298,6 +317,8 @@ struct FrameBufs {
     records: Vec<[u8; RECORD_HEADER_LEN]>,
     /// Record headers of the disk blocks, like `records` for pages.
     disk_records: Vec<[u8; RECORD_HEADER_LEN]>,
+    /// A batch of disk blocks read from a snapshot, until the transport released it.
+    disk_batch: Vec<u8>,
     trailer: [u8; TRAILER_LEN],
     tag: [u8; TAG_LEN],
 }
@@ -318,6 +339,7 @@ fn writer(
         prefix: [0; std::mem::size_of::<CheckpointPrefix>()],
         records: Vec::new(),
         disk_records: Vec::new(),
+        disk_batch: Vec::new(),
         trailer: [0; TRAILER_LEN],
         tag: [0; TAG_LEN],
     };
@@ -350,6 +372,7 @@ fn fail(t: Box<dyn Transport>, why: String) -> String {
 }
 
 /// Sends what the loop queues until the link fails or the loop drops it; returns why it ended.
+#[allow(clippy::too_many_arguments)]
 fn serve(
     mut t: Box<dyn Transport>,
     vm: VmId,
@@ -361,7 +384,7 @@ fn serve(
     progress: &SyncProgress,
 ) -> String {
     while let Ok(out) = rx.recv() {
-        let (generation, full, staged, ram, cow) = match out {
+        let (generation, full, staged, ram, cow, disk) = match out {
             Outgoing::Peer(msg) => {
                 let frame = wire::encode_peer(vm, &msg);
                 let sent = match sealer {
@@ -386,9 +409,20 @@ fn serve(
                 generation,
                 full,
                 staged,
-            } => (generation, full, staged, None, None),
-            Outgoing::PausedSend(p) => (p.generation, p.full, p.staged, Some(p.ram), None),
-            Outgoing::Cow(c) => (c.generation, c.full, c.staged, None, Some(c.cow)),
+                disk,
+            } => (generation, full, staged, None, None, disk),
+            Outgoing::PausedSend(p) => {
+                let p = *p;
+                (p.generation, p.full, p.staged, Some(p.ram), None, p.disk)
+            }
+            Outgoing::Cow(c) => {
+                let c = *c;
+                (c.generation, c.full, c.staged, None, Some(c.cow), c.disk)
+            }
+        };
+        let disk = match &disk {
+            Some(d) => DiskBlocks::Snapshot(d),
+            None => DiskBlocks::Staged(&staged.disk_data),
         };
         let pages = match (&ram, &cow) {
             (Some(ram), _) => Pages::Ram(ram),
@@ -407,14 +441,21 @@ fn serve(
             p.begin(total);
         }
         let sent = match sealer {
-            LinkSealer::Mac(s) => {
-                send_checkpoint(t.as_mut(), &frame, Some(s), &staged, pages, bufs, watch)
-            }
+            LinkSealer::Mac(s) => send_checkpoint(
+                t.as_mut(),
+                &frame,
+                Some(s),
+                &staged,
+                pages,
+                disk,
+                bufs,
+                watch,
+            ),
             LinkSealer::Unprotected => {
-                send_checkpoint(t.as_mut(), &frame, None, &staged, pages, bufs, watch)
+                send_checkpoint(t.as_mut(), &frame, None, &staged, pages, disk, bufs, watch)
             }
             LinkSealer::Encrypt(e) => {
-                send_encrypted_checkpoint(t.as_mut(), &frame, e, &staged, pages, watch)
+                send_encrypted_checkpoint(t.as_mut(), &frame, e, &staged, pages, disk, watch)
             }
         };
         if let Some(p) = watch {
