@@ -8,8 +8,6 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::guest_dir;
-
 /// Real deployments share the namespace names and the machine's two cores: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
@@ -18,38 +16,17 @@ const DISK_MB: u64 = 32;
 
 fn demo(name: &str, subnet: u8, extra: &[&str]) -> (serde_json::Value, std::path::PathBuf) {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let work = std::env::temp_dir().join(format!("ftvm-test-{name}"));
-    let summary = work.with_extension("json");
-    let _ = std::fs::remove_file(&summary);
-    let out = Command::new(env!("CARGO_BIN_EXE_ftvm"))
-        .args(["demo", "--guest-dir"])
-        .arg(guest_dir())
-        .arg("--work-dir")
-        .arg(&work)
-        .arg("--summary")
-        .arg(&summary)
-        .args([
-            "--prefix",
-            &format!("ftk{subnet}"),
-            "--subnet",
-            &subnet.to_string(),
-        ])
-        .args(["--ram-mb", "128", "--disk-mb", &DISK_MB.to_string()])
-        .args(["--disk-write", "400", "--verify-every", "5"])
-        .args(extra)
-        .output()
-        .expect("running ftvm demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "ftvm demo {name} failed ({}); logs in {}",
-        out.status,
-        work.display()
-    );
-    let s: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&summary).expect("demo summary")).unwrap();
-    assert_eq!(s["invariants"]["passed"], true, "{name}: {s}");
+    let disk_mb = DISK_MB.to_string();
+    let mut args = vec![
+        "--disk-mb",
+        &disk_mb,
+        "--disk-write",
+        "400",
+        "--verify-every",
+        "5",
+    ];
+    args.extend(extra);
+    let (s, work) = common::passing_demo(name, &format!("ftk{subnet}"), subnet, &args);
     assert_eq!(s["client"]["lost"], 0, "{name}: {s}");
     assert_eq!(s["client"]["connections"], 1, "{name}: {s}");
     (s, work)

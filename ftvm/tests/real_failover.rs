@@ -4,49 +4,14 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::{SystemTime, UNIX_EPOCH};
-
-use common::guest_dir;
 
 /// Real deployments share the namespace names and the machine's two cores: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 fn demo(name: &str, subnet: u8, extra: &[&str]) -> serde_json::Value {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let work = std::env::temp_dir().join(format!("ftvm-test-{name}"));
-    let summary = work.with_extension("json");
-    let _ = std::fs::remove_file(&summary);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_ftvm"));
-    cmd.args(["demo", "--guest-dir"])
-        .arg(guest_dir())
-        .arg("--work-dir")
-        .arg(&work)
-        .arg("--summary")
-        .arg(&summary)
-        .args([
-            "--prefix",
-            &format!("ftt{subnet}"),
-            "--subnet",
-            &subnet.to_string(),
-        ])
-        .args(["--ram-mb", "128"])
-        .args(extra);
-    let out = cmd.output().expect("running ftvm demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(
-        out.status.success(),
-        "ftvm demo {name} failed ({}); logs in {}",
-        out.status,
-        work.display()
-    );
-    let s: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&summary).expect("demo summary")).unwrap();
-    // The hosts' journals went through the simulator's invariant checkers.
-    assert_eq!(s["invariants"]["passed"], true, "{name}: {s}");
-    assert!(stdout.contains("== invariants: pass demo"), "{stdout}");
-    s
+    common::passing_demo(name, &format!("ftt{subnet}"), subnet, extra).0
 }
 
 #[test]

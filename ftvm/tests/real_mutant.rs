@@ -9,32 +9,23 @@
 
 mod common;
 
-use std::process::Command;
-
-use common::guest_dir;
-
 #[test]
 fn a_release_before_ack_in_the_real_agent_is_caught_by_the_run_check() {
-    let work = std::env::temp_dir().join("ftvm-test-mutant");
-    let summary = work.with_extension("json");
-    let _ = std::fs::remove_file(&summary);
-    let out = Command::new(env!("CARGO_BIN_EXE_ftvm"))
-        .args(["demo", "--guest-dir"])
-        .arg(guest_dir())
-        .arg("--work-dir")
-        .arg(&work)
-        .arg("--summary")
-        .arg(&summary)
-        .args(["--prefix", "fttm", "--subnet", "39", "--ram-mb", "128"])
-        .args(["--before-kill", "2", "--after-kill", "2"])
-        .args(["--mutant", "release-before-ack"])
-        .output()
-        .expect("running ftvm demo");
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    eprintln!("{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
-    assert!(!out.status.success(), "the planted bug went unnoticed");
-    let s: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(&summary).expect("demo summary")).unwrap();
+    let run = common::run_demo(
+        "mutant",
+        "fttm",
+        39,
+        &[
+            "--before-kill",
+            "2",
+            "--after-kill",
+            "2",
+            "--mutant",
+            "release-before-ack",
+        ],
+    );
+    assert!(!run.ok, "the planted bug went unnoticed");
+    let (s, stdout) = (run.summary, run.stdout);
     // The run itself worked: the client got replies and lost nothing it could see.
     assert!(s["client"]["replies"].as_u64().unwrap_or(0) > 10, "{s}");
     assert_eq!(s["client"]["lost"], 0, "{s}");
