@@ -16,6 +16,9 @@ use ftvm_model::wire::DISK_BLOCK_SIZE;
 use super::{io, ReplicaError, StagedCheckpoint};
 use crate::secure_fs;
 
+/// Most blocks one write applies (4 MiB).
+const MAX_RUN_BLOCKS: usize = 1024;
+
 /// Where the replica disk is and how big it must be.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DiskSpec {
@@ -87,11 +90,24 @@ impl ReplicaDisk {
         if staged.full {
             self.zero()?;
         }
+        // Runs of consecutive blocks (a sync is mostly runs) go out in one write each.
         let path = &self.spec.path;
-        for (index, block) in staged.disk_blocks() {
+        let bs = DISK_BLOCK_SIZE as usize;
+        let (idx, data) = (&staged.disk_indices, &staged.disk_data);
+        let mut i = 0;
+        while i < idx.len() {
+            let mut j = i + 1;
+            while j < idx.len() && idx[j] == idx[j - 1] + 1 && j - i < MAX_RUN_BLOCKS {
+                j += 1;
+            }
+            let run = data.get(i * bs..j * bs).ok_or_else(|| ReplicaError::BadDiskBlock {
+                index: u64::MAX,
+                blocks: self.spec.blocks,
+            })?;
             self.file
-                .write_all_at(block, index * u64::from(DISK_BLOCK_SIZE))
-                .map_err(io(path, "write disk block"))?;
+                .write_all_at(run, idx[i] * u64::from(DISK_BLOCK_SIZE))
+                .map_err(io(path, "write disk blocks"))?;
+            i = j;
         }
         Ok(())
     }

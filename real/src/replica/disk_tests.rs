@@ -169,3 +169,15 @@ fn disk_blocks_spooled_as_they_arrive_commit_and_replay() {
     assert_eq!(block(d, 9), vec![2; BS]);
     assert_eq!(block(d, 20), vec![3; BS]);
 }
+
+#[test]
+fn runs_of_blocks_land_each_at_its_place() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut r = open(d).unwrap();
+    r.commit(&checkpoint(1, true, &[(3, 1), (4, 2), (5, 3), (9, 4), (10, 5)]))
+        .unwrap();
+    for (b, v) in [(3, 1), (4, 2), (5, 3), (9, 4), (10, 5), (6, 0), (8, 0)] {
+        assert_eq!(block(d, b), vec![v; BS], "block {b}");
+    }
+}
