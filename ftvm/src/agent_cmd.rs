@@ -352,6 +352,22 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
     }
 }
 
+/// The size of the disk image at `path` in 4 KiB blocks (a size that is not whole blocks, or a
+/// missing file, is refused with the reason).
+fn disk_blocks(path: &std::path::Path) -> anyhow::Result<u64> {
+    let block = u64::from(ftvm_model::wire::DISK_BLOCK_SIZE);
+    let len = std::fs::metadata(path)
+        .with_context(|| format!("the disk image {}", path.display()))?
+        .len();
+    if len == 0 || len % block != 0 {
+        bail!(
+            "the disk image {} is {len} bytes, not a positive multiple of {block}",
+            path.display()
+        );
+    }
+    Ok(len / block)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -375,20 +391,4 @@ mod tests {
         assert!(e.contains("--tracking pagemap"), "{e}");
         assert!(qemu_user("no-such-user-ftvm", true).is_err());
     }
-}
-
-/// The size of the disk image at `path` in 4 KiB blocks (a size that is not whole blocks, or a
-/// missing file, is refused with the reason).
-fn disk_blocks(path: &std::path::Path) -> anyhow::Result<u64> {
-    let block = u64::from(ftvm_model::wire::DISK_BLOCK_SIZE);
-    let len = std::fs::metadata(path)
-        .with_context(|| format!("the disk image {}", path.display()))?
-        .len();
-    if len == 0 || len % block != 0 {
-        bail!(
-            "the disk image {} is {len} bytes, not a positive multiple of {block}",
-            path.display()
-        );
-    }
-    Ok(len / block)
 }

@@ -73,6 +73,8 @@ fn parse_disk_write(s: &str) -> Result<String, String> {
     if s == "max" || s.parse::<u64>().is_ok() {
         Ok(s.to_string())
     } else {
-        Err(format!("{s:?} is neither a number of blocks per second nor `max`"))
+        Err(format!(
+            "{s:?} is neither a number of blocks per second nor `max`"
+        ))
     }
 }

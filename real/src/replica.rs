@@ -661,7 +661,10 @@ fn remove_if_present(path: &Path) -> Result<(), ReplicaError> {
 fn encode_journal(s: &StagedCheckpoint) -> Vec<u8> {
     let mut b = vec![0u8; HEADER_LEN];
     b.reserve(
-        s.data.len() + s.disk_data.len() + (s.indices.len() + s.disk_indices.len()) * 8 + s.device.len(),
+        s.data.len()
+            + s.disk_data.len()
+            + (s.indices.len() + s.disk_indices.len()) * 8
+            + s.device.len(),
     );
     b.extend_from_slice(&s.data);
     b.extend_from_slice(&journal_tail(s));

@@ -54,9 +54,7 @@ use crate::auth::{Identity, Protection};
 use crate::journal_file::{clock_us, JournalWriter};
 use crate::net::backpressure::OutputCap;
 use crate::net::output::{HeldFrame, OutputAccount};
-use crate::replica::{
-    DiskSpec, Durability, JournalSpool, Replica, ReplicaError, StagedCheckpoint,
-};
+use crate::replica::{DiskSpec, Durability, JournalSpool, Replica, ReplicaError, StagedCheckpoint};
 use crate::transport::TransportKind;
 
 /// Errors that stop an agent.

@@ -147,7 +147,8 @@ impl DiskImage {
     pub fn data_blocks(&self) -> io::Result<Vec<u64>> {
         use nix::unistd::{lseek, Whence};
         let mut blocks = Vec::new();
-        let size = i64::try_from(self.size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        let size =
+            i64::try_from(self.size).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
         let mut at = 0i64;
         while at < size {
             let start = match lseek(&self.file, at, Whence::SeekData) {
@@ -218,7 +219,10 @@ mod tests {
     fn data_blocks_cover_every_written_block_and_skip_holes() {
         let dir = tempfile::tempdir().unwrap();
         let img = DiskImage::create(dir.path().join("d.img"), 4096 * BLOCK_SIZE).unwrap();
-        assert!(img.data_blocks().unwrap().is_empty(), "a fresh image is all hole");
+        assert!(
+            img.data_blocks().unwrap().is_empty(),
+            "a fresh image is all hole"
+        );
         let written = [0u64, 1, 700, 4095];
         for &b in &written {
             img.write_block(b, &[1u8; BLOCK_SIZE as usize]).unwrap();

@@ -65,7 +65,11 @@ fn blocks_land_with_their_commit_and_a_full_checkpoint_leaves_only_its_blocks() 
     r.commit(&checkpoint(3, true, &[(7, 4)])).unwrap();
     assert_eq!(block(d, 7), vec![4; BS]);
     for i in [0, 5, 31] {
-        assert_eq!(block(d, i), vec![0; BS], "block {i} left over from before the sync");
+        assert_eq!(
+            block(d, i),
+            vec![0; BS],
+            "block {i} left over from before the sync"
+        );
     }
 }
 
@@ -97,7 +101,10 @@ fn bad_disk_input_never_touches_the_image() {
     let out_of_range = checkpoint(2, false, &[(4, 5), (DISK_BLOCKS, 5)]);
     assert!(matches!(
         r.commit(&out_of_range),
-        Err(ReplicaError::BadDiskBlock { index: DISK_BLOCKS, .. })
+        Err(ReplicaError::BadDiskBlock {
+            index: DISK_BLOCKS,
+            ..
+        })
     ));
     let mut short = checkpoint(2, false, &[(4, 5)]);
     short.disk_data.truncate(BS - 1);
@@ -117,7 +124,11 @@ fn a_disk_of_another_size_is_refused_and_kept() {
     f.set_len(3 * BS as u64).unwrap();
     f.write_all_at(b"precious", 0).unwrap();
     let e = open(d).err().expect("refused");
-    assert!(e.to_string().contains("is 12288 bytes, the VM's disk is 131072"), "{e}");
+    assert!(
+        e.to_string()
+            .contains("is 12288 bytes, the VM's disk is 131072"),
+        "{e}"
+    );
     assert_eq!(&fs::read(d.join("disk.raw")).unwrap()[..8], b"precious");
 }
 
