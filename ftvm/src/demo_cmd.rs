@@ -264,6 +264,11 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     d.wait_protected(Duration::from_secs(180))?;
     println!("   protected after {:.1} s", t0.elapsed().as_secs_f64());
     let (ns, vm) = (d.topo.ns(Host::Client), d.topo.vm_addr());
+    if db {
+        // MariaDB answers a moment after the guest reports ready; waited for here so that the
+        // isolation probe and prepare meet a server that is up.
+        db_workload::wait_ready(&ns, vm, Duration::from_secs(60))?;
+    }
     let service_port = if db { db_workload::DB_PORT } else { 80 };
     let isolation = d.check_isolation(service_port)?;
     println!("== from the client: the VM answers, no agent or witness port does: {isolation}");
@@ -279,7 +284,6 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             threads: args.db_threads,
             seconds: total.ceil() as u64,
         };
-        db_workload::wait_ready(&ns, vm, Duration::from_secs(60))?;
         println!(
             "== sysbench prepare: 1 table of {} rows",
             args.db_table_size

@@ -408,13 +408,19 @@ impl Deployment {
             ),
             ("witness", SocketAddr::from((t.addr(Host::Switch), 7100))),
         ];
-        let probe = move |a: SocketAddr| {
-            std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)).map(drop)
+        let probe = move |a: SocketAddr, wait: Duration| {
+            std::net::TcpStream::connect_timeout(&a, wait).map(drop)
         };
         let seen = t
             .in_ns(Host::Client, move || {
-                let vm_seen = probe(vm);
-                let ports: Vec<_> = closed.iter().map(|&(w, a)| (w, a, probe(a))).collect();
+                // The VM's SYN-ACK is output like any other: held until the backup acked its
+                // epoch, which on a loaded host took ~1 s right after protection (seen with
+                // the database guest), so the VM gets longer than the closed ports.
+                let vm_seen = probe(vm, Duration::from_secs(5));
+                let ports: Vec<_> = closed
+                    .iter()
+                    .map(|&(w, a)| (w, a, probe(a, Duration::from_secs(1))))
+                    .collect();
                 (vm_seen, ports)
             })
             .context("probing from the client's namespace")?;

@@ -37,6 +37,11 @@ fn demo_db(name: &str, subnet: u8, before_kill: f64) -> serde_json::Value {
             &subnet.to_string(),
         ])
         .args(["--kill", "primary"])
+        // The machine's two cores are shared with builds and other suites; the database guest
+        // loads them more than the small guest, and at the demo's 300 ms an ack delayed by a
+        // busy backup was once taken for a dead one (the primary dropped it 1 s after
+        // protection). 1 s keeps the takeover short and the run robust.
+        .args(["--failure-timeout-ms", "1000"])
         .args(["--before-kill", &before_kill.to_string()])
         .args(["--after-kill", &(RUN_S - before_kill).to_string()])
         .output()
@@ -105,7 +110,7 @@ fn primary_killed_during_sysbench_loses_no_acknowledged_commit() {
         assert_eq!(s["survivor"]["generation"], 2, "run {run}: {s}");
         assert_eq!(s["survivor"]["failed_over"], true, "run {run}: {s}");
         let t = s["takeover_ms"].as_f64().unwrap_or(f64::MAX);
-        assert!(t < 2000.0, "run {run}: takeover took {t} ms");
+        assert!(t < 3000.0, "run {run}: takeover took {t} ms");
         seen.push((before, t, acked, ck["lost"].clone()));
     }
     eprintln!(
