@@ -111,10 +111,14 @@ fn primary_killed_during_sysbench_loses_no_acknowledged_commit() {
         assert_eq!(s["survivor"]["failed_over"], true, "run {run}: {s}");
         let t = s["takeover_ms"].as_f64().unwrap_or(f64::MAX);
         assert!(t < 3000.0, "run {run}: takeover took {t} ms");
-        seen.push((before, t, acked, ck["lost"].clone()));
+        seen.push(format!(
+            "kill at {before:.2} s: takeover {t:.0} ms, {acked} acked, {} lost",
+            ck["lost"]
+        ));
     }
     eprintln!(
-        "runs (kill at s, takeover ms, acked, lost): {seen:?}; {:.0} s in all",
+        "runs: {}; {:.0} s in all",
+        seen.join("; "),
         t0.elapsed().as_secs_f64()
     );
 }
