@@ -527,6 +527,8 @@ struct SysbenchRow {
     transport: Option<String>,
     #[serde(default)]
     capture: Option<String>,
+    #[serde(default)]
+    policy: Option<String>,
     tps: f64,
     resp_p95_ms: f64,
     idle_rate: f64,
@@ -534,7 +536,7 @@ struct SysbenchRow {
 
 /// `<name>.png` of `ftvm bench e2e --workload sysbench`: transactions per second, the 95th
 /// percentile of transaction latency and the VM idle rate against the epoch length, one line per
-/// transport and capture mode, the unprotected VM dashed.
+/// epoch policy, transport and capture mode, the unprotected VM dashed.
 pub fn e2e_sysbench(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     let json = dir.join(format!("{name}.json"));
     let rows: Vec<SysbenchRow> = read_json(&json)?;
@@ -548,11 +550,12 @@ pub fn e2e_sysbench(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     });
     let key = |r: &SysbenchRow| {
         (
+            r.policy.clone().unwrap_or_default(),
             r.transport.clone().unwrap_or_default(),
             r.capture.clone().unwrap_or_default(),
         )
     };
-    let mut keys: Vec<(String, String)> = Vec::new();
+    let mut keys: Vec<(String, String, String)> = Vec::new();
     for r in &protected {
         if !keys.contains(&key(r)) {
             keys.push(key(r));
@@ -563,7 +566,9 @@ pub fn e2e_sysbench(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
             .iter()
             .enumerate()
             .map(|(i, k)| Series {
-                label: format!("protected, {} {}", k.0, k.1).trim_end().to_string(),
+                label: format!("{} epochs, {} {}", k.0, k.1, k.2)
+                    .trim_end()
+                    .to_string(),
                 points: protected
                     .iter()
                     .filter(|r| &key(r) == k)
