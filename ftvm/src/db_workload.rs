@@ -269,7 +269,7 @@ pub fn parse_sysbench(text: &str) -> SysbenchReport {
             r.p95_ms = n;
         } else if let Some(n) = after("max:") {
             r.max_ms = n;
-        } else if t.starts_with("FATAL") || t.contains("error") && t.contains("mysql") {
+        } else if t.starts_with("FATAL") || (t.contains("error") && t.contains("mysql")) {
             r.error_lines.push(t.to_string());
         }
     }
