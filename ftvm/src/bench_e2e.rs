@@ -19,42 +19,54 @@ use crate::epoch_policy_args::EpochPolicyArgs;
 pub struct E2eArgs {
     /// Directory with the guest (`real/guest/build.sh` prints it).
     #[arg(long)]
-    guest_dir: PathBuf,
+    pub(crate) guest_dir: PathBuf,
     /// Output directory for `<name>.json`, `.md` and `.png`.
     #[arg(long, default_value = "docs/bench")]
-    out: PathBuf,
+    pub(crate) out: PathBuf,
     /// Name of the output files (`e2e-policy` for the epoch-policy comparison in the README).
     #[arg(long, default_value = "e2e")]
-    name: String,
+    pub(crate) name: String,
     /// Epoch policies (comma separated): `fixed`, `output` (the agent's default bounds) or
     /// `output:PCT` (the output policy with `--max-idle-pct PCT`), e.g. `fixed,output:25,output:50`
     /// for the trade-off between response time and VM idle rate.
     #[arg(long, value_delimiter = ',', default_value = "fixed")]
-    policies: Vec<String>,
+    pub(crate) policies: Vec<String>,
     /// Concurrent clients (comma separated), each on its own connection, one run each.
     #[arg(long, value_delimiter = ',', default_value = "1")]
-    clients: Vec<u32>,
+    pub(crate) clients: Vec<u32>,
     /// Epoch lengths in ms (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "10,25,50,100")]
-    epochs: Vec<u64>,
+    pub(crate) epochs: Vec<u64>,
     /// Guest dirtying rates in pages/s (comma separated; 0 = idle).
     #[arg(long, value_delimiter = ',', default_value = "0,5000")]
-    dirty: Vec<u64>,
+    pub(crate) dirty: Vec<u64>,
     /// Transports (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "copy,auto")]
-    transports: Vec<String>,
+    pub(crate) transports: Vec<String>,
     /// Capture modes (comma separated; empty: the agent's default).
     #[arg(long, value_delimiter = ',', default_value = "staged,paused-send")]
-    captures: Vec<String>,
+    pub(crate) captures: Vec<String>,
     /// Seconds of client load per configuration.
     #[arg(long, default_value_t = 5.0)]
-    seconds: f64,
-    /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 128)]
-    ram_mb: u64,
+    pub(crate) seconds: f64,
+    /// Guest RAM in MiB [default: 128, 192 with --workload sysbench].
+    #[arg(long)]
+    pub(crate) ram_mb: Option<u64>,
+    /// What the clients run: `http` (the small guest's counter service, `--clients` of them) or
+    /// `sysbench` (oltp_read_write against the database guest of `real/guest/build-db.sh`, its
+    /// disk.raw the VM's disk; `--dirty` and `--clients` do not apply, output name
+    /// `e2e-sysbench` unless `--name` is given).
+    #[arg(long, default_value = "http", value_parser = ["http", "sysbench"])]
+    pub(crate) workload: String,
+    /// sysbench threads (`--workload sysbench`).
+    #[arg(long, default_value_t = 2)]
+    pub(crate) db_threads: u32,
+    /// sysbench rows in its one table (`--workload sysbench`).
+    #[arg(long, default_value_t = 1000)]
+    pub(crate) db_table_size: u32,
     /// QEMU accelerator.
     #[arg(long, default_value = "tcg")]
-    accel: String,
+    pub(crate) accel: String,
 }
 
 #[derive(Debug, Clone, Default, serde::Serialize)]
@@ -94,6 +106,10 @@ pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
         .iter()
         .map(|p| policy_spec(p))
         .collect::<anyhow::Result<Vec<_>>>()?;
+    if a.workload == "sysbench" {
+        return crate::bench_sysbench::run(&a, &policies);
+    }
+    let ram_mb = a.ram_mb.unwrap_or(128);
     let work = std::env::temp_dir().join("ftvm-bench-e2e");
     let mut rows = Vec::new();
     for &dirty in &a.dirty {
@@ -112,7 +128,7 @@ pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
                         let opts = DeployOpts {
                             guest_dir: a.guest_dir.clone(),
                             work_dir: work.clone(),
-                            ram_mb: a.ram_mb,
+                            ram_mb,
                             epoch_ms: epoch,
                             epoch_policy: policy.1.policy(),
                             dirty_pages: dirty,
@@ -168,7 +184,7 @@ pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
 }
 
 /// A `--policies` entry: its label and the agent flags it stands for.
-fn policy_spec(spec: &str) -> anyhow::Result<(String, EpochPolicyArgs)> {
+pub(crate) fn policy_spec(spec: &str) -> anyhow::Result<(String, EpochPolicyArgs)> {
     let (name, pct) = match spec.split_once(':') {
         Some((n, p)) => (n, Some(p)),
         None => (spec, None),
@@ -192,7 +208,7 @@ fn policy_spec(spec: &str) -> anyhow::Result<(String, EpochPolicyArgs)> {
 }
 
 /// The incremental checkpoints' lines of a primary's metrics file (acked epochs, in order).
-fn epoch_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
+pub(crate) fn epoch_lines(path: &std::path::Path) -> Vec<serde_json::Value> {
     std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
@@ -251,7 +267,7 @@ fn baseline(a: &E2eArgs, dirty: u64, work: &std::path::Path) -> anyhow::Result<V
             "--guest-dir".into(),
             a.guest_dir.display().to_string(),
             "--ram-mb".into(),
-            a.ram_mb.to_string(),
+            a.ram_mb.unwrap_or(128).to_string(),
             "--accel".into(),
             a.accel.clone(),
             "--vm-ip".into(),

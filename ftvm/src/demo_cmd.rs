@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use ftvm_model::{NodeId, VmId};
 use ftvm_real::host::topology::Host;
 
+use crate::db_workload;
 use crate::deploy::{self, client_report, status, wait_until, DeployOpts, Deployment};
 
 /// Arguments of `ftvm demo`.
@@ -21,9 +22,14 @@ pub struct Args {
     /// Work directory for state, logs and metrics (recreated).
     #[arg(long, default_value = "/var/tmp/ftvm-demo")]
     work_dir: PathBuf,
-    /// Guest RAM in MiB.
-    #[arg(long, default_value_t = 256)]
-    ram_mb: u64,
+    /// What the client runs: `http` (the small guest's counter service over one connection) or
+    /// `db` (sysbench oltp_read_write plus a commit checker against the database guest of
+    /// `real/guest/build-db.sh`, whose disk.raw becomes the VM's disk).
+    #[arg(long, default_value = "http", value_parser = ["http", "db"])]
+    workload: String,
+    /// Guest RAM in MiB [default: 256, 192 with --workload db].
+    #[arg(long)]
+    ram_mb: Option<u64>,
     /// Epoch length in milliseconds.
     #[arg(long, default_value_t = 25)]
     epoch_ms: u64,
@@ -31,9 +37,17 @@ pub struct Args {
     epoch: crate::epoch_policy_args::EpochPolicyArgs,
     #[command(flatten)]
     disk: crate::disk_args::DiskArgs,
-    /// Pages per second the guest rewrites besides serving requests.
+    /// Pages per second the guest rewrites besides serving requests [default: 1000, 0 with
+    /// --workload db: the database guest has no dirtying workload].
+    #[arg(long)]
+    dirty_pages: Option<u64>,
+    /// sysbench threads (--workload db), each on its own connection.
+    #[arg(long, default_value_t = 2)]
+    db_threads: u32,
+    /// sysbench rows per table (--workload db; one table, small so that prepare is quick
+    /// under TCG).
     #[arg(long, default_value_t = 1000)]
-    dirty_pages: u64,
+    db_table_size: u32,
     /// Seconds the client runs before the host is killed.
     #[arg(long, default_value_t = 8.0)]
     before_kill: f64,
@@ -83,6 +97,110 @@ pub struct Args {
     mutant: Option<String>,
 }
 
+/// The client side of a run, started before the kill and finished after it.
+enum Running {
+    /// The counter client.
+    Http { client: deploy::Proc, out: PathBuf },
+    /// sysbench and the commit checker.
+    Db {
+        sysbench: std::process::Child,
+        out: PathBuf,
+        checker: std::thread::JoinHandle<db_workload::CheckerReport>,
+    },
+}
+
+/// What the client side saw: its JSON report, whether it passed, the longest wait it had and
+/// the result line.
+struct Seen {
+    report: serde_json::Value,
+    ok: bool,
+    longest_gap_us: u64,
+    line: String,
+}
+
+impl Running {
+    fn finish(self) -> anyhow::Result<Seen> {
+        match self {
+            Running::Http { mut client, out } => {
+                let st = client.child.wait().context("waiting for the client")?;
+                let report = client_report(&out);
+                if report.is_null() {
+                    bail!(
+                        "the client ({st}) wrote no report; {}",
+                        deploy::last_words(&out)
+                    );
+                }
+                println!("== client saw: {report}");
+                let lost = report["lost"].as_u64().unwrap_or(u64::MAX);
+                let replies = report["replies"].as_u64().unwrap_or(0);
+                let longest_gap_us = report["longest_gap_us"].as_u64().unwrap_or(u64::MAX);
+                Ok(Seen {
+                    line: format!(
+                        "{replies} replies, {lost} lost, {} TCP connection(s), longest pause seen by the client {:.0} ms",
+                        report["connections"],
+                        longest_gap_us as f64 / 1e3,
+                    ),
+                    ok: st.success() && lost == 0 && replies > 0,
+                    longest_gap_us,
+                    report,
+                })
+            }
+            Running::Db {
+                sysbench,
+                out,
+                checker,
+            } => {
+                let sb = db_workload::finish_sysbench(sysbench, &out)?;
+                let ck = checker
+                    .join()
+                    .map_err(|_| anyhow::anyhow!("the commit checker panicked"))?;
+                if !sb.ok {
+                    println!(
+                        "== sysbench failed ({}); {}",
+                        sb.status,
+                        deploy::last_words(&out)
+                    );
+                }
+                if let Some(e) = &ck.error {
+                    println!("== commit checker: {e}");
+                }
+                // The checker acknowledges every few ms; sysbench reports only per second.
+                let longest_gap_us = ck
+                    .longest_gap_us
+                    .max(u64::from(sb.longest_zero_tps_s) * 1_000_000);
+                let line = format!(
+                    "sysbench {:.1} tps, p95 {:.1} ms, {} errors, {} reconnects ({}); commit \
+                     checker {} acked ids, {} lost, {} connection(s); longest stall {:.0} ms",
+                    sb.tps,
+                    sb.p95_ms,
+                    sb.errors,
+                    sb.reconnects,
+                    if sb.ok { "exit 0" } else { sb.status.as_str() },
+                    ck.acked,
+                    ck.lost,
+                    ck.connections,
+                    longest_gap_us as f64 / 1e3
+                );
+                // Ignored errors are sysbench's retried deadlocks, not failures; a lost
+                // connection makes it exit non-zero (it is not told to ignore those).
+                let ok = sb.ok
+                    && sb.reconnects == 0
+                    && sb.transactions > 0
+                    && ck.error.is_none()
+                    && ck.lost == 0
+                    && ck.acked > 0
+                    && ck.connections == 1;
+                Ok(Seen {
+                    report: serde_json::json!({ "sysbench": sb, "checker": ck }),
+                    ok,
+                    longest_gap_us,
+                    line,
+                })
+            }
+        }
+    }
+}
+
 /// Runs the demo; exits 0 when the client lost nothing, never waited longer than
 /// `--max-pause-ms`, and the survivor serves.
 pub fn run(args: Args) -> anyhow::Result<i32> {
@@ -92,13 +210,29 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     if !(args.before_kill >= 0.0 && args.after_kill > 0.0) {
         bail!("--before-kill must be ≥ 0 and --after-kill > 0 seconds");
     }
+    let db = args.workload == "db";
+    let mut disk = args.disk.deploy_disk()?;
+    if db {
+        db_workload::check_tools()?;
+        if args.db_threads == 0 || args.db_table_size == 0 {
+            bail!("--db-threads and --db-table-size must be positive");
+        }
+        // The database lives on the guest's own disk image unless another one is given.
+        if disk.is_none() {
+            disk = Some(deploy::DeployDisk {
+                source: Some(db_workload::guest_disk(&args.guest_dir)?),
+                bytes: 0,
+                guest_write: None,
+            });
+        }
+    }
     let opts = DeployOpts {
         guest_dir: args.guest_dir.clone(),
         work_dir: args.work_dir.clone(),
-        ram_mb: args.ram_mb,
+        ram_mb: args.ram_mb.unwrap_or(if db { 192 } else { 256 }),
         epoch_ms: args.epoch_ms,
         epoch_policy: args.epoch.policy(),
-        dirty_pages: args.dirty_pages,
+        dirty_pages: args.dirty_pages.unwrap_or(if db { 0 } else { 1000 }),
         accel: args.accel.clone(),
         transport: args.transport.clone(),
         capture: args.capture.clone(),
@@ -107,7 +241,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         subnet: args.subnet,
         verify_every: args.verify_every,
         keep: args.keep,
-        disk: args.disk.deploy_disk()?,
+        disk,
         #[cfg(feature = "mutants")]
         mutant: args.mutant.clone(),
         #[cfg(not(feature = "mutants"))]
@@ -129,17 +263,60 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let t0 = Instant::now();
     d.wait_protected(Duration::from_secs(180))?;
     println!("   protected after {:.1} s", t0.elapsed().as_secs_f64());
-    let isolation = d.check_isolation()?;
+    let (ns, vm) = (d.topo.ns(Host::Client), d.topo.vm_addr());
+    if db {
+        // MariaDB answers a moment after the guest reports ready; waited for here so that the
+        // isolation probe and prepare meet a server that is up.
+        db_workload::wait_ready(&ns, vm, Duration::from_secs(60))?;
+    }
+    let service_port = if db { db_workload::DB_PORT } else { 80 };
+    let isolation = d.check_isolation(service_port)?;
     println!("== from the client: the VM answers, no agent or witness port does: {isolation}");
 
     let (pdir, bdir, w) = (d.primary_dir(), d.backup_dir(), args.work_dir.clone());
     let total = args.before_kill + args.after_kill;
-    println!(
-        "== client: GET /incr on one TCP connection for {total:.0} s; {} killed after {:.0} s",
-        args.kill, args.before_kill
-    );
-    let client_out = w.join("client.json");
-    let mut client = d.client(total, &client_out)?;
+    let running = if db {
+        let sb = db_workload::Sysbench {
+            ns: ns.clone(),
+            vm,
+            tables: 1,
+            table_size: args.db_table_size,
+            threads: args.db_threads,
+            seconds: total.ceil() as u64,
+        };
+        println!(
+            "== sysbench prepare: 1 table of {} rows",
+            args.db_table_size
+        );
+        let t = Instant::now();
+        sb.prepare()?;
+        println!("   prepared in {:.1} s", t.elapsed().as_secs_f64());
+        println!(
+            "== client: sysbench oltp_read_write ({} threads) and a commit checker on one \
+             connection for {} s; {} killed after {:.0} s",
+            args.db_threads, sb.seconds, args.kill, args.before_kill
+        );
+        let out = w.join("sysbench.log");
+        let sysbench = sb.start(&out)?;
+        let until = Instant::now() + Duration::from_secs_f64(total);
+        let (cns, cvm) = (ns.clone(), vm);
+        let checker = std::thread::spawn(move || db_workload::run_checker(&cns, cvm, until));
+        Running::Db {
+            sysbench,
+            out,
+            checker,
+        }
+    } else {
+        println!(
+            "== client: GET /incr on one TCP connection for {total:.0} s; {} killed after {:.0} s",
+            args.kill, args.before_kill
+        );
+        let out = w.join("client.json");
+        Running::Http {
+            client: d.client(total, &out)?,
+            out,
+        }
+    };
     std::thread::sleep(Duration::from_secs_f64(args.before_kill));
     let before = status(&pdir);
     let killed_at = Instant::now();
@@ -202,15 +379,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         reprotect_ms = Some(t);
         println!("   re-protected {t:.0} ms after the restart (full sync, then epochs)");
     }
-    let st = client.child.wait().context("waiting for the client")?;
-    let report = client_report(&client_out);
-    if report.is_null() {
-        bail!(
-            "the client ({st}) wrote no report; {}",
-            deploy::last_words(&client_out)
-        );
-    }
-    println!("== client saw: {report}");
+    let seen = running.finish()?;
     // The hosts' journals through the simulator's invariant checkers.
     let all: std::collections::BTreeSet<_> = ftvm_sim::Invariant::ALL.into_iter().collect();
     let check = crate::run_check::check_run(&w, &[1, 2], VmId(1), NodeId(1), &all)
@@ -218,15 +387,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     for line in crate::run_check::verdict_lines("demo", &check) {
         println!("== {line}");
     }
-    let lost = report["lost"].as_u64().unwrap_or(u64::MAX);
-    let replies = report["replies"].as_u64().unwrap_or(0);
-    println!(
-        "== result: {} replies, {} lost, {} TCP connection(s), longest pause seen by the client {:.0} ms",
-        replies,
-        lost,
-        report["connections"],
-        report["longest_gap_us"].as_f64().unwrap_or(0.0) / 1e3,
-    );
+    println!("== result: {}", seen.line);
     let verified = match args.verify_every {
         Some(_) => Some(deploy::compare_digests(&pdir, &bdir)?),
         None => None,
@@ -240,10 +401,12 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     println!("   logs, metrics and status files: {}", w.display());
     let survivor = if args.kill == "primary" { &bdir } else { &pdir };
     let summary = serde_json::json!({
+        "workload": args.workload,
         "killed": args.kill,
         "verified_checkpoints": verified.map(|n| n.ram),
         "verified_disk_checkpoints": verified.map(|n| n.disk),
-        "client": report,
+        "client": seen.report,
+        "longest_gap_us": seen.longest_gap_us,
         "takeover_ms": takeover_ms,
         "reprotect_ms": reprotect_ms,
         "backup_failover_us": status(&bdir)["failover_us"],
@@ -256,7 +419,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         std::fs::write(path, serde_json::to_vec_pretty(&summary)?)
             .with_context(|| format!("writing {}", path.display()))?;
     }
-    let longest_ms = report["longest_gap_us"].as_u64().unwrap_or(u64::MAX) / 1000;
+    let longest_ms = seen.longest_gap_us / 1000;
     if longest_ms > args.max_pause_ms {
         println!(
             "== FAILED: the client waited {longest_ms} ms for a reply (more than --max-pause-ms {})",
@@ -268,7 +431,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         println!("== FAILED: the run broke an invariant (above)");
         return Ok(1);
     }
-    if !st.success() || lost != 0 || replies == 0 {
+    if !seen.ok {
+        println!("== FAILED: the client lost state, a connection or its run (above)");
         return Ok(1);
     }
     Ok(0)

@@ -71,7 +71,7 @@ impl DeployDisk {
     }
 
     /// Creates every node's image (`nodes` of them): node 1's from the source.
-    fn create(&self, work_dir: &Path, nodes: u32) -> anyhow::Result<()> {
+    pub fn create(&self, work_dir: &Path, nodes: u32) -> anyhow::Result<()> {
         secure_fs::private_dir(&work_dir.join("disks")).context("the disk directory")?;
         let bytes = match &self.source {
             Some(src) => {
@@ -403,10 +403,11 @@ impl Deployment {
 
     /// Checks the network split from the client's namespace: the VM's service accepts a
     /// connection, and no agent or witness port does (they sit on the replication network,
-    /// which the client and the guest cannot reach). Returns what was tried and seen.
-    pub fn check_isolation(&self) -> anyhow::Result<serde_json::Value> {
+    /// which the client and the guest cannot reach). `service_port` is the VM's (80 for the
+    /// small guest's counter, 3306 for the database guest). Returns what was tried and seen.
+    pub fn check_isolation(&self, service_port: u16) -> anyhow::Result<serde_json::Value> {
         let t = &self.topo;
-        let vm = SocketAddr::from((t.vm_addr(), 80));
+        let vm = SocketAddr::from((t.vm_addr(), service_port));
         let closed = [
             (
                 "primary agent",
@@ -418,13 +419,19 @@ impl Deployment {
             ),
             ("witness", SocketAddr::from((t.addr(Host::Switch), 7100))),
         ];
-        let probe = move |a: SocketAddr| {
-            std::net::TcpStream::connect_timeout(&a, Duration::from_secs(1)).map(drop)
+        let probe = move |a: SocketAddr, wait: Duration| {
+            std::net::TcpStream::connect_timeout(&a, wait).map(drop)
         };
         let seen = t
             .in_ns(Host::Client, move || {
-                let vm_seen = probe(vm);
-                let ports: Vec<_> = closed.iter().map(|&(w, a)| (w, a, probe(a))).collect();
+                // The VM's SYN-ACK is output like any other: held until the backup acked its
+                // epoch, which on a loaded host took ~1 s right after protection (seen with
+                // the database guest), so the VM gets longer than the closed ports.
+                let vm_seen = probe(vm, Duration::from_secs(5));
+                let ports: Vec<_> = closed
+                    .iter()
+                    .map(|&(w, a)| (w, a, probe(a, Duration::from_secs(1))))
+                    .collect();
                 (vm_seen, ports)
             })
             .context("probing from the client's namespace")?;

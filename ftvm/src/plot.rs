@@ -517,6 +517,109 @@ pub fn e2e(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
     Ok(path)
 }
 
+/// A row of `e2e-sysbench.json` (what the plot needs of it).
+#[derive(serde::Deserialize)]
+struct SysbenchRow {
+    config: String,
+    #[serde(default)]
+    epoch_ms: Option<u64>,
+    #[serde(default)]
+    transport: Option<String>,
+    #[serde(default)]
+    capture: Option<String>,
+    #[serde(default)]
+    policy: Option<String>,
+    tps: f64,
+    resp_p95_ms: f64,
+    idle_rate: f64,
+}
+
+/// `<name>.png` of `ftvm bench e2e --workload sysbench`: transactions per second, the 95th
+/// percentile of transaction latency and the VM idle rate against the epoch length, one line per
+/// epoch policy, transport and capture mode, the unprotected VM dashed.
+pub fn e2e_sysbench(dir: &Path, name: &str) -> anyhow::Result<PathBuf> {
+    let json = dir.join(format!("{name}.json"));
+    let rows: Vec<SysbenchRow> = read_json(&json)?;
+    let protected: Vec<&SysbenchRow> = rows.iter().filter(|r| r.epoch_ms.is_some()).collect();
+    if protected.is_empty() {
+        anyhow::bail!("{} has no protected configuration", json.display());
+    }
+    let (lo, hi) = protected.iter().fold((u64::MAX, 0), |(lo, hi), r| {
+        let e = r.epoch_ms.unwrap_or(0);
+        (lo.min(e), hi.max(e))
+    });
+    let key = |r: &SysbenchRow| {
+        (
+            r.policy.clone().unwrap_or_default(),
+            r.transport.clone().unwrap_or_default(),
+            r.capture.clone().unwrap_or_default(),
+        )
+    };
+    let mut keys: Vec<(String, String, String)> = Vec::new();
+    for r in &protected {
+        if !keys.contains(&key(r)) {
+            keys.push(key(r));
+        }
+    }
+    let series = |f: &dyn Fn(&SysbenchRow) -> f64, with_base: bool| -> Vec<Series> {
+        let mut v: Vec<Series> = keys
+            .iter()
+            .enumerate()
+            .map(|(i, k)| Series {
+                label: format!("{} epochs, {} {}", k.0, k.1, k.2)
+                    .trim_end()
+                    .to_string(),
+                points: protected
+                    .iter()
+                    .filter(|r| &key(r) == k)
+                    .map(|r| (r.epoch_ms.unwrap_or(0) as f64, f(r)))
+                    .collect(),
+                colour: i,
+                dashed: false,
+            })
+            .collect();
+        if with_base {
+            for r in rows.iter().filter(|r| r.config == "unprotected") {
+                let y = f(r);
+                v.push(Series {
+                    label: "unprotected".into(),
+                    points: vec![(lo as f64, y), (hi as f64, y)],
+                    colour: COLOURS.len() - 1,
+                    dashed: true,
+                });
+            }
+        }
+        v
+    };
+    let panel = |title: &str, y: &str, s: Vec<Series>| Panel {
+        title: title.into(),
+        x_label: "epoch (ms)".into(),
+        y_label: y.into(),
+        log2_x: false,
+        series: s,
+    };
+    let panels = [
+        panel(
+            "sysbench oltp_read_write: transactions per second",
+            "tps",
+            series(&|r| r.tps, true),
+        ),
+        panel(
+            "Transaction latency, 95th percentile",
+            "latency (ms)",
+            series(&|r| r.resp_p95_ms, true),
+        ),
+        panel(
+            "VM idle rate (share of time paused)",
+            "idle rate",
+            series(&|r| r.idle_rate, false),
+        ),
+    ];
+    let path = dir.join(format!("{name}.png"));
+    render(&path, &panels)?;
+    Ok(path)
+}
+
 /// The epoch-policy comparison: response time (median), replies per second and VM idle rate
 /// against the number of concurrent clients, one line per policy and the unprotected VM.
 fn e2e_policies(rows: &[E2eRow], path: &Path) -> anyhow::Result<PathBuf> {
@@ -751,6 +854,9 @@ pub fn all(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
         if dir.join(format!("{name}.json")).exists() {
             done.push(e2e(dir, name)?);
         }
+    }
+    if dir.join("e2e-sysbench.json").exists() {
+        done.push(e2e_sysbench(dir, "e2e-sysbench")?);
     }
     let auth = dir.join("auth.json");
     if auth.exists() {

@@ -21,6 +21,10 @@ pub struct Args {
     /// Directory for the RAM file, sockets and logs.
     #[arg(long)]
     state_dir: PathBuf,
+    /// A raw disk image for the VM, written in place (a copy: the database guest's disk.raw
+    /// is read-only). Plain virtio-blk on the file, as an unprotected VM would have it.
+    #[arg(long)]
+    disk: Option<PathBuf>,
 }
 
 /// Boots the VM and keeps it running until interrupted.
@@ -43,13 +47,32 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         "-device".to_string(),
         format!("virtio-net-device,netdev=n0,mac={}", args.guest.mac),
     ]);
+    if let Some(disk) = &args.disk {
+        if !disk.is_file() {
+            anyhow::bail!("--disk {}: no such image", disk.display());
+        }
+        // QEMU's -blockdev takes comma-separated options; a comma in the path would split it.
+        let path = disk.display().to_string();
+        if path.contains(',') {
+            anyhow::bail!("--disk {path}: QEMU cannot take a path with a comma");
+        }
+        cfg.extra_args.extend([
+            "-blockdev".to_string(),
+            format!("driver=file,node-name=disk0-file,filename={path}"),
+            "-blockdev".to_string(),
+            "driver=raw,node-name=disk0,file=disk0-file".to_string(),
+            "-device".to_string(),
+            "virtio-blk-device,drive=disk0".to_string(),
+        ]);
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     rt.block_on(async move {
         let opts = BootOptions {
-            timeout: Duration::from_secs(15),
+            // The database guest starts MariaDB before it reports ready (4–14 s under TCG).
+            timeout: Duration::from_secs(if args.disk.is_some() { 60 } else { 15 }),
             ..BootOptions::default()
         };
         let mut booted = qemu::boot(&cfg, &opts).await.context("booting the VM")?;

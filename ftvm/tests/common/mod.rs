@@ -99,3 +99,31 @@ pub fn passing_demo(
     );
     (s, run.work)
 }
+
+/// Builds (or reuses the cached) database guest (`real/guest/build-db.sh`: MariaDB on a raw
+/// disk image) and returns its directory.
+pub fn db_guest_dir() -> PathBuf {
+    let out = Command::new("bash")
+        .arg(repo().join("real/guest/build-db.sh"))
+        .output()
+        .expect("running real/guest/build-db.sh");
+    assert!(
+        out.status.success(),
+        "database guest build failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let dir = PathBuf::from(
+        stdout
+            .lines()
+            .last()
+            .expect("build-db.sh printed its directory")
+            .trim(),
+    );
+    assert!(
+        dir.join("disk.raw").is_file(),
+        "{} has no disk.raw",
+        dir.display()
+    );
+    dir
+}

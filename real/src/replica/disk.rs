@@ -100,7 +100,7 @@ impl ReplicaDisk {
             while j < idx.len() && idx[j] == idx[j - 1] + 1 && j - i < MAX_RUN_BLOCKS {
                 j += 1;
             }
-            let run = data.get(i * bs..j * bs).ok_or_else(|| ReplicaError::BadDiskBlock {
+            let run = data.get(i * bs..j * bs).ok_or(ReplicaError::BadDiskBlock {
                 index: u64::MAX,
                 blocks: self.spec.blocks,
             })?;

@@ -175,8 +175,12 @@ fn runs_of_blocks_land_each_at_its_place() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut r = open(d).unwrap();
-    r.commit(&checkpoint(1, true, &[(3, 1), (4, 2), (5, 3), (9, 4), (10, 5)]))
-        .unwrap();
+    r.commit(&checkpoint(
+        1,
+        true,
+        &[(3, 1), (4, 2), (5, 3), (9, 4), (10, 5)],
+    ))
+    .unwrap();
     for (b, v) in [(3, 1), (4, 2), (5, 3), (9, 4), (10, 5), (6, 0), (8, 0)] {
         assert_eq!(block(d, b), vec![v; BS], "block {b}");
     }
