@@ -380,6 +380,19 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         println!("   re-protected {t:.0} ms after the restart (full sync, then epochs)");
     }
     let seen = running.finish()?;
+    let survivor = if args.kill == "primary" { &bdir } else { &pdir };
+    let (survivor_status, backup_status) = (status(survivor), status(&bdir));
+    // The journals are checked once the hosts have stopped, never as a live snapshot: a replica
+    // journals its commit of epoch N as it happens, while the primary journals its capture of N
+    // after the step that sent it, so mid-run the backup's file can hold a commit whose capture
+    // the primary's file does not yet (seen after every `--kill backup` run of the database
+    // guest, whose longer steps widen that window). The replica side stops first, so no new
+    // commit appears; the primary gets a moment to write out its step, then stops too.
+    let _ = d.backup.child.kill();
+    let _ = d.backup.child.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    let _ = d.primary.child.kill();
+    let _ = d.primary.child.wait();
     // The hosts' journals through the simulator's invariant checkers.
     let all: std::collections::BTreeSet<_> = ftvm_sim::Invariant::ALL.into_iter().collect();
     let check = crate::run_check::check_run(&w, &[1, 2], VmId(1), NodeId(1), &all)
@@ -399,7 +412,6 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         );
     }
     println!("   logs, metrics and status files: {}", w.display());
-    let survivor = if args.kill == "primary" { &bdir } else { &pdir };
     let summary = serde_json::json!({
         "workload": args.workload,
         "killed": args.kill,
@@ -409,8 +421,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         "longest_gap_us": seen.longest_gap_us,
         "takeover_ms": takeover_ms,
         "reprotect_ms": reprotect_ms,
-        "backup_failover_us": status(&bdir)["failover_us"],
-        "survivor": status(survivor),
+        "backup_failover_us": backup_status["failover_us"],
+        "survivor": survivor_status,
         "primary_before_kill": before,
         "isolation": isolation,
         "invariants": { "passed": check.passed(), "findings": check.findings() },

@@ -18,7 +18,7 @@ static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 /// Seconds of sysbench per run; the kill falls 3 to 8 s into it.
 const RUN_S: f64 = 12.0;
 
-fn demo_db(name: &str, subnet: u8, before_kill: f64) -> serde_json::Value {
+fn demo_db(name: &str, subnet: u8, kill: &str, before_kill: f64) -> serde_json::Value {
     let _one_at_a_time = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let work = std::env::temp_dir().join(format!("ftvm-test-{name}"));
     let summary = work.with_extension("json");
@@ -36,7 +36,7 @@ fn demo_db(name: &str, subnet: u8, before_kill: f64) -> serde_json::Value {
             "--subnet",
             &subnet.to_string(),
         ])
-        .args(["--kill", "primary"])
+        .args(["--kill", kill])
         // The machine's two cores are shared with builds and other suites; the database guest
         // loads them more than the small guest, and at the demo's 300 ms an ack delayed by a
         // busy backup was once taken for a dead one (the primary dropped it 1 s after
@@ -59,6 +59,9 @@ fn demo_db(name: &str, subnet: u8, before_kill: f64) -> serde_json::Value {
             .expect("the summary is JSON");
     assert_eq!(s["invariants"]["passed"], true, "{name}: {s}");
     assert!(stdout.contains("== invariants: pass demo"), "{stdout}");
+    // Each node's copy of the 1 GiB disk image holds ~140 MB of data: six runs would leave
+    // 2.5 GB in the temp dir. The logs, journals and metrics stay for inspection.
+    let _ = std::fs::remove_dir_all(work.join("disks"));
     s
 }
 
@@ -78,25 +81,10 @@ fn primary_killed_during_sysbench_loses_no_acknowledged_commit() {
         x ^= x >> 7;
         x ^= x << 17;
         let before = 3.0 + (x % 5000) as f64 / 1000.0;
-        let s = demo_db(&format!("db-kill-{run}"), 70 + run, before);
+        let s = demo_db(&format!("db-kill-{run}"), 70 + run, "primary", before);
+        assert_client_survived(&format!("run {run}"), &s);
         let (sb, ck) = (&s["client"]["sysbench"], &s["client"]["checker"]);
-        assert_eq!(ck["lost"], 0, "run {run}: acknowledged commits lost: {s}");
-        assert!(
-            ck["error"].is_null(),
-            "run {run}: the commit checker stopped: {s}"
-        );
-        assert_eq!(
-            ck["connections"], 1,
-            "run {run}: the checker's connection did not survive: {s}"
-        );
         let acked = ck["acked"].as_u64().unwrap_or(0);
-        assert!(acked > 10, "run {run}: only {acked} commits acked: {s}");
-        assert_eq!(sb["ok"], true, "run {run}: sysbench failed: {s}");
-        assert_eq!(sb["reconnects"], 0, "run {run}: {s}");
-        assert!(
-            sb["transactions"].as_u64().unwrap_or(0) > 0,
-            "run {run}: {s}"
-        );
         // Transactions completed after the kill: the service came back on the backup.
         let tps: Vec<f64> = sb["interval_tps"]
             .as_array()
@@ -121,4 +109,30 @@ fn primary_killed_during_sysbench_loses_no_acknowledged_commit() {
         seen.join("; "),
         t0.elapsed().as_secs_f64()
     );
+}
+
+/// The checker's and sysbench's verdicts every run must pass.
+fn assert_client_survived(what: &str, s: &serde_json::Value) {
+    let (sb, ck) = (&s["client"]["sysbench"], &s["client"]["checker"]);
+    assert_eq!(ck["lost"], 0, "{what}: acknowledged commits lost: {s}");
+    assert!(
+        ck["error"].is_null(),
+        "{what}: the commit checker stopped: {s}"
+    );
+    assert_eq!(ck["connections"], 1, "{what}: {s}");
+    assert!(ck["acked"].as_u64().unwrap_or(0) > 10, "{what}: {s}");
+    assert_eq!(sb["ok"], true, "{what}: sysbench failed: {s}");
+    assert_eq!(sb["reconnects"], 0, "{what}: {s}");
+    assert!(sb["transactions"].as_u64().unwrap_or(0) > 0, "{what}: {s}");
+}
+
+#[test]
+fn backup_killed_during_sysbench_primary_carries_on_and_is_reprotected() {
+    // The restarted backup syncs RAM and the whole disk while sysbench runs; the run's journals
+    // are checked like the others (a live snapshot of them once failed here: see demo_cmd).
+    let s = demo_db("db-kill-backup", 75, "backup", 3.0);
+    assert_client_survived("kill backup", &s);
+    assert!(s["reprotect_ms"].as_f64().is_some(), "{s}");
+    assert_eq!(s["survivor"]["phase"], "protected", "{s}");
+    assert_eq!(s["survivor"]["generation"], 1, "{s}");
 }
