@@ -382,17 +382,10 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let seen = running.finish()?;
     let survivor = if args.kill == "primary" { &bdir } else { &pdir };
     let (survivor_status, backup_status) = (status(survivor), status(&bdir));
-    // The journals are checked once the hosts have stopped, never as a live snapshot: a replica
-    // journals its commit of epoch N as it happens, while the primary journals its capture of N
-    // after the step that sent it, so mid-run the backup's file can hold a commit whose capture
-    // the primary's file does not yet (seen after every `--kill backup` run of the database
-    // guest, whose longer steps widen that window). The replica side stops first, so no new
-    // commit appears; the primary gets a moment to write out its step, then stops too.
-    let _ = d.backup.child.kill();
-    let _ = d.backup.child.wait();
-    std::thread::sleep(Duration::from_millis(500));
-    let _ = d.primary.child.kill();
-    let _ = d.primary.child.wait();
+    // The journals are checked once the hosts have stopped, never as a live snapshot (see
+    // `stop_agents_replicas_first`; seen after every `--kill backup` run of the database guest,
+    // whose longer steps widen the window).
+    d.stop_agents_replicas_first();
     // The hosts' journals through the simulator's invariant checkers.
     let all: std::collections::BTreeSet<_> = ftvm_sim::Invariant::ALL.into_iter().collect();
     let check = crate::run_check::check_run(&w, &[1, 2], VmId(1), NodeId(1), &all)

@@ -379,6 +379,35 @@ impl Deployment {
         self.opts.work_dir.join("backup")
     }
 
+    /// Stops every agent so that their journals can be checked whole: first those that are not
+    /// primaries by their status (a replica journals its commit of epoch N as it happens, a
+    /// primary its capture of N only after the step that sent it, so a check of live journals
+    /// can see a commit whose capture is not written yet), then, after a moment in which the
+    /// primaries write out their step, the rest.
+    pub fn stop_agents_replicas_first(&mut self) {
+        let dirs = [self.primary_dir(), self.backup_dir(), self.node_dir(3)];
+        let is_primary: Vec<bool> = dirs
+            .iter()
+            .map(|d| status(d)["role"] == "Primary")
+            .collect();
+        let mut procs: Vec<(bool, &mut Proc)> = vec![
+            (is_primary[0], &mut self.primary),
+            (is_primary[1], &mut self.backup),
+        ];
+        if let Some(spare) = self.spare.as_mut() {
+            procs.push((is_primary[2], spare));
+        }
+        for primaries in [false, true] {
+            for (_, p) in procs.iter_mut().filter(|(role, _)| *role == primaries) {
+                let _ = p.child.kill();
+                let _ = p.child.wait();
+            }
+            if !primaries {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    }
+
     /// Waits until the primary reports `protected`, printing the progress of a long sync (from
     /// the primary's status file) once a second.
     pub fn wait_protected(&mut self, timeout: Duration) -> anyhow::Result<()> {

@@ -282,7 +282,9 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
         .map(|n| status(&d.node_dir(n)))
         .collect();
     let mut failures = Vec::new();
-    // The hosts' journals through the simulator's invariant checkers.
+    // The hosts' journals through the simulator's invariant checkers, once the hosts stopped
+    // (a live snapshot can hold a commit whose capture is not journaled yet).
+    d.stop_agents_replicas_first();
     let all: Vec<u32> = (1..=s.topology.nodes).collect();
     let check =
         crate::run_check::check_run(&a.work_dir, &all, VmId(1), NodeId(1), &s.expect.invariants)
