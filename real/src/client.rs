@@ -8,6 +8,9 @@ use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
 
+/// How often [`Connection::open`] starts another connection attempt while none has connected.
+pub const CONNECT_RETRY: Duration = Duration::from_millis(200);
+
 /// Errors of one request.
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -51,11 +54,39 @@ pub struct Connection {
 }
 
 impl Connection {
-    /// Connects to the service.
+    /// Connects to the service within `timeout`, starting a fresh attempt every
+    /// [`CONNECT_RETRY`] while the earlier ones are still pending; the first to connect wins.
+    ///
+    /// One `connect` alone would retransmit its SYN after 1 s, 3 s, 7 s: across a failover or
+    /// a full sync the VM may answer only for a few hundred milliseconds before its next
+    /// outage, and a backed-off SYN can miss that window whole. Earlier attempts stay pending
+    /// because a SYN-ACK can be held by the output gate for a whole epoch and its pause.
     pub async fn open(addr: SocketAddr, timeout: Duration) -> Result<Self, ClientError> {
-        let stream = tokio::time::timeout(timeout, TcpStream::connect(addr))
-            .await
-            .map_err(|_| ClientError::Timeout(timeout))??;
+        let deadline = tokio::time::Instant::now() + timeout;
+        let mut attempts = tokio::task::JoinSet::new();
+        let mut retry = tokio::time::interval(CONNECT_RETRY);
+        let mut last_error = None;
+        let stream = loop {
+            tokio::select! {
+                _ = retry.tick() => {
+                    attempts.spawn(TcpStream::connect(addr));
+                }
+                Some(done) = attempts.join_next() => match done {
+                    Ok(Ok(stream)) => break stream,
+                    Ok(Err(e)) => last_error = Some(e),
+                    // An attempt's task cannot panic; a cancelled one is simply not counted.
+                    Err(_) => {}
+                },
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(match last_error {
+                        Some(e) => ClientError::Io(e),
+                        None => ClientError::Timeout(timeout),
+                    });
+                }
+            }
+        };
+        // Dropping the set aborts the attempts still pending, closing their sockets.
+        drop(attempts);
         stream.set_nodelay(true)?;
         Ok(Connection {
             reader: BufReader::new(stream),
@@ -220,5 +251,48 @@ impl ClientReport {
         self.p50_us = latencies[latencies.len() / 2];
         self.p99_us = latencies[(latencies.len() * 99 / 100).min(latencies.len() - 1)];
         self.mean_us = latencies.iter().sum::<u64>() / latencies.len() as u64;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A service that starts listening only after the first attempts were refused is reached
+    /// within one `open`: later attempts keep coming while the deadline has not passed.
+    #[tokio::test]
+    async fn open_keeps_trying_until_the_service_listens() {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let late = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(3 * CONNECT_RETRY.as_millis() as u64)).await;
+            let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
+            listener.accept().await.map(|_| ())
+        });
+        let started = Instant::now();
+        let opened = Connection::open(addr, Duration::from_secs(5)).await;
+        assert!(opened.is_ok(), "{:?}", opened.err());
+        assert!(started.elapsed() >= 2 * CONNECT_RETRY);
+        late.await.unwrap().unwrap();
+    }
+
+    /// Nothing ever listens: `open` gives up at its deadline with the last refusal.
+    #[tokio::test]
+    async fn open_gives_up_at_its_deadline() {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = probe.local_addr().unwrap();
+        drop(probe);
+        let started = Instant::now();
+        let err = Connection::open(addr, Duration::from_millis(700))
+            .await
+            .err()
+            .expect("nothing listens");
+        assert!(matches!(err, ClientError::Io(_)), "{err}");
+        let took = started.elapsed();
+        assert!(
+            took >= Duration::from_millis(700) && took < Duration::from_secs(3),
+            "{took:?}"
+        );
     }
 }
