@@ -83,6 +83,11 @@ pub enum Event {
         /// The buffer.
         staged: StagedCheckpoint,
     },
+    /// A checkpoint send failed (its link closes): the staging buffer comes back for reuse.
+    BufferBack {
+        /// The buffer.
+        staged: StagedCheckpoint,
+    },
     /// The connection is gone.
     LinkClosed {
         /// Which.

@@ -46,6 +46,9 @@ impl<L: VmLauncher> Agent<L> {
                 self.apply(verdict, pending);
             }
             Event::Link { conn, event } => self.on_link(conn, event, pending),
+            Event::BufferBack { staged } => {
+                self.spare.get_or_insert(staged);
+            }
             Event::CheckpointSent {
                 epoch,
                 bytes,

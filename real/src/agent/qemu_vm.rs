@@ -411,7 +411,10 @@ impl VmLauncher for QemuLauncher {
         qemu::enable_ignore_shared(q.qmp())
             .await
             .map_err(vm_err("enable x-ignore-shared"))?;
-        QemuVm::new(q, self.tracking, self.page_size, uffd, disk)
+        let vm = QemuVm::new(q, self.tracking, self.page_size, uffd, disk)?;
+        // Before any backup joins: the sync's full copy then runs at memory speed.
+        vm.ram.populate().map_err(dirty_err("populate guest RAM"))?;
+        Ok(vm)
     }
 
     async fn restore(&mut self, from: RestorePoint) -> Result<QemuVm, VmError> {
@@ -456,7 +459,16 @@ impl QemuLauncher {
         q.restore_device_state(&from.device)
             .await
             .map_err(vm_err("restore device state"))?;
-        QemuVm::new(q, self.tracking, self.page_size, uffd, disk)
+        let vm = QemuVm::new(q, self.tracking, self.page_size, uffd, disk)?;
+        // The next backup's full copy reads all of RAM; fault the mapping in meanwhile, off the
+        // takeover's path (the replica's pages are in memory already: minor faults only).
+        let ram = vm.ram.clone();
+        tokio::task::spawn_blocking(move || {
+            if let Err(e) = ram.populate() {
+                tracing::warn!(error = %e, "populating the restored guest RAM mapping");
+            }
+        });
+        Ok(vm)
     }
 }
 

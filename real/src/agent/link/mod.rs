@@ -476,8 +476,16 @@ fn serve(
                     staged,
                 });
             }
-            // `staged`, `ram` and `cow` are dropped after the transport.
-            Err(e) => return fail(t, format!("checkpoint send: {e}")),
+            Err(e) => {
+                // The transport goes first: it may still hold zero-copy references to the
+                // pages. Then the buffer goes back to the loop, which would otherwise fault a
+                // fresh RAM-sized one in at its next capture (0.4 s per GiB, VM paused).
+                let why = fail(t, format!("checkpoint send: {e}"));
+                drop(ram);
+                drop(cow);
+                let _ = events.send(Event::BufferBack { staged });
+                return why;
+            }
         }
     }
     "dropped by the agent".to_string()
