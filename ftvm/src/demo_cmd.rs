@@ -319,6 +319,22 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     };
     std::thread::sleep(Duration::from_secs_f64(args.before_kill));
     let before = status(&pdir);
+    // What is killed must be what the demo set up: a protected primary, its backup following.
+    // A backup that took over on its own (the primary went silent for longer than the failure
+    // timeout) would make the kill below look like a fast takeover that never happened.
+    let backup_before = status(&bdir);
+    if before["phase"] != "protected" || backup_before["failed_over"] == true {
+        bail!(
+            "the VM was not protected when the kill was due: primary {} in phase {}, backup {} \
+             in phase {} (failed over: {}); see {}",
+            before["role"],
+            before["phase"],
+            backup_before["role"],
+            backup_before["phase"],
+            backup_before["failed_over"],
+            w.display()
+        );
+    }
     let killed_at = Instant::now();
     let mut takeover_ms = None;
     let mut reprotect_ms = None;

@@ -456,7 +456,18 @@ impl Deployment {
                 // The VM's SYN-ACK is output like any other: held until the backup acked its
                 // epoch, which on a loaded host took ~1 s right after protection (seen with
                 // the database guest), so the VM gets longer than the closed ports.
-                let vm_seen = probe(vm, Duration::from_secs(5));
+                // A neighbour entry that failed while the sync held the VM's ARP replies
+                // refuses at once ("no route to host"): ask again until the time is up.
+                let deadline = Instant::now() + Duration::from_secs(5);
+                let vm_seen = loop {
+                    let left = deadline.saturating_duration_since(Instant::now());
+                    match probe(vm, left.max(Duration::from_millis(100))) {
+                        Err(_) if Instant::now() + Duration::from_millis(100) < deadline => {
+                            std::thread::sleep(Duration::from_millis(100))
+                        }
+                        seen => break seen,
+                    }
+                };
                 let ports: Vec<_> = closed
                     .iter()
                     .map(|&(w, a)| (w, a, probe(a, Duration::from_secs(1))))

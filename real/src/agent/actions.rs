@@ -562,7 +562,6 @@ impl<L: VmLauncher> Agent<L> {
     }
 }
 
-/// A committed checkpoint to apply to the replica.
 /// A staging buffer whose page area holds `bytes` with every page written once: a fresh
 /// allocation faults its pages in on first write, which in a full capture would happen while
 /// the VM is paused and the event loop waits (0.4 s per GiB here).
@@ -573,6 +572,7 @@ fn warm_buffer(bytes: usize) -> StagedCheckpoint {
     staged
 }
 
+/// A committed checkpoint to apply to the replica.
 pub(super) struct ApplyJob {
     epoch: Epoch,
     staged: StagedCheckpoint,
