@@ -572,6 +572,9 @@ fn warm_buffer(bytes: usize) -> StagedCheckpoint {
     staged
 }
 
+/// An apply this long is logged: later commits wait for it.
+const SLOW_APPLY: Duration = Duration::from_millis(100);
+
 /// A committed checkpoint to apply to the replica.
 pub(super) struct ApplyJob {
     epoch: Epoch,
@@ -589,6 +592,7 @@ impl ApplyJob {
         } = self;
         // A failure leaves the journal to replay: the next commit or read of the replica
         // applies it again, or fails with its error.
+        let started = Instant::now();
         let applied = r.apply_committed(&staged).and_then(|()| match &verify {
             Some(path) => r.ram_digest().and_then(|d| {
                 let disk = r.disk_digest()?;
@@ -599,6 +603,18 @@ impl ApplyJob {
         });
         if let Err(e) = applied {
             tracing::error!(epoch = epoch.0, error = %e, "applying a committed checkpoint failed");
+        }
+        // The next commit waits for this one: a long apply holds the VM's output that long.
+        let took = started.elapsed();
+        if took >= SLOW_APPLY {
+            tracing::info!(
+                epoch = epoch.0,
+                full = staged.full,
+                pages = staged.indices.len(),
+                disk_blocks = staged.disk_indices.len(),
+                took_ms = took.as_millis() as u64,
+                "applied a committed checkpoint to the replica"
+            );
         }
     }
 }

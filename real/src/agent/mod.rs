@@ -51,7 +51,7 @@ use self::resume_gate::ResumeGate;
 use self::staging::StagingLimits;
 use self::vm::{Vm, VmError, VmLauncher};
 use crate::auth::{Identity, Protection};
-use crate::journal_file::{clock_us, JournalWriter};
+use crate::journal_file::{instant_and_clock_us, JournalWriter};
 use crate::net::backpressure::OutputCap;
 use crate::net::output::{HeldFrame, OutputAccount};
 use crate::replica::{DiskSpec, Durability, JournalSpool, Replica, ReplicaError, StagedCheckpoint};
@@ -259,7 +259,7 @@ impl<L: VmLauncher> Agent<L> {
         let (tx, rx) = unbounded_channel();
         let output_cap = Arc::new(OutputCap::new(cfg.limits.output_cap_bytes));
         let mut driver = NodeDriver::new(Node::new(cfg.model.clone(), cfg.node, cfg.start));
-        let (origin, origin_clock_us) = (Instant::now(), clock_us());
+        let (origin, origin_clock_us) = instant_and_clock_us();
         let journal = match &cfg.journal {
             Some(path) => {
                 let mut file = JournalWriter::open(path)?;
