@@ -82,23 +82,27 @@ pub fn clock_us() -> u64 {
 /// the primary's release it allowed, and the output-commit check failed a correct run. The pair
 /// is taken between two clock reads at most [`PAIR_SLACK_US`] apart (the best of a few tries).
 pub fn instant_and_clock_us() -> (std::time::Instant, u64) {
-    let mut best: Option<(u64, std::time::Instant, u64)> = None;
-    for _ in 0..PAIR_TRIES {
+    let read = || {
         let before = clock_us();
         let instant = std::time::Instant::now();
         let after = clock_us();
-        let gap = after.saturating_sub(before);
-        if best.is_none_or(|(g, _, _)| gap < g) {
-            best = Some((gap, instant, before + gap / 2));
-        }
-        if gap <= PAIR_SLACK_US {
+        (
+            after.saturating_sub(before),
+            instant,
+            before + after.saturating_sub(before) / 2,
+        )
+    };
+    let mut best = read();
+    for _ in 1..PAIR_TRIES {
+        if best.0 <= PAIR_SLACK_US {
             break;
         }
+        let next = read();
+        if next.0 < best.0 {
+            best = next;
+        }
     }
-    best.map_or_else(
-        || (std::time::Instant::now(), clock_us()),
-        |(_, instant, at)| (instant, at),
-    )
+    (best.1, best.2)
 }
 
 /// How far apart the clock reads around an `Instant` may be for [`instant_and_clock_us`].
@@ -189,17 +193,6 @@ fn read_lines<T: DeserializeOwned>(
 
 #[cfg(test)]
 mod tests {
-
-    /// The pair names one moment: the clock reading plus the `Instant`'s age is the clock now.
-    #[test]
-    fn an_instant_and_its_clock_reading_agree() {
-        let (instant, at) = instant_and_clock_us();
-        std::thread::sleep(std::time::Duration::from_millis(20));
-        let now = clock_us();
-        let by_instant = at + instant.elapsed().as_micros() as u64;
-        assert!(now.abs_diff(by_instant) < 1_000, "{now} vs {by_instant}");
-    }
-
     use super::*;
 
     #[derive(Debug, PartialEq, serde::Serialize, serde::Deserialize)]
@@ -244,5 +237,15 @@ mod tests {
             Err(JournalFileError::TooLong { line: 1, .. }) => {}
             other => panic!("{other:?}"),
         }
+    }
+
+    /// The pair names one moment: the clock reading plus the `Instant`'s age is the clock now.
+    #[test]
+    fn an_instant_and_its_clock_reading_agree() {
+        let (instant, at) = instant_and_clock_us();
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        let now = clock_us();
+        let by_instant = at + instant.elapsed().as_micros() as u64;
+        assert!(now.abs_diff(by_instant) < 1_000, "{now} vs {by_instant}");
     }
 }

@@ -175,13 +175,11 @@ impl<L: VmLauncher> Agent<L> {
         usize::try_from(bytes).unwrap_or(usize::MAX)
     }
 
-    /// A staging buffer that can hold all of RAM with its memory already faulted in, for a
-    /// capture mode that copies pages (the others send from guest RAM).
-    fn warm_staging_buffer(&self) -> Option<StagedCheckpoint> {
-        self.cfg
-            .capture
-            .copies_pages()
-            .then(|| warm_buffer(self.ram_bytes()))
+    /// The size of the warm staging buffer to make ready for the next sync's full copy, if one
+    /// is needed: none is kept yet and the capture mode copies pages (the others send from
+    /// guest RAM).
+    fn warm_buffer_wanted(&self) -> Option<usize> {
+        (self.spare.is_none() && self.cfg.capture.copies_pages()).then(|| self.ram_bytes())
     }
 
     async fn resume_vm(&mut self, epoch: Epoch) -> Result<(), AgentError> {
@@ -196,8 +194,8 @@ impl<L: VmLauncher> Agent<L> {
             // of RAM into the staging buffer while the VM is paused: have it ready.
             None => {
                 self.vm = Some(self.launcher.boot().await?);
-                if self.spare.is_none() {
-                    self.spare = self.warm_staging_buffer();
+                if let Some(bytes) = self.warm_buffer_wanted() {
+                    self.spare = Some(warm_buffer(bytes));
                 }
             }
         }
@@ -481,8 +479,7 @@ impl<L: VmLauncher> Agent<L> {
         };
         self.vm = Some(vm);
         // The next backup's sync copies all of RAM: warm a buffer off the takeover's path.
-        if self.spare.is_none() && self.cfg.capture.copies_pages() {
-            let bytes = self.ram_bytes();
+        if let Some(bytes) = self.warm_buffer_wanted() {
             let tx = self.tx.clone();
             tokio::task::spawn_blocking(move || {
                 let _ = tx.send(Event::BufferBack {
