@@ -22,6 +22,9 @@ pub struct Entry {
 pub enum Record {
     /// A node process started this way (a restarted host's journal goes on with a fresh node).
     Started(Start),
+    /// Right after `Started`: the lineage the process drew ([`ftvm_model::Config::incarnation`],
+    /// different at each start, while the rest of the configuration stays the same).
+    Lineage(u64),
     /// The node was fed this input.
     Input(Input),
     /// The node returned this action (in order, after its input).
@@ -143,7 +146,7 @@ pub struct Mismatch {
 pub fn replay(
     config: Config,
     me: NodeId,
-    start: Start,
+    mut start: Start,
     entries: &[Entry],
 ) -> Result<usize, Divergence> {
     let mut node = Node::new(config.clone(), me, start);
@@ -154,8 +157,15 @@ pub fn replay(
         i += 1;
         let input = match record {
             Record::Input(input) => input,
-            Record::Started(start) => {
+            Record::Started(s) => {
+                start = s;
                 node = Node::new(config.clone(), me, start);
+                continue;
+            }
+            Record::Lineage(incarnation) => {
+                let mut c = config.clone();
+                c.incarnation = incarnation;
+                node = Node::new(c, me, start);
                 continue;
             }
             Record::Action(_) => return Err(Divergence::Orphan),
@@ -166,7 +176,7 @@ pub fn replay(
             match e.record {
                 Record::Action(a) => recorded.push(a),
                 Record::Released { .. } => {}
-                Record::Input(_) | Record::Started(_) => break,
+                Record::Input(_) | Record::Started(_) | Record::Lineage(_) => break,
             }
             i += 1;
         }

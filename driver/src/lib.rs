@@ -14,7 +14,8 @@
 //!   [`ftvm_model::OutputGate`], the only one) and the staged checkpoints; it turns connection
 //!   events into inputs and returns each action with the bookkeeping already done (frames
 //!   released, the checkpoint to commit, connections to close);
-//! - [`journal`]: the record of inputs and actions that a run is checked and replayed from.
+//! - [`journal`]: the record of inputs and actions that a run is checked and replayed from;
+//! - [`WriteHistory`]: which pages or disk blocks a capture sends, catch-ups included.
 //!
 //! An executor keeps only the I/O: sockets, the VM, files, timers.
 //!
@@ -27,6 +28,7 @@ pub mod link;
 mod node_driver;
 pub mod peers;
 pub mod staging;
+pub mod write_history;
 
 pub use checkpoint::StagedCheckpoint;
 pub use journal::{Journal, Record};
@@ -34,3 +36,4 @@ pub use link::{ItemDecoder, LinkError, LinkEvent, LinkReader};
 pub use node_driver::{Effect, Emitted, NodeDriver, Verdict};
 pub use peers::PeerTable;
 pub use staging::{StagingError, StagingLimits};
+pub use write_history::WriteHistory;

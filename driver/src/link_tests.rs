@@ -56,6 +56,9 @@ fn sync_start(generation: u64) -> Vec<u8> {
         &PeerMsg::SyncStart {
             generation: Generation(generation),
             epoch: Epoch(1),
+            base: None,
+            lineage: 0,
+            continues: false,
         },
     )
 }
@@ -111,7 +114,8 @@ fn messages_and_checkpoints_come_out_whole_however_the_bytes_are_split() {
             "msg Heartbeat { generation: Generation(1), epoch: Epoch(1) }".to_string(),
             "start e1".into(),
             "whole 1 [5, 9] 6".into(),
-            "msg SyncStart { generation: Generation(2), epoch: Epoch(1) }".into(),
+            "msg SyncStart { generation: Generation(2), epoch: Epoch(1), base: None, lineage: 0, continues: false }"
+                .into(),
             "start e2".into(),
             "whole 2 [5, 9] 6".into(),
         ]

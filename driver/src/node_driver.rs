@@ -94,6 +94,7 @@ impl<C: Copy + Ord, F> NodeDriver<C, F> {
     /// `Started` line saying how this node started.
     pub fn record(&mut self, now: Time, start: Start, mut journal: Journal) {
         journal.push(now, Record::Started(start));
+        journal.push(now, Record::Lineage(self.node.config().incarnation));
         self.journal = Some(journal);
     }
 
@@ -169,7 +170,7 @@ impl<C: Copy + Ord, F> NodeDriver<C, F> {
                 self.staged.clear();
                 e.close = self.peers.drain();
             }
-            Action::Commit { epoch } => {
+            Action::Commit { epoch, .. } => {
                 // The model commits in order: older staged checkpoints were superseded.
                 e.staged = self.staged.remove(&epoch);
                 self.staged.retain(|&k, _| k > epoch);

@@ -75,10 +75,22 @@ fn a_commit_takes_its_checkpoint_and_drops_older_ones() {
     for e in 1..=4 {
         d.on_link(5, LinkEvent::CheckpointReceived(staged(e)));
     }
-    let e = d.bookkeep(Time::ZERO, Action::Commit { epoch: Epoch(3) });
+    let e = d.bookkeep(
+        Time::ZERO,
+        Action::Commit {
+            epoch: Epoch(3),
+            replica: ftvm_model::ReplicaAt::default(),
+        },
+    );
     assert_eq!(e.staged.map(|s| s.epoch), Some(3));
     assert_eq!(d.staged().keys().copied().collect::<Vec<_>>(), [Epoch(4)]);
-    let e = d.bookkeep(Time::ZERO, Action::Commit { epoch: Epoch(3) });
+    let e = d.bookkeep(
+        Time::ZERO,
+        Action::Commit {
+            epoch: Epoch(3),
+            replica: ftvm_model::ReplicaAt::default(),
+        },
+    );
     assert!(e.staged.is_none(), "never staged twice");
     d.bookkeep(Time::ZERO, Action::DiscardStaged);
     assert!(d.staged().is_empty());
@@ -153,6 +165,7 @@ fn a_journal_replays_to_the_same_actions_and_a_tampered_one_does_not() {
         ram_pages: 16,
         page_size: 4096,
         known: Generation::UNKNOWN,
+        replica: None,
         disk_blocks: 0,
     };
     let t = Time::from_duration(std::time::Duration::from_millis(3));

@@ -9,6 +9,7 @@ fn join(node: u32) -> PeerMsg {
         ram_pages: 8,
         page_size: 4096,
         known: Generation::UNKNOWN,
+        replica: None,
         disk_blocks: 0,
     }
 }

@@ -113,6 +113,11 @@ pub struct Args {
     /// file) is lost with the host.
     #[arg(long)]
     durable_replica: bool,
+    /// Start a backup with an empty replica even if the state directory holds a committed one
+    /// (by default a restarted backup offers it to its primary, which sends only what changed
+    /// since: a catch-up instead of a full sync).
+    #[arg(long)]
+    discard_replica: bool,
     /// Most MiB of guest frames held behind the output gate; at the cap the agent stops reading
     /// the VM's network (the guest's transmit stalls, nothing is dropped) until acks release it.
     #[arg(long, default_value_t = DEFAULT_OUTPUT_CAP_BYTES >> 20, value_parser = clap::value_parser!(u64).range(1..))]
@@ -303,6 +308,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         replica_ram,
         replica_disk: args.disk.clone(),
         replica_durable: args.durable_replica,
+        resume_replica: !args.discard_replica,
         transport,
         capture,
         metrics: Some(args.state_dir.join("metrics.jsonl")),

@@ -592,6 +592,7 @@ fn agent_config(
         replica_ram: d.join("replica.ram"),
         replica_disk: None,
         replica_durable: false,
+        resume_replica: false,
         transport,
         capture: mode,
         metrics: Some(d.join("metrics.jsonl")),

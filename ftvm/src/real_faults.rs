@@ -272,6 +272,18 @@ pub fn wait_for(
             "the primary was writing no checkpoint",
             Box::new(|| matches!(progress(), Some(None))),
         ),
+        Trigger::CatchingUp => (
+            "the primary had captured a catch-up its backup had not acked",
+            Box::new(|| {
+                (1..=node_count(d)).any(|n| {
+                    let st = status(&d.node_dir(n));
+                    let sync = &st["last_sync"];
+                    st["role"] == "Primary"
+                        && sync["kind"] == "catch-up"
+                        && sync["epoch"].as_u64() > st["acked"].as_u64()
+                })
+            }),
+        ),
     };
     let t0 = Instant::now();
     while !holds() {
@@ -359,7 +371,7 @@ pub fn apply(
             }
             (_, None) => Skipped(format!("{host} names no agent host now")),
         },
-        FaultAction::Restart { host } => {
+        FaultAction::Restart { host, keep_replica } => {
             // Only a crashed host can be started again, as in the simulator: bouncing a running
             // one would wipe its replica (a crash nobody scheduled).
             let running = match (host, node_of(d, *host)) {
@@ -394,13 +406,18 @@ pub fn apply(
                         st.dark.retain(|&x| x != h);
                         d.topo.set_host_link(h, true)?;
                     }
-                    let p = restart_agent(d, n, st.restarts)?;
+                    let p = restart_agent(d, n, st.restarts, *keep_replica)?;
                     match n {
                         1 => d.primary = p,
                         2 => d.backup = p,
                         _ => d.spare = Some(p),
                     }
-                    Applied(format!("node n{n}'s agent started again, empty, rejoining"))
+                    Applied(match keep_replica {
+                        true => {
+                            format!("node n{n}'s agent started again on its replica, rejoining")
+                        }
+                        false => format!("node n{n}'s agent started again, empty, rejoining"),
+                    })
                 }
                 (_, None) => Skipped(format!("{host} names no agent host now")),
             }
@@ -545,6 +562,7 @@ fn forged_msg(d: &Deployment, sender: u32, frame: ForgedFrame, generation: u64) 
             page_size: REAL_PAGE_BYTES as u32,
             known: generation,
             disk_blocks: 0,
+            replica: None,
         },
         ForgedFrame::Heartbeat => PeerMsg::Heartbeat {
             generation,
@@ -561,19 +579,31 @@ fn forged_msg(d: &Deployment, sender: u32, frame: ForgedFrame, generation: u64) 
     }
 }
 
-fn restart_agent(d: &Deployment, node: u32, n: u32) -> anyhow::Result<Proc> {
+fn restart_agent(d: &Deployment, node: u32, n: u32, keep: bool) -> anyhow::Result<Proc> {
     let host = node_host(node);
     let dir = d.node_dir(node);
-    // A restarted host comes back empty and rejoins as a backup. Its old state directory is
-    // kept aside (its metrics count in the run's report).
-    let mut old = dir.as_os_str().to_owned();
-    old.push(format!("-before-restart{n}"));
-    std::fs::rename(&dir, &old)
-        .or_else(|_| std::fs::remove_dir_all(&dir))
-        .ok();
     let mut args: Vec<String> = vec!["backup".into()];
     args.extend(d.node_args(node));
     args.push("--rejoin".into());
+    if keep {
+        // The same state directory: the agent finds its committed replica and offers it.
+        // Its earlier metrics are kept aside first (a new agent starts the file afresh).
+        let metrics = dir.join("metrics.jsonl");
+        std::fs::rename(
+            &metrics,
+            dir.join(format!("metrics-before-restart{n}.jsonl")),
+        )
+        .ok();
+    } else {
+        // A restarted host comes back empty and rejoins as a backup. Its old state directory
+        // is kept aside (its metrics count in the run's report).
+        let mut old = dir.as_os_str().to_owned();
+        old.push(format!("-before-restart{n}"));
+        std::fs::rename(&dir, &old)
+            .or_else(|_| std::fs::remove_dir_all(&dir))
+            .ok();
+        args.push("--discard-replica".into());
+    }
     let log = d.opts.work_dir.join(format!("n{node}-restart{n}.log"));
     deploy::spawn_in(&d.topo, host, "restarted agent", &args, &log)
 }

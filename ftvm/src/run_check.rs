@@ -39,7 +39,8 @@ pub fn load_host(path: &Path) -> anyhow::Result<HostJournal> {
         match line {
             HostLine::Config { node, config: c } => match &config {
                 None => config = Some((node, c)),
-                Some((n, first)) if *n == node && *first == c => {}
+                // Each process draws its own lineage: it is journaled at its start.
+                Some((n, first)) if *n == node && same_but_lineage(first, &c) => {}
                 Some(_) => bail!(
                     "{}: a restarted process ran another node or configuration; its inputs \
                      cannot be replayed as one host's",
@@ -75,6 +76,13 @@ pub fn load_host(path: &Path) -> anyhow::Result<HostJournal> {
         start,
         entries,
     })
+}
+
+/// Whether two configurations differ at most in their lineage (`incarnation`).
+fn same_but_lineage(a: &ftvm_model::Config, b: &ftvm_model::Config) -> bool {
+    let mut b = b.clone();
+    b.incarnation = a.incarnation;
+    *a == b
 }
 
 /// Checks the run of the deployment in `work_dir` whose agents were `nodes` and whose witness

@@ -365,7 +365,10 @@ fn journaled_captures(name: &str, node: u32) -> Vec<u64> {
     journal_entries(name, node)
         .into_iter()
         .filter_map(|e| match e.entry.record {
-            Record::Action(Action::Capture { full: false, .. }) => Some(e.wall_us),
+            Record::Action(Action::Capture {
+                scope: ftvm_model::Scope::Epoch,
+                ..
+            }) => Some(e.wall_us),
             _ => None,
         })
         .collect()
@@ -407,6 +410,45 @@ fn disk_crash_mid_epoch_on_real_hosts() {
 fn disk_failover_during_sync_on_real_hosts() {
     let s = run_real("disk-failover-during-sync");
     assert_eq!(applied(&s, "SIGKILL to node").len(), 3, "{s}");
+}
+
+// Catch-up resyncs: a broken stream or a restarted backup gets what changed since its
+// committed replica, not a full sync.
+
+#[test]
+fn corrupt_then_crash_during_catch_up_on_real_hosts() {
+    let s = run_real("corrupt-then-crash-during-catch-up");
+    assert_eq!(applied(&s, "relay: damaged the checkpoint").len(), 1, "{s}");
+    assert_eq!(
+        applied(&s, "when the primary had captured a catch-up").len(),
+        1,
+        "{s}"
+    );
+}
+
+#[test]
+fn flapping_link_30_on_real_hosts() {
+    let s = run_real("flapping-link-30");
+    assert_eq!(applied(&s, "blackhole routes").len(), 60);
+}
+
+#[test]
+fn backup_restart_keeps_replica_on_real_hosts() {
+    let s = run_real("backup-restart-keeps-replica");
+    assert_eq!(applied(&s, "started again on its replica").len(), 1, "{s}");
+    // The restarted backup offered its replica and the primary caught it up.
+    let caught_up = journal_entries("backup-restart-keeps-replica", 1)
+        .into_iter()
+        .any(|e| {
+            matches!(
+                e.entry.record,
+                ftvm_driver::journal::Record::Action(ftvm_model::Action::Capture {
+                    scope: ftvm_model::Scope::Since(_),
+                    ..
+                })
+            )
+        });
+    assert!(caught_up, "no catch-up capture on the primary");
 }
 
 /// Every file of `scenarios/` runs on real hosts in this suite (a new file needs its test here).

@@ -15,18 +15,51 @@ pub enum Gate {
     Open,
 }
 
+/// What a captured checkpoint holds besides the device state.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum Scope {
+    /// The pages and disk blocks written since the previous capture (an ordinary epoch).
+    Epoch,
+    /// All of RAM and the whole disk (a full sync).
+    Full,
+    /// Every page and disk block written after epoch `base` was captured, up to this capture
+    /// (a catch-up sync on top of a replica of `base`). The driver keeps, for each page and
+    /// block, the last epoch that wrote it, so any `base` this VM's run has captured works.
+    Since(Epoch),
+}
+
+impl Scope {
+    /// A sync checkpoint (the first of a stream), full or catch-up.
+    pub fn is_sync(self) -> bool {
+        !matches!(self, Scope::Epoch)
+    }
+}
+
+/// Why a primary answers a join with a full sync rather than a catch-up.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+pub enum FullSyncReason {
+    /// The joiner offered no replica.
+    NoReplica,
+    /// Its replica followed another generation (another primary's history).
+    OtherGeneration,
+    /// Its replica came from another run of a primary (another lineage).
+    OtherLineage,
+    /// It offered an epoch this primary never captured, or one before its history begins.
+    OutsideHistory,
+}
+
 /// An effect the driver must carry out, in the order given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Action {
     /// Pause the VM (a `Capture` follows).
     PauseVm,
-    /// While paused: capture dirty pages since the last capture (all RAM when `full`) plus device
-    /// state as checkpoint `epoch`; answer with `Input::CaptureDone`.
+    /// While paused: capture the pages and disk blocks `scope` names plus device state as
+    /// checkpoint `epoch`; answer with `Input::CaptureDone`.
     Capture {
         /// Epoch being closed.
         epoch: Epoch,
-        /// All of RAM rather than the dirty pages.
-        full: bool,
+        /// What the checkpoint holds.
+        scope: Scope,
     },
     /// Run the VM; the frames it emits from now on are tagged `epoch`. A driver in
     /// `paused-send` mode may delay the resume until the checkpoint is sent.
@@ -41,7 +74,8 @@ pub enum Action {
         to: NodeId,
         /// Checkpoint epoch.
         epoch: Epoch,
-        /// Full checkpoint (sync) or incremental.
+        /// Full checkpoint (a full sync) or one that applies on top of the replica (an
+        /// ordinary epoch or a catch-up sync).
         full: bool,
         /// Generation for the frame header.
         generation: Generation,
@@ -77,6 +111,10 @@ pub enum Action {
     Commit {
         /// Epoch to apply.
         epoch: Epoch,
+        /// What the replica is once this commit lands. A driver that keeps the replica across
+        /// a restart stores it with the commit (atomically) and starts with
+        /// [`crate::Start::Resume`] from it.
+        replica: crate::msg::ReplicaAt,
     },
     /// Backup: throw away every staged, uncommitted checkpoint (a commit already under way
     /// completes and is answered).
@@ -123,6 +161,25 @@ pub enum Event {
     BadCheckpoint {
         /// Its epoch.
         epoch: Epoch,
+    },
+    /// A primary accepted a join: the stream starts with checkpoint `epoch`, a catch-up from
+    /// `base` or, with `base: None`, a full sync for the reason given.
+    SyncChosen {
+        /// The joiner.
+        peer: NodeId,
+        /// Epoch of the sync checkpoint.
+        epoch: Epoch,
+        /// The joiner's committed epoch the catch-up applies on.
+        base: Option<Epoch>,
+        /// Why the sync is full (`None` for a catch-up).
+        full_because: Option<FullSyncReason>,
+    },
+    /// A backup refused a `SyncStart` whose catch-up base is not what its `Join` offered.
+    SyncRefused {
+        /// Epoch of the announced sync.
+        epoch: Epoch,
+        /// Its base.
+        base: Option<Epoch>,
     },
     /// A message from an older generation was ignored.
     StaleMessage {

@@ -1,10 +1,12 @@
 //! The backup role: joins a primary, commits its checkpoints strictly in order and acks them,
 //! and takes over (only with the witness's grant) when the primary falls silent.
 //!
-//! The replica and its *token* (generation + epoch of the full sync it descends from) survive
-//! link losses: a reconnect starts with a fresh `Join` and full sync, but until that sync is
-//! committed the old replica is still a valid prefix of the primary's history, and the token
-//! is what the witness checks at takeover.
+//! The replica and its *token* (generation + epoch of the sync it descends from) survive link
+//! losses: a reconnect starts with a fresh `Join`, which offers the replica's last committed
+//! epoch ([`ReplicaAt`]). The primary that made the replica answers with a catch-up (what
+//! changed since that epoch); any other gets a full sync. Until the new sync is committed the
+//! old replica is still a valid prefix of the primary's history, and the token is what the
+//! witness checks at takeover.
 
 use std::collections::VecDeque;
 
@@ -15,7 +17,7 @@ use crate::fenced::{FenceReason, Fenced};
 use crate::ids::{Epoch, Generation, NodeId};
 use crate::input::Input;
 use crate::joiner::Joiner;
-use crate::msg::{PeerMsg, RejectReason};
+use crate::msg::{PeerMsg, RejectReason, ReplicaAt};
 use crate::mutants::mutant;
 use crate::node::Role;
 use crate::primary::Primary;
@@ -49,14 +51,18 @@ struct Staged {
     /// The full checkpoint that starts a replica (its epoch becomes the token).
     sync: bool,
     generation: Generation,
+    /// Lineage of the stream's primary.
+    lineage: u64,
     /// Which connection's stream it came from (acks go only to the current one).
     stream: u64,
 }
 
-/// What the replica descends from: the full sync `since` of `generation`.
+/// What the replica descends from: the sync `since` of `generation`, sent by the primary of
+/// `lineage`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Token {
     generation: Generation,
+    lineage: u64,
     since: Epoch,
 }
 
@@ -78,6 +84,14 @@ pub struct Backup {
     committed: Option<Epoch>,
     token: Option<Token>,
     stream: u64,
+    /// Lineage of the primary whose stream we follow (from `SyncStart`).
+    lineage: u64,
+    /// What the last `Join` offered to resume from.
+    offered: Option<ReplicaAt>,
+    /// A replica whose token is void (its takeover was denied, or it was kept from another
+    /// role): no use for a takeover, but still a prefix of its primary's history, so still
+    /// worth offering for a catch-up. The primary decides whether it is.
+    spare: Option<ReplicaAt>,
     sync: Option<Epoch>,
     next_expected: Option<Epoch>,
     staged: VecDeque<Staged>,
@@ -103,6 +117,9 @@ impl Backup {
             committed: None,
             token: None,
             stream: 0,
+            lineage: 0,
+            offered: None,
+            spare: None,
             sync: None,
             next_expected: None,
             staged: VecDeque::new(),
@@ -112,6 +129,42 @@ impl Backup {
             takeover: None,
             takeover_wanted: false,
         }
+    }
+
+    /// A backup with a replica kept from before: it offers `replica` when it joins. With
+    /// `token` (a restarted backup process) it may also still take over from it if the witness
+    /// grants it; without (its takeover was denied) it only offers it for a catch-up.
+    pub(crate) fn resume(
+        primary: NodeId,
+        known: Generation,
+        replica: ReplicaAt,
+        token: bool,
+    ) -> Backup {
+        let mut b = Backup::new(primary, known.max(replica.generation));
+        if token {
+            b.committed = Some(replica.epoch);
+            b.token = Some(Token {
+                generation: replica.generation,
+                lineage: replica.lineage,
+                since: replica.since,
+            });
+        } else {
+            b.spare = Some(replica);
+        }
+        b
+    }
+
+    /// The committed replica a `Join` can offer.
+    fn offer(&self) -> Option<ReplicaAt> {
+        let (Some(t), Some(epoch)) = (self.token, self.committed) else {
+            return self.spare;
+        };
+        Some(ReplicaAt {
+            generation: t.generation,
+            lineage: t.lineage,
+            since: t.since,
+            epoch,
+        })
     }
 
     /// Start following: the failure detector runs from now; connect.
@@ -131,6 +184,7 @@ impl Backup {
             Input::Timeout => return self.on_timeout(ctx),
             Input::Connected { peer } if peer == self.primary => {
                 if let BPhase::Joining(JoinStep::Connecting { .. }) = self.phase {
+                    self.offered = self.offer();
                     let msg = PeerMsg::Join {
                         vm: ctx.cfg.vm,
                         node: ctx.me,
@@ -138,6 +192,7 @@ impl Backup {
                         page_size: ctx.cfg.page_size,
                         disk_blocks: ctx.cfg.disk_blocks,
                         known: self.generation,
+                        replica: self.offered,
                     };
                     ctx.act(Action::Send {
                         to: self.primary,
@@ -220,10 +275,27 @@ impl Backup {
             return None;
         }
         match msg {
-            PeerMsg::SyncStart { generation, epoch } => {
+            PeerMsg::SyncStart {
+                generation,
+                epoch,
+                base,
+                lineage,
+                continues,
+            } => {
                 let awaiting = matches!(self.phase, BPhase::Joining(JoinStep::AwaitSync { .. }));
+                if awaiting && continues {
+                    return self.continue_stream(ctx, generation, lineage, epoch, base);
+                }
                 if awaiting && generation >= self.generation {
+                    if !self.catch_up_fits(generation, lineage, epoch, base) {
+                        // A catch-up on top of something we do not hold would leave a replica
+                        // that is no state the VM was ever in. Start over.
+                        ctx.log(Event::SyncRefused { epoch, base });
+                        self.link_down(ctx, true);
+                        return None;
+                    }
                     self.generation = generation;
+                    self.lineage = lineage;
                     self.stream += 1;
                     self.sync = Some(epoch);
                     self.next_expected = Some(epoch);
@@ -255,6 +327,51 @@ impl Backup {
         None
     }
 
+    /// The primary kept us registered while we rejoined (within its grace): the catch-up goes
+    /// on top of the replica our `Join` offered and continues its stream, token and all.
+    fn continue_stream(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        generation: Generation,
+        lineage: u64,
+        epoch: Epoch,
+        base: Option<Epoch>,
+    ) -> Option<Role> {
+        let fits = self.token.is_some_and(|t| {
+            t.generation == generation && t.lineage == lineage && generation == self.generation
+        }) && self.catch_up_fits(generation, lineage, epoch, base)
+            && base.is_some();
+        if !fits {
+            ctx.log(Event::SyncRefused { epoch, base });
+            self.link_down(ctx, true);
+            return None;
+        }
+        self.lineage = lineage;
+        self.stream += 1;
+        self.sync = None;
+        self.next_expected = Some(epoch);
+        self.acked = Epoch::NONE;
+        self.phase = BPhase::Protecting;
+        self.heartbeat_at = ctx.now;
+        self.alive(ctx);
+        None
+    }
+
+    /// Whether a sync announced by `SyncStart` can apply to our replica: a full one always; a
+    /// catch-up only on top of exactly what our `Join` offered, from the same stream's primary.
+    fn catch_up_fits(
+        &self,
+        generation: Generation,
+        lineage: u64,
+        epoch: Epoch,
+        base: Option<Epoch>,
+    ) -> bool {
+        let Some(base) = base else { return true };
+        self.offered.is_some_and(|o| {
+            o.generation == generation && o.lineage == lineage && o.epoch == base && base < epoch
+        })
+    }
+
     fn rejected(&mut self, ctx: &mut Ctx<'_>, reason: RejectReason) -> Option<Role> {
         ctx.log(Event::Rejected {
             peer: self.primary,
@@ -276,8 +393,13 @@ impl Backup {
         None
     }
 
+    /// Find the primary again through the witness, keeping what the replica is worth for a
+    /// catch-up (never its token).
     fn become_joiner(&mut self, ctx: &mut Ctx<'_>) -> Role {
-        let mut j = Joiner::new();
+        let mut j = match self.offer() {
+            Some(r) => Joiner::with_replica(r, false),
+            None => Joiner::new(),
+        };
         j.start(ctx);
         Role::Joiner(j)
     }
@@ -293,21 +415,54 @@ impl Backup {
                 epoch,
                 sync: self.sync == Some(epoch),
                 generation: self.generation,
+                lineage: self.lineage,
                 stream: self.stream,
             });
             self.next_expected = Some(epoch.next());
             self.try_commit(ctx);
         } else {
-            // Damaged or out of order: later incrementals cannot apply. Restart the stream.
+            // Damaged or out of order: later incrementals cannot apply.
             ctx.log(Event::BadCheckpoint { epoch });
-            self.link_down(ctx, true);
+            match self.resumable() {
+                true => self.rejoin_now(ctx),
+                false => self.link_down(ctx, true),
+            }
         }
+    }
+
+    /// Whether a broken stream can be continued: its sync is committed (before that, it is
+    /// restarted as a fresh sync after `join_retry`).
+    fn resumable(&self) -> bool {
+        self.phase == BPhase::Protecting && self.token.is_some() && self.committed.is_some()
+    }
+
+    /// Close the broken stream (a damaged frame leaves a link whose bytes can no longer be
+    /// trusted), keep the replica, and rejoin at once: the primary keeps a registered backup
+    /// whose link closed registered for `Config::rejoin_grace`, output held, and continues its
+    /// stream with a catch-up from the replica our `Join` offers.
+    fn rejoin_now(&mut self, ctx: &mut Ctx<'_>) {
+        self.link_down(ctx, true);
+        self.phase = BPhase::Joining(JoinStep::Idle { retry_at: ctx.now });
     }
 
     fn try_commit(&mut self, ctx: &mut Ctx<'_>) {
         if self.committing.is_none() && !self.takeover_wanted {
             if let Some(s) = self.staged.pop_front() {
-                ctx.act(Action::Commit { epoch: s.epoch });
+                // A sync starts a replica; every later commit of its stream descends from it.
+                let since = match self.token {
+                    Some(t) if !s.sync => t.since,
+                    _ => s.epoch,
+                };
+                let replica = ReplicaAt {
+                    generation: s.generation,
+                    lineage: s.lineage,
+                    since,
+                    epoch: s.epoch,
+                };
+                ctx.act(Action::Commit {
+                    epoch: s.epoch,
+                    replica,
+                });
                 self.committing = Some(s);
             }
         }
@@ -334,6 +489,7 @@ impl Backup {
         if c.sync {
             self.token = Some(Token {
                 generation: c.generation,
+                lineage: c.lineage,
                 since: epoch,
             });
         }
@@ -449,6 +605,7 @@ impl Backup {
             // Dropped by the primary (or it never registered us): the replica may be older
             // than output already released, so it must never run. Start over as a joiner.
             ctx.log(Event::WitnessDenied(reply.request));
+            self.spare = self.offer();
             self.token = None;
             self.committed = None;
             Some(self.become_joiner(ctx))

@@ -30,6 +30,19 @@ fn ack(e: u64) -> Action {
     }
 }
 
+/// The commit of `epoch` of G1 (lineage 0) into a replica synced at `since`.
+fn commit(epoch: u64, since: u64) -> Action {
+    Action::Commit {
+        epoch: Epoch(epoch),
+        replica: crate::msg::ReplicaAt {
+            generation: G1,
+            lineage: 0,
+            since: Epoch(since),
+            epoch: Epoch(epoch),
+        },
+    }
+}
+
 fn no_hb(actions: Vec<Action>) -> Vec<Action> {
     let hb = |a: &Action| {
         matches!(
@@ -51,6 +64,9 @@ fn protecting(sync: u64) -> One {
     b.on(from_p(PeerMsg::SyncStart {
         generation: G1,
         epoch: Epoch(sync),
+        base: None,
+        lineage: 0,
+        continues: false,
     }));
     b.on(Input::CheckpointReceived {
         epoch: Epoch(sync),
@@ -90,6 +106,7 @@ fn joins_syncs_commits_and_acks_in_order() {
         page_size: cfg.page_size,
         disk_blocks: cfg.disk_blocks,
         known: Generation::UNKNOWN,
+        replica: None,
     };
     assert_eq!(
         b.on(Input::Connected { peer: P }),
@@ -98,7 +115,10 @@ fn joins_syncs_commits_and_acks_in_order() {
     assert!(b
         .on(from_p(PeerMsg::SyncStart {
             generation: G1,
-            epoch: Epoch(5)
+            epoch: Epoch(5),
+            base: None,
+            lineage: 0,
+            continues: false
         }))
         .is_empty());
     assert_eq!(b.status().phase, Phase::Syncing);
@@ -107,7 +127,7 @@ fn joins_syncs_commits_and_acks_in_order() {
         epoch: Epoch(5),
         ok: true,
     });
-    assert_eq!(a, vec![Action::Commit { epoch: Epoch(5) }]);
+    assert_eq!(a, vec![commit(5, 5)]);
     // The next one arrives while 5 commits: it waits its turn.
     assert!(b
         .on(Input::CheckpointReceived {
@@ -116,7 +136,7 @@ fn joins_syncs_commits_and_acks_in_order() {
         })
         .is_empty());
     let a = b.on(Input::Committed { epoch: Epoch(5) });
-    assert_eq!(a, vec![ack(5), Action::Commit { epoch: Epoch(6) }]);
+    assert_eq!(a, vec![ack(5), commit(6, 5)]);
     let s = b.status();
     assert_eq!(s.phase, Phase::Protecting);
     assert_eq!(
@@ -135,7 +155,7 @@ fn joins_syncs_commits_and_acks_in_order() {
 }
 
 #[test]
-fn damaged_or_out_of_order_checkpoint_restarts_the_stream() {
+fn damaged_or_out_of_order_checkpoint_keeps_the_replica_and_rejoins_at_once() {
     for (epoch, ok) in [(2u64, false), (3, true), (1, true)] {
         let mut b = protecting(1);
         let a = b.on(Input::CheckpointReceived {
@@ -150,12 +170,81 @@ fn damaged_or_out_of_order_checkpoint_restarts_the_stream() {
         let s = b.status();
         assert_eq!(s.phase, Phase::Joining);
         assert_eq!(s.committed, Some(Epoch(1)), "the replica is kept");
-        // Reconnect after join_retry with a fresh Join.
+        assert_eq!(s.registration.map(|r| r.since), Some(Epoch(1)));
+        // It reconnects without waiting for join_retry, offering the replica.
+        assert_eq!(b.on(Input::Timeout), vec![Action::Connect { to: P }]);
+        let a = b.on(Input::Connected { peer: P });
+        assert!(matches!(
+            a.as_slice(),
+            [Action::Send { msg: PeerMsg::Join { replica: Some(r), .. }, .. }] if r.epoch == Epoch(1)
+        ));
+        // The primary kept it registered: the catch-up continues the stream, token unchanged.
+        assert!(b
+            .on(from_p(PeerMsg::SyncStart {
+                generation: G1,
+                epoch: Epoch(4),
+                base: Some(Epoch(1)),
+                lineage: 0,
+                continues: true,
+            }))
+            .is_empty());
+        assert_eq!(b.status().phase, Phase::Protecting);
         assert_eq!(
-            b.after(config().join_retry),
-            vec![Action::Connect { to: P }]
+            b.on(Input::CheckpointReceived {
+                epoch: Epoch(4),
+                ok: true
+            }),
+            vec![commit(4, 1)]
         );
+        assert_eq!(b.on(Input::Committed { epoch: Epoch(4) }), vec![ack(4)]);
+        assert_eq!(b.status().registration.map(|r| r.since), Some(Epoch(1)));
     }
+}
+
+#[test]
+fn a_continuation_on_another_base_or_after_a_damaged_sync_restarts_the_stream() {
+    let mut b = protecting(1);
+    b.on(Input::CheckpointReceived {
+        epoch: Epoch(2),
+        ok: false,
+    });
+    b.on(Input::Timeout);
+    b.on(Input::Connected { peer: P });
+    let a = b.on(from_p(PeerMsg::SyncStart {
+        generation: G1,
+        epoch: Epoch(4),
+        base: Some(Epoch(2)),
+        lineage: 0,
+        continues: true,
+    }));
+    assert_eq!(a, vec![Action::Disconnect { peer: P }]);
+    assert_eq!(b.status().phase, Phase::Joining);
+    assert_eq!(b.status().committed, Some(Epoch(1)), "the replica is kept");
+    // A damaged sync checkpoint has no replica of its stream to go on from: a fresh join
+    // after join_retry.
+    let mut b = One::new(B, Start::Backup { primary: P });
+    b.on(Input::Timeout);
+    b.on(Input::Connected { peer: P });
+    b.on(from_p(PeerMsg::SyncStart {
+        generation: G1,
+        epoch: Epoch(1),
+        base: None,
+        lineage: 0,
+        continues: false,
+    }));
+    let a = b.on(Input::CheckpointReceived {
+        epoch: Epoch(1),
+        ok: false,
+    });
+    assert_eq!(
+        a,
+        vec![Action::Disconnect { peer: P }, Action::DiscardStaged]
+    );
+    assert!(b.on(Input::Timeout).is_empty());
+    assert_eq!(
+        b.after(config().join_retry),
+        vec![Action::Connect { to: P }]
+    );
 }
 
 #[test]
@@ -293,6 +382,9 @@ fn no_replica_no_takeover() {
     b.on(from_p(PeerMsg::SyncStart {
         generation: G1,
         epoch: Epoch(1),
+        base: None,
+        lineage: 0,
+        continues: false,
     }));
     // The primary dies mid-sync: nothing committed, so ask the witness whom to join.
     let a = b.after(config().failure_timeout);
@@ -315,6 +407,9 @@ fn streaming_bytes_keep_a_slow_sync_alive() {
     b.on(from_p(PeerMsg::SyncStart {
         generation: G1,
         epoch: Epoch(1),
+        base: None,
+        lineage: 0,
+        continues: false,
     }));
     for _ in 0..10 {
         b.after(Duration::from_millis(100));
@@ -367,6 +462,7 @@ fn a_backup_refuses_joiners() {
         page_size: cfg.page_size,
         disk_blocks: cfg.disk_blocks,
         known: G1,
+        replica: None,
     };
     let a = b.on(Input::Message { from: c, msg: join });
     let reject = PeerMsg::Reject {
@@ -431,6 +527,7 @@ fn a_backup_announces_its_disk_and_a_disk_mismatch_fences_it() {
         page_size: cfg.page_size,
         disk_blocks: 1 << 20,
         known: Generation::UNKNOWN,
+        replica: None,
     };
     assert_eq!(
         b.on(Input::Connected { peer: P }),
@@ -446,4 +543,175 @@ fn a_backup_announces_its_disk_and_a_disk_mismatch_fences_it() {
     );
     assert_eq!(b.status().role, RoleKind::Fenced);
     assert_eq!(b.node.poll_timeout(), None, "misconfigured: never retries");
+}
+
+// --- Catch-up syncs ---
+
+fn offer(epoch: u64) -> Option<crate::msg::ReplicaAt> {
+    Some(crate::msg::ReplicaAt {
+        generation: G1,
+        lineage: 0,
+        since: Epoch(1),
+        epoch: Epoch(epoch),
+    })
+}
+
+/// The `Join` B sends after a link loss, having committed through `committed`.
+fn rejoin(b: &mut One) -> Option<crate::msg::ReplicaAt> {
+    b.on(Input::Disconnected { peer: P });
+    assert_eq!(
+        b.after(config().join_retry),
+        vec![Action::Connect { to: P }]
+    );
+    let a = b.on(Input::Connected { peer: P });
+    match a.as_slice() {
+        [Action::Send {
+            msg: PeerMsg::Join { replica, .. },
+            ..
+        }] => *replica,
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn a_rejoining_backup_offers_its_replica_and_commits_the_catch_up_on_top() {
+    let mut b = protecting(1);
+    b.on(Input::CheckpointReceived {
+        epoch: Epoch(2),
+        ok: true,
+    });
+    b.on(Input::Committed { epoch: Epoch(2) });
+    assert_eq!(rejoin(&mut b), offer(2));
+    let a = b.on(from_p(PeerMsg::SyncStart {
+        generation: G1,
+        epoch: Epoch(6),
+        base: Some(Epoch(2)),
+        lineage: 0,
+        continues: false,
+    }));
+    assert!(a.is_empty(), "{a:?}");
+    assert_eq!(b.status().phase, Phase::Syncing);
+    assert_eq!(
+        b.on(Input::CheckpointReceived {
+            epoch: Epoch(6),
+            ok: true
+        }),
+        vec![commit(6, 6)]
+    );
+    assert_eq!(b.on(Input::Committed { epoch: Epoch(6) }), vec![ack(6)]);
+    let s = b.status();
+    assert_eq!(s.phase, Phase::Protecting);
+    assert_eq!(
+        s.registration,
+        Some(Registration {
+            node: B,
+            since: Epoch(6)
+        }),
+        "a catch-up is a sync: the replica's token is its epoch"
+    );
+}
+
+#[test]
+fn a_catch_up_on_top_of_something_else_is_refused() {
+    let bad = [
+        (Some(Epoch(1)), 0, G1),            // not the epoch offered
+        (Some(Epoch(2)), 9, G1),            // another primary's lineage
+        (Some(Epoch(7)), 0, G1),            // base not before the sync
+        (Some(Epoch(2)), 0, Generation(2)), // another generation
+    ];
+    for (base, lineage, generation) in bad {
+        let mut b = protecting(1);
+        b.on(Input::CheckpointReceived {
+            epoch: Epoch(2),
+            ok: true,
+        });
+        b.on(Input::Committed { epoch: Epoch(2) });
+        rejoin(&mut b);
+        let a = b.on(from_p(PeerMsg::SyncStart {
+            generation,
+            epoch: Epoch(7),
+            base,
+            lineage,
+            continues: false,
+        }));
+        assert_eq!(
+            a,
+            vec![Action::Disconnect { peer: P }],
+            "{base:?} {lineage}"
+        );
+        assert_eq!(b.status().phase, Phase::Joining);
+        assert_eq!(b.status().committed, Some(Epoch(2)), "the replica is kept");
+    }
+}
+
+#[test]
+fn a_backup_without_a_replica_offers_nothing_and_a_full_sync_replaces_an_offered_one() {
+    let mut b = One::new(B, Start::Backup { primary: P });
+    b.on(Input::Timeout);
+    let a = b.on(Input::Connected { peer: P });
+    assert!(matches!(
+        a.as_slice(),
+        [Action::Send {
+            msg: PeerMsg::Join { replica: None, .. },
+            ..
+        }]
+    ));
+    let mut b = protecting(1);
+    assert_eq!(rejoin(&mut b), offer(1));
+    b.on(from_p(PeerMsg::SyncStart {
+        generation: G1,
+        epoch: Epoch(9),
+        base: None,
+        lineage: 3,
+        continues: false,
+    }));
+    b.on(Input::CheckpointReceived {
+        epoch: Epoch(9),
+        ok: true,
+    });
+    b.on(Input::Committed { epoch: Epoch(9) });
+    assert_eq!(
+        rejoin(&mut b),
+        Some(crate::msg::ReplicaAt {
+            generation: G1,
+            lineage: 3,
+            since: Epoch(9),
+            epoch: Epoch(9),
+        })
+    );
+}
+
+#[test]
+fn a_restarted_backup_asks_the_witness_then_offers_its_kept_replica() {
+    let replica = offer(4).unwrap();
+    let mut b = One::new(B, Start::Resume { replica });
+    assert_eq!(
+        b.on(Input::Timeout),
+        vec![Action::ToWitness(WitnessRequest::Query)]
+    );
+    let w = witness_with_b(1);
+    b.on(Input::WitnessReply(crate::witness_msg::WitnessReply {
+        request: WitnessRequest::Query,
+        granted: true,
+        state: *w.state(),
+    }));
+    assert_eq!(b.status().role, RoleKind::Backup);
+    assert_eq!(b.status().committed, Some(Epoch(4)));
+    b.on(Input::Timeout);
+    let a = b.on(Input::Connected { peer: P });
+    assert!(matches!(
+        a.as_slice(),
+        [Action::Send { msg: PeerMsg::Join { replica: Some(r), .. }, .. }] if *r == replica
+    ));
+    // A replica of an older generation than the witness names is not kept.
+    let mut b = One::new(B, Start::Resume { replica });
+    b.on(Input::Timeout);
+    let mut state = *w.state();
+    state.generation = Generation(2);
+    b.on(Input::WitnessReply(crate::witness_msg::WitnessReply {
+        request: WitnessRequest::Query,
+        granted: true,
+        state,
+    }));
+    assert_eq!(b.status().committed, None);
 }

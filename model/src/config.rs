@@ -39,6 +39,12 @@ pub struct Config {
     pub witness_retry: Duration,
     /// Pause before a joiner retries after a refused or failed join (default 100 ms).
     pub join_retry: Duration,
+    /// How long a primary keeps its registered backup registered, output held, after the
+    /// backup's link closed (it broke the stream on a damaged checkpoint, or its process
+    /// restarted): a rejoin within it continues the registration with a catch-up, so a primary
+    /// that dies meanwhile still has a backup to take over. A backup that falls silent is
+    /// dropped at once, as before (default: the failure timeout).
+    pub rejoin_grace: Duration,
     /// Checkpoints the primary may have captured but not yet seen acked; beyond this it stops
     /// capturing (the VM keeps running with output held) until an ack arrives (default 2).
     pub max_unacked: u64,
@@ -47,6 +53,12 @@ pub struct Config {
     pub rejoin_after_fence: Option<Duration>,
     /// The witness (fencing party) every node asks.
     pub witness: NodeId,
+    /// A number this node's process drew at random when it started (per host; 0 where nothing
+    /// depends on it). A primary names its history with it (its *lineage*), so that a replica
+    /// left over from another run, whose epoch numbers may repeat ours, is never taken for a
+    /// prefix of this one and caught up (see [`crate::ReplicaAt`]).
+    #[serde(default)]
+    pub incarnation: u64,
     /// Test-only protocol bug to exhibit (see [`Mutant`]). Only with the `mutants` feature.
     #[cfg(feature = "mutants")]
     #[serde(default)]
@@ -65,6 +77,14 @@ pub enum Start {
     },
     /// The host restarted (or was fenced): ask the witness who the primary is, then join it.
     Rejoin,
+    /// A backup restarted with its replica kept (verified by the driver): ask the witness who
+    /// the primary is, then join it offering `replica`, so the primary that made it sends only
+    /// what changed since. While the witness still registers the replica's token it can also
+    /// take over from it, like a backup that was cut off for a while.
+    Resume {
+        /// The committed replica on this host.
+        replica: crate::ReplicaAt,
+    },
 }
 
 /// A configuration that cannot work.
@@ -113,9 +133,11 @@ impl Config {
             failure_timeout,
             witness_retry: Duration::from_millis(50),
             join_retry: Duration::from_millis(100),
+            rejoin_grace: failure_timeout,
             max_unacked: 2,
             rejoin_after_fence: Some(failure_timeout),
             witness,
+            incarnation: 0,
             #[cfg(feature = "mutants")]
             mutant: None,
         }
@@ -130,6 +152,7 @@ impl Config {
             ("failure_timeout", self.failure_timeout),
             ("witness_retry", self.witness_retry),
             ("join_retry", self.join_retry),
+            ("rejoin_grace", self.rejoin_grace),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));
@@ -171,6 +194,7 @@ impl Config {
         c.failure_timeout = c.failure_timeout.max(min);
         c.witness_retry = c.witness_retry.max(min);
         c.join_retry = c.join_retry.max(min);
+        c.rejoin_grace = c.rejoin_grace.max(min);
         c.max_unacked = c.max_unacked.max(1);
         if let EpochPolicy::Output(p) = &mut c.epoch_policy {
             p.max_idle_pct = p.max_idle_pct.clamp(1, 100);

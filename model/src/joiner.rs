@@ -1,12 +1,13 @@
-//! The joiner role: a node without a usable replica asks the witness who the primary is, then
-//! becomes that primary's backup (which connects and sends `Join`).
+//! The joiner role: a node that does not know whom to follow asks the witness who the primary
+//! is, then becomes that primary's backup (which connects and sends `Join`). A restarted
+//! backup comes here with the replica it kept, to offer it to the primary.
 
 use crate::action::Action;
 use crate::backup::Backup;
 use crate::ctx::Ctx;
 use crate::ids::{Generation, NodeId};
 use crate::input::Input;
-use crate::msg::PeerMsg;
+use crate::msg::{PeerMsg, ReplicaAt};
 use crate::node::Role;
 use crate::status::{Phase, RoleKind, Status};
 use crate::time::Time;
@@ -17,11 +18,23 @@ use crate::witness_msg::WitnessRequest;
 pub struct Joiner {
     known: Generation,
     retry_at: Option<Time>,
+    /// A committed replica kept from before (a restart, or a denied takeover).
+    replica: Option<ReplicaAt>,
+    /// Its token may still be registered (a restarted backup process), so it may take over.
+    token: bool,
 }
 
 impl Joiner {
     pub(crate) fn new() -> Joiner {
         Joiner::default()
+    }
+
+    pub(crate) fn with_replica(replica: ReplicaAt, token: bool) -> Joiner {
+        Joiner {
+            replica: Some(replica),
+            token,
+            ..Joiner::default()
+        }
     }
 
     /// Ask the witness (and keep asking every `witness_retry`).
@@ -46,7 +59,12 @@ impl Joiner {
                 // The witness may still name us (we were primary and restarted): our backup,
                 // if any, takes over after the failure timeout; keep asking until it has.
                 if s.primary != ctx.me {
-                    let mut b = Backup::new(s.primary, s.generation);
+                    // A replica of an older generation can neither be caught up (another
+                    // primary's history) nor take over (its token is void): start empty.
+                    let mut b = match self.replica.filter(|r| r.generation == s.generation) {
+                        Some(r) => Backup::resume(s.primary, s.generation, r, self.token),
+                        None => Backup::new(s.primary, s.generation),
+                    };
                     b.start(ctx);
                     return Some(Role::Backup(b));
                 }

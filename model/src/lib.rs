@@ -138,7 +138,7 @@ pub mod wire;
 pub mod witness;
 mod witness_msg;
 
-pub use action::{Action, Event, Gate};
+pub use action::{Action, Event, FullSyncReason, Gate, Scope};
 pub use backup::Backup;
 pub use config::{Config, ConfigError, Start};
 pub use epoch_policy::{EpochPolicy, OutputDriven};
@@ -147,7 +147,7 @@ pub use gate::OutputGate;
 pub use ids::{Epoch, Generation, NodeId, VmId};
 pub use input::Input;
 pub use joiner::Joiner;
-pub use msg::{PeerMsg, RejectReason};
+pub use msg::{PeerMsg, RejectReason, ReplicaAt};
 #[cfg(feature = "mutants")]
 pub use mutants::Mutant;
 pub use node::{Node, Role};

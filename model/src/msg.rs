@@ -26,6 +26,10 @@ pub enum PeerMsg {
         disk_blocks: u64,
         /// Newest generation the joiner knows of.
         known: Generation,
+        /// The committed replica the joiner could resume from (`None`: nothing usable). A
+        /// primary whose history it is a prefix of answers with a catch-up instead of a full
+        /// sync (see [`ReplicaAt`]).
+        replica: Option<ReplicaAt>,
     },
     /// Primary → joiner: join refused.
     Reject {
@@ -34,13 +38,23 @@ pub enum PeerMsg {
         /// Why.
         reason: RejectReason,
     },
-    /// Primary → joiner: join accepted; the full checkpoint of `epoch` follows. Its commit
-    /// starts the joiner's replica, and `epoch` is the replica's registration token.
+    /// Primary → joiner: join accepted; the sync checkpoint of `epoch` follows. Its commit
+    /// gives the joiner a replica of `epoch`, and `epoch` is the replica's registration token.
     SyncStart {
         /// Primary's generation, which the joiner adopts.
         generation: Generation,
-        /// Epoch of the full checkpoint that follows.
+        /// Epoch of the sync checkpoint that follows.
         epoch: Epoch,
+        /// `None`: the checkpoint is full (all of RAM and disk). `Some(c)`: a catch-up holding
+        /// what changed after epoch `c`, to be applied on top of the joiner's replica of `c`
+        /// (the epoch its `Join` offered).
+        base: Option<Epoch>,
+        /// The primary's lineage ([`ReplicaAt::lineage`]), which the joiner's token records.
+        lineage: u64,
+        /// The stream of a registered backup that rejoined within `Config::rejoin_grace` goes
+        /// on: its registration and token stay as they are (the catch-up's commit does not start
+        /// a new replica). `false`: a new sync, whose epoch becomes the replica's token.
+        continues: bool,
     },
     /// Backup → primary: checkpoint `epoch` is durably committed in the replica.
     Ack {
@@ -70,6 +84,29 @@ impl PeerMsg {
             | PeerMsg::Heartbeat { generation, .. } => generation,
         }
     }
+}
+
+/// A replica a joiner offers to resume from: the last epoch it committed of a stream, and
+/// whose stream that was.
+///
+/// A primary names its history by its generation and `lineage`, a number its process drew at
+/// start ([`crate::Config::incarnation`]). Only the primary that made a replica can vouch that
+/// the replica is a prefix of its history (it sent every checkpoint the replica holds), so a
+/// primary accepts the offer only for its own generation and lineage, and for an epoch it has
+/// captured. A replica of an earlier run, of another primary or of another generation gets a
+/// full sync.
+#[derive(
+    Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize,
+)]
+pub struct ReplicaAt {
+    /// Generation of the stream the replica followed.
+    pub generation: Generation,
+    /// The lineage of that stream's primary.
+    pub lineage: u64,
+    /// The sync the replica descends from (its registration token).
+    pub since: Epoch,
+    /// The last epoch committed to the replica.
+    pub epoch: Epoch,
 }
 
 /// Why a primary refused a join.
@@ -180,6 +217,7 @@ mod tests {
             page_size: 4096,
             disk_blocks: 0,
             known: Generation(5),
+            replica: None,
         };
         assert_eq!(j.generation(), Generation(5));
         let h = PeerMsg::Heartbeat {

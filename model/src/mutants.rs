@@ -41,11 +41,16 @@ mod enabled {
         /// (breaks *disk consistency*). The model behaves as always; the simulated replica
         /// (`ftvm-sim`, `host/node`) reads this value.
         DiskWritesBeforeCommit,
+        /// The primary answers a joiner's offered replica of epoch `C` with a catch-up of what
+        /// changed after `C + 1` (it resumes from an epoch newer than the joiner committed),
+        /// so the writes of epoch `C + 1` never reach the replica (breaks *prefix
+        /// consistency*).
+        CatchUpSkipsEpoch,
     }
 
     impl Mutant {
         /// Every mutant, for test loops.
-        pub const ALL: [Mutant; 8] = [
+        pub const ALL: [Mutant; 9] = [
             Mutant::ReleaseBeforeAck,
             Mutant::CommitPartial,
             Mutant::FailoverWithoutWitness,
@@ -54,6 +59,7 @@ mod enabled {
             Mutant::DropKeepsFloor,
             Mutant::DenialKeepsFloor,
             Mutant::DiskWritesBeforeCommit,
+            Mutant::CatchUpSkipsEpoch,
         ];
     }
 }

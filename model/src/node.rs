@@ -47,6 +47,7 @@ impl Node {
             Start::Primary => Role::Primary(Primary::fresh()),
             Start::Backup { primary } => Role::Backup(Backup::new(primary, Generation::UNKNOWN)),
             Start::Rejoin => Role::Joiner(Joiner::new()),
+            Start::Resume { replica } => Role::Joiner(Joiner::with_replica(replica, true)),
         };
         Node {
             cfg,

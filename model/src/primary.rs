@@ -33,14 +33,14 @@
 
 use std::time::Duration;
 
-use crate::action::{Action, Event, Gate};
+use crate::action::{Action, Event, FullSyncReason, Gate, Scope};
 use crate::config::Config;
 use crate::ctx::Ctx;
 use crate::epoch_policy::EpochPolicy;
 use crate::fenced::{FenceReason, Fenced};
 use crate::ids::{Epoch, Generation, NodeId};
 use crate::input::Input;
-use crate::msg::{PeerMsg, RejectReason};
+use crate::msg::{PeerMsg, RejectReason, ReplicaAt};
 use crate::mutants::mutant;
 use crate::node::Role;
 use crate::status::{Phase, RoleKind, Status};
@@ -54,6 +54,7 @@ enum PPhase {
     Registering,
     Protected,
     Dropping,
+    Rejoining,
     Degraded,
 }
 
@@ -69,8 +70,10 @@ struct JoinerSize {
 #[derive(Clone, Copy, Debug)]
 struct Peer {
     node: NodeId,
-    /// Epoch of its full sync: its registration token.
+    /// Epoch of its sync: its registration token.
     sync: Epoch,
+    /// The sync is a catch-up on top of the peer's replica of this epoch (`None`: full).
+    base: Option<Epoch>,
     last_heard: Time,
 }
 
@@ -96,6 +99,9 @@ pub struct Primary {
     captured: Epoch,
     acked: Epoch,
     released: Epoch,
+    /// The first epoch of this VM's run on this host: a replica of an earlier epoch is not a
+    /// state this run can catch up from (after a takeover, the epoch restored).
+    history_from: Epoch,
     next_capture_at: Time,
     /// The gate holds output of the running epoch (told by `OutputHeld`); cleared at capture.
     output_waiting: bool,
@@ -119,6 +125,9 @@ pub struct Primary {
     /// A peer claimed a newer generation: when to resend the `Query` that checks it with the
     /// witness (`None`: nothing to check).
     confirming: Option<Time>,
+    /// Our registered backup broke its stream and said it comes back: who, and until when we
+    /// wait for its `Join` before dropping it.
+    rejoin: Option<(NodeId, Time)>,
 }
 
 impl Primary {
@@ -135,6 +144,7 @@ impl Primary {
             captured: Epoch::NONE,
             acked: Epoch::NONE,
             released: Epoch::NONE,
+            history_from: Epoch::NONE,
             next_capture_at: Time::ZERO,
             output_waiting: false,
             paused_at: Time::ZERO,
@@ -147,6 +157,7 @@ impl Primary {
             may_open: false,
             heartbeat_at: Time::ZERO,
             confirming: None,
+            rejoin: None,
         }
     }
 
@@ -161,6 +172,7 @@ impl Primary {
             gate: Gate::Open,
             running: from.next(),
             captured: from,
+            history_from: from,
             may_open: true,
             ..Primary::fresh()
         }
@@ -181,7 +193,11 @@ impl Primary {
             Input::WitnessReply(reply) => self.on_reply(ctx, reply),
             Input::Disconnected { peer } => {
                 if self.peer.is_some_and(|p| p.node == peer) {
-                    self.peer_lost(ctx);
+                    if self.phase == PPhase::Protected && self.token.is_some() {
+                        self.await_rejoin(ctx);
+                    } else {
+                        self.peer_lost(ctx);
+                    }
                 }
                 None
             }
@@ -262,6 +278,10 @@ impl Primary {
         if self.confirming.is_some_and(|t| ctx.now >= t) {
             self.query(ctx);
         }
+        if self.rejoin.is_some_and(|(_, until)| ctx.now >= until) {
+            // The backup did not come back in time: settle it as lost.
+            self.drop_registration(ctx);
+        }
         None
     }
 
@@ -313,6 +333,7 @@ impl Primary {
                 ram_pages,
                 page_size,
                 disk_blocks,
+                replica,
                 ..
             } => {
                 let size = JoinerSize {
@@ -320,7 +341,7 @@ impl Primary {
                     page_size,
                     disk_blocks,
                 };
-                self.on_join(ctx, from, vm, node, size);
+                self.on_join(ctx, from, vm, node, size, replica);
             }
             PeerMsg::Ack { generation, epoch } => {
                 if generation < self.generation {
@@ -342,6 +363,42 @@ impl Primary {
         None
     }
 
+    /// Our registered backup's link closed (it broke the stream on a damaged checkpoint, or
+    /// its process restarted): it may be back in a moment with its replica. We keep it
+    /// registered and the gate held for `rejoin_grace`; if we die meanwhile, it still takes
+    /// over from its replica (untouched until a catch-up commits, atomically). Silence is not
+    /// treated so: a silent backup may be cut off and about to take over, so it is dropped.
+    fn await_rejoin(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(p) = self.peer.take() else { return };
+        ctx.log(Event::PeerLost { peer: p.node });
+        ctx.act(Action::Disconnect { peer: p.node });
+        self.sending = None;
+        self.phase = PPhase::Rejoining;
+        self.rejoin = Some((p.node, ctx.now + ctx.cfg.rejoin_grace));
+    }
+
+    /// The backup we wait for rejoined offering `offer`: continue its registration with a
+    /// catch-up from the offered epoch, or, if the offer does not fit, drop it after all.
+    fn on_rejoin(&mut self, ctx: &mut Ctx<'_>, from: NodeId, offer: Option<ReplicaAt>) {
+        self.rejoin = None;
+        let (Some(token), Ok(base)) = (self.token, self.catch_up_base(ctx.cfg, offer)) else {
+            self.drop_registration(ctx);
+            return self.reject(ctx, from, RejectReason::Busy);
+        };
+        if base < token.since || base < self.acked {
+            self.drop_registration(ctx);
+            return self.reject(ctx, from, RejectReason::Busy);
+        }
+        self.peer = Some(Peer {
+            node: from,
+            sync: token.since,
+            base: Some(base),
+            last_heard: ctx.now,
+        });
+        self.phase = PPhase::Protected;
+        self.start_stream(ctx, Some(base), true);
+    }
+
     fn reject(&self, ctx: &mut Ctx<'_>, to: NodeId, reason: RejectReason) {
         ctx.log(Event::Rejected { peer: to, reason });
         let msg = PeerMsg::Reject {
@@ -358,6 +415,7 @@ impl Primary {
         vm: crate::ids::VmId,
         node: NodeId,
         size: JoinerSize,
+        replica: Option<ReplicaAt>,
     ) {
         if vm != ctx.cfg.vm {
             return self.reject(ctx, from, RejectReason::WrongVm);
@@ -376,6 +434,15 @@ impl Primary {
         if from == ctx.me || node != from {
             return; // a confused or spoofed join; nothing sane to answer
         }
+        if let Some((node, _)) = self.rejoin {
+            if node == from && self.capturing.is_some() {
+                return self.reject(ctx, from, RejectReason::Busy); // it retries in a moment
+            }
+            if node == from {
+                return self.on_rejoin(ctx, from, replica);
+            }
+            return self.reject(ctx, from, RejectReason::HaveBackup);
+        }
         if let Some(p) = self.peer {
             if p.node == from {
                 // Our own backup joins afresh: its old stream is gone. Settle that first.
@@ -393,27 +460,82 @@ impl Primary {
             self.gate = Gate::Held;
             ctx.act(Action::SetOutputGate(Gate::Held));
         }
-        let sync = self.running;
+        let base = self.catch_up_base(ctx.cfg, replica);
+        if let Err(why) = base {
+            ctx.log(Event::SyncChosen {
+                peer: from,
+                epoch: self.running,
+                base: None,
+                full_because: Some(why),
+            });
+        }
         self.peer = Some(Peer {
             node: from,
-            sync,
+            sync: self.running,
+            base: base.ok(),
             last_heard: ctx.now,
         });
         self.acked = Epoch::NONE;
         self.phase = PPhase::Syncing;
+        self.start_stream(ctx, base.ok(), false);
+    }
+
+    /// Announce the stream to our peer and capture its first checkpoint: all of RAM and disk,
+    /// or a catch-up from `base`; `continues`: the peer's registration goes on (a rejoin).
+    fn start_stream(&mut self, ctx: &mut Ctx<'_>, base: Option<Epoch>, continues: bool) {
+        let Some(p) = self.peer else { return };
+        let epoch = self.running;
+        if base.is_some() {
+            ctx.log(Event::SyncChosen {
+                peer: p.node,
+                epoch,
+                base,
+                full_because: None,
+            });
+        }
         self.heartbeat_at = ctx.now + ctx.cfg.heartbeat_interval;
         let msg = PeerMsg::SyncStart {
             generation: self.generation,
-            epoch: sync,
+            epoch,
+            base,
+            lineage: ctx.cfg.incarnation,
+            continues,
         };
-        ctx.act(Action::Send { to: from, msg });
-        self.capture(ctx, true);
+        ctx.act(Action::Send { to: p.node, msg });
+        let scope = match base {
+            Some(b) if mutant!(ctx.cfg, CatchUpSkipsEpoch) => Scope::Since(b.next()),
+            Some(b) => Scope::Since(b),
+            None => Scope::Full,
+        };
+        self.capture(ctx, scope);
     }
 
-    fn capture(&mut self, ctx: &mut Ctx<'_>, full: bool) {
+    /// The epoch a joiner's offered replica can be caught up from, or why it cannot: only a
+    /// replica this run of ours made (our generation and lineage) of an epoch we captured is
+    /// a prefix of our history we can vouch for. (The driver keeps each page's last writing
+    /// epoch for the whole run, so no captured epoch is too old.)
+    fn catch_up_base(
+        &self,
+        cfg: &Config,
+        replica: Option<ReplicaAt>,
+    ) -> Result<Epoch, FullSyncReason> {
+        let r = replica.ok_or(FullSyncReason::NoReplica)?;
+        if r.generation != self.generation {
+            return Err(FullSyncReason::OtherGeneration);
+        }
+        if r.lineage != cfg.incarnation {
+            return Err(FullSyncReason::OtherLineage);
+        }
+        if r.epoch <= self.history_from || r.epoch > self.captured || r.epoch < r.since {
+            return Err(FullSyncReason::OutsideHistory);
+        }
+        Ok(r.epoch)
+    }
+
+    fn capture(&mut self, ctx: &mut Ctx<'_>, scope: Scope) {
         let epoch = self.running;
         ctx.act(Action::PauseVm);
-        ctx.act(Action::Capture { epoch, full });
+        ctx.act(Action::Capture { epoch, scope });
         self.capturing = Some(epoch);
         self.output_waiting = false;
         self.paused_at = ctx.now;
@@ -434,7 +556,7 @@ impl Primary {
             epoch: self.running,
         });
         let Some(p) = self.peer else { return };
-        let full = epoch == p.sync;
+        let full = epoch == p.sync && p.base.is_none();
         let generation = self.generation;
         ctx.act(Action::SendCheckpoint {
             to: p.node,
@@ -505,6 +627,12 @@ impl Primary {
         }
         // The driver may abandon a send to a closed link; never wait for its completion.
         self.sending = None;
+        self.drop_registration(ctx);
+    }
+
+    /// No backup follows us any more: revoke its registration, if any, at the witness.
+    fn drop_registration(&mut self, ctx: &mut Ctx<'_>) {
+        self.rejoin = None;
         self.acked = Epoch::NONE;
         match self.token {
             // A registration may exist (granted, or still travelling): revoke it, output held.
@@ -619,7 +747,7 @@ impl Primary {
         }
         let early = self.early_capture_at(ctx.cfg).is_some_and(|t| ctx.now >= t);
         if early || ctx.now >= self.next_capture_at {
-            self.capture(ctx, false);
+            self.capture(ctx, Scope::Epoch);
         }
     }
 
@@ -635,6 +763,9 @@ impl Primary {
         }
         if let Some(t) = self.confirming {
             at(t);
+        }
+        if let Some((_, until)) = self.rejoin {
+            at(until);
         }
         if self.can_capture(cfg) {
             at(self.next_capture_at);
@@ -652,6 +783,7 @@ impl Primary {
             PPhase::Registering => Phase::Registering,
             PPhase::Protected => Phase::Protected,
             PPhase::Dropping => Phase::Dropping,
+            PPhase::Rejoining => Phase::Rejoining,
             PPhase::Degraded => Phase::Degraded,
         };
         Status {

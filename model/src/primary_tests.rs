@@ -2,7 +2,7 @@
 
 use std::time::Duration;
 
-use crate::action::{Action, Gate};
+use crate::action::{Action, Gate, Scope};
 use crate::config::Start;
 use crate::ids::{Epoch, Generation, NodeId, VmId};
 use crate::input::Input;
@@ -28,6 +28,7 @@ fn join(from: NodeId) -> Input {
             page_size: cfg.page_size,
             disk_blocks: cfg.disk_blocks,
             known: Generation::UNKNOWN,
+            replica: None,
         },
     }
 }
@@ -137,13 +138,16 @@ fn sync_then_register_then_release_on_acks() {
                 to: B,
                 msg: PeerMsg::SyncStart {
                     generation: G1,
-                    epoch: Epoch(1)
+                    epoch: Epoch(1),
+                    base: None,
+                    lineage: 0,
+                    continues: false
                 }
             },
             Action::PauseVm,
             Action::Capture {
                 epoch: Epoch(1),
-                full: true
+                scope: Scope::Full
             },
         ]
     );
@@ -174,7 +178,7 @@ fn sync_then_register_then_release_on_acks() {
             Action::PauseVm,
             Action::Capture {
                 epoch: Epoch(2),
-                full: false
+                scope: Scope::Epoch
             }
         ]
     );
@@ -209,7 +213,7 @@ fn sync_then_register_then_release_on_acks() {
             Action::PauseVm,
             Action::Capture {
                 epoch: Epoch(3),
-                full: false
+                scope: Scope::Epoch
             }
         ]
     );
@@ -303,7 +307,7 @@ fn slow_link_stretches_epochs_and_unacked_checkpoints_are_bounded() {
     assert!(a.contains(&Action::ReleaseOutput { through: Epoch(2) }));
     assert!(a.contains(&Action::Capture {
         epoch: Epoch(4),
-        full: false
+        scope: Scope::Epoch
     }));
 }
 
@@ -321,6 +325,7 @@ fn bad_joins_are_rejected() {
             page_size,
             disk_blocks,
             known: G1,
+            replica: None,
         },
     };
     let (ram, page, disk) = (cfg.ram_pages, cfg.page_size, cfg.disk_blocks);
@@ -344,6 +349,10 @@ fn bad_joins_are_rejected() {
 fn busy_while_settling_a_lost_backup() {
     let (mut p, _w) = protected();
     p.on(Input::Disconnected { peer: B });
+    // Waiting for B to come back, another joiner finds the place taken.
+    assert_eq!(p.status().phase, Phase::Rejoining);
+    assert_eq!(p.on(join(C)), vec![reject(C, RejectReason::HaveBackup)]);
+    p.after(config().rejoin_grace);
     assert_eq!(p.status().phase, Phase::Dropping);
     assert_eq!(p.on(join(C)), vec![reject(C, RejectReason::Busy)]);
 }
@@ -357,9 +366,11 @@ fn lost_backup_is_dropped_then_the_gate_opens() {
         primary: P,
         backup: reg(1),
     };
+    assert_eq!(a, vec![Action::Disconnect { peer: B }]);
+    // It does not come back within the grace: dropped.
     assert_eq!(
-        a,
-        vec![Action::Disconnect { peer: B }, Action::ToWitness(drop)]
+        p.after(config().rejoin_grace),
+        vec![Action::ToWitness(drop)]
     );
     let s = p.status();
     assert_eq!((s.phase, s.gate), (Phase::Dropping, Some(Gate::Held)));
@@ -396,6 +407,7 @@ fn degraded_primary_holds_output_before_the_sync_capture() {
         backup: reg(1),
     };
     p.on(Input::Disconnected { peer: B });
+    p.after(config().rejoin_grace);
     p.on(Input::WitnessReply(w.handle(p.now, drop)));
     let a = p.on(join(C));
     let running = p.status().captured; // the sync epoch was the running one
@@ -410,7 +422,10 @@ fn degraded_primary_holds_output_before_the_sync_capture() {
             to: C,
             msg: PeerMsg::SyncStart {
                 generation: G1,
-                epoch: Epoch(2)
+                epoch: Epoch(2),
+                base: None,
+                lineage: 0,
+                continues: false
             }
         }
     );
@@ -420,7 +435,7 @@ fn degraded_primary_holds_output_before_the_sync_capture() {
             Action::PauseVm,
             Action::Capture {
                 epoch: Epoch(2),
-                full: true
+                scope: Scope::Full
             }
         ]
     );
@@ -521,6 +536,7 @@ fn claim_join(from: NodeId, known: Generation) -> Input {
             page_size: cfg.page_size,
             disk_blocks: cfg.disk_blocks,
             known,
+            replica: None,
         },
     }
 }
@@ -586,6 +602,9 @@ fn any_kind_of_newer_frame_is_only_a_claim() {
         PeerMsg::SyncStart {
             generation: newer,
             epoch: Epoch(1),
+            base: None,
+            lineage: 0,
+            continues: false,
         },
     ] {
         let (mut p, _w) = protected();
@@ -876,6 +895,7 @@ fn a_joiner_with_another_disk_size_is_refused_for_good() {
             page_size: cfg.page_size,
             disk_blocks,
             known: Generation::UNKNOWN,
+            replica: None,
         },
     };
     // No disk, a smaller one, a larger one: all refused, and the reason is permanent.
@@ -901,4 +921,233 @@ fn a_joiner_with_another_disk_size_is_refused_for_good() {
         "{a:?}"
     );
     assert_eq!(p.status().peer, Some(B));
+}
+
+// --- Catch-up syncs ---
+
+/// `join(from)` offering a replica of `epoch` (synced at 1) of `generation` and `lineage`.
+fn join_with(from: NodeId, generation: Generation, lineage: u64, epoch: u64) -> Input {
+    let Input::Message {
+        msg:
+            PeerMsg::Join {
+                vm,
+                node,
+                ram_pages,
+                page_size,
+                disk_blocks,
+                known,
+                ..
+            },
+        ..
+    } = join(from)
+    else {
+        unreachable!()
+    };
+    let replica = Some(crate::msg::ReplicaAt {
+        generation,
+        lineage,
+        since: Epoch(1),
+        epoch: Epoch(epoch),
+    });
+    Input::Message {
+        from,
+        msg: PeerMsg::Join {
+            vm,
+            node,
+            ram_pages,
+            page_size,
+            disk_blocks,
+            known,
+            replica,
+        },
+    }
+}
+
+/// A protected primary (lineage 7) that captured and got acks for epochs 2 and 3, then lost
+/// B and had the drop granted: degraded, ready for B's next join.
+fn degraded_after_three_epochs() -> One {
+    let mut cfg = config();
+    cfg.incarnation = 7;
+    let (mut p, mut w) = protected_with(cfg.clone());
+    for e in 2..=3 {
+        p.after(cfg.epoch_interval);
+        capture_done(&mut p, e);
+        p.on(Input::CheckpointSent { epoch: Epoch(e) });
+        p.on(ack(B, e));
+    }
+    p.on(Input::Disconnected { peer: B });
+    let a = p.after(config().rejoin_grace);
+    let Some(Action::ToWitness(drop)) = a
+        .iter()
+        .copied()
+        .find(|a| matches!(a, Action::ToWitness(WitnessRequest::DropBackup { .. })))
+    else {
+        panic!("{a:?}")
+    };
+    p.on(Input::WitnessReply(w.handle(p.now, drop)));
+    assert_eq!(p.status().phase, Phase::Degraded);
+    p
+}
+
+fn sync_start_base(a: &[Action]) -> Option<Option<Epoch>> {
+    a.iter().find_map(|a| match a {
+        Action::Send {
+            msg: PeerMsg::SyncStart { base, .. },
+            ..
+        } => Some(*base),
+        _ => None,
+    })
+}
+
+#[test]
+fn a_replica_this_primary_made_is_caught_up_not_synced_in_full() {
+    let mut p = degraded_after_three_epochs();
+    let a = p.on(join_with(B, G1, 7, 2));
+    assert_eq!(sync_start_base(&a), Some(Some(Epoch(2))));
+    assert!(a.contains(&Action::Capture {
+        epoch: Epoch(4),
+        scope: Scope::Since(Epoch(2))
+    }));
+    assert!(a.contains(&Action::SetOutputGate(Gate::Held)));
+    // The catch-up travels as a checkpoint that applies on top of the replica.
+    let a = capture_done(&mut p, 4);
+    assert!(a.contains(&Action::SendCheckpoint {
+        to: B,
+        epoch: Epoch(4),
+        full: false,
+        generation: G1
+    }));
+    // Its ack registers B afresh, with the catch-up's epoch as its token.
+    let a = p.on(ack(B, 4));
+    assert_eq!(
+        a,
+        vec![Action::ToWitness(WitnessRequest::RegisterBackup {
+            generation: G1,
+            primary: P,
+            backup: reg(4),
+        })]
+    );
+}
+
+#[test]
+fn a_replica_of_another_history_gets_a_full_sync_and_says_why() {
+    use crate::action::{Event, FullSyncReason};
+    let cases = [
+        (join_with(B, G1, 8, 2), FullSyncReason::OtherLineage),
+        (
+            join_with(B, Generation(2), 7, 2),
+            FullSyncReason::OtherGeneration,
+        ),
+        (join_with(B, G1, 7, 9), FullSyncReason::OutsideHistory),
+        (join(B), FullSyncReason::NoReplica),
+    ];
+    for (join, why) in cases {
+        let mut p = degraded_after_three_epochs();
+        let a = p.on_logged(join);
+        assert_eq!(sync_start_base(&a), Some(None), "{why:?}");
+        assert!(a.contains(&Action::Capture {
+            epoch: Epoch(4),
+            scope: Scope::Full
+        }));
+        assert!(a.iter().any(|a| matches!(
+            a,
+            Action::Log(Event::SyncChosen { base: None, full_because: Some(w), .. }) if *w == why
+        )));
+    }
+}
+
+#[test]
+fn a_replica_of_an_older_generation_gets_a_full_sync() {
+    use crate::action::{Event, FullSyncReason};
+    // A primary of generation 2 (after a takeover from epoch 5) with lineage 0.
+    let cfg = config();
+    let mut primary = crate::primary::Primary::after_takeover(Generation(2), Epoch(5));
+    let mut ctx = crate::ctx::Ctx::new(&cfg, P, crate::time::Time::ZERO);
+    primary.handle(&mut ctx, join_with(B, G1, 0, 4));
+    assert!(ctx.out.iter().any(|a| matches!(
+        a,
+        Action::Log(Event::SyncChosen {
+            full_because: Some(FullSyncReason::OtherGeneration),
+            ..
+        })
+    )));
+}
+
+#[test]
+fn a_registered_backup_whose_link_closed_is_awaited_then_continued_with_a_catch_up() {
+    let (mut p, _w) = protected();
+    let cfg = config();
+    for e in 2..=3 {
+        p.after(cfg.epoch_interval);
+        capture_done(&mut p, e);
+        p.on(Input::CheckpointSent { epoch: Epoch(e) });
+    }
+    p.on(ack(B, 2));
+    // The backup found 3 damaged and closed its link: no drop, output held, registration kept.
+    let a = p.on(Input::Disconnected { peer: B });
+    assert_eq!(a, vec![Action::Disconnect { peer: B }]);
+    let s = p.status();
+    assert_eq!(
+        (s.phase, s.gate, s.registration),
+        (Phase::Rejoining, Some(Gate::Held), Some(reg(1)))
+    );
+    assert!(
+        captures(&p.after(cfg.epoch_interval)).is_empty(),
+        "no stream, no capture"
+    );
+    // It rejoins offering its replica of 2: the stream continues with a catch-up from 2.
+    let a = p.on(join_with(B, G1, 0, 2));
+    assert!(a.contains(&Action::Send {
+        to: B,
+        msg: PeerMsg::SyncStart {
+            generation: G1,
+            epoch: Epoch(4),
+            base: Some(Epoch(2)),
+            lineage: 0,
+            continues: true,
+        }
+    }));
+    assert!(a.contains(&Action::Capture {
+        epoch: Epoch(4),
+        scope: Scope::Since(Epoch(2))
+    }));
+    assert!(
+        !a.iter().any(|a| matches!(a, Action::ToWitness(_))),
+        "no drop"
+    );
+    let a = capture_done(&mut p, 4);
+    assert!(a.contains(&Action::SendCheckpoint {
+        to: B,
+        epoch: Epoch(4),
+        full: false,
+        generation: G1
+    }));
+    assert_eq!(
+        p.on(ack(B, 4)),
+        vec![Action::ReleaseOutput { through: Epoch(4) }]
+    );
+    let s = p.status();
+    assert_eq!((s.phase, s.registration), (Phase::Protected, Some(reg(1))));
+}
+
+#[test]
+fn a_backup_that_does_not_rejoin_within_the_grace_or_offers_too_little_is_dropped() {
+    let drop = Action::ToWitness(WitnessRequest::DropBackup {
+        generation: G1,
+        primary: P,
+        backup: reg(1),
+    });
+    let (mut p, _w) = protected();
+    p.on(Input::Disconnected { peer: B });
+    assert_eq!(p.after(config().rejoin_grace), vec![drop]);
+    assert_eq!(p.status().phase, Phase::Dropping);
+    // Offering an epoch before the sync it is registered with cannot continue it.
+    let (mut p, _w) = protected();
+    p.on(Input::Disconnected { peer: B });
+    let a = p.on(join_with(B, G1, 0, 0));
+    assert_eq!(a, vec![drop, reject(B, RejectReason::Busy)]);
+    // Silence is no closed link: dropped at once.
+    let (mut p, _w) = protected();
+    let a = p.after(config().failure_timeout);
+    assert!(a.contains(&drop), "{a:?}");
 }

@@ -415,6 +415,15 @@ mod mutants {
     }
 
     #[test]
+    fn catch_up_skipping_an_epoch_is_caught() {
+        // Damaged checkpoints make the backup rejoin with its replica: catch-ups follow.
+        let mut c = Cluster::new(with(Mutant::CatchUpSkipsEpoch), P, &[B]);
+        c.corrupt_per_mille = 50;
+        c.run_for(ms(2000));
+        assert!(caught(&c));
+    }
+
+    #[test]
     fn the_same_schedules_are_clean_without_a_mutant() {
         let mut c = Cluster::new(config(), P, &[B]);
         c.corrupt_per_mille = 50;
@@ -426,6 +435,6 @@ mod mutants {
         c.assert_clean();
         // The two witness floor mutants are tested on the witness itself (witness.rs); the disk
         // mutant is the simulated replica's (an executor bug), tested in the simulator.
-        assert_eq!(Mutant::ALL.len(), 8);
+        assert_eq!(Mutant::ALL.len(), 9);
     }
 }

@@ -37,6 +37,9 @@ pub enum Phase {
     Protected,
     /// Primary lost its backup; `DropBackup` is with the witness. Output held.
     Dropping,
+    /// Primary whose backup broke its stream and said it comes back: its registration stands,
+    /// output held, until it rejoins (a catch-up) or the rejoin grace runs out (then dropping).
+    Rejoining,
     /// Primary, witness knows there is no backup: gate open, accepts joiners.
     Degraded,
     /// Stopped for good.
@@ -62,6 +65,7 @@ impl Phase {
             Phase::Registering => "registering",
             Phase::Protected => "protected",
             Phase::Dropping => "dropping",
+            Phase::Rejoining => "rejoining",
             Phase::Degraded => "degraded",
             Phase::Fenced => "fenced",
             Phase::Locating => "locating",

@@ -16,6 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use crate::action::Scope;
 use crate::action::{Action, Gate};
 use crate::config::{Config, Start};
 use crate::gate::OutputGate;
@@ -37,6 +38,8 @@ pub(crate) fn config() -> Config {
 struct Snapshot {
     log: Vec<u64>,
     base: Option<Epoch>,
+    /// A catch-up sync (applies on any replica at or past `base`).
+    catch_up: bool,
     ok: bool,
 }
 
@@ -421,13 +424,18 @@ impl Cluster {
         match a {
             Action::PauseVm => self.host(id).vm_running = false,
             Action::ResumeVm { .. } => self.host(id).vm_running = true,
-            Action::Capture { epoch, full } => {
+            Action::Capture { epoch, scope } => {
                 let h = self.host(id);
-                let base = if full { None } else { h.prev_capture };
+                let (base, catch_up) = match scope {
+                    Scope::Full => (None, false),
+                    Scope::Epoch => (h.prev_capture, false),
+                    Scope::Since(b) => (Some(b), true),
+                };
                 h.prev_capture = Some(epoch);
                 let snap = Snapshot {
                     log: h.vm_log.clone(),
                     base,
+                    catch_up,
                     ok: true,
                 };
                 h.captures.insert(epoch, snap);
@@ -548,13 +556,16 @@ impl Cluster {
                 }
             }
             Action::SetOutputGate(_) | Action::Log(_) => {}
-            Action::Commit { epoch } => {
+            Action::Commit { epoch, .. } => {
                 let h = self.host(id);
                 let Some(snap) = h.staged.remove(&epoch) else {
                     return self.violation(format!("{id} commits unstaged {epoch}"));
                 };
                 let fits = match (snap.base, &h.replica) {
                     (None, _) => true,
+                    // A catch-up holds every write after its base, so it also fits a replica a
+                    // little past it (a commit that landed after the join).
+                    (Some(b), Some(r)) if snap.catch_up => r.epoch >= b && !r.corrupt,
                     (Some(b), Some(r)) => r.epoch == b && !r.corrupt,
                     (Some(_), None) => false,
                 };
@@ -642,6 +653,11 @@ impl One {
             .into_iter()
             .filter(|a| !matches!(a, Action::Log(_)))
             .collect()
+    }
+
+    /// Handle `input` at the current time; every action, `Log` included.
+    pub fn on_logged(&mut self, input: Input) -> Vec<Action> {
+        self.node.handle(self.now, input)
     }
 
     /// Advance to `t` and fire the timer if due.

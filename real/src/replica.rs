@@ -7,17 +7,19 @@
 //!    replica directory ([`StageWriter`]); when it ends whole, the reader writes the page indices,
 //!    the device state and a header with the lengths and an xxh3 checksum of it all: a *sealed*
 //!    journal (a checkpoint that arrived without one is written whole at step 1);
-//! 1. [`Replica::commit_point`] renames the sealed journal to `journal` — the commit point
-//!    (rename is atomic within a file system). The checkpoint is committed: the agent reports it
-//!    and the ack goes to the primary now;
+//! 1. [`Replica::commit_point`] writes the commit's record (the [`ReplicaAt`] the replica is
+//!    once it lands) into the sealed journal's header and renames the journal to `journal` —
+//!    the commit point (rename is atomic within a file system). The checkpoint is committed:
+//!    the agent reports it and the ack goes to the primary now;
 //! 2. [`Replica::apply_committed`] (right after, off the ack's path: the agent runs it on a
 //!    thread of lower priority) applies its pages to the RAM file and writes the device blob and
-//!    `committed` metadata (each via a temporary file and `rename`);
+//!    `committed` metadata (each via a temporary file and `rename`): the commit's record and a
+//!    digest of the device blob;
 //! 3. the journal goes back to the spool as a spare file for a later checkpoint.
 //!
 //! [`Replica::open`] replays a `journal` left by a crash between 1 and 3 (one of an epoch at or
-//! before the committed one was already applied and is dropped); spool files and a torn
-//! `journal.tmp` are discarded (they never reached the commit point). Until step 2 ran, the RAM
+//! before the committed one of the same stream was already applied and is dropped); spool files
+//! and a torn `journal.tmp` are discarded (they never reached the commit point). Until step 2 ran, the RAM
 //! file and device blob still hold the previous checkpoint: everything that reads them
 //! ([`Replica::device_state`], [`Replica::ram_digest`], [`Replica::settle`], and the agent before
 //! it hands the RAM file to QEMU at failover) first applies the committed journal from disk.
@@ -41,8 +43,20 @@
 //! storage) also `fsync`s the journal before its rename, the directory after it, and the device
 //! blob and metadata, as every commit did before.
 //!
+//! **Resuming.** A backup restarted with its replica kept offers it to the primary, which then
+//! sends only what changed since ([`Replica::replica_at`]). Only a replica whose files are
+//! whole counts: [`Replica::open`] discards the committed state ([`Discarded`]) when the RAM
+//! file or the disk image is missing (the RAM file lives on tmpfs, which a reboot empties) or
+//! the device blob is not the one committed, and a `committed` file of the older format
+//! (generation and epoch only) is kept for failover but not offered.
+//!
+//! `committed` holds `v2 generation epoch lineage since device-xxh3` (the [`ReplicaAt`] and a
+//! digest of the device blob); a journal whose record was lost is applied as before and leaves
+//! the older `generation epoch`.
+//!
 //! Journal layout: a [`HEADER_LEN`]-byte header (magic, generation, epoch, page count, page
-//! bytes, device bytes, disk block count, full flag, checksum; the rest zero), then the page
+//! bytes, device bytes, disk block count, full flag, checksum; the commit's record at byte
+//! [`RECORD_OFFSET`], with its own checksum; the rest zero), then the page
 //! contents, the disk blocks' contents, the page indices and disk block indices (u64
 //! little-endian) and the device state. The checksum is xxh3-64 of all of that followed by the
 //! header's first 64 bytes. Bytes past the device state are ignored (a reused file may hold an
@@ -68,7 +82,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use ftvm_model::wire::DISK_BLOCK_SIZE;
-use xxhash_rust::xxh3::Xxh3;
+use ftvm_model::{Epoch, Generation, ReplicaAt};
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 pub use crate::secure_fs::Durability;
 use crate::secure_fs::{self, SecureFsError, PRIVATE_FILE_MODE};
@@ -137,6 +152,24 @@ pub enum ReplicaError {
     Corrupt(PathBuf),
 }
 
+/// Why [`Replica::open`] threw the committed state away: a replica whose files are not whole is
+/// no state the VM was ever in. A full sync refills it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum Discarded {
+    /// The RAM file was missing or empty (a reboot emptied its tmpfs).
+    #[error("replica RAM file missing: discarding the committed replica, a full sync follows")]
+    RamMissing,
+    /// The disk image was missing or empty.
+    #[error("replica disk image missing: discarding the committed replica, a full sync follows")]
+    DiskMissing,
+    /// The device blob is missing or its digest is not the one committed.
+    #[error(
+        "replica device state missing or not the one committed: discarding the committed \
+         replica, a full sync follows"
+    )]
+    DeviceMismatch,
+}
+
 /// A checkpoint fully received and verified, not yet applied (the driver core's type).
 pub use ftvm_driver::StagedCheckpoint;
 
@@ -149,10 +182,22 @@ pub struct Committed {
     pub epoch: u64,
 }
 
+/// What the `committed` file says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct CommitRecord {
+    committed: Committed,
+    /// What the replica is (None: an older file, not resumable).
+    at: Option<ReplicaAt>,
+    /// xxh3-64 of the device blob committed with it.
+    device: Option<u64>,
+}
+
 /// A committed journal whose pages are not in the RAM file yet.
 #[derive(Debug)]
 struct Unapplied {
     committed: Committed,
+    /// The commit's record.
+    at: Option<ReplicaAt>,
     /// The journal's file, to recycle once applied (none: replayed from its name).
     file: Option<File>,
 }
@@ -165,6 +210,10 @@ pub struct Replica {
     ram_bytes: u64,
     page_size: usize,
     committed: Option<Committed>,
+    /// What the committed replica is, if a restart can offer it.
+    at: Option<ReplicaAt>,
+    /// Why `open` threw the committed state away, if it did.
+    discarded: Option<Discarded>,
     durability: Durability,
     spool: Arc<JournalSpool>,
     unapplied: Option<Unapplied>,
@@ -182,6 +231,50 @@ pub const HEADER_LEN: usize = 4096;
 const JOURNAL_MAGIC: &[u8; 8] = b"FTVMJRN3";
 /// Header bytes the checksum covers (magic and the seven words: names, lengths, full flag).
 const HEADER_FIELDS: usize = 64;
+/// Where a journal's header keeps the commit's record (a [`ReplicaAt`]), written at the commit
+/// point: a journal is sealed before the model says what the commit makes of the replica.
+pub const RECORD_OFFSET: usize = 128;
+const RECORD_MAGIC: &[u8; 8] = b"FTVMRAT1";
+/// Magic, generation, lineage, since, epoch, then an xxh3-64 of those.
+const RECORD_LEN: usize = 48;
+
+/// The commit record of `at` as the journal header holds it.
+fn encode_record(at: &ReplicaAt) -> [u8; RECORD_LEN] {
+    let mut b = [0u8; RECORD_LEN];
+    b[..8].copy_from_slice(RECORD_MAGIC);
+    let words = [at.generation.0, at.lineage, at.since.0, at.epoch.0];
+    for (i, v) in words.into_iter().enumerate() {
+        b[8 + i * 8..16 + i * 8].copy_from_slice(&v.to_le_bytes());
+    }
+    let sum = xxh3_64(&b[..RECORD_LEN - 8]);
+    b[RECORD_LEN - 8..].copy_from_slice(&sum.to_le_bytes());
+    b
+}
+
+/// The commit record in a journal's header, if it holds a whole one.
+fn parse_record(header: &[u8]) -> Option<ReplicaAt> {
+    let b = header.get(RECORD_OFFSET..RECORD_OFFSET + RECORD_LEN)?;
+    let word = |i: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(
+            b.get(i * 8..i * 8 + 8)?.try_into().ok()?,
+        ))
+    };
+    if b.get(..8)? != RECORD_MAGIC || word(5)? != xxh3_64(&b[..RECORD_LEN - 8]) {
+        return None;
+    }
+    Some(ReplicaAt {
+        generation: Generation(word(1)?),
+        lineage: word(2)?,
+        since: Epoch(word(3)?),
+        epoch: Epoch(word(4)?),
+    })
+}
+
+/// Whether `at` describes the checkpoint `c` (a record that does not is not kept: the replica
+/// then cannot be offered, which costs a full sync, never a wrong catch-up).
+fn record_fits(at: ReplicaAt, c: Committed) -> bool {
+    at.generation.0 == c.generation && at.epoch.0 == c.epoch && at.since <= at.epoch
+}
 
 /// What a journal's header says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -336,6 +429,18 @@ impl Replica {
         // meaning; without them it is a leftover (say, of a VM of another size that used the
         // same name) and is reset rather than refused.
         let holds_state = dir.join("committed").exists() || dir.join("journal").exists();
+        // Committed state whose RAM or disk is gone is no replica at all (and claiming its
+        // epoch with zeroes in their place would hand a primary a wrong base).
+        let discarded = match (holds_state, &disk) {
+            (false, _) => None,
+            _ if found == 0 => Some(Discarded::RamMissing),
+            (_, Some(d)) if d.fresh => Some(Discarded::DiskMissing),
+            _ => None,
+        };
+        if let Some(why) = discarded {
+            discard_files(dir, why)?;
+        }
+        let holds_state = holds_state && discarded.is_none();
         if found != ram_bytes && !holds_state {
             ram.set_len(0).map_err(io(ram_path, "truncate RAM file"))?;
         }
@@ -356,6 +461,8 @@ impl Replica {
             ram_bytes,
             page_size,
             committed: None,
+            at: None,
+            discarded,
             durability,
             spool: JournalSpool::new(dir.to_path_buf(), durability),
             unapplied: None,
@@ -374,22 +481,69 @@ impl Replica {
                 secure_fs::remove_stale(&entry.path())?;
             }
         }
-        r.committed = r.read_committed()?;
-        let journal = r.journal_path();
-        if journal.exists() {
-            let staged = read_journal(&journal)?;
-            let c = JournalHeader::of(&staged).committed();
-            if r.committed.is_none_or(|old| c > old) {
-                r.check(&staged)?;
-                r.write_pages(&staged)?;
-                r.finish(&staged, None)?;
-                r.committed = Some(c);
-            } else {
-                // Applied before the crash; only its removal was missing.
-                remove_if_present(&journal)?;
+        r.replay_journal()?;
+        let record = r.read_committed()?;
+        r.committed = record.map(|c| c.committed);
+        r.at = record.and_then(|c| c.at);
+        if let Some(expected) = record.and_then(|c| c.device) {
+            if !r.device_matches(expected)? {
+                r.discard(Discarded::DeviceMismatch)?;
             }
         }
+        if let (Some(c), None) = (r.committed, r.at) {
+            tracing::info!(
+                dir = %r.dir.display(),
+                generation = c.generation,
+                epoch = c.epoch,
+                "the replica's commit record has the older format (no lineage): it is kept for \
+                 a takeover but not offered to a primary; a full sync follows a rejoin"
+            );
+        }
         Ok(r)
+    }
+
+    /// Applies a `journal` a crash left between the commit point and its removal, unless it
+    /// was applied already: its checkpoint is the committed one, or an older one of the same
+    /// stream. (A journal of another stream is newer than `committed`, whatever its epoch: the
+    /// metadata is only written from the journal being applied.)
+    fn replay_journal(&mut self) -> Result<(), ReplicaError> {
+        let journal = self.journal_path();
+        if !journal.exists() {
+            return Ok(());
+        }
+        let (staged, at) = read_journal(&journal)?;
+        let c = JournalHeader::of(&staged).committed();
+        let record = self.read_committed()?;
+        let applied = match (at, record.and_then(|r| r.at)) {
+            (Some(j), Some(old)) if (j.generation, j.lineage) == (old.generation, old.lineage) => {
+                j.epoch <= old.epoch
+            }
+            (Some(_), Some(_)) => false,
+            _ => record.is_some_and(|old| c <= old.committed),
+        };
+        if applied {
+            // Applied before the crash; only its removal was missing.
+            return remove_if_present(&journal);
+        }
+        self.check(&staged)?;
+        self.write_pages(&staged)?;
+        self.finish(&staged, None, at)
+    }
+
+    /// Whether the device blob is the one committed (its digest is `expected`).
+    fn device_matches(&self, expected: u64) -> Result<bool, ReplicaError> {
+        let device = read_private(&self.dir.join("device"))?;
+        Ok(device.is_some_and(|d| xxh3_64(&d) == expected))
+    }
+
+    /// Throws the committed state away (see [`Discarded`]): a full sync refills the replica.
+    fn discard(&mut self, why: Discarded) -> Result<(), ReplicaError> {
+        discard_files(&self.dir, why)?;
+        self.committed = None;
+        self.at = None;
+        self.unapplied = None;
+        self.discarded = Some(why);
+        Ok(())
     }
 
     /// Forgets everything: the replica must be filled by a full checkpoint before use.
@@ -398,6 +552,7 @@ impl Replica {
             let _ = fs::remove_file(self.dir.join(name));
         }
         self.unapplied = None;
+        self.at = None;
         // Punch the whole file back to zeroes.
         self.ram
             .set_len(0)
@@ -421,6 +576,18 @@ impl Replica {
     /// The last committed checkpoint, if any (possibly not applied yet: see [`Replica::settle`]).
     pub fn committed(&self) -> Option<Committed> {
         self.committed
+    }
+
+    /// What the committed replica is, if a restarted backup can offer it to the primary
+    /// (`Start::Resume`): None without a committed checkpoint, with one whose record has the
+    /// older format, or after [`Replica::open`] discarded it.
+    pub fn replica_at(&self) -> Option<ReplicaAt> {
+        self.at
+    }
+
+    /// Why [`Replica::open`] threw the committed state away, if it did.
+    pub fn discarded(&self) -> Option<Discarded> {
+        self.discarded
     }
 
     /// Path of the RAM file (QEMU maps it at failover: call [`Replica::settle`] first).
@@ -474,16 +641,20 @@ impl Replica {
         })
     }
 
-    /// Commits `staged` and applies it (see the module docs).
-    pub fn commit(&mut self, staged: &StagedCheckpoint) -> Result<(), ReplicaError> {
-        self.commit_point(staged)?;
+    /// Commits `staged`, which makes the replica `at`, and applies it (see the module docs).
+    pub fn commit(&mut self, staged: &StagedCheckpoint, at: ReplicaAt) -> Result<(), ReplicaError> {
+        self.commit_point(staged, at)?;
         self.apply_committed(staged)
     }
 
     /// Steps 0–1 of the module docs: once this returns, `staged` is committed (a restart replays
-    /// it), though not applied yet. Uses the journal sealed for it (`staged.spooled`) when there
-    /// is one, else writes it whole.
-    pub fn commit_point(&mut self, staged: &StagedCheckpoint) -> Result<(), ReplicaError> {
+    /// it), though not applied yet, and the replica is `at` (the model's `Commit` says so). Uses
+    /// the journal sealed for it (`staged.spooled`) when there is one, else writes it whole.
+    pub fn commit_point(
+        &mut self,
+        staged: &StagedCheckpoint,
+        at: ReplicaAt,
+    ) -> Result<(), ReplicaError> {
         self.settle()?;
         self.check(staged)?;
         let header = JournalHeader::of(staged);
@@ -497,14 +668,25 @@ impl Replica {
                 self.write_journal(staged)?
             }
         };
+        let c = header.committed();
+        let at = record_fits(at, c).then_some(at);
+        if at.is_none() {
+            tracing::warn!(
+                epoch = c.epoch,
+                "the commit's replica record does not describe its checkpoint: not kept, the \
+                 replica will not be offered after a restart"
+            );
+        }
+        let file = self.write_record(file, at)?;
         fs::rename(&file.path, &journal).map_err(io(&journal, "rename journal"))?;
         if self.durability == Durability::Durable {
             secure_fs::sync_parent(&journal)?;
         }
-        let c = header.committed();
         self.committed = Some(c);
+        self.at = at;
         self.unapplied = Some(Unapplied {
             committed: c,
+            at,
             file: Some(file.file),
         });
         self.spool.discard_through(c);
@@ -522,8 +704,11 @@ impl Replica {
             return self.settle();
         }
         self.write_pages(staged)?;
-        let file = self.unapplied.take().and_then(|u| u.file);
-        self.finish(staged, file)
+        let (at, file) = self
+            .unapplied
+            .take()
+            .map_or((None, None), |u| (u.at, u.file));
+        self.finish(staged, file, at)
     }
 
     /// Applies a committed journal not applied yet, reading it back from disk: after this the
@@ -533,18 +718,43 @@ impl Replica {
             return Ok(());
         };
         let journal = self.journal_path();
-        let staged = read_journal(&journal)?;
+        let (staged, _) = read_journal(&journal)?;
         if JournalHeader::of(&staged).committed() != u.committed {
             return Err(ReplicaError::Corrupt(journal));
         }
         self.check(&staged)?;
         self.write_pages(&staged)?;
-        let file = self.unapplied.take().and_then(|u| u.file);
-        self.finish(&staged, file)
+        let (at, file) = self
+            .unapplied
+            .take()
+            .map_or((None, None), |u| (u.at, u.file));
+        self.finish(&staged, file, at)
     }
 
     fn journal_path(&self) -> PathBuf {
         self.dir.join("journal")
+    }
+
+    /// Writes the commit's record into the header of journal `f` (zeroes for none, so that a
+    /// reused file never carries an older one), synced with the journal when durable. On
+    /// failure the file goes back to the spool.
+    fn write_record(&self, f: SpoolFile, at: Option<ReplicaAt>) -> Result<SpoolFile, ReplicaError> {
+        let record = at.as_ref().map_or([0; RECORD_LEN], encode_record);
+        let written = f
+            .file
+            .write_all_at(&record, RECORD_OFFSET as u64)
+            .map_err(io(&f.path, "write the journal's commit record"))
+            .and_then(|()| match self.durability {
+                Durability::Durable => f.file.sync_data().map_err(io(&f.path, "sync journal")),
+                Durability::Atomic => Ok(()),
+            });
+        match written {
+            Ok(()) => Ok(f),
+            Err(e) => {
+                self.spool.recycle(f);
+                Err(e)
+            }
+        }
     }
 
     /// Writes `staged` whole into a spool file (a checkpoint without a sealed journal).
@@ -606,12 +816,13 @@ impl Replica {
         Ok(())
     }
 
-    /// After the pages: the device blob, the metadata, and the journal recycled (`file`, its
-    /// open file) or removed.
+    /// After the pages: the device blob, the metadata (the commit's record `at` and the
+    /// device blob's digest), and the journal recycled (`file`, its open file) or removed.
     fn finish(
         &mut self,
         staged: &StagedCheckpoint,
         file: Option<File>,
+        at: Option<ReplicaAt>,
     ) -> Result<(), ReplicaError> {
         let mode = PRIVATE_FILE_MODE;
         secure_fs::write_replace(
@@ -620,7 +831,17 @@ impl Replica {
             mode,
             self.durability,
         )?;
-        let meta = format!("{} {}\n", staged.generation, staged.epoch);
+        let meta = match at {
+            Some(a) => format!(
+                "v2 {} {} {} {} {}\n",
+                staged.generation,
+                staged.epoch,
+                a.lineage,
+                a.since.0,
+                xxh3_64(&staged.device)
+            ),
+            None => format!("{} {}\n", staged.generation, staged.epoch),
+        };
         let committed = self.dir.join("committed");
         secure_fs::write_replace(&committed, meta.as_bytes(), mode, self.durability)?;
         let journal = self.journal_path();
@@ -634,18 +855,58 @@ impl Replica {
         remove_if_present(&journal)
     }
 
-    fn read_committed(&self) -> Result<Option<Committed>, ReplicaError> {
+    fn read_committed(&self) -> Result<Option<CommitRecord>, ReplicaError> {
         let p = self.dir.join("committed");
         let Some(bytes) = read_private(&p)? else {
             return Ok(None);
         };
         let text = String::from_utf8(bytes).map_err(|_| ReplicaError::Corrupt(p.clone()))?;
-        let mut it = text.split_whitespace().map(str::parse::<u64>);
-        match (it.next(), it.next()) {
-            (Some(Ok(generation)), Some(Ok(epoch))) => Ok(Some(Committed { generation, epoch })),
-            _ => Err(ReplicaError::Corrupt(p)),
-        }
+        parse_committed(&text)
+            .map(Some)
+            .ok_or(ReplicaError::Corrupt(p))
     }
+}
+
+/// A `committed` file's contents: `v2 generation epoch lineage since device-xxh3`, or the
+/// older `generation epoch` (no record: not resumable).
+fn parse_committed(text: &str) -> Option<CommitRecord> {
+    let mut words = text.split_whitespace();
+    let v2 = text.starts_with("v2 ");
+    if v2 {
+        words.next();
+    }
+    let numbers: Vec<u64> = words.map(str::parse).collect::<Result<_, _>>().ok()?;
+    match (v2, &numbers[..]) {
+        (false, &[generation, epoch]) => Some(CommitRecord {
+            committed: Committed { generation, epoch },
+            at: None,
+            device: None,
+        }),
+        (true, &[generation, epoch, lineage, since, device]) => {
+            let committed = Committed { generation, epoch };
+            let at = ReplicaAt {
+                generation: Generation(generation),
+                lineage,
+                since: Epoch(since),
+                epoch: Epoch(epoch),
+            };
+            Some(CommitRecord {
+                committed,
+                at: record_fits(at, committed).then_some(at),
+                device: Some(device),
+            })
+        }
+        _ => None,
+    }
+}
+
+/// Removes the files of the committed state in `dir` (see [`Discarded`]), saying why.
+fn discard_files(dir: &Path, why: Discarded) -> Result<(), ReplicaError> {
+    tracing::warn!(dir = %dir.display(), "{why}");
+    for name in ["journal", "committed", "device"] {
+        remove_if_present(&dir.join(name))?;
+    }
+    Ok(())
 }
 
 fn remove_if_present(path: &Path) -> Result<(), ReplicaError> {
@@ -654,7 +915,7 @@ fn remove_if_present(path: &Path) -> Result<(), ReplicaError> {
             std::io::ErrorKind::NotFound => Ok(()),
             _ => Err(e),
         })
-        .map_err(io(path, "remove journal"))
+        .map_err(io(path, "remove"))
 }
 
 /// A whole journal of `s` (see the module docs for the layout).
@@ -703,8 +964,9 @@ fn read_private(path: &Path) -> Result<Option<Vec<u8>>, ReplicaError> {
     Ok(Some(b))
 }
 
-/// Reads a committed journal back (never through a symbolic link, only a file of ours).
-fn read_journal(path: &Path) -> Result<StagedCheckpoint, ReplicaError> {
+/// Reads a committed journal back (never through a symbolic link, only a file of ours), with
+/// its commit record if it holds one that fits it.
+fn read_journal(path: &Path) -> Result<(StagedCheckpoint, Option<ReplicaAt>), ReplicaError> {
     let corrupt = || ReplicaError::Corrupt(path.to_path_buf());
     let f = secure_fs::open_existing(path, false)?;
     let mut head = vec![0u8; HEADER_LEN];
@@ -719,7 +981,9 @@ fn read_journal(path: &Path) -> Result<StagedCheckpoint, ReplicaError> {
     let mut body = vec![0u8; len];
     f.read_exact_at(&mut body, HEADER_LEN as u64)
         .map_err(io(path, "read journal"))?;
-    decode_body(header, sum, body).ok_or_else(corrupt)
+    let staged = decode_body(header, sum, body).ok_or_else(corrupt)?;
+    let at = parse_record(&head).filter(|&at| record_fits(at, header.committed()));
+    Ok((staged, at))
 }
 
 fn decode_body(h: JournalHeader, sum: u64, mut body: Vec<u8>) -> Option<StagedCheckpoint> {
@@ -756,6 +1020,33 @@ fn decode_body(h: JournalHeader, sum: u64, mut body: Vec<u8>) -> Option<StagedCh
         disk_data,
         disk_indices,
     })
+}
+
+#[cfg(test)]
+impl Replica {
+    /// What the model's `Commit` says of `s` in a stream of generation `s.generation`, lineage
+    /// 1, synced at epoch 1.
+    pub(crate) fn stream_at(s: &StagedCheckpoint) -> ReplicaAt {
+        ReplicaAt {
+            generation: Generation(s.generation),
+            lineage: 1,
+            since: Epoch(s.epoch.min(1)),
+            epoch: Epoch(s.epoch),
+        }
+    }
+
+    /// [`Replica::commit`] with [`Replica::stream_at`].
+    pub(crate) fn commit_in_stream(&mut self, s: &StagedCheckpoint) -> Result<(), ReplicaError> {
+        self.commit(s, Replica::stream_at(s))
+    }
+
+    /// [`Replica::commit_point`] with [`Replica::stream_at`].
+    pub(crate) fn commit_point_in_stream(
+        &mut self,
+        s: &StagedCheckpoint,
+    ) -> Result<(), ReplicaError> {
+        self.commit_point(s, Replica::stream_at(s))
+    }
 }
 
 #[cfg(test)]
@@ -811,7 +1102,7 @@ mod tests {
             }
         }
         let s = whole.expect("the checkpoint passes staging");
-        replica.commit(&s).unwrap();
+        replica.commit_in_stream(&s).unwrap();
         assert_eq!(replica.committed().map(|c| c.epoch), Some(1));
     }
 
@@ -891,7 +1182,7 @@ mod tests {
         // Its bytes are exactly what a whole journal of the checkpoint holds.
         let on_disk = fs::read(d.path().join(&sealed[0])).unwrap();
         assert_eq!(on_disk, encode_journal(&s));
-        r.commit_point(&s).unwrap();
+        r.commit_point_in_stream(&s).unwrap();
         assert!(stage_files(d.path()).is_empty(), "renamed to the journal");
         assert!(d.path().join("journal").exists());
         assert_eq!(r.committed().map(|c| c.epoch), Some(1));
@@ -905,7 +1196,7 @@ mod tests {
         // The next checkpoint, shorter, reuses the spare: the older bytes past it are ignored.
         let s2 = receive(&mut w, 2, &[(7, 4)]);
         assert_eq!(stage_files(d.path()).len(), 1, "the spare was reused");
-        r.commit_point(&s2).unwrap();
+        r.commit_point_in_stream(&s2).unwrap();
         drop(r);
         // A crash before the apply: the journal, read back from the reused file, is replayed.
         let r = Replica::open(d.path(), &ram, RAM_PAGES * PS as u64, PS).unwrap();
@@ -920,16 +1211,16 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let ram = d.path().join("ram");
         let mut r = Replica::open(d.path(), &ram, 8 * PS as u64, PS).unwrap();
-        r.commit(&staged(1, &[(1, 1)])).unwrap();
+        r.commit_in_stream(&staged(1, &[(1, 1)])).unwrap();
         // Committed without its apply (say, the apply failed): reads apply it from the journal.
-        r.commit_point(&staged(2, &[(1, 2)])).unwrap();
+        r.commit_point_in_stream(&staged(2, &[(1, 2)])).unwrap();
         assert_eq!(page(&r, 1), vec![1; PS]);
         assert_eq!(r.device_state().unwrap(), vec![2; 100]);
         assert_eq!(page(&r, 1), vec![2; PS]);
         assert!(!r.unapplied());
         // The next commit settles an unapplied one first, as does the digest.
-        r.commit_point(&staged(3, &[(2, 3)])).unwrap();
-        r.commit_point(&staged(4, &[(3, 4)])).unwrap();
+        r.commit_point_in_stream(&staged(3, &[(2, 3)])).unwrap();
+        r.commit_point_in_stream(&staged(4, &[(3, 4)])).unwrap();
         assert_eq!(page(&r, 2), vec![3; PS]);
         let digest = r.ram_digest().unwrap();
         assert_eq!(page(&r, 3), vec![4; PS]);
@@ -939,7 +1230,7 @@ mod tests {
         }
         assert_eq!(digest, xxhash_rust::xxh3::xxh3_64(&expected));
         // Applying the wrong checkpoint applies the committed one from disk instead.
-        r.commit_point(&staged(5, &[(4, 5)])).unwrap();
+        r.commit_point_in_stream(&staged(5, &[(4, 5)])).unwrap();
         r.apply_committed(&staged(9, &[(4, 9)])).unwrap();
         assert_eq!(page(&r, 4), vec![5; PS]);
     }
@@ -955,12 +1246,12 @@ mod tests {
         // this checkpoint whole.
         let mut other = staged(1, &[(1, 1), (2, 2)]);
         other.spooled = sealed.spooled;
-        r.commit(&other).unwrap();
+        r.commit_in_stream(&other).unwrap();
         assert_eq!(page(&r, 2), vec![2; PS]);
         // A token nobody sealed, or one already used, falls back the same way.
         let mut again = staged(2, &[(3, 3)]);
         again.spooled = sealed.spooled;
-        r.commit(&again).unwrap();
+        r.commit_in_stream(&again).unwrap();
         assert_eq!(page(&r, 3), vec![3; PS]);
     }
 
@@ -969,7 +1260,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let ram = d.path().join("ram");
         let mut r = Replica::open(d.path(), &ram, 8 * PS as u64, PS).unwrap();
-        r.commit(&staged(2, &[(1, 2)])).unwrap();
+        r.commit_in_stream(&staged(2, &[(1, 2)])).unwrap();
         drop(r);
         // A crash after the metadata, before the journal's removal: its epoch is the committed
         // one (an older one alike): not replayed over what came after.
@@ -1024,7 +1315,7 @@ mod tests {
         let mut r = Replica::open(&d.path().join("r"), &ram, 16 * PS as u64, PS).unwrap();
         assert_eq!(std::fs::metadata(&ram).unwrap().len(), 16 * PS as u64);
         assert_eq!(page(&r, 0), vec![0; PS]);
-        r.commit(&staged(1, &[(3, 9)])).unwrap();
+        r.commit_in_stream(&staged(1, &[(3, 9)])).unwrap();
         drop(r);
         // Committed state at 16 pages: opening it as 32 pages is a configuration error.
         match Replica::open(&d.path().join("r"), &ram, 32 * PS as u64, PS) {
@@ -1046,7 +1337,7 @@ mod tests {
         let dir = d.path().join("r");
         let ram = d.path().join("ram");
         let mut r = Replica::open(&dir, &ram, 8 * PS as u64, PS).unwrap();
-        r.commit(&staged(1, &[(1, 1)])).unwrap();
+        r.commit_in_stream(&staged(1, &[(1, 1)])).unwrap();
         let mode = |p: &Path| fs::metadata(p).unwrap().mode() & 0o777;
         assert_eq!(mode(&dir), 0o700);
         for p in [ram.clone(), dir.join("device"), dir.join("committed")] {
@@ -1059,7 +1350,7 @@ mod tests {
         symlink(&victim, dir.join("journal.tmp")).unwrap();
         symlink(&victim, dir.join("device.tmp")).unwrap();
         let mut r = Replica::open(&dir, &ram, 8 * PS as u64, PS).unwrap();
-        r.commit(&staged(2, &[(1, 2)])).unwrap();
+        r.commit_in_stream(&staged(2, &[(1, 2)])).unwrap();
         assert_eq!(fs::read(&victim).unwrap(), b"precious");
         assert_eq!(r.device_state().unwrap(), vec![2; 100]);
         drop(r);
@@ -1079,8 +1370,8 @@ mod tests {
         let ram = d.path().join("ram");
         let mut r = Replica::open(d.path(), &ram, 16 * PS as u64, PS).unwrap();
         assert_eq!(r.committed(), None);
-        r.commit(&staged(1, &[(0, 1), (15, 2)])).unwrap();
-        r.commit(&staged(2, &[(15, 3)])).unwrap();
+        r.commit_in_stream(&staged(1, &[(0, 1), (15, 2)])).unwrap();
+        r.commit_in_stream(&staged(2, &[(15, 3)])).unwrap();
         assert_eq!(page(&r, 0), vec![1; PS]);
         assert_eq!(page(&r, 15), vec![3; PS]);
         assert_eq!(page(&r, 7), vec![0; PS]);
@@ -1101,7 +1392,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let ram = d.path().join("ram");
         let mut r = Replica::open(d.path(), &ram, 8 * PS as u64, PS).unwrap();
-        r.commit(&staged(1, &[(1, 1)])).unwrap();
+        r.commit_in_stream(&staged(1, &[(1, 1)])).unwrap();
         drop(r);
         // Crash after the commit point, before the pages were applied.
         fs::write(
@@ -1133,7 +1424,7 @@ mod tests {
         let ram = d.path().join("ram");
         let mut r = Replica::open(d.path(), &ram, 8 * PS as u64, PS).unwrap();
         assert!(matches!(
-            r.commit(&staged(1, &[(8, 1)])),
+            r.commit_in_stream(&staged(1, &[(8, 1)])),
             Err(ReplicaError::BadPage { index: 8, .. })
         ));
         assert_eq!(r.committed(), None);
@@ -1149,5 +1440,137 @@ mod tests {
             Replica::open(d.path(), &ram, 4 * PS as u64, PS),
             Err(ReplicaError::Corrupt(_)) | Err(ReplicaError::SizeMismatch { .. })
         ));
+    }
+
+    fn at(lineage: u64, since: u64, epoch: u64) -> ReplicaAt {
+        ReplicaAt {
+            generation: Generation(1),
+            lineage,
+            since: Epoch(since),
+            epoch: Epoch(epoch),
+        }
+    }
+
+    /// The replica a commit makes is what a reopened replica offers: whether the commit was
+    /// applied before the restart or replayed from its journal at open.
+    #[test]
+    fn the_commits_replica_record_survives_a_restart_applied_or_replayed() {
+        let d = tempfile::tempdir().unwrap();
+        let ram = d.path().join("ram");
+        let open = || Replica::open(d.path(), &ram, 8 * PS as u64, PS).unwrap();
+        let mut r = open();
+        assert_eq!(r.replica_at(), None);
+        r.commit(&staged(3, &[(1, 3)]), at(77, 3, 3)).unwrap();
+        assert_eq!(r.replica_at(), Some(at(77, 3, 3)));
+        drop(r);
+        let text = fs::read_to_string(d.path().join("committed")).unwrap();
+        assert!(text.starts_with("v2 1 3 77 3 "), "{text}");
+        let mut r = open();
+        assert_eq!(r.replica_at(), Some(at(77, 3, 3)));
+        assert_eq!(r.discarded(), None);
+        // Committed, not applied: the journal's header carries the record.
+        r.commit_point(&staged(4, &[(2, 4)]), at(77, 3, 4)).unwrap();
+        drop(r);
+        let r = open();
+        assert_eq!(r.replica_at(), Some(at(77, 3, 4)));
+        assert_eq!(page(&r, 2), vec![4; PS]);
+        // A record that does not describe its checkpoint is not kept.
+        let mut r = r;
+        r.commit(&staged(5, &[(2, 5)]), at(77, 3, 9)).unwrap();
+        assert_eq!(r.replica_at(), None);
+        assert_eq!(r.committed().map(|c| c.epoch), Some(5));
+        drop(r);
+        assert_eq!(open().replica_at(), None);
+    }
+
+    /// A `committed` file of the older format (generation and epoch) keeps the checkpoint for a
+    /// takeover but offers no replica; garbage is still corrupt, not a panic.
+    #[test]
+    fn an_older_commit_record_is_not_resumable() {
+        let d = tempfile::tempdir().unwrap();
+        let ram = d.path().join("ram");
+        let mut r = Replica::open(d.path(), &ram, 8 * PS as u64, PS).unwrap();
+        r.commit(&staged(2, &[(1, 2)]), at(5, 1, 2)).unwrap();
+        drop(r);
+        fs::write(d.path().join("committed"), "1 2\n").unwrap();
+        let r = Replica::open(d.path(), &ram, 8 * PS as u64, PS).unwrap();
+        assert_eq!(r.committed().map(|c| c.epoch), Some(2));
+        assert_eq!(r.replica_at(), None);
+        assert_eq!(r.discarded(), None);
+        drop(r);
+        for bad in ["v2 1 2 3\n", "v3 1 2 3 4 5\n", "one two\n", "1 2 3\n"] {
+            fs::write(d.path().join("committed"), bad).unwrap();
+            assert!(
+                matches!(
+                    Replica::open(d.path(), &ram, 8 * PS as u64, PS),
+                    Err(ReplicaError::Corrupt(_))
+                ),
+                "{bad:?}"
+            );
+        }
+    }
+
+    /// Committed state without its RAM file (a reboot emptied the tmpfs), or with a device blob
+    /// that is not the one committed, is thrown away: no epoch is claimed for it.
+    #[test]
+    fn a_replica_missing_its_ram_or_with_another_device_state_is_discarded() {
+        let d = tempfile::tempdir().unwrap();
+        let ram = d.path().join("ram");
+        let dir = d.path().join("r");
+        let open = || Replica::open(&dir, &ram, 8 * PS as u64, PS).unwrap();
+        let mut r = open();
+        r.commit(&staged(2, &[(1, 2)]), at(5, 1, 2)).unwrap();
+        drop(r);
+        fs::remove_file(&ram).unwrap();
+        let r = open();
+        assert_eq!(r.discarded(), Some(Discarded::RamMissing));
+        assert_eq!((r.committed(), r.replica_at()), (None, None));
+        assert!(!dir.join("committed").exists());
+        assert!(!dir.join("device").exists());
+        let mut r = r;
+        r.commit(&staged(3, &[(1, 3)]), at(6, 3, 3)).unwrap();
+        // A committed journal (not applied) goes too: it applies on top of the lost RAM.
+        r.commit_point(&staged(4, &[(1, 4)]), at(6, 3, 4)).unwrap();
+        drop(r);
+        fs::write(&ram, b"").unwrap();
+        let r = open();
+        assert_eq!(r.discarded(), Some(Discarded::RamMissing));
+        assert!(!dir.join("journal").exists());
+        assert_eq!(r.committed(), None);
+        let mut r = r;
+        r.commit(&staged(5, &[(1, 5)]), at(7, 5, 5)).unwrap();
+        drop(r);
+        fs::write(dir.join("device"), b"tampered").unwrap();
+        let r = open();
+        assert_eq!(r.discarded(), Some(Discarded::DeviceMismatch));
+        assert_eq!((r.committed(), r.replica_at()), (None, None));
+        drop(r);
+        let r = open();
+        assert_eq!(r.discarded(), None, "nothing left to discard");
+        assert_eq!(r.committed(), None);
+    }
+
+    /// A journal of another stream than the committed one is newer, whatever its epoch (a
+    /// full sync of another primary's run): it is replayed, not taken for an applied one.
+    #[test]
+    fn a_journal_of_another_stream_is_replayed_whatever_its_epoch() {
+        let d = tempfile::tempdir().unwrap();
+        let ram = d.path().join("ram");
+        let mut r = Replica::open(d.path(), &ram, 8 * PS as u64, PS).unwrap();
+        r.commit(&staged(9, &[(1, 9)]), at(5, 1, 9)).unwrap();
+        r.commit_point(&staged(2, &[(1, 2)]), at(6, 2, 2)).unwrap();
+        drop(r);
+        let r = Replica::open(d.path(), &ram, 8 * PS as u64, PS).unwrap();
+        assert_eq!(r.replica_at(), Some(at(6, 2, 2)));
+        assert_eq!(page(&r, 1), vec![2; PS]);
+        // The commit record sits in the header, past the checksummed fields: parsed back whole,
+        // and a damaged one is no record.
+        let mut head = encode_journal(&staged(2, &[]));
+        head[RECORD_OFFSET..RECORD_OFFSET + RECORD_LEN]
+            .copy_from_slice(&encode_record(&at(6, 2, 2)));
+        assert_eq!(parse_record(&head), Some(at(6, 2, 2)));
+        head[RECORD_OFFSET + 20] ^= 1;
+        assert_eq!(parse_record(&head), None);
+        assert_eq!(parse_record(&head[..RECORD_OFFSET + 4]), None);
     }
 }

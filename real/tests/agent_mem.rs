@@ -346,6 +346,9 @@ async fn a_backup_drops_bad_checkpoints_and_their_links_but_keeps_running_and_it
             let sync = PeerMsg::SyncStart {
                 generation: Generation(1),
                 epoch: Epoch(e),
+                base: None,
+                lineage: 0,
+                continues: false,
             };
             send_sealed(&mut s, &mut sealer, &encode_peer(VmId(7), &sync));
             let pages: Vec<(u64, Vec<u8>)> = (0..PAGES).map(|i| (i, vec![fill; PAGE])).collect();

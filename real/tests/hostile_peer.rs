@@ -56,6 +56,7 @@ fn join(node: u32, known: u64) -> Vec<u8> {
             ram_pages: PAGES,
             page_size: PAGE as u32,
             known: Generation(known),
+            replica: None,
             disk_blocks: 0,
         },
     )

@@ -13,9 +13,7 @@
 use std::collections::{BTreeMap, BTreeSet};
 
 use ftvm_driver::journal::{replay, Divergence, HostEntry, Record, WitnessEntry};
-use ftvm_model::{
-    Action, Config, Epoch, Generation, Input, NodeId, PeerMsg, Start, Time, WitnessState,
-};
+use ftvm_model::{Action, Config, Generation, Input, NodeId, PeerMsg, Start, Time, WitnessState};
 
 use crate::invariant::{Invariant, Violation};
 use crate::observer::{Instance, ObservedStats, Observer};
@@ -70,8 +68,13 @@ struct NodeState {
     instance: Option<Instance>,
     /// Its generation.
     generation: Generation,
-    /// The stream this replica follows: (its primary, generation, sync epoch).
-    stream: Option<(NodeId, Generation, Epoch)>,
+    /// The primary whose stream this replica follows.
+    stream: Option<NodeId>,
+    /// What the commit under way makes the replica (from the model's `Commit`).
+    committing: Option<ftvm_model::ReplicaAt>,
+    /// Generation of the stream the replica's last commit came from (or of the replica a
+    /// restarted backup kept).
+    replica_generation: Option<Generation>,
     /// A fresh primary boots its VM at its first `ResumeVm`.
     fresh_primary: bool,
 }
@@ -146,6 +149,10 @@ impl NodeState {
         NodeState {
             fresh_primary: start == Start::Primary,
             generation: Generation::FIRST,
+            replica_generation: match start {
+                Start::Resume { replica } => Some(replica.generation),
+                _ => None,
+            },
             ..NodeState::default()
         }
     }
@@ -154,18 +161,22 @@ impl NodeState {
 fn observe(obs: &mut Observer, now: Time, node: NodeId, s: &mut NodeState, record: Record) {
     match record {
         Record::Started(start) => *s = NodeState::started(start),
+        Record::Lineage(_) => {}
         Record::Input(Input::Message {
             from,
-            msg: PeerMsg::SyncStart { generation, epoch },
-        }) => s.stream = Some((from, generation, epoch)),
+            msg: PeerMsg::SyncStart { .. },
+        }) => s.stream = Some(from),
+        Record::Action(Action::Commit { replica, .. }) => s.committing = Some(replica),
         Record::Input(Input::Committed { epoch }) => {
-            if let Some((primary, generation, since)) = s.stream {
+            let at = s.committing.take().filter(|r| r.epoch == epoch);
+            if let (Some(primary), Some(r)) = (s.stream, at) {
+                s.replica_generation = Some(r.generation);
                 let origin = Origin {
                     primary,
-                    generation,
+                    generation: r.generation,
                     epoch,
                 };
-                obs.committed(now, node, origin, Some(since), None);
+                obs.committed(now, node, origin, Some(r.since), None);
             }
         }
         Record::Input(_) => {}
@@ -180,7 +191,7 @@ fn observe(obs: &mut Observer, now: Time, node: NodeId, s: &mut NodeState, recor
         }
         Record::Action(Action::StartVm { from, generation }) => {
             let instance = obs.new_instance(node);
-            let lineage = s.stream.map_or(generation, |(_, g, _)| g);
+            let lineage = s.replica_generation.unwrap_or(generation);
             obs.restored(now, node, instance, lineage, from, &[]);
             s.instance = Some(instance);
             s.generation = generation;

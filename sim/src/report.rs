@@ -125,14 +125,17 @@ impl RunReport {
         let s = &self.stats;
         let o = &s.observed;
         let mut line = format!(
-            "seed {}: {} {} (epochs {}, failovers {}, generation {}, replies {}, response p50 \
-             {:.1} ms, VM paused {:.1}%, {:.0}x real time)",
+            "seed {}: {} {} (epochs {}, failovers {}, generation {}, syncs {} full ({} \
+             committed) + {} catch-up, replies {}, response p50 {:.1} ms, VM paused {:.1}%, {:.0}x real time)",
             self.seed,
             self.verdict,
             self.scenario,
             o.epochs,
             o.failovers,
             o.max_generation,
+            o.full_syncs,
+            o.full_syncs_committed,
+            o.catch_ups,
             o.replies_seen,
             o.response_p50_us as f64 / 1e3,
             crate::runner::idle_pct(o.paused_us, Duration::from_millis(s.sim_ms)),

@@ -28,9 +28,17 @@ pub(crate) struct World {
     pub witness_disk: WitnessState,
     /// How many times each node's software has started.
     pub starts: BTreeMap<NodeId, u32>,
+    /// Nodes whose next start keeps their committed replica (`restart … keep_replica`).
+    pub resume: std::collections::BTreeSet<NodeId>,
+    /// Each node's replica as of its last commit, kept while the scenario restarts some node
+    /// with its replica (the "disk" such a restart reads).
+    pub kept: Option<BTreeMap<NodeId, crate::vm::replica::Replica>>,
     /// The checkpoint each node is writing right now: (bytes written, frame length). Fault
     /// triggers use it.
     pub sending: BTreeMap<NodeId, (u64, u64)>,
+    /// The last catch-up sync each node captured as a primary (the `catching_up` trigger
+    /// holds until its backup acks it).
+    pub catching_up: BTreeMap<NodeId, ftvm_model::Epoch>,
     /// Bytes handed to the simulated network.
     pub bytes_sent: u64,
     /// Faults that never fired (set at the end of the run).

@@ -60,7 +60,7 @@ fn a_corrupt_checkpoint_reaches_the_backup_model_as_received_not_ok_and_drops_th
         let rest = &events[i + 1..];
         assert!(!rest.iter().any(|w| matches!(
             w,
-            TraceKind::Action(Action::Commit { epoch: e }) if e == epoch
+            TraceKind::Action(Action::Commit { epoch: e, .. }) if e == epoch
         )));
         let next_input = rest.iter().find(|w| matches!(w, TraceKind::Input(inp) if !matches!(inp, Input::Timeout | Input::WitnessReply(_))));
         assert!(

@@ -127,7 +127,13 @@ impl Timed {
             } => {
                 let mut v = vec![start(FaultAction::Crash { host, silent })];
                 if let Some(after) = restart_after_ms {
-                    v.push(undo(after, FaultAction::Restart { host }));
+                    v.push(undo(
+                        after,
+                        FaultAction::Restart {
+                            host,
+                            keep_replica: false,
+                        },
+                    ));
                 }
                 v
             }
@@ -140,6 +146,7 @@ impl Timed {
                     lasts_ms,
                     FaultAction::Restart {
                         host: HostRef::Witness,
+                        keep_replica: false,
                     },
                 ),
             ],

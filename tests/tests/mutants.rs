@@ -39,6 +39,8 @@ fn breaks(m: Mutant) -> &'static [Invariant] {
         Mutant::DenialKeepsFloor => &[Invariant::Liveness],
         // The replica disk takes writes of an epoch it did not (or not yet) commit.
         Mutant::DiskWritesBeforeCommit => &[Invariant::DiskConsistency],
+        // The catch-up misses an epoch's writes: the replica is no state the VM was in.
+        Mutant::CatchUpSkipsEpoch => &[Invariant::PrefixConsistency, Invariant::DiskConsistency],
     }
 }
 
@@ -53,6 +55,7 @@ fn designated(m: Mutant) -> &'static str {
         Mutant::DropKeepsFloor => "stale-witness-traffic",
         Mutant::DenialKeepsFloor => "register-overtaken",
         Mutant::DiskWritesBeforeCommit => "disk-crash-mid-epoch",
+        Mutant::CatchUpSkipsEpoch => "backup-restart-keeps-replica",
     }
 }
 

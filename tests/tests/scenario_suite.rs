@@ -98,6 +98,9 @@ scenario_tests! {
     output_driven_epochs => "output-driven-epochs",
     disk_crash_mid_epoch => "disk-crash-mid-epoch",
     disk_failover_during_sync => "disk-failover-during-sync",
+    corrupt_then_crash_during_catch_up => "corrupt-then-crash-during-catch-up",
+    flapping_link_30 => "flapping-link-30",
+    backup_restart_keeps_replica => "backup-restart-keeps-replica",
 }
 
 /// A scenario file added without a test above would go unchecked: list them all here.

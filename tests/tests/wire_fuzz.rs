@@ -91,6 +91,12 @@ fn peer_msg(rng: &mut StdRng, stale_ok: bool) -> PeerMsg {
             // Exempt from the generation check: any, the unknown one included.
             known: Generation(rng.gen_range(0..6)),
             disk_blocks: if rng.gen_bool(0.5) { 0 } else { rng.gen() },
+            replica: rng.gen_bool(0.5).then(|| ftvm_model::ReplicaAt {
+                generation: Generation(rng.gen_range(1..6)),
+                lineage: rng.gen(),
+                since: epoch(rng),
+                epoch: epoch(rng),
+            }),
         },
         1 => PeerMsg::Reject {
             generation,
@@ -107,6 +113,9 @@ fn peer_msg(rng: &mut StdRng, stale_ok: bool) -> PeerMsg {
         2 => PeerMsg::SyncStart {
             generation,
             epoch: epoch(rng),
+            base: rng.gen_bool(0.5).then(|| epoch(rng)),
+            lineage: rng.gen(),
+            continues: rng.gen_bool(0.5),
         },
         3 => PeerMsg::Ack {
             generation,

@@ -21,7 +21,7 @@ use crate::ids::{Generation, VmId};
 /// Frame magic.
 pub const MAGIC: [u8; 4] = *b"FTVM";
 /// Protocol version this build speaks.
-pub const VERSION: u16 = 2;
+pub const VERSION: u16 = 3;
 /// Header length including its checksum.
 pub const HEADER_LEN: usize = 36;
 /// Trailer (body checksum) length.

@@ -6,7 +6,7 @@ use super::bytes::{Reader, Writer};
 use super::error::WireError;
 use super::header::FrameKind;
 use crate::ids::{Epoch, Generation, NodeId, VmId};
-use crate::msg::{PeerMsg, RejectReason};
+use crate::msg::{PeerMsg, RejectReason, ReplicaAt};
 use crate::witness_msg::{Registration, WitnessReply, WitnessRequest, WitnessState};
 
 const REQUEST_LEN: u64 = 25;
@@ -15,9 +15,10 @@ const STATE_LEN: u64 = 54;
 /// Fixed body length of a message kind (`None` for checkpoints, whose length varies).
 pub(crate) fn body_len(kind: FrameKind) -> Option<u64> {
     Some(match kind {
-        FrameKind::Join => 24,
+        FrameKind::Join => 24 + 1 + 32,
         FrameKind::Reject => 1,
-        FrameKind::SyncStart | FrameKind::Ack | FrameKind::Heartbeat => 8,
+        FrameKind::SyncStart => 8 + 1 + 8 + 8 + 1,
+        FrameKind::Ack | FrameKind::Heartbeat => 8,
         FrameKind::WitnessRequest => REQUEST_LEN,
         FrameKind::WitnessReply => REQUEST_LEN + 1 + STATE_LEN,
         FrameKind::Checkpoint => return None,
@@ -33,20 +34,43 @@ pub(crate) fn encode_peer(msg: &PeerMsg, body: &mut Vec<u8>) -> (FrameKind, Gene
             ram_pages,
             page_size,
             disk_blocks,
+            replica,
             ..
         } => {
             w.u32(node.0);
             w.u64(ram_pages);
             w.u32(page_size);
             w.u64(disk_blocks);
+            // Flag, then generation, lineage, since, epoch (all zero without a replica).
+            w.bool(replica.is_some());
+            let r = replica.unwrap_or(ReplicaAt {
+                generation: Generation(0),
+                lineage: 0,
+                since: Epoch(0),
+                epoch: Epoch(0),
+            });
+            w.u64(r.generation.0);
+            w.u64(r.lineage);
+            w.u64(r.since.0);
+            w.u64(r.epoch.0);
             FrameKind::Join
         }
         PeerMsg::Reject { reason, .. } => {
             w.u8(reason.code());
             FrameKind::Reject
         }
-        PeerMsg::SyncStart { epoch, .. } => {
+        PeerMsg::SyncStart {
+            epoch,
+            base,
+            lineage,
+            continues,
+            ..
+        } => {
             w.u64(epoch.0);
+            w.bool(base.is_some());
+            w.u64(base.map_or(0, |b| b.0));
+            w.u64(lineage);
+            w.bool(continues);
             FrameKind::SyncStart
         }
         PeerMsg::Ack { epoch, .. } => {
@@ -77,16 +101,43 @@ pub(crate) fn decode_peer(
             page_size: r.u32()?,
             disk_blocks: r.u64()?,
             known: generation,
+            replica: {
+                let present = r.bool()?;
+                let at = ReplicaAt {
+                    generation: Generation(r.u64()?),
+                    lineage: r.u64()?,
+                    since: Epoch(r.u64()?),
+                    epoch: Epoch(r.u64()?),
+                };
+                match present {
+                    true => Some(at),
+                    false if at == ReplicaAt::default() => None,
+                    false => return Err(WireError::Malformed("fields of an absent replica set")),
+                }
+            },
         },
         FrameKind::Reject => PeerMsg::Reject {
             generation,
             reason: RejectReason::from_code(r.u8()?)
                 .ok_or(WireError::Malformed("unknown reject reason"))?,
         },
-        FrameKind::SyncStart => PeerMsg::SyncStart {
-            generation,
-            epoch: Epoch(r.u64()?),
-        },
+        FrameKind::SyncStart => {
+            let epoch = Epoch(r.u64()?);
+            let present = r.bool()?;
+            let base = Epoch(r.u64()?);
+            let base = match present {
+                true => Some(base),
+                false if base == Epoch(0) => None,
+                false => return Err(WireError::Malformed("base of a full sync set")),
+            };
+            PeerMsg::SyncStart {
+                generation,
+                epoch,
+                base,
+                lineage: r.u64()?,
+                continues: r.bool()?,
+            }
+        }
         FrameKind::Ack => PeerMsg::Ack {
             generation,
             epoch: Epoch(r.u64()?),

@@ -26,6 +26,7 @@ fn all_peer_msgs() -> Vec<PeerMsg> {
             page_size: 4096,
             disk_blocks: 1 << 24,
             known: g,
+            replica: None,
         },
         PeerMsg::Join {
             vm: VM,
@@ -34,6 +35,7 @@ fn all_peer_msgs() -> Vec<PeerMsg> {
             page_size: 4096,
             disk_blocks: 0,
             known: Generation::UNKNOWN,
+            replica: None,
         },
         PeerMsg::Reject {
             generation: g,
@@ -50,6 +52,9 @@ fn all_peer_msgs() -> Vec<PeerMsg> {
         PeerMsg::SyncStart {
             generation: g,
             epoch: Epoch(17),
+            base: None,
+            lineage: 0,
+            continues: false,
         },
         PeerMsg::Ack {
             generation: g,
@@ -594,6 +599,7 @@ fn wrong_vm_is_refused() {
         page_size: 4096,
         disk_blocks: 0,
         known: Generation(0),
+        replica: None,
     };
     let frame = encode_peer(VM, &join);
     assert!(matches!(
@@ -858,22 +864,43 @@ fn arb_peer_msg() -> impl Strategy<Value = PeerMsg> {
             any::<u64>(),
             any::<u32>(),
             any::<u64>(),
-            arb_gen()
+            arb_gen(),
+            proptest::option::of((arb_gen(), any::<u64>(), any::<u64>(), any::<u64>())),
         )
-            .prop_map(|(n, r, p, d, known)| PeerMsg::Join {
+            .prop_map(|(n, r, p, d, known, replica)| PeerMsg::Join {
                 vm: VM,
                 node: NodeId(n),
                 ram_pages: r,
                 page_size: p,
                 disk_blocks: d,
                 known,
+                replica: replica.map(|(generation, lineage, since, epoch)| {
+                    crate::msg::ReplicaAt {
+                        generation,
+                        lineage,
+                        since: Epoch(since),
+                        epoch: Epoch(epoch),
+                    }
+                }),
             }),
         (arb_gen(), arb_reason())
             .prop_map(|(generation, reason)| PeerMsg::Reject { generation, reason }),
-        (arb_gen(), any::<u64>()).prop_map(|(generation, e)| PeerMsg::SyncStart {
-            generation,
-            epoch: Epoch(e)
-        }),
+        (
+            arb_gen(),
+            any::<u64>(),
+            proptest::option::of(any::<u64>()),
+            any::<u64>(),
+            any::<bool>()
+        )
+            .prop_map(
+                |(generation, e, base, lineage, continues)| PeerMsg::SyncStart {
+                    generation,
+                    epoch: Epoch(e),
+                    base: base.map(Epoch),
+                    lineage,
+                    continues,
+                }
+            ),
         (arb_gen(), any::<u64>()).prop_map(|(generation, e)| PeerMsg::Ack {
             generation,
             epoch: Epoch(e)

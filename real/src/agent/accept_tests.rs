@@ -188,6 +188,7 @@ mod live {
             ram_pages: 16,
             page_size: 4096,
             known: Generation(0),
+            replica: None,
             disk_blocks: 0,
         };
         let frame = ftvm_model::wire::encode_peer(VmId(7), &join);

@@ -10,12 +10,14 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use ftvm_driver::Effect;
-use ftvm_model::{Action, Epoch, Generation, Input, NodeId, PeerMsg, WitnessRequest};
+use ftvm_model::{
+    Action, Epoch, Generation, Input, NodeId, PeerMsg, ReplicaAt, Scope, WitnessRequest,
+};
 
 use super::capture::CaptureMode;
 use super::event::{CommitError, ConnId, Event};
 use super::link::{self, CowPages, Outgoing, PausedPages, Side};
-use super::metrics::EpochMetrics;
+use super::metrics::{EpochMetrics, LastSync};
 use super::vm::{RestorePoint, Vm, VmError, VmLauncher};
 use super::{new_conn, witness, Agent, AgentError};
 use crate::net::output::HeldFrame;
@@ -44,7 +46,7 @@ impl<L: VmLauncher> Agent<L> {
         }
         match action {
             Action::PauseVm => self.pause_vm().await,
-            Action::Capture { epoch, full } => self.capture(epoch, full, pending).await,
+            Action::Capture { epoch, scope } => self.capture(epoch, scope, pending).await,
             Action::ResumeVm { epoch } => self.resume_vm(epoch).await,
             Action::SendCheckpoint {
                 epoch,
@@ -75,8 +77,8 @@ impl<L: VmLauncher> Agent<L> {
                 self.send_released(released).await;
                 Ok(())
             }
-            Action::Commit { epoch } => {
-                self.commit(epoch, staged);
+            Action::Commit { epoch, replica } => {
+                self.commit(epoch, replica, staged);
                 Ok(())
             }
             Action::StartVm { from, generation } => self.start_vm(from, generation, pending).await,
@@ -107,7 +109,7 @@ impl<L: VmLauncher> Agent<L> {
     async fn capture(
         &mut self,
         epoch: Epoch,
-        full: bool,
+        scope: Scope,
         pending: &mut VecDeque<Input>,
     ) -> Result<(), AgentError> {
         let mut buf = self
@@ -122,7 +124,7 @@ impl<L: VmLauncher> Agent<L> {
         let Some(vm) = self.vm.as_mut() else {
             return Err(VmError::failed("capture", "no VM is running").into());
         };
-        let stats = vm.capture(full, self.cfg.capture, &mut buf).await?;
+        let stats = vm.capture(epoch, scope, self.cfg.capture, &mut buf).await?;
         if self.cfg.capture == CaptureMode::Cow {
             let cow = vm.take_cow().ok_or_else(|| {
                 VmError::failed(
@@ -135,6 +137,8 @@ impl<L: VmLauncher> Agent<L> {
         self.captured_disk = vm.take_disk_sync();
         buf.generation = self.driver.status().generation.0;
         buf.epoch = epoch.0;
+        // A catch-up applies on top of the backup's replica, like an ordinary epoch.
+        let full = scope == Scope::Full;
         buf.full = full;
         if self.verify_due(epoch) {
             if let Some(vm) = self.vm.as_mut() {
@@ -149,6 +153,10 @@ impl<L: VmLauncher> Agent<L> {
             epoch: epoch.0,
             generation: buf.generation,
             full,
+            catch_up_from: match scope {
+                Scope::Since(base) => Some(base.0),
+                Scope::Epoch | Scope::Full => None,
+            },
             dirty_pages: stats.pages,
             scan_us: stats.scan_us,
             copy_us: stats.copy_us,
@@ -159,6 +167,13 @@ impl<L: VmLauncher> Agent<L> {
             protected: stats.protected,
             ..EpochMetrics::default()
         };
+        if let Some(sync) = m.last_sync() {
+            self.log_sync(&sync, &m);
+            self.last_sync = Some(sync);
+            // A sync is news for whoever watches the status file (a catch-up may be acked
+            // before the next periodic rewrite).
+            self.write_status();
+        }
         self.open_epochs.insert(epoch.0, (m, None));
         self.captured = Some(buf);
         pending.push_back(Input::CaptureDone {
@@ -167,6 +182,23 @@ impl<L: VmLauncher> Agent<L> {
             bytes,
         });
         Ok(())
+    }
+
+    /// One line per sync captured: which kind, and what it holds.
+    fn log_sync(&self, sync: &LastSync, m: &EpochMetrics) {
+        let (pages, blocks) = (m.dirty_pages, m.disk_blocks);
+        match sync.base {
+            Some(base) => tracing::info!(
+                node = self.cfg.node.0,
+                "catch-up sync in epoch {}: {pages} pages and {blocks} disk blocks written since the backup's epoch {base}",
+                sync.epoch
+            ),
+            None => tracing::info!(
+                node = self.cfg.node.0,
+                "full sync in epoch {}: {pages} pages and {blocks} disk blocks",
+                sync.epoch
+            ),
+        }
     }
 
     /// Guest RAM in bytes.
@@ -252,6 +284,11 @@ impl<L: VmLauncher> Agent<L> {
             return;
         }
         let paused = self.cfg.capture == CaptureMode::PausedSend;
+        // A catch-up is no full checkpoint, but as long to send: its progress is shown too.
+        let sync = self
+            .open_epochs
+            .get(&epoch.0)
+            .is_some_and(|(m, _)| m.is_sync());
         let out = match (self.vm.as_ref().filter(|_| paused), cow) {
             (Some(vm), _) => {
                 // SAFETY: the VM stays paused until this link reports the checkpoint sent or goes
@@ -259,16 +296,19 @@ impl<L: VmLauncher> Agent<L> {
                 // drop_conn).
                 let mut p = unsafe { PausedPages::new(generation, full, staged, vm.guest_ram()) };
                 p.disk = disk;
+                p.sync = sync;
                 Outgoing::PausedSend(Box::new(p))
             }
             (None, Some(cow)) => {
                 let mut c = CowPages::new(generation, full, staged, cow);
                 c.disk = disk;
+                c.sync = sync;
                 Outgoing::Cow(Box::new(c))
             }
             (None, None) => Outgoing::Checkpoint {
                 generation,
                 full,
+                sync,
                 staged,
                 disk,
             },
@@ -402,8 +442,10 @@ impl<L: VmLauncher> Agent<L> {
     /// pages to the RAM file, at a lower priority than the ack's path. Whatever reads the
     /// replica before that (the next commit, a failover's `start_vm`) applies it first from the
     /// journal (`Replica::settle`). An epoch whose RAM digest is recorded (`verify_every`) is
-    /// applied here, so that the digest is of that checkpoint and not of a later one.
-    fn commit(&mut self, epoch: Epoch, staged: Option<StagedCheckpoint>) {
+    /// applied here, so that the digest is of that checkpoint and not of a later one. The
+    /// journal that makes the commit carries `replica`, what the replica is once it lands
+    /// (what a restart offers the primary).
+    fn commit(&mut self, epoch: Epoch, replica_at: ReplicaAt, staged: Option<StagedCheckpoint>) {
         let replica = self.replica.clone();
         let tx = self.tx.clone();
         let verify = self.verify_due(epoch).then(|| self.verify_path());
@@ -418,7 +460,7 @@ impl<L: VmLauncher> Agent<L> {
             let Ok(mut r) = replica.lock() else {
                 return committed(Some(CommitError::LockPoisoned));
             };
-            if let Err(e) = r.commit_point(&s) {
+            if let Err(e) = r.commit_point(&s, replica_at) {
                 return committed(Some(e.into()));
             }
             committed(None);

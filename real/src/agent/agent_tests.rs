@@ -1,7 +1,9 @@
 use std::collections::VecDeque;
 
 use ftvm_driver::{Effect, LinkEvent};
-use ftvm_model::{Action, Config, Epoch, Gate, Generation, Input, NodeId, Start, VmId};
+use ftvm_model::{
+    Action, Config, Epoch, Gate, Generation, Input, NodeId, ReplicaAt, Scope, Start, VmId,
+};
 
 use super::actions::witness_exchange_timeout;
 use super::event::{CommitError, ConnId, Event};
@@ -30,6 +32,17 @@ fn live_link(agent: &mut Agent<MemLauncher>, conn: ConnId, peer: NodeId) {
     );
 }
 
+/// What the model's `Commit` of `epoch` says in a stream of generation 1, lineage 9, synced at
+/// epoch 1.
+fn replica_at(epoch: u64) -> ReplicaAt {
+    ReplicaAt {
+        generation: Generation(1),
+        lineage: 9,
+        since: Epoch(1),
+        epoch: Epoch(epoch),
+    }
+}
+
 fn agent(dir: &std::path::Path, node: NodeId, start: Start) -> Agent<MemLauncher> {
     let addr: SocketAddr = "127.0.0.1:9".parse().unwrap();
     let cfg = AgentConfig {
@@ -51,6 +64,7 @@ fn agent(dir: &std::path::Path, node: NodeId, start: Start) -> Agent<MemLauncher
         verify_every: None,
         limits: AgentLimits::default(),
         journal: None,
+        resume_replica: true,
         identity: Arc::new(
             crate::auth::Identity::generate_set(&[node])
                 .unwrap()
@@ -128,7 +142,13 @@ async fn commit_failures_are_typed() {
     let mut agent = backup(dir.path());
     let mut pending = VecDeque::new();
     agent
-        .execute(bare(Action::Commit { epoch: Epoch(3) }), &mut pending)
+        .execute(
+            bare(Action::Commit {
+                epoch: Epoch(3),
+                replica: replica_at(3),
+            }),
+            &mut pending,
+        )
         .await
         .unwrap();
     let ev = agent.rx.recv().await.unwrap();
@@ -184,7 +204,7 @@ async fn resume_boots_and_capture_stages_the_epoch() {
     assert!(agent.paused_at.is_some());
     let capture = bare(Action::Capture {
         epoch: Epoch(1),
-        full: true,
+        scope: Scope::Full,
     });
     agent.execute(capture, &mut pending).await.unwrap();
     let captured = agent.captured.as_ref().expect("captured");
@@ -214,7 +234,7 @@ async fn capture_without_a_vm_fails_typed() {
     let mut agent = backup(dir.path());
     let capture = bare(Action::Capture {
         epoch: Epoch(1),
-        full: false,
+        scope: Scope::Epoch,
     });
     let err = agent
         .execute(capture, &mut VecDeque::new())
@@ -239,7 +259,10 @@ async fn commit_applies_the_staged_checkpoint() {
         disk_data: Vec::new(),
         disk_indices: Vec::new(),
     };
-    let mut commit = bare(Action::Commit { epoch: Epoch(4) });
+    let mut commit = bare(Action::Commit {
+        epoch: Epoch(4),
+        replica: replica_at(4),
+    });
     commit.staged = Some(staged);
     let mut pending = VecDeque::new();
     agent.execute(commit, &mut pending).await.unwrap();
@@ -257,7 +280,10 @@ async fn start_vm_restores_from_the_replica() {
     let dir = tempfile::tempdir().unwrap();
     let mut agent = backup(dir.path());
     let mut pending = VecDeque::new();
-    let mut commit = bare(Action::Commit { epoch: Epoch(1) });
+    let mut commit = bare(Action::Commit {
+        epoch: Epoch(1),
+        replica: replica_at(1),
+    });
     commit.staged = Some(StagedCheckpoint {
         generation: 1,
         epoch: 1,
@@ -346,5 +372,60 @@ async fn a_poisoned_replica_lock_is_its_own_error() {
     assert!(
         matches!(err, AgentError::ReplicaLockPoisoned),
         "expected ReplicaLockPoisoned, got {err:?}"
+    );
+}
+
+/// A backup start with a kept, resumable replica becomes `Start::Resume` from it (unless
+/// `resume_replica` is off); a primary start, or a replica with nothing to offer, is left as
+/// configured.
+#[test]
+fn a_backup_start_resumes_from_a_kept_replica() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = backup(dir.path()).cfg;
+    let kept = replica_at(6);
+    let resume = Start::Resume { replica: kept };
+    assert_eq!(start_with(&cfg, Some(kept)), resume);
+    assert_eq!(start_with(&cfg, None), cfg.start);
+    cfg.start = Start::Rejoin;
+    assert_eq!(start_with(&cfg, Some(kept)), resume);
+    cfg.resume_replica = false;
+    assert_eq!(start_with(&cfg, Some(kept)), Start::Rejoin);
+    cfg.resume_replica = true;
+    cfg.start = Start::Primary;
+    assert_eq!(start_with(&cfg, Some(kept)), Start::Primary);
+}
+
+/// An agent draws its lineage at start, and a backup whose replica directory holds a committed
+/// replica starts as a joiner offering it (the model asks the witness first), not as the
+/// configured backup.
+#[tokio::test]
+async fn an_agent_draws_its_lineage_and_resumes_from_its_replica_directory() {
+    let dir = tempfile::tempdir().unwrap();
+    let agent = backup(dir.path());
+    assert_ne!(agent.cfg.model.incarnation, 0, "a lineage was drawn");
+    assert!(matches!(
+        agent.driver.node().role(),
+        ftvm_model::Role::Backup(_)
+    ));
+    {
+        let mut r = agent.replica.lock().unwrap();
+        let staged = StagedCheckpoint {
+            generation: 1,
+            epoch: 6,
+            device: b"dev".to_vec(),
+            ..StagedCheckpoint::default()
+        };
+        r.commit(&staged, replica_at(6)).unwrap();
+    }
+    drop(agent);
+    let agent = backup(dir.path());
+    assert!(
+        matches!(agent.driver.node().role(), ftvm_model::Role::Joiner(_)),
+        "{:?}",
+        agent.driver.node().role()
+    );
+    assert_eq!(
+        agent.replica.lock().unwrap().replica_at(),
+        Some(replica_at(6))
     );
 }

@@ -21,11 +21,13 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use ftvm_driver::WriteHistory;
+use ftvm_model::{Epoch, Scope};
 use rand::{Rng, SeedableRng};
 
 use super::capture::CaptureMode;
 use super::cow::{CowCheckpoint, CowEngine, CowOptions};
-use super::vm::{CaptureStats, RestorePoint, Vm, VmError, VmLauncher};
+use super::vm::{first_capture_scope, CaptureStats, RestorePoint, Vm, VmError, VmLauncher};
 use crate::dirty::{GuestRam, GuestRamMut, HandedUffd};
 use crate::replica::StagedCheckpoint;
 
@@ -171,6 +173,8 @@ pub struct MemVm {
     cow_options: CowOptions,
     /// The checkpoint of the last cow capture, until the agent takes it.
     cow_checkpoint: Option<CowCheckpoint>,
+    /// The last capture that wrote each page, since this VM started (catch-up captures).
+    history: WriteHistory,
 }
 
 fn map_failed(source: crate::dirty::DirtyError) -> VmError {
@@ -268,6 +272,7 @@ impl MemVm {
             cow: None,
             cow_options: CowOptions::default(),
             cow_checkpoint: None,
+            history: WriteHistory::new(pages),
         })
     }
 
@@ -304,11 +309,13 @@ impl MemVm {
     /// that capture takes every page, since earlier writes were not logged).
     fn capture_cow(
         &mut self,
-        full: bool,
+        epoch: Epoch,
+        scope: Scope,
         mode: CaptureMode,
         out: &mut StagedCheckpoint,
     ) -> Result<CaptureStats, VmError> {
         let (shared, cow, slot) = (self.shared.clone(), &mut self.cow, &mut self.cow_checkpoint);
+        let history = &mut self.history;
         let options = self.cow_options;
         shared.with(|s| {
             if s.dead {
@@ -334,18 +341,28 @@ impl MemVm {
             let engine = cow
                 .as_ref()
                 .ok_or_else(|| VmError::failed("cow capture", "no engine"))?;
-            let all = full || fresh;
+            let scope = first_capture_scope(scope, fresh);
+            let all = scope == Scope::Full;
+            // The fault log, kept to check it against the guest's own record below.
+            let mut logged = Vec::new();
+            let select = |log: Vec<u64>| {
+                logged.clone_from(&log);
+                history.capture(epoch, scope, log)
+            };
             let (pages, st) = if mode == CaptureMode::Cow {
-                let (cp, st) = engine.begin(all).map_err(cow_err("cow capture"))?;
+                let (cp, st) = engine
+                    .begin_with(all, select)
+                    .map_err(cow_err("cow capture"))?;
                 let pages = cp.indices().to_vec();
                 *slot = Some(cp);
                 (pages, st)
             } else {
-                engine.rearm(all).map_err(cow_err("capture"))?
+                engine.rearm_with(all, select).map_err(cow_err("capture"))?
             };
-            // Every page the guest wrote must have faulted.
-            if !all {
-                if let Some(p) = first_unlogged(s.dirty.iter().copied(), &pages) {
+            // Every page the guest wrote must have faulted (before the engine started, none
+            // could).
+            if !fresh {
+                if let Some(p) = first_unlogged(s.dirty.iter().copied(), &logged) {
                     *slot = None;
                     return Err(VmError::failed(
                         "cow capture",
@@ -492,22 +509,25 @@ impl Vm for MemVm {
 
     async fn capture(
         &mut self,
-        full: bool,
+        epoch: Epoch,
+        scope: Scope,
         mode: CaptureMode,
         out: &mut StagedCheckpoint,
     ) -> Result<CaptureStats, VmError> {
         if mode == CaptureMode::Cow || self.cow.is_some() {
-            return self.capture_cow(full, mode, out);
+            return self.capture_cow(epoch, scope, mode, out);
         }
-        self.with(|s| {
+        let history = &mut self.history;
+        self.shared.with(|s| {
+            if s.dead {
+                return Err(VmError::Killed);
+            }
             if s.running {
                 return Err(VmError::failed("capture", "the VM is running"));
             }
-            let pages: Vec<u64> = if full {
-                (0..s.ram.pages()).collect()
-            } else {
-                s.dirty.iter().copied().collect()
-            };
+            // The first capture needs no special case: the dirty record starts with every page.
+            let dirty = s.dirty.iter().copied().collect();
+            let pages = history.capture(epoch, scope, dirty);
             s.fill(pages, mode, out);
             Ok(CaptureStats {
                 pages: out.indices.len() as u64,
@@ -600,6 +620,7 @@ impl MemLauncher {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::collections::BTreeMap;
 
     #[test]
     fn finds_a_written_page_missing_from_the_log() {
@@ -630,7 +651,7 @@ mod tests {
         assert_eq!(vm.ram().writes(), writes);
 
         let mut out = StagedCheckpoint::default();
-        vm.capture(true, CaptureMode::PausedSend, &mut out)
+        vm.capture(Epoch(1), Scope::Full, CaptureMode::PausedSend, &mut out)
             .await
             .unwrap();
         assert_eq!(out.indices.len(), 64);
@@ -644,7 +665,7 @@ mod tests {
         vm.pause().await.unwrap();
         assert!(vm.ram().writes() > writes, "the guest did not run again");
         let mut staged = StagedCheckpoint::default();
-        vm.capture(false, CaptureMode::Staged, &mut staged)
+        vm.capture(Epoch(2), Scope::Epoch, CaptureMode::Staged, &mut staged)
             .await
             .unwrap();
         assert!(!staged.indices.is_empty());
@@ -656,12 +677,71 @@ mod tests {
 
     /// Lets `vm` run for `ms`, then pauses it and captures what it wrote into `out`.
     async fn run_and_capture(vm: &mut MemVm, ms: u64, out: &mut StagedCheckpoint) {
+        run_and_capture_as(vm, ms, Epoch(2), Scope::Epoch, CaptureMode::PausedSend, out).await;
+    }
+
+    /// [`run_and_capture`] as checkpoint `epoch` of `scope`, in `mode`.
+    async fn run_and_capture_as(
+        vm: &mut MemVm,
+        ms: u64,
+        epoch: Epoch,
+        scope: Scope,
+        mode: CaptureMode,
+        out: &mut StagedCheckpoint,
+    ) {
         vm.resume().await.unwrap();
         tokio::time::sleep(Duration::from_millis(ms)).await;
         vm.pause().await.unwrap();
-        vm.capture(false, CaptureMode::PausedSend, out)
+        vm.capture(epoch, scope, mode, out).await.unwrap();
+    }
+
+    /// A catch-up capture takes exactly the pages written after its base, however many
+    /// epochs ago that was (the guest writes nothing during the catch-up's own epoch here, so
+    /// that what it wrote is known), in each capture mode.
+    async fn a_catch_up_takes_the_pages_written_since_its_base(mode: CaptureMode) {
+        let ps = crate::dirty::page_size();
+        let mut vm = MemVm::start(vec![0; 256 * ps], ps, 20, 3).unwrap();
+        vm.pause().await.unwrap();
+        let mut out = StagedCheckpoint::default();
+        vm.capture(Epoch(1), Scope::Epoch, mode, &mut out)
             .await
             .unwrap();
+        assert_eq!(out.indices.len(), 256, "the first capture takes every page");
+        let mut written = BTreeMap::new();
+        for e in 2..=5 {
+            run_and_capture_as(&mut vm, 15, Epoch(e), Scope::Epoch, mode, &mut out).await;
+            assert!(!out.indices.is_empty(), "the guest wrote nothing in {e}");
+            written.insert(e, out.indices.clone());
+        }
+        vm.ram().set_frozen(true);
+        let since = |base: u64| -> Vec<u64> {
+            let pages: BTreeSet<u64> = written
+                .range(base + 1..)
+                .flat_map(|(_, p)| p.clone())
+                .collect();
+            pages.into_iter().collect()
+        };
+        run_and_capture_as(&mut vm, 5, Epoch(6), Scope::Since(Epoch(2)), mode, &mut out).await;
+        assert_eq!(out.indices, since(2), "catch-up from 2");
+        run_and_capture_as(&mut vm, 5, Epoch(7), Scope::Since(Epoch(4)), mode, &mut out).await;
+        assert_eq!(out.indices, since(4), "catch-up from 4");
+        run_and_capture_as(&mut vm, 5, Epoch(8), Scope::Since(Epoch(7)), mode, &mut out).await;
+        assert!(out.indices.is_empty(), "nothing written since 7");
+        run_and_capture_as(&mut vm, 5, Epoch(9), Scope::Full, mode, &mut out).await;
+        assert_eq!(out.indices.len(), 256);
+        if mode.copies_pages() {
+            assert_eq!(out.data.len(), 256 * ps);
+        }
+    }
+
+    #[tokio::test]
+    async fn a_catch_up_takes_the_pages_written_since_its_base_when_staged() {
+        a_catch_up_takes_the_pages_written_since_its_base(CaptureMode::Staged).await;
+    }
+
+    #[tokio::test]
+    async fn a_catch_up_takes_the_pages_written_since_its_base_with_cow() {
+        a_catch_up_takes_the_pages_written_since_its_base(CaptureMode::Cow).await;
     }
 
     #[tokio::test]
@@ -670,7 +750,7 @@ mod tests {
         let mut vm = MemVm::start(vec![0; 1000 * ps], ps, u32::MAX, 1).unwrap();
         vm.pause().await.unwrap();
         let mut out = StagedCheckpoint::default();
-        vm.capture(true, CaptureMode::PausedSend, &mut out)
+        vm.capture(Epoch(1), Scope::Full, CaptureMode::PausedSend, &mut out)
             .await
             .unwrap();
         vm.ram().set_writes_per_resume(Some(700), true);
@@ -699,7 +779,7 @@ mod tests {
         let mut vm = MemVm::start(vec![0; 4 * ps], ps, 1, 1).unwrap();
         let mut out = StagedCheckpoint::default();
         let e = vm
-            .capture(false, CaptureMode::Staged, &mut out)
+            .capture(Epoch(1), Scope::Epoch, CaptureMode::Staged, &mut out)
             .await
             .unwrap_err();
         assert!(e.to_string().contains("running"), "{e}");

@@ -17,6 +17,9 @@ pub struct EpochMetrics {
     pub pause_us: u64,
     /// A full checkpoint (initial sync of a backup), not an incremental one.
     pub full: bool,
+    /// A catch-up sync: the backup's replica was at this epoch, and the checkpoint holds
+    /// every page and disk block written since (null for a full sync or an ordinary epoch).
+    pub catch_up_from: Option<u64>,
     /// Dirty pages captured.
     pub dirty_pages: u64,
     /// Checkpoint bytes on the wire.
@@ -58,8 +61,54 @@ pub struct EpochMetrics {
     pub output_cap_paused_us: u64,
 }
 
-/// The summary of a run: incremental checkpoints only (a backup's full sync is a one-off whose
-/// long pause would otherwise pass for the p99), wall time from the first of them.
+impl EpochMetrics {
+    /// Whether this epoch's checkpoint started a backup's stream (a full sync or a catch-up).
+    pub fn is_sync(&self) -> bool {
+        self.full || self.catch_up_from.is_some()
+    }
+
+    /// What a sync epoch was, for the status file (None for an ordinary epoch).
+    pub fn last_sync(&self) -> Option<LastSync> {
+        let kind = match (self.full, self.catch_up_from) {
+            (true, _) => SyncKind::Full,
+            (false, Some(_)) => SyncKind::CatchUp,
+            (false, None) => return None,
+        };
+        Some(LastSync {
+            kind,
+            epoch: self.epoch,
+            base: self.catch_up_from,
+            bytes: self.bytes,
+        })
+    }
+}
+
+/// Which kind of sync started a backup's stream.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SyncKind {
+    /// All of RAM and every data block of the disk.
+    Full,
+    /// What was written since the backup's replica epoch.
+    CatchUp,
+}
+
+/// The last sync this primary sent (the status file's `last_sync`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub struct LastSync {
+    /// Full or catch-up.
+    pub kind: SyncKind,
+    /// Epoch of the sync checkpoint.
+    pub epoch: u64,
+    /// A catch-up's base: the replica's epoch it applied on (null for a full sync).
+    pub base: Option<u64>,
+    /// Checkpoint bytes on the wire (0 until it was sent).
+    pub bytes: u64,
+}
+
+/// The summary of a run: ordinary incremental checkpoints only (a backup's sync, full or
+/// catch-up, is a one-off whose long pause would otherwise pass for the p99), wall time from
+/// the first of them.
 #[derive(Debug, Default, Clone, serde::Serialize)]
 pub struct RunSummary {
     /// Epochs acked.
@@ -127,7 +176,7 @@ impl MetricsSink {
 
     /// Records one acked epoch.
     pub fn record(&mut self, m: &EpochMetrics) {
-        if !m.full {
+        if !m.is_sync() {
             self.started.get_or_insert_with(Instant::now);
             self.pauses.push(m.pause_us);
             self.sends.push(m.send_us);

@@ -37,7 +37,7 @@ use std::time::{Duration, Instant};
 
 use ftvm_driver::journal::{HostEntry, HostLine, Journal};
 use ftvm_driver::NodeDriver;
-use ftvm_model::{Epoch, Input, Node, NodeId, Start, Status, Time};
+use ftvm_model::{Epoch, Input, Node, NodeId, ReplicaAt, Start, Status, Time};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 
 use self::capture::CaptureMode;
@@ -122,6 +122,11 @@ pub struct AgentConfig {
     /// protected disk: the replica disk while this agent is a backup, the disk its restored VM
     /// runs on after a failover (and the one a booting primary's VM runs on).
     pub replica_disk: Option<PathBuf>,
+    /// A backup start (`Start::Rejoin` or `Start::Backup`) with a committed replica from before
+    /// a restart offers it to the primary (`Start::Resume`), which then sends only what changed
+    /// since (a catch-up) when it made that replica. False: start as configured, which takes a
+    /// full sync.
+    pub resume_replica: bool,
     /// Make each commit survive a host crash too (`fsync` of the journal, the replica directory,
     /// the device blob and the metadata), for a `replica_dir` on persistent storage. Off, a
     /// commit survives a crash of this process only, and costs no sync (see `crate::replica`).
@@ -213,6 +218,8 @@ pub struct Agent<L: VmLauncher> {
     sync_progress: Arc<link::SyncProgress>,
     /// The journal file, when recording.
     journal: Option<JournalOut>,
+    /// The last sync this node captured as primary (the status file shows it).
+    last_sync: Option<metrics::LastSync>,
 }
 
 /// Where the core's journal goes, and the wall clock of model time zero.
@@ -223,7 +230,12 @@ struct JournalOut {
 
 impl<L: VmLauncher> Agent<L> {
     /// An agent; `net` is the VM's network path (None for tests without networking).
-    pub fn new(cfg: AgentConfig, launcher: L) -> Result<Self, AgentError> {
+    pub fn new(mut cfg: AgentConfig, launcher: L) -> Result<Self, AgentError> {
+        if cfg.model.incarnation == 0 {
+            // This run's lineage: a primary names its history with it, so that a replica of
+            // another run (whose epochs may repeat ours) is never caught up as a prefix of it.
+            cfg.model.incarnation = rand::random::<u64>().max(1);
+        }
         cfg.model
             .validate()
             .map_err(|e| AgentError::Config(e.to_string()))?;
@@ -254,11 +266,12 @@ impl<L: VmLauncher> Agent<L> {
             disk.as_ref(),
         )?;
         let spool = replica.spool();
+        let start = start_with(&cfg, replica.replica_at());
         let replica = Arc::new(Mutex::new(replica));
         let metrics = MetricsSink::new(cfg.metrics.as_deref()).map_err(AgentError::Metrics)?;
         let (tx, rx) = unbounded_channel();
         let output_cap = Arc::new(OutputCap::new(cfg.limits.output_cap_bytes));
-        let mut driver = NodeDriver::new(Node::new(cfg.model.clone(), cfg.node, cfg.start));
+        let mut driver = NodeDriver::new(Node::new(cfg.model.clone(), cfg.node, start));
         let (origin, origin_clock_us) = instant_and_clock_us();
         let journal = match &cfg.journal {
             Some(path) => {
@@ -267,7 +280,7 @@ impl<L: VmLauncher> Agent<L> {
                     node: cfg.node,
                     config: cfg.model.clone(),
                 }])?;
-                driver.record(Time::ZERO, cfg.start, Journal::new());
+                driver.record(Time::ZERO, start, Journal::new());
                 Some(JournalOut {
                     file,
                     origin_clock_us,
@@ -306,6 +319,7 @@ impl<L: VmLauncher> Agent<L> {
             status_written: Instant::now(),
             sync_progress: Arc::default(),
             journal,
+            last_sync: None,
         })
     }
 
@@ -478,6 +492,25 @@ impl<L: VmLauncher> Agent<L> {
         } else {
             tracing::debug!(node = self.cfg.node.0, "{args}");
         }
+    }
+}
+
+/// The start the model gets: a backup start resumes from the kept replica `kept` when there is
+/// one and `cfg.resume_replica` allows it (see [`AgentConfig::resume_replica`]).
+fn start_with(cfg: &AgentConfig, kept: Option<ReplicaAt>) -> Start {
+    match (cfg.start, kept) {
+        (Start::Rejoin | Start::Backup { .. }, Some(replica)) if cfg.resume_replica => {
+            tracing::info!(
+                node = cfg.node.0,
+                "resuming from the kept replica: generation {}, epoch {} (synced at {}); \
+                 offering it to the primary",
+                replica.generation.0,
+                replica.epoch.0,
+                replica.since.0
+            );
+            Start::Resume { replica }
+        }
+        (start, _) => start,
     }
 }
 

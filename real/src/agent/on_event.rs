@@ -65,6 +65,9 @@ impl<L: VmLauncher> Agent<L> {
                     m.cow_copies = cow.copies;
                     m.cow_waits = cow.waits;
                     *sent = Some(Instant::now());
+                    if let Some(sync) = m.last_sync() {
+                        self.last_sync = Some(sync);
+                    }
                 }
                 if stats.copied_completions > 0 && stats.zerocopy_active {
                     self.log(format_args!(

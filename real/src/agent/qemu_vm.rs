@@ -11,10 +11,13 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use ftvm_driver::WriteHistory;
+use ftvm_model::{Epoch, Scope};
+
 use super::capture::CaptureMode;
 use super::cow::{CowCheckpoint, CowEngine, CowError, ProtectStats};
 use super::link::DiskSync;
-use super::vm::{CaptureStats, RestorePoint, Vm, VmError, VmLauncher};
+use super::vm::{first_capture_scope, CaptureStats, RestorePoint, Vm, VmError, VmLauncher};
 use crate::dirty::{self, DirtyTracker, GuestRam, HandedUffd, HandoffListener};
 use crate::disk::{DiskImage, DiskServer, DiskServerConfig};
 use crate::qemu::{self, BootOptions, DiskConfig, ExitWatch, Qemu, QemuConfig};
@@ -58,8 +61,12 @@ pub struct QemuVm {
     /// The VM's disk, served by this agent (declared after `qemu`: it stops after QEMU is
     /// gone, never under a running guest).
     disk: Option<DiskServer>,
-    /// The snapshot of the last full capture, until the agent takes it.
+    /// The snapshot of the last sync capture (full or catch-up), until the agent takes it.
     disk_sync: Option<DiskSync>,
+    /// The last capture that wrote each page, since this QEMU started (catch-up captures).
+    history: WriteHistory,
+    /// The same for the disk's blocks (empty without a disk).
+    disk_history: WriteHistory,
 }
 
 fn vm_err(what: &'static str) -> impl FnOnce(qemu::QemuError) -> VmError {
@@ -111,9 +118,15 @@ impl QemuVm {
                 None,
             ),
         };
+        // Fresh at boot and at restore alike: the model only catches up replicas made after
+        // this VM started, whose sync holds everything written before (see `WriteHistory`).
+        let history = WriteHistory::new(ram.pages());
+        let disk_history = WriteHistory::new(disk.as_ref().map_or(0, DiskServer::blocks));
         Ok(QemuVm {
             exit: qemu.exit_watch(),
             qemu,
+            history,
+            disk_history,
             ram,
             tracker,
             cow,
@@ -132,12 +145,20 @@ impl QemuVm {
 }
 
 impl QemuVm {
-    /// While paused (QEMU's `stop` drained the guest's disk requests): the disk blocks written
-    /// since the last capture, copied into `out` now, because the guest overwrites the image in
-    /// place once it runs again. When `all` (a sync), every block holding data instead, listed
-    /// only: they are read from a snapshot as they are sent, while the VM runs (a few GiB would
-    /// otherwise pause it for seconds and sit in memory).
-    fn capture_disk(&mut self, all: bool, out: &mut StagedCheckpoint) -> Result<u64, VmError> {
+    /// While paused (QEMU's `stop` drained the guest's disk requests): the disk blocks of
+    /// checkpoint `epoch` that `scope` names. Those written since the last capture (an
+    /// ordinary epoch) are copied into `out` now, because the guest overwrites the image in
+    /// place once it runs again. A sync's are only listed, and read from a snapshot as they are
+    /// sent, while the VM runs (a few GiB would otherwise pause it for seconds and sit in
+    /// memory): every block holding data for a full one (the backup zeroes its disk first),
+    /// every block written after the base for a catch-up. Every capture stamps the blocks
+    /// written since the last one into the disk's write history.
+    fn capture_disk(
+        &mut self,
+        epoch: Epoch,
+        scope: Scope,
+        out: &mut StagedCheckpoint,
+    ) -> Result<u64, VmError> {
         out.disk_indices.clear();
         out.disk_data.clear();
         self.disk_sync = None;
@@ -145,22 +166,66 @@ impl QemuVm {
             return Ok(0);
         };
         let dirty = disk.take_dirty();
-        if all {
-            let blocks = disk
-                .image()
-                .data_blocks()
-                .map_err(|e| VmError::failed("find the disk's data blocks", e.to_string()))?;
-            out.disk_indices.clone_from(&blocks);
-            self.disk_sync = Some(DiskSync {
-                snapshot: disk.snapshot(blocks),
-                reader: disk.snapshot_reader(),
-            });
-        } else {
-            out.disk_indices = dirty;
-            disk.read_blocks(&out.disk_indices, &mut out.disk_data)
-                .map_err(|e| VmError::failed("read dirty disk blocks", e.to_string()))?;
-        }
+        let blocks = match scope {
+            Scope::Full => {
+                // Stamped as an ordinary epoch: the history would list every block, while a
+                // full sync sends only those holding data.
+                self.disk_history.capture(epoch, Scope::Epoch, dirty);
+                disk.image()
+                    .data_blocks()
+                    .map_err(|e| VmError::failed("find the disk's data blocks", e.to_string()))?
+            }
+            Scope::Since(_) => self.disk_history.capture(epoch, scope, dirty),
+            Scope::Epoch => {
+                out.disk_indices = self.disk_history.capture(epoch, scope, dirty);
+                disk.read_blocks(&out.disk_indices, &mut out.disk_data)
+                    .map_err(|e| VmError::failed("read dirty disk blocks", e.to_string()))?;
+                return Ok(out.disk_indices.len() as u64);
+            }
+        };
+        out.disk_indices.clone_from(&blocks);
+        self.disk_sync = Some(DiskSync {
+            snapshot: disk.snapshot(blocks),
+            reader: disk.snapshot_reader(),
+        });
         Ok(out.disk_indices.len() as u64)
+    }
+
+    /// The pages of checkpoint `epoch` for `scope` (already made full for a first capture), and
+    /// what protecting them cost (cow engine). The dirty log is taken (and tracking re-armed)
+    /// whatever the scope, and stamped into the write history.
+    fn capture_pages(
+        &mut self,
+        epoch: Epoch,
+        scope: Scope,
+        mode: CaptureMode,
+    ) -> Result<(Vec<u64>, ProtectStats), VmError> {
+        let all = scope == Scope::Full;
+        let history = &mut self.history;
+        let mut select = |logged: Vec<u64>| history.capture(epoch, scope, logged);
+        match (&self.cow, self.tracker.as_mut()) {
+            (Some(engine), _) if mode == CaptureMode::Cow => {
+                let (cp, st) = engine
+                    .begin_with(all, select)
+                    .map_err(cow_err("cow capture"))?;
+                let pages = cp.indices().to_vec();
+                self.cow_checkpoint = Some(cp);
+                Ok((pages, st))
+            }
+            (Some(engine), _) => engine
+                .rearm_with(all, select)
+                .map_err(cow_err("dirty-page log")),
+            (None, _) if mode == CaptureMode::Cow => Err(VmError::failed(
+                "cow capture",
+                "QEMU was not started for copy-on-write capture (no userfaultfd handed over)",
+            )),
+            (None, Some(tracker)) => {
+                // The scan also re-arms tracking, so it runs even when everything is sent anyway.
+                let dirty = tracker.collect().map_err(dirty_err("dirty-page scan"))?;
+                Ok((select(dirty), ProtectStats::default()))
+            }
+            (None, None) => Err(VmError::failed("capture", "no dirty-page tracking")),
+        }
     }
 }
 
@@ -182,37 +247,14 @@ impl Vm for QemuVm {
 
     async fn capture(
         &mut self,
-        full: bool,
+        epoch: Epoch,
+        scope: Scope,
         mode: CaptureMode,
         out: &mut StagedCheckpoint,
     ) -> Result<CaptureStats, VmError> {
         let t0 = Instant::now();
-        let all = full || self.first;
-        let (pages, protect): (Vec<u64>, ProtectStats) =
-            match (&self.cow, self.tracker.as_mut()) {
-                (Some(engine), _) if mode == CaptureMode::Cow => {
-                    let (cp, st) = engine.begin(all).map_err(cow_err("cow capture"))?;
-                    let pages = cp.indices().to_vec();
-                    self.cow_checkpoint = Some(cp);
-                    (pages, st)
-                }
-                (Some(engine), _) => engine.rearm(all).map_err(cow_err("dirty-page log"))?,
-                (None, _) if mode == CaptureMode::Cow => return Err(VmError::failed(
-                    "cow capture",
-                    "QEMU was not started for copy-on-write capture (no userfaultfd handed over)",
-                )),
-                (None, Some(tracker)) => {
-                    // The scan also re-arms tracking, so it runs even when everything is sent anyway.
-                    let dirty = tracker.collect().map_err(dirty_err("dirty-page scan"))?;
-                    let pages = if all {
-                        (0..self.ram.pages()).collect()
-                    } else {
-                        dirty
-                    };
-                    (pages, ProtectStats::default())
-                }
-                (None, None) => return Err(VmError::failed("capture", "no dirty-page tracking")),
-            };
+        let scope = first_capture_scope(scope, self.first);
+        let (pages, protect) = self.capture_pages(epoch, scope, mode)?;
         self.first = false;
         let t1 = Instant::now();
         if let Some(&p) = pages.iter().find(|&&p| p >= self.ram.pages()) {
@@ -231,7 +273,7 @@ impl Vm for QemuVm {
         }
         out.indices = pages;
         let t2 = Instant::now();
-        let disk_blocks = self.capture_disk(all, out)?;
+        let disk_blocks = self.capture_disk(epoch, scope, out)?;
         let t_disk = Instant::now();
         out.device = self
             .qemu

@@ -33,6 +33,9 @@ pub struct StatusReport {
     pub output: CapStats,
     /// A backup's sync under way: bytes of the full checkpoint sent so far, rate, time left.
     pub sync: Option<super::link::SyncReport>,
+    /// The last sync this node sent as primary: full or catch-up, its epoch, a catch-up's base
+    /// and its bytes.
+    pub last_sync: Option<super::metrics::LastSync>,
 }
 
 impl<L: VmLauncher> Agent<L> {
@@ -75,10 +78,11 @@ impl<L: VmLauncher> Agent<L> {
             summary: self.metrics.summary(),
             output: self.output_cap.stats(Instant::now()),
             sync: self.sync_progress.report(),
+            last_sync: self.last_sync,
         }
     }
 
-    fn write_status(&mut self) {
+    pub(super) fn write_status(&mut self) {
         self.status_written = Instant::now();
         let Some(path) = &self.cfg.status_file else {
             return;

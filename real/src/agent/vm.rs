@@ -6,6 +6,8 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::sync::Arc;
 
+use ftvm_model::{Epoch, Scope};
+
 use super::capture::CaptureMode;
 use super::cow::{CowCheckpoint, CowError};
 use crate::dirty::{DirtyError, GuestRam};
@@ -163,8 +165,12 @@ pub trait Vm: Send {
     fn pause(&mut self) -> impl Future<Output = Result<(), VmError>> + Send;
     /// Restarts the vCPUs.
     fn resume(&mut self) -> impl Future<Output = Result<(), VmError>> + Send;
-    /// While paused: fills `out` with the pages written since the last capture (every page
-    /// when `full`) and the device state. `out.generation`/`epoch` are set by the caller.
+    /// While paused: fills `out` with the pages of checkpoint `epoch` that `scope` names (those
+    /// written since the last capture, every page, or every page written after a catch-up's
+    /// base: [`ftvm_driver::WriteHistory`] picks them, the table the simulator uses) and the
+    /// device state; a VM's first capture since it booted or was restored takes every page,
+    /// whatever `scope` says ([`first_capture_scope`]). `out.generation`/`epoch` are set by the
+    /// caller.
     /// [`CaptureMode::Staged`] copies the pages into `out.data`; [`CaptureMode::PausedSend`]
     /// lists them in `out.indices` and leaves `out.data` empty: they are sent from
     /// [`Vm::guest_ram`] while the VM stays paused. [`CaptureMode::Cow`] lists them too and
@@ -172,7 +178,8 @@ pub trait Vm: Send {
     /// [`Vm::take_cow`].
     fn capture(
         &mut self,
-        full: bool,
+        epoch: Epoch,
+        scope: Scope,
         mode: CaptureMode,
         out: &mut StagedCheckpoint,
     ) -> impl Future<Output = Result<CaptureStats, VmError>> + Send;
@@ -199,6 +206,17 @@ pub trait Vm: Send {
     fn kill(&mut self) -> impl Future<Output = ()> + Send;
     /// Resolves when the VM dies on its own (never, for a VM that is still running).
     fn died(&mut self) -> impl Future<Output = VmError> + Send;
+}
+
+/// The scope a capture takes: the first one since the VM booted or was restored takes every
+/// page and block, since nothing logged the writes before it (its dirty log is still stamped
+/// into the write history, so later catch-ups see them).
+pub fn first_capture_scope(scope: Scope, first: bool) -> Scope {
+    if first {
+        Scope::Full
+    } else {
+        scope
+    }
 }
 
 /// Where a VM is resumed from at failover.

@@ -40,6 +40,8 @@ impl DiskSpec {
 pub(super) struct ReplicaDisk {
     spec: DiskSpec,
     file: File,
+    /// The image was missing (or empty) and made here: it holds no replica's disk.
+    pub(super) fresh: bool,
 }
 
 impl ReplicaDisk {
@@ -61,6 +63,7 @@ impl ReplicaDisk {
         Ok(ReplicaDisk {
             spec: spec.clone(),
             file,
+            fresh: created || found == 0,
         })
     }
 

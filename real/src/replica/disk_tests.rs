@@ -56,13 +56,15 @@ fn blocks_land_with_their_commit_and_a_full_checkpoint_leaves_only_its_blocks() 
         fs::metadata(d.join("disk.raw")).unwrap().len(),
         DISK_BLOCKS * BS as u64
     );
-    r.commit(&checkpoint(1, true, &[(0, 1), (31, 2)])).unwrap();
-    r.commit(&checkpoint(2, false, &[(5, 3)])).unwrap();
+    r.commit_in_stream(&checkpoint(1, true, &[(0, 1), (31, 2)]))
+        .unwrap();
+    r.commit_in_stream(&checkpoint(2, false, &[(5, 3)]))
+        .unwrap();
     assert_eq!(block(d, 0), vec![1; BS]);
     assert_eq!(block(d, 31), vec![2; BS]);
     assert_eq!(block(d, 5), vec![3; BS]);
     // A new sync: blocks it does not carry are zeroes on the primary.
-    r.commit(&checkpoint(3, true, &[(7, 4)])).unwrap();
+    r.commit_in_stream(&checkpoint(3, true, &[(7, 4)])).unwrap();
     assert_eq!(block(d, 7), vec![4; BS]);
     for i in [0, 5, 31] {
         assert_eq!(
@@ -79,9 +81,9 @@ fn a_crash_after_the_commit_point_replays_the_disk_blocks() {
     let d = dir.path();
     {
         let mut r = open(d).unwrap();
-        r.commit(&checkpoint(1, true, &[(1, 1)])).unwrap();
+        r.commit_in_stream(&checkpoint(1, true, &[(1, 1)])).unwrap();
         // Committed, not applied: the process dies here.
-        r.commit_point(&checkpoint(2, false, &[(2, 9), (1, 8)]))
+        r.commit_point_in_stream(&checkpoint(2, false, &[(2, 9), (1, 8)]))
             .unwrap();
         assert_eq!(block(d, 2), vec![0; BS], "applied before the apply step");
     }
@@ -96,11 +98,11 @@ fn bad_disk_input_never_touches_the_image() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut r = open(d).unwrap();
-    r.commit(&checkpoint(1, true, &[(3, 1)])).unwrap();
+    r.commit_in_stream(&checkpoint(1, true, &[(3, 1)])).unwrap();
     let before = fs::read(d.join("disk.raw")).unwrap();
     let out_of_range = checkpoint(2, false, &[(4, 5), (DISK_BLOCKS, 5)]);
     assert!(matches!(
-        r.commit(&out_of_range),
+        r.commit_in_stream(&out_of_range),
         Err(ReplicaError::BadDiskBlock {
             index: DISK_BLOCKS,
             ..
@@ -109,7 +111,7 @@ fn bad_disk_input_never_touches_the_image() {
     let mut short = checkpoint(2, false, &[(4, 5)]);
     short.disk_data.truncate(BS - 1);
     assert!(matches!(
-        r.commit(&short),
+        r.commit_in_stream(&short),
         Err(ReplicaError::BadDiskBlock { .. })
     ));
     assert_eq!(fs::read(d.join("disk.raw")).unwrap(), before);
@@ -138,7 +140,7 @@ fn a_replica_without_a_disk_refuses_disk_blocks() {
     let d = dir.path();
     let mut r = Replica::open(&d.join("r"), &d.join("ram"), RAM_PAGES * PS as u64, PS).unwrap();
     assert!(matches!(
-        r.commit(&checkpoint(1, true, &[(0, 1)])),
+        r.commit_in_stream(&checkpoint(1, true, &[(0, 1)])),
         Err(ReplicaError::NoDisk)
     ));
 }
@@ -161,7 +163,7 @@ fn disk_blocks_spooled_as_they_arrive_commit_and_replay() {
         w.seal(&mut whole);
         assert_ne!(whole.spooled, 0, "sealed");
         // Committed from the spooled journal, then the process dies before the apply.
-        r.commit_point(&whole).unwrap();
+        r.commit_point_in_stream(&whole).unwrap();
     }
     let r = open(d).unwrap();
     assert_eq!(r.committed().map(|c| c.epoch), Some(1));
@@ -175,7 +177,7 @@ fn runs_of_blocks_land_each_at_its_place() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
     let mut r = open(d).unwrap();
-    r.commit(&checkpoint(
+    r.commit_in_stream(&checkpoint(
         1,
         true,
         &[(3, 1), (4, 2), (5, 3), (9, 4), (10, 5)],

@@ -119,6 +119,7 @@ fn config(dir: &Path, node: u32, start: Start, run: &Run, addrs: &Addrs) -> Agen
         verify_every: Some(run.verify_every),
         limits: Default::default(),
         journal: None,
+        resume_replica: true,
     }
 }
 

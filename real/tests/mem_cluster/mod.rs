@@ -117,6 +117,7 @@ pub fn host(
             verify_every: Some(5),
             limits: Default::default(),
             journal: None,
+            resume_replica: true,
         },
         launched: Arc::new(Mutex::new(Vec::new())),
     }

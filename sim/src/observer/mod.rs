@@ -49,6 +49,14 @@ pub struct ObservedStats {
     pub response_p50_us: u64,
     /// 99th percentile of the same.
     pub response_p99_us: u64,
+    /// Syncs that sent all of RAM and disk (first protection, after a takeover, or a replica
+    /// the primary could not catch up), counted when the primary captured them.
+    pub full_syncs: u64,
+    /// Of those, the ones a replica committed (a sync cut short is retried, and counted again
+    /// above).
+    pub full_syncs_committed: u64,
+    /// Syncs that sent only what changed since the joiner's committed replica (captured).
+    pub catch_ups: u64,
 }
 
 pub(crate) struct Observer {
@@ -128,6 +136,20 @@ impl Observer {
     }
 
     // ---- performance as the clients and the VM see it -----------------------------------
+
+    /// A primary captured a checkpoint of `scope`: counts the syncs.
+    pub fn sync_captured(&mut self, scope: ftvm_model::Scope) {
+        match scope {
+            ftvm_model::Scope::Full => self.stats.full_syncs += 1,
+            ftvm_model::Scope::Since(_) => self.stats.catch_ups += 1,
+            ftvm_model::Scope::Epoch => {}
+        }
+    }
+
+    /// A replica committed a full checkpoint.
+    pub fn full_sync_committed(&mut self) {
+        self.stats.full_syncs_committed += 1;
+    }
 
     /// A capture kept a VM paused for `d`.
     pub fn paused(&mut self, d: std::time::Duration) {

@@ -83,6 +83,16 @@ pub(super) fn judge(s: &Scenario, seed: u64, mut world: World, wall: Duration) -
             ));
         }
     }
+    if let Some(extra) = e.max_extra_full_syncs {
+        let allowed = 1 + o.failovers + extra;
+        if o.full_syncs_committed > allowed {
+            unmet.push(format!(
+                "expected at most {allowed} committed full syncs (first protection, {} \
+                 takeovers, {extra} more), saw {} (of {} started; and {} catch-ups)",
+                o.failovers, o.full_syncs_committed, o.full_syncs, o.catch_ups
+            ));
+        }
+    }
     for f in &world.unfired {
         unmet.push(format!("fault never fired: {f}"));
     }

@@ -109,7 +109,9 @@ impl FaultPlan {
         let h = |r: &HostRef| resolve_host(w, *r);
         Some(match a {
             FaultAction::Crash { host, silent } => Resolved::Crash(h(host)?, *silent),
-            FaultAction::Restart { host } => Resolved::Restart(h(host)?),
+            FaultAction::Restart { host, keep_replica } => {
+                Resolved::Restart(h(host)?, *keep_replica)
+            }
             FaultAction::Partition { a, b, oneway } => Resolved::Cut(h(a)?, h(b)?, *oneway, true),
             FaultAction::Repair { a, b, oneway } => Resolved::Cut(h(a)?, h(b)?, *oneway, false),
             FaultAction::Isolate { host } => Resolved::Isolate(h(host)?),
@@ -155,7 +157,7 @@ impl FaultPlan {
                 sim.crash(host.name());
                 self.down.insert(host);
             }
-            Resolved::Restart(host) => {
+            Resolved::Restart(host, keep) => {
                 // Only a crashed host can be started again: bouncing a running one would wipe
                 // its replica behind the checkers' back (a crash nobody scheduled).
                 if !self.down.contains(&host) {
@@ -168,6 +170,14 @@ impl FaultPlan {
                 }
                 self.dark.remove(&host);
                 self.reconcile(sim);
+                if let HostId::Node(n) = host {
+                    let mut world = w.borrow_mut();
+                    if keep {
+                        world.resume.insert(n);
+                    } else {
+                        world.resume.remove(&n);
+                    }
+                }
                 sim.bounce(host.name());
                 self.down.remove(&host);
                 if let HostId::Node(n) = host {
@@ -266,7 +276,7 @@ impl FaultPlan {
 /// A fault with its hosts resolved.
 enum Resolved {
     Crash(HostId, bool),
-    Restart(HostId),
+    Restart(HostId, bool),
     Cut(HostId, HostId, bool, bool),
     Isolate(HostId),
     Heal,
@@ -293,7 +303,8 @@ impl Resolved {
                     }
                 )
             }
-            Resolved::Restart(h) => format!("restart {h}"),
+            Resolved::Restart(h, false) => format!("restart {h}"),
+            Resolved::Restart(h, true) => format!("restart {h} keeping its replica"),
             Resolved::Cut(a, b, oneway, cut) => format!(
                 "{} {a} {} {b}",
                 if *cut { "partition" } else { "repair" },
@@ -332,6 +343,7 @@ fn forged_msg(s: &Scenario, sender: NodeId, frame: ForgedFrame, generation: u64)
             page_size: s.vm.page_size,
             known: generation,
             disk_blocks: 0,
+            replica: None,
         },
         ForgedFrame::Heartbeat => PeerMsg::Heartbeat {
             generation,
@@ -404,5 +416,12 @@ fn trigger_holds(w: &Shared, when: Trigger) -> bool {
         Trigger::Syncing => phase == Some(Phase::Syncing),
         Trigger::Registering => phase == Some(Phase::Registering),
         Trigger::Protected => phase == Some(Phase::Protected),
+        Trigger::CatchingUp => {
+            let acked = world.obs.view(p).and_then(|v| v.status).map(|s| s.acked);
+            world
+                .catching_up
+                .get(&p)
+                .is_some_and(|&e| acked.is_some_and(|a| a < e))
+        }
     }
 }

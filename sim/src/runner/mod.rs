@@ -92,6 +92,21 @@ fn new_world(s: &Scenario, seed: u64, opts: &RunOptions) -> Shared {
         ),
         witness_disk: initial,
         starts: Default::default(),
+        resume: Default::default(),
+        catching_up: Default::default(),
+        kept: s
+            .faults
+            .iter()
+            .any(|f| {
+                matches!(
+                    f.action,
+                    crate::scenario::FaultAction::Restart {
+                        keep_replica: true,
+                        ..
+                    }
+                )
+            })
+            .then(BTreeMap::new),
         sending: Default::default(),
         bytes_sent: 0,
         unfired: Vec::new(),

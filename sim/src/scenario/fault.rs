@@ -71,6 +71,8 @@ pub enum Trigger {
     Registering,
     /// Wait until the active primary is protected by a registered backup.
     Protected,
+    /// Wait until the active primary has captured a catch-up sync its backup has not acked.
+    CatchingUp,
 }
 
 impl Trigger {
@@ -82,6 +84,7 @@ impl Trigger {
             "syncing" => Trigger::Syncing,
             "registering" => Trigger::Registering,
             "protected" => Trigger::Protected,
+            "catching_up" => Trigger::CatchingUp,
             _ => return None,
         })
     }
@@ -134,11 +137,14 @@ pub enum FaultAction {
         /// Power cut rather than process death.
         silent: bool,
     },
-    /// Start a crashed host again. A node comes back as `Start::Rejoin` with an empty replica;
-    /// the witness comes back with its persisted register.
+    /// Start a crashed host again. A node comes back as `Start::Rejoin` with an empty replica,
+    /// or with `keep_replica` as `Start::Resume` with the replica it last committed (a backup
+    /// process restarted on the same host); the witness comes back with its persisted register.
     Restart {
         /// Host.
         host: HostRef,
+        /// A node keeps its committed replica.
+        keep_replica: bool,
     },
     /// Drop every message from `a` to `b` (and `b` to `a` unless `oneway`).
     Partition {
@@ -243,7 +249,14 @@ impl fmt::Display for FaultAction {
             FaultAction::Crash { host, silent } => {
                 write!(f, "crash {host}{}", if *silent { " (silent)" } else { "" })
             }
-            FaultAction::Restart { host } => write!(f, "restart {host}"),
+            FaultAction::Restart {
+                host,
+                keep_replica: false,
+            } => write!(f, "restart {host}"),
+            FaultAction::Restart {
+                host,
+                keep_replica: true,
+            } => write!(f, "restart {host} keeping its replica"),
             FaultAction::Partition { a, b, oneway } => {
                 write!(f, "partition {a} {} {b}", dir(*oneway))
             }

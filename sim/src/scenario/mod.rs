@@ -145,6 +145,10 @@ pub struct Expect {
     pub max_response_p50: Option<Duration>,
     /// The VM spent at most this share of the run paused by captures, in percent.
     pub max_idle_pct: Option<u8>,
+    /// At most this many committed full syncs beyond the unavoidable ones: the first protection
+    /// and one after each takeover (0: every other resync was a catch-up). A full sync cut
+    /// short and started again counts once, when a replica commits it.
+    pub max_extra_full_syncs: Option<u64>,
 }
 
 /// Expectations that differ on real hosts, with the reason: a fault whose effect the
@@ -321,6 +325,7 @@ impl Scenario {
                 liveness_slack: ms(f.expect.liveness_slack_ms),
                 max_response_p50: f.expect.max_response_p50_ms.map(ms),
                 max_idle_pct: f.expect.max_idle_pct,
+                max_extra_full_syncs: f.expect.max_extra_full_syncs,
             },
             expect_real: f.expect_real.map(|r| ExpectReal {
                 why: r.why,
@@ -452,7 +457,7 @@ impl Scenario {
             }
         };
         match &f.action {
-            FaultAction::Crash { host: h, .. } | FaultAction::Restart { host: h } => {
+            FaultAction::Crash { host: h, .. } | FaultAction::Restart { host: h, .. } => {
                 host(h)?;
                 if *h == HostRef::Clients {
                     return Err("the clients host cannot crash (partition it instead)".into());
@@ -568,7 +573,8 @@ fn host_field(v: &Option<String>, field: &str) -> Result<HostRef, String> {
 fn allowed(kind: &str) -> Option<&'static [&'static str]> {
     Some(match kind {
         "crash" => &["host", "silent"],
-        "restart" | "isolate" => &["host"],
+        "restart" => &["host", "keep_replica"],
+        "isolate" => &["host"],
         "partition" | "repair" => &["a", "b", "oneway"],
         "heal" => &[],
         "hold" | "release" | "corrupt" => &["a", "b"],
@@ -590,12 +596,13 @@ fn fault_from_file(f: &FaultFile) -> Result<Vec<Fault>, String> {
          witness-disorder)"
             .to_string()
     })?;
-    let set: [(&str, bool); 16] = [
+    let set: [(&str, bool); 17] = [
         ("host", f.host.is_some()),
         ("a", f.a.is_some()),
         ("b", f.b.is_some()),
         ("oneway", f.oneway.is_some()),
         ("silent", f.silent.is_some()),
+        ("keep_replica", f.keep_replica.is_some()),
         ("rate", f.rate.is_some()),
         ("min_ms", f.min_ms.is_some()),
         ("max_ms", f.max_ms.is_some()),
@@ -617,7 +624,7 @@ fn fault_from_file(f: &FaultFile) -> Result<Vec<Fault>, String> {
         Some(w) => Trigger::parse(w).ok_or_else(|| {
             format!(
                 "`when`: unknown trigger `{w}` (use at, sending, between_checkpoints, syncing, \
-                 registering, protected)"
+                 registering, protected, catching_up)"
             )
         })?,
     };
@@ -638,6 +645,7 @@ fn fault_from_file(f: &FaultFile) -> Result<Vec<Fault>, String> {
         }),
         "restart" => one(FaultAction::Restart {
             host: host_field(&f.host, "host")?,
+            keep_replica: f.keep_replica.unwrap_or(false),
         }),
         "isolate" => one(FaultAction::Isolate {
             host: host_field(&f.host, "host")?,

@@ -187,6 +187,7 @@ pub(super) struct FaultFile {
     pub b: Option<String>,
     pub oneway: Option<bool>,
     pub silent: Option<bool>,
+    pub keep_replica: Option<bool>,
     pub rate: Option<f64>,
     pub min_ms: Option<u64>,
     pub max_ms: Option<u64>,
@@ -214,6 +215,7 @@ pub(super) struct ExpectFile {
     pub liveness_slack_ms: u64,
     pub max_response_p50_ms: Option<u64>,
     pub max_idle_pct: Option<u8>,
+    pub max_extra_full_syncs: Option<u64>,
 }
 
 impl Default for ExpectFile {
@@ -229,6 +231,7 @@ impl Default for ExpectFile {
             max_fences: None,
             max_response_p50_ms: None,
             max_idle_pct: None,
+            max_extra_full_syncs: None,
             liveness_slack_ms: 100,
         }
     }

@@ -14,7 +14,8 @@ pub mod service;
 
 use std::time::Duration;
 
-use ftvm_model::Time;
+use ftvm_driver::WriteHistory;
+use ftvm_model::{Epoch, Scope, Time};
 
 use crate::rng::SimRng;
 use crate::scenario::VmSpec;
@@ -43,6 +44,9 @@ pub(crate) struct SimVm {
     disk: Disk,
     disk_dirty: Vec<bool>,
     disk_dirty_list: Vec<u64>,
+    /// Last capturing epoch of each page and disk block (for catch-up captures).
+    history: WriteHistory,
+    disk_history: WriteHistory,
     rng: SimRng,
     ticks: u64,
     served: u64,
@@ -90,6 +94,8 @@ impl SimVm {
             disk,
             disk_dirty: vec![false; blocks],
             disk_dirty_list: Vec::new(),
+            history: WriteHistory::new(spec.pages),
+            disk_history: WriteHistory::new(blocks as u64),
             rng,
             ticks,
             served,
@@ -191,31 +197,24 @@ impl SimVm {
         d
     }
 
-    /// Dirty pages and disk blocks since the last capture (all of RAM and the whole disk when
-    /// `full`) and device state; clears the dirty sets. Pages and blocks go out in index order.
-    pub fn capture(&mut self, full: bool) -> Captured {
-        let mut blocks = std::mem::take(&mut self.disk_dirty_list);
-        for &b in &blocks {
+    /// The pages and disk blocks `scope` names for checkpoint `epoch` (the shared
+    /// [`WriteHistory`] picks them) and device state; clears the dirty sets. Pages and blocks
+    /// go out in index order.
+    pub fn capture(&mut self, epoch: Epoch, scope: Scope) -> Captured {
+        let dirty_blocks = std::mem::take(&mut self.disk_dirty_list);
+        for &b in &dirty_blocks {
             self.disk_dirty[b as usize] = false;
         }
-        if full {
-            blocks = (0..self.disk.blocks()).collect();
-        } else {
-            blocks.sort_unstable();
-        }
+        let blocks = self.disk_history.capture(epoch, scope, dirty_blocks);
         let disk = blocks
             .into_iter()
             .map(|b| (b, self.disk.block(b).to_vec()))
             .collect();
-        let mut list = std::mem::take(&mut self.dirty_list);
-        for &p in &list {
+        let dirty = std::mem::take(&mut self.dirty_list);
+        for &p in &dirty {
             self.dirty[p as usize] = false;
         }
-        if full {
-            list = (0..self.ram.pages()).collect();
-        } else {
-            list.sort_unstable();
-        }
+        let list = self.history.capture(epoch, scope, dirty);
         let pages = list
             .into_iter()
             .map(|p| (p, self.ram.page(p).to_vec()))
@@ -290,7 +289,7 @@ mod tests {
         let mut vm = SimVm::fresh(&spec(), 3);
         vm.resume(Time(0));
         vm.advance_to(Time(4_000));
-        let full = vm.capture(true);
+        let full = vm.capture(Epoch(1), Scope::Full);
         assert_eq!(full.pages.len(), 32);
         let r = vm.serve(
             Time(4_500),
@@ -302,7 +301,7 @@ mod tests {
         );
         assert_eq!(r.value, 1);
         vm.pause(Time(7_000));
-        let inc = vm.capture(false);
+        let inc = vm.capture(Epoch(2), Scope::Epoch);
         assert!(inc.pages.iter().any(|(p, _)| *p == 2));
         assert!(inc.pages.windows(2).all(|w| w[0].0 < w[1].0));
         assert_eq!(full.disk.len(), 8, "a full capture holds the whole disk");
@@ -322,9 +321,18 @@ mod tests {
         assert_eq!(restored.state_hash(), vm.state_hash());
         assert_eq!(restored.disk_hash(), vm.disk_hash());
         assert_eq!(restored.counters(), vec![0, 0, 1, 0]);
-        let empty = vm.capture(false);
+        let empty = vm.capture(Epoch(3), Scope::Epoch);
         assert!(empty.pages.is_empty(), "dirty set was cleared");
         assert!(empty.disk.is_empty(), "dirty disk set was cleared");
+        // A catch-up from 1 holds what 2 wrote: replayed onto the full capture it gives the
+        // state now, as the incremental did.
+        let catch_up = vm.capture(Epoch(4), Scope::Since(Epoch(1)));
+        assert_eq!(catch_up.pages, inc.pages);
+        assert_eq!(catch_up.disk, inc.disk);
+        assert!(vm
+            .capture(Epoch(5), Scope::Since(Epoch(2)))
+            .pages
+            .is_empty());
     }
 
     #[test]

@@ -4,7 +4,7 @@
 //! holding exactly the writes of the epochs committed.
 
 use ftvm_driver::StagedCheckpoint;
-use ftvm_model::{Epoch, Generation, NodeId};
+use ftvm_model::{Epoch, Generation, NodeId, ReplicaAt};
 
 use super::disk::Disk;
 use super::ram::{state_hash, Ram};
@@ -25,8 +25,10 @@ pub(crate) struct Replica {
     pub device: Vec<u8>,
     /// Last committed checkpoint.
     pub committed: Option<Origin>,
-    /// Epoch of the full checkpoint the replica descends from.
+    /// Epoch of the sync (full or catch-up) the replica descends from.
     pub since: Option<Epoch>,
+    /// What the model said the replica is at its last commit (what a restart offers).
+    pub at: Option<ReplicaAt>,
 }
 
 impl Replica {
@@ -38,13 +40,15 @@ impl Replica {
             device: Vec::new(),
             committed: None,
             since: None,
+            at: None,
         }
     }
 
-    /// Apply a staged checkpoint sent by `from` in one step (the simulated commit is atomic).
-    /// Staging kept page records inside the RAM; a short device state overwrites only its
-    /// prefix (which is exactly the damage a partial commit does).
-    pub fn apply(&mut self, cp: &StagedCheckpoint, from: NodeId, page_size: usize) {
+    /// Apply a staged checkpoint sent by `from` in one step (the simulated commit is atomic),
+    /// which makes the replica what the model's `Commit` says (`at`). Staging kept page
+    /// records inside the RAM; a short device state overwrites only its prefix (which is
+    /// exactly the damage a partial commit does).
+    pub fn apply(&mut self, cp: &StagedCheckpoint, from: NodeId, page_size: usize, at: ReplicaAt) {
         for (index, data) in cp.pages(page_size) {
             self.ram.set_page(index, data);
         }
@@ -58,9 +62,8 @@ impl Replica {
             generation: Generation(cp.generation),
             epoch: Epoch(cp.epoch),
         });
-        if cp.full {
-            self.since = Some(Epoch(cp.epoch));
-        }
+        self.since = Some(at.since);
+        self.at = Some(at);
     }
 
     /// Writes the checkpoint's disk blocks to the replica disk (staging kept them inside it).

@@ -253,12 +253,19 @@ impl Shared {
         }
     }
 
-    /// VM paused: takes the protect lock, then the dirty log (all pages when `full`), and
-    /// protects what is still writable, running `register` on the log's pages under the engine
-    /// lock before anything is protected (module docs, steps 1 and 5).
+    /// VM paused: takes the protect lock, then the dirty log, picks the capture's pages from
+    /// it (`select`, given the log's pages in increasing order, returns them in increasing
+    /// order), and protects what is still writable (all of RAM when `protect_all`), running
+    /// `register` on the picked pages under the engine lock before anything is protected
+    /// (module docs, steps 1 and 5).
+    ///
+    /// `select` may pick pages outside the log (a full or catch-up capture): those are
+    /// write-protected already (every page outside the writable set is), so their contents are
+    /// the capture's until their next write, which faults and finds them registered.
     fn capture<T>(
         &self,
-        full: bool,
+        protect_all: bool,
+        select: impl FnOnce(Vec<u64>) -> Vec<u64>,
         register: impl FnOnce(&mut Inner, Vec<u64>) -> Result<T, CowError>,
     ) -> Result<(T, ProtectStats), CowError> {
         // The protect lock first, stopping an early pass that holds it.
@@ -273,12 +280,7 @@ impl Shared {
             return Err(CowError::HandlerFailed(e.clone()));
         }
         // (a) take the log: later writes go to the next epoch.
-        let logged = g.dirty.take();
-        let pages = if full {
-            (0..self.pages).collect()
-        } else {
-            logged
-        };
+        let pages = select(g.dirty.take());
         let mut stats = ProtectStats {
             pages: pages.len() as u64,
             early_pages: std::mem::take(&mut g.early_pages),
@@ -291,7 +293,7 @@ impl Shared {
         let writable = g.writable.take();
         g.early_done.clear();
         g.hot.clear();
-        let done = if full {
+        let done = if protect_all {
             let all = self.uffd.range();
             stats.protected = self.pages;
             self.uffd
@@ -542,9 +544,21 @@ impl CowEngine {
     /// VM paused: starts a copy-on-write checkpoint of the pages written since the last capture
     /// (all pages when `full`) and write-protects them (module docs, step 1).
     pub fn begin(&self, full: bool) -> Result<(CowCheckpoint, ProtectStats), CowError> {
+        self.begin_with(full, self.log_or_all(full))
+    }
+
+    /// [`CowEngine::begin`] with the checkpoint's pages picked by `select` from the dirty log
+    /// it takes over (both in increasing order): a catch-up picks every page written since its
+    /// base. Only `protect_all` protects all of RAM; otherwise only the writable set is
+    /// protected, which suffices for any pick (see the module docs' invariant).
+    pub fn begin_with(
+        &self,
+        protect_all: bool,
+        select: impl FnOnce(Vec<u64>) -> Vec<u64>,
+    ) -> Result<(CowCheckpoint, ProtectStats), CowError> {
         // The table is registered before anything is protected. On failure the checkpoint is
         // dropped, which unregisters it.
-        self.shared.capture(full, |g, pages| {
+        self.shared.capture(protect_all, select, |g, pages| {
             let table = Arc::new(Table::new(pages, self.shared.page_size)?);
             g.active.push(table.clone());
             Ok(CowCheckpoint {
@@ -574,7 +588,24 @@ impl CowEngine {
     /// VM paused: the pages written since the last capture (all pages when `full`), protected
     /// again to log their next write — for capture modes that copy or send while paused.
     pub fn rearm(&self, full: bool) -> Result<(Vec<u64>, ProtectStats), CowError> {
-        self.shared.capture(full, |_, pages| Ok(pages))
+        self.rearm_with(full, self.log_or_all(full))
+    }
+
+    /// [`CowEngine::rearm`] with the pages picked by `select`, as for
+    /// [`CowEngine::begin_with`].
+    pub fn rearm_with(
+        &self,
+        protect_all: bool,
+        select: impl FnOnce(Vec<u64>) -> Vec<u64>,
+    ) -> Result<(Vec<u64>, ProtectStats), CowError> {
+        self.shared
+            .capture(protect_all, select, |_, pages| Ok(pages))
+    }
+
+    /// The pick of a capture that takes the dirty log, or every page when `full`.
+    fn log_or_all(&self, full: bool) -> impl FnOnce(Vec<u64>) -> Vec<u64> {
+        let pages = self.shared.pages;
+        move |logged| if full { (0..pages).collect() } else { logged }
     }
 }
 

@@ -51,6 +51,9 @@ pub enum Outgoing {
         generation: Generation,
         /// Whether it is a full sync.
         full: bool,
+        /// Whether it starts a backup's stream (a full sync or a catch-up): its send's progress
+        /// is reported ([`SyncProgress`]).
+        sync: bool,
         /// Pages and device state.
         staged: StagedCheckpoint,
         /// A full checkpoint's disk blocks, read from a snapshot as they are sent (None: they
@@ -86,6 +89,8 @@ pub struct PausedPages {
     ram: Arc<GuestRam>,
     /// See [`Outgoing::Checkpoint`].
     pub disk: Option<DiskSync>,
+    /// See [`Outgoing::Checkpoint`].
+    pub sync: bool,
 }
 
 impl PausedPages {
@@ -111,6 +116,7 @@ impl PausedPages {
             staged,
             ram,
             disk: None,
+            sync: false,
         }
     }
 }
@@ -125,6 +131,8 @@ pub struct CowPages {
     cow: CowCheckpoint,
     /// See [`Outgoing::Checkpoint`].
     pub disk: Option<DiskSync>,
+    /// See [`Outgoing::Checkpoint`].
+    pub sync: bool,
 }
 
 impl CowPages {
@@ -141,11 +149,12 @@ impl CowPages {
             staged,
             cow,
             disk: None,
+            sync: false,
         }
     }
 }
 
-/// A full checkpoint's disk part, read from the VM's disk as it goes out: the snapshot keeps
+/// A sync checkpoint's disk part (full or catch-up), read from the VM's disk as it goes out: the snapshot keeps
 /// what the guest overwrites meanwhile (`crate::disk::DiskSnapshot`). Its blocks are the
 /// checkpoint's `disk_indices`.
 pub struct DiskSync {
@@ -384,7 +393,7 @@ fn serve(
     progress: &SyncProgress,
 ) -> String {
     while let Ok(out) = rx.recv() {
-        let (generation, full, staged, ram, cow, disk) = match out {
+        let (generation, full, sync, staged, ram, cow, disk) = match out {
             Outgoing::Peer(msg) => {
                 let frame = wire::encode_peer(vm, &msg);
                 let sent = match sealer {
@@ -408,16 +417,35 @@ fn serve(
             Outgoing::Checkpoint {
                 generation,
                 full,
+                sync,
                 staged,
                 disk,
-            } => (generation, full, staged, None, None, disk),
+            } => (generation, full, sync, staged, None, None, disk),
             Outgoing::PausedSend(p) => {
                 let p = *p;
-                (p.generation, p.full, p.staged, Some(p.ram), None, p.disk)
+                let sync = p.sync;
+                (
+                    p.generation,
+                    p.full,
+                    sync,
+                    p.staged,
+                    Some(p.ram),
+                    None,
+                    p.disk,
+                )
             }
             Outgoing::Cow(c) => {
                 let c = *c;
-                (c.generation, c.full, c.staged, None, Some(c.cow), c.disk)
+                let sync = c.sync;
+                (
+                    c.generation,
+                    c.full,
+                    sync,
+                    c.staged,
+                    None,
+                    Some(c.cow),
+                    c.disk,
+                )
             }
         };
         let disk = match &disk {
@@ -436,7 +464,7 @@ fn serve(
             full,
             page_size,
         };
-        let watch = full.then_some(progress);
+        let watch = (full || sync).then_some(progress);
         if let (Some(p), Some(total)) = (watch, frame.meta(&staged).frame_len()) {
             p.begin(total);
         }

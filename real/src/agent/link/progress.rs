@@ -1,5 +1,5 @@
-//! How far the full checkpoint going out (a backup's sync: all of RAM and every data block of
-//! the disk) has got, for the status file and the demo's progress line: a sync of a big VM takes
+//! How far the sync checkpoint going out (a backup's full sync: all of RAM and every data block
+//! of the disk; or its catch-up: everything written since its replica's epoch) has got, for the status file and the demo's progress line: a sync of a big VM takes
 //! seconds, and a user watching it wants bytes, rate and time left, not silence.
 
 use std::sync::atomic::{AtomicU64, Ordering};

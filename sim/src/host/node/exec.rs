@@ -8,7 +8,9 @@ use ftvm_driver::{Effect, StagedCheckpoint};
 use ftvm_model::wire::{
     encode_checkpoint_with_disk, DISK_BLOCK_SIZE, HEADER_LEN, META_LEN, RECORD_HEADER_LEN,
 };
-use ftvm_model::{Action, Epoch, Generation, Input, NodeId, Time, WitnessRequest};
+use ftvm_model::{
+    Action, Epoch, Generation, Input, NodeId, ReplicaAt, Scope, Time, WitnessRequest,
+};
 use tokio::task::spawn_local;
 use turmoil::net::TcpStream;
 
@@ -45,7 +47,7 @@ impl NodeHost {
                     self.paused_since.get_or_insert(t);
                 }
             }
-            Action::Capture { epoch, full } => self.capture(t, epoch, full, queue),
+            Action::Capture { epoch, scope } => self.capture(t, epoch, scope, queue),
             Action::ResumeVm { epoch } => {
                 let paused = self
                     .paused_since
@@ -84,7 +86,7 @@ impl NodeHost {
             Action::Disconnect { .. } | Action::Log(_) => {}
             Action::ToWitness(request) => self.ask_witness(request),
             Action::ReleaseOutput { .. } | Action::SetOutputGate(_) => self.release(t, released),
-            Action::Commit { epoch } => self.commit(t, epoch, staged, queue),
+            Action::Commit { epoch, replica } => self.commit(t, epoch, replica, staged, queue),
             Action::DiscardStaged => self.staged_from.clear(),
             Action::StartVm { from, generation } => self.start_vm(t, from, generation),
             Action::Fence => {
@@ -111,12 +113,12 @@ impl NodeHost {
             .fail(Invariant::Driver, t, Some(self.me), detail);
     }
 
-    fn capture(&mut self, t: Time, epoch: Epoch, full: bool, queue: &mut VecDeque<Input>) {
+    fn capture(&mut self, t: Time, epoch: Epoch, scope: Scope, queue: &mut VecDeque<Input>) {
         let Some(vm) = self.vm.as_mut() else {
             return self.driver_error(t, format!("Capture {{ {epoch} }} but no VM runs here"));
         };
         vm.pause(t);
-        let cap = vm.capture(full);
+        let cap = vm.capture(epoch, scope);
         let hash = vm.state_hash();
         let disk_hash = vm.disk_hash();
         let pages = cap.pages.len() as u64;
@@ -136,6 +138,10 @@ impl NodeHost {
             world
                 .obs
                 .captured_disk(self.me, self.vm_generation, epoch, disk_hash);
+            world.obs.sync_captured(scope);
+            if let Scope::Since(_) = scope {
+                world.catching_up.insert(self.me, epoch);
+            }
             world.note(t, self.host, TraceKind::Captured { epoch, hash });
         }
         self.captured.insert(epoch, cap);
@@ -255,6 +261,7 @@ impl NodeHost {
         &mut self,
         t: Time,
         epoch: Epoch,
+        replica: ReplicaAt,
         staged: Option<StagedCheckpoint>,
         queue: &mut VecDeque<Input>,
     ) {
@@ -263,7 +270,12 @@ impl NodeHost {
         let (Some(cp), Some(from)) = (staged, from) else {
             return self.driver_error(t, format!("Commit of {epoch}, which is not staged"));
         };
-        self.replica.apply(&cp, from, self.spec.page_size as usize);
+        self.replica
+            .apply(&cp, from, self.spec.page_size as usize, replica);
+        if cp.full {
+            self.w.borrow_mut().obs.full_sync_committed();
+        }
+        self.keep_replica();
         let hash = self.replica.state_hash();
         let disk_hash = self.replica.disk.hash();
         let origin = self.replica.committed;
@@ -278,6 +290,15 @@ impl NodeHost {
             world.note(t, self.host, TraceKind::Committed { epoch, hash });
         }
         queue.push_back(Input::Committed { epoch });
+    }
+
+    /// Leaves a copy of the replica where a restart that keeps it will find it (only when the
+    /// scenario has such a restart: copying every commit costs time).
+    fn keep_replica(&mut self) {
+        let mut world = self.w.borrow_mut();
+        if let Some(kept) = world.kept.as_mut() {
+            kept.insert(self.me, self.replica.clone());
+        }
     }
 
     fn start_vm(&mut self, t: Time, from: Epoch, generation: Generation) {

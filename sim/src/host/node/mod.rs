@@ -21,6 +21,7 @@ use turmoil::net::TcpStream;
 
 use crate::net::{write_loop, Job, WriterNote, PEER_PORT, SERVICE_PORT};
 use crate::observer::Instance;
+use crate::rng::SimRng;
 use crate::scenario::{VmSpec, VM_ID};
 use crate::trace::{HostId, TraceKind};
 use crate::vm::replica::Replica;
@@ -82,33 +83,54 @@ pub(crate) struct NodeHost {
     tx: UnboundedSender<HostEvent>,
 }
 
+/// The RNG stream each node's lineage is drawn from (plus the node id).
+const LINEAGE_STREAM: u64 = 0x4c49_4e45_0000;
+
 /// The software of node `me` (called again at every restart).
 pub(crate) async fn run_node(w: Shared, me: NodeId) -> turmoil::Result {
-    let (start, config, spec, seed) = {
+    let (start, config, spec, seed, replica) = {
         let mut world = w.borrow_mut();
-        let starts = world.starts.entry(me).or_insert(0);
-        *starts += 1;
-        let start = match (*starts, me.0) {
-            (1, 1) => Start::Primary,
-            (1, _) => Start::Backup { primary: NodeId(1) },
+        let starts = {
+            let n = world.starts.entry(me).or_insert(0);
+            *n += 1;
+            *n
+        };
+        let kept = match world.resume.remove(&me) {
+            true => world.kept.as_ref().and_then(|k| k.get(&me)).cloned(),
+            false => None,
+        };
+        let start = match (starts, me.0, kept.as_ref().and_then(|r| r.at)) {
+            (1, 1, _) => Start::Primary,
+            (1, _, _) => Start::Backup { primary: NodeId(1) },
+            (_, _, Some(replica)) => Start::Resume { replica },
             _ => Start::Rejoin,
         };
+        let replica = match start {
+            Start::Resume { .. } => kept.unwrap_or_else(|| Replica::empty(&world.scenario.vm)),
+            _ => Replica::empty(&world.scenario.vm),
+        };
+        // Each start of the software draws its own lineage (see `Config::incarnation`), as a
+        // real agent process does; the journal records it after the start.
+        let mut config = world.config.clone();
+        config.incarnation = SimRng::derive(world.seed, LINEAGE_STREAM + u64::from(me.0))
+            .next_u64()
+            .wrapping_add(u64::from(starts));
         let t = now();
         world.note(t, HostId::Node(me), TraceKind::Start(start));
-        let config = world.config.clone();
         if let Some(journals) = world.journals.as_mut() {
             journals.entry(me).or_insert_with(|| crate::HostJournal {
                 node: me,
-                config,
+                config: config.clone(),
                 start,
                 entries: Vec::new(),
             });
         }
         (
             start,
-            world.config.clone(),
+            config,
             world.scenario.vm.clone(),
             world.seed,
+            replica,
         )
     };
     let peer_listener = accept::bind(PEER_PORT).await?;
@@ -120,7 +142,7 @@ pub(crate) async fn run_node(w: Shared, me: NodeId) -> turmoil::Result {
         w: w.clone(),
         me,
         host: HostId::Node(me),
-        replica: Replica::empty(&spec),
+        replica,
         spec,
         vm_id: VM_ID,
         driver: NodeDriver::new(Node::new(config, me, start)),
@@ -141,8 +163,9 @@ pub(crate) async fn run_node(w: Shared, me: NodeId) -> turmoil::Result {
     if w.borrow().journals.is_some() {
         host.driver.record(now(), start, Journal::new());
     }
-    let empty_disk = host.replica.disk.hash();
-    w.borrow_mut().obs.replica_disk_reset(me, empty_disk);
+    // A restart reads its replica disk as it was left (empty unless kept).
+    let disk = host.replica.disk.hash();
+    w.borrow_mut().obs.replica_disk_reset(me, disk);
     if start == Start::Primary {
         host.vm = Some(SimVm::fresh(&host.spec, seed));
         host.instance = w.borrow_mut().obs.new_instance(me);
