@@ -42,22 +42,29 @@ impl WriteHistory {
 
     /// Stamps `dirty` (the indices written since the previous capture) with `epoch`, and
     /// returns the indices, in increasing order, that a capture of `epoch` with `scope` sends.
-    /// Indices beyond the table are ignored (a dirty log never names one; if it did, no
-    /// checkpoint could carry it either).
+    /// Indices beyond the table are never stamped but are passed on (at the end, the largest),
+    /// unless the capture is full: a dirty log naming one is broken, and the caller's range
+    /// check must see it, as it did before the table existed.
     pub fn capture(&mut self, epoch: Epoch, scope: Scope, dirty: Vec<u64>) -> Vec<u64> {
+        // Sorted first, so that the indices beyond the table come last.
         let mut dirty = dirty;
-        dirty.retain(|&i| {
-            let slot = usize::try_from(i).ok().and_then(|i| self.last.get_mut(i));
-            slot.map(|e| *e = epoch.0).is_some()
-        });
-        match scope {
-            Scope::Epoch => {
-                dirty.sort_unstable();
-                dirty.dedup();
-                dirty
+        dirty.sort_unstable();
+        dirty.dedup();
+        let beyond = dirty.partition_point(|&i| i < self.len());
+        for &i in &dirty[..beyond] {
+            // In range: below `len`, which came from a usize.
+            if let Some(e) = usize::try_from(i).ok().and_then(|k| self.last.get_mut(k)) {
+                *e = epoch.0;
             }
+        }
+        match scope {
+            Scope::Epoch => dirty,
             Scope::Full => (0..self.len()).collect(),
-            Scope::Since(base) => self.written_after(base),
+            Scope::Since(base) => {
+                let mut picked = self.written_after(base);
+                picked.extend_from_slice(&dirty[beyond..]);
+                picked
+            }
         }
     }
 
@@ -96,13 +103,18 @@ mod tests {
     }
 
     #[test]
-    fn indices_beyond_the_table_are_ignored() {
+    fn indices_beyond_the_table_are_passed_on_for_the_range_check_never_stamped() {
         let mut h = WriteHistory::new(4);
         assert_eq!(
-            h.capture(Epoch(1), Scope::Epoch, vec![2, 4, u64::MAX]),
-            vec![2]
+            h.capture(Epoch(1), Scope::Epoch, vec![u64::MAX, 2, 4]),
+            vec![2, 4, u64::MAX]
         );
         assert_eq!(h.written_after(Epoch(0)), vec![2]);
+        assert_eq!(
+            h.capture(Epoch(2), Scope::Since(Epoch(0)), vec![5]),
+            vec![2, 5]
+        );
+        assert_eq!(h.capture(Epoch(3), Scope::Full, vec![5]), vec![0, 1, 2, 3]);
         assert!(WriteHistory::new(0).is_empty());
     }
 }

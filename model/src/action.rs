@@ -28,13 +28,6 @@ pub enum Scope {
     Since(Epoch),
 }
 
-impl Scope {
-    /// A sync checkpoint (the first of a stream), full or catch-up.
-    pub fn is_sync(self) -> bool {
-        !matches!(self, Scope::Epoch)
-    }
-}
-
 /// Why a primary answers a join with a full sync rather than a catch-up.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub enum FullSyncReason {

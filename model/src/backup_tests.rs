@@ -56,8 +56,8 @@ fn no_hb(actions: Vec<Action>) -> Vec<Action> {
     actions.into_iter().filter(|a| !hb(a)).collect()
 }
 
-/// Backup B synced at epoch `sync` (committed, acked): Protecting.
-fn protecting(sync: u64) -> One {
+/// A fresh backup B told by P that the full sync of epoch `sync` follows: Syncing.
+fn syncing(sync: u64) -> One {
     let mut b = One::new(B, Start::Backup { primary: P });
     b.on(Input::Timeout);
     b.on(Input::Connected { peer: P });
@@ -68,6 +68,12 @@ fn protecting(sync: u64) -> One {
         lineage: 0,
         continues: false,
     }));
+    b
+}
+
+/// Backup B synced at epoch `sync` (committed, acked): Protecting.
+fn protecting(sync: u64) -> One {
+    let mut b = syncing(sync);
     b.on(Input::CheckpointReceived {
         epoch: Epoch(sync),
         ok: true,
@@ -222,16 +228,7 @@ fn a_continuation_on_another_base_or_after_a_damaged_sync_restarts_the_stream() 
     assert_eq!(b.status().committed, Some(Epoch(1)), "the replica is kept");
     // A damaged sync checkpoint has no replica of its stream to go on from: a fresh join
     // after join_retry.
-    let mut b = One::new(B, Start::Backup { primary: P });
-    b.on(Input::Timeout);
-    b.on(Input::Connected { peer: P });
-    b.on(from_p(PeerMsg::SyncStart {
-        generation: G1,
-        epoch: Epoch(1),
-        base: None,
-        lineage: 0,
-        continues: false,
-    }));
+    let mut b = syncing(1);
     let a = b.on(Input::CheckpointReceived {
         epoch: Epoch(1),
         ok: false,
@@ -376,16 +373,7 @@ fn silence_during_a_commit_waits_for_it_then_takes_over_with_the_new_replica() {
 
 #[test]
 fn no_replica_no_takeover() {
-    let mut b = One::new(B, Start::Backup { primary: P });
-    b.on(Input::Timeout);
-    b.on(Input::Connected { peer: P });
-    b.on(from_p(PeerMsg::SyncStart {
-        generation: G1,
-        epoch: Epoch(1),
-        base: None,
-        lineage: 0,
-        continues: false,
-    }));
+    let mut b = syncing(1);
     // The primary dies mid-sync: nothing committed, so ask the witness whom to join.
     let a = b.after(config().failure_timeout);
     assert_eq!(
@@ -401,16 +389,7 @@ fn no_replica_no_takeover() {
 
 #[test]
 fn streaming_bytes_keep_a_slow_sync_alive() {
-    let mut b = One::new(B, Start::Backup { primary: P });
-    b.on(Input::Timeout);
-    b.on(Input::Connected { peer: P });
-    b.on(from_p(PeerMsg::SyncStart {
-        generation: G1,
-        epoch: Epoch(1),
-        base: None,
-        lineage: 0,
-        continues: false,
-    }));
+    let mut b = syncing(1);
     for _ in 0..10 {
         b.after(Duration::from_millis(100));
         b.on(Input::Heard { from: P });

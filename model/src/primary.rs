@@ -396,7 +396,7 @@ impl Primary {
             last_heard: ctx.now,
         });
         self.phase = PPhase::Protected;
-        self.start_stream(ctx, Some(base), true);
+        self.start_stream(ctx, Ok(base), true);
     }
 
     fn reject(&self, ctx: &mut Ctx<'_>, to: NodeId, reason: RejectReason) {
@@ -461,14 +461,6 @@ impl Primary {
             ctx.act(Action::SetOutputGate(Gate::Held));
         }
         let base = self.catch_up_base(ctx.cfg, replica);
-        if let Err(why) = base {
-            ctx.log(Event::SyncChosen {
-                peer: from,
-                epoch: self.running,
-                base: None,
-                full_because: Some(why),
-            });
-        }
         self.peer = Some(Peer {
             node: from,
             sync: self.running,
@@ -477,22 +469,27 @@ impl Primary {
         });
         self.acked = Epoch::NONE;
         self.phase = PPhase::Syncing;
-        self.start_stream(ctx, base.ok(), false);
+        self.start_stream(ctx, base, false);
     }
 
-    /// Announce the stream to our peer and capture its first checkpoint: all of RAM and disk,
-    /// or a catch-up from `base`; `continues`: the peer's registration goes on (a rejoin).
-    fn start_stream(&mut self, ctx: &mut Ctx<'_>, base: Option<Epoch>, continues: bool) {
+    /// Announce the stream to our peer and capture its first checkpoint: a catch-up from the
+    /// base, or all of RAM and disk for the reason given; `continues`: the peer's registration
+    /// goes on (a rejoin).
+    fn start_stream(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        base: Result<Epoch, FullSyncReason>,
+        continues: bool,
+    ) {
         let Some(p) = self.peer else { return };
         let epoch = self.running;
-        if base.is_some() {
-            ctx.log(Event::SyncChosen {
-                peer: p.node,
-                epoch,
-                base,
-                full_because: None,
-            });
-        }
+        ctx.log(Event::SyncChosen {
+            peer: p.node,
+            epoch,
+            base: base.ok(),
+            full_because: base.err(),
+        });
+        let base = base.ok();
         self.heartbeat_at = ctx.now + ctx.cfg.heartbeat_interval;
         let msg = PeerMsg::SyncStart {
             generation: self.generation,

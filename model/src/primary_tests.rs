@@ -18,6 +18,11 @@ const C: NodeId = NodeId(3);
 const G1: Generation = Generation(1);
 
 fn join(from: NodeId) -> Input {
+    join_offering(from, None)
+}
+
+/// `from`'s `Join`, offering `replica`.
+fn join_offering(from: NodeId, replica: Option<crate::msg::ReplicaAt>) -> Input {
     let cfg = config();
     Input::Message {
         from,
@@ -28,7 +33,7 @@ fn join(from: NodeId) -> Input {
             page_size: cfg.page_size,
             disk_blocks: cfg.disk_blocks,
             known: Generation::UNKNOWN,
-            replica: None,
+            replica,
         },
     }
 }
@@ -927,40 +932,13 @@ fn a_joiner_with_another_disk_size_is_refused_for_good() {
 
 /// `join(from)` offering a replica of `epoch` (synced at 1) of `generation` and `lineage`.
 fn join_with(from: NodeId, generation: Generation, lineage: u64, epoch: u64) -> Input {
-    let Input::Message {
-        msg:
-            PeerMsg::Join {
-                vm,
-                node,
-                ram_pages,
-                page_size,
-                disk_blocks,
-                known,
-                ..
-            },
-        ..
-    } = join(from)
-    else {
-        unreachable!()
-    };
-    let replica = Some(crate::msg::ReplicaAt {
+    let replica = crate::msg::ReplicaAt {
         generation,
         lineage,
         since: Epoch(1),
         epoch: Epoch(epoch),
-    });
-    Input::Message {
-        from,
-        msg: PeerMsg::Join {
-            vm,
-            node,
-            ram_pages,
-            page_size,
-            disk_blocks,
-            known,
-            replica,
-        },
-    }
+    };
+    join_offering(from, Some(replica))
 }
 
 /// A protected primary (lineage 7) that captured and got acks for epochs 2 and 3, then lost

@@ -704,11 +704,7 @@ impl Replica {
             return self.settle();
         }
         self.write_pages(staged)?;
-        let (at, file) = self
-            .unapplied
-            .take()
-            .map_or((None, None), |u| (u.at, u.file));
-        self.finish(staged, file, at)
+        self.finish_unapplied(staged)
     }
 
     /// Applies a committed journal not applied yet, reading it back from disk: after this the
@@ -724,11 +720,17 @@ impl Replica {
         }
         self.check(&staged)?;
         self.write_pages(&staged)?;
+        self.finish_unapplied(&staged)
+    }
+
+    /// Step 2's end for the committed journal `staged` whose pages are written: metadata, and
+    /// the journal's file back to the spool.
+    fn finish_unapplied(&mut self, staged: &StagedCheckpoint) -> Result<(), ReplicaError> {
         let (at, file) = self
             .unapplied
             .take()
             .map_or((None, None), |u| (u.at, u.file));
-        self.finish(&staged, file, at)
+        self.finish(staged, file, at)
     }
 
     fn journal_path(&self) -> PathBuf {
@@ -736,34 +738,32 @@ impl Replica {
     }
 
     /// Writes the commit's record into the header of journal `f` (zeroes for none, so that a
-    /// reused file never carries an older one), synced with the journal when durable. On
-    /// failure the file goes back to the spool.
+    /// reused file never carries an older one), synced with the journal when durable.
     fn write_record(&self, f: SpoolFile, at: Option<ReplicaAt>) -> Result<SpoolFile, ReplicaError> {
         let record = at.as_ref().map_or([0; RECORD_LEN], encode_record);
-        let written = f
-            .file
-            .write_all_at(&record, RECORD_OFFSET as u64)
-            .map_err(io(&f.path, "write the journal's commit record"))
-            .and_then(|()| match self.durability {
-                Durability::Durable => f.file.sync_data().map_err(io(&f.path, "sync journal")),
-                Durability::Atomic => Ok(()),
-            });
-        match written {
-            Ok(()) => Ok(f),
-            Err(e) => {
-                self.spool.recycle(f);
-                Err(e)
-            }
-        }
+        let offset = RECORD_OFFSET as u64;
+        self.write_spooled(f, &record, offset, "write the journal's commit record")
     }
 
     /// Writes `staged` whole into a spool file (a checkpoint without a sealed journal).
     fn write_journal(&self, staged: &StagedCheckpoint) -> Result<SpoolFile, ReplicaError> {
         let f = self.spool.file()?;
+        self.write_spooled(f, &encode_journal(staged), 0, "write journal")
+    }
+
+    /// Writes `bytes` at `offset` of spool file `f`, synced when durable. On failure the file
+    /// goes back to the spool.
+    fn write_spooled(
+        &self,
+        f: SpoolFile,
+        bytes: &[u8],
+        offset: u64,
+        what: &'static str,
+    ) -> Result<SpoolFile, ReplicaError> {
         let written = f
             .file
-            .write_all_at(&encode_journal(staged), 0)
-            .map_err(io(&f.path, "write journal"))
+            .write_all_at(bytes, offset)
+            .map_err(io(&f.path, what))
             .and_then(|()| match self.durability {
                 Durability::Durable => f.file.sync_data().map_err(io(&f.path, "sync journal")),
                 Durability::Atomic => Ok(()),
