@@ -451,6 +451,62 @@ fn backup_restart_keeps_replica_on_real_hosts() {
     assert!(caught_up, "no catch-up capture on the primary");
 }
 
+#[test]
+fn reprotect_large_vm_on_real_hosts() {
+    use ftvm_driver::journal::Record;
+    use ftvm_model::{Action, Event, Gate, Scope};
+    let s = run_real("reprotect-large-vm");
+    assert_eq!(applied(&s, "paces both directions").len(), 1, "{s}");
+    // The primary's re-protection of the empty backup: the full sync's capture, the gate
+    // closing once the joiner caught up, and the first release after it.
+    let entries = journal_entries("reprotect-large-vm", 1);
+    let full_captures: Vec<_> = entries
+        .iter()
+        .filter(|e| {
+            matches!(
+                e.entry.record,
+                Record::Action(Action::Capture {
+                    scope: Scope::Full,
+                    ..
+                })
+            )
+        })
+        .map(|e| e.entry.at)
+        .collect();
+    assert_eq!(
+        full_captures.len(),
+        2,
+        "first protection and the re-protection"
+    );
+    let sync = full_captures[1];
+    let after = |t: ftvm_model::Time| entries.iter().filter(move |e| e.entry.at >= t);
+    let held_at = after(sync)
+        .find(|e| e.entry.record == Record::Action(Action::SetOutputGate(Gate::Held)))
+        .map(|e| e.entry.at)
+        .expect("the gate closed again after the sync");
+    let closing = after(sync)
+        .find(|e| {
+            matches!(
+                e.entry.record,
+                Record::Action(Action::Log(Event::GateClosing { .. }))
+            )
+        })
+        .map(|e| e.entry.at)
+        .expect("the primary logged the end of the pre-copy");
+    assert_eq!(held_at, closing, "output flowed until the joiner caught up");
+    let released = after(held_at)
+        .find(|e| matches!(e.entry.record, Record::Action(Action::ReleaseOutput { .. })))
+        .map(|e| e.entry.at)
+        .expect("output released once the joiner was registered");
+    let precopy = closing.saturating_since(sync);
+    let held = released.saturating_since(held_at);
+    eprintln!("pre-copy {precopy:?} with output flowing, then output held {held:?}");
+    assert!(
+        held < precopy && held < std::time::Duration::from_secs(1),
+        "output held {held:?} (pre-copy {precopy:?})"
+    );
+}
+
 /// Every file of `scenarios/` runs on real hosts in this suite (a new file needs its test here).
 #[test]
 fn every_scenario_file_has_a_real_host_test() {

@@ -167,6 +167,14 @@ pub enum Event {
         /// Why the sync is full (`None` for a catch-up).
         full_because: Option<FullSyncReason>,
     },
+    /// Pre-copy done: the joiner committed the sync and every epoch after it, so the primary
+    /// holds output from `epoch` on and registers the joiner once it acks `epoch`.
+    GateClosing {
+        /// The joiner.
+        peer: NodeId,
+        /// The first epoch whose frames are held again.
+        epoch: Epoch,
+    },
     /// A backup refused a `SyncStart` whose catch-up base is not what its `Join` offered.
     SyncRefused {
         /// Epoch of the announced sync.

@@ -74,6 +74,10 @@ struct Peer {
     sync: Epoch,
     /// The sync is a catch-up on top of the peer's replica of this epoch (`None`: full).
     base: Option<Epoch>,
+    /// The epoch whose ack lets us register the peer: its replica then holds everything
+    /// released so far. `None` while the stream runs with the gate open (pre-copy, see
+    /// [`Primary::maybe_close_gate`]).
+    register_at: Option<Epoch>,
     last_heard: Time,
 }
 
@@ -393,6 +397,7 @@ impl Primary {
             node: from,
             sync: token.since,
             base: Some(base),
+            register_at: Some(token.since),
             last_heard: ctx.now,
         });
         self.phase = PPhase::Protected;
@@ -454,17 +459,19 @@ impl Primary {
         if self.pending.is_some() || self.capturing.is_some() || self.sending.is_some() {
             return self.reject(ctx, from, RejectReason::Busy);
         }
-        // Accept. Hold output *before* the sync capture, so every frame emitted after the sync
-        // point waits for this backup's ack.
-        if self.gate == Gate::Open {
-            self.gate = Gate::Held;
-            ctx.act(Action::SetOutputGate(Gate::Held));
-        }
+        // Accept. With the gate open (degraded: the witness holds no backup for us), output
+        // keeps flowing while the sync and the epochs after it stream: the joiner cannot take
+        // over before it is registered, so nothing it lacks can have been promised. The gate
+        // closes once the stream has caught up (`maybe_close_gate`), and the registration
+        // waits for the epoch after that. With the gate held (no first protection yet), every
+        // frame from the sync point on waits for this backup's ack anyway.
+        let register_at = (self.gate == Gate::Held).then_some(self.running);
         let base = self.catch_up_base(ctx.cfg, replica);
         self.peer = Some(Peer {
             node: from,
             sync: self.running,
             base: base.ok(),
+            register_at,
             last_heard: ctx.now,
         });
         self.acked = Epoch::NONE;
@@ -579,8 +586,12 @@ impl Primary {
         let p = *p;
         self.acked = epoch;
         match self.phase {
+            PPhase::Syncing if p.register_at.is_none_or(|r| epoch < r) => {
+                self.maybe_close_gate(ctx);
+            }
             PPhase::Syncing => {
-                // The joiner holds a full replica: ask the witness to let it take over.
+                // The joiner's replica holds every epoch whose output left: ask the witness to
+                // let it take over.
                 let backup = Registration {
                     node: p.node,
                     since: p.sync,
@@ -598,6 +609,29 @@ impl Primary {
             PPhase::Protected => self.release(ctx, epoch),
             _ => {}
         }
+    }
+
+    /// Pre-copy: the joiner of a sync started with the gate open has committed the sync and
+    /// every epoch captured since, so what the VM writes next fits an ordinary checkpoint.
+    /// Hold output from here and capture at once: once the joiner acks that capture, its
+    /// replica holds every epoch whose frames left, and it may be registered. Clients wait for
+    /// this one epoch and the registration, never for the sync.
+    fn maybe_close_gate(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(p) = self.peer.as_mut() else { return };
+        let caught_up = self.acked >= p.sync && self.acked == self.captured;
+        if p.register_at.is_some() || !caught_up || self.capturing.is_some() {
+            return;
+        }
+        p.register_at = Some(self.running);
+        ctx.log(Event::GateClosing {
+            peer: p.node,
+            epoch: self.running,
+        });
+        if self.gate == Gate::Open {
+            self.gate = Gate::Held;
+            ctx.act(Action::SetOutputGate(Gate::Held));
+        }
+        self.next_capture_at = ctx.now;
     }
 
     fn release(&mut self, ctx: &mut Ctx<'_>, through: Epoch) {

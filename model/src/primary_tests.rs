@@ -404,7 +404,7 @@ fn silent_backup_is_lost_after_the_failure_timeout() {
 }
 
 #[test]
-fn degraded_primary_holds_output_before_the_sync_capture() {
+fn degraded_primary_syncs_with_output_flowing_then_holds_it_for_one_epoch() {
     let (mut p, mut w) = protected();
     let drop = WitnessRequest::DropBackup {
         generation: G1,
@@ -414,15 +414,12 @@ fn degraded_primary_holds_output_before_the_sync_capture() {
     p.on(Input::Disconnected { peer: B });
     p.after(config().rejoin_grace);
     p.on(Input::WitnessReply(w.handle(p.now, drop)));
+    assert_eq!(p.status().gate, Some(Gate::Open));
     let a = p.on(join(C));
-    let running = p.status().captured; // the sync epoch was the running one
+    // Pre-copy: no backup is registered, so the gate stays open through the sync.
+    assert!(!a.contains(&Action::SetOutputGate(Gate::Held)), "{a:?}");
     assert_eq!(
         a[0],
-        Action::SetOutputGate(Gate::Held),
-        "held before anything else: {a:?}"
-    );
-    assert_eq!(
-        a[1],
         Action::Send {
             to: C,
             msg: PeerMsg::SyncStart {
@@ -435,7 +432,7 @@ fn degraded_primary_holds_output_before_the_sync_capture() {
         }
     );
     assert_eq!(
-        &a[2..],
+        &a[1..],
         &[
             Action::PauseVm,
             Action::Capture {
@@ -444,8 +441,65 @@ fn degraded_primary_holds_output_before_the_sync_capture() {
             }
         ]
     );
-    assert_eq!(running, Epoch(1));
-    // Joiner lost before its registration was asked: back to degraded without the witness.
+    capture_done(&mut p, 2);
+    p.on(Input::CheckpointSent { epoch: Epoch(2) });
+    // The next epoch is captured before the sync is acked: the stream runs on, gate open.
+    no_hb(p.after(config().epoch_interval));
+    capture_done(&mut p, 3);
+    p.on(Input::CheckpointSent { epoch: Epoch(3) });
+    let a = p.on(ack(C, 2));
+    assert!(a.is_empty(), "epoch 3 is still unacked: {a:?}");
+    assert_eq!(
+        (p.status().phase, p.status().gate),
+        (Phase::Syncing, Some(Gate::Open))
+    );
+    // Caught up: hold output from the running epoch and capture it at once.
+    let a = p.on(ack(C, 3));
+    assert_eq!(
+        a,
+        vec![
+            Action::SetOutputGate(Gate::Held),
+            Action::PauseVm,
+            Action::Capture {
+                epoch: Epoch(4),
+                scope: Scope::Epoch
+            }
+        ]
+    );
+    capture_done(&mut p, 4);
+    // Only the ack of that epoch registers the joiner (its token is the sync epoch).
+    let a = p.on(ack(C, 4));
+    assert_eq!(
+        a,
+        vec![Action::ToWitness(WitnessRequest::RegisterBackup {
+            generation: G1,
+            primary: P,
+            backup: Registration {
+                node: C,
+                since: Epoch(2)
+            },
+        })]
+    );
+    assert_eq!(p.status().phase, Phase::Registering);
+}
+
+#[test]
+fn joiner_lost_during_pre_copy_changes_nothing_for_clients() {
+    let (mut p, mut w) = protected();
+    let drop = WitnessRequest::DropBackup {
+        generation: G1,
+        primary: P,
+        backup: reg(1),
+    };
+    p.on(Input::Disconnected { peer: B });
+    p.after(config().rejoin_grace);
+    p.on(Input::WitnessReply(w.handle(p.now, drop)));
+    p.on(join(C));
+    capture_done(&mut p, 2);
+    p.on(ack(C, 2));
+    // Caught up at once: the gate closed for epoch 3. Losing the joiner now, before its
+    // registration was asked, reopens it without the witness.
+    assert_eq!(p.status().gate, Some(Gate::Held));
     let a = p.on(Input::Disconnected { peer: C });
     assert_eq!(
         a,
@@ -454,6 +508,7 @@ fn degraded_primary_holds_output_before_the_sync_capture() {
             Action::SetOutputGate(Gate::Open)
         ]
     );
+    assert_eq!(p.status().phase, Phase::Degraded);
 }
 
 #[test]
@@ -986,7 +1041,10 @@ fn a_replica_this_primary_made_is_caught_up_not_synced_in_full() {
         epoch: Epoch(4),
         scope: Scope::Since(Epoch(2))
     }));
-    assert!(a.contains(&Action::SetOutputGate(Gate::Held)));
+    assert!(
+        !a.contains(&Action::SetOutputGate(Gate::Held)),
+        "no backup yet"
+    );
     // The catch-up travels as a checkpoint that applies on top of the replica.
     let a = capture_done(&mut p, 4);
     assert!(a.contains(&Action::SendCheckpoint {
@@ -995,8 +1053,13 @@ fn a_replica_this_primary_made_is_caught_up_not_synced_in_full() {
         full: false,
         generation: G1
     }));
-    // Its ack registers B afresh, with the catch-up's epoch as its token.
+    // Its ack closes the gate for the running epoch, whose ack registers B afresh with the
+    // catch-up's epoch as its token.
+    p.on(Input::CheckpointSent { epoch: Epoch(4) });
     let a = p.on(ack(B, 4));
+    assert!(a.contains(&Action::SetOutputGate(Gate::Held)), "{a:?}");
+    capture_done(&mut p, 5);
+    let a = p.on(ack(B, 5));
     assert_eq!(
         a,
         vec![Action::ToWitness(WitnessRequest::RegisterBackup {

@@ -101,6 +101,7 @@ scenario_tests! {
     corrupt_then_crash_during_catch_up => "corrupt-then-crash-during-catch-up",
     flapping_link_30 => "flapping-link-30",
     backup_restart_keeps_replica => "backup-restart-keeps-replica",
+    reprotect_large_vm => "reprotect-large-vm",
 }
 
 /// A scenario file added without a test above would go unchecked: list them all here.

@@ -66,7 +66,7 @@ async fn client(w: Shared, c: u32) {
                     let t = now();
                     let mut world = w.borrow_mut();
                     world.obs.client_saw(t, target, &reply);
-                    world.obs.response(t.saturating_since(sent));
+                    world.obs.response(sent, t.saturating_since(sent));
                     drop(world);
                     note(
                         &w,

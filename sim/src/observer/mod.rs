@@ -86,6 +86,8 @@ pub(crate) struct Observer {
     disk: disk::DiskWatch,
     /// Every response time clients saw (µs), summarised into `stats` by [`Observer::settle`].
     responses: Vec<u64>,
+    /// When each request was sent and how long its reply took (µs), in reply order.
+    timed_responses: Vec<(Time, u64)>,
     pub stats: ObservedStats,
 }
 
@@ -111,6 +113,7 @@ impl Observer {
             watch: None,
             disk: disk::DiskWatch::default(),
             responses: Vec::new(),
+            timed_responses: Vec::new(),
             stats: ObservedStats {
                 max_generation: initial.generation.0,
                 ..ObservedStats::default()
@@ -156,10 +159,20 @@ impl Observer {
         self.stats.paused_us += u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
     }
 
-    /// A client got its reply `d` after it first sent the request.
-    pub fn response(&mut self, d: std::time::Duration) {
-        self.responses
-            .push(u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    /// A client got its reply `d` after it first sent the request at `sent`.
+    pub fn response(&mut self, sent: Time, d: std::time::Duration) {
+        let us = u64::try_from(d.as_micros()).unwrap_or(u64::MAX);
+        self.responses.push(us);
+        self.timed_responses.push((sent, us));
+    }
+
+    /// The longest response (µs) to a request sent at or after `from`, with its send time.
+    pub fn longest_response_from(&self, from: Time) -> Option<(Time, u64)> {
+        self.timed_responses
+            .iter()
+            .copied()
+            .filter(|(sent, _)| *sent >= from)
+            .max_by_key(|(_, us)| *us)
     }
 
     /// Summarises what is kept per event into `stats` (at the end of a run).

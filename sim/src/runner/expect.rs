@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use ftvm_model::Phase;
+use ftvm_model::{Phase, Time};
 
 use crate::report::{RunReport, RunStats, Verdict};
 use crate::scenario::Scenario;
@@ -91,6 +91,23 @@ pub(super) fn judge(s: &Scenario, seed: u64, mut world: World, wall: Duration) -
                  takeovers, {extra} more), saw {} (of {} started; and {} catch-ups)",
                 o.failovers, o.full_syncs_committed, o.full_syncs, o.catch_ups
             ));
+        }
+    }
+    if let Some(max) = e.max_response {
+        let from = Time::ZERO + e.responses_from;
+        match world.obs.longest_response_from(from) {
+            Some((sent, us)) if Duration::from_micros(us) > max => unmet.push(format!(
+                "expected every reply to a request sent from {} ms on within {} ms, one sent at \
+                 {sent} took {:.1} ms",
+                e.responses_from.as_millis(),
+                max.as_millis(),
+                us as f64 / 1e3
+            )),
+            Some(_) => {}
+            None => unmet.push(format!(
+                "expected replies to requests sent from {} ms on, clients saw none",
+                e.responses_from.as_millis()
+            )),
         }
     }
     for f in &world.unfired {

@@ -145,6 +145,11 @@ pub struct Expect {
     pub max_response_p50: Option<Duration>,
     /// The VM spent at most this share of the run paused by captures, in percent.
     pub max_idle_pct: Option<u8>,
+    /// No client waits longer than this for a reply to a request sent at or after
+    /// `responses_from` (e.g. while a backup re-protects the VM).
+    pub max_response: Option<Duration>,
+    /// Start of the window `max_response` applies to (since the start of the run).
+    pub responses_from: Duration,
     /// At most this many committed full syncs beyond the unavoidable ones: the first protection
     /// and one after each takeover (0: every other resync was a catch-up). A full sync cut
     /// short and started again counts once, when a replica commits it.
@@ -326,6 +331,8 @@ impl Scenario {
                 max_response_p50: f.expect.max_response_p50_ms.map(ms),
                 max_idle_pct: f.expect.max_idle_pct,
                 max_extra_full_syncs: f.expect.max_extra_full_syncs,
+                max_response: f.expect.max_response_ms.map(ms),
+                responses_from: ms(f.expect.responses_from_ms),
             },
             expect_real: f.expect_real.map(|r| ExpectReal {
                 why: r.why,

@@ -216,6 +216,8 @@ pub(super) struct ExpectFile {
     pub max_response_p50_ms: Option<u64>,
     pub max_idle_pct: Option<u8>,
     pub max_extra_full_syncs: Option<u64>,
+    pub max_response_ms: Option<u64>,
+    pub responses_from_ms: u64,
 }
 
 impl Default for ExpectFile {
@@ -232,6 +234,8 @@ impl Default for ExpectFile {
             max_response_p50_ms: None,
             max_idle_pct: None,
             max_extra_full_syncs: None,
+            max_response_ms: None,
+            responses_from_ms: 0,
             liveness_slack_ms: 100,
         }
     }

@@ -78,6 +78,9 @@ impl Scenario {
         if let Some(max) = s.expect.max_response_p50.as_mut() {
             *max += round_trips;
         }
+        if let Some(max) = s.expect.max_response.as_mut() {
+            *max += waits + round_trips;
+        }
         if a.epoch_policy == EpochPolicy::Fixed {
             s.expect.max_response_p50 = None;
         }
