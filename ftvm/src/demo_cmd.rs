@@ -76,6 +76,11 @@ pub struct Args {
     /// degraded, then a restarted backup re-protects it).
     #[arg(long, default_value = "primary")]
     kill: String,
+    /// With `--kill backup`: restart the backup agent on its state directory, so that it
+    /// offers its committed replica and is caught up (otherwise its host comes back empty and
+    /// is synced in full, with the VM's output flowing meanwhile).
+    #[arg(long)]
+    keep_replica: bool,
     /// Record RAM digests every N epochs on both hosts and check they agree (see `ftvm primary
     /// --help`); costs a pass over guest RAM at those checkpoints.
     #[arg(long)]
@@ -130,7 +135,12 @@ impl Running {
                         deploy::last_words(&out)
                     );
                 }
-                println!("== client saw: {report}");
+                // The pause list is for the figures below and the summary file, not the screen.
+                let mut shown = report.clone();
+                if let Some(o) = shown.as_object_mut() {
+                    o.remove("pauses");
+                }
+                println!("== client saw: {shown}");
                 let lost = report["lost"].as_u64().unwrap_or(u64::MAX);
                 let replies = report["replies"].as_u64().unwrap_or(0);
                 let longest_gap_us = report["longest_gap_us"].as_u64().unwrap_or(u64::MAX);
@@ -338,6 +348,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let killed_at = Instant::now();
     let mut takeover_ms = None;
     let mut reprotect_ms = None;
+    // Wall-clock window (Unix ms) from the backup's restart to protected again.
+    let mut reprotect_window = None;
     if args.kill == "primary" {
         println!(
             "== kill -9 the primary agent (its QEMU dies with it); acked epochs so far: {}",
@@ -370,13 +382,27 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             &mut [&mut d.witness, &mut d.primary],
             || status(&pdir)["phase"] == "degraded",
         )?;
-        println!(
-            "   primary degraded after {:.0} ms; restarting the backup host",
-            killed_at.elapsed().as_secs_f64() * 1e3
-        );
-        let _ = std::fs::remove_dir_all(&bdir);
         let mut rargs = d.backup_args.clone();
         rargs.push("--rejoin".into());
+        if args.keep_replica {
+            println!(
+                "   primary lost its backup after {:.0} ms; restarting the backup agent on its \
+                 replica",
+                killed_at.elapsed().as_secs_f64() * 1e3
+            );
+            // A new agent starts its metrics afresh: keep the old ones aside.
+            let _ = std::fs::rename(
+                bdir.join("metrics.jsonl"),
+                bdir.join("metrics-before-restart.jsonl"),
+            );
+        } else {
+            println!(
+                "   primary degraded after {:.0} ms; restarting the backup host empty",
+                killed_at.elapsed().as_secs_f64() * 1e3
+            );
+            let _ = std::fs::remove_dir_all(&bdir);
+            rargs.push("--discard-replica".into());
+        }
         d.backup = deploy::spawn_in(
             &d.topo,
             Host::Backup,
@@ -385,15 +411,23 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             &w.join("backup-restarted.log"),
         )?;
         let t1 = Instant::now();
+        let restarted_unix_ms = unix_ms();
+        let mut progress = SyncProgress::default();
         wait_until(
             "the restarted backup to re-protect the primary",
             Duration::from_secs(120),
             &mut [&mut d.witness, &mut d.backup, &mut d.primary],
-            || status(&pdir)["phase"] == "protected",
+            || {
+                let st = status(&pdir);
+                progress.show(&st, t1.elapsed());
+                st["phase"] == "protected"
+            },
         )?;
         let t = t1.elapsed().as_secs_f64() * 1e3;
+        reprotect_window = Some((restarted_unix_ms, unix_ms()));
         reprotect_ms = Some(t);
-        println!("   re-protected {t:.0} ms after the restart (full sync, then epochs)");
+        let kind = status(&pdir)["last_sync"]["kind"].clone();
+        println!("   re-protected {t:.0} ms after the restart ({kind} sync, then epochs)");
     }
     let seen = running.finish()?;
     let survivor = if args.kill == "primary" { &bdir } else { &pdir };
@@ -410,6 +444,19 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         println!("== {line}");
     }
     println!("== result: {}", seen.line);
+    let reprotect_pause_us = reprotect_window.map(|(from, to)| {
+        let pauses: Vec<ftvm_real::client::Pause> =
+            serde_json::from_value(seen.report["pauses"].clone()).unwrap_or_default();
+        ftvm_real::client::ClientReport::longest_pause_within(&pauses, from, to).map_or(0, |p| p.us)
+    });
+    if let Some(us) = reprotect_pause_us {
+        println!(
+            "   longest client pause from the backup's restart to protected: {:.0} ms \
+             (pauses under {} ms are not listed)",
+            us as f64 / 1e3,
+            ftvm_real::client::PAUSE_REPORTED.as_millis()
+        );
+    }
     let verified = match args.verify_every {
         Some(_) => Some(deploy::compare_digests(&pdir, &bdir)?),
         None => None,
@@ -430,6 +477,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         "longest_gap_us": seen.longest_gap_us,
         "takeover_ms": takeover_ms,
         "reprotect_ms": reprotect_ms,
+        "reprotect_pause_us": reprotect_pause_us,
         "backup_failover_us": backup_status["failover_us"],
         "survivor": survivor_status,
         "primary_before_kill": before,
@@ -457,4 +505,40 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         return Ok(1);
     }
     Ok(0)
+}
+
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// One line a second on the terminal while a backup re-protects the primary: the primary's
+/// phase, and the sync's bytes, rate and time left while it goes out (from its status file).
+#[derive(Default)]
+struct SyncProgress {
+    shown: Option<Duration>,
+}
+
+impl SyncProgress {
+    fn show(&mut self, st: &serde_json::Value, elapsed: Duration) {
+        if self
+            .shown
+            .is_some_and(|t| elapsed < t + Duration::from_secs(1))
+        {
+            return;
+        }
+        self.shown = Some(elapsed);
+        let what = deploy::sync_progress_line(&st["sync"]).unwrap_or_else(|| {
+            match st["last_sync"]["kind"].as_str() {
+                Some(kind) => format!("{kind} sync sent, backup catching up"),
+                None => "no sync yet".into(),
+            }
+        });
+        println!(
+            "   {:>5.1} s  primary {}: {what}",
+            elapsed.as_secs_f64(),
+            st["phase"].as_str().unwrap_or("?"),
+        );
+    }
 }

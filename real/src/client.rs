@@ -46,6 +46,54 @@ pub struct ClientReport {
     pub p99_us: u64,
     /// Mean response time, in microseconds.
     pub mean_us: u64,
+    /// The longest waits between consecutive replies ([`PAUSE_REPORTED`] or more), each with
+    /// when it ended (wall clock), so a run can tell which of its phases a pause fell in. At
+    /// most [`PAUSES_KEPT`], the longest.
+    pub pauses: Vec<Pause>,
+}
+
+/// A wait between two consecutive replies long enough to report.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Pause {
+    /// When the reply that ended it arrived, in milliseconds since the Unix epoch.
+    pub end_unix_ms: u64,
+    /// How long it was, in microseconds.
+    pub us: u64,
+}
+
+/// Waits shorter than this are not listed in [`ClientReport::pauses`].
+pub const PAUSE_REPORTED: Duration = Duration::from_millis(20);
+/// How many of the longest pauses a report keeps.
+pub const PAUSES_KEPT: usize = 64;
+
+impl ClientReport {
+    /// Notes a wait of `us` that ended now, keeping only the [`PAUSES_KEPT`] longest.
+    fn note_pause(&mut self, us: u64) {
+        if us < PAUSE_REPORTED.as_micros() as u64 {
+            return;
+        }
+        let end_unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.pauses.push(Pause { end_unix_ms, us });
+        self.keep_longest_pauses();
+    }
+
+    fn keep_longest_pauses(&mut self) {
+        if self.pauses.len() > PAUSES_KEPT {
+            self.pauses.sort_unstable_by(|a, b| b.us.cmp(&a.us));
+            self.pauses.truncate(PAUSES_KEPT);
+        }
+    }
+
+    /// The longest pause that overlaps the wall-clock window `[from_ms, to_ms]` (Unix ms).
+    pub fn longest_pause_within(pauses: &[Pause], from_ms: u64, to_ms: u64) -> Option<Pause> {
+        pauses
+            .iter()
+            .copied()
+            .filter(|p| p.end_unix_ms >= from_ms && p.end_unix_ms - p.us / 1000 <= to_ms)
+            .max_by_key(|p| p.us)
+    }
 }
 
 /// One open connection to the service.
@@ -174,6 +222,8 @@ pub async fn run_counter_clients(
                 all.lost += r.lost;
                 all.max_seen = all.max_seen.max(r.max_seen);
                 all.longest_gap_us = all.longest_gap_us.max(r.longest_gap_us);
+                all.pauses.extend(r.pauses);
+                all.keep_longest_pauses();
                 latencies.extend(l);
             }
             // A client task that died is a client that saw an error.
@@ -218,6 +268,7 @@ async fn drive(
                 let gap = now.duration_since(last_reply).as_micros() as u64;
                 if report.replies > 0 {
                     report.longest_gap_us = report.longest_gap_us.max(gap);
+                    report.note_pause(gap);
                 }
                 last_reply = now;
                 report.replies += 1;
@@ -257,6 +308,48 @@ impl ClientReport {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pauses_keep_the_longest_and_are_found_by_window() {
+        let mut r = ClientReport::default();
+        r.note_pause(5_000); // too short to list
+        assert!(r.pauses.is_empty());
+        for i in 0..(PAUSES_KEPT as u64 + 10) {
+            r.note_pause(20_000 + i);
+        }
+        assert_eq!(r.pauses.len(), PAUSES_KEPT);
+        assert!(
+            r.pauses.iter().all(|p| p.us >= 20_010),
+            "the shortest went first"
+        );
+        let ps = [
+            Pause {
+                end_unix_ms: 1_000,
+                us: 300_000,
+            }, // 700..1000
+            Pause {
+                end_unix_ms: 5_000,
+                us: 80_000,
+            }, // 4920..5000
+            Pause {
+                end_unix_ms: 9_000,
+                us: 50_000,
+            }, // 8950..9000
+        ];
+        let within = |a, b| ClientReport::longest_pause_within(&ps, a, b).map(|p| p.us);
+        assert_eq!(within(2_000, 10_000), Some(80_000));
+        assert_eq!(
+            within(900, 1_000),
+            Some(300_000),
+            "overlapping the window's start"
+        );
+        assert_eq!(
+            within(4_000, 4_900),
+            None,
+            "ends before the next pause starts"
+        );
+        assert_eq!(within(8_990, 9_500), Some(50_000));
+    }
 
     /// A service that starts listening only after the first attempts were refused is reached
     /// within one `open`: later attempts keep coming while the deadline has not passed.
