@@ -5,7 +5,7 @@
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
@@ -123,8 +123,8 @@ fn agent_line(source: &Source, status: anyhow::Result<Value>) -> String {
     )
 }
 
-fn register_line(path: &PathBuf) -> String {
-    match fetch(&Source::File(path.clone())) {
+fn register_line(path: &Path) -> String {
+    match fetch(&Source::File(path.to_path_buf())) {
         Ok(r) => format!(
             "witness register {}: vm {} generation {} primary {} backup {}",
             path.display(),
