@@ -68,7 +68,13 @@ fn the_example_in_deploy_parses() {
         Some(true),
         "a backup service must rejoin on restart"
     );
-    assert!(f.witness.is_some());
+    assert!(f.witness.is_none(), "an agent host's file has no [witness]");
+    let text = include_str!("../../deploy/witness-example.toml");
+    let w = parse(text, "witness-example.toml")
+        .unwrap()
+        .witness
+        .unwrap();
+    assert_eq!(w.init, None, "the service must never --init");
 }
 
 #[test]
