@@ -55,7 +55,7 @@ const TIMEOUT: Duration = Duration::from_secs(2);
 
 /// GETs `/status` from `addr`.
 fn fetch_http(addr: SocketAddr) -> anyhow::Result<Value> {
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).context("unreachable")?;
+    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).context("connecting")?;
     s.set_read_timeout(Some(TIMEOUT))?;
     s.set_write_timeout(Some(TIMEOUT))?;
     s.write_all(b"GET /status HTTP/1.1\r\nHost: ftvm\r\nConnection: close\r\n\r\n")?;
