@@ -10,7 +10,9 @@ use anyhow::{bail, Context};
 use ftvm_model::{Config, NodeId, Start, VmId};
 use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::limits::AgentLimits;
+use ftvm_real::agent::metrics_http;
 use ftvm_real::agent::netio::NetIo;
+use ftvm_real::agent::prom::AgentExporter;
 use ftvm_real::agent::qemu_vm::{QemuLauncher, Tracking};
 use ftvm_real::agent::{Agent, AgentConfig, AgentExit};
 use ftvm_real::auth::{Identity, Protection};
@@ -130,11 +132,38 @@ pub struct Args {
     /// run's invariants from its hosts' journals.
     #[arg(long)]
     journal: Option<PathBuf>,
+    /// Serve Prometheus metrics (`/metrics`) and the status report (`/status`, JSON) over
+    /// HTTP on this address (off by default).
+    #[arg(long)]
+    metrics_listen: Option<SocketAddr>,
+    /// A TOML config file whose `[agent]` section gives these flags (flags given here win);
+    /// `ftvm check-config` validates it.
+    #[arg(long)]
+    config: Option<PathBuf>,
     /// Plant one of the model's protocol bugs (test builds with the `mutants` feature only),
     /// e.g. `release-before-ack`.
     #[cfg(feature = "mutants")]
     #[arg(long)]
     mutant: Option<String>,
+}
+
+impl Args {
+    /// `--state-dir`.
+    pub fn state_dir(&self) -> &std::path::Path {
+        &self.state_dir
+    }
+
+    /// `--epoch-ms`.
+    #[cfg(test)]
+    pub fn epoch_ms(&self) -> u64 {
+        self.epoch_ms
+    }
+
+    /// `--listen`.
+    #[cfg(test)]
+    pub fn listen(&self) -> SocketAddr {
+        self.listen
+    }
 }
 
 /// The mutant named `name` (`release-before-ack` names `ReleaseBeforeAck`).
@@ -180,7 +209,7 @@ fn qemu_user(flag: &str, has_preload: bool) -> anyhow::Result<Option<String>> {
 }
 
 /// Which role the command starts in.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Role {
     /// `ftvm primary`.
     Primary,
@@ -344,6 +373,12 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         )
         .context("setting up the VM's network path")?;
         agent.attach_net(net);
+        if let Some(addr) = args.metrics_listen {
+            let exporter = Arc::new(AgentExporter::new(args.vm, node));
+            let listener = metrics_http::bind(addr).await?;
+            tokio::spawn(metrics_http::serve(listener, exporter.clone()));
+            agent.attach_exporter(exporter);
+        }
         let shutdown = async {
             let _ = tokio::signal::ctrl_c().await;
         };

@@ -14,6 +14,8 @@ mod bench_e2e;
 mod bench_mac;
 mod bench_sysbench;
 mod client_cmd;
+mod config_check;
+mod config_file;
 mod db_workload;
 mod demo_cmd;
 mod deploy;
@@ -27,7 +29,9 @@ mod plot;
 mod real_faults;
 mod run_check;
 mod scenario_cmd;
+mod service_cmd;
 mod sim_cmd;
+mod status_cmd;
 mod vm_cmd;
 mod witness_cmd;
 
@@ -52,8 +56,15 @@ enum Command {
     Primary(agent_cmd::Args),
     /// Hold a replica of the VM and take over when the primary dies.
     Backup(agent_cmd::Args),
+    /// Run this host's agent of one VM from a config file (first start: the file's role; later
+    /// starts rejoin through the witness). For `ftvm-agent@.service`.
+    Agent(service_cmd::Args),
     /// Serve the witness (fencing party) both agents consult before changing roles.
     Witness(witness_cmd::Args),
+    /// Validate a config file: one line per problem, exit 1 if any.
+    CheckConfig(config_check::Args),
+    /// Show a VM's agents (role, phase, protection, generation, lag, failover) and register.
+    Status(status_cmd::Args),
     /// Make the key pairs that authenticate the nodes and the witness to each other.
     Keygen(keygen_cmd::Args),
     /// Protect a demo VM with a local primary+backup pair in network namespaces, then fail over.
@@ -69,7 +80,16 @@ enum Command {
 }
 
 fn main() {
-    let cli = Cli::parse();
+    // `--config FILE` of `primary`, `backup` and `witness`: the file's flags go before the
+    // command line's, which win.
+    let argv = match config_file::expand_argv(std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("ftvm: error: {e:#}");
+            std::process::exit(2);
+        }
+    };
+    let cli = Cli::parse_from(argv);
     if let Err(e) = logging::init(&cli.log) {
         eprintln!("ftvm: error: {e:#}");
         std::process::exit(2);
@@ -78,7 +98,10 @@ fn main() {
         Command::Sim(args) => sim_cmd::run(args),
         Command::Primary(args) => agent_cmd::run(agent_cmd::Role::Primary, args),
         Command::Backup(args) => agent_cmd::run(agent_cmd::Role::Backup, args),
+        Command::Agent(args) => service_cmd::run(args),
         Command::Witness(args) => witness_cmd::run(args),
+        Command::CheckConfig(args) => config_check::run(args),
+        Command::Status(args) => status_cmd::run(args),
         Command::Keygen(args) => keygen_cmd::run(args),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Client(args) => client_cmd::run(args),

@@ -40,6 +40,10 @@ pub struct Args {
     /// Append every decision to this journal (JSON lines) for checking the run afterwards.
     #[arg(long)]
     journal: Option<PathBuf>,
+    /// A TOML config file whose `[witness]` section gives these flags (flags given here win);
+    /// `ftvm check-config` validates it.
+    #[arg(long)]
+    config: Option<PathBuf>,
 }
 
 /// Runs the witness until killed.
@@ -104,6 +108,7 @@ mod tests {
             init,
             verbose: false,
             journal: None,
+            config: None,
         }
     }
 

@@ -532,6 +532,7 @@ impl<L: VmLauncher> Agent<L> {
         if let Some(t) = self.takeover_started.take() {
             let us = u64::try_from(t.elapsed().as_micros()).unwrap_or(u64::MAX);
             self.failover_us = Some(us);
+            self.failover_at = Some(std::time::SystemTime::now());
             self.log(format_args!(
                 "failover: VM running {us} us after the takeover request"
             ));
@@ -576,6 +577,9 @@ impl<L: VmLauncher> Agent<L> {
                     m.output_cap_paused_us = cap.cap_paused_us;
                 }
                 self.metrics.record(&m);
+                if let Some(exporter) = &self.exporter {
+                    exporter.observe_epoch(&m);
+                }
             }
         }
     }

@@ -15,8 +15,10 @@ pub mod limits;
 pub mod link;
 pub mod mem_vm;
 pub mod metrics;
+pub mod metrics_http;
 pub mod netio;
 mod on_event;
+pub mod prom;
 pub mod qemu_vm;
 mod resume_gate;
 mod status;
@@ -220,6 +222,10 @@ pub struct Agent<L: VmLauncher> {
     journal: Option<JournalOut>,
     /// The last sync this node captured as primary (the status file shows it).
     last_sync: Option<metrics::LastSync>,
+    /// The Prometheus registry `/metrics` serves, when the endpoint is on.
+    exporter: Option<Arc<prom::AgentExporter>>,
+    /// Wall time this node's VM ran after its last takeover.
+    failover_at: Option<std::time::SystemTime>,
 }
 
 /// Where the core's journal goes, and the wall clock of model time zero.
@@ -320,6 +326,8 @@ impl<L: VmLauncher> Agent<L> {
             sync_progress: Arc::default(),
             journal,
             last_sync: None,
+            exporter: None,
+            failover_at: None,
         })
     }
 
@@ -341,6 +349,12 @@ impl<L: VmLauncher> Agent<L> {
             max_device_bytes: self.cfg.limits.max_device_bytes,
             disk_blocks: self.cfg.model.disk_blocks,
         }
+    }
+
+    /// Feeds `exporter` (served by [`metrics_http::serve`]) from every acked epoch and status
+    /// rewrite.
+    pub fn attach_exporter(&mut self, exporter: Arc<prom::AgentExporter>) {
+        self.exporter = Some(exporter);
     }
 
     /// Attaches the VM's network path.

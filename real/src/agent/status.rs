@@ -36,6 +36,18 @@ pub struct StatusReport {
     /// The last sync this node sent as primary: full or catch-up, its epoch, a catch-up's base
     /// and its bytes.
     pub last_sync: Option<super::metrics::LastSync>,
+    /// The protected VM's id.
+    pub vm: u64,
+    /// Primary: last epoch captured.
+    pub captured: u64,
+    /// Primary with a backup: epochs captured and not yet acked (how far the replica trails).
+    /// None without a backup (no replica to trail) and on a backup (which does not know the
+    /// primary's epoch; see `committed`).
+    pub replica_lag_epochs: Option<u64>,
+    /// Guest frames held at the output gate.
+    pub held_frames: u64,
+    /// Unix time (milliseconds) this node's VM ran after it took over, if it did.
+    pub last_failover_unix_ms: Option<u64>,
 }
 
 impl<L: VmLauncher> Agent<L> {
@@ -79,15 +91,31 @@ impl<L: VmLauncher> Agent<L> {
             output: self.output_cap.stats(Instant::now()),
             sync: self.sync_progress.report(),
             last_sync: self.last_sync,
+            vm: self.cfg.model.vm.0,
+            captured: st.captured.0,
+            replica_lag_epochs: (st.role == ftvm_model::RoleKind::Primary && st.peer.is_some())
+                .then(|| st.captured.0.saturating_sub(st.acked.0)),
+            held_frames: self.driver.gate().held() as u64,
+            last_failover_unix_ms: self.failover_at.and_then(|t| {
+                let since = t.duration_since(std::time::UNIX_EPOCH).ok()?;
+                u64::try_from(since.as_millis()).ok()
+            }),
         }
     }
 
     pub(super) fn write_status(&mut self) {
         self.status_written = Instant::now();
+        if self.cfg.status_file.is_none() && self.exporter.is_none() {
+            return;
+        }
+        let report = self.status_report();
+        if let Some(exporter) = &self.exporter {
+            exporter.observe_status(&report);
+        }
         let Some(path) = &self.cfg.status_file else {
             return;
         };
-        if let Ok(json) = serde_json::to_vec(&self.status_report()) {
+        if let Ok(json) = serde_json::to_vec(&report) {
             // Best effort, as the report is rewritten often; readable, never writable, by others.
             let _ = crate::secure_fs::write_replace(
                 path,
