@@ -30,6 +30,7 @@ mod scenario_cmd;
 mod sim_cmd;
 mod vm_cmd;
 mod witness_cmd;
+mod witness_etcd_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -54,6 +55,10 @@ enum Command {
     Backup(agent_cmd::Args),
     /// Serve the witness (fencing party) both agents consult before changing roles.
     Witness(witness_cmd::Args),
+    /// Create a new VM's register in an etcd witness (refused if it exists).
+    WitnessInit(witness_etcd_cmd::InitArgs),
+    /// Print a VM's register from an etcd witness (JSON).
+    WitnessShow(witness_etcd_cmd::ShowArgs),
     /// Make the key pairs that authenticate the nodes and the witness to each other.
     Keygen(keygen_cmd::Args),
     /// Protect a demo VM with a local primary+backup pair in network namespaces, then fail over.
@@ -79,6 +84,8 @@ fn main() {
         Command::Primary(args) => agent_cmd::run(agent_cmd::Role::Primary, args),
         Command::Backup(args) => agent_cmd::run(agent_cmd::Role::Backup, args),
         Command::Witness(args) => witness_cmd::run(args),
+        Command::WitnessInit(args) => witness_etcd_cmd::init(args),
+        Command::WitnessShow(args) => witness_etcd_cmd::show(args),
         Command::Keygen(args) => keygen_cmd::run(args),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Client(args) => client_cmd::run(args),
