@@ -13,6 +13,7 @@ mod bench_cmd;
 mod bench_e2e;
 mod bench_mac;
 mod bench_sysbench;
+mod bench_witness;
 mod client_cmd;
 mod db_workload;
 mod demo_cmd;

@@ -120,6 +120,7 @@ impl std::fmt::Debug for EtcdWitness {
 struct Seen {
     state: WitnessState,
     mod_revision: i64,
+    create_revision: i64,
 }
 
 /// A failure worth retrying until the deadline (etcd down, no leader, a reset connection).
@@ -168,37 +169,73 @@ impl EtcdWitness {
     }
 
     /// Creates the register of a new VM `vm` whose first primary is `primary`; refuses if the
-    /// key exists (whatever it holds). One attempt: if its answer is lost, reading the key tells
-    /// whether it took effect.
+    /// key exists (whatever it holds). Failures are retried until `timeout`. A write whose
+    /// answer was lost may have created the register: the next read then finds it, and it is
+    /// taken as this init's only if it is exactly the register this init writes and was never
+    /// written again since its creation (an identical concurrent init could be mistaken for
+    /// ours, which is harmless: same register).
     pub async fn init(
         &self,
         vm: VmId,
         primary: NodeId,
         timeout: Duration,
     ) -> Result<WitnessState, EtcdWitnessError> {
+        let deadline = Instant::now() + timeout;
         let key = self.target.key(vm);
         let state = WitnessState::initial(vm, primary);
         let mut client = self.client().await?;
-        let txn = Txn::new()
-            .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
-            .and_then([TxnOp::put(key.clone(), register::encode(&state), None)]);
-        let answer = tokio::time::timeout(timeout, client.txn(txn))
-            .await
-            .map_err(|_| self.timeout(timeout, "init: no answer".into()))?
-            .map_err(|e| self.timeout(timeout, e.to_string()))?;
-        if answer.succeeded() {
-            return Ok(state);
+        let mut backoff = BACKOFF_MIN;
+        let mut maybe_written = false;
+        let mut last = String::from("none");
+        loop {
+            let remaining = deadline.saturating_duration_since(Instant::now());
+            if remaining.is_zero() {
+                return Err(self.timeout(timeout, last));
+            }
+            let round = async {
+                let existing = match self.read(&mut client, vm).await {
+                    Ok(None) => None,
+                    Ok(Some(seen))
+                        if maybe_written
+                            && seen.state == state
+                            && seen.create_revision == seen.mod_revision =>
+                    {
+                        return Ok(Ok(()));
+                    }
+                    Ok(Some(seen)) => Some(format!("{:?}", seen.state)),
+                    Err(Ok(e)) => Some(e.to_string()),
+                    Err(Err(t)) => return Err((t, false)),
+                };
+                if let Some(existing) = existing {
+                    return Ok(Err(existing));
+                }
+                let txn = Txn::new()
+                    .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
+                    .and_then([TxnOp::put(key.clone(), register::encode(&state), None)]);
+                match client.txn(txn).await {
+                    Ok(a) if a.succeeded() => Ok(Ok(())),
+                    // Created by someone else since the read: the next read says what.
+                    Ok(_) => Err((Transient("created concurrently".into()), false)),
+                    Err(e) => Err((Transient::from(e), true)),
+                }
+            };
+            match tokio::time::timeout(remaining, round).await {
+                Err(_) => return Err(self.timeout(timeout, last)),
+                Ok(Ok(Ok(()))) => return Ok(state),
+                Ok(Ok(Err(existing))) => {
+                    return Err(EtcdWitnessError::Exists {
+                        key,
+                        state: existing,
+                    })
+                }
+                Ok(Err((Transient(e), sent))) => {
+                    maybe_written |= sent;
+                    last = e;
+                    tokio::time::sleep(backoff.min(remaining)).await;
+                    backoff = (backoff * 2).min(BACKOFF_MAX);
+                }
+            }
         }
-        let existing = match self.read(&mut client, vm).await {
-            Ok(Some(seen)) => format!("{:?}", seen.state),
-            Ok(None) => "deleted again since".into(),
-            Err(Ok(e)) => e.to_string(),
-            Err(Err(Transient(e))) => format!("unreadable: {e}"),
-        };
-        Err(EtcdWitnessError::Exists {
-            key,
-            state: existing,
-        })
     }
 
     /// The register of `vm` (a linearizable read).
@@ -339,6 +376,7 @@ impl EtcdWitness {
         Ok(Some(Seen {
             state,
             mod_revision: kv.mod_revision(),
+            create_revision: kv.create_revision(),
         }))
     }
 
