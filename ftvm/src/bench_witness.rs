@@ -19,7 +19,7 @@ use ftvm_real::agent::witness_store::{Open, WitnessStore};
 use ftvm_real::agent::{Agent, AgentConfig};
 use ftvm_real::auth::{Identity, Protection};
 use ftvm_real::etcd_witness::{EtcdTarget, EtcdWitness, DEFAULT_PREFIX};
-use ftvm_real::host::etcd_cluster::{ClusterSpec, EtcdCluster};
+use ftvm_real::host::etcd_cluster::EtcdCluster;
 use ftvm_real::secure_fs;
 use ftvm_real::transport::TransportKind;
 
@@ -128,8 +128,9 @@ pub fn run(a: WitnessArgs) -> anyhow::Result<i32> {
 }
 
 async fn all_rounds(a: &WitnessArgs) -> anyhow::Result<Vec<Round>> {
-    let spec = ClusterSpec::loopback(3, &a.work_dir.join("etcd"))?;
-    let mut etcd = EtcdCluster::start(spec).await.context("the etcd cluster")?;
+    let mut etcd = EtcdCluster::start_loopback(3, &a.work_dir.join("etcd"))
+        .await
+        .context("the etcd cluster")?;
     let target = EtcdTarget::parse(&etcd.url(), DEFAULT_PREFIX)?;
     let etcd_witness = EtcdWitness::new(target);
     let mut rounds = Vec::new();

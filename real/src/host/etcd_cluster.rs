@@ -135,6 +135,23 @@ impl EtcdCluster {
         Ok(c)
     }
 
+    /// `n` members on loopback (see [`ClusterSpec::loopback`]). A port picked free can be taken
+    /// by another socket's outgoing connection before the member binds it; a member that exits
+    /// at start is therefore tried again on fresh ports, twice at most, each failure logged.
+    pub async fn start_loopback(n: usize, dir: &Path) -> Result<EtcdCluster, EtcdClusterError> {
+        let mut tries = 0;
+        loop {
+            tries += 1;
+            let spec = ClusterSpec::loopback(n, &dir.join(format!("try{tries}")))?;
+            match EtcdCluster::start(spec).await {
+                Err(e @ EtcdClusterError::Exited { .. }) if tries < 3 => {
+                    tracing::warn!(error = %e, "etcd member did not start; new ports");
+                }
+                other => return other,
+            }
+        }
+    }
+
     /// `etcd://...` naming every member.
     pub fn url(&self) -> String {
         let eps: Vec<String> = self

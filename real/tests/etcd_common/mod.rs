@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use ftvm_model::{Epoch, Generation, NodeId, Registration, VmId, WitnessRequest};
 use ftvm_real::etcd_witness::{EtcdTarget, EtcdWitness};
-use ftvm_real::host::etcd_cluster::{ClusterSpec, EtcdCluster};
+use ftvm_real::host::etcd_cluster::EtcdCluster;
 
 pub const P: NodeId = NodeId(1);
 pub const B: NodeId = NodeId(2);
@@ -18,8 +18,7 @@ pub const T: Duration = Duration::from_secs(5);
 
 /// Three members under `dir`, with a leader.
 pub async fn cluster(dir: &std::path::Path) -> EtcdCluster {
-    let spec = ClusterSpec::loopback(3, dir).expect("ports for etcd");
-    EtcdCluster::start(spec)
+    EtcdCluster::start_loopback(3, dir)
         .await
         .unwrap_or_else(|e| panic!("starting a 3-member etcd cluster: {e}"))
 }
