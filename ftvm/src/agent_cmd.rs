@@ -225,8 +225,15 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         .parse()
         .map_err(|e: String| anyhow::anyhow!(e))
         .context("--tracking")?;
-    let identity = Identity::load_node(&args.keys, NodeId(args.node))
-        .with_context(|| format!("loading keys from {}", args.keys.display()))?;
+    let witness = WitnessClient::parse(&args.witness, &args.witness_prefix).context("--witness")?;
+    let identity = match witness {
+        WitnessClient::Service(_) => Identity::load_node(&args.keys, NodeId(args.node)),
+        // etcd as the witness: no witness key to authenticate.
+        WitnessClient::Etcd(_) => {
+            Identity::load_node_without_witness_key(&args.keys, NodeId(args.node))
+        }
+    }
+    .with_context(|| format!("loading keys from {}", args.keys.display()))?;
     for peer in peers.keys() {
         if !identity.trust.nodes.contains_key(peer) {
             bail!(
