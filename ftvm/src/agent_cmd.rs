@@ -14,6 +14,7 @@ use ftvm_real::agent::metrics_http;
 use ftvm_real::agent::netio::NetIo;
 use ftvm_real::agent::prom::AgentExporter;
 use ftvm_real::agent::qemu_vm::{QemuLauncher, Tracking};
+use ftvm_real::agent::witness_client::WitnessClient;
 use ftvm_real::agent::{Agent, AgentConfig, AgentExit};
 use ftvm_real::auth::{Identity, Protection};
 use ftvm_real::net::backpressure::DEFAULT_OUTPUT_CAP_BYTES;
@@ -41,9 +42,13 @@ pub struct Args {
     /// For `backup`: this host restarted — ask the witness who the primary is, then join it.
     #[arg(long)]
     rejoin: bool,
-    /// The witness's address.
+    /// The witness: `HOST:PORT` of an `ftvm witness`, or `etcd://HOST:PORT[,HOST:PORT...]` to
+    /// keep the VM's register in an etcd cluster (created beforehand by `ftvm witness-init`).
     #[arg(long)]
-    witness: SocketAddr,
+    witness: String,
+    /// With an etcd witness: the key prefix; the VM's register is `<prefix>/vm/<id>`.
+    #[arg(long, default_value = ftvm_real::etcd_witness::DEFAULT_PREFIX)]
+    witness_prefix: String,
     /// Key directory (`ftvm keygen`): this node's private key `node-<ID>.key` and the public
     /// keys of the other nodes and the witness. Every link and witness exchange is
     /// authenticated with them.
@@ -249,8 +254,15 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         .parse()
         .map_err(|e: String| anyhow::anyhow!(e))
         .context("--tracking")?;
-    let identity = Identity::load_node(&args.keys, NodeId(args.node))
-        .with_context(|| format!("loading keys from {}", args.keys.display()))?;
+    let witness = WitnessClient::parse(&args.witness, &args.witness_prefix).context("--witness")?;
+    let identity = match witness {
+        WitnessClient::Service(_) => Identity::load_node(&args.keys, NodeId(args.node)),
+        // etcd as the witness: no witness key to authenticate.
+        WitnessClient::Etcd(_) => {
+            Identity::load_node_without_witness_key(&args.keys, NodeId(args.node))
+        }
+    }
+    .with_context(|| format!("loading keys from {}", args.keys.display()))?;
     for peer in peers.keys() {
         if !identity.trust.nodes.contains_key(peer) {
             bail!(
@@ -259,6 +271,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
             );
         }
     }
+    let witness = WitnessClient::parse(&args.witness, &args.witness_prefix).context("--witness")?;
     let guest = args.guest.image()?;
     secure_fs::private_dir(&args.state_dir).context("the state directory")?;
     let page_size = 4096u32;
@@ -332,7 +345,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         model,
         listen: args.listen,
         peers,
-        witness: args.witness,
+        witness,
         replica_dir: args.state_dir.join("replica"),
         replica_ram,
         replica_disk: args.disk.clone(),

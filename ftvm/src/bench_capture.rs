@@ -587,7 +587,7 @@ fn agent_config(
         model,
         listen: net.addrs[&NodeId(node)],
         peers: net.addrs.clone(),
-        witness: net.witness,
+        witness: net.witness.into(),
         replica_dir: d.join("replica"),
         replica_ram: d.join("replica.ram"),
         replica_disk: None,

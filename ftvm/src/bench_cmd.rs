@@ -30,6 +30,9 @@ enum What {
     /// MAC and AEAD candidates for authenticated checkpoint frames: GiB/s on one core over
     /// scattered 4 KiB pages, every candidate side by side in one run.
     Mac(crate::bench_mac::MacArgs),
+    /// Takeover time with `ftvm witness` against an etcd witness (a local 3-member cluster), and
+    /// with the etcd leader killed as the primary dies: median of N failovers each, interleaved.
+    Witness(crate::bench_witness::WitnessArgs),
     /// Re-render the PNG plots from the JSON files a benchmark wrote.
     Plot(PlotArgs),
 }
@@ -75,6 +78,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         What::Capture(a) => crate::bench_capture::run(a),
         What::Auth(a) => crate::bench_auth::run(a),
         What::Mac(a) => crate::bench_mac::run(a),
+        What::Witness(a) => crate::bench_witness::run(a),
         What::Plot(a) => {
             for p in crate::plot::all(&a.dir)? {
                 eprintln!("wrote {}", p.display());

@@ -13,6 +13,7 @@ mod bench_cmd;
 mod bench_e2e;
 mod bench_mac;
 mod bench_sysbench;
+mod bench_witness;
 mod client_cmd;
 mod config_check;
 mod config_file;
@@ -34,6 +35,7 @@ mod sim_cmd;
 mod status_cmd;
 mod vm_cmd;
 mod witness_cmd;
+mod witness_etcd_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -65,6 +67,10 @@ enum Command {
     CheckConfig(config_check::Args),
     /// Show a VM's agents (role, phase, protection, generation, lag, failover) and register.
     Status(status_cmd::Args),
+    /// Create a new VM's register in an etcd witness (refused if it exists).
+    WitnessInit(witness_etcd_cmd::InitArgs),
+    /// Print a VM's register from an etcd witness (JSON).
+    WitnessShow(witness_etcd_cmd::ShowArgs),
     /// Make the key pairs that authenticate the nodes and the witness to each other.
     Keygen(keygen_cmd::Args),
     /// Protect a demo VM with a local primary+backup pair in network namespaces, then fail over.
@@ -102,6 +108,8 @@ fn main() {
         Command::Witness(args) => witness_cmd::run(args),
         Command::CheckConfig(args) => config_check::run(args),
         Command::Status(args) => status_cmd::run(args),
+        Command::WitnessInit(args) => witness_etcd_cmd::init(args),
+        Command::WitnessShow(args) => witness_etcd_cmd::show(args),
         Command::Keygen(args) => keygen_cmd::run(args),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Client(args) => client_cmd::run(args),

@@ -357,6 +357,23 @@ fn stale_witness_traffic_on_real_hosts() {
     assert_eq!(applied(&s, "relay: witness disorder:").len(), 1);
 }
 
+// ~24 s
+#[test]
+fn witness_retried_transaction_on_real_hosts() {
+    let s = run_real("witness-retried-transaction");
+    assert_eq!(
+        applied(
+            &s,
+            "witness traffic: duplicate 0.5, reorder 0, reply loss 0.3"
+        )
+        .len(),
+        1
+    );
+    assert_eq!(applied(&s, "crash primary").len(), 1);
+    assert_eq!(applied(&s, "relay: witness disorder:").len(), 1);
+    assert_eq!(applied(&s, "restart n1").len(), 1);
+}
+
 /// When node `node` started each incremental capture in the run of scenario `name` (µs on the
 /// journal's clock).
 fn journaled_captures(name: &str, node: u32) -> Vec<u64> {

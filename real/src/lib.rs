@@ -5,6 +5,7 @@ pub mod auth;
 pub mod client;
 pub mod dirty;
 pub mod disk;
+pub mod etcd_witness;
 pub mod host;
 pub mod journal_file;
 pub mod log_tail;

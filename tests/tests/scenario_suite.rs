@@ -94,6 +94,7 @@ scenario_tests! {
     forged_generation => "forged-generation",
     fenced_primary_goes_silent => "fenced-primary-goes-silent",
     stale_witness_traffic => "stale-witness-traffic",
+    witness_retried_transaction => "witness-retried-transaction",
     register_overtaken => "register-overtaken",
     output_driven_epochs => "output-driven-epochs",
     disk_crash_mid_epoch => "disk-crash-mid-epoch",

@@ -19,7 +19,7 @@ use super::event::{CommitError, ConnId, Event};
 use super::link::{self, CowPages, Outgoing, PausedPages, Side};
 use super::metrics::{EpochMetrics, LastSync};
 use super::vm::{RestorePoint, Vm, VmError, VmLauncher};
-use super::{new_conn, witness, Agent, AgentError};
+use super::{new_conn, Agent, AgentError};
 use crate::net::output::HeldFrame;
 use crate::replica::StagedCheckpoint;
 
@@ -389,33 +389,35 @@ impl<L: VmLauncher> Agent<L> {
     }
 
     fn ask_witness(&mut self, req: WitnessRequest) {
-        let (addr, vm, tx) = (self.cfg.witness, self.cfg.model.vm, self.tx.clone());
-        let identity = self.cfg.identity.clone();
+        let (witness, vm, tx) = (self.cfg.witness.clone(), self.cfg.model.vm, self.tx.clone());
+        let (identity, node) = (self.cfg.identity.clone(), self.cfg.node);
         if matches!(req, WitnessRequest::Takeover { .. }) && self.takeover_started.is_none() {
             self.takeover_started = Some(Instant::now());
         }
-        // An exchange (handshake, request, the witness's two fsyncs, reply) may take longer
-        // than the model's resend interval on a loaded host: it is left to finish instead of
-        // being abandoned at each resend, and a resend of a request still in flight is not sent
-        // twice.
+        // An exchange (handshake, request, the witness's two fsyncs, reply; or etcd's reads and
+        // compare-and-sets) may take longer than the model's resend interval on a loaded host:
+        // it is left to finish instead of being abandoned at each resend, and a resend of a
+        // request still in flight is not sent twice.
         if !lock_inflight(&self.witness_inflight).insert(req) {
             return;
         }
         let inflight = self.witness_inflight.clone();
         let timeout = witness_exchange_timeout(self.cfg.model.witness_retry);
         tokio::spawn(async move {
-            // No reply is fine: the node resends after `witness_retry`.
-            let answer = witness::request(addr, &identity, vm, req, timeout).await;
+            // No reply is fine: the node resends after `witness_retry`. An etcd without quorum
+            // ends here too: silence, never a denial.
+            let answer = witness.request(&identity, node, vm, req, timeout).await;
             lock_inflight(&inflight).remove(&req);
             match answer {
                 Ok(reply) => {
                     let _ = tx.send(Event::Witness(reply));
                 }
-                // Refused by the witness's authentication: say so, it will not heal.
-                Err(e @ witness::WitnessError::Auth { .. }) => {
-                    tracing::error!(error = %e, "witness exchange refused by authentication")
+                // Refused by authentication, or a register missing or not ours: say so, it will
+                // not heal.
+                Err(e) if e.is_permanent() => {
+                    tracing::error!(error = %e, "witness exchange failed for good")
                 }
-                Err(_) => {}
+                Err(e) => tracing::debug!(error = %e, "witness did not answer"),
             }
         });
     }

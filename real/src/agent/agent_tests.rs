@@ -51,7 +51,7 @@ fn agent(dir: &std::path::Path, node: NodeId, start: Start) -> Agent<MemLauncher
         model: Config::new(VmId(7), 16, NodeId(0)),
         listen: addr,
         peers: BTreeMap::new(),
-        witness: addr,
+        witness: addr.into(),
         replica_dir: dir.join("replica"),
         replica_ram: dir.join("replica.ram"),
         replica_disk: None,

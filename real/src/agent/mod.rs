@@ -24,6 +24,7 @@ mod resume_gate;
 mod status;
 pub mod vm;
 pub mod witness;
+pub mod witness_client;
 pub mod witness_store;
 
 /// Checkpoint staging under the VM's bounds lives in the driver core.
@@ -114,8 +115,8 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     /// Checkpoint-link addresses of the other agents.
     pub peers: BTreeMap<NodeId, SocketAddr>,
-    /// The witness's address.
-    pub witness: SocketAddr,
+    /// The witness: an `ftvm witness` service or an etcd cluster.
+    pub witness: witness_client::WitnessClient,
     /// Directory of the replica (journal, device state, metadata).
     pub replica_dir: PathBuf,
     /// The replica's RAM file (on tmpfs: the restored QEMU maps it as guest RAM).

@@ -130,6 +130,15 @@ impl Identity {
         Ok(Identity { me, trust })
     }
 
+    /// As [`Identity::load_node`], for an agent whose witness is not an `ftvm witness` (etcd
+    /// as the witness authenticates no Noise key): the witness's public key may be absent.
+    pub fn load_node_without_witness_key(dir: &Path, node: NodeId) -> Result<Identity, KeyError> {
+        Ok(Identity {
+            me: load_pair(dir, &node_name(node))?,
+            trust: load_trust(dir)?,
+        })
+    }
+
     /// Loads the witness's identity from `dir`.
     pub fn load_witness(dir: &Path) -> Result<Identity, KeyError> {
         Ok(Identity {
@@ -340,6 +349,18 @@ mod tests {
             Identity::load_node(dir.path(), NodeId(1)),
             Err(KeyError::Io { .. })
         ));
+    }
+
+    #[test]
+    fn an_agent_on_another_witness_needs_no_witness_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let p1 = generate_into(dir.path(), "node-1").unwrap();
+        generate_into(dir.path(), "node-2").unwrap();
+        assert!(Identity::load_node(dir.path(), NodeId(1)).is_err());
+        let id = Identity::load_node_without_witness_key(dir.path(), NodeId(1)).unwrap();
+        assert_eq!(id.me.public, p1);
+        assert_eq!(id.trust.witness, None);
+        assert!(id.trust.nodes.contains_key(&NodeId(2)));
     }
 
     #[test]

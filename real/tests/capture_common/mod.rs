@@ -104,7 +104,7 @@ fn config(dir: &Path, node: u32, start: Start, run: &Run, addrs: &Addrs) -> Agen
         model,
         listen: addrs.peers[&NodeId(node)],
         peers: addrs.peers.clone(),
-        witness: addrs.witness,
+        witness: addrs.witness.into(),
         replica_dir: d.join("replica"),
         replica_ram: d.join("replica.ram"),
         replica_disk: None,

@@ -12,6 +12,7 @@ use std::time::{Duration, Instant};
 use ftvm_model::{Config, NodeId, Start, VmId};
 use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::mem_vm::{MemLauncher, MemRam};
+use ftvm_real::agent::witness_client::WitnessClient;
 use ftvm_real::agent::witness_store::{Open, WitnessStore};
 use ftvm_real::agent::{witness, AgentConfig};
 use ftvm_real::auth::Identity;
@@ -88,7 +89,7 @@ pub fn host(
     node: u32,
     start: Start,
     addrs: &BTreeMap<NodeId, SocketAddr>,
-    witness: SocketAddr,
+    witness: impl Into<WitnessClient>,
     keys: &Keys,
 ) -> Host {
     let mut model = Config::new(VmId(7), PAGES, NodeId(0));
@@ -102,7 +103,7 @@ pub fn host(
             model,
             listen: addrs[&NodeId(node)],
             peers: addrs.clone(),
-            witness,
+            witness: witness.into(),
             replica_dir: d.join("replica"),
             replica_ram: d.join("replica.ram"),
             replica_disk: None,

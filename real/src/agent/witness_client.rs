@@ -1,0 +1,104 @@
+//! Which witness an agent asks: the standalone `ftvm witness` service (Noise-authenticated TCP,
+//! `witness::request`) or an etcd cluster (`crate::etcd_witness`). Either way the agent's model
+//! sees the same thing: a request goes out, a `WitnessReply` comes back or nothing does.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use ftvm_model::{NodeId, VmId, WitnessReply, WitnessRequest};
+
+use super::witness::{self, WitnessError};
+use crate::auth::Identity;
+use crate::etcd_witness::{EtcdTarget, EtcdWitness, EtcdWitnessError, TargetError};
+
+/// The witness an agent asks.
+#[derive(Debug, Clone)]
+pub enum WitnessClient {
+    /// An `ftvm witness` process at this address.
+    Service(SocketAddr),
+    /// An etcd cluster holding the VM's register.
+    Etcd(EtcdWitness),
+}
+
+impl From<SocketAddr> for WitnessClient {
+    fn from(addr: SocketAddr) -> Self {
+        WitnessClient::Service(addr)
+    }
+}
+
+/// Why a witness exchange gave no reply.
+#[derive(Debug, thiserror::Error)]
+pub enum WitnessClientError {
+    /// The `ftvm witness` service.
+    #[error(transparent)]
+    Service(#[from] WitnessError),
+    /// The etcd witness.
+    #[error(transparent)]
+    Etcd(#[from] EtcdWitnessError),
+}
+
+impl WitnessClientError {
+    /// Failures that will not heal by resending (refused authentication, a missing or foreign
+    /// register): the agent logs them as errors; the others are a witness that did not answer.
+    pub fn is_permanent(&self) -> bool {
+        match self {
+            WitnessClientError::Service(e) => {
+                matches!(e, WitnessError::Auth { .. } | WitnessError::NoWitnessKey)
+            }
+            WitnessClientError::Etcd(e) => e.is_permanent(),
+        }
+    }
+}
+
+impl WitnessClient {
+    /// Parses `--witness`: `HOST:PORT` of an `ftvm witness`, or `etcd://HOST:PORT,...` with its
+    /// key prefix `etcd_prefix`.
+    pub fn parse(witness: &str, etcd_prefix: &str) -> Result<WitnessClient, TargetError> {
+        if witness.starts_with(crate::etcd_witness::target::SCHEME) {
+            let target = EtcdTarget::parse(witness, etcd_prefix)?;
+            return Ok(WitnessClient::Etcd(EtcdWitness::new(target)));
+        }
+        witness
+            .parse::<SocketAddr>()
+            .map(WitnessClient::Service)
+            .map_err(|_| TargetError::Scheme(witness.to_string()))
+    }
+
+    /// Asks the witness, as node `node`, and waits at most `timeout` for its reply. With an
+    /// `ftvm witness` the exchange is authenticated by `identity`; with etcd the rule runs here
+    /// with `node` as the sender (etcd's own access control decides who may write the key).
+    pub async fn request(
+        &self,
+        identity: &Identity,
+        node: NodeId,
+        vm: VmId,
+        req: WitnessRequest,
+        timeout: Duration,
+    ) -> Result<WitnessReply, WitnessClientError> {
+        match self {
+            WitnessClient::Service(addr) => {
+                Ok(witness::request(*addr, identity, vm, req, timeout).await?)
+            }
+            WitnessClient::Etcd(etcd) => Ok(etcd.request(node, vm, req, timeout).await?.reply),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn both_kinds_of_witness_parse() {
+        let w = WitnessClient::parse("127.0.0.1:7100", "/p").unwrap();
+        assert!(matches!(w, WitnessClient::Service(a) if a.port() == 7100));
+        let w = WitnessClient::parse("etcd://127.0.0.1:2379,127.0.0.1:2381", "/p").unwrap();
+        let WitnessClient::Etcd(e) = w else {
+            panic!("not etcd: {w:?}")
+        };
+        assert_eq!(e.target().endpoints.len(), 2);
+        assert_eq!(e.target().prefix, "/p");
+        assert!(WitnessClient::parse("witness-host", "/p").is_err());
+        assert!(WitnessClient::parse("etcd://", "/p").is_err());
+    }
+}
