@@ -81,7 +81,8 @@ impl ClientReport {
 
     fn keep_longest_pauses(&mut self) {
         if self.pauses.len() > PAUSES_KEPT {
-            self.pauses.sort_unstable_by_key(|p| std::cmp::Reverse(p.us));
+            self.pauses
+                .sort_unstable_by_key(|p| std::cmp::Reverse(p.us));
             self.pauses.truncate(PAUSES_KEPT);
         }
     }
