@@ -21,7 +21,7 @@ packages=(
   mariadb-client    # checks the database guest from the host (boot-test-db.sh)
   sysbench          # OLTP load on the database guest (boot-test-db.sh)
   qemu-utils        # qemu-img: the tests inspect replica disks as a user would
-  etcd-server       # etcd: the tests and `ftvm demo --witness-backend etcd` run a real cluster
+  etcd-server       # etcd: the etcd witness tests start a real 3-member cluster
   protobuf-compiler # protoc: the etcd client crate generates its gRPC code at build time
 )
 
