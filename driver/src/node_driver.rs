@@ -184,7 +184,11 @@ impl<C: Copy + Ord, F> NodeDriver<C, F> {
             Action::Send { to, .. } | Action::SendCheckpoint { to, .. } => {
                 e.link = self.peers.link_of(to);
             }
-            Action::PauseVm | Action::Capture { .. } | Action::ToWitness(_) | Action::Log(_) => {}
+            Action::PreCopy { .. }
+            | Action::PauseVm
+            | Action::Capture { .. }
+            | Action::ToWitness(_)
+            | Action::Log(_) => {}
         }
         e
     }

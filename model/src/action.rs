@@ -44,6 +44,15 @@ pub enum FullSyncReason {
 /// An effect the driver must carry out, in the order given.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Action {
+    /// Before a full capture (a full sync): copy all of guest RAM aside while the VM keeps
+    /// running, tracking what it writes from here on; answer with `Input::PreCopied`. The
+    /// `PauseVm` and `Capture { scope: Full }` that follow then need to take only the pages
+    /// written since, so no pause copies all of RAM. A driver with nothing to prepare (its
+    /// full captures copy nothing in the pause) answers at once.
+    PreCopy {
+        /// The epoch the full capture will close.
+        epoch: Epoch,
+    },
     /// Pause the VM (a `Capture` follows).
     PauseVm,
     /// While paused: capture the pages and disk blocks `scope` names plus device state as

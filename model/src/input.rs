@@ -50,6 +50,12 @@ pub enum Input {
         /// Bytes captured (metrics only).
         bytes: u64,
     },
+    /// Primary: the copy asked by `Action::PreCopy` is done (or there was nothing to copy); the
+    /// full capture of `epoch` may pause the VM now.
+    PreCopied {
+        /// The epoch of the `PreCopy`.
+        epoch: Epoch,
+    },
     /// Primary: the VM runs again after a capture, with frames tagged `epoch` (the answer to
     /// `ResumeVm`, once the VM really runs: with some capture modes that is long after
     /// `CaptureDone`). Optional: the output epoch policy measures the pause up to it, and up to

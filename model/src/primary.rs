@@ -96,8 +96,11 @@ pub struct Primary {
     gate: Gate,
     /// Tag of the frames the VM emits now.
     running: Epoch,
-    /// Capture issued, `CaptureDone` outstanding (the VM is paused).
+    /// Capture issued, `CaptureDone` outstanding (the VM is paused; or, while `pre_copying`,
+    /// still runs while a full capture's pages are copied aside).
     capturing: Option<Epoch>,
+    /// `PreCopy` issued for `capturing`, `PreCopied` outstanding: the pause has not begun.
+    pre_copying: bool,
     /// `SendCheckpoint` issued, `CheckpointSent` outstanding.
     sending: Option<Epoch>,
     captured: Epoch,
@@ -144,6 +147,7 @@ impl Primary {
             gate: Gate::Held,
             running: Epoch::FIRST,
             capturing: None,
+            pre_copying: false,
             sending: None,
             captured: Epoch::NONE,
             acked: Epoch::NONE,
@@ -211,6 +215,13 @@ impl Primary {
             }
             Input::CaptureDone { epoch, .. } => {
                 self.on_capture_done(ctx, epoch);
+                None
+            }
+            Input::PreCopied { epoch } => {
+                if self.pre_copying && self.capturing == Some(epoch) {
+                    self.pre_copying = false;
+                    self.pause_and_capture(ctx, epoch, Scope::Full);
+                }
                 None
             }
             Input::Resumed { epoch, paused_us } => {
@@ -536,8 +547,24 @@ impl Primary {
         Ok(r.epoch)
     }
 
+    /// Closes the running epoch with a capture of `scope`. A full one (a full sync) first has
+    /// the driver copy RAM aside while the VM runs (`PreCopy`), so that its pause takes only
+    /// what the VM wrote meanwhile: no pause copies all of RAM, whatever its size. Nothing
+    /// else is captured until it is done.
     fn capture(&mut self, ctx: &mut Ctx<'_>, scope: Scope) {
         let epoch = self.running;
+        if scope == Scope::Full {
+            ctx.act(Action::PreCopy { epoch });
+            self.capturing = Some(epoch);
+            self.pre_copying = true;
+            // The epoch runs on until the copy is done; its length counts from the pause.
+            self.next_capture_at = ctx.now + ctx.cfg.epoch_interval;
+            return;
+        }
+        self.pause_and_capture(ctx, epoch, scope);
+    }
+
+    fn pause_and_capture(&mut self, ctx: &mut Ctx<'_>, epoch: Epoch, scope: Scope) {
         ctx.act(Action::PauseVm);
         ctx.act(Action::Capture { epoch, scope });
         self.capturing = Some(epoch);

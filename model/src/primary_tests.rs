@@ -149,6 +149,14 @@ fn sync_then_register_then_release_on_acks() {
                     continues: false
                 }
             },
+            Action::PreCopy { epoch: Epoch(1) },
+        ]
+    );
+    assert_eq!(p.status().phase, Phase::Syncing);
+    // RAM is copied aside while the VM runs; only then does the full capture pause it.
+    assert_eq!(
+        p.on(Input::PreCopied { epoch: Epoch(1) }),
+        vec![
             Action::PauseVm,
             Action::Capture {
                 epoch: Epoch(1),
@@ -156,7 +164,6 @@ fn sync_then_register_then_release_on_acks() {
             },
         ]
     );
-    assert_eq!(p.status().phase, Phase::Syncing);
     let a = p.on(Input::CaptureDone {
         epoch: Epoch(1),
         pages: 256,
@@ -236,6 +243,35 @@ fn sync_then_register_then_release_on_acks() {
         p.on(ack(B, 9)).is_empty(),
         "ack of something never captured"
     );
+}
+
+#[test]
+fn a_full_sync_pauses_only_after_its_pre_copy_and_nothing_else_is_captured_meanwhile() {
+    let mut p = One::new(P, Start::Primary);
+    p.on(Input::Timeout);
+    let a = p.on(join(B));
+    assert_eq!(a.last(), Some(&Action::PreCopy { epoch: Epoch(1) }));
+    // The copy outlasts several epochs and output waits at the gate: still no pause.
+    for _ in 0..3 {
+        let a = p.after(config().epoch_interval);
+        assert!(!a.contains(&Action::PauseVm), "{a:?}");
+    }
+    assert!(!p.on(Input::OutputHeld { epoch: Epoch(1) }).contains(&Action::PauseVm));
+    // A pre-copy answer of another epoch is stale.
+    assert_eq!(no_hb(p.on(Input::PreCopied { epoch: Epoch(2) })), vec![]);
+    let a = p.on(Input::PreCopied { epoch: Epoch(1) });
+    assert_eq!(
+        a,
+        vec![
+            Action::PauseVm,
+            Action::Capture {
+                epoch: Epoch(1),
+                scope: Scope::Full
+            }
+        ]
+    );
+    // Answered twice: the second changes nothing.
+    assert_eq!(no_hb(p.on(Input::PreCopied { epoch: Epoch(1) })), vec![]);
 }
 
 #[test]
@@ -431,16 +467,8 @@ fn degraded_primary_syncs_with_output_flowing_then_holds_it_for_one_epoch() {
             }
         }
     );
-    assert_eq!(
-        &a[1..],
-        &[
-            Action::PauseVm,
-            Action::Capture {
-                epoch: Epoch(2),
-                scope: Scope::Full
-            }
-        ]
-    );
+    assert_eq!(&a[1..], &[Action::PreCopy { epoch: Epoch(2) }]);
+    p.on(Input::PreCopied { epoch: Epoch(2) });
     capture_done(&mut p, 2);
     p.on(Input::CheckpointSent { epoch: Epoch(2) });
     // The next epoch is captured before the sync is acked: the stream runs on, gate open.
@@ -1086,10 +1114,7 @@ fn a_replica_of_another_history_gets_a_full_sync_and_says_why() {
         let mut p = degraded_after_three_epochs();
         let a = p.on_logged(join);
         assert_eq!(sync_start_base(&a), Some(None), "{why:?}");
-        assert!(a.contains(&Action::Capture {
-            epoch: Epoch(4),
-            scope: Scope::Full
-        }));
+        assert!(a.contains(&Action::PreCopy { epoch: Epoch(4) }));
         assert!(a.iter().any(|a| matches!(
             a,
             Action::Log(Event::SyncChosen { base: None, full_because: Some(w), .. }) if *w == why

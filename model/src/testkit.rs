@@ -422,6 +422,16 @@ impl Cluster {
         }
         let lat = self.latency;
         match a {
+            Action::PreCopy { epoch } => {
+                // The copy runs while the VM does: a few milliseconds, drawn.
+                let took = Duration::from_micros(self.rng.below(3000));
+                let ev = Ev::Input {
+                    to: id,
+                    input: Input::PreCopied { epoch },
+                    link: None,
+                };
+                self.schedule(took, ev);
+            }
             Action::PauseVm => self.host(id).vm_running = false,
             Action::ResumeVm { .. } => self.host(id).vm_running = true,
             Action::Capture { epoch, scope } => {

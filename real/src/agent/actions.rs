@@ -45,6 +45,7 @@ impl<L: VmLauncher> Agent<L> {
             self.output.dropped(dropped, Instant::now());
         }
         match action {
+            Action::PreCopy { epoch } => self.pre_copy(epoch, pending),
             Action::PauseVm => self.pause_vm().await,
             Action::Capture { epoch, scope } => self.capture(epoch, scope, pending).await,
             Action::ResumeVm { epoch } => self.resume_vm(epoch).await,
@@ -106,17 +107,74 @@ impl<L: VmLauncher> Agent<L> {
         Ok(())
     }
 
+    /// Before a full capture: copy all of RAM into a staging buffer on a blocking thread while
+    /// the VM runs (`Event::PreCopied` brings it back), so that the capture's pause copies only
+    /// what the guest wrote meanwhile — 0.2 s per GiB less pause. A VM or capture mode that
+    /// cannot (see `Vm::start_pre_copy`) answers at once.
+    fn pre_copy(&mut self, epoch: Epoch, pending: &mut VecDeque<Input>) -> Result<(), AgentError> {
+        let started = match self.vm.as_mut() {
+            Some(vm) => vm.start_pre_copy(epoch, self.cfg.capture)?,
+            None => false,
+        };
+        let Some(vm) = self.vm.as_ref().filter(|_| started) else {
+            pending.push_back(Input::PreCopied { epoch });
+            return Ok(());
+        };
+        if let Some((_, old, _)) = self.pre_copied.take() {
+            self.spare.get_or_insert(old);
+        }
+        let ram = vm.guest_ram();
+        let mut buf = self
+            .spare
+            .take()
+            .or_else(|| self.captured.take())
+            .unwrap_or_default();
+        let tx = self.tx.clone();
+        tokio::task::spawn_blocking(move || {
+            let t = Instant::now();
+            buf.data.clear();
+            // The guest writes RAM meanwhile: a page may be copied torn. Every page it writes
+            // from `start_pre_copy` on is in the capture's dirty log and copied again then.
+            buf.data.extend_from_slice(ram.as_slice());
+            let _ = tx.send(Event::PreCopied {
+                epoch,
+                staged: buf,
+                took: t.elapsed(),
+            });
+        });
+        Ok(())
+    }
+
     async fn capture(
         &mut self,
         epoch: Epoch,
         scope: Scope,
         pending: &mut VecDeque<Input>,
     ) -> Result<(), AgentError> {
-        let mut buf = self
-            .spare
-            .take()
-            .or_else(|| self.captured.take())
-            .unwrap_or_default();
+        let (pre_copied, pre_copy_us) = match self.pre_copied.take() {
+            Some((e, buf, took)) if e == epoch => {
+                let us = u64::try_from(took.as_micros()).unwrap_or(u64::MAX);
+                (Some(buf), us)
+            }
+            Some((_, stale, _)) => {
+                self.spare.get_or_insert(stale);
+                (None, 0)
+            }
+            None => (None, 0),
+        };
+        let mut buf = match pre_copied {
+            Some(buf) => buf,
+            None => {
+                let mut buf = self
+                    .spare
+                    .take()
+                    .or_else(|| self.captured.take())
+                    .unwrap_or_default();
+                // Only a buffer copied ahead for this capture may reach it with RAM in it.
+                buf.data.clear();
+                buf
+            }
+        };
         // A cow checkpoint never sent finishes here (its pages stay protected; their next
         // writes are logged as usual).
         self.captured_cow = None;
@@ -160,6 +218,7 @@ impl<L: VmLauncher> Agent<L> {
             dirty_pages: stats.pages,
             scan_us: stats.scan_us,
             copy_us: stats.copy_us,
+            pre_copy_us,
             device_us: stats.device_us,
             disk_blocks: stats.disk_blocks,
             disk_us: stats.disk_us,

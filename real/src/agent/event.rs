@@ -83,6 +83,16 @@ pub enum Event {
         /// The buffer.
         staged: StagedCheckpoint,
     },
+    /// All of guest RAM is copied into `staged` for the full capture of `epoch`
+    /// (`Action::PreCopy`), while the VM ran.
+    PreCopied {
+        /// The capture it is for.
+        epoch: ftvm_model::Epoch,
+        /// The buffer, `data` holding RAM in page order.
+        staged: StagedCheckpoint,
+        /// How long the copy took.
+        took: std::time::Duration,
+    },
     /// A checkpoint send failed (its link closes): the staging buffer comes back for reuse.
     BufferBack {
         /// The buffer.

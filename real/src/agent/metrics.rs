@@ -28,6 +28,10 @@ pub struct EpochMetrics {
     pub scan_us: u64,
     /// Copying them to the staging area.
     pub copy_us: u64,
+    /// A full capture's copy of all of RAM made ahead of its pause, while the VM ran
+    /// (staged capture; then `copy_us` is just the pages written during it).
+    #[serde(default)]
+    pub pre_copy_us: u64,
     /// Saving device state.
     pub device_us: u64,
     /// Disk blocks captured (written in the epoch; every block holding data for a full one).

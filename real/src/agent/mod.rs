@@ -197,6 +197,8 @@ pub struct Agent<L: VmLauncher> {
     applier: std::sync::mpsc::Sender<actions::ApplyJob>,
     spare: Option<StagedCheckpoint>,
     captured: Option<StagedCheckpoint>,
+    /// RAM copied ahead of the full capture of an epoch (`Action::PreCopy`).
+    pre_copied: Option<(Epoch, StagedCheckpoint, std::time::Duration)>,
     /// cow: the write-protected pages of `captured`, until handed to its link.
     captured_cow: Option<CowCheckpoint>,
     /// The disk snapshot a full capture's disk blocks are read from as they are sent.
@@ -310,6 +312,7 @@ impl<L: VmLauncher> Agent<L> {
             spool,
             spare: None,
             captured: None,
+            pre_copied: None,
             captured_cow: None,
             captured_disk: None,
             output: OutputAccount::new(output_cap.clone()),

@@ -46,6 +46,20 @@ impl<L: VmLauncher> Agent<L> {
                 self.apply(verdict, pending);
             }
             Event::Link { conn, event } => self.on_link(conn, event, pending),
+            Event::PreCopied {
+                epoch,
+                staged,
+                took,
+            } => {
+                tracing::debug!(
+                    node = self.cfg.node.0,
+                    "copied RAM ahead of the full capture of epoch {} in {} ms",
+                    epoch.0,
+                    took.as_millis()
+                );
+                self.pre_copied = Some((epoch, staged, took));
+                pending.push_back(Input::PreCopied { epoch });
+            }
             Event::BufferBack { staged } => {
                 self.spare.get_or_insert(staged);
             }

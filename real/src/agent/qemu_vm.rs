@@ -58,6 +58,8 @@ pub struct QemuVm {
     cow_checkpoint: Option<CowCheckpoint>,
     page_size: usize,
     first: bool,
+    /// The epoch whose full capture finds RAM copied ahead ([`Vm::start_pre_copy`]).
+    pre_copy: Option<Epoch>,
     /// The VM's disk, served by this agent (declared after `qemu`: it stops after QEMU is
     /// gone, never under a running guest).
     disk: Option<DiskServer>,
@@ -133,6 +135,7 @@ impl QemuVm {
             cow_checkpoint: None,
             page_size,
             first: true,
+            pre_copy: None,
             disk,
             disk_sync: None,
         })
@@ -193,16 +196,23 @@ impl QemuVm {
 
     /// The pages of checkpoint `epoch` for `scope` (already made full for a first capture), and
     /// what protecting them cost (cow engine). The dirty log is taken (and tracking re-armed)
-    /// whatever the scope, and stamped into the write history.
+    /// whatever the scope, and stamped into the write history; with `log`, it is also kept
+    /// there (a pre-copied capture copies just those pages).
     fn capture_pages(
         &mut self,
         epoch: Epoch,
         scope: Scope,
         mode: CaptureMode,
+        mut log: Option<&mut Vec<u64>>,
     ) -> Result<(Vec<u64>, ProtectStats), VmError> {
         let all = scope == Scope::Full;
         let history = &mut self.history;
-        let mut select = |logged: Vec<u64>| history.capture(epoch, scope, logged);
+        let mut select = |logged: Vec<u64>| {
+            if let Some(log) = log.as_deref_mut() {
+                log.clone_from(&logged);
+            }
+            history.capture(epoch, scope, logged)
+        };
         match (&self.cow, self.tracker.as_mut()) {
             (Some(engine), _) if mode == CaptureMode::Cow => {
                 let (cp, st) = engine
@@ -254,17 +264,36 @@ impl Vm for QemuVm {
     ) -> Result<CaptureStats, VmError> {
         let t0 = Instant::now();
         let scope = first_capture_scope(scope, self.first);
-        let (pages, protect) = self.capture_pages(epoch, scope, mode)?;
+        // RAM copied ahead for this very capture, whole: only what was written since is left.
+        let ram_bytes = self.ram.pages() as usize * self.page_size;
+        let pre_copied = self.pre_copy.take() == Some(epoch)
+            && scope == Scope::Full
+            && mode.copies_pages()
+            && out.data.len() == ram_bytes;
+        let mut written = Vec::new();
+        let log = pre_copied.then_some(&mut written);
+        let (pages, protect) = self.capture_pages(epoch, scope, mode, log)?;
         self.first = false;
         let t1 = Instant::now();
-        if let Some(&p) = pages.iter().find(|&&p| p >= self.ram.pages()) {
+        if let Some(&p) = pages.iter().chain(&written).find(|&&p| p >= self.ram.pages()) {
             return Err(VmError::PageOutOfRange {
                 page: p,
                 pages: self.ram.pages(),
             });
         }
-        out.data.clear();
-        if mode.copies_pages() {
+        if pre_copied {
+            // A full capture's pages are all pages in order: page p sits at p × page size.
+            let ps = self.page_size;
+            for &p in &written {
+                let at = p as usize * ps;
+                if let (Some(dst), Some(src)) = (out.data.get_mut(at..at + ps), self.ram.page(p)) {
+                    dst.copy_from_slice(src);
+                }
+            }
+        } else {
+            out.data.clear();
+        }
+        if mode.copies_pages() && !pre_copied {
             out.data.reserve(pages.len() * self.page_size);
             for &p in &pages {
                 out.data
@@ -291,6 +320,22 @@ impl Vm for QemuVm {
             early_protected: protect.early_pages,
             protected: protect.protected,
         })
+    }
+
+    fn start_pre_copy(&mut self, epoch: Epoch, mode: CaptureMode) -> Result<bool, VmError> {
+        self.pre_copy = None;
+        // The cow engine re-arms only while paused; a hash tracker can miss a write.
+        let exact = self.cow.is_none()
+            && self.tracker.as_ref().is_some_and(|t| t.logs_every_write());
+        if !mode.copies_pages() || !exact {
+            return Ok(false);
+        }
+        // What the guest wrote so far in this epoch is stamped as the epoch's writes (catch-ups
+        // of older replicas need them); what it writes from here on is in the capture's log.
+        self.capture_pages(epoch, Scope::Epoch, mode, None)?;
+        self.first = false;
+        self.pre_copy = Some(epoch);
+        Ok(true)
     }
 
     fn guest_ram(&self) -> Arc<GuestRam> {

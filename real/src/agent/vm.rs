@@ -183,6 +183,16 @@ pub trait Vm: Send {
         mode: CaptureMode,
         out: &mut StagedCheckpoint,
     ) -> impl Future<Output = Result<CaptureStats, VmError>> + Send;
+    /// While the VM runs, before the full capture of `epoch` (`Action::PreCopy`): re-arms
+    /// dirty tracking, so that the capture knows what the guest writes from here on, and
+    /// returns true; the caller then copies all of guest RAM into the capture's buffer
+    /// (`out.data`, in page order) while the VM runs. That capture, given the buffer, copies
+    /// only the pages written since into it, in its pause. False: this VM or capture mode
+    /// cannot (a mode that copies nothing, or dirty tracking that can miss a write while the
+    /// VM runs); the full capture then copies all of RAM in its pause.
+    fn start_pre_copy(&mut self, _epoch: Epoch, _mode: CaptureMode) -> Result<bool, VmError> {
+        Ok(false)
+    }
     /// The guest RAM mapping, for sending pages straight from it while paused (paused-send).
     fn guest_ram(&self) -> Arc<GuestRam>;
     /// The copy-on-write checkpoint of the last [`CaptureMode::Cow`] capture (once). A VM

@@ -48,4 +48,12 @@ pub trait DirtyTracker {
 
     /// One line saying what is tracked and how, for logs.
     fn describe(&self) -> String;
+
+    /// Whether a scan taken while the VM runs still misses no write: every write after it is
+    /// in the next scan, even one that puts back a page's earlier contents. Write-protection
+    /// logs do; content hashes do not (a page written and written back looks clean). Only then
+    /// can a full capture copy RAM ahead of its pause (`QemuVm::start_pre_copy`).
+    fn logs_every_write(&self) -> bool {
+        false
+    }
 }

@@ -184,6 +184,12 @@ impl PagemapScanner {
 }
 
 impl DirtyTracker for PagemapScanner {
+    fn logs_every_write(&self) -> bool {
+        // Each page's write-protection is cleared by its first write and re-armed by the scan
+        // that reports it, page by page atomically.
+        true
+    }
+
     fn scan(&mut self) -> Result<DirtyPages, DirtyError> {
         self.last = ScanStats::default();
         let mut ranges = Vec::new();

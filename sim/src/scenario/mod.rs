@@ -45,6 +45,9 @@ pub struct VmSpec {
     /// How long each capture keeps the simulated VM paused (requests arriving meanwhile wait
     /// for the resume, as a paused guest's packets do). Zero: captures take no time.
     pub capture_pause: Duration,
+    /// How long a full sync's copy of RAM aside takes (`Action::PreCopy`), the VM running
+    /// meanwhile. Zero: the copy takes no time.
+    pub pre_copy: Duration,
     /// Protected disk size in blocks of `DISK_BLOCK_SIZE` (4 KiB); 0: no disk.
     pub disk_blocks: u64,
     /// Disk block writes per workload tick (each writes a value no other write ever wrote).
@@ -279,6 +282,7 @@ impl Scenario {
                 writes_per_tick: f.vm.writes_per_tick,
                 tick: ms(f.vm.tick_ms),
                 capture_pause: Duration::from_micros(f.vm.capture_pause_us),
+                pre_copy: Duration::from_micros(f.vm.pre_copy_us),
                 disk_blocks: f.vm.disk_blocks,
                 disk_writes_per_tick: f.vm.disk_writes_per_tick,
             },

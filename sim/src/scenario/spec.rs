@@ -49,6 +49,7 @@ pub(super) struct VmFile {
     pub writes_per_tick: u32,
     pub tick_ms: u64,
     pub capture_pause_us: u64,
+    pub pre_copy_us: u64,
     pub disk_blocks: u64,
     pub disk_writes_per_tick: u32,
 }
@@ -62,6 +63,7 @@ impl Default for VmFile {
             writes_per_tick: 2,
             tick_ms: 1,
             capture_pause_us: 0,
+            pre_copy_us: 0,
             disk_blocks: 0,
             disk_writes_per_tick: 0,
         }

@@ -259,6 +259,7 @@ mod tests {
             writes_per_tick: 3,
             tick: Duration::from_millis(1),
             capture_pause: Duration::ZERO,
+            pre_copy: Duration::ZERO,
             disk_blocks: 8,
             disk_writes_per_tick: 2,
         }

@@ -41,6 +41,15 @@ impl NodeHost {
             self.links.remove(&conn);
         }
         match action {
+            Action::PreCopy { epoch } => {
+                // The simulated copy only takes time: the full capture after it is whole
+                // anyway (the real drivers copy only what was written meanwhile).
+                let done = Input::PreCopied { epoch };
+                match self.spec.pre_copy {
+                    d if d.is_zero() => queue.push_back(done),
+                    d => self.pre_copied = Some((t + d, done)),
+                }
+            }
             Action::PauseVm => {
                 if let Some(vm) = self.vm.as_mut() {
                     vm.pause(t);
@@ -92,6 +101,7 @@ impl NodeHost {
             Action::Fence => {
                 self.vm = None;
                 self.capture_done = None;
+                self.pre_copied = None;
                 self.paused_since = None;
                 self.deferred.clear();
                 self.instance = 0;

@@ -68,6 +68,9 @@ pub(crate) struct NodeHost {
     /// A capture under way that keeps the VM paused (`VmSpec::capture_pause`): when it ends,
     /// and its `CaptureDone`.
     capture_done: Option<(Time, Input)>,
+    /// A full sync's pre-copy under way (`VmSpec::pre_copy`): when it ends, and its
+    /// `PreCopied`.
+    pre_copied: Option<(Time, Input)>,
     /// When the VM was paused for the capture under way.
     paused_since: Option<Time>,
     /// Client requests that arrived while the VM was paused, served at the resume.
@@ -151,6 +154,7 @@ pub(crate) async fn run_node(w: Shared, me: NodeId) -> turmoil::Result {
         vm_generation: Generation::UNKNOWN,
         restore_at: None,
         capture_done: None,
+        pre_copied: None,
         paused_since: None,
         deferred: Vec::new(),
         captured: BTreeMap::new(),
@@ -206,6 +210,7 @@ impl NodeHost {
             self.driver.poll_timeout(),
             self.restore_at,
             self.capture_done.map(|(t, _)| t),
+            self.pre_copied.map(|(t, _)| t),
         ]
         .into_iter()
         .flatten()
@@ -223,6 +228,10 @@ impl NodeHost {
         }
         if let Some((_, done)) = self.capture_done.filter(|(at, _)| *at <= t) {
             self.capture_done = None;
+            self.feed(done);
+        }
+        if let Some((_, done)) = self.pre_copied.filter(|(at, _)| *at <= t) {
+            self.pre_copied = None;
             self.feed(done);
         }
         if self.driver.poll_timeout().is_some_and(|d| d <= t) {
