@@ -128,7 +128,10 @@ pub fn run(a: SyncArgs) -> anyhow::Result<i32> {
         for capture in &a.capture {
             let (results, invariants_ok) = ftvm_cases(&a, capture, &ftvm)?;
             if !invariants_ok {
-                failed.push(format!("{capture}: the run broke an invariant"));
+                failed.push(format!(
+                    "{capture}: a measurement failed, the hosts swapped roles, or the run broke \
+                     an invariant (above)"
+                ));
             }
             cases.extend(results);
         }
@@ -200,13 +203,35 @@ fn ftvm_cases(
     let mut d = Deployment::start(opts)?;
     d.wait_protected(Duration::from_secs(300))?;
     let mut runs: Vec<Vec<RunFigures>> = vec![Vec::new(); cases.len()];
-    for i in 0..a.runs {
+    // A failed measurement, or a takeover (the hosts swapped roles, and the cases kill the
+    // backup host's agent), ends this deployment's runs; what was measured is kept.
+    let mut stopped: Option<String> = None;
+    'runs: for i in 0..a.runs {
         for (k, case) in cases.iter().enumerate() {
             println!("== {case} ({capture}) run {}/{}", i + 1, a.runs);
             let out = w.join(format!("client-{case}-{i}.json"));
             let log = w.join(format!("backup-{case}-{i}.log"));
-            runs[k].push(measure(&mut d, a, case, &out, &log)?);
+            match measure(&mut d, a, case, &out, &log) {
+                Ok(r) => {
+                    let took_over = r.took_over;
+                    runs[k].push(r);
+                    if took_over {
+                        stopped = Some(format!(
+                            "the backup host took over in {case} run {}: later runs skipped",
+                            i + 1
+                        ));
+                        break 'runs;
+                    }
+                }
+                Err(e) => {
+                    stopped = Some(format!("{case} run {} failed: {e:#}", i + 1));
+                    break 'runs;
+                }
+            }
         }
+    }
+    if let Some(why) = &stopped {
+        println!("== {why}");
     }
     d.stop_agents_replicas_first();
     let all: std::collections::BTreeSet<_> = ftvm_sim::Invariant::ALL.into_iter().collect();
@@ -218,9 +243,15 @@ fn ftvm_cases(
     let results = cases
         .iter()
         .zip(runs)
-        .map(|(c, r)| CaseResult::new(c, Some(capture), r))
+        .map(|(c, r)| {
+            let mut res = CaseResult::new(c, Some(capture), r);
+            if res.runs.len() < a.runs {
+                res.errors.extend(stopped.clone());
+            }
+            res
+        })
         .collect();
-    Ok((results, check.passed()))
+    Ok((results, check.passed() && stopped.is_none()))
 }
 
 /// One measurement: a client on the VM's service for `--window-s`, the case's action a second
@@ -271,6 +302,7 @@ fn measure(
         client_pause_ms: Some(pause_us as f64 / 1e3),
         client_lost: Some(lost),
         sync_kind: Some(r.kind),
+        took_over: r.took_over,
         ..RunFigures::default()
     })
 }

@@ -31,6 +31,10 @@ pub struct RunFigures {
     /// ftvm: what the primary said the sync was (`full` or `catch-up`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sync_kind: Option<String>,
+    /// ftvm: the backup host took over during the measurement (a link cut whose takeover
+    /// request reached the witness before the primary's drop) and was protected by the other.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub took_over: bool,
 }
 
 /// One case (with one capture mode, for the ftvm cases): every run and the medians.
@@ -44,6 +48,9 @@ pub struct CaseResult {
     pub runs: Vec<RunFigures>,
     /// Field-wise medians of the runs.
     pub median: RunFigures,
+    /// Why runs are missing, if they are.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub errors: Vec<String>,
 }
 
 impl CaseResult {
@@ -54,6 +61,7 @@ impl CaseResult {
             capture: capture.map(str::to_string),
             median: median_figures(&runs),
             runs,
+            errors: Vec::new(),
         }
     }
 }
@@ -148,6 +156,22 @@ impl SyncReport {
                 },
             ));
         }
+        for c in &self.cases {
+            let capture = c.capture.as_deref().unwrap_or("–");
+            for (i, r) in c.runs.iter().enumerate() {
+                if r.took_over {
+                    s.push_str(&format!(
+                        "\n{} ({capture}) run {}: the backup host took over during the cut; \
+                         the time is the takeover and a full sync of the old primary.\n",
+                        c.case,
+                        i + 1
+                    ));
+                }
+            }
+            for e in &c.errors {
+                s.push_str(&format!("\n{} ({capture}): {e}\n", c.case));
+            }
+        }
         if !self.ratios.is_empty() {
             s.push_str("\nftvm-full / qemu-migrate (medians; target ≤ 2×, issue 12):\n\n");
             for r in &self.ratios {
@@ -195,6 +219,7 @@ pub fn median_figures(runs: &[RunFigures]) -> RunFigures {
             .iter()
             .filter_map(|r| r.client_lost)
             .reduce(|a, b| a + b),
+        took_over: runs.iter().any(|r| r.took_over),
         // The kind when all runs agree, else `mixed`.
         sync_kind: match kinds.first() {
             Some(k) if kinds.iter().all(|x| x == k) => Some((*k).to_string()),

@@ -28,6 +28,8 @@ pub struct Reprotection {
     pub from_unix_ms: u64,
     /// End of that window.
     pub to_unix_ms: u64,
+    /// The backup host took over meanwhile and is protected by the other host now.
+    pub took_over: bool,
 }
 
 /// Milliseconds since the Unix epoch (0 if the clock is before it).
@@ -99,34 +101,54 @@ pub fn cut_replication_link(d: &mut Deployment, cut: Duration) -> anyhow::Result
     wait_reprotected(d, "the backup to re-protect the primary after the link cut")
 }
 
-/// Waits (printing progress once a second) until the primary is protected by a backup whose
-/// sync started after this call, and says what that sync was.
+/// Waits (printing progress once a second) until a primary is protected by a backup whose
+/// sync started after this call, and says what that sync was. The primary may be the other
+/// host by then: a backup that reached the witness first during a link cut takes over (the
+/// primary is deposed and rejoins as its backup), which [`Reprotection::took_over`] records.
 fn wait_reprotected(d: &mut Deployment, what: &str) -> anyhow::Result<Reprotection> {
-    let pdir = d.primary_dir();
-    let before_epoch = status(&pdir)["last_sync"]["epoch"].as_u64();
+    let dirs = [d.primary_dir(), d.backup_dir()];
+    let sync_of = |st: &serde_json::Value| {
+        (
+            st["node"].as_u64(),
+            st["generation"].as_u64(),
+            st["last_sync"]["epoch"].as_u64(),
+        )
+    };
+    let before = sync_of(&status(&dirs[0]));
     let t1 = Instant::now();
     let from_unix_ms = unix_ms();
     let mut progress = SyncProgress::default();
+    let mut protected_by = None;
     wait_until(
         what,
         REPROTECT_TIMEOUT,
         &mut [&mut d.witness, &mut d.backup, &mut d.primary],
         || {
-            let st = status(&pdir);
-            progress.show(&st, t1.elapsed());
+            let sts = dirs.each_ref().map(|dir| status(dir));
+            let primary = sts.iter().position(|st| st["role"] == "Primary");
+            progress.show(&sts[primary.unwrap_or(0)], t1.elapsed());
             // A link cut may not have been noticed yet when the link came back: the phase is
             // then still `protected` from before, so a new sync must have happened too.
-            st["phase"] == "protected" && st["last_sync"]["epoch"].as_u64() != before_epoch
+            protected_by =
+                primary.filter(|&i| sts[i]["phase"] == "protected" && sync_of(&sts[i]) != before);
+            protected_by.is_some()
         },
     )?;
     let ms = t1.elapsed().as_secs_f64() * 1e3;
     let to_unix_ms = unix_ms();
-    let last = status(&pdir)["last_sync"].clone();
+    let host = protected_by.unwrap_or(0);
+    let last = status(&dirs[host])["last_sync"].clone();
     let kind = last["kind"].as_str().unwrap_or("?").to_string();
     let bytes = last["bytes"].as_u64().unwrap_or(0);
+    let took_over = host == 1;
     println!(
-        "   re-protected {ms:.0} ms after the restart ({kind} sync of {:.1} MiB, then epochs)",
-        bytes as f64 / f64::from(1u32 << 20)
+        "   re-protected {ms:.0} ms after the restart ({kind} sync of {:.1} MiB, then epochs){}",
+        bytes as f64 / f64::from(1u32 << 20),
+        if took_over {
+            "; the backup host had taken over: it is the primary now"
+        } else {
+            ""
+        }
     );
     Ok(Reprotection {
         kind,
@@ -134,6 +156,7 @@ fn wait_reprotected(d: &mut Deployment, what: &str) -> anyhow::Result<Reprotecti
         bytes,
         from_unix_ms,
         to_unix_ms,
+        took_over,
     })
 }
 
