@@ -125,7 +125,9 @@ impl SyncReport {
         );
         for c in &self.cases {
             let each = |f: &dyn Fn(&RunFigures) -> Option<f64>, digits: usize| {
-                let m = f(&c.median).map_or("–".into(), |v| format!("{v:.digits$}"));
+                let Some(m) = f(&c.median).map(|v| format!("{v:.digits$}")) else {
+                    return "–".to_string();
+                };
                 if c.runs.len() < 2 {
                     return m;
                 }
@@ -136,11 +138,16 @@ impl SyncReport {
                     .collect();
                 format!("{m} [{}]", all.join(", "))
             };
-            let kinds: Vec<&str> = c
-                .runs
-                .iter()
-                .filter_map(|r| r.sync_kind.as_deref())
-                .collect();
+            // Each run's kind only when they differ.
+            let kinds: Vec<&str> = match c.median.sync_kind.as_deref() {
+                Some("mixed") => c
+                    .runs
+                    .iter()
+                    .filter_map(|r| r.sync_kind.as_deref())
+                    .collect(),
+                Some(k) => vec![k],
+                None => Vec::new(),
+            };
             s.push_str(&format!(
                 "| {} | {} | {} | {} | {} | {} | {} |\n",
                 c.case,
