@@ -99,7 +99,7 @@ pub fn run(a: SyncArgs) -> anyhow::Result<i32> {
         write(&a, &report)?;
         return Ok(0);
     }
-    if a.runs == 0 || a.ram_mb == 0 || !(a.window_s > LEAD_IN.as_secs_f64()) {
+    if a.runs == 0 || a.ram_mb == 0 || a.window_s.is_nan() || a.window_s <= LEAD_IN.as_secs_f64() {
         bail!("--runs and --ram-mb must be positive, --window-s above 1");
     }
     if let Some(c) = a.cases.iter().find(|c| !CASES.contains(&c.as_str())) {
