@@ -6,13 +6,16 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use anyhow::Context;
+use anyhow::{bail, Context};
 use ftvm_real::host::topology::Host;
 
 use crate::deploy::{self, status, wait_until, Deployment};
 
 /// How long a re-protection may take before the run is given up.
 pub const REPROTECT_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long the primary's `last_sync` may take to name the sync after `protected`.
+const LAST_SYNC_WAIT: Duration = Duration::from_secs(15);
 
 /// One re-protection: from the moment the backup could come back (its agent restarted, or the
 /// link repaired) to the primary's `protected`.
@@ -90,7 +93,13 @@ pub fn cut_replication_link(d: &mut Deployment, cut: Duration) -> anyhow::Result
         .set_pair_link(false)
         .context("cutting the replication link")?;
     std::thread::sleep(cut);
+    // Re-protection is timed as the wait for `protected`: a cut the primary has not noticed
+    // (still `protected` from before) would time nothing.
     let phase = status(&d.primary_dir())["phase"].clone();
+    if phase == "protected" {
+        let _ = d.topo.set_pair_link(true);
+        bail!("the primary did not notice the {cut:?} cut of the replication link");
+    }
     d.topo
         .set_pair_link(true)
         .context("repairing the replication link")?;
@@ -127,16 +136,21 @@ fn wait_reprotected(d: &mut Deployment, what: &str) -> anyhow::Result<Reprotecti
             let sts = dirs.each_ref().map(|dir| status(dir));
             let primary = sts.iter().position(|st| st["role"] == "Primary");
             progress.show(&sts[primary.unwrap_or(0)], t1.elapsed());
-            // A link cut may not have been noticed yet when the link came back: the phase is
-            // then still `protected` from before, so a new sync must have happened too.
-            protected_by =
-                primary.filter(|&i| sts[i]["phase"] == "protected" && sync_of(&sts[i]) != before);
+            protected_by = primary.filter(|&i| sts[i]["phase"] == "protected");
             protected_by.is_some()
         },
     )?;
     let ms = t1.elapsed().as_secs_f64() * 1e3;
     let to_unix_ms = unix_ms();
     let host = protected_by.unwrap_or(0);
+    // The status file's `last_sync` can follow the phase by seconds (seen on a deployment's
+    // first re-protection): it is waited for apart from the time measured.
+    let _ = wait_until(
+        "the primary to report its sync",
+        LAST_SYNC_WAIT,
+        &mut [],
+        || sync_of(&status(&dirs[host])) != before,
+    );
     let last = status(&dirs[host])["last_sync"].clone();
     let kind = last["kind"].as_str().unwrap_or("?").to_string();
     let bytes = last["bytes"].as_u64().unwrap_or(0);
