@@ -59,7 +59,7 @@ pub struct MigrateOpts {
 /// Boots the guest in the primary's namespace, starts the destination in the backup's, and
 /// migrates; returns the run's figures.
 pub fn run(o: &MigrateOpts) -> anyhow::Result<RunFigures> {
-    let topo = Topology::create(&o.prefix, o.subnet).context("creating the hosts")?;
+    let topo = create_hosts(&o.prefix, o.subnet)?;
     secure_fs::fresh_private_dir(&o.work_dir).context("the work directory")?;
     let ram_dir = Path::new("/dev/shm").join(format!("ftvm-{}-{}-mig", o.prefix, o.subnet));
     secure_fs::fresh_private_dir(&ram_dir).context("the guest RAM directory")?;
@@ -170,6 +170,19 @@ async fn migrate(src: &mut Qemu, uri: &str) -> anyhow::Result<RunFigures> {
                 bail!("the migration did not end within {MIGRATION_LIMIT:?}")
             }
             _ => tokio::time::sleep(Duration::from_millis(10)).await,
+        }
+    }
+}
+
+/// The hosts, with one retry: recreating namespaces of the same names right after the last run
+/// removed them failed once here ("Invalid netns value" while moving a veth end into one).
+fn create_hosts(prefix: &str, subnet: u8) -> anyhow::Result<Topology> {
+    match Topology::create(prefix, subnet) {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            eprintln!("creating the hosts failed ({e}); once more in a second");
+            std::thread::sleep(Duration::from_secs(1));
+            Topology::create(prefix, subnet).context("creating the hosts")
         }
     }
 }
