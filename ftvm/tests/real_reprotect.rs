@@ -117,9 +117,10 @@ fn link_cut_and_backup_restarts_reprotect_by_catch_up_then_full_sync() {
         );
     }
     eprintln!(
-        "{ram_mb} MiB, {capture}, 5000 pages/s: link cut → catch-up {} B in {} ms; restart on \
-         replica → catch-up {} B in {} ms; restart empty → full {} B in {} ms; longest client \
-         pauses {} / {} / {} ms; takeover during the cut: {cut_took_over}; test took {:.0} s",
+        "{ram_mb} MiB, {capture}, 5000 pages/s: link cut → {cut_kind} {} B in {} ms; restart \
+         on replica → catch-up {} B in {} ms; restart empty → full {} B in {} ms; longest \
+         client pauses {} / {} / {} ms; takeover during the cut: {cut_took_over}; test took \
+         {:.0} s",
         cut["bytes"],
         cut["time_ms"],
         restart["bytes"],
