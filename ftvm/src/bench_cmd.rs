@@ -33,6 +33,10 @@ enum What {
     /// Takeover time with `ftvm witness` against an etcd witness (a local 3-member cluster), and
     /// with the etcd leader killed as the primary dies: median of N failovers each, interleaved.
     Witness(crate::bench_witness::WitnessArgs),
+    /// Re-protection against QEMU's own live migration of the same guest: a backup restarted
+    /// empty (full sync) or on its replica (catch-up), or after a cut of the replication link,
+    /// each timed from restart to protected; the ratio full sync / migration.
+    Sync(crate::bench_sync::SyncArgs),
     /// Re-render the PNG plots from the JSON files a benchmark wrote.
     Plot(PlotArgs),
 }
@@ -79,6 +83,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         What::Auth(a) => crate::bench_auth::run(a),
         What::Mac(a) => crate::bench_mac::run(a),
         What::Witness(a) => crate::bench_witness::run(a),
+        What::Sync(a) => crate::bench_sync::run(a),
         What::Plot(a) => {
             for p in crate::plot::all(&a.dir)? {
                 eprintln!("wrote {}", p.display());

@@ -374,60 +374,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
             "== kill -9 the backup agent; acked epochs so far: {}",
             before["acked"]
         );
-        d.backup.child.kill().context("killing the backup")?;
-        let _ = d.backup.child.wait();
-        wait_until(
-            "the primary to run degraded",
-            Duration::from_secs(30),
-            &mut [&mut d.witness, &mut d.primary],
-            || status(&pdir)["phase"] == "degraded",
-        )?;
-        let mut rargs = d.backup_args.clone();
-        rargs.push("--rejoin".into());
-        if args.keep_replica {
-            println!(
-                "   primary lost its backup after {:.0} ms; restarting the backup agent on its \
-                 replica",
-                killed_at.elapsed().as_secs_f64() * 1e3
-            );
-            // A new agent starts its metrics afresh: keep the old ones aside.
-            let _ = std::fs::rename(
-                bdir.join("metrics.jsonl"),
-                bdir.join("metrics-before-restart.jsonl"),
-            );
-        } else {
-            println!(
-                "   primary degraded after {:.0} ms; restarting the backup host empty",
-                killed_at.elapsed().as_secs_f64() * 1e3
-            );
-            let _ = std::fs::remove_dir_all(&bdir);
-            rargs.push("--discard-replica".into());
-        }
-        d.backup = deploy::spawn_in(
-            &d.topo,
-            Host::Backup,
-            "backup agent",
-            &rargs,
+        let r = crate::reprotect::kill_and_restart_backup(
+            &mut d,
+            args.keep_replica,
             &w.join("backup-restarted.log"),
         )?;
-        let t1 = Instant::now();
-        let restarted_unix_ms = unix_ms();
-        let mut progress = SyncProgress::default();
-        wait_until(
-            "the restarted backup to re-protect the primary",
-            Duration::from_secs(120),
-            &mut [&mut d.witness, &mut d.backup, &mut d.primary],
-            || {
-                let st = status(&pdir);
-                progress.show(&st, t1.elapsed());
-                st["phase"] == "protected"
-            },
-        )?;
-        let t = t1.elapsed().as_secs_f64() * 1e3;
-        reprotect_window = Some((restarted_unix_ms, unix_ms()));
-        reprotect_ms = Some(t);
-        let kind = status(&pdir)["last_sync"]["kind"].clone();
-        println!("   re-protected {t:.0} ms after the restart ({kind} sync, then epochs)");
+        reprotect_window = Some((r.from_unix_ms, r.to_unix_ms));
+        reprotect_ms = Some(r.ms);
     }
     let seen = running.finish()?;
     let survivor = if args.kill == "primary" { &bdir } else { &pdir };
@@ -505,40 +458,4 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         return Ok(1);
     }
     Ok(0)
-}
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
-/// One line a second on the terminal while a backup re-protects the primary: the primary's
-/// phase, and the sync's bytes, rate and time left while it goes out (from its status file).
-#[derive(Default)]
-struct SyncProgress {
-    shown: Option<Duration>,
-}
-
-impl SyncProgress {
-    fn show(&mut self, st: &serde_json::Value, elapsed: Duration) {
-        if self
-            .shown
-            .is_some_and(|t| elapsed < t + Duration::from_secs(1))
-        {
-            return;
-        }
-        self.shown = Some(elapsed);
-        let what = deploy::sync_progress_line(&st["sync"]).unwrap_or_else(|| {
-            match st["last_sync"]["kind"].as_str() {
-                Some(kind) => format!("{kind} sync sent, backup catching up"),
-                None => "no sync yet".into(),
-            }
-        });
-        println!(
-            "   {:>5.1} s  primary {}: {what}",
-            elapsed.as_secs_f64(),
-            st["phase"].as_str().unwrap_or("?"),
-        );
-    }
 }
