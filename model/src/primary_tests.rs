@@ -256,7 +256,9 @@ fn a_full_sync_pauses_only_after_its_pre_copy_and_nothing_else_is_captured_meanw
         let a = p.after(config().epoch_interval);
         assert!(!a.contains(&Action::PauseVm), "{a:?}");
     }
-    assert!(!p.on(Input::OutputHeld { epoch: Epoch(1) }).contains(&Action::PauseVm));
+    assert!(!p
+        .on(Input::OutputHeld { epoch: Epoch(1) })
+        .contains(&Action::PauseVm));
     // A pre-copy answer of another epoch is stale.
     assert_eq!(no_hb(p.on(Input::PreCopied { epoch: Epoch(2) })), vec![]);
     let a = p.on(Input::PreCopied { epoch: Epoch(1) });

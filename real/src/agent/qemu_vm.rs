@@ -275,7 +275,11 @@ impl Vm for QemuVm {
         let (pages, protect) = self.capture_pages(epoch, scope, mode, log)?;
         self.first = false;
         let t1 = Instant::now();
-        if let Some(&p) = pages.iter().chain(&written).find(|&&p| p >= self.ram.pages()) {
+        if let Some(&p) = pages
+            .iter()
+            .chain(&written)
+            .find(|&&p| p >= self.ram.pages())
+        {
             return Err(VmError::PageOutOfRange {
                 page: p,
                 pages: self.ram.pages(),
@@ -325,8 +329,8 @@ impl Vm for QemuVm {
     fn start_pre_copy(&mut self, epoch: Epoch, mode: CaptureMode) -> Result<bool, VmError> {
         self.pre_copy = None;
         // The cow engine re-arms only while paused; a hash tracker can miss a write.
-        let exact = self.cow.is_none()
-            && self.tracker.as_ref().is_some_and(|t| t.logs_every_write());
+        let exact =
+            self.cow.is_none() && self.tracker.as_ref().is_some_and(|t| t.logs_every_write());
         if !mode.copies_pages() || !exact {
             return Ok(false);
         }
