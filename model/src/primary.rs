@@ -58,7 +58,6 @@ enum PPhase {
     Degraded,
 }
 
-/// The backup or joiner this primary streams to.
 /// The replica shape a `Join` announces, checked against this VM's.
 #[derive(Clone, Copy, Debug)]
 struct JoinerSize {
@@ -67,6 +66,11 @@ struct JoinerSize {
     disk_blocks: u64,
 }
 
+/// Epochs a joiner synced with the gate open may lag behind after its sync before the gate
+/// closes anyway (see [`Primary::maybe_close_gate`]).
+pub(crate) const PRE_COPY_ROUNDS: u64 = 8;
+
+/// The backup or joiner this primary streams to.
 #[derive(Clone, Copy, Debug)]
 struct Peer {
     node: NodeId,
@@ -201,10 +205,12 @@ impl Primary {
             Input::WitnessReply(reply) => self.on_reply(ctx, reply),
             Input::Disconnected { peer } => {
                 if self.peer.is_some_and(|p| p.node == peer) {
+                    // The link is gone already: no `Disconnect`, which would close whatever
+                    // link the driver holds for the peer by now (a rejoin's new one).
                     if self.phase == PPhase::Protected && self.token.is_some() {
-                        self.await_rejoin(ctx);
+                        self.await_rejoin(ctx, false);
                     } else {
-                        self.peer_lost(ctx);
+                        self.peer_lost(ctx, false);
                     }
                 }
                 None
@@ -274,7 +280,7 @@ impl Primary {
     fn on_timeout(&mut self, ctx: &mut Ctx<'_>) -> Option<Role> {
         if let Some(p) = self.peer {
             if ctx.now >= p.last_heard + ctx.cfg.failure_timeout {
-                self.peer_lost(ctx);
+                self.peer_lost(ctx, true);
             } else if ctx.now >= self.heartbeat_at {
                 let msg = PeerMsg::Heartbeat {
                     generation: self.generation,
@@ -327,7 +333,7 @@ impl Primary {
     fn claimed(&mut self, ctx: &mut Ctx<'_>, from: NodeId, generation: Generation) {
         ctx.log(Event::GenerationClaimed { from, generation });
         if self.peer.is_some_and(|p| p.node == from) {
-            self.peer_lost(ctx);
+            self.peer_lost(ctx, true);
         } else if from != ctx.me {
             ctx.act(Action::Disconnect { peer: from });
         }
@@ -383,10 +389,13 @@ impl Primary {
     /// registered and the gate held for `rejoin_grace`; if we die meanwhile, it still takes
     /// over from its replica (untouched until a catch-up commits, atomically). Silence is not
     /// treated so: a silent backup may be cut off and about to take over, so it is dropped.
-    fn await_rejoin(&mut self, ctx: &mut Ctx<'_>) {
+    /// `close`: the link may still be open, so the driver closes it (`Disconnect`).
+    fn await_rejoin(&mut self, ctx: &mut Ctx<'_>, close: bool) {
         let Some(p) = self.peer.take() else { return };
         ctx.log(Event::PeerLost { peer: p.node });
-        ctx.act(Action::Disconnect { peer: p.node });
+        if close {
+            ctx.act(Action::Disconnect { peer: p.node });
+        }
         self.sending = None;
         self.phase = PPhase::Rejoining;
         self.rejoin = Some((p.node, ctx.now + ctx.cfg.rejoin_grace));
@@ -462,7 +471,7 @@ impl Primary {
         if let Some(p) = self.peer {
             if p.node == from {
                 // Our own backup joins afresh: its old stream is gone. Settle that first.
-                self.peer_lost(ctx);
+                self.peer_lost(ctx, true);
                 return self.reject(ctx, from, RejectReason::Busy);
             }
             return self.reject(ctx, from, RejectReason::HaveBackup);
@@ -643,9 +652,17 @@ impl Primary {
     /// Hold output from here and capture at once: once the joiner acks that capture, its
     /// replica holds every epoch whose frames left, and it may be registered. Clients wait for
     /// this one epoch and the registration, never for the sync.
+    ///
+    /// A stream whose checkpoint round trip outlasts an epoch always has one in flight when an
+    /// ack comes, so it never catches up exactly: after [`PRE_COPY_ROUNDS`] epochs acked past
+    /// the sync (each then an ordinary epoch's writes) the gate closes anyway, and clients wait
+    /// as they do for any protected epoch. When the gate closes does not matter for safety:
+    /// the registration waits for the ack of the first epoch held.
     fn maybe_close_gate(&mut self, ctx: &mut Ctx<'_>) {
         let Some(p) = self.peer.as_mut() else { return };
-        let caught_up = self.acked >= p.sync && self.acked == self.captured;
+        let rounds = self.acked.0.saturating_sub(p.sync.0);
+        let caught_up =
+            self.acked >= p.sync && (self.acked == self.captured || rounds >= PRE_COPY_ROUNDS);
         if p.register_at.is_some() || !caught_up || self.capturing.is_some() {
             return;
         }
@@ -678,10 +695,13 @@ impl Primary {
 
     /// The backup/joiner fell silent, its link dropped, or it rejoined afresh.
     /// Also used when the witness refused its registration (then the peer may be gone already).
-    fn peer_lost(&mut self, ctx: &mut Ctx<'_>) {
+    /// `close`: its link may still be open, so the driver closes it (`Disconnect`).
+    fn peer_lost(&mut self, ctx: &mut Ctx<'_>, close: bool) {
         if let Some(p) = self.peer.take() {
             ctx.log(Event::PeerLost { peer: p.node });
-            ctx.act(Action::Disconnect { peer: p.node });
+            if close {
+                ctx.act(Action::Disconnect { peer: p.node });
+            }
         }
         // The driver may abandon a send to a closed link; never wait for its completion.
         self.sending = None;
@@ -758,7 +778,7 @@ impl Primary {
             (WitnessRequest::RegisterBackup { .. }, false) => {
                 // Still our generation, so our token was voided (the backup gave up): it cannot
                 // take over. Revoke explicitly to be sure, output stays held meanwhile.
-                self.peer_lost(ctx);
+                self.peer_lost(ctx, true);
             }
             (WitnessRequest::DropBackup { .. }, true) => {
                 self.token = None;

@@ -291,6 +291,11 @@ impl NodeHost {
                     self.feed(input);
                 }
             }
+            Verdict::Displace(old, lost, join) => {
+                self.links.remove(&old);
+                self.feed(lost);
+                self.feed(join);
+            }
         }
     }
 
@@ -336,10 +341,9 @@ impl NodeHost {
             HostEvent::PeerAccepted { peer, stream } => {
                 let id = self.new_conn_id();
                 // Accepted links speak for the node their address names, once it joins.
-                if self.driver.accepted(id, peer) {
-                    let conn = self.attach(id, peer, stream);
-                    self.links.insert(id, conn);
-                }
+                self.driver.accepted(id, peer);
+                let conn = self.attach(id, peer, stream);
+                self.links.insert(id, conn);
             }
             HostEvent::Connected { conn, peer, stream } => {
                 let verdict = self.driver.connected(conn, peer);
