@@ -53,9 +53,6 @@ pub enum Verdict<C> {
     Feed(Input),
     /// Close this connection (refused, superseded or replaced); feed the input, if any.
     Close(C, Option<Input>),
-    /// Close this connection (a node's old link, displaced by its new one), feed the first
-    /// input (its `Disconnected`), then the second (the new link's `Join`).
-    Displace(C, Input, Input),
 }
 
 /// What became of a frame the VM emitted.
@@ -233,9 +230,10 @@ impl<C: Copy + Ord, F> NodeDriver<C, F> {
         }
     }
 
-    /// An incoming connection proved to be `proven` (see [`PeerTable::accepted`]).
-    pub fn accepted(&mut self, conn: C, proven: NodeId) {
-        self.peers.accepted(conn, proven);
+    /// An incoming connection proved to be `proven`: whether it may stay (see
+    /// [`PeerTable::accepted`]).
+    pub fn accepted(&mut self, conn: C, proven: NodeId) -> bool {
+        self.peers.accepted(conn, proven)
     }
 
     /// This node dials `peer` on `conn` (for the node's `Connect`).
@@ -288,11 +286,6 @@ impl<C: Copy + Ord, F> NodeDriver<C, F> {
                 Speaker::Peer(from) | Speaker::Joined(from) => {
                     Verdict::Feed(Input::Message { from, msg })
                 }
-                Speaker::Displaced { node, old } => Verdict::Displace(
-                    old,
-                    Input::Disconnected { peer: node },
-                    Input::Message { from: node, msg },
-                ),
                 Speaker::Refused { .. } => Verdict::Close(conn, None),
                 Speaker::Nobody => Verdict::Ignore,
             },

@@ -117,7 +117,7 @@ fn sends_go_on_the_peers_live_link_and_a_new_dial_supersedes_it() {
 fn the_gate_holds_releases_opens_and_a_fence_drops_and_closes_everything() {
     let mut d = backup();
     live(&mut d, 5, 1);
-    d.accepted(6, NodeId(3));
+    assert!(d.accepted(6, NodeId(3)));
     d.bookkeep(Time::ZERO, Action::ResumeVm { epoch: Epoch(1) });
     assert_eq!(d.emit(Time::ZERO, "a").frame, None);
     d.bookkeep(Time::ZERO, Action::ResumeVm { epoch: Epoch(2) });
@@ -233,38 +233,4 @@ fn the_node_hears_of_held_output_once_per_epoch_and_never_when_it_leaves_or_is_d
     );
     d.bookkeep(Time::ZERO, Action::SetOutputGate(Gate::Held));
     assert_eq!(d.emit(Time::ZERO, "f").feed, held(1));
-}
-
-#[test]
-fn a_rejoin_overtaking_the_old_links_close_is_fed_after_that_close() {
-    let mut d = backup();
-    let join = PeerMsg::Join {
-        vm: VmId(7),
-        node: NodeId(3),
-        ram_pages: 16,
-        page_size: 4096,
-        known: Generation::UNKNOWN,
-        replica: None,
-        disk_blocks: 0,
-    };
-    d.accepted(6, NodeId(3));
-    let joined = Input::Message {
-        from: NodeId(3),
-        msg: join,
-    };
-    assert_eq!(
-        d.on_link(6, LinkEvent::Message(join)),
-        Verdict::Feed(joined)
-    );
-    d.accepted(8, NodeId(3));
-    assert_eq!(
-        d.on_link(8, LinkEvent::Message(join)),
-        Verdict::Displace(6, Input::Disconnected { peer: NodeId(3) }, joined)
-    );
-    assert_eq!(
-        d.closed(6),
-        Verdict::Ignore,
-        "the old link's close is no news"
-    );
-    assert_eq!(d.heard(8), Verdict::Feed(Input::Heard { from: NodeId(3) }));
 }

@@ -1,14 +1,8 @@
 //! Which connection speaks for which node. A connection this node dialled speaks for the node
 //! it dialled; an accepted one speaks for the node it proved to be (the real agent's
 //! handshake; the simulator's host name) once that node sends its `Join`. Nothing a connection
-//! says counts before it is bound, and leftovers of replaced or closed connections are ignored.
-//!
-//! A `Join` on a new connection from a node whose old link still looks live here displaces
-//! that link: the node proved who it is and only joins after giving its old link up, so the
-//! old link is dead, merely not noticed yet (its close may still be on the way). Refusing the
-//! newcomer instead made a backup's rejoin race the close of its own old link: the primary
-//! closed the new connection, the backup dialled again only after its join retry, and the
-//! primary's rejoin grace could run out first (a catch-up became a full sync).
+//! says counts before it is bound, a live link is never displaced by a newcomer, and leftovers
+//! of replaced or closed connections are ignored.
 
 use std::collections::BTreeMap;
 
@@ -16,21 +10,13 @@ use ftvm_model::{NodeId, PeerMsg};
 
 /// What a message on a connection counts as.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Speaker<C> {
+pub enum Speaker {
     /// It comes from this node's live link.
     Peer(NodeId),
     /// The connection's `Join` bound it: from now on it is that node's live link.
     Joined(NodeId),
-    /// The connection's `Join` bound it in place of the node's old live link, which must be
-    /// closed, and the node told it is lost, before the `Join` is fed.
-    Displaced {
-        /// The node.
-        node: NodeId,
-        /// Its old link.
-        old: C,
-    },
-    /// A `Join` that names another node than the connection proved to be: the connection
-    /// must be closed.
+    /// A `Join` that names another node than the connection proved to be, or a node whose
+    /// link is live: the connection must be closed.
     Refused {
         /// The node the connection proved to be.
         proven: Option<NodeId>,
@@ -83,9 +69,15 @@ impl<C: Copy + Ord> PeerTable<C> {
         PeerTable::default()
     }
 
-    /// An incoming connection proved to be `proven`; it speaks once it joins.
-    pub fn accepted(&mut self, conn: C, proven: NodeId) {
+    /// An incoming connection proved to be `proven`. False: that node has a live link, so the
+    /// newcomer is refused (a genuine peer whose old link died dials again once this side has
+    /// noticed).
+    pub fn accepted(&mut self, conn: C, proven: NodeId) -> bool {
+        if self.live.contains_key(&proven) {
+            return false;
+        }
         self.proven.insert(conn, proven);
+        true
     }
 
     /// This node began dialling `peer` on `conn` (a later dial supersedes it).
@@ -118,7 +110,7 @@ impl<C: Copy + Ord> PeerTable<C> {
     }
 
     /// Who `msg`, arriving on `conn`, comes from.
-    pub fn speaker(&mut self, conn: C, msg: &PeerMsg) -> Speaker<C> {
+    pub fn speaker(&mut self, conn: C, msg: &PeerMsg) -> Speaker {
         if let Some(&peer) = self.speaks_for.get(&conn) {
             return Speaker::Peer(peer);
         }
@@ -128,22 +120,17 @@ impl<C: Copy + Ord> PeerTable<C> {
         let Some(proven) = self.proven.get(&conn).copied() else {
             return Speaker::Nobody;
         };
-        self.proven.remove(&conn);
-        if proven != node {
+        if proven != node || self.live.contains_key(&node) {
+            self.proven.remove(&conn);
             return Speaker::Refused {
                 proven: Some(proven),
                 claimed: node,
             };
         }
-        let old = self.live.insert(node, conn);
-        if let Some(old) = old {
-            self.speaks_for.remove(&old);
-        }
+        self.proven.remove(&conn);
+        self.live.insert(node, conn);
         self.speaks_for.insert(conn, node);
-        match old {
-            Some(old) => Speaker::Displaced { node, old },
-            None => Speaker::Joined(node),
-        }
+        Speaker::Joined(node)
     }
 
     /// The live link's peer, if `conn` is one.

@@ -98,9 +98,8 @@
 //!   before its `Disconnected` (see [`Input`]). After the model emits `Disconnect` or the link
 //!   drops, a `CheckpointSent` is optional (the primary stops waiting for it), but capture
 //!   buffers still in flight must not be reused before the kernel is done with them.
-//! * A peer's new link may overtake the close of its old one (a backup rejoining at once): the
-//!   driver then feeds the old link's `Disconnected` before the new link's `Join`. The node
-//!   never answers a `Disconnected` with `Disconnect`, which would close the new link.
+//! * The node never answers a `Disconnected` with `Disconnect`: by then the driver may hold a
+//!   new link of that peer, which it would close.
 //! * Witness: call [`Witness::handle`] one request at a time and persist [`Witness::state`]
 //!   before sending the reply; requests/replies may be lost, delayed or duplicated.
 //! * Tag frames with the epoch of the last `ResumeVm` (or `from + 1` after `StartVm`) and gate

@@ -139,6 +139,10 @@ pub struct Primary {
     /// Our registered backup broke its stream and said it comes back: who, and until when we
     /// wait for its `Join` before dropping it.
     rejoin: Option<(NodeId, Time)>,
+    /// That backup's `Join` came while a capture ran: its offer, taken up once the capture is
+    /// done (a `Reject` would send it away for its whole join retry, which may outlast the
+    /// grace, and a replica it kept would be lost to a full sync).
+    rejoin_offer: Option<(NodeId, Option<ReplicaAt>)>,
 }
 
 impl Primary {
@@ -170,6 +174,7 @@ impl Primary {
             heartbeat_at: Time::ZERO,
             confirming: None,
             rejoin: None,
+            rejoin_offer: None,
         }
     }
 
@@ -461,7 +466,8 @@ impl Primary {
         }
         if let Some((node, _)) = self.rejoin {
             if node == from && self.capturing.is_some() {
-                return self.reject(ctx, from, RejectReason::Busy); // it retries in a moment
+                self.rejoin_offer = Some((from, replica));
+                return;
             }
             if node == from {
                 return self.on_rejoin(ctx, from, replica);
@@ -595,6 +601,11 @@ impl Primary {
         ctx.act(Action::ResumeVm {
             epoch: self.running,
         });
+        if let Some((from, offer)) = self.rejoin_offer.take() {
+            if self.rejoin.is_some_and(|(n, _)| n == from) {
+                return self.on_rejoin(ctx, from, offer);
+            }
+        }
         let Some(p) = self.peer else { return };
         let full = epoch == p.sync && p.base.is_none();
         let generation = self.generation;
@@ -711,6 +722,9 @@ impl Primary {
     /// No backup follows us any more: revoke its registration, if any, at the witness.
     fn drop_registration(&mut self, ctx: &mut Ctx<'_>) {
         self.rejoin = None;
+        if let Some((from, _)) = self.rejoin_offer.take() {
+            self.reject(ctx, from, RejectReason::Busy);
+        }
         self.acked = Epoch::NONE;
         match self.token {
             // A registration may exist (granted, or still travelling): revoke it, output held.

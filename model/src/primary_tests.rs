@@ -1228,6 +1228,44 @@ fn a_registered_backup_whose_link_closed_is_awaited_then_continued_with_a_catch_
 }
 
 #[test]
+fn a_rejoin_arriving_during_a_capture_is_taken_up_when_the_capture_is_done() {
+    let (mut p, _w) = protected();
+    let cfg = config();
+    // Epoch 2's capture is under way when the backup's link closes and its rejoin arrives.
+    assert_eq!(captures(&p.after(cfg.epoch_interval)), vec![Epoch(2)]);
+    p.on(Input::Disconnected { peer: B });
+    let a = p.on(join_with(B, G1, 0, 1));
+    assert_eq!(a, vec![], "neither rejected nor started: a capture runs");
+    let a = capture_done(&mut p, 2);
+    assert!(
+        a.contains(&Action::Send {
+            to: B,
+            msg: PeerMsg::SyncStart {
+                generation: G1,
+                epoch: Epoch(3),
+                base: Some(Epoch(1)),
+                lineage: 0,
+                continues: true,
+            }
+        }),
+        "{a:?}"
+    );
+    assert!(a.contains(&Action::Capture {
+        epoch: Epoch(3),
+        scope: Scope::Since(Epoch(1))
+    }));
+    assert_eq!(p.status().phase, Phase::Protected);
+    // Had the grace run out first, the waiting offer is refused with the drop.
+    let (mut p, _w) = protected();
+    p.after(cfg.epoch_interval);
+    p.on(Input::Disconnected { peer: B });
+    p.on(join_with(B, G1, 0, 1));
+    let a = p.after(cfg.rejoin_grace);
+    assert!(a.contains(&reject(B, RejectReason::Busy)), "{a:?}");
+    assert_eq!(p.status().phase, Phase::Dropping);
+}
+
+#[test]
 fn a_backup_that_does_not_rejoin_within_the_grace_or_offers_too_little_is_dropped() {
     let drop = Action::ToWitness(WitnessRequest::DropBackup {
         generation: G1,

@@ -19,10 +19,15 @@ impl<L: VmLauncher> Agent<L> {
     ) -> Result<(), AgentError> {
         match ev {
             Event::Accepted { conn, peer, link } => {
-                // A connection speaks only as the node it authenticated as, once it joins (the
-                // core's peer table decides; a join displaces that node's old link).
-                self.driver.accepted(conn, peer);
-                self.links.insert(conn, link);
+                // A connection speaks only as the node it authenticated as, and never displaces
+                // a live link of that node (the core's peer table decides).
+                if self.driver.accepted(conn, peer) {
+                    self.links.insert(conn, link);
+                } else {
+                    self.log(format_args!(
+                        "refused a second link from node {peer}: one is live"
+                    ));
+                }
             }
             Event::Connected { peer, conn, link } => {
                 let verdict = self.driver.connected(conn, peer);
@@ -127,14 +132,10 @@ impl<L: VmLauncher> Agent<L> {
             }
         }
         let verdict = self.driver.on_link(conn, event);
-        match verdict {
-            Verdict::Close(c, None) => self.log(format_args!(
-                "dropped link {c:?}: its join named another node than it proved to be"
-            )),
-            Verdict::Displace(old, _, _) => self.log(format_args!(
-                "a join on link {conn:?} displaced the node's old link {old:?}"
-            )),
-            _ => {}
+        if let Verdict::Close(c, None) = verdict {
+            self.log(format_args!(
+                "dropped link {c:?}: its join named another node than it proved to be, or one with a live link"
+            ));
         }
         self.apply(verdict, pending);
     }
@@ -147,10 +148,6 @@ impl<L: VmLauncher> Agent<L> {
             Verdict::Close(conn, input) => {
                 self.drop_conn(conn);
                 pending.extend(input);
-            }
-            Verdict::Displace(old, lost, join) => {
-                self.drop_conn(old);
-                pending.extend([lost, join]);
             }
         }
     }

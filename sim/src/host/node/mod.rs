@@ -291,11 +291,6 @@ impl NodeHost {
                     self.feed(input);
                 }
             }
-            Verdict::Displace(old, lost, join) => {
-                self.links.remove(&old);
-                self.feed(lost);
-                self.feed(join);
-            }
         }
     }
 
@@ -341,9 +336,10 @@ impl NodeHost {
             HostEvent::PeerAccepted { peer, stream } => {
                 let id = self.new_conn_id();
                 // Accepted links speak for the node their address names, once it joins.
-                self.driver.accepted(id, peer);
-                let conn = self.attach(id, peer, stream);
-                self.links.insert(id, conn);
+                if self.driver.accepted(id, peer) {
+                    let conn = self.attach(id, peer, stream);
+                    self.links.insert(id, conn);
+                }
             }
             HostEvent::Connected { conn, peer, stream } => {
                 let verdict = self.driver.connected(conn, peer);
