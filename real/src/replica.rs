@@ -74,6 +74,9 @@ mod disk;
 #[cfg(test)]
 mod disk_tests;
 mod spool;
+mod sync;
+#[cfg(test)]
+mod sync_tests;
 
 use std::fs::{self, File};
 use std::io::Read;
@@ -91,6 +94,7 @@ pub use disk::DiskSpec;
 use disk::ReplicaDisk;
 pub use spool::{JournalSpool, StageWriter};
 use spool::{SpoolFile, STAGE_PREFIX};
+use sync::SyncTargets;
 
 /// Errors of the replica store.
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +204,8 @@ struct Unapplied {
     at: Option<ReplicaAt>,
     /// The journal's file, to recycle once applied (none: replayed from its name).
     file: Option<File>,
+    /// Its contents are in the sync files (applying it renames them into place).
+    synced: bool,
 }
 
 /// The replica directory plus the RAM file.
@@ -288,6 +294,9 @@ struct JournalHeader {
     disk_blocks: u64,
     /// A full checkpoint: applying it zeroes the replica disk first.
     full: bool,
+    /// A full checkpoint whose pages and blocks are in the sync files, not in the journal
+    /// (whose counts are then zero): the `full` word is 2.
+    synced: bool,
 }
 
 impl JournalHeader {
@@ -300,6 +309,19 @@ impl JournalHeader {
             device_len: s.device.len() as u64,
             disk_blocks: s.disk_indices.len() as u64,
             full: s.full,
+            synced: false,
+        }
+    }
+
+    /// The header of this full checkpoint's journal when its contents are in the sync files.
+    fn in_sync_files(self) -> JournalHeader {
+        JournalHeader {
+            pages: 0,
+            data_len: 0,
+            disk_blocks: 0,
+            full: true,
+            synced: true,
+            ..self
         }
     }
 
@@ -320,7 +342,10 @@ impl JournalHeader {
             self.data_len,
             self.device_len,
             self.disk_blocks,
-            u64::from(self.full),
+            match (self.synced, self.full) {
+                (true, _) => 2,
+                (false, full) => u64::from(full),
+            },
         ]
         .into_iter()
         .enumerate()
@@ -358,12 +383,16 @@ impl JournalHeader {
             data_len: word(3)?,
             device_len: word(4)?,
             disk_blocks: word(5)?,
-            full: match word(6)? {
-                0 => false,
-                1 => true,
+            full: word(6)? != 0,
+            synced: match word(6)? {
+                0 | 1 => false,
+                2 => true,
                 _ => return None,
             },
         };
+        if h.synced && (h.pages, h.data_len, h.disk_blocks) != (0, 0, 0) {
+            return None;
+        }
         Some((h, word(7)?))
     }
 
@@ -454,6 +483,12 @@ impl Replica {
                 expected: ram_bytes,
             });
         }
+        let targets = SyncTargets {
+            ram: ram_path.to_path_buf(),
+            ram_bytes,
+            page_size,
+            disk: disk.as_ref().map(|d| d.spec().clone()),
+        };
         let mut r = Replica {
             dir: dir.to_path_buf(),
             ram_path: ram_path.to_path_buf(),
@@ -464,7 +499,7 @@ impl Replica {
             at: None,
             discarded,
             durability,
-            spool: JournalSpool::new(dir.to_path_buf(), durability),
+            spool: JournalSpool::new(dir.to_path_buf(), durability, targets),
             unapplied: None,
             disk,
         };
@@ -482,6 +517,9 @@ impl Replica {
             }
         }
         r.replay_journal()?;
+        // Sync files no committed journal names (a sync cut short by the crash, or whose
+        // journal was applied already) never reached the commit point.
+        r.spool.targets().remove()?;
         let record = r.read_committed()?;
         r.committed = record.map(|c| c.committed);
         r.at = record.and_then(|c| c.at);
@@ -511,7 +549,7 @@ impl Replica {
         if !journal.exists() {
             return Ok(());
         }
-        let (staged, at) = read_journal(&journal)?;
+        let (staged, at, synced) = read_journal(&journal)?;
         let c = JournalHeader::of(&staged).committed();
         let record = self.read_committed()?;
         let applied = match (at, record.and_then(|r| r.at)) {
@@ -526,7 +564,7 @@ impl Replica {
             return remove_if_present(&journal);
         }
         self.check(&staged)?;
-        self.write_pages(&staged)?;
+        self.apply_contents(&staged, synced)?;
         self.finish(&staged, None, at)
     }
 
@@ -551,7 +589,10 @@ impl Replica {
         for name in ["journal", "committed", "device"] {
             let _ = fs::remove_file(self.dir.join(name));
         }
-        self.unapplied = None;
+        if self.unapplied.take().is_some_and(|u| u.synced) {
+            self.spool.targets().remove()?;
+            self.spool.release_sync();
+        }
         self.at = None;
         // Punch the whole file back to zeroes.
         self.ram
@@ -659,13 +700,13 @@ impl Replica {
         self.check(staged)?;
         let header = JournalHeader::of(staged);
         let journal = self.journal_path();
-        let file = match self.spool.take(staged.spooled) {
-            Some(p) if p.header == header => p.file,
+        let (file, synced) = match self.spool.take(staged.spooled) {
+            Some(p) if p.header == header => (p.file, p.synced),
             other => {
                 if let Some(p) = other {
-                    self.spool.recycle(p.file);
+                    self.spool.drop_prepared(p);
                 }
-                self.write_journal(staged)?
+                (self.write_journal(staged)?, false)
             }
         };
         let c = header.committed();
@@ -688,6 +729,7 @@ impl Replica {
             committed: c,
             at,
             file: Some(file.file),
+            synced,
         });
         self.spool.discard_through(c);
         Ok(())
@@ -703,7 +745,8 @@ impl Replica {
         if !matches {
             return self.settle();
         }
-        self.write_pages(staged)?;
+        let synced = self.unapplied.as_ref().is_some_and(|u| u.synced);
+        self.apply_contents(staged, synced)?;
         self.finish_unapplied(staged)
     }
 
@@ -714,13 +757,32 @@ impl Replica {
             return Ok(());
         };
         let journal = self.journal_path();
-        let (staged, _) = read_journal(&journal)?;
+        let (staged, _, synced) = read_journal(&journal)?;
         if JournalHeader::of(&staged).committed() != u.committed {
             return Err(ReplicaError::Corrupt(journal));
         }
         self.check(&staged)?;
-        self.write_pages(&staged)?;
+        self.apply_contents(&staged, synced)?;
         self.finish_unapplied(&staged)
+    }
+
+    /// Puts a committed checkpoint's pages and disk blocks in place: written from `staged`, or,
+    /// for a journal whose contents are in the sync files (`synced`), by renaming those over the
+    /// RAM file and disk image (see `sync`).
+    fn apply_contents(
+        &mut self,
+        staged: &StagedCheckpoint,
+        synced: bool,
+    ) -> Result<(), ReplicaError> {
+        if !synced {
+            return self.write_pages(staged);
+        }
+        self.ram = sync::install(&self.ram_path, self.ram_bytes, self.durability)?;
+        if let Some(d) = self.disk.as_mut() {
+            d.install(self.durability)?;
+        }
+        self.spool.release_sync();
+        Ok(())
     }
 
     /// Step 2's end for the committed journal `staged` whose pages are written: metadata, and
@@ -966,7 +1028,8 @@ fn read_private(path: &Path) -> Result<Option<Vec<u8>>, ReplicaError> {
 
 /// Reads a committed journal back (never through a symbolic link, only a file of ours), with
 /// its commit record if it holds one that fits it.
-fn read_journal(path: &Path) -> Result<(StagedCheckpoint, Option<ReplicaAt>), ReplicaError> {
+/// Also says whether its contents are in the sync files.
+fn read_journal(path: &Path) -> Result<(StagedCheckpoint, Option<ReplicaAt>, bool), ReplicaError> {
     let corrupt = || ReplicaError::Corrupt(path.to_path_buf());
     let f = secure_fs::open_existing(path, false)?;
     let mut head = vec![0u8; HEADER_LEN];
@@ -983,7 +1046,7 @@ fn read_journal(path: &Path) -> Result<(StagedCheckpoint, Option<ReplicaAt>), Re
         .map_err(io(path, "read journal"))?;
     let staged = decode_body(header, sum, body).ok_or_else(corrupt)?;
     let at = parse_record(&head).filter(|&at| record_fits(at, header.committed()));
-    Ok((staged, at))
+    Ok((staged, at, header.synced))
 }
 
 fn decode_body(h: JournalHeader, sum: u64, mut body: Vec<u8>) -> Option<StagedCheckpoint> {
