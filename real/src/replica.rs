@@ -6,13 +6,17 @@
 //! 0. while the checkpoint arrives, its link reader copies its pages into a spool file of the
 //!    replica directory ([`StageWriter`]); when it ends whole, the reader writes the page indices,
 //!    the device state and a header with the lengths and an xxh3 checksum of it all: a *sealed*
-//!    journal (a checkpoint that arrived without one is written whole at step 1);
+//!    journal (a checkpoint that arrived without one is written whole at step 1). A full
+//!    checkpoint (a sync) streams into fresh sync files beside the RAM file and disk image
+//!    instead, and its journal holds only the header and the device state ([`sync`]'s docs
+//!    give its crash argument);
 //! 1. [`Replica::commit_point`] writes the commit's record (the [`ReplicaAt`] the replica is
 //!    once it lands) into the sealed journal's header and renames the journal to `journal` —
 //!    the commit point (rename is atomic within a file system). The checkpoint is committed:
 //!    the agent reports it and the ack goes to the primary now;
 //! 2. [`Replica::apply_committed`] (right after, off the ack's path: the agent runs it on a
-//!    thread of lower priority) applies its pages to the RAM file and writes the device blob and
+//!    thread of lower priority) applies its pages to the RAM file (a synced full checkpoint:
+//!    renames the sync files over the RAM file and disk image) and writes the device blob and
 //!    `committed` metadata (each via a temporary file and `rename`): the commit's record and a
 //!    digest of the device blob;
 //! 3. the journal goes back to the spool as a spare file for a later checkpoint.

@@ -4,8 +4,9 @@
 //! same redo step, so a crash leaves the disk of the previous epoch or of the new one.
 //!
 //! A full checkpoint (a sync) carries only the blocks of the primary's disk that hold data; the
-//! rest of the disk is zeroes. Applying one therefore first punches the whole image back to
-//! zeroes — which a replay after a crash repeats, harmlessly.
+//! rest of the disk is zeroes. One streamed into the sync files (`super::sync`) replaces the
+//! image by a rename; one spooled (another sync held the sync files) is applied by first
+//! punching the whole image back to zeroes — which a replay after a crash repeats, harmlessly.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
