@@ -598,13 +598,7 @@ impl Replica {
             self.spool.release_sync();
         }
         self.at = None;
-        // Punch the whole file back to zeroes.
-        self.ram
-            .set_len(0)
-            .map_err(io(&self.ram_path, "truncate"))?;
-        self.ram
-            .set_len(self.ram_bytes)
-            .map_err(io(&self.ram_path, "size RAM file"))?;
+        self.zero_ram()?;
         self.committed = None;
         if let Some(d) = self.disk.as_mut() {
             d.zero()?;
@@ -866,8 +860,24 @@ impl Replica {
         }
     }
 
-    /// Writes the pages of a checkpoint that passed [`Replica::check`] into the RAM file.
+    /// Punches the whole RAM file back to zeroes (same inode, same size).
+    fn zero_ram(&self) -> Result<(), ReplicaError> {
+        self.ram
+            .set_len(0)
+            .map_err(io(&self.ram_path, "truncate"))?;
+        self.ram
+            .set_len(self.ram_bytes)
+            .map_err(io(&self.ram_path, "size RAM file"))
+    }
+
+    /// Writes the pages of a checkpoint that passed [`Replica::check`] into the RAM file. A
+    /// full checkpoint lists only the pages that are not zero on the primary: the RAM file is
+    /// punched back to zeroes first (a replay after a crash does it again, harmlessly, as for
+    /// the disk).
     fn write_pages(&mut self, staged: &StagedCheckpoint) -> Result<(), ReplicaError> {
+        if staged.full {
+            self.zero_ram()?;
+        }
         for (index, page) in staged.pages(self.page_size) {
             self.ram
                 .write_all_at(page, index * self.page_size as u64)

@@ -335,3 +335,104 @@ fn the_synced_disk_image_is_a_sparse_raw_image_with_holes_of_zeroes() {
         "{info}"
     );
 }
+
+/// The replica holds epoch 1 with pages 1 and 5 and block 7 holding data.
+fn with_pages_1_and_5(d: &Path) -> Replica {
+    let mut r = open(d);
+    r.commit_in_stream(&checkpoint(1, false, &[(1, 7), (5, 7)], &[(7, 7)]))
+        .unwrap();
+    r
+}
+
+/// A full checkpoint lists only the primary's non-zero pages: page 5, not listed, must read
+/// zero after it, whichever way it was committed.
+#[test]
+fn a_page_a_full_checkpoint_leaves_out_is_zero_afterwards_streamed_spooled_or_written_whole() {
+    // Leaves out page 5 (and page 1, which it lists as zeroes: written since a pre-copy).
+    let full = || checkpoint(2, true, &[(0, 5), (1, 0), (3, 6)], &[(0, 1)]);
+    let check = |d: &Path, how: &str| {
+        assert_eq!(page(d, 0), vec![5; PS], "{how}");
+        assert_eq!(page(d, 1), vec![0; PS], "{how}: listed as zeroes");
+        assert_eq!(page(d, 3), vec![6; PS], "{how}");
+        assert_eq!(page(d, 5), vec![0; PS], "{how}: not listed, was 7");
+        assert_eq!(block(d, 7), vec![0; BS], "{how}");
+        assert_eq!(block(d, 0), vec![1; BS], "{how}");
+    };
+    // Streamed into the sync files.
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = with_pages_1_and_5(dir.path());
+    let mut w = r.spool().writer();
+    let s = receive(&mut w, &full());
+    r.commit_in_stream(&s).unwrap();
+    check(dir.path(), "streamed");
+    // Spooled: another full checkpoint holds the sync files.
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = with_pages_1_and_5(dir.path());
+    let mut holder = r.spool().writer();
+    let mut other = full();
+    other.epoch = 9;
+    let mut growing = other.clone();
+    growing.disk_indices.clear();
+    growing.disk_data.clear();
+    holder.follow(Some(&growing));
+    let mut w = r.spool().writer();
+    let s = receive(&mut w, &full());
+    assert_ne!(s.spooled, 0);
+    r.commit_in_stream(&s).unwrap();
+    check(dir.path(), "spooled");
+    drop(holder);
+    // Written whole at the commit (no journal sealed ahead).
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = with_pages_1_and_5(dir.path());
+    r.commit_in_stream(&full()).unwrap();
+    check(dir.path(), "whole");
+    // Committed whole, then the process dies before the apply: the replay zeroes too.
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let mut r = with_pages_1_and_5(dir.path());
+        r.commit_point_in_stream(&full()).unwrap();
+        std::mem::forget(r);
+    }
+    let r = open(dir.path());
+    assert_eq!(r.committed().map(|c| c.epoch), Some(2));
+    check(dir.path(), "replayed");
+}
+
+/// An ordinary (or catch-up) checkpoint leaves the pages it does not list alone.
+#[test]
+fn a_page_an_ordinary_checkpoint_leaves_out_keeps_its_contents() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut r = with_pages_1_and_5(d);
+    r.commit_in_stream(&checkpoint(2, false, &[(0, 5)], &[]))
+        .unwrap();
+    assert_eq!(page(d, 5), vec![7; PS]);
+    assert_eq!(page(d, 1), vec![7; PS]);
+    assert_eq!(block(d, 7), vec![7; BS]);
+}
+
+/// A full checkpoint with a page or block index out of range is refused on every path, and
+/// the replica is left as it was (nothing zeroed).
+#[test]
+fn a_full_checkpoint_out_of_range_is_refused_before_anything_is_zeroed() {
+    for (pages, blocks) in [
+        (vec![(0, 5), (RAM_PAGES, 6)], vec![]),
+        (vec![(0, 5), (u64::MAX, 6)], vec![]),
+        (vec![(0, 5)], vec![(DISK_BLOCKS, 2)]),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut r = with_pages_1_and_5(d);
+        let bad = checkpoint(2, true, &pages, &blocks);
+        assert!(r.commit_in_stream(&bad).is_err(), "{pages:?} {blocks:?}");
+        let mut short = checkpoint(2, true, &[(0, 5)], &[]);
+        short.data.truncate(PS - 1);
+        assert!(
+            r.commit_in_stream(&short).is_err(),
+            "data shorter than its pages"
+        );
+        assert_eq!(r.committed().map(|c| c.epoch), Some(1));
+        assert_eq!(page(d, 5), vec![7; PS]);
+        assert_eq!(block(d, 7), vec![7; BS]);
+    }
+}
