@@ -773,14 +773,47 @@ impl Replica {
         synced: bool,
     ) -> Result<(), ReplicaError> {
         if !synced {
-            return self.write_pages(staged);
+            self.write_pages(staged)?;
+        } else {
+            self.ram = sync::install(&self.ram_path, self.ram_bytes, self.durability)?;
+            if let Some(d) = self.disk.as_mut() {
+                d.install(self.durability)?;
+            }
+            self.spool.release_sync();
         }
-        self.ram = sync::install(&self.ram_path, self.ram_bytes, self.durability)?;
-        if let Some(d) = self.disk.as_mut() {
-            d.install(self.durability)?;
+        if staged.full {
+            self.allocate_ram_behind();
         }
-        self.spool.release_sync();
         Ok(())
+    }
+
+    /// After a full checkpoint, whose zero pages were not sent and are holes in the RAM file:
+    /// allocates them on a thread of their own, off the commit lock (`posix_fallocate` only
+    /// fills holes, so commits writing pages meanwhile are unaffected). The file is then whole
+    /// again, as a QEMU restored from it at failover expects: a guest touching a hole would
+    /// allocate it in a fault, and fail with SIGBUS on a full tmpfs, which this reports now.
+    fn allocate_ram_behind(&self) {
+        let Ok(file) = self.ram.try_clone() else {
+            return;
+        };
+        let Ok(len) = i64::try_from(self.ram_bytes) else {
+            return;
+        };
+        let path = self.ram_path.clone();
+        let spawned = std::thread::Builder::new()
+            .name("replica-alloc".into())
+            .spawn(move || match nix::fcntl::posix_fallocate(&file, 0, len) {
+                Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP) => {}
+                Err(e) => tracing::warn!(
+                    path = %path.display(),
+                    error = %e,
+                    "replica: allocating the RAM file after a full sync failed (too small a \
+                     file system?); a restored VM may fail touching a page that was zero"
+                ),
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "replica: no thread to allocate the RAM file");
+        }
     }
 
     /// Step 2's end for the committed journal `staged` whose pages are written: metadata, and

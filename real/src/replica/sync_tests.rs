@@ -436,3 +436,26 @@ fn a_full_checkpoint_out_of_range_is_refused_before_anything_is_zeroed() {
         assert_eq!(block(d, 7), vec![7; BS]);
     }
 }
+
+/// After a full checkpoint the RAM file's holes (the zero pages not sent) are allocated
+/// behind the commit, without changing a byte.
+#[test]
+fn the_ram_file_is_allocated_whole_after_a_full_sync() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut r = with_pages_1_and_5(d);
+    let mut w = r.spool().writer();
+    let s = receive(&mut w, &full_sync());
+    r.commit_in_stream(&s).unwrap();
+    let whole = RAM_PAGES * PS as u64;
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while fs::metadata(d.join("ram")).unwrap().blocks() * 512 < whole {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the RAM file was never allocated"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(5));
+    }
+    assert_full_sync_applied(d);
+    assert_eq!(page(d, 5), vec![0; PS]);
+}
