@@ -788,28 +788,35 @@ impl Replica {
     }
 
     /// After a full checkpoint, whose zero pages were not sent and are holes in the RAM file:
-    /// allocates them on a thread of their own, off the commit lock (`posix_fallocate` only
-    /// fills holes, so commits writing pages meanwhile are unaffected). The file is then whole
-    /// again, as a QEMU restored from it at failover expects: a guest touching a hole would
-    /// allocate it in a fault, and fail with SIGBUS on a full tmpfs, which this reports now.
+    /// allocates them on a thread of their own at the lowest priority, off the commit lock,
+    /// [`ALLOCATE_CHUNK`] at a time (`posix_fallocate` only fills holes, so commits writing
+    /// pages meanwhile are unaffected; tmpfs holds the file's lock for a whole call, so one
+    /// call for all of RAM would stall those writes for as long). The file is then whole
+    /// again, as a QEMU restored from it at failover expects: its guest and the next sync's
+    /// pre-copy would otherwise allocate each page in a fault, and a full tmpfs would fail the
+    /// guest with SIGBUS rather than show up here.
     fn allocate_ram_behind(&self) {
         let Ok(file) = self.ram.try_clone() else {
             return;
         };
-        let Ok(len) = i64::try_from(self.ram_bytes) else {
-            return;
-        };
-        let path = self.ram_path.clone();
+        let (len, path) = (self.ram_bytes, self.ram_path.clone());
         let spawned = std::thread::Builder::new()
             .name("replica-alloc".into())
-            .spawn(move || match nix::fcntl::posix_fallocate(&file, 0, len) {
-                Ok(()) | Err(nix::errno::Errno::EOPNOTSUPP) => {}
-                Err(e) => tracing::warn!(
-                    path = %path.display(),
-                    error = %e,
-                    "replica: allocating the RAM file after a full sync failed (too small a \
-                     file system?); a restored VM may fail touching a page that was zero"
-                ),
+            .spawn(move || {
+                // SAFETY: setpriority only reads its integer arguments; `who` 0 with
+                // PRIO_PROCESS is the calling thread on Linux. Failing leaves the default
+                // priority, which is harmless.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+                }
+                if let Err(e) = allocate_in_chunks(&file, len) {
+                    tracing::warn!(
+                        path = %path.display(),
+                        error = %e,
+                        "replica: allocating the RAM file after a full sync failed (too small \
+                         a file system?); a restored VM may fail touching a page that was zero"
+                    );
+                }
             });
         if let Err(e) = spawned {
             tracing::debug!(error = %e, "replica: no thread to allocate the RAM file");
@@ -974,6 +981,29 @@ impl Replica {
             .map(Some)
             .ok_or(ReplicaError::Corrupt(p))
     }
+}
+
+/// Bytes [`Replica::allocate_ram_behind`] allocates per call.
+const ALLOCATE_CHUNK: u64 = 2 << 20;
+
+/// Allocates the holes of `file`'s first `len` bytes, a chunk per call (a file system that
+/// cannot allocate ahead is left as it is).
+fn allocate_in_chunks(file: &File, len: u64) -> Result<(), nix::errno::Errno> {
+    let mut at = 0;
+    while at < len {
+        let n = ALLOCATE_CHUNK.min(len - at);
+        let (Ok(off), Ok(n)) = (i64::try_from(at), i64::try_from(n)) else {
+            return Ok(());
+        };
+        match nix::fcntl::posix_fallocate(file, off, n) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EOPNOTSUPP) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        at += ALLOCATE_CHUNK;
+        std::thread::yield_now();
+    }
+    Ok(())
 }
 
 /// A `committed` file's contents: `v2 generation epoch lineage since device-xxh3`, or the
