@@ -15,7 +15,8 @@
 //!    the commit point (rename is atomic within a file system). The checkpoint is committed:
 //!    the agent reports it and the ack goes to the primary now;
 //! 2. [`Replica::apply_committed`] (right after, off the ack's path: the agent runs it on a
-//!    thread of lower priority) applies its pages to the RAM file (a synced full checkpoint:
+//!    thread of lower priority) applies its pages to the RAM file (a full checkpoint lists only
+//!    the primary's non-zero pages: the RAM file is punched back to zeroes first; a synced one
 //!    renames the sync files over the RAM file and disk image) and writes the device blob and
 //!    `committed` metadata (each via a temporary file and `rename`): the commit's record and a
 //!    digest of the device blob;

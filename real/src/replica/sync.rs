@@ -1,10 +1,11 @@
 //! Full syncs stream into fresh replica files. A full checkpoint (a backup joining or
-//! re-joining) carries all of RAM and every disk block that holds data: copying it into a spool
-//! journal and then again into the RAM file and disk image would write the VM twice and hold
-//! it twice on tmpfs. Instead its link reader writes each page at its place in a fresh RAM file
-//! beside the replica's (`<ram>.sync`, sparse, the RAM size) and each disk block at its place in
-//! a fresh sparse image beside the replica disk (`<disk>.sync`: blocks a full sync does not send
-//! are zeroes on the primary and stay holes here). Its sealed journal holds only the header and
+//! re-joining) carries every page of RAM and every disk block that holds data (pages and
+//! blocks it leaves out are zero on the primary): copying it into a spool journal and then
+//! again into the RAM file and disk image would write the VM twice and hold it twice on tmpfs.
+//! Instead its link reader writes each page at its place in a fresh RAM file beside the
+//! replica's (`<ram>.sync`, sparse, the RAM size: pages not sent stay holes, which read as
+//! zeroes) and each disk block at its place in a fresh sparse image beside the replica disk
+//! (`<disk>.sync`, the same for blocks). Its sealed journal holds only the header and
 //! the device state, with the header's `full` word saying "the contents are in the sync files".
 //!
 //! Crash atomicity (the parent module's steps, for such a journal):
