@@ -1,8 +1,8 @@
 //! Issue 12's real-QEMU test: a guest rewriting 5,000 pages/s is protected, then in one run
 //! (one deployment, through `ftvm bench sync`) the backup agent is SIGKILLed and restarted on
 //! its replica, then SIGKILLed and restarted empty, then the replication link is cut for 2 s.
-//! Each time the pair must be protected again; the catch-ups must move far less than the full
-//! sync; the client must lose nothing and never wait long.
+//! Each time the pair must be protected again; the full sync must leave zero pages out and the
+//! catch-ups move far less than RAM; the client must lose nothing and never wait long.
 //!
 //! RAM: `FTVM_REPROTECT_RAM_MB` (default 256, which keeps the test near a minute in CI; the
 //! issue's 1 GiB figures come from running it with 1024). Capture: `FTVM_REPROTECT_CAPTURE`
@@ -101,9 +101,10 @@ fn link_cut_and_backup_restarts_reprotect_by_catch_up_then_full_sync() {
     }
     let full_bytes = full["bytes"].as_u64().unwrap();
     let ram_bytes = ram_mb.parse::<u64>().unwrap() << 20;
+    // Zero pages are not sent: this guest has touched well under its RAM.
     assert!(
-        full_bytes >= ram_bytes,
-        "a full sync moved {full_bytes} bytes, less than RAM"
+        full_bytes < ram_bytes,
+        "a full sync moved {full_bytes} bytes, all of RAM: zero pages were sent"
     );
     let mut catch_ups = vec![("restart on the replica", &restart)];
     if !cut_took_over {
@@ -112,8 +113,8 @@ fn link_cut_and_backup_restarts_reprotect_by_catch_up_then_full_sync() {
     for (name, c) in catch_ups {
         let b = c["bytes"].as_u64().unwrap();
         assert!(
-            b < full_bytes / 4,
-            "{name}: catch-up moved {b} bytes, not far below the full sync's {full_bytes}"
+            b < ram_bytes / 4,
+            "{name}: catch-up moved {b} bytes, not far below RAM's {ram_bytes}"
         );
     }
     eprintln!(

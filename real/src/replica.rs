@@ -6,13 +6,18 @@
 //! 0. while the checkpoint arrives, its link reader copies its pages into a spool file of the
 //!    replica directory ([`StageWriter`]); when it ends whole, the reader writes the page indices,
 //!    the device state and a header with the lengths and an xxh3 checksum of it all: a *sealed*
-//!    journal (a checkpoint that arrived without one is written whole at step 1);
+//!    journal (a checkpoint that arrived without one is written whole at step 1). A full
+//!    checkpoint (a sync) streams into fresh sync files beside the RAM file and disk image
+//!    instead, and its journal holds only the header and the device state ([`sync`]'s docs
+//!    give its crash argument);
 //! 1. [`Replica::commit_point`] writes the commit's record (the [`ReplicaAt`] the replica is
 //!    once it lands) into the sealed journal's header and renames the journal to `journal` —
 //!    the commit point (rename is atomic within a file system). The checkpoint is committed:
 //!    the agent reports it and the ack goes to the primary now;
 //! 2. [`Replica::apply_committed`] (right after, off the ack's path: the agent runs it on a
-//!    thread of lower priority) applies its pages to the RAM file and writes the device blob and
+//!    thread of lower priority) applies its pages to the RAM file (a full checkpoint lists only
+//!    the primary's non-zero pages: the RAM file is punched back to zeroes first; a synced one
+//!    renames the sync files over the RAM file and disk image) and writes the device blob and
 //!    `committed` metadata (each via a temporary file and `rename`): the commit's record and a
 //!    digest of the device blob;
 //! 3. the journal goes back to the spool as a spare file for a later checkpoint.
@@ -74,6 +79,9 @@ mod disk;
 #[cfg(test)]
 mod disk_tests;
 mod spool;
+mod sync;
+#[cfg(test)]
+mod sync_tests;
 
 use std::fs::{self, File};
 use std::io::Read;
@@ -91,6 +99,7 @@ pub use disk::DiskSpec;
 use disk::ReplicaDisk;
 pub use spool::{JournalSpool, StageWriter};
 use spool::{SpoolFile, STAGE_PREFIX};
+use sync::SyncTargets;
 
 /// Errors of the replica store.
 #[derive(Debug, thiserror::Error)]
@@ -200,6 +209,8 @@ struct Unapplied {
     at: Option<ReplicaAt>,
     /// The journal's file, to recycle once applied (none: replayed from its name).
     file: Option<File>,
+    /// Its contents are in the sync files (applying it renames them into place).
+    synced: bool,
 }
 
 /// The replica directory plus the RAM file.
@@ -288,6 +299,9 @@ struct JournalHeader {
     disk_blocks: u64,
     /// A full checkpoint: applying it zeroes the replica disk first.
     full: bool,
+    /// A full checkpoint whose pages and blocks are in the sync files, not in the journal
+    /// (whose counts are then zero): the `full` word is 2.
+    synced: bool,
 }
 
 impl JournalHeader {
@@ -300,6 +314,19 @@ impl JournalHeader {
             device_len: s.device.len() as u64,
             disk_blocks: s.disk_indices.len() as u64,
             full: s.full,
+            synced: false,
+        }
+    }
+
+    /// The header of this full checkpoint's journal when its contents are in the sync files.
+    fn in_sync_files(self) -> JournalHeader {
+        JournalHeader {
+            pages: 0,
+            data_len: 0,
+            disk_blocks: 0,
+            full: true,
+            synced: true,
+            ..self
         }
     }
 
@@ -320,7 +347,10 @@ impl JournalHeader {
             self.data_len,
             self.device_len,
             self.disk_blocks,
-            u64::from(self.full),
+            match (self.synced, self.full) {
+                (true, _) => 2,
+                (false, full) => u64::from(full),
+            },
         ]
         .into_iter()
         .enumerate()
@@ -358,12 +388,16 @@ impl JournalHeader {
             data_len: word(3)?,
             device_len: word(4)?,
             disk_blocks: word(5)?,
-            full: match word(6)? {
-                0 => false,
-                1 => true,
+            full: word(6)? != 0,
+            synced: match word(6)? {
+                0 | 1 => false,
+                2 => true,
                 _ => return None,
             },
         };
+        if h.synced && (h.pages, h.data_len, h.disk_blocks) != (0, 0, 0) {
+            return None;
+        }
         Some((h, word(7)?))
     }
 
@@ -454,6 +488,12 @@ impl Replica {
                 expected: ram_bytes,
             });
         }
+        let targets = SyncTargets {
+            ram: ram_path.to_path_buf(),
+            ram_bytes,
+            page_size,
+            disk: disk.as_ref().map(|d| d.spec().clone()),
+        };
         let mut r = Replica {
             dir: dir.to_path_buf(),
             ram_path: ram_path.to_path_buf(),
@@ -464,7 +504,7 @@ impl Replica {
             at: None,
             discarded,
             durability,
-            spool: JournalSpool::new(dir.to_path_buf(), durability),
+            spool: JournalSpool::new(dir.to_path_buf(), durability, targets),
             unapplied: None,
             disk,
         };
@@ -482,6 +522,9 @@ impl Replica {
             }
         }
         r.replay_journal()?;
+        // Sync files no committed journal names (a sync cut short by the crash, or whose
+        // journal was applied already) never reached the commit point.
+        r.spool.targets().remove()?;
         let record = r.read_committed()?;
         r.committed = record.map(|c| c.committed);
         r.at = record.and_then(|c| c.at);
@@ -511,7 +554,7 @@ impl Replica {
         if !journal.exists() {
             return Ok(());
         }
-        let (staged, at) = read_journal(&journal)?;
+        let (staged, at, synced) = read_journal(&journal)?;
         let c = JournalHeader::of(&staged).committed();
         let record = self.read_committed()?;
         let applied = match (at, record.and_then(|r| r.at)) {
@@ -526,7 +569,7 @@ impl Replica {
             return remove_if_present(&journal);
         }
         self.check(&staged)?;
-        self.write_pages(&staged)?;
+        self.apply_contents(&staged, synced)?;
         self.finish(&staged, None, at)
     }
 
@@ -551,15 +594,12 @@ impl Replica {
         for name in ["journal", "committed", "device"] {
             let _ = fs::remove_file(self.dir.join(name));
         }
-        self.unapplied = None;
+        if self.unapplied.take().is_some_and(|u| u.synced) {
+            self.spool.targets().remove()?;
+            self.spool.release_sync();
+        }
         self.at = None;
-        // Punch the whole file back to zeroes.
-        self.ram
-            .set_len(0)
-            .map_err(io(&self.ram_path, "truncate"))?;
-        self.ram
-            .set_len(self.ram_bytes)
-            .map_err(io(&self.ram_path, "size RAM file"))?;
+        self.zero_ram()?;
         self.committed = None;
         if let Some(d) = self.disk.as_mut() {
             d.zero()?;
@@ -659,13 +699,13 @@ impl Replica {
         self.check(staged)?;
         let header = JournalHeader::of(staged);
         let journal = self.journal_path();
-        let file = match self.spool.take(staged.spooled) {
-            Some(p) if p.header == header => p.file,
+        let (file, synced) = match self.spool.take(staged.spooled) {
+            Some(p) if p.header == header => (p.file, p.synced),
             other => {
                 if let Some(p) = other {
-                    self.spool.recycle(p.file);
+                    self.spool.drop_prepared(p);
                 }
-                self.write_journal(staged)?
+                (self.write_journal(staged)?, false)
             }
         };
         let c = header.committed();
@@ -688,6 +728,7 @@ impl Replica {
             committed: c,
             at,
             file: Some(file.file),
+            synced,
         });
         self.spool.discard_through(c);
         Ok(())
@@ -703,7 +744,8 @@ impl Replica {
         if !matches {
             return self.settle();
         }
-        self.write_pages(staged)?;
+        let synced = self.unapplied.as_ref().is_some_and(|u| u.synced);
+        self.apply_contents(staged, synced)?;
         self.finish_unapplied(staged)
     }
 
@@ -714,13 +756,72 @@ impl Replica {
             return Ok(());
         };
         let journal = self.journal_path();
-        let (staged, _) = read_journal(&journal)?;
+        let (staged, _, synced) = read_journal(&journal)?;
         if JournalHeader::of(&staged).committed() != u.committed {
             return Err(ReplicaError::Corrupt(journal));
         }
         self.check(&staged)?;
-        self.write_pages(&staged)?;
+        self.apply_contents(&staged, synced)?;
         self.finish_unapplied(&staged)
+    }
+
+    /// Puts a committed checkpoint's pages and disk blocks in place: written from `staged`, or,
+    /// for a journal whose contents are in the sync files (`synced`), by renaming those over the
+    /// RAM file and disk image (see `sync`).
+    fn apply_contents(
+        &mut self,
+        staged: &StagedCheckpoint,
+        synced: bool,
+    ) -> Result<(), ReplicaError> {
+        if !synced {
+            self.write_pages(staged)?;
+        } else {
+            self.ram = sync::install(&self.ram_path, self.ram_bytes, self.durability)?;
+            if let Some(d) = self.disk.as_mut() {
+                d.install(self.durability)?;
+            }
+            self.spool.release_sync();
+        }
+        if staged.full {
+            self.allocate_ram_behind();
+        }
+        Ok(())
+    }
+
+    /// After a full checkpoint, whose zero pages were not sent and are holes in the RAM file:
+    /// allocates them on a thread of their own at the lowest priority, off the commit lock,
+    /// [`ALLOCATE_CHUNK`] at a time (`posix_fallocate` only fills holes, so commits writing
+    /// pages meanwhile are unaffected; tmpfs holds the file's lock for a whole call, so one
+    /// call for all of RAM would stall those writes for as long). The file is then whole
+    /// again, as a QEMU restored from it at failover expects: its guest and the next sync's
+    /// pre-copy would otherwise allocate each page in a fault, and a full tmpfs would fail the
+    /// guest with SIGBUS rather than show up here.
+    fn allocate_ram_behind(&self) {
+        let Ok(file) = self.ram.try_clone() else {
+            return;
+        };
+        let (len, path) = (self.ram_bytes, self.ram_path.clone());
+        let spawned = std::thread::Builder::new()
+            .name("replica-alloc".into())
+            .spawn(move || {
+                // SAFETY: setpriority only reads its integer arguments; `who` 0 with
+                // PRIO_PROCESS is the calling thread on Linux. Failing leaves the default
+                // priority, which is harmless.
+                unsafe {
+                    libc::setpriority(libc::PRIO_PROCESS, 0, 19);
+                }
+                if let Err(e) = allocate_in_chunks(&file, len) {
+                    tracing::warn!(
+                        path = %path.display(),
+                        error = %e,
+                        "replica: allocating the RAM file after a full sync failed (too small \
+                         a file system?); a restored VM may fail touching a page that was zero"
+                    );
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "replica: no thread to allocate the RAM file");
+        }
     }
 
     /// Step 2's end for the committed journal `staged` whose pages are written: metadata, and
@@ -800,8 +901,24 @@ impl Replica {
         }
     }
 
-    /// Writes the pages of a checkpoint that passed [`Replica::check`] into the RAM file.
+    /// Punches the whole RAM file back to zeroes (same inode, same size).
+    fn zero_ram(&self) -> Result<(), ReplicaError> {
+        self.ram
+            .set_len(0)
+            .map_err(io(&self.ram_path, "truncate"))?;
+        self.ram
+            .set_len(self.ram_bytes)
+            .map_err(io(&self.ram_path, "size RAM file"))
+    }
+
+    /// Writes the pages of a checkpoint that passed [`Replica::check`] into the RAM file. A
+    /// full checkpoint lists only the pages that are not zero on the primary: the RAM file is
+    /// punched back to zeroes first (a replay after a crash does it again, harmlessly, as for
+    /// the disk).
     fn write_pages(&mut self, staged: &StagedCheckpoint) -> Result<(), ReplicaError> {
+        if staged.full {
+            self.zero_ram()?;
+        }
         for (index, page) in staged.pages(self.page_size) {
             self.ram
                 .write_all_at(page, index * self.page_size as u64)
@@ -865,6 +982,29 @@ impl Replica {
             .map(Some)
             .ok_or(ReplicaError::Corrupt(p))
     }
+}
+
+/// Bytes [`Replica::allocate_ram_behind`] allocates per call.
+const ALLOCATE_CHUNK: u64 = 2 << 20;
+
+/// Allocates the holes of `file`'s first `len` bytes, a chunk per call (a file system that
+/// cannot allocate ahead is left as it is).
+fn allocate_in_chunks(file: &File, len: u64) -> Result<(), nix::errno::Errno> {
+    let mut at = 0;
+    while at < len {
+        let n = ALLOCATE_CHUNK.min(len - at);
+        let (Ok(off), Ok(n)) = (i64::try_from(at), i64::try_from(n)) else {
+            return Ok(());
+        };
+        match nix::fcntl::posix_fallocate(file, off, n) {
+            Ok(()) => {}
+            Err(nix::errno::Errno::EOPNOTSUPP) => return Ok(()),
+            Err(e) => return Err(e),
+        }
+        at += ALLOCATE_CHUNK;
+        std::thread::yield_now();
+    }
+    Ok(())
 }
 
 /// A `committed` file's contents: `v2 generation epoch lineage since device-xxh3`, or the
@@ -966,7 +1106,8 @@ fn read_private(path: &Path) -> Result<Option<Vec<u8>>, ReplicaError> {
 
 /// Reads a committed journal back (never through a symbolic link, only a file of ours), with
 /// its commit record if it holds one that fits it.
-fn read_journal(path: &Path) -> Result<(StagedCheckpoint, Option<ReplicaAt>), ReplicaError> {
+/// Also says whether its contents are in the sync files.
+fn read_journal(path: &Path) -> Result<(StagedCheckpoint, Option<ReplicaAt>, bool), ReplicaError> {
     let corrupt = || ReplicaError::Corrupt(path.to_path_buf());
     let f = secure_fs::open_existing(path, false)?;
     let mut head = vec![0u8; HEADER_LEN];
@@ -983,7 +1124,7 @@ fn read_journal(path: &Path) -> Result<(StagedCheckpoint, Option<ReplicaAt>), Re
         .map_err(io(path, "read journal"))?;
     let staged = decode_body(header, sum, body).ok_or_else(corrupt)?;
     let at = parse_record(&head).filter(|&at| record_fits(at, header.committed()));
-    Ok((staged, at))
+    Ok((staged, at, header.synced))
 }
 
 fn decode_body(h: JournalHeader, sum: u64, mut body: Vec<u8>) -> Option<StagedCheckpoint> {

@@ -28,6 +28,7 @@ use rand::{Rng, SeedableRng};
 use super::capture::CaptureMode;
 use super::cow::{CowCheckpoint, CowEngine, CowOptions};
 use super::vm::{first_capture_scope, CaptureStats, RestorePoint, Vm, VmError, VmLauncher};
+use super::zero_pages;
 use crate::dirty::{GuestRam, GuestRamMut, HandedUffd};
 use crate::replica::StagedCheckpoint;
 
@@ -69,6 +70,12 @@ impl State {
 
     /// VM paused: makes `out` the checkpoint of `pages` (their contents too when `mode` copies
     /// them; the device state is the write counter) and starts a new dirty record.
+    /// A full capture leaves out the pages that are all zero, as the QEMU VM's does (the VM
+    /// is paused here, so checking them now is exact).
+    fn drop_zero_pages(&self, pages: &mut Vec<u64>) {
+        pages.retain(|&p| self.ram.page(p).is_some_and(|b| !zero_pages::is_zero(b)));
+    }
+
     fn fill(&mut self, pages: Vec<u64>, mode: CaptureMode, out: &mut StagedCheckpoint) {
         self.dirty.clear();
         out.data.clear();
@@ -341,13 +348,19 @@ impl MemVm {
             let engine = cow
                 .as_ref()
                 .ok_or_else(|| VmError::failed("cow capture", "no engine"))?;
+            let skip_zero = scope == Scope::Full;
             let scope = first_capture_scope(scope, fresh);
             let all = scope == Scope::Full;
             // The fault log, kept to check it against the guest's own record below.
             let mut logged = Vec::new();
+            let state = &*s;
             let select = |log: Vec<u64>| {
                 logged.clone_from(&log);
-                history.capture(epoch, scope, log)
+                let mut pages = history.capture(epoch, scope, log);
+                if skip_zero {
+                    state.drop_zero_pages(&mut pages);
+                }
+                pages
             };
             let (pages, st) = if mode == CaptureMode::Cow {
                 let (cp, st) = engine
@@ -527,7 +540,10 @@ impl Vm for MemVm {
             }
             // The first capture needs no special case: the dirty record starts with every page.
             let dirty = s.dirty.iter().copied().collect();
-            let pages = history.capture(epoch, scope, dirty);
+            let mut pages = history.capture(epoch, scope, dirty);
+            if scope == Scope::Full {
+                s.drop_zero_pages(&mut pages);
+            }
             s.fill(pages, mode, out);
             Ok(CaptureStats {
                 pages: out.indices.len() as u64,
@@ -654,7 +670,11 @@ mod tests {
         vm.capture(Epoch(1), Scope::Full, CaptureMode::PausedSend, &mut out)
             .await
             .unwrap();
-        assert_eq!(out.indices.len(), 64);
+        assert_eq!(
+            out.indices,
+            nonzero(&ram),
+            "a full capture lists the non-zero pages"
+        );
         assert!(out.data.is_empty(), "paused-send must not copy pages");
         // The read-only mapping the sender uses shows the guest's writes.
         assert_eq!(xxhash_rust::xxh3::xxh3_64(ram.as_slice()), at_pause);
@@ -728,10 +748,22 @@ mod tests {
         run_and_capture_as(&mut vm, 5, Epoch(8), Scope::Since(Epoch(7)), mode, &mut out).await;
         assert!(out.indices.is_empty(), "nothing written since 7");
         run_and_capture_as(&mut vm, 5, Epoch(9), Scope::Full, mode, &mut out).await;
-        assert_eq!(out.indices.len(), 256);
+        let ram = vm.guest_ram();
+        let full = nonzero(&ram);
+        assert_eq!(out.indices, full, "a full capture lists the non-zero pages");
         if mode.copies_pages() {
-            assert_eq!(out.data.len(), 256 * ps);
+            assert_eq!(out.data.len(), full.len() * ps);
+            for (i, &p) in out.indices.iter().enumerate() {
+                assert_eq!(&out.data[i * ps..(i + 1) * ps], ram.page(p).unwrap());
+            }
         }
+    }
+
+    /// The pages of `ram` that are not all zero.
+    fn nonzero(ram: &GuestRam) -> Vec<u64> {
+        (0..ram.pages())
+            .filter(|&p| !zero_pages::is_zero(ram.page(p).unwrap()))
+            .collect()
     }
 
     #[tokio::test]

@@ -26,6 +26,7 @@ pub mod vm;
 pub mod witness;
 pub mod witness_client;
 pub mod witness_store;
+pub mod zero_pages;
 
 /// Checkpoint staging under the VM's bounds lives in the driver core.
 pub use ftvm_driver::staging;

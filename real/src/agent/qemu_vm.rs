@@ -17,7 +17,10 @@ use ftvm_model::{Epoch, Scope};
 use super::capture::CaptureMode;
 use super::cow::{CowCheckpoint, CowEngine, CowError, ProtectStats};
 use super::link::DiskSync;
-use super::vm::{first_capture_scope, CaptureStats, RestorePoint, Vm, VmError, VmLauncher};
+use super::vm::{
+    first_capture_scope, CaptureStats, PreCopy, RestorePoint, Vm, VmError, VmLauncher,
+};
+use super::zero_pages;
 use crate::dirty::{self, DirtyTracker, GuestRam, HandedUffd, HandoffListener};
 use crate::disk::{DiskImage, DiskServer, DiskServerConfig};
 use crate::qemu::{self, BootOptions, DiskConfig, ExitWatch, Qemu, QemuConfig};
@@ -58,8 +61,9 @@ pub struct QemuVm {
     cow_checkpoint: Option<CowCheckpoint>,
     page_size: usize,
     first: bool,
-    /// The epoch whose full capture finds RAM copied ahead ([`Vm::start_pre_copy`]).
-    pre_copy: Option<Epoch>,
+    /// The epoch whose full capture finds RAM copied or scanned ahead, and how
+    /// ([`Vm::start_pre_copy`]).
+    pre_copy: Option<(Epoch, PreCopy)>,
     /// The VM's disk, served by this agent (declared after `qemu`: it stops after QEMU is
     /// gone, never under a running guest).
     disk: Option<DiskServer>,
@@ -204,6 +208,7 @@ impl QemuVm {
         scope: Scope,
         mode: CaptureMode,
         mut log: Option<&mut Vec<u64>>,
+        nonzero: Option<&[u64]>,
     ) -> Result<(Vec<u64>, ProtectStats), VmError> {
         let all = scope == Scope::Full;
         let history = &mut self.history;
@@ -211,7 +216,16 @@ impl QemuVm {
             if let Some(log) = log.as_deref_mut() {
                 log.clone_from(&logged);
             }
-            history.capture(epoch, scope, logged)
+            let Some(nonzero) = nonzero else {
+                return history.capture(epoch, scope, logged);
+            };
+            // A full capture scanned ahead: the pages found non-zero, and every page written
+            // since the last capture (which came before the scan), whatever it holds now.
+            let mut written = logged.clone();
+            written.sort_unstable();
+            written.dedup();
+            history.capture(epoch, scope, logged);
+            zero_pages::union_sorted(nonzero, &written)
         };
         match (&self.cow, self.tracker.as_mut()) {
             (Some(engine), _) if mode == CaptureMode::Cow => {
@@ -264,15 +278,22 @@ impl Vm for QemuVm {
     ) -> Result<CaptureStats, VmError> {
         let t0 = Instant::now();
         let scope = first_capture_scope(scope, self.first);
-        // RAM copied ahead for this very capture, whole: only what was written since is left.
-        let ram_bytes = self.ram.pages() as usize * self.page_size;
-        let pre_copied = self.pre_copy.take() == Some(epoch)
-            && scope == Scope::Full
+        // RAM copied or scanned ahead for this very capture (a buffer the agent marked as
+        // such): only what was written since is left to take.
+        let ahead = self
+            .pre_copy
+            .take()
+            .filter(|&(e, _)| e == epoch && scope == Scope::Full && out.full)
+            .filter(|_| out.epoch == epoch.0)
+            .map(|(_, how)| how);
+        let pre_copied = ahead == Some(PreCopy::Copy)
             && mode.copies_pages()
-            && out.data.len() == ram_bytes;
+            && out.data.len() == out.indices.len() * self.page_size;
+        let scanned = (ahead == Some(PreCopy::Scan) && !mode.copies_pages())
+            .then(|| std::mem::take(&mut out.indices));
         let mut written = Vec::new();
         let log = pre_copied.then_some(&mut written);
-        let (pages, protect) = self.capture_pages(epoch, scope, mode, log)?;
+        let (pages, protect) = self.capture_pages(epoch, scope, mode, log, scanned.as_deref())?;
         self.first = false;
         let t1 = Instant::now();
         if let Some(&p) = pages
@@ -286,14 +307,16 @@ impl Vm for QemuVm {
             });
         }
         if pre_copied {
-            // A full capture's pages are all pages in order: page p sits at p × page size.
-            let ps = self.page_size;
-            for &p in &written {
-                let at = p as usize * ps;
-                if let (Some(dst), Some(src)) = (out.data.get_mut(at..at + ps), self.ram.page(p)) {
-                    dst.copy_from_slice(src);
-                }
-            }
+            // The non-zero pages are in the buffer; the pages written since are copied again
+            // (or added, if they were zero then), whatever they hold now.
+            let ram = &self.ram;
+            zero_pages::merge_written(
+                &mut out.indices,
+                &mut out.data,
+                self.page_size,
+                &written,
+                |p| ram.page(p),
+            );
         } else {
             out.data.clear();
         }
@@ -304,7 +327,9 @@ impl Vm for QemuVm {
                     .extend_from_slice(self.ram.page(p).unwrap_or_default());
             }
         }
-        out.indices = pages;
+        if !pre_copied {
+            out.indices = pages;
+        }
         let t2 = Instant::now();
         let disk_blocks = self.capture_disk(epoch, scope, out)?;
         let t_disk = Instant::now();
@@ -326,20 +351,32 @@ impl Vm for QemuVm {
         })
     }
 
-    fn start_pre_copy(&mut self, epoch: Epoch, mode: CaptureMode) -> Result<bool, VmError> {
+    fn start_pre_copy(&mut self, epoch: Epoch, mode: CaptureMode) -> Result<PreCopy, VmError> {
         self.pre_copy = None;
-        // The cow engine re-arms only while paused; a hash tracker can miss a write.
-        let exact =
-            self.cow.is_none() && self.tracker.as_ref().is_some_and(|t| t.logs_every_write());
-        if !mode.copies_pages() || !exact {
-            return Ok(false);
+        let exact_tracker = self.tracker.as_ref().is_some_and(|t| t.logs_every_write());
+        if mode.copies_pages() {
+            // The cow engine re-arms only while paused; a hash tracker can miss a write.
+            if self.cow.is_some() || !exact_tracker {
+                return Ok(PreCopy::None);
+            }
+            // What the guest wrote so far in this epoch is stamped as the epoch's writes
+            // (catch-ups of older replicas need them); what it writes from here on is in the
+            // capture's log.
+            self.capture_pages(epoch, Scope::Epoch, mode, None, None)?;
+            self.first = false;
+            self.pre_copy = Some((epoch, PreCopy::Copy));
+            return Ok(PreCopy::Copy);
         }
-        // What the guest wrote so far in this epoch is stamped as the epoch's writes (catch-ups
-        // of older replicas need them); what it writes from here on is in the capture's log.
-        self.capture_pages(epoch, Scope::Epoch, mode, None)?;
-        self.first = false;
-        self.pre_copy = Some(epoch);
-        Ok(true)
+        // Sent from guest RAM: a scan for zero pages needs no re-arm, the capture's log holds
+        // every page written since the last capture, which came before the scan. Not before
+        // the first capture (nothing logged the writes before it), nor with hashes (a page
+        // written and written back between two captures looks clean).
+        let logs_every_write = self.cow.is_some() || exact_tracker;
+        if self.first || !logs_every_write {
+            return Ok(PreCopy::None);
+        }
+        self.pre_copy = Some((epoch, PreCopy::Scan));
+        Ok(PreCopy::Scan)
     }
 
     fn guest_ram(&self) -> Arc<GuestRam> {

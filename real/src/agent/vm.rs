@@ -153,6 +153,23 @@ pub struct CaptureStats {
     pub disk_us: u64,
 }
 
+/// What the caller of [`Vm::start_pre_copy`] does before the full capture, while the VM runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PreCopy {
+    /// Nothing: the capture takes every page in its pause.
+    None,
+    /// Copy the non-zero pages of guest RAM into the capture's buffer (`out.indices`
+    /// increasing, `out.data` their contents; [`super::zero_pages::copy_nonzero_pages`]), and
+    /// mark it `full` with the capture's epoch. Dirty tracking was re-armed: the capture copies
+    /// only the pages written since into it, in its pause.
+    Copy,
+    /// List the non-zero pages of guest RAM in the capture's buffer (`out.indices`, nothing
+    /// copied; [`super::zero_pages::nonzero_pages`]), marked the same way: for capture modes
+    /// that send from guest RAM. The capture adds the pages its dirty log holds (everything
+    /// written since the last capture, which came before the scan).
+    Scan,
+}
+
 /// A running VM the agent protects.
 pub trait Vm: Send {
     /// Called right before [`Vm::pause`], with the VM still running: work that shortens the
@@ -183,15 +200,14 @@ pub trait Vm: Send {
         mode: CaptureMode,
         out: &mut StagedCheckpoint,
     ) -> impl Future<Output = Result<CaptureStats, VmError>> + Send;
-    /// While the VM runs, before the full capture of `epoch` (`Action::PreCopy`): re-arms
-    /// dirty tracking, so that the capture knows what the guest writes from here on, and
-    /// returns true; the caller then copies all of guest RAM into the capture's buffer
-    /// (`out.data`, in page order) while the VM runs. That capture, given the buffer, copies
-    /// only the pages written since into it, in its pause. False: this VM or capture mode
-    /// cannot (a mode that copies nothing, or dirty tracking that can miss a write while the
-    /// VM runs); the full capture then copies all of RAM in its pause.
-    fn start_pre_copy(&mut self, _epoch: Epoch, _mode: CaptureMode) -> Result<bool, VmError> {
-        Ok(false)
+    /// While the VM runs, before the full capture of `epoch` (`Action::PreCopy`): says what
+    /// the caller is to do with guest RAM on a blocking thread while the VM runs, before that
+    /// capture ([`PreCopy`]). A full capture given the result lists only the pages found
+    /// non-zero, plus every page the guest wrote since (`super::zero_pages`).
+    /// [`PreCopy::None`]: this VM or capture mode cannot (dirty tracking that can miss a write
+    /// while the VM runs); the full capture then takes every page in its pause.
+    fn start_pre_copy(&mut self, _epoch: Epoch, _mode: CaptureMode) -> Result<PreCopy, VmError> {
+        Ok(PreCopy::None)
     }
     /// The guest RAM mapping, for sending pages straight from it while paused (paused-send).
     fn guest_ram(&self) -> Arc<GuestRam>;

@@ -4,8 +4,9 @@
 //! same redo step, so a crash leaves the disk of the previous epoch or of the new one.
 //!
 //! A full checkpoint (a sync) carries only the blocks of the primary's disk that hold data; the
-//! rest of the disk is zeroes. Applying one therefore first punches the whole image back to
-//! zeroes — which a replay after a crash repeats, harmlessly.
+//! rest of the disk is zeroes. One streamed into the sync files (`super::sync`) replaces the
+//! image by a rename; one spooled (another sync held the sync files) is applied by first
+//! punching the whole image back to zeroes — which a replay after a crash repeats, harmlessly.
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -14,7 +15,7 @@ use std::path::{Path, PathBuf};
 use ftvm_model::wire::DISK_BLOCK_SIZE;
 
 use super::{io, ReplicaError, StagedCheckpoint};
-use crate::secure_fs;
+use crate::secure_fs::{self, Durability};
 
 /// Most blocks one write applies (4 MiB).
 const MAX_RUN_BLOCKS: usize = 1024;
@@ -69,6 +70,18 @@ impl ReplicaDisk {
 
     pub(super) fn path(&self) -> &Path {
         &self.spec.path
+    }
+
+    pub(super) fn spec(&self) -> &DiskSpec {
+        &self.spec
+    }
+
+    /// Puts the image a full sync streamed into in place of this one, and reopens it (see
+    /// `super::sync`).
+    pub(super) fn install(&mut self, durability: Durability) -> Result<(), ReplicaError> {
+        self.file = super::sync::install(&self.spec.path, self.spec.bytes(), durability)?;
+        self.fresh = false;
+        Ok(())
     }
 
     /// Refuses a checkpoint whose disk part does not fit this disk (the driver's staging already

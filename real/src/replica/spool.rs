@@ -3,6 +3,9 @@
 //! running checksum, and seals it (indices, device state, header) when the checkpoint ends
 //! whole. The commit then only renames the sealed file to `journal` (see the parent module).
 //!
+//! A full checkpoint streams into the sync files instead, when it can have them (see
+//! `super::sync`): its journal then holds only the header and the device state.
+//!
 //! Files are reused: a journal whose pages were applied goes back to the spool as a spare
 //! (renamed to a fresh `stage.N`), so a checkpoint overwrites tmpfs pages that already exist
 //! instead of allocating them. Bytes past a journal's contents (an older, longer checkpoint's)
@@ -15,8 +18,10 @@ use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
+use ftvm_model::wire::DISK_BLOCK_SIZE;
 use xxhash_rust::xxh3::Xxh3;
 
+use super::sync::{SyncFiles, SyncTargets};
 use super::{
     io, journal_tail, Committed, JournalHeader, ReplicaError, StagedCheckpoint, HEADER_LEN,
 };
@@ -51,13 +56,19 @@ pub(super) struct SpoolFile {
 #[derive(Debug)]
 pub(super) struct Prepared {
     pub(super) file: SpoolFile,
+    /// The checkpoint's header (its page and block counts, whatever the journal holds).
     pub(super) header: JournalHeader,
+    /// Its contents are in the sync files, which it owns.
+    pub(super) synced: bool,
 }
 
 #[derive(Debug, Default)]
 struct Inner {
     spares: Vec<SpoolFile>,
     prepared: BTreeMap<u64, Prepared>,
+    /// The sync files belong to a full checkpoint: being received, sealed, or committed and
+    /// not applied yet.
+    sync_taken: bool,
 }
 
 /// The replica's journal files: spares, and journals sealed by link readers until a commit
@@ -66,15 +77,21 @@ struct Inner {
 pub struct JournalSpool {
     dir: PathBuf,
     durability: Durability,
+    targets: SyncTargets,
     next_name: AtomicU64,
     inner: Mutex<Inner>,
 }
 
 impl JournalSpool {
-    pub(super) fn new(dir: PathBuf, durability: Durability) -> Arc<JournalSpool> {
+    pub(super) fn new(
+        dir: PathBuf,
+        durability: Durability,
+        targets: SyncTargets,
+    ) -> Arc<JournalSpool> {
         Arc::new(JournalSpool {
             dir,
             durability,
+            targets,
             next_name: AtomicU64::new(1),
             inner: Mutex::new(Inner::default()),
         })
@@ -123,6 +140,39 @@ impl JournalSpool {
         let _ = fs::remove_file(&f.path);
     }
 
+    /// Takes the sync files for a full checkpoint, if no other one has them.
+    fn take_sync(&self) -> bool {
+        let mut inner = self.lock();
+        !std::mem::replace(&mut inner.sync_taken, true)
+    }
+
+    /// Gives the sync files back once their contents are in place (renamed) or thrown away.
+    pub(super) fn release_sync(&self) {
+        self.lock().sync_taken = false;
+    }
+
+    /// Deletes the sync files of a full checkpoint that will not be committed from them, and
+    /// gives them back.
+    fn drop_sync(&self) {
+        if let Err(e) = self.targets.remove() {
+            tracing::warn!(error = %e, "replica: removing the sync files failed");
+        }
+        self.release_sync();
+    }
+
+    /// The replica files a full sync replaces.
+    pub(super) fn targets(&self) -> &SyncTargets {
+        &self.targets
+    }
+
+    /// Takes back a sealed journal that will not be committed (with its sync files, if any).
+    pub(super) fn drop_prepared(&self, p: Prepared) {
+        if p.synced {
+            self.drop_sync();
+        }
+        self.recycle(p.file);
+    }
+
     fn prepare(&self, p: Prepared) -> u64 {
         let token = NEXT_TOKEN.fetch_add(1, Ordering::Relaxed);
         let mut evicted = Vec::new();
@@ -131,12 +181,12 @@ impl JournalSpool {
             inner.prepared.insert(token, p);
             while inner.prepared.len() > MAX_PREPARED {
                 if let Some((_, old)) = inner.prepared.pop_first() {
-                    evicted.push(old.file);
+                    evicted.push(old);
                 }
             }
         }
-        for f in evicted {
-            self.recycle(f);
+        for p in evicted {
+            self.drop_prepared(p);
         }
         token
     }
@@ -166,7 +216,7 @@ impl JournalSpool {
                 .collect()
         };
         for p in old {
-            self.recycle(p.file);
+            self.drop_prepared(p);
         }
     }
 }
@@ -182,6 +232,9 @@ struct Stage {
     /// first block arrived).
     disk_written: usize,
     hasher: Xxh3,
+    /// A full checkpoint streaming into the sync files (the spool file then gets only the
+    /// header and device state).
+    sync: Option<SyncFiles>,
 }
 
 /// Copies one link's arriving checkpoints into spool files (in the link's reader thread).
@@ -230,20 +283,38 @@ impl StageWriter {
         let Some(mut c) = self.cur.take() else {
             return Err(ReplicaError::Corrupt(self.spool.dir.clone()));
         };
-        let tail = journal_tail(s);
-        let at = (HEADER_LEN + c.written + c.disk_written) as u64;
+        let synced = c.sync.is_some();
+        // A synced journal's body is the device state alone; the sync files hold the rest and
+        // are whole (and durable, if asked) before the header makes the journal sealed.
+        let (tail, at, written) = match &c.sync {
+            Some(files) => {
+                let durable = match self.spool.durability {
+                    Durability::Durable => files.sync(self.spool.targets()),
+                    Durability::Atomic => Ok(()),
+                };
+                (s.device.clone(), HEADER_LEN as u64, durable)
+            }
+            None => {
+                let at = (HEADER_LEN + c.written + c.disk_written) as u64;
+                (journal_tail(s), at, Ok(()))
+            }
+        };
         let f = &c.file;
-        let written = f
-            .file
-            .write_all_at(&tail, at)
-            .map_err(io(&f.path, "write journal"));
+        let written = written.and_then(|()| {
+            f.file
+                .write_all_at(&tail, at)
+                .map_err(io(&f.path, "write journal"))
+        });
         if let Err(e) = written {
-            self.spool.recycle(c.file);
+            self.abandon(c);
             return Err(e);
         }
         c.hasher.update(&tail);
         let header = JournalHeader::of(s);
-        let bytes = header.seal(&mut c.hasher);
+        let bytes = match synced {
+            true => header.in_sync_files().seal(&mut c.hasher),
+            false => header.seal(&mut c.hasher),
+        };
         let done = f
             .file
             .write_all_at(&bytes, 0)
@@ -256,12 +327,21 @@ impl StageWriter {
             Ok(()) => Ok(self.spool.prepare(Prepared {
                 file: c.file,
                 header,
+                synced,
             })),
             Err(e) => {
-                self.spool.recycle(c.file);
+                self.abandon(c);
                 Err(e)
             }
         }
+    }
+
+    /// Throws a stage away: its spool file back to the spool, its sync files deleted.
+    fn abandon(&self, c: Stage) {
+        if c.sync.is_some() {
+            self.spool.drop_sync();
+        }
+        self.spool.recycle(c.file);
     }
 
     /// Writes the page bytes of `s` not written yet, if there are at least `min` of them
@@ -274,18 +354,34 @@ impl StageWriter {
         });
         if !same {
             self.drop_current();
+            let file = self.spool.file()?;
+            let sync = match s.full && self.spool.take_sync() {
+                true => match SyncFiles::create(self.spool.targets()) {
+                    Ok(files) => Some(files),
+                    Err(e) => {
+                        self.spool.drop_sync();
+                        self.spool.recycle(file);
+                        return Err(e);
+                    }
+                },
+                false => None,
+            };
             self.cur = Some(Stage {
                 generation: s.generation,
                 epoch: s.epoch,
-                file: self.spool.file()?,
+                file,
                 written: 0,
                 disk_written: 0,
                 hasher: Xxh3::new(),
+                sync,
             });
         }
         let Some(c) = self.cur.as_mut() else {
             return Ok(());
         };
+        if c.sync.is_some() {
+            return Self::write_synced(self.spool.targets(), c, s, min);
+        }
         // Disk blocks arriving means the pages are complete: write what is left of them first
         // (the journal's body is pages, then disk blocks).
         let disk_begun = !s.disk_data.is_empty();
@@ -314,9 +410,49 @@ impl StageWriter {
         Ok(())
     }
 
+    /// [`StageWriter::write_pages`] for a full checkpoint: the pages and blocks that arrived
+    /// since the last call go to their places in the sync files (bounds checked there).
+    fn write_synced(
+        t: &SyncTargets,
+        c: &mut Stage,
+        s: &StagedCheckpoint,
+        min: usize,
+    ) -> Result<(), ReplicaError> {
+        let Some(files) = &c.sync else {
+            return Ok(());
+        };
+        let ps = t.page_size;
+        let shape = |index| ReplicaError::BadPage {
+            index,
+            pages: t.ram_bytes / ps as u64,
+            page_size: ps,
+        };
+        let disk_begun = !s.disk_data.is_empty();
+        let new = s.data.len() - c.written.min(s.data.len());
+        if new > 0 && (disk_begun || new >= min) {
+            let first = c.written / ps;
+            let indices = s.indices.get(first..).ok_or(shape(u64::MAX))?;
+            files.write_pages(t, indices, &s.data[c.written..])?;
+            c.written = s.data.len();
+        }
+        let bs = DISK_BLOCK_SIZE as usize;
+        let new = s.disk_data.len() - c.disk_written.min(s.disk_data.len());
+        if new > 0 && new >= min {
+            let first = c.disk_written / bs;
+            let bad = ReplicaError::BadDiskBlock {
+                index: u64::MAX,
+                blocks: 0,
+            };
+            let indices = s.disk_indices.get(first..).ok_or(bad)?;
+            files.write_blocks(t, indices, &s.disk_data[c.disk_written..])?;
+            c.disk_written = s.disk_data.len();
+        }
+        Ok(())
+    }
+
     fn drop_current(&mut self) {
         if let Some(c) = self.cur.take() {
-            self.spool.recycle(c.file);
+            self.abandon(c);
         }
     }
 }
