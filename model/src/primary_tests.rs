@@ -106,6 +106,22 @@ fn protected_with(cfg: crate::config::Config) -> (One, Witness) {
     (p, w)
 }
 
+/// [`protected`], then B's link closes and B does not rejoin: dropped at the witness, the
+/// primary runs degraded with its gate open.
+fn degraded() -> (One, Witness) {
+    let (mut p, mut w) = protected();
+    let drop = WitnessRequest::DropBackup {
+        generation: G1,
+        primary: P,
+        backup: reg(1),
+    };
+    p.on(Input::Disconnected { peer: B });
+    p.after(config().rejoin_grace);
+    p.on(Input::WitnessReply(w.handle(p.now, drop)));
+    assert_eq!(p.status().gate, Some(Gate::Open));
+    (p, w)
+}
+
 #[test]
 fn fresh_start_holds_output_and_runs_the_vm() {
     let mut p = One::new(P, Start::Primary);
@@ -443,16 +459,7 @@ fn silent_backup_is_lost_after_the_failure_timeout() {
 
 #[test]
 fn degraded_primary_syncs_with_output_flowing_then_holds_it_for_one_epoch() {
-    let (mut p, mut w) = protected();
-    let drop = WitnessRequest::DropBackup {
-        generation: G1,
-        primary: P,
-        backup: reg(1),
-    };
-    p.on(Input::Disconnected { peer: B });
-    p.after(config().rejoin_grace);
-    p.on(Input::WitnessReply(w.handle(p.now, drop)));
-    assert_eq!(p.status().gate, Some(Gate::Open));
+    let (mut p, _w) = degraded();
     let a = p.on(join(C));
     // Pre-copy: no backup is registered, so the gate stays open through the sync.
     assert!(!a.contains(&Action::SetOutputGate(Gate::Held)), "{a:?}");
@@ -516,15 +523,7 @@ fn degraded_primary_syncs_with_output_flowing_then_holds_it_for_one_epoch() {
 #[test]
 fn a_stream_always_one_checkpoint_behind_still_closes_the_gate_after_its_rounds() {
     use crate::primary::PRE_COPY_ROUNDS;
-    let (mut p, mut w) = protected();
-    let drop = WitnessRequest::DropBackup {
-        generation: G1,
-        primary: P,
-        backup: reg(1),
-    };
-    p.on(Input::Disconnected { peer: B });
-    p.after(config().rejoin_grace);
-    p.on(Input::WitnessReply(w.handle(p.now, drop)));
+    let (mut p, _w) = degraded();
     p.on(join(C));
     p.on(Input::PreCopied { epoch: Epoch(2) });
     capture_done(&mut p, 2);
@@ -552,15 +551,7 @@ fn a_stream_always_one_checkpoint_behind_still_closes_the_gate_after_its_rounds(
 
 #[test]
 fn joiner_lost_during_pre_copy_changes_nothing_for_clients() {
-    let (mut p, mut w) = protected();
-    let drop = WitnessRequest::DropBackup {
-        generation: G1,
-        primary: P,
-        backup: reg(1),
-    };
-    p.on(Input::Disconnected { peer: B });
-    p.after(config().rejoin_grace);
-    p.on(Input::WitnessReply(w.handle(p.now, drop)));
+    let (mut p, _w) = degraded();
     p.on(join(C));
     capture_done(&mut p, 2);
     p.on(ack(C, 2));
