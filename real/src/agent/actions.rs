@@ -128,11 +128,7 @@ impl<L: VmLauncher> Agent<L> {
         }
         let ram = vm.guest_ram();
         let page_size = self.cfg.model.page_size as usize;
-        let mut buf = self
-            .spare
-            .take()
-            .or_else(|| self.captured.take())
-            .unwrap_or_default();
+        let mut buf = self.reuse_buffer();
         let tx = self.tx.clone();
         tokio::task::spawn_blocking(move || {
             let t = Instant::now();
@@ -164,6 +160,14 @@ impl<L: VmLauncher> Agent<L> {
         Ok(())
     }
 
+    /// A capture buffer to fill: the spare, else the last capture's, else a new one.
+    fn reuse_buffer(&mut self) -> StagedCheckpoint {
+        self.spare
+            .take()
+            .or_else(|| self.captured.take())
+            .unwrap_or_default()
+    }
+
     async fn capture(
         &mut self,
         epoch: Epoch,
@@ -184,11 +188,7 @@ impl<L: VmLauncher> Agent<L> {
         let mut buf = match pre_copied {
             Some(buf) => buf,
             None => {
-                let mut buf = self
-                    .spare
-                    .take()
-                    .or_else(|| self.captured.take())
-                    .unwrap_or_default();
+                let mut buf = self.reuse_buffer();
                 // Only a buffer copied ahead for this capture may reach it with RAM (or a
                 // list of pages) in it, and marked as such.
                 buf.data.clear();

@@ -68,14 +68,14 @@ impl State {
         self.running && !self.frozen && !self.dead && (self.burst.is_none() || self.burst_left > 0)
     }
 
-    /// VM paused: makes `out` the checkpoint of `pages` (their contents too when `mode` copies
-    /// them; the device state is the write counter) and starts a new dirty record.
     /// A full capture leaves out the pages that are all zero, as the QEMU VM's does (the VM
     /// is paused here, so checking them now is exact).
     fn drop_zero_pages(&self, pages: &mut Vec<u64>) {
         pages.retain(|&p| self.ram.page(p).is_some_and(|b| !zero_pages::is_zero(b)));
     }
 
+    /// VM paused: makes `out` the checkpoint of `pages` (their contents too when `mode` copies
+    /// them; the device state is the write counter) and starts a new dirty record.
     fn fill(&mut self, pages: Vec<u64>, mode: CaptureMode, out: &mut StagedCheckpoint) {
         self.dirty.clear();
         out.data.clear();
