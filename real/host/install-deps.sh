@@ -23,6 +23,7 @@ packages=(
   qemu-utils        # qemu-img: the tests inspect replica disks as a user would
   etcd-server       # etcd: the etcd witness tests start a real 3-member cluster
   protobuf-compiler # protoc: the etcd client crate generates its gRPC code at build time
+  libprotobuf-dev   # the well-known .proto files (descriptor.proto) that etcd's protos import
 )
 
 missing=()
