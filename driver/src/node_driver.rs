@@ -11,7 +11,7 @@ use ftvm_model::{Action, Epoch, Input, Node, NodeId, OutputGate, Start, Status, 
 use crate::checkpoint::StagedCheckpoint;
 use crate::journal::{Journal, Record};
 use crate::link::LinkEvent;
-use crate::peers::{Dialled, PeerTable, Speaker};
+use crate::peers::{Admission, Dialled, PeerTable, Speaker};
 
 /// One model action and what the core did for it.
 #[derive(Debug)]
@@ -53,6 +53,15 @@ pub enum Verdict<C> {
     Feed(Input),
     /// Close this connection (refused, superseded or replaced); feed the input, if any.
     Close(C, Option<Input>),
+}
+
+/// Whether an accepted connection may stay.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Accepted<C> {
+    /// It names the node's peer, whose link is live: close it.
+    Refused,
+    /// Keep it, and carry out the verdict (close a link it displaced).
+    Admitted(Verdict<C>),
 }
 
 /// What became of a frame the VM emitted.
@@ -231,9 +240,20 @@ impl<C: Copy + Ord, F> NodeDriver<C, F> {
     }
 
     /// An incoming connection proved to be `proven`: whether it may stay (see
-    /// [`PeerTable::accepted`]).
-    pub fn accepted(&mut self, conn: C, proven: NodeId) -> bool {
-        self.peers.accepted(conn, proven)
+    /// [`PeerTable::accepted`]), and the link it displaced, if any, to close (the node hears
+    /// that link's loss, as from any close).
+    pub fn accepted(&mut self, conn: C, proven: NodeId) -> Accepted<C> {
+        let peer = self.node.status().peer;
+        match self.peers.accepted(conn, proven, peer) {
+            Admission::Refused => Accepted::Refused,
+            Admission::Admitted { displaced: None } => Accepted::Admitted(Verdict::Ignore),
+            Admission::Admitted {
+                displaced: Some(old),
+            } => Accepted::Admitted(Verdict::Close(
+                old,
+                Some(Input::Disconnected { peer: proven }),
+            )),
+        }
     }
 
     /// This node dials `peer` on `conn` (for the node's `Connect`).

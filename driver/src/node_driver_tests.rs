@@ -117,7 +117,10 @@ fn sends_go_on_the_peers_live_link_and_a_new_dial_supersedes_it() {
 fn the_gate_holds_releases_opens_and_a_fence_drops_and_closes_everything() {
     let mut d = backup();
     live(&mut d, 5, 1);
-    assert!(d.accepted(6, NodeId(3)));
+    assert_eq!(
+        d.accepted(6, NodeId(3)),
+        Accepted::Admitted(Verdict::Ignore)
+    );
     d.bookkeep(Time::ZERO, Action::ResumeVm { epoch: Epoch(1) });
     assert_eq!(d.emit(Time::ZERO, "a").frame, None);
     d.bookkeep(Time::ZERO, Action::ResumeVm { epoch: Epoch(2) });

@@ -1,8 +1,13 @@
 //! Which connection speaks for which node. A connection this node dialled speaks for the node
 //! it dialled; an accepted one speaks for the node it proved to be (the real agent's
 //! handshake; the simulator's host name) once that node sends its `Join`. Nothing a connection
-//! says counts before it is bound, a live link is never displaced by a newcomer, and leftovers
-//! of replaced or closed connections are ignored.
+//! says counts before it is bound, the live link of the node's peer is never displaced by a
+//! newcomer, and leftovers of replaced or closed connections are ignored.
+//!
+//! The live link of any other node may be displaced by a newcomer that proved to be the same
+//! node. Such a link carries nothing the node waits for (a joiner it refused, say), so nothing
+//! on it shows when its far end is gone: if the close was lost (a partition, a crashed host),
+//! refusing every newcomer in its name would shut that node out for good.
 
 use std::collections::BTreeMap;
 
@@ -25,6 +30,19 @@ pub enum Speaker {
     },
     /// Not (or no longer) a live link: ignored.
     Nobody,
+}
+
+/// What became of an accepted connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Admission<C> {
+    /// The node it proved to be is this node's peer and has a live link: close the newcomer.
+    Refused,
+    /// It may stay (and speaks once it joins); `displaced`: that node's previous live link,
+    /// to close.
+    Admitted {
+        /// The previous live link of that node.
+        displaced: Option<C>,
+    },
 }
 
 /// What became of a dialled connection that connected.
@@ -69,15 +87,20 @@ impl<C: Copy + Ord> PeerTable<C> {
         PeerTable::default()
     }
 
-    /// An incoming connection proved to be `proven`. False: that node has a live link, so the
-    /// newcomer is refused (a genuine peer whose old link died dials again once this side has
-    /// noticed).
-    pub fn accepted(&mut self, conn: C, proven: NodeId) -> bool {
-        if self.live.contains_key(&proven) {
-            return false;
+    /// An incoming connection proved to be `proven`; `peer`: the node this node treats as its
+    /// peer (whose link it watches). A newcomer naming the peer while its link is live is
+    /// refused (a genuine peer whose old link died dials again once this side has noticed);
+    /// one naming any other node displaces that node's live link.
+    pub fn accepted(&mut self, conn: C, proven: NodeId, peer: Option<NodeId>) -> Admission<C> {
+        if self.live.contains_key(&proven) && peer == Some(proven) {
+            return Admission::Refused;
+        }
+        let displaced = self.live.remove(&proven);
+        if let Some(old) = displaced {
+            self.speaks_for.remove(&old);
         }
         self.proven.insert(conn, proven);
-        true
+        Admission::Admitted { displaced }
     }
 
     /// This node began dialling `peer` on `conn` (a later dial supersedes it).

@@ -24,7 +24,10 @@ fn heartbeat() -> PeerMsg {
 #[test]
 fn an_accepted_connection_speaks_only_after_joining_as_the_node_it_proved() {
     let mut t = PeerTable::new();
-    assert!(t.accepted(7u64, NodeId(2)));
+    assert_eq!(
+        t.accepted(7u64, NodeId(2), None),
+        Admission::Admitted { displaced: None }
+    );
     assert_eq!(
         t.speaker(7, &heartbeat()),
         Speaker::Nobody,
@@ -38,7 +41,10 @@ fn an_accepted_connection_speaks_only_after_joining_as_the_node_it_proved() {
 #[test]
 fn a_join_naming_another_node_is_refused() {
     let mut t = PeerTable::new();
-    assert!(t.accepted(7u64, NodeId(2)));
+    assert_eq!(
+        t.accepted(7u64, NodeId(2), None),
+        Admission::Admitted { displaced: None }
+    );
     assert_eq!(
         t.speaker(7, &join(3)),
         Speaker::Refused {
@@ -51,18 +57,51 @@ fn a_join_naming_another_node_is_refused() {
 }
 
 #[test]
-fn a_live_link_is_never_displaced_by_a_newcomer() {
+fn the_peers_live_link_is_never_displaced_by_a_newcomer() {
+    let peer = Some(NodeId(2));
     let mut t = PeerTable::new();
-    assert!(t.accepted(1u64, NodeId(2)));
+    assert_eq!(
+        t.accepted(1u64, NodeId(2), peer),
+        Admission::Admitted { displaced: None }
+    );
     assert_eq!(t.speaker(1, &join(2)), Speaker::Joined(NodeId(2)));
-    assert!(!t.accepted(2, NodeId(2)), "refused at accept");
+    assert_eq!(t.accepted(2, NodeId(2), peer), Admission::Refused);
+    assert_eq!(t.link_of(NodeId(2)), Some(1));
     // One accepted while the node had no live link, joining after another did.
     let mut t = PeerTable::new();
-    assert!(t.accepted(1u64, NodeId(2)));
-    assert!(t.accepted(2, NodeId(2)));
+    assert_eq!(
+        t.accepted(1u64, NodeId(2), peer),
+        Admission::Admitted { displaced: None }
+    );
+    assert_eq!(
+        t.accepted(2, NodeId(2), peer),
+        Admission::Admitted { displaced: None }
+    );
     assert_eq!(t.speaker(1, &join(2)), Speaker::Joined(NodeId(2)));
     assert!(matches!(t.speaker(2, &join(2)), Speaker::Refused { .. }));
     assert_eq!(t.link_of(NodeId(2)), Some(1));
+}
+
+#[test]
+fn another_nodes_live_link_is_displaced_by_a_newcomer_proving_the_same_node() {
+    // Node 2's link outlived its far end (a refused joiner whose close was lost): node 2's
+    // next connection takes its place instead of being shut out for good.
+    let mut t = PeerTable::new();
+    assert_eq!(
+        t.accepted(1u64, NodeId(2), None),
+        Admission::Admitted { displaced: None }
+    );
+    assert_eq!(t.speaker(1, &join(2)), Speaker::Joined(NodeId(2)));
+    let other = Some(NodeId(3));
+    assert_eq!(
+        t.accepted(2, NodeId(2), other),
+        Admission::Admitted { displaced: Some(1) }
+    );
+    assert_eq!(t.link_of(NodeId(2)), None, "not live until it joins");
+    assert_eq!(t.peer_of(1), None, "the displaced link speaks for nobody");
+    assert_eq!(t.speaker(1, &heartbeat()), Speaker::Nobody);
+    assert_eq!(t.speaker(2, &join(2)), Speaker::Joined(NodeId(2)));
+    assert_eq!(t.link_of(NodeId(2)), Some(2));
 }
 
 #[test]
@@ -100,7 +139,10 @@ fn disconnect_and_drain_forget_links() {
     let mut t = PeerTable::new();
     t.dialling(NodeId(1), 1u64);
     t.connected(1, NodeId(1));
-    assert!(t.accepted(2, NodeId(3)));
+    assert_eq!(
+        t.accepted(2, NodeId(3), None),
+        Admission::Admitted { displaced: None }
+    );
     t.dialling(NodeId(4), 3);
     assert_eq!(t.disconnect(NodeId(1)), Some(1));
     assert_eq!(t.peer_of(1), None);

@@ -253,8 +253,23 @@ impl Backup {
             ctx.act(Action::Disconnect { peer: self.primary });
         }
         self.discard_stream(ctx);
-        let retry_at = ctx.now + ctx.cfg.join_retry;
+        let retry_at = ctx.now + self.retry_delay(ctx);
         self.phase = BPhase::Joining(JoinStep::Idle { retry_at });
+    }
+
+    /// How long to wait before connecting again after a link closed. A backup still
+    /// registered counts on the primary's `rejoin_grace`, which starts when the primary sees
+    /// the old link close; a new link may be refused until then (a live link is never
+    /// displaced). Waiting the whole `join_retry` could outlast the grace and cost the
+    /// registration, so it retries every heartbeat instead: a few connects, bounded by the
+    /// failure detector, which turns a primary that stays unreachable into a takeover.
+    fn retry_delay(&self, ctx: &Ctx<'_>) -> std::time::Duration {
+        let registered = self.token.is_some() && self.committed.is_some();
+        if registered {
+            ctx.cfg.join_retry.min(ctx.cfg.heartbeat_interval)
+        } else {
+            ctx.cfg.join_retry
+        }
     }
 
     fn discard_stream(&mut self, ctx: &mut Ctx<'_>) {

@@ -208,6 +208,36 @@ fn damaged_or_out_of_order_checkpoint_keeps_the_replica_and_rejoins_at_once() {
 }
 
 #[test]
+fn a_registered_backup_whose_rejoin_link_is_refused_retries_within_the_grace() {
+    // The primary has not seen the old link close yet, so it refuses the new one: the backup
+    // must try again well before the primary's rejoin grace (the failure timeout) runs out,
+    // not after the whole join retry.
+    let cfg = config();
+    assert!(cfg.heartbeat_interval < cfg.join_retry);
+    let mut b = protecting(1);
+    b.on(Input::CheckpointReceived {
+        epoch: Epoch(2),
+        ok: false,
+    });
+    assert_eq!(b.on(Input::Timeout), vec![Action::Connect { to: P }]);
+    b.on(Input::Connected { peer: P });
+    assert!(b.on(Input::Disconnected { peer: P }).is_empty());
+    assert!(b.after(cfg.heartbeat_interval / 2).is_empty());
+    assert_eq!(
+        b.after(cfg.heartbeat_interval / 2),
+        vec![Action::Connect { to: P }]
+    );
+    // A backup with nothing registered waits the whole join retry, as before.
+    let mut b = syncing(1);
+    b.on(Input::Disconnected { peer: P });
+    assert!(b.after(cfg.heartbeat_interval).is_empty());
+    assert_eq!(
+        b.after(cfg.join_retry - cfg.heartbeat_interval),
+        vec![Action::Connect { to: P }]
+    );
+}
+
+#[test]
 fn a_continuation_on_another_base_or_after_a_damaged_sync_restarts_the_stream() {
     let mut b = protecting(1);
     b.on(Input::CheckpointReceived {

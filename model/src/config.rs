@@ -43,8 +43,10 @@ pub struct Config {
     /// backup's link closed (it broke the stream on a damaged checkpoint, or its process
     /// restarted): a rejoin within it continues the registration with a catch-up, so a primary
     /// that dies meanwhile still has a backup to take over. A backup that falls silent is
-    /// dropped at once, as before (default: the failure timeout).
-    pub rejoin_grace: Duration,
+    /// dropped at once, as before. `None` (the default) means the failure timeout, whatever it
+    /// is set to later; read it with [`Config::rejoin_grace`].
+    #[serde(default)]
+    pub rejoin_grace: Option<Duration>,
     /// Checkpoints the primary may have captured but not yet seen acked; beyond this it stops
     /// capturing (the VM keeps running with output held) until an ack arrives (default 2).
     pub max_unacked: u64,
@@ -133,7 +135,7 @@ impl Config {
             failure_timeout,
             witness_retry: Duration::from_millis(50),
             join_retry: Duration::from_millis(100),
-            rejoin_grace: failure_timeout,
+            rejoin_grace: None,
             max_unacked: 2,
             rejoin_after_fence: Some(failure_timeout),
             witness,
@@ -141,6 +143,11 @@ impl Config {
             #[cfg(feature = "mutants")]
             mutant: None,
         }
+    }
+
+    /// How long a primary keeps a backup whose link closed registered (see the field).
+    pub fn rejoin_grace(&self) -> Duration {
+        self.rejoin_grace.unwrap_or(self.failure_timeout)
     }
 
     /// Checks the parameters. [`crate::Node::new`] does not call this (it clamps instead, so a
@@ -152,7 +159,7 @@ impl Config {
             ("failure_timeout", self.failure_timeout),
             ("witness_retry", self.witness_retry),
             ("join_retry", self.join_retry),
-            ("rejoin_grace", self.rejoin_grace),
+            ("rejoin_grace", self.rejoin_grace()),
         ] {
             if d.is_zero() {
                 return Err(ConfigError::ZeroDuration(name));
@@ -194,7 +201,7 @@ impl Config {
         c.failure_timeout = c.failure_timeout.max(min);
         c.witness_retry = c.witness_retry.max(min);
         c.join_retry = c.join_retry.max(min);
-        c.rejoin_grace = c.rejoin_grace.max(min);
+        c.rejoin_grace = c.rejoin_grace.map(|g| g.max(min));
         c.max_unacked = c.max_unacked.max(1);
         if let EpochPolicy::Output(p) = &mut c.epoch_policy {
             p.max_idle_pct = p.max_idle_pct.clamp(1, 100);

@@ -403,7 +403,7 @@ impl Primary {
         }
         self.sending = None;
         self.phase = PPhase::Rejoining;
-        self.rejoin = Some((p.node, ctx.now + ctx.cfg.rejoin_grace));
+        self.rejoin = Some((p.node, ctx.now + ctx.cfg.rejoin_grace()));
     }
 
     /// The backup we wait for rejoined offering `offer`: continue its registration with a

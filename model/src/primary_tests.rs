@@ -116,7 +116,7 @@ fn degraded() -> (One, Witness) {
         backup: reg(1),
     };
     p.on(Input::Disconnected { peer: B });
-    p.after(config().rejoin_grace);
+    p.after(config().rejoin_grace());
     p.on(Input::WitnessReply(w.handle(p.now, drop)));
     assert_eq!(p.status().gate, Some(Gate::Open));
     (p, w)
@@ -411,7 +411,7 @@ fn busy_while_settling_a_lost_backup() {
     // Waiting for B to come back, another joiner finds the place taken.
     assert_eq!(p.status().phase, Phase::Rejoining);
     assert_eq!(p.on(join(C)), vec![reject(C, RejectReason::HaveBackup)]);
-    p.after(config().rejoin_grace);
+    p.after(config().rejoin_grace());
     assert_eq!(p.status().phase, Phase::Dropping);
     assert_eq!(p.on(join(C)), vec![reject(C, RejectReason::Busy)]);
 }
@@ -428,7 +428,7 @@ fn lost_backup_is_dropped_then_the_gate_opens() {
     assert_eq!(a, vec![], "its link is gone already: nothing to close");
     // It does not come back within the grace: dropped.
     assert_eq!(
-        p.after(config().rejoin_grace),
+        p.after(config().rejoin_grace()),
         vec![Action::ToWitness(drop)]
     );
     let s = p.status();
@@ -1058,7 +1058,7 @@ fn degraded_after_three_epochs() -> One {
         p.on(ack(B, e));
     }
     p.on(Input::Disconnected { peer: B });
-    let a = p.after(config().rejoin_grace);
+    let a = p.after(config().rejoin_grace());
     let Some(Action::ToWitness(drop)) = a
         .iter()
         .copied()
@@ -1251,7 +1251,7 @@ fn a_rejoin_arriving_during_a_capture_is_taken_up_when_the_capture_is_done() {
     p.after(cfg.epoch_interval);
     p.on(Input::Disconnected { peer: B });
     p.on(join_with(B, G1, 0, 1));
-    let a = p.after(cfg.rejoin_grace);
+    let a = p.after(cfg.rejoin_grace());
     assert!(a.contains(&reject(B, RejectReason::Busy)), "{a:?}");
     assert_eq!(p.status().phase, Phase::Dropping);
 }
@@ -1265,7 +1265,7 @@ fn a_backup_that_does_not_rejoin_within_the_grace_or_offers_too_little_is_droppe
     });
     let (mut p, _w) = protected();
     p.on(Input::Disconnected { peer: B });
-    assert_eq!(p.after(config().rejoin_grace), vec![drop]);
+    assert_eq!(p.after(config().rejoin_grace()), vec![drop]);
     assert_eq!(p.status().phase, Phase::Dropping);
     // Offering an epoch before the sync it is registered with cannot continue it.
     let (mut p, _w) = protected();

@@ -3,7 +3,7 @@
 use std::collections::VecDeque;
 use std::time::Instant;
 
-use ftvm_driver::{LinkEvent, Verdict};
+use ftvm_driver::{Accepted, LinkEvent, Verdict};
 use ftvm_model::Input;
 
 use super::event::{ConnId, Event};
@@ -20,13 +20,15 @@ impl<L: VmLauncher> Agent<L> {
         match ev {
             Event::Accepted { conn, peer, link } => {
                 // A connection speaks only as the node it authenticated as, and never displaces
-                // a live link of that node (the core's peer table decides).
-                if self.driver.accepted(conn, peer) {
-                    self.links.insert(conn, link);
-                } else {
-                    self.log(format_args!(
-                        "refused a second link from node {peer}: one is live"
-                    ));
+                // the live link of our peer (the core's peer table decides).
+                match self.driver.accepted(conn, peer) {
+                    Accepted::Admitted(verdict) => {
+                        self.links.insert(conn, link);
+                        self.apply(verdict, pending);
+                    }
+                    Accepted::Refused => self.log(format_args!(
+                        "refused a second link from node {peer}: its link is live"
+                    )),
                 }
             }
             Event::Connected { peer, conn, link } => {

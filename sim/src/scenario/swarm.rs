@@ -29,7 +29,9 @@ impl Scenario {
     /// seed (epoch ×0.5–2, heartbeat ×0.5–2, failure timeout ×0.6–2 and at least three
     /// heartbeats, witness retry ×0.4–2.5, join retry ×0.5–2, latencies ×0.5–3), half the
     /// time under the other epoch policy (output bounds drawn too), captures pausing the VM
-    /// up to 1 ms, and the expectations that depend on them adjusted. The result always passes [`Scenario::check`].
+    /// up to 1 ms, half the time full syncs copying RAM aside for up to two epochs, and the
+    /// expectations that depend on them adjusted. The result always passes
+    /// [`Scenario::check`].
     pub fn swarmed(&self, seed: u64) -> Scenario {
         if !self.swarm {
             return self.clone();
@@ -61,9 +63,11 @@ impl Scenario {
         if s.vm.capture_pause.is_zero() {
             s.vm.capture_pause = Duration::from_micros(rng.below(1000));
         }
-        // `vm.pre_copy` is not drawn yet: drawing it shifts every later draw of a seed, and one
-        // shifted seed shows a rejoin lost to a reconnect race (the new link is refused while
-        // the old one still looks live, and the join retry outlasts the rejoin grace).
+        // Half the seeds copy RAM aside for a full sync for up to two of their epochs.
+        if s.vm.pre_copy.is_zero() && rng.below(2) == 1 {
+            let most = u64::try_from(s.timing.epoch.as_micros() * 2).unwrap_or(u64::MAX);
+            s.vm.pre_copy = Duration::from_micros(rng.below(most));
+        }
 
         let grow = |new: Duration, old: Duration| new.saturating_sub(old);
         let (a, b) = (&s.timing, &self.timing);

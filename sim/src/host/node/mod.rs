@@ -13,7 +13,7 @@ mod witness_call;
 use std::collections::{BTreeMap, VecDeque};
 
 use ftvm_driver::journal::{HostEntry, Journal};
-use ftvm_driver::{NodeDriver, StagingLimits, Verdict};
+use ftvm_driver::{Accepted, NodeDriver, StagingLimits, Verdict};
 use ftvm_model::{Epoch, Generation, Input, Node, NodeId, Start, Time, VmId};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver, UnboundedSender};
 use tokio::task::{spawn_local, JoinHandle};
@@ -336,9 +336,10 @@ impl NodeHost {
             HostEvent::PeerAccepted { peer, stream } => {
                 let id = self.new_conn_id();
                 // Accepted links speak for the node their address names, once it joins.
-                if self.driver.accepted(id, peer) {
+                if let Accepted::Admitted(verdict) = self.driver.accepted(id, peer) {
                     let conn = self.attach(id, peer, stream);
                     self.links.insert(id, conn);
+                    self.apply(verdict);
                 }
             }
             HostEvent::Connected { conn, peer, stream } => {
