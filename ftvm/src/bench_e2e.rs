@@ -11,7 +11,7 @@ use std::time::Duration;
 use anyhow::Context;
 use ftvm_real::host::topology::{Host, Topology};
 
-use crate::deploy::{self, client_report, DeployOpts, Deployment};
+use crate::deploy::{self, client_report, DeployOpts, Deployment, WitnessKind};
 use crate::epoch_policy_args::EpochPolicyArgs;
 
 /// Arguments of `ftvm bench e2e`.
@@ -141,6 +141,7 @@ pub fn run(a: E2eArgs) -> anyhow::Result<i32> {
                             verify_every: None,
                             keep: false,
                             disk: None,
+                            witness: WitnessKind::Ftvm,
                             mutant: None,
                         };
                         let mut d = Deployment::start(opts)?;

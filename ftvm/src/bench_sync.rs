@@ -10,7 +10,7 @@ use ftvm_model::{NodeId, VmId};
 
 use crate::bench_sync_migrate::{self, MigrateOpts};
 use crate::bench_sync_report::{CaseResult, RunFigures, SyncReport};
-use crate::deploy::{self, client_report, DeployOpts, Deployment};
+use crate::deploy::{self, client_report, DeployOpts, Deployment, WitnessKind};
 use crate::reprotect::{self, Reprotection};
 
 /// The cases (qemu-migrate first; the ftvm ones run in the order `--cases` gives them).
@@ -214,6 +214,7 @@ fn ftvm_cases(
         verify_every: None,
         keep: false,
         disk: None,
+        witness: WitnessKind::Ftvm,
         mutant: None,
     };
     println!("== ftvm, capture {capture}: booting and protecting the VM");

@@ -21,7 +21,7 @@ use ftvm_real::host::topology::{Host, Topology};
 
 use crate::bench_e2e::{epoch_lines, E2eArgs};
 use crate::db_workload::{self, Sysbench, SysbenchReport};
-use crate::deploy::{self, DeployDisk, DeployOpts, Deployment};
+use crate::deploy::{self, DeployDisk, DeployOpts, Deployment, WitnessKind};
 use crate::epoch_policy_args::EpochPolicyArgs;
 
 /// Namespace prefix and subnet of the benchmark's hosts (those of the http benchmark: the two
@@ -179,6 +179,7 @@ pub fn run(a: &E2eArgs, policies: &[(String, EpochPolicyArgs)]) -> anyhow::Resul
                         verify_every: None,
                         keep: false,
                         disk: Some(disk.clone()),
+                        witness: WitnessKind::Ftvm,
                         mutant: None,
                     };
                     let mut d = Deployment::start(opts)?;

@@ -11,7 +11,7 @@ use ftvm_model::{NodeId, VmId};
 use ftvm_real::host::topology::Host;
 
 use crate::db_workload;
-use crate::deploy::{self, client_report, status, wait_until, DeployOpts, Deployment};
+use crate::deploy::{self, client_report, status, wait_until, DeployOpts, Deployment, WitnessKind};
 
 /// Arguments of `ftvm demo`.
 #[derive(clap::Args)]
@@ -66,6 +66,10 @@ pub struct Args {
     /// Capture mode (agent default when absent).
     #[arg(long)]
     capture: Option<String>,
+    /// The witness: `ftvm` (one `ftvm witness` process) or `etcd` (a 3-member etcd cluster on
+    /// the witness host, which the agents use as the witness; needs Debian's etcd-server).
+    #[arg(long, value_enum, default_value_t = WitnessKind::Ftvm)]
+    witness: WitnessKind,
     /// Namespace prefix (keeps parallel runs apart).
     #[arg(long, default_value = "ftvmd")]
     prefix: String,
@@ -252,6 +256,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         verify_every: args.verify_every,
         keep: args.keep,
         disk,
+        witness: args.witness,
         #[cfg(feature = "mutants")]
         mutant: args.mutant.clone(),
         #[cfg(not(feature = "mutants"))]
@@ -267,6 +272,13 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         topo.addr(Host::Client),
         topo.vm_addr()
     );
+    if let Some(etcd) = &d.etcd {
+        println!(
+            "== the witness is a {}-member etcd cluster ({}); the VM's register was created in it",
+            etcd.len(),
+            etcd.url()
+        );
+    }
     println!(
         "== booting the VM on the primary and syncing the backup (a TCG boot takes a few seconds)"
     );
@@ -360,7 +372,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         wait_until(
             "the backup to take over",
             Duration::from_secs(30),
-            &mut [&mut d.witness, &mut d.backup],
+            &mut d.watched(false, true),
             || status(&bdir)["failed_over"] == true,
         )?;
         let t = killed_at.elapsed().as_secs_f64() * 1e3;
@@ -385,6 +397,23 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let seen = running.finish()?;
     let survivor = if args.kill == "primary" { &bdir } else { &pdir };
     let (survivor_status, backup_status) = (status(survivor), status(&bdir));
+    // Read while both agents run: stopping the backup makes the primary drop it there.
+    let register = match args.witness {
+        WitnessKind::Etcd => {
+            let r = crate::deploy_etcd::read_register(&d.topo, VmId(1))?;
+            println!(
+                "== the register in etcd: generation {}, primary {}, backup {}",
+                r.generation.0,
+                r.primary.0,
+                r.backup.map_or("none".into(), |b| format!(
+                    "{} (synced at epoch {})",
+                    b.node.0, b.since.0
+                ))
+            );
+            Some(r)
+        }
+        WitnessKind::Ftvm => None,
+    };
     // The journals are checked once the hosts have stopped, never as a live snapshot (see
     // `stop_agents_replicas_first`; seen after every `--kill backup` run of the database guest,
     // whose longer steps widen the window).
@@ -435,6 +464,8 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
         "survivor": survivor_status,
         "primary_before_kill": before,
         "isolation": isolation,
+        "witness": args.witness,
+        "etcd_register": register,
         "invariants": { "passed": check.passed(), "findings": check.findings() },
     });
     if let Some(path) = &args.summary {

@@ -49,6 +49,19 @@ pub struct DeployOpts {
     pub keep: bool,
     /// The VM's disk (None: a diskless VM).
     pub disk: Option<DeployDisk>,
+    /// Which witness decides failovers.
+    pub witness: WitnessKind,
+}
+
+/// The witness of a deployment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum WitnessKind {
+    /// One `ftvm witness` process on the witness host.
+    #[default]
+    Ftvm,
+    /// A 3-member etcd cluster on the witness host; the agents use it as the witness.
+    Etcd,
 }
 
 /// The protected VM's disk in a deployment: each agent gets its own raw image in
@@ -217,8 +230,10 @@ pub struct Deployment {
     pub topo: Topology,
     /// Options it runs with.
     pub opts: DeployOpts,
-    /// The witness process.
-    pub witness: Proc,
+    /// The witness process (`ftvm witness`; none with the etcd witness).
+    pub witness: Option<Proc>,
+    /// The etcd cluster, with the etcd witness.
+    pub etcd: Option<ftvm_real::host::etcd_cluster::EtcdCluster>,
     /// The backup agent.
     pub backup: Proc,
     /// The primary agent.
@@ -301,14 +316,31 @@ impl Deployment {
             keys::generate_into(&keys_dir(&w), name)
                 .with_context(|| format!("generating {name}'s keys"))?;
         }
-        let witness = spawn_in(
-            &topo,
-            Host::Switch,
-            "witness",
-            // A fresh VM in a fresh work directory: the one place a register is created.
-            &witness_args(&topo, &w, true),
-            &w.join("witness.log"),
-        )?;
+        // A fresh VM in a fresh work directory: the one place a register is created.
+        let (witness, etcd) = match opts.witness {
+            WitnessKind::Ftvm => {
+                let p = spawn_in(
+                    &topo,
+                    Host::Switch,
+                    "witness",
+                    &witness_args(&topo, &w, true),
+                    &w.join("witness.log"),
+                )?;
+                (Some(p), None)
+            }
+            WitnessKind::Etcd => {
+                if relays {
+                    bail!("the etcd witness is not reachable through the link relays");
+                }
+                let c = crate::deploy_etcd::start(
+                    &topo,
+                    &w.join("etcd"),
+                    ftvm_model::VmId(1),
+                    ftvm_model::NodeId(1),
+                )?;
+                (None, Some(c))
+            }
+        };
         let mut backup_args: Vec<String> = vec!["backup".into()];
         backup_args.extend(node_args(&topo, &opts, &ram_dir.path, relays, 2));
         let backup = spawn_in(
@@ -345,12 +377,33 @@ impl Deployment {
             topo,
             opts,
             witness,
+            etcd,
             backup,
             primary,
             spare,
             backup_args,
             ram_dir,
         })
+    }
+
+    /// The processes a wait watches (an exit is an error): the witness process, if any, and
+    /// the agents asked for.
+    pub fn watched(&mut self, primary: bool, backup: bool) -> Vec<&mut Proc> {
+        let mut procs: Vec<&mut Proc> = self.witness.as_mut().into_iter().collect();
+        if backup {
+            procs.push(&mut self.backup);
+        }
+        if primary {
+            procs.push(&mut self.primary);
+        }
+        procs
+    }
+
+    /// The `ftvm witness` process (faults on the witness act on it).
+    pub fn witness_proc(&mut self) -> anyhow::Result<&mut Proc> {
+        self.witness
+            .as_mut()
+            .context("this deployment's witness is etcd: no `ftvm witness` process to act on")
     }
 
     /// The command line (after the role) of node `node`'s agent in this deployment.
@@ -416,7 +469,7 @@ impl Deployment {
         wait_until(
             "the primary to be protected",
             timeout,
-            &mut [&mut self.witness, &mut self.backup, &mut self.primary],
+            &mut self.watched(true, true),
             || {
                 let st = status(&pdir);
                 if shown.elapsed() >= Duration::from_secs(1) {
@@ -446,8 +499,24 @@ impl Deployment {
                 "backup agent",
                 SocketAddr::from((t.addr(Host::Backup), 7000)),
             ),
-            ("witness", SocketAddr::from((t.addr(Host::Switch), 7100))),
         ];
+        let witness_ports = match self.opts.witness {
+            WitnessKind::Ftvm => vec![SocketAddr::from((t.addr(Host::Switch), 7100))],
+            WitnessKind::Etcd => crate::deploy_etcd::etcd_client_addrs(t),
+        };
+        let several = witness_ports.len() > 1;
+        let closed: Vec<(String, SocketAddr)> = closed
+            .into_iter()
+            .map(|(w, a)| (w.to_string(), a))
+            .chain(witness_ports.into_iter().enumerate().map(|(i, a)| {
+                let what = if several {
+                    format!("witness (etcd member {})", i + 1)
+                } else {
+                    "witness".into()
+                };
+                (what, a)
+            }))
+            .collect();
         let probe = move |a: SocketAddr, wait: Duration| {
             std::net::TcpStream::connect_timeout(&a, wait).map(drop)
         };
@@ -470,7 +539,7 @@ impl Deployment {
                 };
                 let ports: Vec<_> = closed
                     .iter()
-                    .map(|&(w, a)| (w, a, probe(a, Duration::from_secs(1))))
+                    .map(|(w, a)| (w.clone(), *a, probe(*a, Duration::from_secs(1))))
                     .collect();
                 (vm_seen, ports)
             })
@@ -485,7 +554,7 @@ impl Deployment {
                 Ok(()) => {
                     bail!("the client reached the {what}'s port {a}: the networks are not split")
                 }
-                Err(e) => report.insert(what.into(), format!("unreachable ({e})").into()),
+                Err(e) => report.insert(what, format!("unreachable ({e})").into()),
             };
         }
         Ok(report.into())
@@ -610,10 +679,10 @@ fn node_args(
             (m, addr)
         })
         .collect();
-    let witness = if relayed {
-        FaultNet::witness_addr()
-    } else {
-        SocketAddr::from((topo.addr(Host::Switch), 7100))
+    let witness = match (o.witness, relayed) {
+        (WitnessKind::Etcd, _) => crate::deploy_etcd::etcd_url(topo),
+        (WitnessKind::Ftvm, true) => FaultNet::witness_addr().to_string(),
+        (WitnessKind::Ftvm, false) => SocketAddr::from((topo.addr(Host::Switch), 7100)).to_string(),
     };
     let mut a = agent_args(topo, o, node, host_of(node), ram_dir, &peers, witness);
     if node != 1 && peers.len() > 1 {
@@ -630,7 +699,7 @@ fn agent_args(
     host: Host,
     ram_dir: &Path,
     peers: &[(u32, SocketAddr)],
-    witness: SocketAddr,
+    witness: String,
 ) -> Vec<String> {
     let dir = node_dir_name(node);
     let mut a: Vec<String> = vec![
@@ -644,7 +713,7 @@ fn agent_args(
     }
     a.extend([
         "--witness".into(),
-        witness.to_string(),
+        witness,
         "--keys".into(),
         keys_dir(&o.work_dir).display().to_string(),
         "--guest-dir".into(),

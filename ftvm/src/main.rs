@@ -23,6 +23,7 @@ mod config_file;
 mod db_workload;
 mod demo_cmd;
 mod deploy;
+mod deploy_etcd;
 mod disk_args;
 mod epoch_policy_args;
 mod guest_args;

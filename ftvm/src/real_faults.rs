@@ -340,8 +340,9 @@ pub fn apply(
                     }
                     st.dark.push(Host::Switch);
                 }
-                d.witness.child.kill()?;
-                let _ = d.witness.child.wait();
+                let w = d.witness_proc()?;
+                w.child.kill()?;
+                let _ = w.child.wait();
                 Applied(if *silent {
                     "nodes' routes to the witness blackholed, then SIGKILL to the witness".into()
                 } else {
@@ -375,7 +376,7 @@ pub fn apply(
             // Only a crashed host can be started again, as in the simulator: bouncing a running
             // one would wipe its replica (a crash nobody scheduled).
             let running = match (host, node_of(d, *host)) {
-                (HostRef::Witness, _) => d.witness.child.try_wait()?.is_none(),
+                (HostRef::Witness, _) => d.witness_proc()?.child.try_wait()?.is_none(),
                 (_, Some(n)) => match proc_of(d, n) {
                     Some(p) => p.child.try_wait()?.is_none(),
                     None => false,
@@ -397,7 +398,7 @@ pub fn apply(
                             d.topo.set_route(h, Host::Switch, true)?;
                         }
                     }
-                    d.witness = restart_witness(d, st.restarts)?;
+                    d.witness = Some(restart_witness(d, st.restarts)?);
                     Applied("witness started again on its register".into())
                 }
                 (_, Some(n)) => {

@@ -58,7 +58,7 @@ pub fn kill_and_restart_backup(
     wait_until(
         "the primary to run degraded",
         Duration::from_secs(30),
-        &mut [&mut d.witness, &mut d.primary],
+        &mut d.watched(true, false),
         || status(&pdir)["phase"] == "degraded",
     )?;
     let mut rargs = d.backup_args.clone();
@@ -128,18 +128,13 @@ fn wait_reprotected(d: &mut Deployment, what: &str) -> anyhow::Result<Reprotecti
     let from_unix_ms = unix_ms();
     let mut progress = SyncProgress::default();
     let mut protected_by = None;
-    wait_until(
-        what,
-        REPROTECT_TIMEOUT,
-        &mut [&mut d.witness, &mut d.backup, &mut d.primary],
-        || {
-            let sts = dirs.each_ref().map(|dir| status(dir));
-            let primary = sts.iter().position(|st| st["role"] == "Primary");
-            progress.show(&sts[primary.unwrap_or(0)], t1.elapsed());
-            protected_by = primary.filter(|&i| sts[i]["phase"] == "protected");
-            protected_by.is_some()
-        },
-    )?;
+    wait_until(what, REPROTECT_TIMEOUT, &mut d.watched(true, true), || {
+        let sts = dirs.each_ref().map(|dir| status(dir));
+        let primary = sts.iter().position(|st| st["role"] == "Primary");
+        progress.show(&sts[primary.unwrap_or(0)], t1.elapsed());
+        protected_by = primary.filter(|&i| sts[i]["phase"] == "protected");
+        protected_by.is_some()
+    })?;
     let ms = t1.elapsed().as_secs_f64() * 1e3;
     let to_unix_ms = unix_ms();
     let host = protected_by.unwrap_or(0);

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{bail, Context};
 use ftvm_driver::journal::{HostEntry, HostLine, Record, WitnessEntry};
 use ftvm_model::{NodeId, VmId, WitnessState};
+use ftvm_real::agent::witness_journal_path;
 use ftvm_real::journal_file::read_journal;
 use ftvm_sim::{check_journals, HostJournal, Invariant, JournalReport};
 
@@ -98,14 +99,42 @@ pub fn check_run(
         .iter()
         .map(|n| load_host(&node_journal(work_dir, *n)))
         .collect::<anyhow::Result<Vec<_>>>()?;
-    let witness: Vec<WitnessEntry> =
-        read_journal(&witness_journal(work_dir)).context("the witness's journal")?;
+    let witness = witness_history(work_dir, nodes)?;
     Ok(check_journals(
         WitnessState::initial(vm, primary),
         &hosts,
         &witness,
         enabled,
     ))
+}
+
+/// The register's history: the `ftvm witness` journal, or, with an etcd witness, the writes
+/// each agent journaled (`node-N.witness.jsonl`), merged in the order they were made.
+fn witness_history(work_dir: &Path, nodes: &[u32]) -> anyhow::Result<Vec<WitnessEntry>> {
+    let service = witness_journal(work_dir);
+    if service.exists() {
+        return read_journal(&service).context("the witness's journal");
+    }
+    let mut entries: Vec<WitnessEntry> = Vec::new();
+    let mut found = false;
+    for n in nodes {
+        let path = witness_journal_path(&node_journal(work_dir, *n));
+        if path.exists() {
+            found = true;
+            let mine: Vec<WitnessEntry> = read_journal(&path)
+                .with_context(|| format!("node {n}'s journal of etcd register writes"))?;
+            entries.extend(mine);
+        }
+    }
+    if !found {
+        bail!(
+            "no witness journal: neither {} (ftvm witness) nor any agent's register writes \
+             (etcd witness)",
+            service.display()
+        );
+    }
+    entries.sort_by_key(|e| e.wall_us);
+    Ok(entries)
 }
 
 /// The verdict in the simulator's words: one line, then one per finding.
@@ -132,4 +161,55 @@ pub fn verdict_lines(what: &str, r: &JournalReport) -> Vec<String> {
     )];
     out.extend(r.findings().into_iter().map(|f| format!("  {f}")));
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use ftvm_model::{Generation, WitnessReply, WitnessRequest};
+    use ftvm_real::journal_file::JournalWriter;
+
+    fn entry(wall_us: u64, generation: u64) -> WitnessEntry {
+        let mut state = WitnessState::initial(VmId(1), NodeId(1));
+        state.generation = Generation(generation);
+        WitnessEntry {
+            wall_us,
+            reply: WitnessReply {
+                request: WitnessRequest::Query,
+                granted: true,
+                state,
+            },
+        }
+    }
+
+    fn write(path: &Path, entries: &[WitnessEntry]) {
+        JournalWriter::open(path)
+            .unwrap()
+            .append(entries.iter().copied())
+            .unwrap();
+    }
+
+    #[test]
+    fn etcd_register_writes_of_every_agent_merge_in_the_order_they_were_made() {
+        let dir = tempfile::tempdir().unwrap();
+        let w = dir.path();
+        std::fs::create_dir_all(journal_dir(w)).unwrap();
+        assert!(witness_history(w, &[1, 2]).is_err(), "no journal at all");
+        write(
+            &witness_journal_path(&node_journal(w, 1)),
+            &[entry(10, 1), entry(40, 3)],
+        );
+        write(&witness_journal_path(&node_journal(w, 2)), &[entry(20, 2)]);
+        let h = witness_history(w, &[1, 2]).unwrap();
+        let order: Vec<_> = h
+            .iter()
+            .map(|e| (e.wall_us, e.reply.state.generation.0))
+            .collect();
+        assert_eq!(order, vec![(10, 1), (20, 2), (40, 3)]);
+        // An `ftvm witness` journal is the history when there is one.
+        write(&witness_journal(w), &[entry(5, 7)]);
+        let h = witness_history(w, &[1, 2]).unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].reply.state.generation, Generation(7));
+    }
 }

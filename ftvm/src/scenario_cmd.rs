@@ -12,7 +12,7 @@ use anyhow::{bail, Context};
 use ftvm_model::{NodeId, VmId};
 use ftvm_sim::{Scenario, Trigger};
 
-use crate::deploy::{client_report, status, DeployOpts, Deployment};
+use crate::deploy::{client_report, status, DeployOpts, Deployment, WitnessKind};
 use crate::real_faults::{self, Outcome};
 
 /// The longest a fault waits for its `when` condition (a first sync of real RAM through a
@@ -135,6 +135,7 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
         verify_every: None,
         keep: false,
         disk: real_disk(s),
+        witness: WitnessKind::Ftvm,
         mutant: mutant_of(a),
     };
     let mut d = Deployment::start_with(

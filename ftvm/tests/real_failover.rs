@@ -109,3 +109,60 @@ fn backup_killed_primary_degrades_then_is_reprotected() {
         assert!(seen.starts_with("unreachable"), "{port}: {s}");
     }
 }
+
+/// The same two failures with etcd as the witness (`--witness etcd`: a 3-member cluster on the
+/// witness host): the takeover is decided by a compare-and-set in etcd, the register there names
+/// the new primary, and the run's journals (the agents' register writes standing in for a
+/// witness's own) pass the invariant check.
+#[test]
+fn the_etcd_witness_decides_the_failover_and_the_reprotection() {
+    let s = demo(
+        "etcd-kill-primary",
+        56,
+        &[
+            "--witness",
+            "etcd",
+            "--kill",
+            "primary",
+            "--before-kill",
+            "3",
+            "--after-kill",
+            "4",
+        ],
+    );
+    assert_eq!(s["witness"], "etcd", "{s}");
+    assert_eq!(s["client"]["lost"], 0, "{s}");
+    assert_eq!(s["client"]["connections"], 1, "{s}");
+    assert_eq!(s["survivor"]["generation"], 2, "{s}");
+    assert!(s["takeover_ms"].as_f64().unwrap() < 1000.0, "{s}");
+    let reg = &s["etcd_register"];
+    assert_eq!(reg["generation"], 2, "the register in etcd: {s}");
+    assert_eq!(reg["primary"], 2, "the register in etcd: {s}");
+    assert_eq!(s["invariants"]["passed"], true, "{s}");
+    for i in 1..=3 {
+        let port = format!("witness (etcd member {i})");
+        let seen = s["isolation"][&port].as_str().unwrap_or_default();
+        assert!(seen.starts_with("unreachable"), "{port}: {s}");
+    }
+
+    let s = demo(
+        "etcd-kill-backup",
+        57,
+        &[
+            "--witness",
+            "etcd",
+            "--kill",
+            "backup",
+            "--before-kill",
+            "3",
+            "--after-kill",
+            "4",
+        ],
+    );
+    assert_eq!(s["client"]["lost"], 0, "{s}");
+    assert_eq!(s["survivor"]["phase"], "protected", "{s}");
+    let reg = &s["etcd_register"];
+    assert_eq!(reg["generation"], 1, "{s}");
+    assert_eq!(reg["backup"]["node"], 2, "re-registered in etcd: {s}");
+    assert_eq!(s["invariants"]["passed"], true, "{s}");
+}

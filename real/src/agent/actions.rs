@@ -483,6 +483,7 @@ impl<L: VmLauncher> Agent<L> {
             return;
         }
         let inflight = self.witness_inflight.clone();
+        let journal = self.witness_journal.clone();
         let timeout = witness_exchange_timeout(self.cfg.model.witness_retry);
         tokio::spawn(async move {
             // No reply is fine: the node resends after `witness_retry`. An etcd without quorum
@@ -490,8 +491,16 @@ impl<L: VmLauncher> Agent<L> {
             let answer = witness.request(&identity, node, vm, req, timeout).await;
             lock_inflight(&inflight).remove(&req);
             match answer {
-                Ok(reply) => {
-                    let _ = tx.send(Event::Witness(reply));
+                Ok(answer) => {
+                    // Recorded before the node hears of it, so the history never lags what
+                    // the node did with it.
+                    if let (Some(entry), Some(j)) = (answer.decided, &journal) {
+                        let mut j = j.lock().unwrap_or_else(|p| p.into_inner());
+                        if let Err(e) = j.append([entry]) {
+                            tracing::error!(error = %e, "witness journal write failed");
+                        }
+                    }
+                    let _ = tx.send(Event::Witness(answer.reply));
                 }
                 // Refused by authentication, or a register missing or not ours: say so, it will
                 // not heal.

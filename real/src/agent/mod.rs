@@ -34,7 +34,7 @@ pub use status::StatusReport;
 
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::{SocketAddr, TcpListener};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -224,12 +224,22 @@ pub struct Agent<L: VmLauncher> {
     sync_progress: Arc<link::SyncProgress>,
     /// The journal file, when recording.
     journal: Option<JournalOut>,
+    /// With an etcd witness, when recording: the register writes this agent made (see
+    /// [`witness_journal_path`]).
+    witness_journal: Option<Arc<Mutex<JournalWriter>>>,
     /// The last sync this node captured as primary (the status file shows it).
     last_sync: Option<metrics::LastSync>,
     /// The Prometheus registry `/metrics` serves, when the endpoint is on.
     exporter: Option<Arc<prom::AgentExporter>>,
     /// Wall time this node's VM ran after its last takeover.
     failover_at: Option<std::time::SystemTime>,
+}
+
+/// Where an agent recording its journal at `journal` records the writes it made to an etcd
+/// witness's register (`node-1.jsonl` → `node-1.witness.jsonl`): with no witness process to
+/// journal its decisions, the run check merges these into the register's history.
+pub fn witness_journal_path(journal: &Path) -> PathBuf {
+    journal.with_extension("witness.jsonl")
 }
 
 /// Where the core's journal goes, and the wall clock of model time zero.
@@ -298,6 +308,12 @@ impl<L: VmLauncher> Agent<L> {
             }
             None => None,
         };
+        let witness_journal = match (&cfg.journal, &cfg.witness) {
+            (Some(path), witness_client::WitnessClient::Etcd(_)) => Some(Arc::new(Mutex::new(
+                JournalWriter::open(&witness_journal_path(path))?,
+            ))),
+            _ => None,
+        };
         Ok(Agent {
             driver,
             cfg,
@@ -330,6 +346,7 @@ impl<L: VmLauncher> Agent<L> {
             status_written: Instant::now(),
             sync_progress: Arc::default(),
             journal,
+            witness_journal,
             last_sync: None,
             exporter: None,
             failover_at: None,

@@ -5,6 +5,7 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use ftvm_driver::journal::WitnessEntry;
 use ftvm_model::{NodeId, VmId, WitnessReply, WitnessRequest};
 
 use super::witness::{self, WitnessError};
@@ -74,14 +75,35 @@ impl WitnessClient {
         vm: VmId,
         req: WitnessRequest,
         timeout: Duration,
-    ) -> Result<WitnessReply, WitnessClientError> {
+    ) -> Result<WitnessAnswer, WitnessClientError> {
         match self {
-            WitnessClient::Service(addr) => {
-                Ok(witness::request(*addr, identity, vm, req, timeout).await?)
+            WitnessClient::Service(addr) => Ok(WitnessAnswer {
+                reply: witness::request(*addr, identity, vm, req, timeout).await?,
+                decided: None,
+            }),
+            WitnessClient::Etcd(etcd) => {
+                let applied = etcd.request(node, vm, req, timeout).await?;
+                Ok(WitnessAnswer {
+                    decided: applied.written_us.map(|wall_us| WitnessEntry {
+                        wall_us,
+                        reply: applied.reply,
+                    }),
+                    reply: applied.reply,
+                })
             }
-            WitnessClient::Etcd(etcd) => Ok(etcd.request(node, vm, req, timeout).await?.reply),
         }
     }
+}
+
+/// A witness's reply, and the decision this request made, if it made one here.
+#[derive(Debug, Clone, Copy)]
+pub struct WitnessAnswer {
+    /// The reply.
+    pub reply: WitnessReply,
+    /// With etcd, the write to the register this request made (its entry in the register's
+    /// history, for the run check: no witness process keeps one). `ftvm witness` journals
+    /// its decisions itself.
+    pub decided: Option<WitnessEntry>,
 }
 
 #[cfg(test)]

@@ -99,6 +99,10 @@ pub struct Applied {
     pub conflicts: u32,
     /// Whether this request wrote the register (false: it changed nothing).
     pub wrote: bool,
+    /// When it wrote: the wall clock (µs, [`crate::journal_file::clock_us`]) just before the
+    /// compare-and-set that succeeded. The write took effect after this and before any
+    /// later write read it, so these times order the register's history as etcd did.
+    pub written_us: Option<u64>,
 }
 
 /// An etcd cluster acting as the witness of any number of VMs (one key each).
@@ -304,7 +308,7 @@ impl EtcdWitness {
                 let reply = witness.handle_from(Time::ZERO, from, req);
                 if *witness.state() == seen.state {
                     // Nothing to write: the answer stands on a linearizable read.
-                    return Ok(Ok(Some((reply, false))));
+                    return Ok(Ok(Some((reply, None))));
                 }
                 after_read(this_attempt).await;
                 let txn = Txn::new()
@@ -318,16 +322,18 @@ impl EtcdWitness {
                         register::encode(witness.state()),
                         None,
                     )]);
+                let sent_us = crate::journal_file::clock_us();
                 let answer = client.txn(txn).await?;
-                Ok(Ok(answer.succeeded().then_some((reply, true))))
+                Ok(Ok(answer.succeeded().then_some((reply, Some(sent_us)))))
             };
             match tokio::time::timeout(remaining, round).await {
                 Err(_) => return Err(self.timeout(timeout, last)),
-                Ok(Ok(Ok(Some((reply, wrote))))) => {
+                Ok(Ok(Ok(Some((reply, written_us))))) => {
                     return Ok(Applied {
                         reply,
                         conflicts,
-                        wrote,
+                        wrote: written_us.is_some(),
+                        written_us,
                     })
                 }
                 Ok(Ok(Err(e))) => return Err(e),
