@@ -49,6 +49,8 @@ pub struct Args {
     /// With an etcd witness: the key prefix; the VM's register is `<prefix>/vm/<id>`.
     #[arg(long, default_value = ftvm_real::etcd_witness::DEFAULT_PREFIX)]
     witness_prefix: String,
+    #[command(flatten)]
+    witness_tls: crate::etcd_tls_args::EtcdTlsArgs,
     /// Key directory (`ftvm keygen`): this node's private key `node-<ID>.key` and the public
     /// keys of the other nodes and the witness. Every link and witness exchange is
     /// authenticated with them.
@@ -271,7 +273,11 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
             );
         }
     }
-    let witness = WitnessClient::parse(&args.witness, &args.witness_prefix).context("--witness")?;
+    let mut witness =
+        WitnessClient::parse(&args.witness, &args.witness_prefix).context("--witness")?;
+    if let Some(tls) = args.witness_tls.load()? {
+        witness = witness.with_etcd_tls(tls).context("--witness-ca")?;
+    }
     let guest = args.guest.image()?;
     secure_fs::private_dir(&args.state_dir).context("the state directory")?;
     let page_size = 4096u32;

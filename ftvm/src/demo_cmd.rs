@@ -400,7 +400,7 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     // Read while both agents run: stopping the backup makes the primary drop it there.
     let register = match args.witness {
         WitnessKind::Etcd => {
-            let r = crate::deploy_etcd::read_register(&d.topo, VmId(1))?;
+            let r = crate::deploy_etcd::read_register(&d.topo, &deploy::etcd_dir(&w), VmId(1))?;
             println!(
                 "== the register in etcd: generation {}, primary {}, backup {}",
                 r.generation.0,

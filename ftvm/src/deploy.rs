@@ -332,9 +332,11 @@ impl Deployment {
                 if relays {
                     bail!("the etcd witness is not reachable through the link relays");
                 }
+                let nodes: Vec<u32> = (1..=topo.agent_hosts().len() as u32).collect();
                 let c = crate::deploy_etcd::start(
                     &topo,
-                    &w.join("etcd"),
+                    &etcd_dir(&w),
+                    &nodes,
                     ftvm_model::VmId(1),
                     ftvm_model::NodeId(1),
                 )?;
@@ -615,6 +617,11 @@ pub fn client_report(out: &Path) -> serde_json::Value {
         .unwrap_or(serde_json::Value::Null)
 }
 
+/// Where the etcd witness of a deployment in `work_dir` keeps its data and certificates.
+pub fn etcd_dir(work_dir: &Path) -> PathBuf {
+    work_dir.join("etcd")
+}
+
 /// The key directory of a deployment in `work_dir`.
 pub fn keys_dir(work_dir: &Path) -> PathBuf {
     work_dir.join("keys")
@@ -685,6 +692,12 @@ fn node_args(
         (WitnessKind::Ftvm, false) => SocketAddr::from((topo.addr(Host::Switch), 7100)).to_string(),
     };
     let mut a = agent_args(topo, o, node, host_of(node), ram_dir, &peers, witness);
+    if o.witness == WitnessKind::Etcd {
+        a.extend(crate::deploy_etcd::agent_tls_args(
+            &etcd_dir(&o.work_dir),
+            node,
+        ));
+    }
     if node != 1 && peers.len() > 1 {
         a.extend(["--primary".into(), "1".into()]);
     }

@@ -1,15 +1,19 @@
 //! The etcd witness of a local deployment (`ftvm demo --witness etcd`): a 3-member etcd cluster
 //! on the witness host (the switch namespace), where `ftvm witness` would run, and the VM's
 //! register created in it once, as `ftvm witness-init` would on real hosts. The agents then
-//! decide each witness request as a compare-and-set on that key.
+//! decide each witness request as a compare-and-set on that key. Clients reach etcd over TLS
+//! and etcd requires their certificates (`--client-cert-auth`): a CA made for the deployment
+//! signs the members' server certificate, one client certificate per agent and one for this
+//! tool (`ftvm-admin`), all under `<etcd dir>/pki`.
 
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
 use ftvm_model::{NodeId, VmId, WitnessState};
-use ftvm_real::etcd_witness::{EtcdTarget, EtcdWitness, DEFAULT_PREFIX};
+use ftvm_real::etcd_witness::{EtcdTarget, EtcdTls, EtcdTlsFiles, EtcdWitness, DEFAULT_PREFIX};
+use ftvm_real::host::etcd_certs::cluster_tls;
 use ftvm_real::host::etcd_cluster::{ClusterSpec, EtcdCluster, MemberAddrs};
 use ftvm_real::host::topology::{Host, Topology};
 
@@ -17,6 +21,10 @@ use ftvm_real::host::topology::{Host, Topology};
 const MEMBERS: u16 = 3;
 /// The first member's client port; each member takes two ports (client, peer) from here.
 const FIRST_PORT: u16 = 2379;
+/// The CA's name (its certificate is `<pki>/etcd-ca.pem`).
+const CA: &str = "etcd-ca";
+/// The client certificate this tool uses (register creation, the final read).
+const ADMIN: &str = "ftvm-admin";
 
 fn member_addrs(ip: IpAddr) -> Vec<MemberAddrs> {
     (0..MEMBERS)
@@ -29,10 +37,9 @@ fn member_addrs(ip: IpAddr) -> Vec<MemberAddrs> {
 
 /// The `--witness` value agents of a deployment on `topo` use with the etcd witness.
 pub fn etcd_url(topo: &Topology) -> String {
-    let ip = IpAddr::from(topo.addr(Host::Switch));
-    let eps: Vec<String> = member_addrs(ip)
+    let eps: Vec<String> = etcd_client_addrs(topo)
         .iter()
-        .map(|m| m.client.to_string())
+        .map(SocketAddr::to_string)
         .collect();
     format!("etcd://{}", eps.join(","))
 }
@@ -46,16 +53,61 @@ pub fn etcd_client_addrs(topo: &Topology) -> Vec<SocketAddr> {
         .collect()
 }
 
-/// Starts the cluster on the witness host with its data under `dir`, waits for a leader and
-/// creates the register of `vm` with `primary` as primary of generation 1.
+fn pki(dir: &Path) -> PathBuf {
+    dir.join("pki")
+}
+
+/// The TLS files client `name` of the cluster under `dir` connects with.
+fn client_files(dir: &Path, name: &str) -> EtcdTlsFiles {
+    let pki = pki(dir);
+    EtcdTlsFiles {
+        ca: pki.join(format!("{CA}.pem")),
+        cert: pki.join(format!("{name}.pem")),
+        key: pki.join(format!("{name}.key")),
+    }
+}
+
+/// The witness flags of node `node`'s agent besides `--witness`: its TLS files.
+pub fn agent_tls_args(dir: &Path, node: u32) -> Vec<String> {
+    let f = client_files(dir, &format!("node-{node}"));
+    vec![
+        "--witness-ca".into(),
+        f.ca.display().to_string(),
+        "--witness-cert".into(),
+        f.cert.display().to_string(),
+        "--witness-key".into(),
+        f.key.display().to_string(),
+    ]
+}
+
+/// This tool's client of the cluster under `dir` on `topo`.
+fn admin(topo: &Topology, dir: &Path) -> anyhow::Result<EtcdWitness> {
+    let target =
+        EtcdTarget::parse(&etcd_url(topo), DEFAULT_PREFIX).context("the etcd witness's address")?;
+    let tls = EtcdTls::load(&client_files(dir, ADMIN))?;
+    Ok(EtcdWitness::with_tls(target, tls))
+}
+
+/// Starts the cluster on the witness host with its data under `dir`, issues client
+/// certificates for agents `nodes`, waits for a leader and creates the register of `vm` with
+/// `primary` as primary of generation 1.
 pub fn start(
     topo: &Topology,
     dir: &Path,
+    nodes: &[u32],
     vm: VmId,
     primary: NodeId,
 ) -> anyhow::Result<EtcdCluster> {
+    let ip = IpAddr::from(topo.addr(Host::Switch));
+    let (tls, ca) = cluster_tls(&pki(dir), ip).context("the etcd cluster's certificates")?;
+    for n in nodes {
+        ca.client(CA, &format!("node-{n}"))
+            .context("an agent's etcd certificate")?;
+    }
+    ca.client(CA, ADMIN)
+        .context("the admin's etcd certificate")?;
     let spec = ClusterSpec {
-        members: member_addrs(IpAddr::from(topo.addr(Host::Switch))),
+        members: member_addrs(ip),
         dir: dir.to_path_buf(),
         wrap: vec![
             "ip".into(),
@@ -65,16 +117,15 @@ pub fn start(
         ],
         // Quick elections, as in the tests: a killed leader costs well under a second.
         raft_ms: (50, 500),
+        tls: Some(tls),
     };
-    let url = etcd_url(topo);
-    let target = EtcdTarget::parse(&url, DEFAULT_PREFIX).context("the etcd witness's address")?;
+    let witness = admin(topo, dir)?;
     // The members listen on the witness host's address: wait for them, and write the register,
     // from inside that host.
     on_witness_host(topo, async move {
         let cluster = EtcdCluster::start(spec)
             .await
             .context("starting the etcd cluster")?;
-        let witness = EtcdWitness::new(target);
         let key = witness.target().key(vm);
         witness
             .init(vm, primary, Duration::from_secs(10))
@@ -84,12 +135,12 @@ pub fn start(
     })
 }
 
-/// Reads the register of `vm` (a linearizable read) from inside the witness host.
-pub fn read_register(topo: &Topology, vm: VmId) -> anyhow::Result<WitnessState> {
-    let url = etcd_url(topo);
-    let target = EtcdTarget::parse(&url, DEFAULT_PREFIX).context("the etcd witness's address")?;
+/// Reads the register of `vm` (a linearizable read) from the cluster under `dir`, from inside
+/// the witness host.
+pub fn read_register(topo: &Topology, dir: &Path, vm: VmId) -> anyhow::Result<WitnessState> {
+    let witness = admin(topo, dir)?;
     on_witness_host(topo, async move {
-        EtcdWitness::new(target)
+        witness
             .query(vm, Duration::from_secs(5))
             .await
             .context("reading the register from etcd")

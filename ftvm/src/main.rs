@@ -26,6 +26,7 @@ mod deploy;
 mod deploy_etcd;
 mod disk_args;
 mod epoch_policy_args;
+mod etcd_tls_args;
 mod guest_args;
 mod keygen_cmd;
 mod logging;

@@ -23,13 +23,19 @@ pub struct Target {
     /// How long to wait for etcd, in milliseconds.
     #[arg(long, default_value_t = 5000)]
     timeout_ms: u64,
+    #[command(flatten)]
+    tls: crate::etcd_tls_args::EtcdTlsArgs,
 }
 
 impl Target {
     fn open(&self) -> anyhow::Result<(EtcdWitness, VmId, Duration)> {
         let target = EtcdTarget::parse(&self.witness, &self.witness_prefix).context("--witness")?;
+        let witness = match self.tls.load()? {
+            Some(tls) => EtcdWitness::with_tls(target, tls),
+            None => EtcdWitness::new(target),
+        };
         Ok((
-            EtcdWitness::new(target),
+            witness,
             VmId(self.vm),
             Duration::from_millis(self.timeout_ms),
         ))

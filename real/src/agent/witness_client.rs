@@ -10,7 +10,7 @@ use ftvm_model::{NodeId, VmId, WitnessReply, WitnessRequest};
 
 use super::witness::{self, WitnessError};
 use crate::auth::Identity;
-use crate::etcd_witness::{EtcdTarget, EtcdWitness, EtcdWitnessError, TargetError};
+use crate::etcd_witness::{EtcdTarget, EtcdTls, EtcdWitness, EtcdWitnessError, TargetError};
 
 /// The witness an agent asks.
 #[derive(Debug, Clone)]
@@ -52,6 +52,18 @@ impl WitnessClientError {
 }
 
 impl WitnessClient {
+    /// The same witness reached over TLS with `tls` (etcd only: `ftvm witness` exchanges are
+    /// authenticated with the node's keys instead).
+    pub fn with_etcd_tls(self, tls: EtcdTls) -> Result<WitnessClient, TargetError> {
+        match self {
+            WitnessClient::Etcd(e) => Ok(WitnessClient::Etcd(EtcdWitness::with_tls(
+                e.target().clone(),
+                tls,
+            ))),
+            WitnessClient::Service(a) => Err(TargetError::TlsWithoutEtcd(a.to_string())),
+        }
+    }
+
     /// Parses `--witness`: `HOST:PORT` of an `ftvm witness`, or `etcd://HOST:PORT,...` with its
     /// key prefix `etcd_prefix`.
     pub fn parse(witness: &str, etcd_prefix: &str) -> Result<WitnessClient, TargetError> {

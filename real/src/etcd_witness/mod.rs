@@ -24,6 +24,7 @@
 
 pub mod register;
 pub mod target;
+pub mod tls;
 
 use std::time::{Duration, Instant};
 
@@ -32,6 +33,7 @@ use ftvm_model::{NodeId, Time, VmId, Witness, WitnessReply, WitnessRequest, Witn
 
 pub use self::register::RegisterError;
 pub use self::target::{EtcdTarget, TargetError, DEFAULT_PREFIX};
+pub use self::tls::{EtcdTls, EtcdTlsError, EtcdTlsFiles};
 
 /// Errors of the etcd witness.
 #[derive(Debug, thiserror::Error)]
@@ -109,6 +111,8 @@ pub struct Applied {
 #[derive(Clone)]
 pub struct EtcdWitness {
     target: EtcdTarget,
+    /// With TLS: the CA and this host's client certificate (etcd checks it).
+    tls: Option<EtcdTls>,
     client: std::sync::Arc<tokio::sync::OnceCell<Client>>,
 }
 
@@ -116,6 +120,7 @@ impl std::fmt::Debug for EtcdWitness {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("EtcdWitness")
             .field("target", &self.target)
+            .field("tls", &self.tls.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -146,7 +151,16 @@ impl EtcdWitness {
     pub fn new(target: EtcdTarget) -> EtcdWitness {
         EtcdWitness {
             target,
+            tls: None,
             client: Default::default(),
+        }
+    }
+
+    /// A witness on `target` reached over TLS, showing the client certificate of `tls`.
+    pub fn with_tls(target: EtcdTarget, tls: EtcdTls) -> EtcdWitness {
+        EtcdWitness {
+            tls: Some(tls),
+            ..EtcdWitness::new(target)
         }
     }
 
@@ -158,12 +172,16 @@ impl EtcdWitness {
     /// The client, set up on first use. The balanced channel connects lazily, so a cluster
     /// that is down does not fail this: its requests time out instead.
     async fn client(&self) -> Result<Client, EtcdWitnessError> {
-        let opts = ConnectOptions::new()
+        let mut opts = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
             .with_timeout(CALL_TIMEOUT)
             .with_keep_alive(Duration::from_secs(1), CALL_TIMEOUT)
             // A member cut off from its leader answers at once instead of waiting.
             .with_require_leader(true);
+        if let Some(tls) = &self.tls {
+            // `host:port` endpoints are then dialled as https.
+            opts = opts.with_tls(tls.options());
+        }
         let client = self
             .client
             .get_or_try_init(|| Client::connect(&self.target.endpoints, Some(opts)))

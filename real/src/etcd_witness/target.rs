@@ -27,6 +27,12 @@ pub enum TargetError {
          not end with '/', and be at most {MAX_PREFIX_BYTES} bytes"
     )]
     Prefix(String),
+    /// TLS files given for a witness that is not etcd.
+    #[error(
+        "the witness's TLS files are for an etcd witness; {0} is an ftvm witness (its \
+         exchanges are authenticated with the node's keys)"
+    )]
+    TlsWithoutEtcd(String),
 }
 
 /// An etcd cluster and the prefix of the witness's keys in it.

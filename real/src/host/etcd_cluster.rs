@@ -81,6 +81,22 @@ pub struct ClusterSpec {
     pub wrap: Vec<String>,
     /// Raft timings in ms (heartbeat, election timeout): short ones make tests quick.
     pub raft_ms: (u64, u64),
+    /// Serve clients over TLS and require their certificates (`--client-cert-auth`); peers
+    /// keep plain HTTP between themselves (they share a host here).
+    pub tls: Option<ClusterTls>,
+}
+
+/// The TLS files of a cluster that requires client certificates.
+#[derive(Debug, Clone)]
+pub struct ClusterTls {
+    /// The CA that signs the server's and the clients' certificates.
+    pub ca: PathBuf,
+    /// The members' server certificate (valid for their client address).
+    pub server_cert: PathBuf,
+    /// Its key.
+    pub server_key: PathBuf,
+    /// A client certificate the cluster's own health checks use.
+    pub client: crate::etcd_witness::EtcdTlsFiles,
 }
 
 impl ClusterSpec {
@@ -107,6 +123,7 @@ impl ClusterSpec {
             dir: dir.to_path_buf(),
             wrap: Vec::new(),
             raft_ms: (50, 500),
+            tls: None,
         })
     }
 }
@@ -218,12 +235,13 @@ impl EtcdCluster {
             .enumerate()
             .map(|(j, mj)| format!("{}=http://{}", Self::name(j), mj.peer))
             .collect();
-        let args: Vec<String> = vec![
+        let scheme = if spec.tls.is_some() { "https" } else { "http" };
+        let mut args: Vec<String> = vec![
             "etcd".into(),
             format!("--name={}", Self::name(i)),
             format!("--data-dir={}", data.display()),
-            format!("--listen-client-urls=http://{}", m.client),
-            format!("--advertise-client-urls=http://{}", m.client),
+            format!("--listen-client-urls={scheme}://{}", m.client),
+            format!("--advertise-client-urls={scheme}://{}", m.client),
             format!("--listen-peer-urls=http://{}", m.peer),
             format!("--initial-advertise-peer-urls=http://{}", m.peer),
             format!("--initial-cluster={}", initial.join(",")),
@@ -233,6 +251,14 @@ impl EtcdCluster {
             format!("--election-timeout={}", spec.raft_ms.1),
             "--logger=zap".into(),
         ];
+        if let Some(t) = &spec.tls {
+            args.extend([
+                "--client-cert-auth".into(),
+                format!("--trusted-ca-file={}", t.ca.display()),
+                format!("--cert-file={}", t.server_cert.display()),
+                format!("--key-file={}", t.server_key.display()),
+            ]);
+        }
         let argv: Vec<&String> = spec.wrap.iter().chain(args.iter()).collect();
         let child = Command::new(argv[0])
             .args(&argv[1..])
@@ -321,9 +347,13 @@ impl EtcdCluster {
             if !self.is_running(i) {
                 continue;
             }
-            let opts = etcd_client::ConnectOptions::new()
+            let mut opts = etcd_client::ConnectOptions::new()
                 .with_connect_timeout(Duration::from_millis(300))
                 .with_timeout(Duration::from_millis(300));
+            if let Some(t) = &self.spec.tls {
+                let tls = crate::etcd_witness::EtcdTls::load(&t.client).ok()?;
+                opts = opts.with_tls(tls.options());
+            }
             let mut c = Client::connect([m.client.to_string()], Some(opts))
                 .await
                 .ok()?;
