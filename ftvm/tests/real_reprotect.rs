@@ -7,6 +7,10 @@
 //! RAM: `FTVM_REPROTECT_RAM_MB` (default 256, which keeps the test near a minute in CI; the
 //! issue's 1 GiB figures come from running it with 1024). Capture: `FTVM_REPROTECT_CAPTURE`
 //! (default cow).
+//!
+//! cow starts QEMU with the preload library, which the agents look for beside the test's
+//! binaries: build it first (`cargo build -p ftvm-preload`) or point `FTVM_PRELOAD` at it;
+//! without it the backup agent exits at start and the test fails saying so.
 
 mod common;
 

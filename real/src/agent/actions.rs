@@ -18,6 +18,7 @@ use super::capture::CaptureMode;
 use super::event::{CommitError, ConnId, Event};
 use super::link::{self, CowPages, Outgoing, PausedPages, Side};
 use super::metrics::{EpochMetrics, LastSync};
+use super::spare;
 use super::vm::{PreCopy, RestorePoint, Vm, VmError, VmLauncher};
 use super::zero_pages;
 use super::{new_conn, Agent, AgentError};
@@ -124,7 +125,7 @@ impl<L: VmLauncher> Agent<L> {
             return Ok(());
         };
         if let Some((_, old, _)) = self.pre_copied.take() {
-            self.spare.get_or_insert(old);
+            spare::keep_larger(&mut self.spare, old);
         }
         let ram = vm.guest_ram();
         let page_size = self.cfg.model.page_size as usize;
@@ -138,12 +139,17 @@ impl<L: VmLauncher> Agent<L> {
             // written after. Every page it writes from `start_pre_copy` on is in the
             // capture's dirty log and taken again then, whatever it holds.
             match how {
-                PreCopy::Copy => zero_pages::copy_nonzero_pages(
-                    ram.as_slice(),
-                    page_size,
-                    &mut buf.indices,
-                    &mut buf.data,
-                ),
+                PreCopy::Copy => {
+                    // Room for all of RAM at once: growing by reallocation would copy what
+                    // is in already (each page is faulted in once, as it is first written).
+                    buf.data.reserve(ram.as_slice().len());
+                    zero_pages::copy_nonzero_pages(
+                        ram.as_slice(),
+                        page_size,
+                        &mut buf.indices,
+                        &mut buf.data,
+                    )
+                }
                 PreCopy::Scan | PreCopy::None => {
                     zero_pages::nonzero_pages(ram.as_slice(), page_size, &mut buf.indices)
                 }
@@ -180,7 +186,7 @@ impl<L: VmLauncher> Agent<L> {
                 (Some(buf), us)
             }
             Some((_, stale, _)) => {
-                self.spare.get_or_insert(stale);
+                spare::keep_larger(&mut self.spare, stale);
                 (None, 0)
             }
             None => (None, 0),
@@ -361,7 +367,7 @@ impl<L: VmLauncher> Agent<L> {
             return;
         };
         if staged.epoch != epoch.0 {
-            self.spare = Some(staged);
+            spare::keep_larger(&mut self.spare, staged);
             return;
         }
         let paused = self.cfg.capture == CaptureMode::PausedSend;
@@ -398,7 +404,11 @@ impl<L: VmLauncher> Agent<L> {
             Ok(()) if paused => self.resume.sending(conn, epoch),
             Ok(()) => {}
             // The writer is gone; its LinkClosed tells the model.
-            Err(out) => self.spare = out.into_staged(),
+            Err(out) => {
+                if let Some(buf) = out.into_staged() {
+                    spare::keep_larger(&mut self.spare, buf);
+                }
+            }
         }
     }
 

@@ -21,6 +21,7 @@ mod on_event;
 pub mod prom;
 pub mod qemu_vm;
 mod resume_gate;
+mod spare;
 mod status;
 pub mod vm;
 pub mod witness;
@@ -196,6 +197,7 @@ pub struct Agent<L: VmLauncher> {
     spool: Arc<JournalSpool>,
     /// The thread applying committed checkpoints to the replica.
     applier: std::sync::mpsc::Sender<actions::ApplyJob>,
+    /// The staging buffer the next capture fills (`spare::keep_larger` says which is kept).
     spare: Option<StagedCheckpoint>,
     captured: Option<StagedCheckpoint>,
     /// RAM copied ahead of the full capture of an epoch (`Action::PreCopy`).

@@ -63,7 +63,7 @@ impl<L: VmLauncher> Agent<L> {
                 pending.push_back(Input::PreCopied { epoch });
             }
             Event::BufferBack { staged } => {
-                self.spare.get_or_insert(staged);
+                super::spare::keep_larger(&mut self.spare, staged);
             }
             Event::CheckpointSent {
                 epoch,
@@ -73,7 +73,7 @@ impl<L: VmLauncher> Agent<L> {
                 cow,
                 staged,
             } => {
-                self.spare = Some(staged);
+                super::spare::keep_larger(&mut self.spare, staged);
                 self.resume.sent(epoch);
                 if let Some((m, sent)) = self.open_epochs.get_mut(&epoch.0) {
                     m.bytes = bytes;
