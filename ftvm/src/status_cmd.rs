@@ -1,14 +1,16 @@
 //! `ftvm status`: one table for a protected VM: each agent's role and phase, whether the VM is
-//! protected, generation, replica lag, last failover, and the witness register when its state
-//! file is readable here. Agents are read over their `/status` endpoint (`--metrics-listen`)
+//! protected, generation, replica lag, last failover, and the witness register: from its state
+//! file when readable here, or from etcd (`--witness etcd://...`). Agents are read over their `/status` endpoint (`--metrics-listen`)
 //! or from `status.json` in their state directory; one that cannot be read is shown as such.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::Context;
+use ftvm_model::VmId;
+use ftvm_real::etcd_witness::{EtcdTarget, EtcdWitness};
 use serde_json::Value;
 
 /// Arguments of `ftvm status`.
@@ -27,6 +29,18 @@ pub struct Args {
     /// The witness's register file (`ftvm witness --state`), when readable here.
     #[arg(long)]
     witness_state: Option<PathBuf>,
+    /// An etcd witness, `etcd://HOST:PORT[,HOST:PORT...]`: its register of `--vm` is read
+    /// (linearizably) and shown.
+    #[arg(long)]
+    witness: Option<String>,
+    /// With --witness: the key prefix of the registers.
+    #[arg(long, default_value = ftvm_real::etcd_witness::DEFAULT_PREFIX)]
+    witness_prefix: String,
+    /// With --witness: the VM whose register to show.
+    #[arg(long, default_value_t = 1)]
+    vm: u64,
+    #[command(flatten)]
+    witness_tls: crate::etcd_tls_args::EtcdTlsArgs,
     /// Refresh every this many seconds until interrupted.
     #[arg(long, value_name = "SECS", num_args = 0..=1, default_missing_value = "2")]
     watch: Option<u64>,
@@ -123,11 +137,41 @@ fn agent_line(source: &Source, status: anyhow::Result<Value>) -> String {
     )
 }
 
-fn register_line(path: &Path) -> String {
-    match fetch(&Source::File(path.to_path_buf())) {
+/// Where a witness register is read.
+enum Register {
+    /// An `ftvm witness` state file.
+    File(PathBuf),
+    /// An etcd witness's key for a VM.
+    Etcd(EtcdWitness, VmId),
+}
+
+impl std::fmt::Display for Register {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Register::File(p) => write!(f, "{}", p.display()),
+            Register::Etcd(w, vm) => write!(f, "{} {}", w.target().url(), w.target().key(*vm)),
+        }
+    }
+}
+
+/// Reads an etcd register as the JSON a state file holds.
+fn fetch_etcd(w: &EtcdWitness, vm: VmId) -> anyhow::Result<Value> {
+    let state = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(w.query(vm, TIMEOUT))?;
+    Ok(serde_json::to_value(state)?)
+}
+
+fn register_line(reg: &Register) -> String {
+    let read = match reg {
+        Register::File(path) => fetch(&Source::File(path.clone())),
+        Register::Etcd(w, vm) => fetch_etcd(w, *vm),
+    };
+    match read {
         Ok(r) => format!(
-            "witness register {}: vm {} generation {} primary {} backup {}",
-            path.display(),
+            "witness register {reg}: vm {} generation {} primary {} backup {}",
             r["vm"],
             r["generation"],
             r["primary"],
@@ -136,19 +180,31 @@ fn register_line(path: &Path) -> String {
                 b => b["node"].to_string(),
             }
         ),
-        Err(e) => format!("witness register {}: UNREADABLE: {e:#}", path.display()),
+        Err(e) => format!("witness register {reg}: UNREADABLE: {e:#}"),
     }
 }
 
 /// The sources and register files the arguments name.
-fn sources(args: &Args) -> anyhow::Result<(Vec<Source>, Vec<PathBuf>)> {
+fn sources(args: &Args) -> anyhow::Result<(Vec<Source>, Vec<Register>)> {
     let mut out: Vec<Source> = args.agents.iter().map(|a| Source::Http(*a)).collect();
     out.extend(
         args.state_dirs
             .iter()
             .map(|d| Source::File(d.join("status.json"))),
     );
-    let mut registers: Vec<PathBuf> = args.witness_state.iter().cloned().collect();
+    let mut registers: Vec<Register> = args
+        .witness_state
+        .iter()
+        .map(|p| Register::File(p.clone()))
+        .collect();
+    if let Some(url) = &args.witness {
+        let target = EtcdTarget::parse(url, &args.witness_prefix).context("--witness")?;
+        let w = match args.witness_tls.load()? {
+            Some(tls) => EtcdWitness::with_tls(target, tls),
+            None => EtcdWitness::new(target),
+        };
+        registers.push(Register::Etcd(w, VmId(args.vm)));
+    }
     for c in &args.configs {
         let file = crate::config_file::load(c)?;
         if let Some(a) = file.agent {
@@ -158,16 +214,18 @@ fn sources(args: &Args) -> anyhow::Result<(Vec<Source>, Vec<PathBuf>)> {
                 (None, None) => {}
             }
         }
-        registers.extend(file.witness.and_then(|w| w.state));
+        registers.extend(file.witness.and_then(|w| w.state).map(Register::File));
     }
     if out.is_empty() && registers.is_empty() {
-        anyhow::bail!("nothing to show: give --agent, --state-dir, --config or --witness-state");
+        anyhow::bail!(
+            "nothing to show: give --agent, --state-dir, --config, --witness-state or --witness"
+        );
     }
     Ok((out, registers))
 }
 
 /// The whole report, one line per agent and register.
-fn report(agents: &[Source], registers: &[PathBuf]) -> (String, bool) {
+fn report(agents: &[Source], registers: &[Register]) -> (String, bool) {
     let mut text = String::new();
     let mut all_ok = true;
     for r in registers {
@@ -220,20 +278,29 @@ mod tests {
             Source::File(d.path().join("status.json")),
             Source::File(d.path().join("missing.json")),
         ];
-        let (text, ok) = report(&agents, &[d.path().join("nope.json")]);
+        let etcd = EtcdTarget::parse(&format!("etcd://{dead_addr}"), "/p").unwrap();
+        let registers = [
+            Register::File(d.path().join("nope.json")),
+            Register::Etcd(EtcdWitness::new(etcd), VmId(1)),
+        ];
+        let (text, ok) = report(&agents, &registers);
         assert!(!ok);
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(lines.len(), 4, "{text}");
+        assert_eq!(lines.len(), 5, "{text}");
         assert!(lines[0].contains("UNREADABLE"), "{text}");
-        assert!(lines[1].contains("UNREACHABLE"), "{text}");
         assert!(
-            lines[2].contains("primary") && lines[2].contains("UNPROTECTED"),
+            lines[1].contains("UNREADABLE") && lines[1].contains("/p/vm/1"),
+            "{text}"
+        );
+        assert!(lines[2].contains("UNREACHABLE"), "{text}");
+        assert!(
+            lines[3].contains("primary") && lines[3].contains("UNPROTECTED"),
             "{text}"
         );
         assert!(
-            lines[2].contains("gen 2") && lines[2].contains("(180 ms)"),
+            lines[3].contains("gen 2") && lines[3].contains("(180 ms)"),
             "{text}"
         );
-        assert!(lines[3].contains("UNREACHABLE"), "{text}");
+        assert!(lines[4].contains("UNREACHABLE"), "{text}");
     }
 }
