@@ -154,11 +154,7 @@ fn on_witness_host<T: Send + 'static>(
     job: impl std::future::Future<Output = anyhow::Result<T>> + Send + 'static,
 ) -> anyhow::Result<T> {
     topo.in_ns(Host::Switch, move || -> anyhow::Result<T> {
-        tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .context("starting the async runtime")?
-            .block_on(job)
+        crate::witness_etcd_cmd::runtime()?.block_on(job)
     })
     .context("entering the witness host")?
 }

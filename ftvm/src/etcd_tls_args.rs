@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use anyhow::Context;
-use ftvm_real::etcd_witness::{EtcdTls, EtcdTlsFiles};
+use ftvm_real::etcd_witness::{EtcdTarget, EtcdTls, EtcdTlsFiles, EtcdWitness};
 
 /// TLS towards an etcd witness run with `--client-cert-auth`.
 #[derive(clap::Args, Debug, Clone, Default)]
@@ -37,5 +37,13 @@ impl EtcdTlsArgs {
         Ok(Some(
             EtcdTls::load(&files).context("the etcd witness's TLS files")?,
         ))
+    }
+
+    /// A witness on `target`, over TLS when the flags were given.
+    pub fn witness(&self, target: EtcdTarget) -> anyhow::Result<EtcdWitness> {
+        Ok(match self.load()? {
+            Some(tls) => EtcdWitness::with_tls(target, tls),
+            None => EtcdWitness::new(target),
+        })
     }
 }

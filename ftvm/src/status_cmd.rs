@@ -156,11 +156,7 @@ impl std::fmt::Display for Register {
 
 /// Reads an etcd register as the JSON a state file holds.
 fn fetch_etcd(w: &EtcdWitness, vm: VmId) -> anyhow::Result<Value> {
-    let state = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(w.query(vm, TIMEOUT))?;
+    let state = crate::witness_etcd_cmd::runtime()?.block_on(w.query(vm, TIMEOUT))?;
     Ok(serde_json::to_value(state)?)
 }
 
@@ -199,10 +195,7 @@ fn sources(args: &Args) -> anyhow::Result<(Vec<Source>, Vec<Register>)> {
         .collect();
     if let Some(url) = &args.witness {
         let target = EtcdTarget::parse(url, &args.witness_prefix).context("--witness")?;
-        let w = match args.witness_tls.load()? {
-            Some(tls) => EtcdWitness::with_tls(target, tls),
-            None => EtcdWitness::new(target),
-        };
+        let w = args.witness_tls.witness(target)?;
         registers.push(Register::Etcd(w, VmId(args.vm)));
     }
     for c in &args.configs {

@@ -30,10 +30,7 @@ pub struct Target {
 impl Target {
     fn open(&self) -> anyhow::Result<(EtcdWitness, VmId, Duration)> {
         let target = EtcdTarget::parse(&self.witness, &self.witness_prefix).context("--witness")?;
-        let witness = match self.tls.load()? {
-            Some(tls) => EtcdWitness::with_tls(target, tls),
-            None => EtcdWitness::new(target),
-        };
+        let witness = self.tls.witness(target)?;
         Ok((
             witness,
             VmId(self.vm),
@@ -59,7 +56,8 @@ pub struct ShowArgs {
     target: Target,
 }
 
-fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+/// A runtime for one blocking call into the etcd client.
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
