@@ -10,6 +10,7 @@ use anyhow::{bail, Context};
 use ftvm_model::{Config, NodeId, Start, VmId};
 use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::limits::AgentLimits;
+use ftvm_real::agent::link::socket_buffer::DEFAULT_LINK_BUFFER_BYTES;
 use ftvm_real::agent::metrics_http;
 use ftvm_real::agent::netio::NetIo;
 use ftvm_real::agent::prom::AgentExporter;
@@ -131,6 +132,12 @@ pub struct Args {
     /// the VM's network (the guest's transmit stalls, nothing is dropped) until acks release it.
     #[arg(long, default_value_t = DEFAULT_OUTPUT_CAP_BYTES >> 20, value_parser = clap::value_parser!(u64).range(1..))]
     output_cap_mb: u64,
+    /// KiB of each kernel buffer (send and receive) of a checkpoint link's socket; 0 leaves
+    /// them to the kernel's autotuning. Bytes queued there are bytes every ack waits behind, so
+    /// the default covers a LAN's bandwidth-delay product and little more; raise it for a
+    /// link with a longer round trip.
+    #[arg(long, default_value_t = (DEFAULT_LINK_BUFFER_BYTES >> 10) as u64)]
+    link_buffer_kib: u64,
     /// Log protocol events.
     #[arg(long)]
     verbose: bool,
@@ -371,6 +378,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
         verify_every: args.verify_every,
         limits: AgentLimits {
             output_cap_bytes: args.output_cap_mb.saturating_mul(1 << 20),
+            link_buffer_bytes: link_buffer_bytes(args.link_buffer_kib)?,
             ..AgentLimits::default()
         },
         journal: args.journal.clone(),
@@ -414,6 +422,20 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
 
 /// The size of the disk image at `path` in 4 KiB blocks (a size that is not whole blocks, or a
 /// missing file, is refused with the reason).
+/// `--link-buffer-kib` in bytes: 0 is the kernel's autotuning (`None`). The kernel takes an
+/// `int` and doubles it, so anything above 1 GiB is refused rather than wrapped.
+fn link_buffer_bytes(kib: u64) -> anyhow::Result<Option<usize>> {
+    const MAX_KIB: u64 = 1 << 20;
+    match kib {
+        0 => Ok(None),
+        k if k > MAX_KIB => {
+            anyhow::bail!("--link-buffer-kib {k}: at most {MAX_KIB} (1 GiB), or 0 for the kernel's autotuning")
+        }
+        // At most 2^30: fits a usize on every target this runs on.
+        k => Ok(Some((k << 10) as usize)),
+    }
+}
+
 fn disk_blocks(path: &std::path::Path) -> anyhow::Result<u64> {
     let block = u64::from(ftvm_model::wire::DISK_BLOCK_SIZE);
     let len = std::fs::metadata(path)
@@ -432,6 +454,14 @@ fn disk_blocks(path: &std::path::Path) -> anyhow::Result<u64> {
 mod tests {
     use super::*;
     use ftvm_real::qemu::{unprivileged_user_exists, DEFAULT_QEMU_USER};
+
+    #[test]
+    fn link_buffer_kib_zero_is_autotuning_and_too_large_is_refused() {
+        assert_eq!(link_buffer_bytes(0).unwrap(), None);
+        assert_eq!(link_buffer_bytes(256).unwrap(), Some(256 << 10));
+        let e = link_buffer_bytes(1 << 21).unwrap_err().to_string();
+        assert!(e.contains("at most"), "{e}");
+    }
 
     #[test]
     fn qemu_user_drops_only_with_the_library_that_ties_qemu_to_the_agent() {

@@ -10,6 +10,7 @@ use std::path::PathBuf;
 
 use anyhow::Context;
 use ftvm_real::agent::capture::CaptureMode;
+use ftvm_real::agent::link::socket_buffer::DEFAULT_LINK_BUFFER_BYTES;
 use ftvm_real::auth::Protection;
 use ftvm_real::transport::TransportKind;
 
@@ -153,6 +154,7 @@ pub fn run(a: AuthArgs) -> anyhow::Result<i32> {
                     pace: Pace::Spread,
                     dirty,
                     protection: p,
+                    link_buffer: Some(DEFAULT_LINK_BUFFER_BYTES),
                 };
                 let _ = std::fs::remove_dir_all(&a.work_dir);
                 let c = runtime

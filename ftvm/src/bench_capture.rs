@@ -17,6 +17,8 @@ use anyhow::Context;
 use ftvm_model::{Config, NodeId, Start, VmId};
 use ftvm_real::agent::capture::CaptureMode;
 use ftvm_real::agent::cow::CowOptions;
+use ftvm_real::agent::limits::AgentLimits;
+use ftvm_real::agent::link::socket_buffer::DEFAULT_LINK_BUFFER_BYTES;
 use ftvm_real::agent::mem_vm::{MemLauncher, MemRam};
 use ftvm_real::agent::witness_store::{Open, WitnessStore};
 use ftvm_real::agent::{witness, Agent, AgentConfig, AgentError, AgentExit};
@@ -61,6 +63,11 @@ pub struct CaptureArgs {
     /// Transports (comma separated).
     #[arg(long, value_delimiter = ',', default_value = "copy")]
     transport: Vec<String>,
+    /// KiB of each kernel buffer of the link sockets (comma separated; 0: the kernel's
+    /// autotuning), as `--link-buffer-kib` of the agents [default: the agents' default].
+    /// Bytes queued in the sockets when a send ends are bytes the ack waits behind.
+    #[arg(long, value_delimiter = ',')]
+    link_buffer_kib: Vec<u64>,
     /// Capture modes (comma separated; default: every implemented mode).
     #[arg(long, value_delimiter = ',')]
     capture: Vec<String>,
@@ -95,6 +102,7 @@ impl CaptureArgs {
             pace: Vec::new(),
             cow_early_passes: Vec::new(),
             transport: Vec::new(),
+            link_buffer_kib: Vec::new(),
             capture: Vec::new(),
             ram_mb,
             epoch_ms,
@@ -174,6 +182,10 @@ pub struct CaptureCase {
     /// cow: whether the early write-protect passes ran.
     #[serde(default)]
     pub early_passes: Option<bool>,
+    /// KiB of each link socket buffer; 0: the kernel's autotuning (and runs from before the
+    /// cap existed).
+    #[serde(default)]
+    pub link_buffer_kib: u64,
     /// Pages the guest was asked to write per epoch.
     pub target_pages: u64,
     /// Epochs measured.
@@ -192,6 +204,10 @@ pub struct CaptureCase {
     pub copy_p50_us: u64,
     /// Median checkpoint sent → acked, µs.
     pub ack_p50_us: u64,
+    /// Median capture done → acked (send plus ack of one epoch), µs: what the sockets'
+    /// buffers only move between the two.
+    #[serde(default)]
+    pub send_ack_p50_us: u64,
     /// cow: median pages per epoch the fault handler copied before they were sent.
     #[serde(default)]
     pub cow_copies_p50: u64,
@@ -308,6 +324,8 @@ pub(crate) struct CaseSpec {
     pub(crate) dirty: u64,
     /// How the link's frames are protected.
     pub(crate) protection: Protection,
+    /// Cap on each link socket buffer, bytes (`None`: the kernel's autotuning).
+    pub(crate) link_buffer: Option<usize>,
 }
 
 impl std::fmt::Display for CaseSpec {
@@ -336,6 +354,7 @@ fn aggregate(spec: &CaseSpec, lines: &[EpochLine], wall: Duration) -> CaptureCas
         layout: spec.layout.name().to_string(),
         pace: spec.pace.name().to_string(),
         early_passes: spec.early_passes,
+        link_buffer_kib: spec.link_buffer.map_or(0, |b| (b >> 10) as u64),
         target_pages: spec.dirty,
         epochs: lines.len() as u64,
         dirty_p50: median(&col(|l| l.dirty_pages)),
@@ -345,6 +364,7 @@ fn aggregate(spec: &CaseSpec, lines: &[EpochLine], wall: Duration) -> CaptureCas
         send_p99_us: percentile(&sends, 99),
         copy_p50_us: median(&col(|l| l.copy_us)),
         ack_p50_us: median(&col(|l| l.ack_us)),
+        send_ack_p50_us: median(&col(|l| l.send_us + l.ack_us)),
         cow_copies_p50: median(&col(|l| l.cow_copies)),
         cow_waits_p50: median(&col(|l| l.cow_waits)),
         protected_p50: median(&col(|l| l.protected)),
@@ -362,11 +382,11 @@ pub fn markdown(r: &CaptureReport) -> String {
     let mut s = format!(
         "Capture benchmark: in-memory VM with {} MiB RAM, {} ms epochs, primary and backup \
          agents over loopback; {} warm-up epochs left out per case.\n\n\
-         | capture | transport | layout | pace | pages written/epoch | dirty p50 | epochs | \
-         pause p50 µs | pause p99 µs | send p50 µs | send p99 µs | copy p50 µs | ack p50 µs | \
-         cow copies p50 | cow waits p50 | protected early p50 | protected paused p50 | \
-         VM idle rate |\n\
-         |---|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
+         | capture | transport | link buffer KiB | layout | pace | pages written/epoch | \
+         dirty p50 | epochs | pause p50 µs | pause p99 µs | send p50 µs | send p99 µs | \
+         copy p50 µs | ack p50 µs | send + ack p50 µs | cow copies p50 | cow waits p50 | \
+         protected early p50 | protected paused p50 | VM idle rate |\n\
+         |---|---|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|\n",
         r.ram_mb, r.epoch_ms, r.warmup
     );
     let mut short = false;
@@ -384,9 +404,13 @@ pub fn markdown(r: &CaptureReport) -> String {
             ""
         };
         s += &format!(
-            "| {} | {} | {} | {} | {} | {}{mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} |\n",
+            "| {} | {} | {} | {} | {} | {} | {}{mark} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {:.3} |\n",
             c.label(),
             c.transport,
+            match c.link_buffer_kib {
+                0 => "auto".to_string(),
+                k => k.to_string(),
+            },
             c.layout,
             c.pace,
             c.target_pages,
@@ -398,6 +422,7 @@ pub fn markdown(r: &CaptureReport) -> String {
             c.send_p99_us,
             c.copy_p50_us,
             c.ack_p50_us,
+            c.send_ack_p50_us,
             c.cow_copies_p50,
             c.cow_waits_p50,
             c.early_protected_p50,
@@ -413,7 +438,8 @@ pub fn markdown(r: &CaptureReport) -> String {
     s += "\n`burst`: the guest writes its pages as fast as it can right after each resume; \
           `spread`: evenly over the epoch, stopping at the pause. `protected early`: pages the \
           cow engine write-protected while the VM ran, before the capture; `protected paused`: \
-          pages it still had to protect with the VM paused.\n";
+          pages it still had to protect with the VM paused. `link buffer`: each link socket's \
+          kernel buffer (`auto`: the kernel's autotuning); `send + ack`: capture done → acked.\n";
     s
 }
 
@@ -483,6 +509,13 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<i32> {
         &a.cow_early_passes,
         "--cow-early-passes needs on and/or off",
     )?;
+    let buffers = match a.link_buffer_kib.as_slice() {
+        [] => vec![(DEFAULT_LINK_BUFFER_BYTES >> 10) as u64],
+        given => choices(given, "--link-buffer-kib needs a size")?,
+    };
+    if let Some(k) = buffers.iter().find(|&&k| k > 1 << 20) {
+        anyhow::bail!("--link-buffer-kib {k}: at most 1048576 (1 GiB), or 0 for autotuning");
+    }
     let mut variants: Vec<(CaptureMode, Option<bool>)> = Vec::new();
     for &m in &modes {
         if m == CaptureMode::Cow {
@@ -496,16 +529,19 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<i32> {
         for &layout in &layouts {
             for &pace in &paces {
                 for &transport in &transports {
-                    for &(mode, early_passes) in &variants {
-                        specs.push(CaseSpec {
-                            mode,
-                            early_passes,
-                            transport,
-                            layout,
-                            pace,
-                            dirty,
-                            protection: Protection::Mac,
-                        });
+                    for &kib in &buffers {
+                        for &(mode, early_passes) in &variants {
+                            specs.push(CaseSpec {
+                                mode,
+                                early_passes,
+                                transport,
+                                layout,
+                                pace,
+                                dirty,
+                                protection: Protection::Mac,
+                                link_buffer: (kib > 0).then_some((kib << 10) as usize),
+                            });
+                        }
                     }
                 }
             }
@@ -601,7 +637,10 @@ fn agent_config(
         protection: spec.protection,
         verbose: false,
         verify_every: None,
-        limits: Default::default(),
+        limits: AgentLimits {
+            link_buffer_bytes: spec.link_buffer,
+            ..AgentLimits::default()
+        },
         journal: None,
     })
 }
@@ -766,6 +805,7 @@ mod tests {
             pace: Pace::Burst,
             dirty,
             protection: Protection::Mac,
+            link_buffer: None,
         }
     }
 

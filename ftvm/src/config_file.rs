@@ -71,6 +71,7 @@ pub struct AgentSection {
     pub durable_replica: Option<bool>,
     pub discard_replica: Option<bool>,
     pub output_cap_mb: Option<u64>,
+    pub link_buffer_kib: Option<u64>,
     pub verbose: Option<bool>,
     pub journal: Option<PathBuf>,
     pub metrics_listen: Option<String>,

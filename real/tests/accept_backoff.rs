@@ -121,6 +121,7 @@ fn child() {
         protection: Protection::Mac,
         spool: None,
         progress: Default::default(),
+        socket_buffer: None,
     };
     accept::spawn(Listener {
         listener,

@@ -76,6 +76,7 @@ mod live {
             protection: Protection::Mac,
             spool: None,
             progress: Default::default(),
+            socket_buffer: None,
         };
         (setup, peer)
     }

@@ -499,6 +499,7 @@ impl<L: VmLauncher> Agent<L> {
             protection: self.cfg.protection,
             spool: Some(self.spool.clone()),
             progress: self.sync_progress.clone(),
+            socket_buffer: self.cfg.limits.link_buffer_bytes,
         }
     }
 

@@ -89,7 +89,7 @@ fn prologue(purpose: Purpose, vm: VmId) -> Vec<u8> {
         Purpose::Link(p) => format!("link/{}", p.name()),
         Purpose::Witness => "witness".into(),
     };
-    format!("ftvm auth v1 {what} vm {}", vm.0).into_bytes()
+    format!("ftvm auth v2 {what} vm {}", vm.0).into_bytes()
 }
 
 fn fresh_key() -> [u8; KEY_LEN] {

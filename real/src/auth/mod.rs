@@ -8,7 +8,7 @@
 //! connection is then bound to the node its key belongs to: it can speak only as that node.
 //!
 //! After the handshake, checkpoint links carry the ordinary wire frames, each followed by a
-//! HMAC-SHA256 tag over the frame's bytes and its sequence number ([`seal`]). The tag is
+//! GMAC tag over the frame's bytes, with its sequence number as nonce ([`seal`], [`gmac`]). The tag is
 //! computed while the frame is sent, over the very bytes handed to the transport, so pages still
 //! go out of guest RAM or the staging buffer by zero-copy sends: integrity costs a pass over the
 //! pages, not a copy. With `--encrypt` the link's whole byte stream travels as Noise transport
@@ -20,6 +20,7 @@
 #![warn(clippy::cast_possible_truncation)]
 
 pub mod crypt;
+pub mod gmac;
 pub mod handshake;
 pub mod keys;
 mod msg_io;

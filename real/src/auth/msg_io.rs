@@ -9,7 +9,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use super::AuthError;
 
 const MAGIC: [u8; 4] = *b"FTVA";
-const VERSION: u8 = 1;
+const VERSION: u8 = 2;
 const HEAD_LEN: usize = 8;
 
 /// The largest message (Noise's limit).

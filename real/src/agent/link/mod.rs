@@ -13,6 +13,7 @@
 mod frames;
 mod progress;
 mod read;
+pub mod socket_buffer;
 
 pub use progress::{SyncProgress, SyncReport};
 
@@ -229,6 +230,9 @@ pub struct LinkSetup {
     pub spool: Option<Arc<JournalSpool>>,
     /// Where the writer reports how far a full checkpoint (a sync) has got.
     pub progress: Arc<SyncProgress>,
+    /// Cap on each of the socket's kernel buffers, in bytes (`None`: the kernel's autotuning;
+    /// see [`socket_buffer`] for why there is one).
+    pub socket_buffer: Option<usize>,
 }
 
 /// Authenticates a connected stream (under the setup's deadline), then starts its threads.
@@ -270,6 +274,8 @@ fn start(
 ) -> Result<(), String> {
     let io = |e: std::io::Error| e.to_string();
     stream.set_nodelay(true).map_err(io)?;
+    socket_buffer::cap(&stream, setup.socket_buffer)
+        .map_err(|e| format!("capping the socket buffers: {e}"))?;
     stream
         .set_read_timeout(Some(setup.handshake_deadline))
         .map_err(io)?;
