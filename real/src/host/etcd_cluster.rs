@@ -91,8 +91,8 @@ pub struct ClusterSpec {
     /// Raft timings in ms (heartbeat, election timeout): short ones make tests quick.
     pub raft_ms: (u64, u64),
     /// Serve clients over TLS and require their certificates (`--client-cert-auth`), with
-    /// etcd's access control on (users named after the certificates' CN); peers keep plain
-    /// HTTP between themselves (they share a host here).
+    /// etcd's access control on unless [`ClusterTls::access`] is `None` (users named after the
+    /// certificates' CN); peers keep plain HTTP between themselves (they share a host here).
     pub tls: Option<ClusterTls>,
 }
 
