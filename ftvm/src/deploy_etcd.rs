@@ -3,8 +3,10 @@
 //! register created in it once, as `ftvm witness-init` would on real hosts. The agents then
 //! decide each witness request as a compare-and-set on that key. Clients reach etcd over TLS
 //! and etcd requires their certificates (`--client-cert-auth`): a CA made for the deployment
-//! signs the members' server certificate, one client certificate per agent and one for this
-//! tool (`ftvm-admin`), all under `<etcd dir>/pki`.
+//! signs the members' server certificate, one client certificate per agent (CN `node-N`) and
+//! the administrator's (CN `root`), which this tool uses, all under `<etcd dir>/pki`. etcd's
+//! access control is on: each agent's CN is an etcd user whose role may read and write the
+//! registers' keys and nothing else, as `ftvm witness-grant` sets up on real hosts.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::{Path, PathBuf};
@@ -12,19 +14,20 @@ use std::time::Duration;
 
 use anyhow::Context;
 use ftvm_model::{NodeId, VmId, WitnessState};
-use ftvm_real::etcd_witness::{EtcdTarget, EtcdTls, EtcdTlsFiles, EtcdWitness, DEFAULT_PREFIX};
-use ftvm_real::host::etcd_certs::cluster_tls;
-use ftvm_real::host::etcd_cluster::{ClusterSpec, EtcdCluster, MemberAddrs};
+use ftvm_real::etcd_witness::{
+    EtcdTarget, EtcdTls, EtcdTlsFiles, EtcdWitness, DEFAULT_PREFIX, DEFAULT_ROLE, ROOT,
+};
+use ftvm_real::host::etcd_certs::{cluster_tls, CA_NAME as CA};
+use ftvm_real::host::etcd_cluster::{ClusterAccess, ClusterSpec, EtcdCluster, MemberAddrs};
 use ftvm_real::host::topology::{Host, Topology};
 
 /// Members of the cluster: a majority survives the loss of one.
 const MEMBERS: u16 = 3;
 /// The first member's client port; each member takes two ports (client, peer) from here.
 const FIRST_PORT: u16 = 2379;
-/// The CA's name (its certificate is `<pki>/etcd-ca.pem`).
-const CA: &str = "etcd-ca";
-/// The client certificate this tool uses (register creation, the final read).
-const ADMIN: &str = "ftvm-admin";
+/// The client certificate this tool uses (access control, register creation, the final read):
+/// etcd's administrator.
+const ADMIN: &str = ROOT;
 
 fn member_addrs(ip: IpAddr) -> Vec<MemberAddrs> {
     (0..MEMBERS)
@@ -67,9 +70,14 @@ fn client_files(dir: &Path, name: &str) -> EtcdTlsFiles {
     }
 }
 
+/// The CN of node `node`'s agent certificate: its etcd user.
+fn agent_user(node: u32) -> String {
+    format!("node-{node}")
+}
+
 /// The witness flags of node `node`'s agent besides `--witness`: its TLS files.
 pub fn agent_tls_args(dir: &Path, node: u32) -> Vec<String> {
-    let f = client_files(dir, &format!("node-{node}"));
+    let f = client_files(dir, &agent_user(node));
     vec![
         "--witness-ca".into(),
         f.ca.display().to_string(),
@@ -89,8 +97,9 @@ fn admin(topo: &Topology, dir: &Path) -> anyhow::Result<EtcdWitness> {
 }
 
 /// Starts the cluster on the witness host with its data under `dir`, issues client
-/// certificates for agents `nodes`, waits for a leader and creates the register of `vm` with
-/// `primary` as primary of generation 1.
+/// certificates for agents `nodes`, waits for a leader, turns on its access control (the agents
+/// may touch the registers only) and creates the register of `vm` with `primary` as primary of
+/// generation 1.
 pub fn start(
     topo: &Topology,
     dir: &Path,
@@ -99,13 +108,16 @@ pub fn start(
     primary: NodeId,
 ) -> anyhow::Result<EtcdCluster> {
     let ip = IpAddr::from(topo.addr(Host::Switch));
-    let (tls, ca) = cluster_tls(&pki(dir), ip).context("the etcd cluster's certificates")?;
+    let (mut tls, ca) = cluster_tls(&pki(dir), ip).context("the etcd cluster's certificates")?;
     for n in nodes {
-        ca.client(CA, &format!("node-{n}"))
+        ca.client(CA, &agent_user(*n))
             .context("an agent's etcd certificate")?;
     }
-    ca.client(CA, ADMIN)
-        .context("the admin's etcd certificate")?;
+    tls.access = Some(ClusterAccess {
+        prefix: DEFAULT_PREFIX.to_string(),
+        role: DEFAULT_ROLE.to_string(),
+        users: nodes.iter().map(|n| agent_user(*n)).collect(),
+    });
     let spec = ClusterSpec {
         members: member_addrs(ip),
         dir: dir.to_path_buf(),

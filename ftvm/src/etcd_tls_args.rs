@@ -1,5 +1,5 @@
 //! The flags that give an etcd witness's TLS files (all three or none), shared by the agents and
-//! `ftvm witness-init` / `witness-show`.
+//! `ftvm witness-init` / `witness-show` / `witness-grant`.
 
 use std::path::PathBuf;
 

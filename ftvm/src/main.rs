@@ -77,6 +77,9 @@ enum Command {
     WitnessInit(witness_etcd_cmd::InitArgs),
     /// Print a VM's register from an etcd witness (JSON).
     WitnessShow(witness_etcd_cmd::ShowArgs),
+    /// Turn on an etcd witness's access control: the named agents' certificates may touch the
+    /// registers only, and only root's may manage etcd.
+    WitnessGrant(witness_etcd_cmd::GrantArgs),
     /// Make the key pairs that authenticate the nodes and the witness to each other.
     Keygen(keygen_cmd::Args),
     /// Protect a demo VM with a local primary+backup pair in network namespaces, then fail over.
@@ -116,6 +119,7 @@ fn main() {
         Command::Status(args) => status_cmd::run(args),
         Command::WitnessInit(args) => witness_etcd_cmd::init(args),
         Command::WitnessShow(args) => witness_etcd_cmd::show(args),
+        Command::WitnessGrant(args) => witness_etcd_cmd::grant(args),
         Command::Keygen(args) => keygen_cmd::run(args),
         Command::Demo(args) => demo_cmd::run(args),
         Command::Client(args) => client_cmd::run(args),

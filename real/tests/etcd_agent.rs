@@ -1,7 +1,8 @@
 //! Agents (in-memory VM, real sockets) on an etcd witness of a real 3-member cluster: the pair
 //! protects and fails over through etcd; with etcd's quorum gone the backup of a dead primary
 //! does not take over and the primary of a dead backup keeps its output held, and both carry on
-//! once the quorum is back.
+//! once the quorum is back. With etcd's access control on, a backup whose certificate etcd
+//! denies never takes over, and the register is left as it was.
 
 mod etcd_common;
 mod mem_cluster;
@@ -35,6 +36,13 @@ struct Pair {
 
 /// Primary 1 and backup 2 of VM 7 on `witness`, protected.
 async fn pair(dir: &Path, witness: &EtcdWitness) -> Pair {
+    pair_on(dir, witness, witness).await
+}
+
+/// Primary 1 on `wp` and backup 2 on `wb` (one etcd cluster, each with its own certificate),
+/// protected; the primary's witness creates the register.
+async fn pair_on(dir: &Path, wp: &EtcdWitness, wb: &EtcdWitness) -> Pair {
+    let witness = wp;
     witness
         .init(VM, NodeId(1), etcd_common::T)
         .await
@@ -42,14 +50,20 @@ async fn pair(dir: &Path, witness: &EtcdWitness) -> Pair {
     let addrs: BTreeMap<NodeId, SocketAddr> =
         [(NodeId(1), free_addr()), (NodeId(2), free_addr())].into();
     let keys = keys();
-    let client = WitnessClient::Etcd(witness.clone());
-    let p = host(dir, 1, Start::Primary, &addrs, client.clone(), &keys);
+    let p = host(
+        dir,
+        1,
+        Start::Primary,
+        &addrs,
+        WitnessClient::Etcd(wp.clone()),
+        &keys,
+    );
     let b = host(
         dir,
         2,
         Start::Backup { primary: NodeId(1) },
         &addrs,
-        client,
+        WitnessClient::Etcd(wb.clone()),
         &keys,
     );
     let (p_status, b_status) = (
@@ -179,4 +193,37 @@ async fn without_an_etcd_quorum_the_primary_of_a_dead_backup_holds_its_output() 
         (Generation(1), NodeId(1), None)
     );
     pair.ptask.abort();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_whose_certificate_etcd_denies_never_takes_over() {
+    let dir = tempfile::tempdir().unwrap();
+    // node-1 is an agent of the witness; node-2's certificate is the CA's but no etcd user.
+    let (etcd, ca, _admin) = etcd_common::tls_cluster(&dir.path().join("etcd"), &["node-1"]).await;
+    let prefix = etcd_common::PREFIX;
+    let wp = etcd_common::tls_witness(&etcd, prefix, &etcd_common::cert(&ca, "node-1"));
+    let wb = etcd_common::tls_witness(&etcd, prefix, &etcd_common::cert(&ca, "node-2"));
+    let mut pair = pair_on(dir.path(), &wp, &wb).await;
+    let registered = wp.query(VM, etcd_common::T).await.unwrap();
+
+    let _ = pair.kill_p.take().unwrap().send(());
+    let _ = (&mut pair.ptask).await;
+    // Far longer than a failover takes when etcd lets the backup in (well under a second).
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let s = status(&pair.b_status);
+    assert_ne!(
+        s["role"], "Primary",
+        "took over without the witness's grant: {s}"
+    );
+    assert_eq!(s["generation"], 1, "{s}");
+    assert!(pair.b_launched.lock().unwrap().is_empty(), "a VM started");
+    // Its requests were refused, not lost: the register is the one the primary left.
+    assert_eq!(wp.query(VM, etcd_common::T).await.unwrap(), registered);
+    let e = wb.query(VM, etcd_common::T).await.unwrap_err();
+    assert!(
+        matches!(e, ftvm_real::etcd_witness::EtcdWitnessError::Denied { .. }) && e.is_permanent(),
+        "{e}"
+    );
+    pair.btask.abort();
+    drop(etcd);
 }

@@ -135,4 +135,19 @@ mod tests {
         assert!(WitnessClient::parse("witness-host", "/p").is_err());
         assert!(WitnessClient::parse("etcd://", "/p").is_err());
     }
+
+    #[test]
+    fn an_etcd_permission_refusal_is_permanent_with_a_one_line_reason() {
+        let e = WitnessClientError::Etcd(EtcdWitnessError::Denied {
+            key: "/p/vm/1".into(),
+            detail: "etcdserver: permission denied".into(),
+        });
+        assert!(e.is_permanent());
+        let reason = e.to_string();
+        assert!(!reason.contains('\n'), "{reason}");
+        assert!(
+            reason.contains("/p/vm/1") && reason.contains("permission denied"),
+            "{reason}"
+        );
+    }
 }

@@ -19,9 +19,14 @@
 //! a request end with an error after its timeout, which the agent treats as a witness that did
 //! not answer (the primary holds output, the backup does not take over), never as a denial.
 //!
+//! A request etcd refuses for lack of permission (etcd's auth is on and this host's certificate
+//! is not a user allowed the register's key: see [`access`]) ends at once with
+//! [`EtcdWitnessError::Denied`], which no retry would change.
+//!
 //! A register that does not exist is never taken as fresh: it is created only by [`EtcdWitness::init`]
 //! (`ftvm witness-init`), guarded by `create_revision == 0` so an existing register is never reset.
 
+pub mod access;
 pub mod register;
 pub mod target;
 pub mod tls;
@@ -31,6 +36,7 @@ use std::time::{Duration, Instant};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, Txn, TxnOp};
 use ftvm_model::{NodeId, Time, VmId, Witness, WitnessReply, WitnessRequest, WitnessState};
 
+pub use self::access::{AccessError, AccessGranted, DEFAULT_ROLE, ROOT};
 pub use self::register::RegisterError;
 pub use self::target::{EtcdTarget, TargetError, DEFAULT_PREFIX};
 pub use self::tls::{EtcdTls, EtcdTlsError, EtcdTlsFiles};
@@ -60,6 +66,18 @@ pub enum EtcdWitnessError {
         /// What it holds, as far as it could be read.
         state: String,
     },
+    /// etcd refused the request: its auth is on and this host's certificate (its CN) is not a
+    /// user whose role may read and write the key.
+    #[error(
+        "etcd denied access to {key}: {detail} (the CN of this host's certificate must be an \
+         etcd user with read-write on the witness's keys: `ftvm witness-grant`)"
+    )]
+    Denied {
+        /// The key.
+        key: String,
+        /// etcd's message.
+        detail: String,
+    },
     /// etcd answered something no etcd answers to this request.
     #[error("etcd key {key}: unexpected answer: {detail}")]
     Unexpected {
@@ -85,8 +103,8 @@ pub enum EtcdWitnessError {
 }
 
 impl EtcdWitnessError {
-    /// Errors that retrying will not fix (the register is missing or not ours): worth an
-    /// operator's attention, unlike a timeout.
+    /// Errors that retrying will not fix (the register is missing or not ours, etcd denies
+    /// access to it): worth an operator's attention, unlike a timeout.
     pub fn is_permanent(&self) -> bool {
         !matches!(self, EtcdWitnessError::Timeout { .. })
     }
@@ -138,6 +156,29 @@ struct Transient(String);
 impl From<etcd_client::Error> for Transient {
     fn from(e: etcd_client::Error) -> Self {
         Transient(e.to_string())
+    }
+}
+
+/// gRPC's status code for "permission denied" (a number of the wire protocol): what etcd
+/// answers, with auth on, to a user not allowed the key, or to a certificate whose CN is no user.
+pub(crate) const GRPC_PERMISSION_DENIED: i32 = 7;
+
+/// The gRPC status code and message of an error etcd answered, if it is one.
+pub(crate) fn grpc_code(e: &etcd_client::Error) -> Option<(i32, &str)> {
+    match e {
+        etcd_client::Error::GRpcStatus(s) => Some((i32::from(s.code()), s.message())),
+        _ => None,
+    }
+}
+
+/// A failed call on `key`: permission denied is final, anything else is worth retrying.
+fn failed(key: &str, e: etcd_client::Error) -> Result<EtcdWitnessError, Transient> {
+    match grpc_code(&e) {
+        Some((GRPC_PERMISSION_DENIED, message)) => Ok(EtcdWitnessError::Denied {
+            key: key.to_string(),
+            detail: message.to_string(),
+        }),
+        _ => Err(Transient::from(e)),
     }
 }
 
@@ -225,11 +266,15 @@ impl EtcdWitness {
                         return Ok(Ok(()));
                     }
                     Ok(Some(seen)) => Some(format!("{:?}", seen.state)),
+                    Err(Ok(e @ EtcdWitnessError::Denied { .. })) => return Ok(Err(e)),
                     Err(Ok(e)) => Some(e.to_string()),
                     Err(Err(t)) => return Err((t, false)),
                 };
                 if let Some(existing) = existing {
-                    return Ok(Err(existing));
+                    return Ok(Err(EtcdWitnessError::Exists {
+                        key: key.clone(),
+                        state: existing,
+                    }));
                 }
                 let txn = Txn::new()
                     .when([Compare::create_revision(key.clone(), CompareOp::Equal, 0)])
@@ -238,18 +283,16 @@ impl EtcdWitness {
                     Ok(a) if a.succeeded() => Ok(Ok(())),
                     // Created by someone else since the read: the next read says what.
                     Ok(_) => Err((Transient("created concurrently".into()), false)),
-                    Err(e) => Err((Transient::from(e), true)),
+                    Err(e) => match failed(&key, e) {
+                        Ok(denied) => Ok(Err(denied)),
+                        Err(t) => Err((t, true)),
+                    },
                 }
             };
             match tokio::time::timeout(remaining, round).await {
                 Err(_) => return Err(self.timeout(timeout, last)),
                 Ok(Ok(Ok(()))) => return Ok(state),
-                Ok(Ok(Err(existing))) => {
-                    return Err(EtcdWitnessError::Exists {
-                        key,
-                        state: existing,
-                    })
-                }
+                Ok(Ok(Err(e))) => return Err(e),
                 Ok(Err((Transient(e), sent))) => {
                     maybe_written |= sent;
                     last = e;
@@ -341,7 +384,10 @@ impl EtcdWitness {
                         None,
                     )]);
                 let sent_us = crate::journal_file::clock_us();
-                let answer = client.txn(txn).await?;
+                let answer = match client.txn(txn).await {
+                    Ok(answer) => answer,
+                    Err(e) => return failed(&key, e).map(Err),
+                };
                 Ok(Ok(answer.succeeded().then_some((reply, Some(sent_us)))))
             };
             match tokio::time::timeout(remaining, round).await {
@@ -380,7 +426,7 @@ impl EtcdWitness {
         let answer = client
             .get(key.clone(), None)
             .await
-            .map_err(|e| Err(Transient::from(e)))?;
+            .map_err(|e| failed(&key, e))?;
         let kv = match answer.kvs() {
             [] => return Ok(None),
             [kv] if kv.key() == key.as_bytes() => kv,

@@ -74,7 +74,13 @@ impl EtcdTarget {
 
     /// The key holding `vm`'s register.
     pub fn key(&self, vm: ftvm_model::VmId) -> String {
-        format!("{}/vm/{}", self.prefix, vm.0)
+        format!("{}{}", self.register_prefix(), vm.0)
+    }
+
+    /// What every register's key starts with, `<prefix>/vm/`: the keys the agents may touch
+    /// once etcd's access control is on.
+    pub fn register_prefix(&self) -> String {
+        format!("{}/vm/", self.prefix)
     }
 
     /// The witness written back as a URL.
@@ -118,6 +124,7 @@ mod tests {
         let t = EtcdTarget::parse("etcd://127.0.0.1:2379,etcd-b:2381,[::1]:2383", "/x/y").unwrap();
         assert_eq!(t.endpoints, ["127.0.0.1:2379", "etcd-b:2381", "[::1]:2383"]);
         assert_eq!(t.key(ftvm_model::VmId(12)), "/x/y/vm/12");
+        assert_eq!(t.register_prefix(), "/x/y/vm/");
         assert_eq!(t.url(), "etcd://127.0.0.1:2379,etcd-b:2381,[::1]:2383");
     }
 

@@ -1,6 +1,8 @@
 //! Certificates for a local etcd cluster that requires client certificates (the demo's and the
 //! tests'): one CA, a server certificate for the members' client address, and client
-//! certificates the CA signs. Real deployments bring their own PKI; the agents only read PEM
+//! certificates the CA signs. A client certificate's common name (CN) is the name it was issued
+//! under: with etcd's access control on, that is its etcd user (`node-N` for an agent, `root`
+//! for the administrator). Real deployments bring their own PKI; the agents only read PEM
 //! files (`crate::etcd_witness::EtcdTlsFiles`).
 
 use std::net::IpAddr;
@@ -8,7 +10,7 @@ use std::path::{Path, PathBuf};
 
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyPair, KeyUsagePurpose};
 
-use super::etcd_cluster::ClusterTls;
+use super::etcd_cluster::{ClusterAccess, ClusterTls};
 use crate::etcd_witness::EtcdTlsFiles;
 use crate::secure_fs::{self, Durability, SecureFsError, PRIVATE_FILE_MODE, READABLE_FILE_MODE};
 
@@ -94,7 +96,7 @@ impl LocalCa {
         Ok((cert_path, key_path))
     }
 
-    /// The files a client named `name` (signed by this CA) connects with.
+    /// The files a client named `name` (signed by this CA, CN `name`) connects with.
     pub fn client(&self, ca_name: &str, name: &str) -> Result<EtcdTlsFiles, EtcdCertsError> {
         let (cert, key) = self.issue(name, &[name.to_string()])?;
         Ok(EtcdTlsFiles {
@@ -105,18 +107,26 @@ impl LocalCa {
     }
 }
 
-/// A CA `etcd-ca` in `dir`, a server certificate for `ip` and a client certificate for the
-/// cluster's own checks: the TLS setup of a cluster whose members listen on `ip`. Returns it
-/// and the CA, to issue the agents' client certificates with.
+/// The CA's name: its certificate is `<dir>/etcd-ca.pem`.
+pub const CA_NAME: &str = "etcd-ca";
+
+/// A CA `etcd-ca` in `dir`, a server certificate for `ip`, a client certificate for the
+/// cluster's own checks and the administrator's (CN `root`, `<dir>/root.pem`): the TLS setup
+/// of a cluster whose members listen on `ip`, with the default access control (no agent yet:
+/// add their CNs to its `users`). Returns it and the CA, to issue the agents' client
+/// certificates with.
 pub fn cluster_tls(dir: &Path, ip: IpAddr) -> Result<(ClusterTls, LocalCa), EtcdCertsError> {
-    let ca = LocalCa::create(dir, "etcd-ca")?;
+    let ca = LocalCa::create(dir, CA_NAME)?;
     let (server_cert, server_key) = ca.issue("etcd-server", &[ip.to_string()])?;
-    let client = ca.client("etcd-ca", "etcd-health")?;
+    let client = ca.client(CA_NAME, "etcd-health")?;
+    let admin = ca.client(CA_NAME, crate::etcd_witness::ROOT)?;
     let tls = ClusterTls {
-        ca: ca.ca_path("etcd-ca"),
+        ca: ca.ca_path(CA_NAME),
         server_cert,
         server_key,
         client,
+        admin,
+        access: Some(ClusterAccess::default()),
     };
     Ok((tls, ca))
 }

@@ -51,6 +51,15 @@ pub enum EtcdClusterError {
     /// A member index out of range, or one not running when it must be.
     #[error("etcd member {0}: {1}")]
     Member(usize, &'static str),
+    /// Its access control could not be set up.
+    #[error("etcd access control: {0}")]
+    Access(#[from] crate::etcd_witness::AccessError),
+    /// The access control's key prefix is unusable.
+    #[error("etcd access control: {0}")]
+    Prefix(#[from] crate::etcd_witness::TargetError),
+    /// The administrator's certificate could not be read.
+    #[error("etcd administrator: {0}")]
+    AdminTls(#[from] crate::etcd_witness::EtcdTlsError),
     /// Waiting on a child failed.
     #[error("etcd member {index}: {source}")]
     Wait {
@@ -81,8 +90,9 @@ pub struct ClusterSpec {
     pub wrap: Vec<String>,
     /// Raft timings in ms (heartbeat, election timeout): short ones make tests quick.
     pub raft_ms: (u64, u64),
-    /// Serve clients over TLS and require their certificates (`--client-cert-auth`); peers
-    /// keep plain HTTP between themselves (they share a host here).
+    /// Serve clients over TLS and require their certificates (`--client-cert-auth`), with
+    /// etcd's access control on unless [`ClusterTls::access`] is `None` (users named after the
+    /// certificates' CN); peers keep plain HTTP between themselves (they share a host here).
     pub tls: Option<ClusterTls>,
 }
 
@@ -95,8 +105,37 @@ pub struct ClusterTls {
     pub server_cert: PathBuf,
     /// Its key.
     pub server_key: PathBuf,
-    /// A client certificate the cluster's own health checks use.
+    /// A client certificate the cluster's own health checks use (its CN is no etcd user: it
+    /// may ask a member's status and nothing else).
     pub client: crate::etcd_witness::EtcdTlsFiles,
+    /// The administrator's certificate (CN `root`), which sets up the access control.
+    pub admin: crate::etcd_witness::EtcdTlsFiles,
+    /// Who may touch the witness's registers once the cluster runs; `None` leaves etcd's auth
+    /// off (any certificate of the CA may do anything), as a cluster is before its setup.
+    pub access: Option<ClusterAccess>,
+}
+
+/// The access control a TLS cluster gets once it has a leader (see
+/// [`crate::etcd_witness::access`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClusterAccess {
+    /// The witness's key prefix: the agents' role may read and write `<prefix>/vm/...` only.
+    pub prefix: String,
+    /// The agents' role.
+    pub role: String,
+    /// The agents' users: the CNs of their certificates.
+    pub users: Vec<String>,
+}
+
+impl Default for ClusterAccess {
+    /// The default prefix and role, and no agent yet.
+    fn default() -> Self {
+        ClusterAccess {
+            prefix: crate::etcd_witness::DEFAULT_PREFIX.to_string(),
+            role: crate::etcd_witness::DEFAULT_ROLE.to_string(),
+            users: Vec::new(),
+        }
+    }
 }
 
 impl ClusterSpec {
@@ -137,7 +176,8 @@ pub struct EtcdCluster {
 }
 
 impl EtcdCluster {
-    /// Starts every member and waits until the cluster has a leader.
+    /// Starts every member and waits until the cluster has a leader; with TLS, then sets up
+    /// its access control ([`ClusterTls::access`]) with the administrator's certificate.
     pub async fn start(spec: ClusterSpec) -> Result<EtcdCluster, EtcdClusterError> {
         let n = spec.members.len();
         let mut c = EtcdCluster {
@@ -149,7 +189,29 @@ impl EtcdCluster {
             c.restart(i)?;
         }
         c.wait_leader(Duration::from_secs(20)).await?;
+        if let Some(access) = c.spec.tls.as_ref().and_then(|t| t.access.clone()) {
+            c.grant_access(&access.users).await?;
+        }
         Ok(c)
+    }
+
+    /// With TLS: makes `users` (certificate CNs) agents of the witness under the access's
+    /// prefix and role (the defaults if the spec has none), turning auth on, or adding them
+    /// once it is (the administrator's certificate may). Without TLS there is no access control
+    /// to set up: an error.
+    pub async fn grant_access(
+        &self,
+        users: &[String],
+    ) -> Result<crate::etcd_witness::AccessGranted, EtcdClusterError> {
+        use crate::etcd_witness::{AccessError, EtcdTarget, EtcdTls, EtcdWitness};
+        let tls = self.spec.tls.as_ref().ok_or(AccessError::NoTls)?;
+        let access = tls.access.clone().unwrap_or_default();
+        let target = EtcdTarget::parse(&self.url(), &access.prefix)?;
+        let admin = EtcdTls::load(&tls.admin)?;
+        let granted = EtcdWitness::with_tls(target, admin)
+            .grant_access(&access.role, users, Duration::from_secs(20))
+            .await?;
+        Ok(granted)
     }
 
     /// `n` members on loopback (see [`ClusterSpec::loopback`]). A port picked free can be taken
