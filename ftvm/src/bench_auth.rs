@@ -1,7 +1,7 @@
 //! `ftvm bench auth`: what protecting checkpoint links costs. The capture benchmark's setup (a
 //! witness, a primary and a backup agent in this process over loopback, the in-memory VM
 //! writing a fixed number of pages per epoch) runs with links left unprotected after the
-//! handshake (the baseline, a benchmark-only mode), with an HMAC-SHA256 tag per frame (the
+//! handshake (the baseline, a benchmark-only mode), with a GMAC tag per frame (the
 //! default) and encrypted (`--encrypt`), interleaved over several rounds in one run, and
 //! reports the median pause and send-updated-states time of each with its ratio to the
 //! baseline.

@@ -1,5 +1,6 @@
 //! `ftvm bench witness`: takeover time with the standalone `ftvm witness` against an etcd witness
-//! (a local 3-member cluster), and with the etcd leader SIGKILLed at the moment the primary dies;
+//! (a local 3-member cluster, run as deployed: TLS, client certificates, access control with one
+//! user per agent), and with the etcd leader SIGKILLed at the moment the primary dies;
 //! the in-memory VM and real agents over loopback, the backends interleaved round by round in
 //! one run. Writes `witness.json`.
 
@@ -18,8 +19,9 @@ use ftvm_real::agent::witness_client::WitnessClient;
 use ftvm_real::agent::witness_store::{Open, WitnessStore};
 use ftvm_real::agent::{Agent, AgentConfig};
 use ftvm_real::auth::{Identity, Protection};
-use ftvm_real::etcd_witness::{EtcdTarget, EtcdWitness, DEFAULT_PREFIX};
-use ftvm_real::host::etcd_cluster::EtcdCluster;
+use ftvm_real::etcd_witness::{EtcdTarget, EtcdTls, EtcdWitness, DEFAULT_PREFIX};
+use ftvm_real::host::etcd_certs::{cluster_tls, CA_NAME};
+use ftvm_real::host::etcd_cluster::{ClusterAccess, ClusterSpec, EtcdCluster};
 use ftvm_real::secure_fs;
 use ftvm_real::transport::TransportKind;
 
@@ -128,11 +130,23 @@ pub fn run(a: WitnessArgs) -> anyhow::Result<i32> {
 }
 
 async fn all_rounds(a: &WitnessArgs) -> anyhow::Result<Vec<Round>> {
-    let mut etcd = EtcdCluster::start_loopback(3, &a.work_dir.join("etcd"))
-        .await
-        .context("the etcd cluster")?;
-    let target = EtcdTarget::parse(&etcd.url(), DEFAULT_PREFIX)?;
-    let etcd_witness = EtcdWitness::new(target);
+    // As deployed: each agent shows its own certificate, whose CN is its etcd user.
+    let agents = ["node-1", "node-2"];
+    let (mut tls, ca) = cluster_tls(&a.work_dir.join("pki"), [127, 0, 0, 1].into())
+        .context("the etcd cluster's certificates")?;
+    tls.access = Some(ClusterAccess {
+        users: agents.iter().map(|n| n.to_string()).collect(),
+        ..ClusterAccess::default()
+    });
+    let mut spec = ClusterSpec::loopback(3, &a.work_dir.join("etcd"))?;
+    spec.tls = Some(tls);
+    let mut etcd = EtcdCluster::start(spec).await.context("the etcd cluster")?;
+    let mut etcd_witness = Vec::new();
+    for name in agents {
+        let files = ca.client(CA_NAME, name)?;
+        let target = EtcdTarget::parse(&etcd.url(), DEFAULT_PREFIX)?;
+        etcd_witness.push(EtcdWitness::with_tls(target, EtcdTls::load(&files)?));
+    }
     let mut rounds = Vec::new();
     for i in 0..a.rounds {
         for backend in [Backend::Service, Backend::Etcd, Backend::EtcdLeaderKilled] {
@@ -158,13 +172,14 @@ async fn one_round(
     vm: VmId,
     backend: Backend,
     etcd: &mut EtcdCluster,
-    etcd_witness: &EtcdWitness,
+    // The agents' clients, node 1's first.
+    etcd_witness: &[EtcdWitness],
 ) -> anyhow::Result<Round> {
     let (wid, mut ids) = Identity::generate_set(&[NodeId(1), NodeId(2)])?;
     let mut id = |n| Arc::new(ids.remove(&NodeId(n)).expect("generated above"));
     let (pid, bid) = (id(1), id(2));
     let mut wtask = None;
-    let client = match backend {
+    let clients: Vec<WitnessClient> = match backend {
         Backend::Service => {
             let addr = free_addr()?;
             let init = Open::Init { primary: NodeId(1) };
@@ -172,13 +187,16 @@ async fn one_round(
             let limits = witness::ServeLimits::default();
             let serve = witness::serve(addr, store, w, Arc::new(wid), limits, false);
             wtask = Some(tokio::spawn(serve));
-            WitnessClient::Service(addr)
+            vec![WitnessClient::Service(addr); 2]
         }
         Backend::Etcd | Backend::EtcdLeaderKilled => {
-            etcd_witness
+            etcd_witness[0]
                 .init(vm, NodeId(1), Duration::from_secs(5))
                 .await?;
-            WitnessClient::Etcd(etcd_witness.clone())
+            etcd_witness
+                .iter()
+                .map(|w| WitnessClient::Etcd(w.clone()))
+                .collect()
         }
     };
     let addrs: BTreeMap<NodeId, SocketAddr> =
@@ -195,7 +213,7 @@ async fn one_round(
             model,
             listen: addrs[&NodeId(node)],
             peers: addrs.clone(),
-            witness: client.clone(),
+            witness: clients[node as usize - 1].clone(),
             replica_dir: d.join("replica"),
             replica_ram: d.join("replica.ram"),
             replica_disk: None,

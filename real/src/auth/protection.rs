@@ -14,7 +14,7 @@ use super::seal::{FrameOpener, FrameSealer, OpenError};
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Protection {
-    /// HMAC-SHA256 tag per frame: integrity and authenticity, pages still sent zero-copy.
+    /// GMAC tag per frame: integrity and authenticity, pages still sent zero-copy.
     #[default]
     Mac,
     /// AES-256-GCM over the whole stream: confidentiality too, pages copied.

@@ -6,12 +6,12 @@
 //!
 //! Why GMAC (`ftvm bench mac`, docs/bench/mac.md): the tag runs incrementally over the pages as
 //! they are handed to the transport, so pages are never copied for it, and a sender feeds it one
-//! scattered 4 KiB page at a time. Fed so, on this project's machines, GMAC ran at 1.96–2.45
-//! GiB/s per core, HMAC-SHA256 (SHA extensions) at 1.05–1.26, Poly1305 at 1.57–1.93 and keyed
-//! BLAKE3 at 0.85. Both ends pay it on every page of every checkpoint, and the backup's reader
-//! is what an ack waits for: HMAC cost ~37 ms per 10,000 pages on each side, GMAC ~16 ms. The
-//! GMAC glue around the `aes` and `ghash` crates is ours (see [`super::gmac`]), checked against
-//! `aes-gcm`.
+//! scattered 4 KiB page at a time. Fed so, on this project's machines, GMAC ran at 1.96–3.6
+//! GiB/s per core, HMAC-SHA256 (SHA extensions) at 1.15–1.26, Poly1305 at 1.9–2.1 and keyed
+//! BLAKE3 at 0.85–0.98. Both ends pay it on every page of every checkpoint, and the backup's
+//! reader is what an ack waits for: at 10,000 pages HMAC cost ~33 ms on each side, GMAC ~12 ms.
+//! The GMAC glue around the `aes` and `ghash` crates is ours (see [`super::gmac`]), checked
+//! against `aes-gcm`.
 //!
 //! The receiver ([`FrameOpener`]) wraps the wire's [`StreamDecoder`]: page and device items of
 //! a checkpoint come out as they arrive (they are only staged, as with the checksum), but an

@@ -4,7 +4,7 @@
 //!
 //! The stream of a checkpoint link is, per direction: the handshake messages (`FTVA` framing:
 //! the dialler sends two, the listener one), then wire frames (`FTVM` header with the body
-//! length, body, body checksum), each followed by its HMAC tag. Nothing else is needed to walk
+//! length, body, body checksum), each followed by its GMAC tag. Nothing else is needed to walk
 //! it. A stream that does not look like that (encrypted links) is given up on: it passes
 //! untouched, and a corruption armed for it stays armed.
 
