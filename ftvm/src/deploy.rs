@@ -329,9 +329,8 @@ impl Deployment {
                 (Some(p), None)
             }
             WitnessKind::Etcd => {
-                if relays {
-                    bail!("the etcd witness is not reachable through the link relays");
-                }
+                // With relays, the agents still reach etcd directly (see `node_args`): only
+                // their links to each other are relayed.
                 let nodes: Vec<u32> = (1..=topo.agent_hosts().len() as u32).collect();
                 let c = crate::deploy_etcd::start(
                     &topo,
@@ -399,6 +398,13 @@ impl Deployment {
             procs.push(&mut self.primary);
         }
         procs
+    }
+
+    /// The etcd cluster of a deployment on the etcd witness (faults on the witness act on it).
+    pub fn etcd_mut(&mut self) -> anyhow::Result<&mut ftvm_real::host::etcd_cluster::EtcdCluster> {
+        self.etcd
+            .as_mut()
+            .context("this deployment's witness is `ftvm witness`: no etcd cluster to act on")
     }
 
     /// The `ftvm witness` process (faults on the witness act on it).

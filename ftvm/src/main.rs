@@ -33,6 +33,7 @@ mod logging;
 mod mac_candidates;
 mod plot;
 mod real_faults;
+mod real_faults_etcd;
 mod reprotect;
 mod run_check;
 mod scenario_cmd;

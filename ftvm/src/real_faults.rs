@@ -105,8 +105,13 @@ pub fn apply_network(
 ) -> anyhow::Result<(Vec<String>, Vec<String>)> {
     let n = &s.network;
     let skipped = Vec::new();
+    let links = if d.etcd.is_some() {
+        "the replication links (relays; the agents reach the etcd witness directly)"
+    } else {
+        "the replication and witness links (relays)"
+    };
     let mut done = vec![format!(
-        "network: latency {}..{} ms and bandwidth {} on the replication and witness links (relays)",
+        "network: latency {}..{} ms and bandwidth {} on {links}",
         n.latency_min.as_millis(),
         n.latency_max.as_millis(),
         describe_bandwidth(real_bandwidth(s, n.bytes_per_ms)),
@@ -340,13 +345,18 @@ pub fn apply(
                     }
                     st.dark.push(Host::Switch);
                 }
-                let w = d.witness_proc()?;
-                w.child.kill()?;
-                let _ = w.child.wait();
-                Applied(if *silent {
-                    "nodes' routes to the witness blackholed, then SIGKILL to the witness".into()
+                let killed = if d.etcd.is_some() {
+                    crate::real_faults_etcd::crash(d)?
                 } else {
-                    "SIGKILL to the witness".into()
+                    let w = d.witness_proc()?;
+                    w.child.kill()?;
+                    let _ = w.child.wait();
+                    "SIGKILL to the witness".to_string()
+                };
+                Applied(if *silent {
+                    format!("nodes' routes to the witness blackholed, then {killed}")
+                } else {
+                    killed
                 })
             }
             (_, Some(n)) => {
@@ -376,6 +386,7 @@ pub fn apply(
             // Only a crashed host can be started again, as in the simulator: bouncing a running
             // one would wipe its replica (a crash nobody scheduled).
             let running = match (host, node_of(d, *host)) {
+                (HostRef::Witness, _) if d.etcd.is_some() => crate::real_faults_etcd::running(d)?,
                 (HostRef::Witness, _) => d.witness_proc()?.child.try_wait()?.is_none(),
                 (_, Some(n)) => match proc_of(d, n) {
                     Some(p) => p.child.try_wait()?.is_none(),
@@ -398,8 +409,12 @@ pub fn apply(
                             d.topo.set_route(h, Host::Switch, true)?;
                         }
                     }
-                    d.witness = Some(restart_witness(d, st.restarts)?);
-                    Applied("witness started again on its register".into())
+                    if d.etcd.is_some() {
+                        Applied(crate::real_faults_etcd::restart(d)?)
+                    } else {
+                        d.witness = Some(restart_witness(d, st.restarts)?);
+                        Applied("witness started again on its register".into())
+                    }
                 }
                 (_, Some(n)) => {
                     let h = node_host(n);

@@ -61,6 +61,12 @@ struct RunArgs {
     /// Run under this epoch policy instead of the file's (`fixed` or `output`).
     #[arg(long, value_parser = ["fixed", "output"])]
     epoch_policy: Option<String>,
+    /// The witness of a real run: `ftvm` (one `ftvm witness` process) or `etcd` (a 3-member
+    /// etcd cluster on the witness host, over TLS with access control). A crash of the witness
+    /// is then the loss of a majority of its members; scenarios with faults on witness
+    /// exchanges (holds, disorder, damaged replies) need `ftvm`.
+    #[arg(long, value_enum, default_value_t = WitnessKind::Ftvm)]
+    witness: WitnessKind,
     /// Plant one of the model's protocol bugs in both agents (test builds with the `mutants`
     /// feature only), e.g. `release-before-ack`: the run's invariant check must catch it.
     #[cfg(feature = "mutants")]
@@ -74,6 +80,9 @@ pub fn run(args: Args) -> anyhow::Result<i32> {
     let mut s = Scenario::load(&a.file).with_context(|| format!("loading {}", a.file.display()))?;
     if let Some(p) = &a.epoch_policy {
         s = s.with_epoch_policy_named(p).map_err(anyhow::Error::msg)?;
+    }
+    if !a.real && a.witness != WitnessKind::Ftvm {
+        bail!("--witness chooses the witness of a real run: add --real (the simulator models its own)");
     }
     if !a.real {
         let report = ftvm_sim::run_scenario(&s, 0, &ftvm_sim::RunOptions::default());
@@ -118,6 +127,16 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
             s.topology.nodes
         );
     }
+    if a.witness == WitnessKind::Etcd {
+        if let Some(why) = crate::real_faults_etcd::unsupported(s) {
+            bail!(
+                "scenario {} cannot run on the etcd witness: {why}, which the relays produce \
+                 only on `ftvm witness` connections (the agents reach etcd directly); run it \
+                 with --witness ftvm",
+                s.name
+            );
+        }
+    }
     let failure_ms = (s.timing.failure_timeout.as_millis() as u64).max(300);
     let opts = DeployOpts {
         guest_dir,
@@ -135,7 +154,7 @@ fn run_real(s: &Scenario, a: &RunArgs, guest_dir: PathBuf) -> anyhow::Result<i32
         verify_every: None,
         keep: false,
         disk: real_disk(s),
-        witness: WitnessKind::Ftvm,
+        witness: a.witness,
         mutant: mutant_of(a),
     };
     let mut d = Deployment::start_with(
