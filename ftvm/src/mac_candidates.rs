@@ -9,12 +9,14 @@
 //! plaintext, and a per-page tag (16 bytes, 0.4% of a 4 KiB page) lets the receiver check each
 //! page as it lands.
 
-use aes::cipher::{BlockCipherEncrypt, KeyInit as _};
+use aes::cipher::KeyInit as _;
 use aes_gcm::aead::inout::InOutBuf;
 use aes_gcm::aead::AeadInOut;
 use hmac::Mac as _;
 use poly1305::universal_hash::array::Array;
 use poly1305::universal_hash::UniversalHash;
+
+use ftvm_real::auth::gmac::GmacKey;
 
 /// Bytes of every key (256-bit keys throughout).
 pub const KEY_LEN: usize = 32;
@@ -47,7 +49,7 @@ pub enum Candidate {
     /// Poly1305 with a one-time key derived per message from the long-term key and a nonce.
     Poly1305,
     /// GMAC: GHASH over the message as associated data, masked with AES-256 of the nonce
-    /// (AES-GCM with no plaintext).
+    /// (AES-GCM with no plaintext): the agents' frame tag, `ftvm_real::auth::gmac`.
     Gmac,
     /// ChaCha20-Poly1305 per page into the output buffer.
     ChaCha20Poly1305,
@@ -157,8 +159,8 @@ impl Message<'_> {
 pub struct Keys {
     mac: [u8; KEY_LEN],
     hmac: hmac::Hmac<sha2::Sha256>,
-    gmac_cipher: aes::Aes256,
-    gmac_h: ghash::Key,
+    /// The frame tag the agents ship (`ftvm_real::auth::gmac`), so this measures that code.
+    gmac: GmacKey,
     chacha: chacha20poly1305::ChaCha20Poly1305,
     aes_gcm: aes_gcm::Aes256Gcm,
 }
@@ -167,17 +169,12 @@ impl Keys {
     /// Every primitive keyed from `key` (derived with BLAKE3, one context per primitive).
     pub fn new(key: &[u8; KEY_LEN]) -> Keys {
         let derive = |context: &str| blake3::derive_key(context, key);
-        let gmac_key = derive("ftvm bench mac 2026 gmac");
-        let gmac_cipher = aes::Aes256::new(&gmac_key.into());
-        // GHASH's key H is the cipher's encryption of the zero block, as in GCM.
-        let mut gmac_h = ghash::Key::default();
-        gmac_cipher.encrypt_block(&mut gmac_h);
+        let gmac = GmacKey::new(&derive("ftvm bench mac 2026 gmac"));
         Keys {
             mac: derive("ftvm bench mac 2026 keyed mac"),
             hmac: hmac::Hmac::new_from_slice(&derive("ftvm bench mac 2026 hmac"))
                 .expect("HMAC takes keys of any length"),
-            gmac_cipher,
-            gmac_h,
+            gmac,
             chacha: chacha20poly1305::ChaCha20Poly1305::new(
                 &derive("ftvm bench mac 2026 chacha20-poly1305").into(),
             ),
@@ -264,25 +261,9 @@ pub fn run(c: Candidate, keys: &Keys, msg: &Message<'_>, out: &mut [u8]) -> Tag 
             tag_from(&uhf.compute_unpadded(&tail))
         }
         Candidate::Gmac => {
-            let mut feed = Blocks::new(ghash::GHash::new(&keys.gmac_h));
-            msg.for_each_piece(|p| feed.update(p));
-            let total_bits = feed.total * 8;
-            let (mut uhf, tail) = feed.into_parts();
-            uhf.update_padded(&tail);
-            // GCM's length block: associated data bits, then (no) ciphertext bits.
-            let mut lengths = ghash::Block::default();
-            lengths[..8].copy_from_slice(&total_bits.to_be_bytes());
-            uhf.update(&[lengths]);
-            let mut s = uhf.finalize();
-            // Mask with the cipher's encryption of the 96-bit nonce || counter 1.
-            let mut j0 = ghash::Block::default();
-            j0[..8].copy_from_slice(&msg.nonce.to_be_bytes());
-            j0[15] = 1;
-            keys.gmac_cipher.encrypt_block(&mut j0);
-            for (a, b) in s.iter_mut().zip(j0.iter()) {
-                *a ^= b;
-            }
-            tag_from(&s)
+            let mut g = keys.gmac.begin(msg.nonce);
+            msg.for_each_piece(|p| g.update(p));
+            tag_from(&g.finish())
         }
         Candidate::ChaCha20Poly1305 => seal_pages(&keys.chacha, msg, out),
         Candidate::Aes256Gcm => seal_pages(&keys.aes_gcm, msg, out),
