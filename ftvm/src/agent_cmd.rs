@@ -424,7 +424,7 @@ pub fn run(role: Role, args: Args) -> anyhow::Result<i32> {
 /// missing file, is refused with the reason).
 /// `--link-buffer-kib` in bytes: 0 is the kernel's autotuning (`None`). The kernel takes an
 /// `int` and doubles it, so anything above 1 GiB is refused rather than wrapped.
-fn link_buffer_bytes(kib: u64) -> anyhow::Result<Option<usize>> {
+pub(crate) fn link_buffer_bytes(kib: u64) -> anyhow::Result<Option<usize>> {
     const MAX_KIB: u64 = 1 << 20;
     match kib {
         0 => Ok(None),

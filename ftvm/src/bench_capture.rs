@@ -513,9 +513,11 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<i32> {
         [] => vec![(DEFAULT_LINK_BUFFER_BYTES >> 10) as u64],
         given => choices(given, "--link-buffer-kib needs a size")?,
     };
-    if let Some(k) = buffers.iter().find(|&&k| k > 1 << 20) {
-        anyhow::bail!("--link-buffer-kib {k}: at most 1048576 (1 GiB), or 0 for autotuning");
-    }
+    // The agents' own reading of the flag: 0 is autotuning, too large is refused.
+    let buffers = buffers
+        .into_iter()
+        .map(crate::agent_cmd::link_buffer_bytes)
+        .collect::<anyhow::Result<Vec<_>>>()?;
     let mut variants: Vec<(CaptureMode, Option<bool>)> = Vec::new();
     for &m in &modes {
         if m == CaptureMode::Cow {
@@ -529,7 +531,7 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<i32> {
         for &layout in &layouts {
             for &pace in &paces {
                 for &transport in &transports {
-                    for &kib in &buffers {
+                    for &link_buffer in &buffers {
                         for &(mode, early_passes) in &variants {
                             specs.push(CaseSpec {
                                 mode,
@@ -539,7 +541,7 @@ pub fn run(a: CaptureArgs) -> anyhow::Result<i32> {
                                 pace,
                                 dirty,
                                 protection: Protection::Mac,
-                                link_buffer: (kib > 0).then_some((kib << 10) as usize),
+                                link_buffer,
                             });
                         }
                     }
